@@ -1,0 +1,122 @@
+"""The model zoo: one registry of every model by name.
+
+>>> model = create_model("convnext_tiny", drop_path_rate=0.4)
+>>> variables = init_variables(model, jax.random.key(0))
+>>> out = model.apply(variables, waveform)            # waveform: (B, 320000) at 32 kHz
+>>> out["probs"].shape                                # (B, 527)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from convnext_audio_jax.frontend import FrontendConfig
+from convnext_audio_jax.models.convnext import AudioConvNeXt, ImageNetConvNeXt
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A registered model: its Flax class, default fields and a one-line description."""
+
+    name: str
+    module: type[nn.Module]
+    defaults: dict[str, Any]
+    description: str
+
+    @property
+    def takes_waveform(self) -> bool:
+        return "frontend" in self.module.__dataclass_fields__
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_model(name: str, module: type[nn.Module], description: str, **defaults: Any) -> None:
+    if name in _REGISTRY:
+        raise ValueError(f"model {name!r} is already registered")
+    _REGISTRY[name] = ModelSpec(name, module, defaults, description)
+
+
+def list_models() -> list[str]:
+    return list(_REGISTRY)
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; registered models: {', '.join(_REGISTRY)}") from None
+
+
+def create_model(name: str, **overrides: Any) -> nn.Module:
+    """The Flax module registered as ``name``, with any of its fields overridden
+    (``num_classes``, ``drop_path_rate``, ``dtype``, ``depthwise_impl``, ``frontend``, …)."""
+    spec = get_spec(name)
+    fields = spec.module.__dataclass_fields__
+    unknown = sorted(set(overrides) - set(fields) - {"parent", "name"})
+    if unknown:
+        allowed = sorted(k for k in fields if k not in ("parent", "name"))
+        raise ValueError(f"model {name!r} has no field(s) {unknown}; its fields are {allowed}")
+    return spec.module(**{**spec.defaults, **overrides})
+
+
+def example_input(model: nn.Module, batch: int = 1, seconds: float | None = None) -> jax.ShapeDtypeStruct:
+    """Shape of a model's input: a 10 s waveform batch, or 224×224 RGB images."""
+    if isinstance(model, ImageNetConvNeXt):
+        return jax.ShapeDtypeStruct((batch, 224, 224, 3), jnp.float32)
+    frontend: FrontendConfig = model.frontend
+    samples = frontend.clip_samples if seconds is None else int(round(seconds * frontend.sample_rate))
+    return jax.ShapeDtypeStruct((batch, samples), jnp.float32)
+
+
+def init_variables(model: nn.Module, rng: jax.Array, batch: int = 1) -> dict[str, Any]:
+    """Random initial variables ({'params', 'batch_stats'}) for ``model``, as plain nested dicts.
+
+    Initialises on a short input: parameter shapes do not depend on the clip length."""
+    if isinstance(model, ImageNetConvNeXt):
+        dummy = jnp.zeros((batch, 32, 32, 3), jnp.float32)
+    else:
+        dummy = jnp.zeros((batch, model.frontend.sample_rate), jnp.float32)
+    init = jax.jit(lambda key: model.init({"params": key}, dummy, train=False))
+    return dict(nn.unbox(init(rng)))
+
+
+def count_params(params: Any) -> int:
+    return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
+
+
+_AUDIO_CONVNEXT_DOC = "audio ConvNeXt, stem {stem}, depths {depths}"
+for _name, _depths, _stem in [
+    ("convnext_tiny", (3, 3, 9, 3), "252x56"),
+    ("convnext_small", (3, 3, 27, 3), "252x56"),
+    ("convnext_tiny_stem56", (3, 3, 9, 3), "56"),
+    ("convnext_tiny_stem112", (3, 3, 9, 3), "112"),
+    ("convnext_tiny_stem504x28", (3, 3, 9, 3), "504x28"),
+    ("convnext_tiny_stem504x56", (3, 3, 9, 3), "504x56"),
+]:
+    register_model(_name, AudioConvNeXt, _AUDIO_CONVNEXT_DOC.format(stem=_stem, depths=_depths), depths=_depths, stem=_stem)
+
+register_model("convnext_tiny_imagenet", ImageNetConvNeXt, "ImageNet ConvNeXt-Tiny (224×224 RGB, 1000 classes)")
+register_model(
+    "convnext_small_imagenet", ImageNetConvNeXt, "ImageNet ConvNeXt-Small (224×224 RGB, 1000 classes)", depths=(3, 3, 27, 3)
+)
+
+__all__ = [
+    "AudioConvNeXt",
+    "ImageNetConvNeXt",
+    "ModelSpec",
+    "count_params",
+    "create_model",
+    "example_input",
+    "get_spec",
+    "init_variables",
+    "list_models",
+    "register_model",
+]
+
