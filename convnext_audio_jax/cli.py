@@ -1,0 +1,69 @@
+"""The ``convnext-audio`` command: one entry point, a subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _models_table(args: argparse.Namespace) -> int:
+    import jax
+
+    from convnext_audio_jax.models import count_params, create_model, example_input, get_spec, init_variables, list_models
+
+    names = args.names or list_models()
+    rows = []
+    for name in names:
+        spec = get_spec(name)
+        model = create_model(name)
+        variables = jax.eval_shape(lambda m=model: init_variables(m, jax.random.key(0)))
+        params = count_params(variables["params"])
+        x = example_input(model, batch=1)
+        if spec.takes_waveform:
+            fe = model.frontend
+            frames = fe.num_frames(x.shape[1])
+            input_desc = f"{fe.sample_rate / 1000:g} kHz, {fe.n_mels} mels, {frames} frames"
+        else:
+            input_desc = "224×224 RGB"
+        flops = None
+        if not args.no_flops:
+            lowered = jax.jit(lambda v, w, m=model: m.apply(v, w)["logits"]).lower(variables, x)
+            flops = (lowered.cost_analysis() or {}).get("flops")
+        rows.append((name, f"{params:,}", input_desc, "-" if flops is None else f"{flops / 1e9:.1f}", spec.description))
+
+    headers = ("model", "params", "input (10 s clip)", "GFLOPs/clip", "description")
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
+    print(line)
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    if not args.no_flops:
+        print("\nGFLOPs from XLA's cost analysis of one 10 s clip (a multiply-add counts 2; the paper's "
+              "21.1 G for ConvNeXt-Tiny counts multiply-adds).")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="convnext-audio", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    models = sub.add_parser("models", help="table of registered models: parameters, input, GFLOPs per 10 s clip")
+    models.add_argument("names", nargs="*", help="models to list (default: all)")
+    models.add_argument("--no-flops", action="store_true", help="skip the XLA cost analysis (faster)")
+    models.set_defaults(func=_models_table)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as err:  # bad user input: one clear line, no traceback
+        print(f"convnext-audio {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
