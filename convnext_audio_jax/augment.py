@@ -13,6 +13,7 @@ apply an enabled set with one key each.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,8 @@ def _stripe_mask(rng: jax.Array, batch: int, size: int, stripes: int, max_width:
     return inside.any(axis=1)
 
 
+# Jitted (static settings) so eager calls compile once; inside the jitted train step they are simply inlined.
+@functools.partial(jax.jit, static_argnames=("time_stripes", "time_max_width", "freq_stripes", "freq_max_width"))
 def spec_augment(
     rng: jax.Array,
     x: jax.Array,
@@ -67,11 +70,18 @@ def spec_augment(
     return jnp.where(dropped, jnp.zeros((), x.dtype), x)
 
 
+@functools.partial(jax.jit, static_argnames=("num_pairs", "alpha"))
 def mixup_lambdas(rng: jax.Array, num_pairs: int, alpha: float = 1.0) -> jax.Array:
     """One mixing weight λ ~ Beta(alpha, alpha) per pair, shape (num_pairs,), float32 (paper: alpha 1)."""
+    if alpha <= 0:
+        raise ValueError(f"mixup alpha must be > 0; got {alpha}")
+    if alpha == 1.0:
+        # Beta(1, 1) is the uniform distribution; drawing it directly avoids the gamma sampler's slow compile.
+        return jax.random.uniform(rng, (num_pairs,), jnp.float32)
     return jax.random.beta(rng, alpha, alpha, (num_pairs,), dtype=jnp.float32)
 
 
+@jax.jit
 def mix_pairs(x: jax.Array, lambdas: jax.Array) -> jax.Array:
     """PANNs' ``do_mixup``: rows (0,1), (2,3)… → ``x[0::2]·λ + x[1::2]·(1-λ)``, (2B, …) → (B, …).
 
@@ -107,6 +117,7 @@ def mixup(
     return mix_pairs(x, lambdas), mix_pairs(targets, lambdas)
 
 
+@functools.partial(jax.jit, static_argnames=("min_rate", "max_rate", "p"))
 def speed_perturb(
     rng: jax.Array,
     waveform: jax.Array,

@@ -279,3 +279,12 @@ def test_sharded_jit_mixup(data_sharding):
     np.testing.assert_allclose(mixed_targets, expected_targets, rtol=1e-6)
     np.testing.assert_allclose(mixed_targets[:, 0], mixed_x[:, 0], rtol=1e-6)
     assert shards_all_differ(mixed_x)
+
+
+def test_mixup_lambdas_for_other_alphas_follow_the_beta_distribution():
+    lambdas = np.asarray(mixup_lambdas(jax.random.key(1), 20000, alpha=0.4))
+    # Beta(0.4, 0.4): mean 1/2, variance 1 / (4·(2·0.4 + 1)) = 0.1389 (uniform would give 1/12).
+    assert lambdas.mean() == pytest.approx(0.5, abs=0.01)
+    assert lambdas.var() == pytest.approx(1 / 7.2, abs=0.005)
+    with pytest.raises(ValueError, match="alpha must be > 0"):
+        mixup_lambdas(jax.random.key(1), 4, alpha=0.0)
