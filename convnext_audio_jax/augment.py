@@ -134,7 +134,9 @@ def speed_perturb(
     The stretched signal has M = ceil(L / rate) samples. If M > L, a window of L samples starting at an offset
     uniform in [0, M - L] is kept (random crop); if M < L, the signal is placed at an offset uniform in
     [0, L - M] between zeros (random pad). Examples not drawn (probability 1 - p) are returned unchanged.
-    Computed as one gather with index arithmetic and a mask, so shapes are static and it jits.
+    Computed as one gather with index arithmetic and a mask, so shapes are static and it jits. Indices are
+    computed in float32 (JAX's default), which can move a source index by one sample at rare points of long
+    clips with fractional rates; rates such as 2 or 0.5 are exact.
     """
     if waveform.ndim != 2:
         raise ValueError(f"speed_perturb expects (batch, samples) waveforms; got shape {waveform.shape}")
