@@ -62,7 +62,7 @@ class ClipSource(abc.ABC):
         return {"waveform": waveform, "target": self.targets[index].astype(np.float32), "id": clip_id}
 
 
-def _decode_names(names: np.ndarray) -> list[str]:
+def decode_names(names: np.ndarray) -> list[str]:
     return [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names]
 
 
@@ -106,7 +106,7 @@ class PackedHdf5Source(ClipSource):
                 sample_rate = f.attrs.get("sample_rate", audio.SAMPLE_RATE)
                 if int(sample_rate) != audio.SAMPLE_RATE:
                     raise ValueError(f"{path}: sample_rate attribute {sample_rate}, expected {audio.SAMPLE_RATE}")
-                ids.extend(_decode_names(f["audio_name"][:]))
+                ids.extend(decode_names(f["audio_name"][:]))
                 targets.append(f["target"][:].astype(bool))
                 file_of_clip.append(np.full(n, file_number))
                 row_of_clip.append(np.arange(n))
@@ -125,9 +125,9 @@ class PackedHdf5Source(ClipSource):
                 if key not in f:
                     raise KeyError(f"{index_path}: no dataset {key!r}; an index file holds audio_name, target, "
                                    "hdf5_path, index_in_hdf5")
-            ids = _decode_names(f["audio_name"][:])
+            ids = decode_names(f["audio_name"][:])
             targets = f["target"][:].astype(bool)
-            stored_paths = _decode_names(f["hdf5_path"][:])
+            stored_paths = decode_names(f["hdf5_path"][:])
             rows = f["index_in_hdf5"][:].astype(np.int64)
         unique_paths, file_of_clip = np.unique(np.array(stored_paths, dtype=object), return_inverse=True)
         resolved = [_resolve_packed_path(p, index_path) for p in unique_paths]
@@ -334,3 +334,16 @@ class FolderSource(ClipSource):
         if path is None:
             raise audio.ClipError(self._clip_ids[index], audio.MISSING, "no matching file in the audio folder")
         return audio.load_clip(path, self._clip_ids[index], min_seconds=self._min_seconds)
+
+
+def open_prepared(output: str | os.PathLike, split: str) -> ClipSource:
+    """The source for one split of a `prepare` output folder, whichever format it was written in."""
+    manifest_path = pathlib.Path(output) / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path}: no manifest; is {output} a `prepare` output folder?")
+    manifest = json.loads(manifest_path.read_text())
+    if split not in manifest["splits"]:
+        raise KeyError(f"{manifest_path}: no split {split!r}; it has {sorted(manifest['splits'])}")
+    if manifest["format"] == "hdf5":
+        return PackedHdf5Source.from_index(pathlib.Path(output) / manifest["splits"][split]["pann_index"])
+    return ArrayRecordSource(output, split)
