@@ -97,6 +97,12 @@ def prepare_split(*, audio_dir, clip_list_csv, labels_csv, output, split=None, o
     folder_index = sources.index_audio_folder(audio_dir)
     paths = [sources.find_clip_file(e, folder_index) for e in entries]
     num_shards = max(1, -(-len(entries) // shard_size))
+    stale = sorted(p.name for p in output.glob(f"{split}-*-of-*.json") if not p.name.endswith(f"-of-{num_shards:05d}.json"))
+    if stale:
+        raise FileExistsError(
+            f"{output} holds shards of split {split!r} cut differently ({stale[0]}, ...), from another clip list or "
+            f"--shard-size; use a new output folder or the same CSV and --shard-size"
+        )
     plans = [
         _ShardPlan(output, split, k, num_shards, output_format, entries[k * shard_size : (k + 1) * shard_size],
                    paths[k * shard_size : (k + 1) * shard_size])
