@@ -76,8 +76,12 @@ def test_flac_config_stores_the_same_samples(tmp_path, manual_dir):
 def test_beam_direct_runner_builds_the_same_dataset(tmp_path, manual_dir):
     beam = pytest.importorskip("apache_beam", reason="apache-beam is not installed (pip install apache-beam)")
     manual, rows = manual_dir
-    builder = build(manual, tmp_path, "int16", beam_runner=beam.runners.DirectRunner())
+    builder = build(manual, tmp_path / "api", "int16", beam_runner=beam.runners.DirectRunner())
     assert builder.info.splits["balanced_train"].num_examples == 4
+    # The command documented for clusters, here with the local runner.
+    assert tfds_builder.main(["--manual-dir", str(manual), "--data-dir", str(tmp_path / "cli"),
+                              "--beam-options=--runner=DirectRunner"]) == 0
+    assert (tmp_path / "cli" / "audioset" / "int16" / "1.0.0").is_dir()
     source = sources.TfdsSource(builder, "balanced_train", num_classes=5)
     expected = expected_waveforms(manual, [r for i, r in enumerate(rows[:5]) if i != 2])
     for i in range(len(source)):

@@ -150,3 +150,38 @@ def _decode_example(clip, encoding: str):
         "waveform": stored,
         "label_indices": np.asarray(class_indices, dtype=np.int32),
     }
+
+
+def main(argv=None) -> int:
+    """`python -m convnext_audio_jax.data.tfds_builder`: build the dataset, on Beam when --beam-options is given.
+
+    (The `tfds build` command needs TensorFlow; this entry point does not.)
+    """
+    import argparse
+    import shlex
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--manual-dir", required=True, help="CSVs and clips, see MANUAL_DOWNLOAD_INSTRUCTIONS")
+    parser.add_argument("--data-dir", required=True, help="where TFDS writes audioset/<config>/<version>/")
+    parser.add_argument("--config", choices=[c.name for c in Audioset.BUILDER_CONFIGS], default="int16")
+    parser.add_argument("--beam-options", default=None,
+                        help='Beam pipeline flags, given as --beam-options="...", e.g. "--runner=DataflowRunner --project=P --region=R '
+                             '--temp_location=gs://B/tmp --requirements_file=req.txt"; '
+                             '"--runner=DirectRunner" runs Beam locally')
+    args = parser.parse_args(argv)
+    beam_options = None
+    if args.beam_options:
+        beam = tfds.core.lazy_imports.apache_beam
+        beam_options = beam.options.pipeline_options.PipelineOptions(flags=shlex.split(args.beam_options))
+    builder = Audioset(data_dir=args.data_dir, config=args.config)
+    builder.download_and_prepare(
+        file_format="array_record",
+        download_config=tfds.download.DownloadConfig(manual_dir=args.manual_dir, beam_options=beam_options),
+    )
+    for split, info in builder.info.splits.items():
+        print(f"{split}: {info.num_examples} clips in {info.num_shards} shards")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
