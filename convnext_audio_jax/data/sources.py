@@ -55,7 +55,7 @@ class ClipSource(abc.ABC):
             waveform = self._read_waveform(index)
         except audio.ClipError:
             raise
-        except (OSError, KeyError, ValueError, records.RecordError) as error:
+        except (OSError, RuntimeError, KeyError, ValueError, records.RecordError) as error:
             # A truncated HDF5 chunk, a damaged record, ...: the clip is unreadable, the run goes on.
             raise audio.ClipError(clip_id, audio.UNREADABLE, f"{type(error).__name__}: {error}") from None
         audio.check_waveform(waveform, clip_id)
