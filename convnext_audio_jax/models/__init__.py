@@ -78,11 +78,10 @@ def example_input(model: nn.Module, batch: int = 1, seconds: float | None = None
 def init_variables(model: nn.Module, rng: jax.Array, batch: int = 1) -> dict[str, Any]:
     """Random initial variables ({'params', 'batch_stats'}) for ``model``, as plain nested dicts.
 
-    Initialises on a short input: parameter shapes do not depend on the clip length."""
-    if isinstance(model, ImageNetConvNeXt):
-        dummy = jnp.zeros((batch, 32, 32, 3), jnp.float32)
-    else:
-        dummy = jnp.zeros((batch, model.frontend.sample_rate), jnp.float32)
+    Under jit the forward pass that ``init`` traces is dead code (only the variables are
+    returned), so XLA drops it: initialising on a full clip costs compile time only.
+    """
+    dummy = jnp.zeros(example_input(model, batch).shape, jnp.float32)
     init = jax.jit(lambda key: model.init({"params": key}, dummy, train=False))
     return dict(nn.unbox(init(rng)))
 

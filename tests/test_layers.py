@@ -1,0 +1,99 @@
+"""Depthwise convolution variants agree (values and gradients); drop path semantics."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from convnext_audio_jax.models.layers import (
+    DepthwiseConv,
+    DropPath,
+    depthwise_conv,
+    depthwise_conv_shift,
+    depthwise_conv_xla,
+    resolve_depthwise_impl,
+)
+
+CASES = [
+    # (input shape NHWC, kernel size, padding)
+    ((2, 13, 9, 6), (7, 7), ((3, 3), (3, 3))),
+    ((3, 10, 8, 5), (3, 3), ((1, 1), (1, 1))),
+    ((1, 12, 7, 4), (5, 3), ((2, 1), (0, 2))),  # asymmetric kernel and padding
+]
+
+
+@pytest.mark.parametrize(("shape", "kernel_size", "padding"), CASES)
+def test_shift_matches_grouped_conv_forward_and_gradients(shape, kernel_size, padding):
+    kx, kk, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, shape)
+    kernel = jax.random.normal(kk, (*kernel_size, shape[-1]))
+    out_shape = jax.eval_shape(lambda: depthwise_conv_xla(x, kernel, padding)).shape
+    cotangent = jax.random.normal(kg, out_shape)
+
+    def loss(fn, x, kernel):
+        return jnp.sum(fn(x, kernel, padding) * cotangent)
+
+    np.testing.assert_allclose(depthwise_conv_shift(x, kernel, padding), depthwise_conv_xla(x, kernel, padding), atol=1e-5)
+    grads_shift = jax.grad(lambda x, k: loss(depthwise_conv_shift, x, k), argnums=(0, 1))(x, kernel)
+    grads_xla = jax.grad(lambda x, k: loss(depthwise_conv_xla, x, k), argnums=(0, 1))(x, kernel)
+    for ours, reference in zip(grads_shift, grads_xla):
+        np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-4)
+
+
+def test_shift_gradient_is_the_custom_vjp_under_jit():
+    x = jax.random.normal(jax.random.key(1), (2, 16, 12, 8))
+    kernel = jax.random.normal(jax.random.key(2), (7, 7, 8))
+    pad = ((3, 3), (3, 3))
+    grad = jax.jit(jax.grad(lambda x, k: jnp.sum(depthwise_conv_shift(x, k, pad) ** 2), argnums=(0, 1)))
+    reference = jax.grad(lambda x, k: jnp.sum(depthwise_conv_xla(x, k, pad) ** 2), argnums=(0, 1))(x, kernel)
+    for ours, ref in zip(grad(x, kernel), reference):
+        np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-3)
+
+
+def test_bfloat16_accumulates_in_float32():
+    x = jax.random.normal(jax.random.key(3), (2, 20, 10, 4))
+    kernel = jax.random.normal(jax.random.key(4), (7, 7, 4))
+    pad = ((3, 3), (3, 3))
+    exact = depthwise_conv_xla(x, kernel, pad)
+    ours = depthwise_conv_shift(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), pad)
+    assert ours.dtype == jnp.bfloat16
+    # Only the bf16 rounding of inputs and output, not 49 bf16 partial sums.
+    np.testing.assert_allclose(np.asarray(ours, np.float32), exact, atol=0.25, rtol=0.03)
+
+
+@pytest.mark.parametrize("multiplier", [1, 2])
+@pytest.mark.parametrize("impl", ["shift", "xla"])
+def test_depthwise_module_matches_torch_grouped_conv(multiplier, impl):
+    torch = pytest.importorskip("torch")
+    channels = 3
+    module = DepthwiseConv((7, 7), multiplier=multiplier, impl=impl)
+    x = np.random.default_rng(0).standard_normal((2, 11, 9, channels)).astype(np.float32)
+    variables = module.init(jax.random.key(0), x)
+    variables = jax.tree.map(lambda v: jax.random.normal(jax.random.key(5), v.shape), variables)
+    ours = module.apply(variables, x)
+
+    conv = torch.nn.Conv2d(channels, channels * multiplier, 7, padding=3, groups=channels)
+    with torch.no_grad():
+        conv.weight.copy_(torch.from_numpy(np.asarray(variables["params"]["kernel"]).transpose(3, 2, 0, 1)))
+        conv.bias.copy_(torch.from_numpy(np.asarray(variables["params"]["bias"])))
+        reference = conv(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(ours, reference, atol=1e-4)
+
+
+def test_impl_resolution():
+    assert resolve_depthwise_impl("auto") == ("shift" if jax.default_backend() == "cpu" else "xla")
+    assert resolve_depthwise_impl("xla") == "xla"
+    with pytest.raises(ValueError, match="depthwise_impl must be"):
+        resolve_depthwise_impl("cudnn")
+    with pytest.raises(ValueError, match="depthwise_impl must be"):
+        depthwise_conv(jnp.zeros((1, 8, 8, 2)), jnp.zeros((3, 3, 2)), ((1, 1), (1, 1)), impl="fast")
+
+
+def test_drop_path_drops_whole_samples_and_rescales():
+    x = jnp.ones((4096, 3, 2))
+    dropped = DropPath(0.25).apply({}, x, deterministic=False, rngs={"drop_path": jax.random.key(0)})
+    per_sample = np.asarray(dropped).reshape(4096, -1)
+    np.testing.assert_allclose(np.unique(per_sample), [0.0, 1.0 / 0.75], rtol=1e-6)
+    assert np.all(per_sample.min(axis=1) == per_sample.max(axis=1))  # all-or-nothing per sample
+    assert abs((per_sample[:, 0] == 0).mean() - 0.25) < 0.03
+    np.testing.assert_array_equal(DropPath(0.25).apply({}, x, deterministic=True), x)
