@@ -447,16 +447,12 @@ def run_tag(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------- embeddings
 
-def _select_embeddings(kind: str):
+def _select_embeddings(*kinds: str):
     def select(variables, outputs):
         del variables
-        if kind == "scene":
-            return {kind: outputs["scene_embedding"]}
-        if kind == "sequence":
-            return {kind: sequence_of(outputs)}
-        if kind == "frames":
-            return {kind: outputs["frame_embeddings"].astype(jnp.float32)}
-        return {kind: outputs["logits"]}
+        by_kind = {"scene": lambda: outputs["scene_embedding"], "sequence": lambda: sequence_of(outputs),
+                   "frames": lambda: outputs["frame_embeddings"], "logits": lambda: outputs["logits"]}
+        return {kind: by_kind[kind]().astype(jnp.float32) for kind in kinds}
     return select
 
 
@@ -470,8 +466,8 @@ class EmbeddingModel:
         self.model = model
         self.sample_rate = model.frontend.sample_rate
         self.window = model.frontend.clip_samples
-        self._forwards = {kind: ShardedForward(model, variables, batch_size, mesh, _select_embeddings(kind))
-                          for kind in ("scene", "sequence")}
+        # One forward (one compilation) brings back both kinds.
+        self._forward = ShardedForward(model, variables, batch_size, mesh, _select_embeddings("scene", "sequence"))
         shapes = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, self.window))), variables)
         self.scene_embedding_size = int(shapes["scene_embedding"].shape[-1])
         self.timestamp_embedding_size = int(shapes["frame_embeddings"].shape[-1])
@@ -489,9 +485,8 @@ class EmbeddingModel:
 
     def embed_windows(self, kind: str, windows: np.ndarray) -> np.ndarray:
         """``kind`` ("scene" or "sequence") embeddings of (N, window) windows, a fixed-size batch at a time."""
-        forward = self._forwards[kind]
-        return np.concatenate([forward(windows[i : i + forward.batch_size])[kind]
-                               for i in range(0, len(windows), forward.batch_size)])
+        size = self._forward.batch_size
+        return np.concatenate([self._forward(windows[i : i + size])[kind] for i in range(0, len(windows), size)])
 
 
 def load_model(checkpoint_dir: str | os.PathLike, batch_size: int = 8) -> EmbeddingModel:

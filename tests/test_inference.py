@@ -221,7 +221,7 @@ def test_cli_tag_formats(checkpoint, freedesktop_recordings, tmp_path, capsys):
 def test_embeddings_and_hear_api(burst_detector, checkpoint, freedesktop_recordings, tmp_path, capsys):
     model, variables = burst_detector
     clips = np.stack([quiet_noise(10, SR, 40), add_burst(quiet_noise(10, SR, 41), SR, 2.0)])
-    outputs = model.apply(variables, clips)
+    outputs = jax.jit(model.apply)(variables, clips)
     sequence = outputs["sequence_embeddings"]
     assert sequence.shape == (2, 31, 64) and outputs["frame_embeddings"].shape == (2, 31, 7, 64)
     pooled = sequence.max(axis=1) + sequence.mean(axis=1)
