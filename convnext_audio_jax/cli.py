@@ -53,6 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("names", nargs="*", help="models to list (default: all)")
     models.add_argument("--no-flops", action="store_true", help="skip the XLA cost analysis (faster)")
     models.set_defaults(func=_models_table)
+
+    from convnext_audio_jax import evaluate, inference
+
+    for name, add_arguments, run, help_text in [
+        ("evaluate", evaluate.add_arguments, evaluate.run,
+         "mAP/AUC/d' of a checkpoint on a labelled dataset, with per-class reports"),
+        ("tag", inference.add_tag_arguments, inference.run_tag,
+         "tag audio files (any format, rate, channels, length); --frames adds sound-event timelines"),
+        ("embed", inference.add_embed_arguments, inference.run_embed,
+         "scene/frame/sequence embeddings or logits of audio files into an .npz"),
+    ]:
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(command)
+        command.set_defaults(func=run)
     return parser
 
 

@@ -63,17 +63,19 @@ def decode(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     return np.ascontiguousarray(data, dtype=np.float32), int(sample_rate)
 
 
-def to_clip(
+def to_mono(
     samples: np.ndarray,
     sample_rate: int,
     clip_id: str = "<array>",
     *,
     min_seconds: float = 1.0,
+    max_seconds: float | None = None,
 ) -> np.ndarray:
-    """Validate, downmix, resample to 32 kHz and pad/crop to 10 s; float32 (CLIP_SAMPLES,) in [-1, 1].
+    """Validate, downmix (mean of the channels) and resample to 32 kHz; float32 (n,) of any length.
 
-    `samples` is (frames,) or (frames, channels). The first 10 s are kept and shorter clips are zero-padded at the
-    end, as PANNs did. A clip shorter than `min_seconds` is rejected as too short.
+    `samples` is (frames,) or (frames, channels). Only the first `max_seconds` are resampled when given (the rest
+    would be cropped anyway). A clip shorter than `min_seconds`, empty, all zero or with NaN/Inf samples raises
+    ClipError.
     """
     samples = np.asarray(samples)
     if samples.ndim == 1:
@@ -91,11 +93,27 @@ def to_clip(
     if not np.any(samples):
         raise ClipError(clip_id, EMPTY, f"all {samples.shape[0]} frames are zero")
     mono = samples.mean(axis=1, dtype=np.float32)
-    # Only decode what the 10 s crop keeps (plus a margin for the resampler's filter).
-    keep = min(mono.shape[0], int(np.ceil(CLIP_SECONDS * sample_rate)) + 64)
-    mono = mono[:keep]
+    if max_seconds is not None:
+        # Only resample what the crop keeps (plus a margin for the resampler's filter).
+        mono = mono[: min(mono.shape[0], int(np.ceil(max_seconds * sample_rate)) + 64)]
     if sample_rate != SAMPLE_RATE:
         mono = soxr.resample(mono, sample_rate, SAMPLE_RATE, quality="HQ").astype(np.float32, copy=False)
+    return mono
+
+
+def to_clip(
+    samples: np.ndarray,
+    sample_rate: int,
+    clip_id: str = "<array>",
+    *,
+    min_seconds: float = 1.0,
+) -> np.ndarray:
+    """Validate, downmix, resample to 32 kHz and pad/crop to 10 s; float32 (CLIP_SAMPLES,) in [-1, 1].
+
+    `samples` is (frames,) or (frames, channels). The first 10 s are kept and shorter clips are zero-padded at the
+    end, as PANNs did. A clip shorter than `min_seconds` is rejected as too short.
+    """
+    mono = to_mono(samples, sample_rate, clip_id, min_seconds=min_seconds, max_seconds=CLIP_SECONDS)
     clip = np.zeros(CLIP_SAMPLES, dtype=np.float32)
     n = min(CLIP_SAMPLES, mono.shape[0])
     clip[:n] = mono[:n]

@@ -1,0 +1,215 @@
+"""Evaluation of a model on a labelled clip source: a jitted, data-sharded forward, then AP/AUC/d′.
+
+``evaluate(model, variables, source, batch_size)`` is the library entry point (training calls it too);
+``convnext-audio evaluate --checkpoint DIR --data SPEC`` is the command. The last partial batch is padded to
+the fixed batch size and the padding is dropped before the metrics; clips that cannot be read are skipped
+and counted by reason.
+
+Data SPEC syntax (``--data``):
+
+* ``DIR@SPLIT``: split ``SPLIT`` of a ``prepare`` output folder (ArrayRecord or HDF5 shards), e.g.
+  ``data/audioset@eval``;
+* ``FILE.h5`` (or ``.hdf5``): a PANN packed HDF5 file, or a PANN index file (told apart by its contents);
+* ``AUDIO_DIR@CLIPS.csv``: audio files in a folder listed by an AudioSet segment CSV or a ``path,labels``
+  CSV; needs the class list (``--labels class_labels_indices.csv``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import grain
+import h5py
+import numpy as np
+import tqdm
+from jax.sharding import Mesh
+
+from convnext_audio_jax import metrics as metrics_lib
+from convnext_audio_jax.data import labels as labels_lib
+from convnext_audio_jax.data.pipeline import LoaderConfig, make_loader
+from convnext_audio_jax.data.prepare import LABELS_COPY
+from convnext_audio_jax.data.sources import ClipSource, FolderSource, PackedHdf5Source, open_prepared
+from convnext_audio_jax.forward import ShardedForward
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+PER_CLASS_FILE = "per_class.csv"
+PLOT_FILE = "per_class_ap.png"
+
+
+@dataclasses.dataclass
+class Predictions:
+    """Scores of every clip that could be read, in source order, and what was skipped."""
+
+    clip_ids: list[str]
+    targets: np.ndarray  # (N, C) bool
+    scores: np.ndarray  # (N, C) float32 probabilities
+    skipped: collections.Counter  # reason → count
+    skipped_ids: list[tuple[str, str, str]]  # (id, reason, detail), the first ones
+    seconds: float  # wall time of reading + forward, compilation excluded
+
+    @property
+    def clips_per_second(self) -> float:
+        return len(self.clip_ids) / self.seconds if self.seconds > 0 else float("nan")
+
+
+def predict(model: nn.Module, variables: Mapping[str, Any], source: ClipSource, batch_size: int,
+            mesh: Mesh | None = None, progress: bool = True, read_threads: int = 4) -> Predictions:
+    """Probabilities of every readable clip of ``source`` (one host; the batch is sharded over ``mesh``)."""
+    if len(source) == 0:
+        raise ValueError("the evaluation source has no clips")
+    forward = ShardedForward(model, variables, batch_size, mesh)
+    if forward.batch_size != batch_size:
+        logger.info("batch size %d rounded up to %d, a multiple of the %d devices", batch_size,
+                    forward.batch_size, forward.num_devices)
+    config = LoaderConfig(batch_size=forward.batch_size, sampling="sequential", num_epochs=1, drop_remainder=False,
+                          waveform_dtype="float32", read_threads=read_threads)
+    loader = make_loader(source, config, grain.sharding.ShardOptions(shard_index=0, shard_count=1))
+    # Compile before the clock starts (one zero batch), so clips/s measures the steady state.
+    forward(np.zeros((1, model.frontend.clip_samples), np.float32))
+    clip_ids, targets, scores = [], [], []
+    start = time.perf_counter()
+    with tqdm.tqdm(total=len(source), unit="clip", desc="evaluate", disable=not progress, file=sys.stderr) as bar:
+        for batch in loader:
+            scores.append(forward(batch["waveform"])["probs"])
+            targets.append(batch["target"] > 0.5)
+            clip_ids.extend(str(i) for i in batch["id"])
+            bar.update(len(clip_ids) + loader.num_skipped - bar.n)
+            bar.set_postfix(skipped=loader.num_skipped)
+    seconds = time.perf_counter() - start
+    if not clip_ids:
+        raise ValueError(f"none of the {len(source)} clips could be read: {dict(loader.skipped)}")
+    return Predictions(clip_ids, np.concatenate(targets), np.concatenate(scores), loader.skipped,
+                       loader.skipped_ids, seconds)
+
+
+def evaluate(model: nn.Module, variables: Mapping[str, Any], source: ClipSource, batch_size: int,
+             mesh: Mesh | None = None, class_names: Sequence[str] | None = None,
+             output_dir: str | os.PathLike | None = None, progress: bool = True) -> dict[str, Any]:
+    """``compute_metrics`` of the model's probabilities on ``source``, plus ``num_skipped``, ``skipped``
+    (count per reason), ``skipped_ids`` and ``clips_per_second``. With ``output_dir``, also writes
+    metrics.json, per_class.csv and per_class_ap.png there."""
+    predictions = predict(model, variables, source, batch_size, mesh, progress)
+    result = metrics_lib.compute_metrics(predictions.targets, predictions.scores, class_names)
+    result.update(
+        num_skipped=sum(predictions.skipped.values()),
+        skipped=dict(predictions.skipped),
+        skipped_ids=[list(s) for s in predictions.skipped_ids],
+        clips_per_second=predictions.clips_per_second,
+    )
+    if output_dir is not None:
+        write_reports(result, output_dir)
+    return result
+
+
+def write_reports(result: Mapping[str, Any], output_dir: str | os.PathLike) -> list[pathlib.Path]:
+    """metrics.json (everything), per_class.csv (index, name, AP, AUC, d′, positives) and a plot of the
+    per-class AP sorted from best to worst with the mAP as a line."""
+    output_dir = pathlib.Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = [output_dir / METRICS_FILE, output_dir / PER_CLASS_FILE, output_dir / PLOT_FILE]
+    paths[0].write_text(json.dumps(result, indent=2) + "\n")
+    with open(paths[1], "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["index", "name", "AP", "AUC", "d_prime", "positives"])
+        for entry in result["per_class"]:
+            writer.writerow([entry["index"], entry.get("name", ""),
+                             *("" if entry[k] is None else f"{entry[k]:.6f}" for k in ("AP", "AUC", "d_prime")),
+                             entry["positives"]])
+    _plot_per_class_ap(result, paths[2])
+    return paths
+
+
+def _plot_per_class_ap(result: Mapping[str, Any], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    ap = np.sort([e["AP"] for e in result["per_class"] if e["AP"] is not None])[::-1]
+    figure, axes = plt.subplots(figsize=(10, 4))
+    axes.bar(np.arange(len(ap)), ap, width=1.0, color="tab:blue")
+    axes.axhline(result["mAP"], color="tab:red", label=f"mAP {result['mAP']:.4f}")
+    axes.set_xlabel(f"class, sorted by AP ({len(ap)} classes with positives and negatives)")
+    axes.set_ylabel("average precision")
+    axes.set_xlim(-0.5, len(ap) - 0.5)
+    axes.set_ylim(0, 1)
+    axes.legend(loc="upper right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def open_data_spec(spec: str, labels_csv: str | os.PathLike | None = None) -> tuple[ClipSource, tuple[str, ...] | None]:
+    """The source named by a data SPEC (see the module docstring) and the class names it knows, if any.
+    Raises ValueError naming the SPEC when it cannot be opened."""
+    try:
+        return _open_data_spec(spec, labels_csv)
+    except (FileNotFoundError, KeyError) as error:  # the sources' messages already name the file
+        raise ValueError(f"data {spec!r}: {error.args[0] if error.args else error}") from None
+
+
+def _open_data_spec(spec: str, labels_csv: str | os.PathLike | None) -> tuple[ClipSource, tuple[str, ...] | None]:
+    if "@" in spec:
+        directory, selector = spec.rsplit("@", 1)
+        if not os.path.isdir(directory):
+            raise ValueError(f"data {spec!r}: {directory!r} is not a folder (SPEC is DIR@SPLIT or AUDIO_DIR@CLIPS.csv)")
+        if selector.lower().endswith(".csv"):
+            if labels_csv is None:
+                raise ValueError(f"data {spec!r}: a folder + clip list needs --labels class_labels_indices.csv")
+            class_labels = labels_lib.read_class_labels(labels_csv)
+            return FolderSource(directory, selector, class_labels), class_labels.display_names
+        source = open_prepared(directory, selector)
+        copied_labels = pathlib.Path(directory) / LABELS_COPY
+        names_from = labels_csv or (copied_labels if copied_labels.is_file() else None)
+        return source, None if names_from is None else labels_lib.read_class_labels(names_from).display_names
+    if not os.path.isfile(spec):
+        raise ValueError(f"data {spec!r}: no such file (SPEC is DIR@SPLIT, FILE.h5 or AUDIO_DIR@CLIPS.csv)")
+    try:
+        with h5py.File(spec, "r") as f:
+            is_index = "hdf5_path" in f
+    except OSError as error:
+        raise ValueError(f"data {spec!r}: not an HDF5 file ({error})") from None
+    source = PackedHdf5Source.from_index(spec) if is_index else PackedHdf5Source.from_files([spec])
+    return source, None if labels_csv is None else labels_lib.read_class_labels(labels_csv).display_names
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="model checkpoint folder (save_model / convert output)")
+    parser.add_argument("--data", required=True, metavar="SPEC",
+                        help="DIR@SPLIT (a prepare output), FILE.h5 (packed or PANN index) or AUDIO_DIR@CLIPS.csv")
+    parser.add_argument("--labels", help="class_labels_indices.csv: class names (needed for AUDIO_DIR@CLIPS.csv)")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="clips per step, rounded up to a multiple of the device count (default %(default)s)")
+    parser.add_argument("--output", default="evaluation", help="folder for the reports (default %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from convnext_audio_jax.checkpoint import load_model
+
+    model, variables, metadata = load_model(args.checkpoint)
+    source, data_names = open_data_spec(args.data, args.labels)
+    class_names = metadata.get("class_names") or data_names
+    if source.num_classes != model.num_classes:
+        raise ValueError(f"the data has {source.num_classes} classes, the model {model.num_classes}")
+    result = evaluate(model, variables, source, args.batch_size, class_names=class_names, output_dir=args.output,
+                      progress=not args.no_progress)
+    print(f"evaluate: {result['num_clips']} clips ({result['num_skipped']} skipped {result['skipped']}), "
+          f"{result['num_evaluated_classes']} of {result['num_classes']} classes scored: mAP {result['mAP']:.4f}, "
+          f"AUC {result['AUC']:.4f}, d' {result['d_prime']:.4f}; {result['clips_per_second']:.1f} clips/s; "
+          f"reports in {args.output}")
+    return 0

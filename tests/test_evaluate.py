@@ -1,0 +1,137 @@
+"""Evaluation: sharded jitted forward with a padded partial last batch, skipped clips, reports, data SPECs, CLI."""
+
+import csv
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from convnext_audio_jax import cli, evaluate as evaluate_lib
+from convnext_audio_jax.checkpoint import save_model
+from convnext_audio_jax.data import audio
+from convnext_audio_jax.data.sources import PackedHdf5Source
+from convnext_audio_jax.metrics import compute_metrics
+from convnext_audio_jax.models import create_model, init_variables
+import data_helpers
+
+NUM_CLASSES = len(data_helpers.CLASSES)
+TINY = dict(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), num_classes=NUM_CLASSES)
+NUM_CLIPS = 13  # with batch 8: one full batch, then a partial one of 4 valid clips + 1 skipped
+BROKEN_ROW = 6
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    model = create_model("convnext_tiny", **TINY)
+    variables = init_variables(model, jax.random.key(1))
+    # Non-trivial BatchNorm statistics, so that padding rows would show if they leaked into the statistics.
+    variables["batch_stats"]["bn0"]["mean"] = np.full(224, -30.0, np.float32)
+    variables["batch_stats"]["bn0"]["var"] = np.full(224, 400.0, np.float32)
+    return model, variables
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("packed")
+    rng = np.random.default_rng(0)
+    waveforms = data_helpers.random_waveforms(NUM_CLIPS)
+    waveforms[BROKEN_ROW] = 0  # PANNs' packer leaves missing clips as zeros: read as "empty" and skipped
+    targets = rng.random((NUM_CLIPS, NUM_CLASSES)) < 0.4
+    targets[0] = True
+    targets[1] = False  # every class has a positive and a negative
+    names = [f"clip{i:02d}" for i in range(NUM_CLIPS)]
+    path = data_helpers.write_packed_hdf5(folder / "eval.h5", waveforms, targets, names)
+    return path, waveforms, targets
+
+
+@pytest.fixture(scope="module")
+def per_clip_reference(tiny_model, packed):
+    """Unsharded (one device), one clip at a time: the computation evaluation must reproduce."""
+    model, variables = tiny_model
+    _, waveforms, targets = packed
+    keep = [i for i in range(NUM_CLIPS) if i != BROKEN_ROW]
+    one_clip = jax.jit(lambda v, x: model.apply(v, x)["probs"][0])
+    probs = np.stack([np.asarray(one_clip(variables, audio.int16_to_float(waveforms[i])[None])) for i in keep])
+    return probs, targets[keep], [f"clip{i:02d}" for i in keep]
+
+
+def test_predict_equals_per_clip_computation_with_partial_batch_and_skip(tiny_model, packed, per_clip_reference):
+    model, variables = tiny_model
+    source = PackedHdf5Source.from_files([packed[0]])
+    assert len(jax.devices()) == 8
+    predictions = evaluate_lib.predict(model, variables, source, batch_size=8, progress=False)
+    probs, targets, ids = per_clip_reference
+    assert predictions.clip_ids == ids
+    np.testing.assert_array_equal(predictions.targets, targets)
+    np.testing.assert_allclose(predictions.scores, probs, rtol=0, atol=2e-6)
+    assert dict(predictions.skipped) == {audio.EMPTY: 1}
+    assert predictions.skipped_ids[0][:2] == (f"clip{BROKEN_ROW:02d}", audio.EMPTY)
+    assert predictions.clips_per_second > 0
+
+
+def test_evaluate_metrics_and_reports(tiny_model, packed, per_clip_reference, tmp_path):
+    model, variables = tiny_model
+    source = PackedHdf5Source.from_files([packed[0]])
+    names = [name for _, name in data_helpers.CLASSES]
+    # Batch 5 on 8 devices is rounded up to 8.
+    result = evaluate_lib.evaluate(model, variables, source, batch_size=5, class_names=names, output_dir=tmp_path,
+                                   progress=False)
+    probs, targets, _ = per_clip_reference
+    expected = compute_metrics(targets, probs, names)
+    for key in ("mAP", "AUC", "d_prime"):
+        assert result[key] == pytest.approx(expected[key], abs=1e-6)
+    assert result["num_clips"] == NUM_CLIPS - 1
+    assert result["num_skipped"] == 1 and result["skipped"] == {audio.EMPTY: 1}
+
+    written = json.loads((tmp_path / evaluate_lib.METRICS_FILE).read_text())
+    assert written["mAP"] == pytest.approx(result["mAP"])
+    with open(tmp_path / evaluate_lib.PER_CLASS_FILE, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["name"] for r in rows] == names
+    assert list(rows[0]) == ["index", "name", "AP", "AUC", "d_prime", "positives"]
+    ap = [float(r["AP"]) for r in rows]
+    assert np.mean(ap) == pytest.approx(result["mAP"], abs=1e-6)
+    assert [int(r["positives"]) for r in rows] == targets.sum(axis=0).tolist()
+    assert (tmp_path / evaluate_lib.PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_data_specs(packed, tmp_path):
+    source, names = evaluate_lib.open_data_spec(str(packed[0]))
+    assert len(source) == NUM_CLIPS and names is None
+
+    rows = data_helpers.write_generated_clips(tmp_path / "audio", 3)
+    segments = data_helpers.write_segments_csv(tmp_path / "eval_segments.csv", rows)
+    labels = data_helpers.write_class_labels(tmp_path / "class_labels_indices.csv")
+    source, names = evaluate_lib.open_data_spec(f"{tmp_path / 'audio'}@{segments}", labels)
+    assert len(source) == 3 and names == tuple(n for _, n in data_helpers.CLASSES)
+    assert source[0]["waveform"].shape == (audio.CLIP_SAMPLES,)
+
+    with pytest.raises(ValueError, match="needs --labels"):
+        evaluate_lib.open_data_spec(f"{tmp_path / 'audio'}@{segments}")
+    with pytest.raises(ValueError, match="no manifest"):
+        evaluate_lib.open_data_spec(f"{tmp_path}@eval")
+    with pytest.raises(ValueError, match="no such file"):
+        evaluate_lib.open_data_spec(str(tmp_path / "missing.h5"))
+    with pytest.raises(ValueError, match="not an HDF5 file"):
+        evaluate_lib.open_data_spec(str(segments))
+
+
+def test_cli_evaluate_end_to_end(tiny_model, packed, tmp_path, capsys):
+    model, variables = tiny_model
+    names = [name for _, name in data_helpers.CLASSES]
+    checkpoint = save_model(tmp_path / "ckpt", "convnext_tiny", variables, {"class_names": names}, TINY)
+    output = tmp_path / "report"
+    code = cli.main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(packed[0]), "--batch-size", "8",
+                     "--output", str(output), "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "12 clips (1 skipped" in printed and "mAP" in printed
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["per_class"][2]["name"] == names[2]
+
+    code = cli.main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "nope@eval"),
+                     "--output", str(output)])
+    assert code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "is not a folder" in error
