@@ -24,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from convnext_audio_jax import xla  # noqa: E402
 from convnext_audio_jax.models import count_params, create_model, get_spec, init_variables, list_models  # noqa: E402
 
 
@@ -40,7 +41,7 @@ def median_seconds(run, repeats: int) -> float:
 def bench_ours(name: str, waveform: np.ndarray, repeats: int, dtype) -> dict:
     model = create_model(name, dtype=dtype)
     variables = init_variables(model, jax.random.key(0))
-    forward = jax.jit(lambda v, x: model.apply(v, x)["probs"])
+    forward = xla.jit(lambda v, x: model.apply(v, x)["probs"])
     x = jnp.asarray(waveform)
     start = time.perf_counter()
     compiled = forward.lower(variables, x).compile()

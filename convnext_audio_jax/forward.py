@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from convnext_audio_jax import xla
+
 # Picks (and may derive) the arrays a forward returns: (variables, model outputs) → dict of arrays.
 OutputSelector = Callable[[Mapping[str, Any], Mapping[str, jax.Array]], dict[str, jax.Array]]
 
@@ -53,7 +55,7 @@ class ShardedForward:
         def forward(variables, waveforms):
             return select(variables, model.apply(variables, waveforms, train=False))
 
-        self._forward = jax.jit(forward, in_shardings=(replicated, self._batch_sharding),
+        self._forward = xla.jit(forward, in_shardings=(replicated, self._batch_sharding),
                                 out_shardings=self._batch_sharding)
 
     def __call__(self, waveforms: np.ndarray) -> dict[str, np.ndarray]:

@@ -1,0 +1,43 @@
+"""xla.jit: same results as plain jax.jit, options only on the CPU backend."""
+
+import jax
+import numpy as np
+
+from convnext_audio_jax import xla
+from convnext_audio_jax.models import create_model, init_variables
+
+
+def test_cpu_options_only_on_cpu():
+    assert xla.compiler_options("cpu") == xla.CPU_COMPILER_OPTIONS
+    assert xla.compiler_options("gpu") == {} and xla.compiler_options("tpu") == {}
+
+
+def test_model_forward_and_gradient_match_plain_jit():
+    model = create_model("convnext_tiny", depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), frontend=create_model("cnn6").frontend)
+    variables = init_variables(model, jax.random.key(0))
+    waveform = (0.1 * np.random.default_rng(0).standard_normal((2, 16_000))).astype(np.float32)
+
+    def loss(params):
+        out = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, waveform)
+        return (out["logits"] ** 2).mean()
+
+    np.testing.assert_allclose(
+        xla.jit(lambda v, x: model.apply(v, x)["probs"])(variables, waveform),
+        jax.jit(lambda v, x: model.apply(v, x)["probs"])(variables, waveform),
+        rtol=1e-5, atol=1e-6,
+    )
+    ours, plain = xla.jit(jax.grad(loss))(variables["params"]), jax.jit(jax.grad(loss))(variables["params"])
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(plain)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_decorator_forms_and_override():
+    @xla.jit
+    def double(x):
+        return 2 * x
+
+    @xla.jit(static_argnums=1, compiler_options={"xla_cpu_use_onednn": False})
+    def scale(x, factor):
+        return factor * x
+
+    assert float(double(1.5)) == 3.0 and float(scale(1.5, 3)) == 4.5
