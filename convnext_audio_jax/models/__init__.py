@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convnext_audio_jax import xla
 from convnext_audio_jax.frontend import FrontendConfig
 from convnext_audio_jax.models.convnext import AudioConvNeXt, ImageNetConvNeXt
 from convnext_audio_jax.models.panns import CNN6, CNN6_NEXT, CNN14, CNN14_SEP, PannCNN
@@ -84,7 +83,7 @@ def init_variables(model: nn.Module, rng: jax.Array, batch: int = 1) -> dict[str
     returned), so XLA drops it: initialising on a full clip costs compile time only.
     """
     dummy = jnp.zeros(example_input(model, batch).shape, jnp.float32)
-    init = xla.jit(lambda key: model.init({"params": key}, dummy, train=False))
+    init = jax.jit(lambda key: model.init({"params": key}, dummy, train=False))
     return dict(nn.unbox(init(rng)))
 
 
