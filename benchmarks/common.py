@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import platform
 import re
@@ -35,6 +37,8 @@ class RssPeak:
     ``resource.getrusage``'s ``ru_maxrss`` is a process-lifetime high-water mark, useless for the
     second model in one process; sampling the current RSS gives a per-measurement peak (to within
     the sampling interval). XLA and torch run their kernels without the GIL, so the sampler runs.
+    Memory freed by an earlier measurement and reused without growing the RSS is not counted, so
+    glibc's free heap is handed back to the system first.
     """
 
     def __init__(self, interval_s: float = 0.01):
@@ -50,6 +54,7 @@ class RssPeak:
             self.peak_delta_bytes = max(self.peak_delta_bytes, self._process.memory_info().rss - self._baseline)
 
     def __enter__(self) -> RssPeak:
+        release_free_heap()
         self._baseline = self._process.memory_info().rss
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -59,6 +64,14 @@ class RssPeak:
         self._stop.set()
         self._thread.join()
         self.peak_delta_bytes = max(self.peak_delta_bytes, self._process.memory_info().rss - self._baseline)
+
+
+def release_free_heap() -> None:
+    """glibc ``malloc_trim(0)``: returns freed heap pages to the system (a no-op elsewhere)."""
+    libc_name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(libc_name) if libc_name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def cpu_model_name() -> str:

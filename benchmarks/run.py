@@ -44,9 +44,13 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+# JAX and torch share the GPU in this process: JAX must not grab 75 % of it up front (and its
+# peak_bytes_in_use then means what this run used).
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -99,10 +103,6 @@ class Case:
     def config(self) -> dict[str, Any]:
         return dict(self.overrides)
 
-    @property
-    def is_audio_convnext(self) -> bool:
-        return get_spec(self.model).module is AudioConvNeXt
-
 
 # ----------------------------------------------------------------------------- memory
 
@@ -128,6 +128,11 @@ def peak_memory(torch_cuda: bool = False) -> Iterator[dict]:
         stats = jax.devices()[0].memory_stats() or {}
         result["peak_memory_mb"] = stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None
         result["memory_method"] = "device peak_bytes_in_use (process high-water mark)"
+
+
+def error_summary(error: BaseException) -> str:
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 # ----------------------------------------------------------------------------- JAX (ours, Audax)
@@ -210,7 +215,7 @@ def audax_rows(case: Case, dtype: str, waveform_32k: np.ndarray, repeats: int) -
             measured, _ = measure_jax(forward, (variables, jnp.asarray(waveform)), batch, repeats)
             row.update(params=count_params(variables["params"]), **measured)
         except Exception as error:  # noqa: BLE001 — a failing baseline is a result, not a crash
-            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            row["error"] = error_summary(error)
         rows.append(row)
     return rows
 
@@ -301,8 +306,10 @@ def torch_rows(reference, dtype: str, waveform: np.ndarray, repeats: int, compil
             if implementation == "torch-eager":
                 eager_probs = run().float().cpu().numpy()
         except Exception as error:  # noqa: BLE001 — torch.compile failing here is a finding, recorded
-            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            row["error"] = error_summary(error)
         rows.append(row)
+    if on_cuda:  # hand torch's cached blocks back before JAX's next model
+        torch.cuda.empty_cache()
     return rows, eager_probs
 
 
@@ -363,7 +370,7 @@ def benchmark(cases: list[Case], batches: list[int], dtypes: list[str], repeats:
                     diff = float(np.max(np.abs(ours_probs[:PARITY_CLIPS] - torch_fp32_probs[:PARITY_CLIPS])))
                     ours["max_abs_diff_vs_torch_fp32"] = diff
                     parity.setdefault(case.model, {})[f"{dtype}/batch{batch}"] = diff
-                if with_audax and case.is_audio_convnext and case.model == "convnext_tiny":
+                if with_audax and case.model == "convnext_tiny":
                     added += audax_rows(case, dtype, waveform, repeats)
                 for row in added:
                     rows.append({**group, **row})
