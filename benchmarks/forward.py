@@ -14,7 +14,6 @@ import argparse
 import os
 import pathlib
 import platform
-import statistics
 import sys
 import time
 
@@ -24,18 +23,9 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import median_seconds  # noqa: E402
 from convnext_audio_jax import xla  # noqa: E402
 from convnext_audio_jax.models import count_params, create_model, get_spec, init_variables, list_models  # noqa: E402
-
-
-def median_seconds(run, repeats: int) -> float:
-    run()  # warm-up (caches, allocator)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench_ours(name: str, waveform: np.ndarray, repeats: int, dtype) -> dict:

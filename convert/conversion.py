@@ -212,13 +212,15 @@ def convert_state_dict(
     stem_init: str = "fresh",
     seed: int = 0,
     allow_frontend_mismatch: bool = False,
+    model_config: Mapping[str, Any] | None = None,
 ) -> Conversion:
     """Converts a PyTorch state dict (numpy arrays, see ``load_torch_state_dict``) to Flax variables.
 
     ``model_name`` defaults to the model the state dict holds. An ImageNet ConvNeXt state dict
     with an audio ConvNeXt ``model_name`` gives the paper's ImageNet initialisation: ``stem_init``
     'fresh' (the paper) or 'rgb-mean', fresh parts drawn with ``seed``. ``num_classes`` must be
-    given when the checkpoint's classifier differs from the model's default.
+    given when the checkpoint's classifier differs from the model's default. ``model_config``
+    overrides other fields of the target model (e.g. ``depths``/``dims`` of a reduced model).
     """
     layout = detect_layout(state_dict)
     if layout is None:
@@ -227,7 +229,14 @@ def convert_state_dict(
             f"unrecognised state dict ({len(state_dict)} tensors: {sample}); expected the authors' AudioSet ConvNeXt, "
             "a facebookresearch or timm ImageNet ConvNeXt, or a PANN CNN14/CNN6"
         )
-    detected = _detect_model(layout, state_dict)
+    try:
+        detected = _detect_model(layout, state_dict)
+    except ConversionError:
+        if model_name is None:
+            raise
+        # e.g. a reduced model (``model_config``) matches no registered size; the named model is
+        # still checked tensor by tensor below.
+        detected = layout.family
     model_name = model_name or detected
     try:
         family = model_family(model_name)
@@ -244,7 +253,7 @@ def convert_state_dict(
         raise ConversionError("--stem-init applies only to an ImageNet checkpoint converted into an audio ConvNeXt")
 
     file_classes = _classifier_classes(layout, state_dict)
-    model_config: dict[str, Any] = {}
+    model_config = dict(model_config or {})
     if num_classes is not None:
         model_config["num_classes"] = int(num_classes)
     model = create_model(model_name, **model_config)

@@ -215,16 +215,19 @@ _AUDIO_CONVNEXT = {
 
 
 def build_reference(name: str, *, naming: str = "facebookresearch", num_classes: int | None = None,
-                    drop_path_rate: float = 0.0) -> nn.Module:
+                    drop_path_rate: float = 0.0, **audio_overrides) -> nn.Module:
     """The PyTorch reference for a registered model name, in eval mode.
 
     ``convnext_tiny`` (and ``convnext_small``, the stem variants): the authors' audio ConvNeXt;
     ``convnext_tiny_imagenet`` / ``convnext_small_imagenet``: the ImageNet ConvNeXt with
     ``naming='facebookresearch'`` keys or ``naming='timm'`` (``timm.create_model``); ``cnn14``, ``cnn6``.
+    ``audio_overrides`` (``depths``, ``dims``) change an audio ConvNeXt's size, e.g. a tiny one for tests.
     """
+    if audio_overrides and name not in _AUDIO_CONVNEXT:
+        raise ValueError(f"{sorted(audio_overrides)} apply to the audio ConvNeXt models only, not {name!r}")
     if name in _AUDIO_CONVNEXT:
         model = ReferenceConvNeXt(audio=True, num_classes=num_classes, drop_path_rate=drop_path_rate,
-                                  **_AUDIO_CONVNEXT[name])
+                                  **{**_AUDIO_CONVNEXT[name], **audio_overrides})
     elif name in ("convnext_tiny_imagenet", "convnext_small_imagenet"):
         depths = (3, 3, 9, 3) if name.startswith("convnext_tiny") else (3, 3, 27, 3)
         if naming == "timm":

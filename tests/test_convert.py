@@ -353,3 +353,23 @@ def test_python_dash_m_convert_reports_one_line(tmp_path):
                             cwd=pathlib.Path(__file__).parents[1], timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip() == "error: notes.pth is not a checkpoint: expected a PyTorch .pth/.pt (torch.save) or a .safetensors file"
+
+
+def test_reduced_audio_convnext_converts_with_model_config():
+    """The benchmark's tiny models: sizes no registered model has, named with ``model_config``."""
+    from convert.conversion import convert_state_dict
+
+    size = {"depths": (1, 1, 1, 1), "dims": (8, 16, 32, 64)}
+    reference = randomize_(build_reference("convnext_tiny", **size), seed=11)
+    state_dict = {k: v.detach().numpy().copy() for k, v in reference.state_dict().items()}
+    with pytest.raises(ValueError, match="neither Tiny"):  # unnamed: no registered model has this size
+        convert_state_dict(state_dict)
+    conversion = convert_state_dict(state_dict, "convnext_tiny", model_config=size)
+    assert conversion.model_config == size
+    waveform = (0.1 * np.random.default_rng(0).standard_normal((2, 32000))).astype(np.float32)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(waveform))["clipwise_output"].numpy()
+    out = flax_forward(create_model("convnext_tiny", **size), conversion.variables, waveform)
+    assert max_abs(out["probs"], expected) <= TOLERANCE
+    with pytest.raises(ValueError, match="audio ConvNeXt models only"):
+        build_reference("cnn6", dims=(8, 16, 32, 64))

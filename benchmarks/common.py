@@ -1,0 +1,119 @@
+"""Timing, memory and machine-description helpers shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import platform
+import re
+import statistics
+import threading
+import time
+from collections.abc import Callable
+
+import jax
+
+
+def timed_runs(run: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``run`` after ``warmup`` untimed ones (caches, allocator)."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def median_seconds(run: Callable[[], object], repeats: int) -> float:
+    return statistics.median(timed_runs(run, repeats))
+
+
+class RssPeak:
+    """Peak resident-set-size increase over the RSS at entry, sampled by a background thread.
+
+    ``resource.getrusage``'s ``ru_maxrss`` is a process-lifetime high-water mark, useless for the
+    second model in one process; sampling the current RSS gives a per-measurement peak (to within
+    the sampling interval). XLA and torch run their kernels without the GIL, so the sampler runs.
+    Memory freed by an earlier measurement and reused without growing the RSS is not counted, so
+    glibc's free heap is handed back to the system first.
+    """
+
+    def __init__(self, interval_s: float = 0.01):
+        import psutil
+
+        self._process = psutil.Process()
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self.peak_delta_bytes = 0
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            self.peak_delta_bytes = max(self.peak_delta_bytes, self._process.memory_info().rss - self._baseline)
+
+    def __enter__(self) -> RssPeak:
+        release_free_heap()
+        self._baseline = self._process.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_delta_bytes = max(self.peak_delta_bytes, self._process.memory_info().rss - self._baseline)
+
+
+def release_free_heap() -> None:
+    """glibc ``malloc_trim(0)``: returns freed heap pages to the system (a no-op elsewhere)."""
+    libc_name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(libc_name) if libc_name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def cpu_model_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_slug() -> str:
+    """``cpu-2core-xeon``, ``gpu-h100``, …: the accelerator (or CPU family) and, on CPU, the core count."""
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        name = cpu_model_name().lower()
+        family = next((f for f in ("epyc", "xeon", "ryzen", "core", "graviton", "neoverse", "apple") if f in name), None)
+        if family is None:
+            family = re.sub(r"[^a-z0-9]+", "-", name).strip("-").split("-")[0] or platform.machine().lower()
+        return f"cpu-{os.cpu_count()}core-{family}"
+    kind = device.device_kind.lower()
+    model = re.search(r"\b([a-z]{1,2}\d{2,4}[a-z]?)\b", kind)
+    count = len(jax.devices())
+    name = model.group(1) if model else re.sub(r"[^a-z0-9]+", "-", kind).strip("-")
+    return f"{device.platform}-{name}" + (f"x{count}" if count > 1 else "")
+
+
+def machine_description() -> dict:
+    import jaxlib
+
+    device = jax.devices()[0]
+    return {
+        "slug": machine_slug(),
+        "backend": jax.default_backend(),
+        "device_kind": device.device_kind,
+        "device_count": len(jax.devices()),
+        "cpu": cpu_model_name(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+    }

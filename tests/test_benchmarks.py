@@ -1,0 +1,76 @@
+"""benchmarks/run.py's machinery on a tiny configuration: the JSON and PNG it writes, not its timings."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from benchmarks import run
+
+pytest.importorskip("torch")
+
+HAS_AUDAX = importlib.util.find_spec("audax") is not None
+ROW_KEYS = {"mode", "model", "implementation", "dtype", "batch", "clip_seconds", "params", "times_s", "clips_per_s",
+            "peak_memory_mb", "memory_method"}
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    argv = ["--models", "convnext_tiny", "--tiny", "--seconds", "1", "--batch", "2", "--dtypes", "float32",
+            "--repeats", "1", "--no-compile", "--no-train", "--out-dir", str(out)]
+    if not HAS_AUDAX:
+        argv.append("--no-audax")
+    assert run.main(argv) == 0
+    written = sorted(p.name for p in out.iterdir())
+    json_files = [name for name in written if name.endswith(".json")]
+    assert len(json_files) == 1 and json_files[0].endswith("-tiny.json")
+    assert json_files[0].replace(".json", ".png") in written
+    png = (out / json_files[0].replace(".json", ".png")).read_bytes()
+    assert png.startswith(b"\x89PNG")
+    return json.loads((out / json_files[0]).read_text())
+
+
+def test_top_level_keys(result):
+    assert {"schema_version", "date", "machine", "settings", "rows", "ratios", "parity_max_abs_probs", "notes",
+            "published", "wall_s"} <= set(result)
+    assert {"slug", "backend", "device_kind", "cpu_count", "jax"} <= set(result["machine"])
+    assert result["settings"]["tiny"] and result["settings"]["batches"] == [2]
+    assert result["published"]["convnext_tiny"]["v100_clips_per_s"] == 153.6
+
+
+def test_ours_and_torch_rows(result):
+    by_impl = {row["implementation"]: row for row in result["rows"]}
+    ours, torch_eager = by_impl["ours"], by_impl["torch-eager"]
+    for row in (ours, torch_eager):
+        assert "error" not in row
+        assert ROW_KEYS <= set(row)
+        assert len(row["times_s"]) == 1 and row["clips_per_s"] > 0
+    assert {"gflops_per_clip", "compile_s", "xla_temp_mb", "max_abs_diff_vs_torch_fp32"} <= set(ours)
+    assert ours["gflops_per_clip"] > 0
+    assert ours["params"] == torch_eager["params"]
+    # Same converted weights on both sides: the tiny model agrees like the full one.
+    assert ours["max_abs_diff_vs_torch_fp32"] < 1e-4
+    assert result["parity_max_abs_probs"]["convnext_tiny"]["float32/batch2"] == ours["max_abs_diff_vs_torch_fp32"]
+    assert "torch-compile" not in by_impl
+
+
+def test_ratios(result):
+    (entry,) = result["ratios"]
+    assert entry["model"] == "convnext_tiny" and entry["ours_over_torch_eager"] > 0
+    if HAS_AUDAX:
+        assert entry["ours_over_audax_paper_input"] > 0 and entry["ours_over_audax_own_input"] > 0
+
+
+def test_audax_rows(result):
+    if not HAS_AUDAX:
+        pytest.skip("audax is not installed (pip install --no-deps audax==0.0.3)")
+    rows = {row["implementation"]: row for row in result["rows"] if row["implementation"].startswith("audax")}
+    assert set(rows) == {"audax-own-input", "audax-paper-input"}
+    for row in rows.values():
+        assert "error" not in row and row["clips_per_s"] > 0 and row["gflops_per_clip"] > 0
+    # 1 s: 16 000 samples at hop 160 → 104 frames of 64 mels; ours: 1 + 32 000 / 320 = 101 frames of 224 mels.
+    assert rows["audax-own-input"]["input_frames"] == [104, 64]
+    assert rows["audax-paper-input"]["input_frames"] == [101, 224]
