@@ -36,7 +36,7 @@ def test_decorator_forms_and_override():
     def double(x):
         return 2 * x
 
-    @xla.jit(static_argnums=1, compiler_options={"xla_cpu_use_onednn": False})
+    @xla.jit(static_argnums=1, compiler_options={"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"})
     def scale(x, factor):
         return factor * x
 
