@@ -56,7 +56,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RssPeak, machine_description, timed_runs  # noqa: E402
 from convnext_audio_jax import xla  # noqa: E402
-from convnext_audio_jax.frontend import FrontendConfig, log_mel_spectrogram  # noqa: E402
+from convnext_audio_jax.frontend import log_mel_spectrogram  # noqa: E402
 from convnext_audio_jax.models import (  # noqa: E402
     AudioConvNeXt,
     count_params,

@@ -3,7 +3,6 @@ random weights and non-trivial BatchNorm statistics, saved in the original check
 converted through the command, and compared on real recordings and noise."""
 
 import importlib.util
-import json
 import pathlib
 import subprocess
 import sys

@@ -17,8 +17,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convnext_audio_jax.frontend import FrontendConfig, log_mel_spectrogram
-from convnext_audio_jax.models.layers import DepthwiseConv, DepthwiseImpl, DropPath, Dtype, default_kernel_init
+from convnext_audio_jax.frontend import FrontendConfig
+from convnext_audio_jax.models.layers import (
+    DepthwiseConv,
+    DepthwiseImpl,
+    DropPath,
+    Dtype,
+    default_kernel_init,
+    normalised_log_mel,
+)
 
 LN_EPS = 1e-6
 
@@ -148,21 +155,11 @@ class AudioConvNeXt(nn.Module):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
-    def log_mel(self, waveform: jax.Array) -> jax.Array:
-        """(B, samples) → (B, frames, mels) log-mel in dB, always float32."""
-        return log_mel_spectrogram(waveform, self.frontend)
-
     @nn.compact
     def __call__(self, waveform: jax.Array, train: bool = False, logmel_hook: LogMelHook | None = None) -> dict[str, Any]:
         if self.stem not in STEM_VARIANTS:
             raise ValueError(f"unknown stem {self.stem!r}; expected one of {sorted(STEM_VARIANTS)}")
-        x = self.log_mel(waveform)
-        # bn0 normalises each mel bin with statistics over (batch, time), in float32. Under a
-        # data-sharded jit the batch mean is global, so the statistics are synchronised.
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=jnp.float32, param_dtype=self.param_dtype, name="bn0")(x)
-        if train and logmel_hook is not None:
-            x = logmel_hook(x)
-        x = x[..., None].astype(self.dtype or jnp.float32)
+        x = normalised_log_mel(waveform, self.frontend, train, logmel_hook, self.dtype, self.param_dtype)
         stem = STEM_VARIANTS[self.stem]
         frames = ConvNeXtTrunk(
             depths=self.depths,

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any, Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from convnext_audio_jax.frontend import FrontendConfig, log_mel_spectrogram
 
 Dtype = Any
 DepthwiseImpl = Literal["auto", "xla", "shift"]
@@ -155,6 +158,42 @@ class DepthwiseConv(nn.Module):
             bias = self.param("bias", nn.initializers.zeros, (out_channels,), self.param_dtype)
             y = y + bias.astype(dtype)
         return y
+
+
+# BatchNorm as torch's defaults (eps 1e-5, momentum 0.1 = Flax momentum 0.9), two-pass variance.
+BN_EPS = 1e-5
+BN_MOMENTUM = 0.9
+
+
+def batch_norm(train: bool, dtype: Dtype | None, param_dtype: Dtype, name: str) -> nn.BatchNorm:
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=BN_MOMENTUM,
+        epsilon=BN_EPS,
+        use_fast_variance=False,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+    )
+
+
+def normalised_log_mel(
+    waveform: jax.Array,
+    frontend: FrontendConfig,
+    train: bool,
+    logmel_hook: Callable[[jax.Array], jax.Array] | None,
+    dtype: Dtype | None,
+    param_dtype: Dtype,
+) -> jax.Array:
+    """The audio models' input stage, called inside their ``compact`` ``__call__``: log-mel,
+    then ``bn0`` over the mel bins (statistics over batch and time, in float32: under a
+    data-sharded jit the batch mean is global, so they are synchronised across devices), then in
+    training the augmentation hook (SpecAugment, mixup). Returns (B, T, F, 1) in ``dtype``."""
+    x = log_mel_spectrogram(waveform, frontend)
+    x = batch_norm(train, jnp.float32, param_dtype, "bn0")(x)
+    if train and logmel_hook is not None:
+        x = logmel_hook(x)
+    return x[..., None].astype(dtype or jnp.float32)
 
 
 class DropPath(nn.Module):

@@ -32,27 +32,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from convnext_audio_jax.frontend import FrontendConfig, log_mel_spectrogram
+from convnext_audio_jax.frontend import FrontendConfig
 from convnext_audio_jax.models.convnext import LogMelHook, _dense, _layer_norm
-from convnext_audio_jax.models.layers import DepthwiseConv, DepthwiseImpl, Dtype
-
-BN_EPS = 1e-5
-BN_MOMENTUM = 0.9  # torch momentum 0.1
+from convnext_audio_jax.models.layers import DepthwiseConv, DepthwiseImpl, Dtype, batch_norm, normalised_log_mel
 
 # PANNs initialise convolutions and dense layers with Xavier-uniform, biases with zeros.
 pann_kernel_init = nn.initializers.xavier_uniform()
 
-
-def _batch_norm(train: bool, dtype, param_dtype, name: str) -> nn.BatchNorm:
-    return nn.BatchNorm(
-        use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPS, dtype=dtype, param_dtype=param_dtype, name=name
-    )
-
-
 def _avg_pool(x: jax.Array, pool: tuple[int, int]) -> jax.Array:
     """Average pooling with stride = window and floor, as torch's ``avg_pool2d(x, pool)``."""
     return nn.avg_pool(x, pool, strides=pool, padding="VALID") if pool != (1, 1) else x
-
 
 class PannConvBlock(nn.Module):
     """[Conv k×k (no bias, 'same') → BN → ReLU] × ``num_convs`` → avg-pool. With ``depthwise_second``
@@ -92,9 +81,8 @@ class PannConvBlock(nn.Module):
                     kernel_init=pann_kernel_init,
                     name=f"conv{i}",
                 )
-            x = nn.relu(_batch_norm(train, self.dtype, self.param_dtype, f"bn{i}")(conv(x)))
+            x = nn.relu(batch_norm(train, self.dtype, self.param_dtype, f"bn{i}")(conv(x)))
         return _avg_pool(x, self.pool)
-
 
 class NextBlock(nn.Module):
     """CNN6Next block: 7×7 conv (depthwise with multiplier K, or a plain conv on one input channel)
@@ -124,7 +112,6 @@ class NextBlock(nn.Module):
         x = _dense(self.features, self.dtype, self.param_dtype, "pwconv2")(x)
         return _avg_pool(x, self.pool)
 
-
 class PannCNN(nn.Module):
     """A PANN-style CNN: waveform (B, samples) → dict of outputs.
 
@@ -145,10 +132,6 @@ class PannCNN(nn.Module):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
-    def log_mel(self, waveform: jax.Array) -> jax.Array:
-        """(B, samples) → (B, frames, mels) log-mel in dB, always float32."""
-        return log_mel_spectrogram(waveform, self.frontend)
-
     def _block(self, index: int, features: int, pool: tuple[int, int]) -> nn.Module:
         common = dict(depthwise_impl=self.depthwise_impl, dtype=self.dtype, param_dtype=self.param_dtype)
         name = f"conv_block{index}"
@@ -163,12 +146,7 @@ class PannCNN(nn.Module):
             raise ValueError(f"unknown block {self.block!r}; expected 'conv3x3', 'sep3x3', 'conv5x5' or 'next'")
         if len(self.channels) != len(self.pools):
             raise ValueError(f"channels {tuple(self.channels)} and pools {tuple(self.pools)} must have the same length")
-        x = self.log_mel(waveform)
-        # bn0 normalises each mel bin with statistics over (batch, time), in float32.
-        x = _batch_norm(train, jnp.float32, self.param_dtype, "bn0")(x)
-        if train and logmel_hook is not None:
-            x = logmel_hook(x)
-        x = x[..., None].astype(self.dtype or jnp.float32)
+        x = normalised_log_mel(waveform, self.frontend, train, logmel_hook, self.dtype, self.param_dtype)
         for index, (features, pool) in enumerate(zip(self.channels, self.pools), start=1):
             x = self._block(index, features, pool)(x, train)
             x = nn.Dropout(self.block_dropout, deterministic=not train)(x)
@@ -185,7 +163,6 @@ class PannCNN(nn.Module):
             "scene_embedding": embedding.astype(jnp.float32),
             "frame_embeddings": frames,
         }
-
 
 CNN14 = dict(channels=(64, 128, 256, 512, 1024, 2048), pools=((2, 2),) * 5 + ((1, 1),), block="conv3x3")
 CNN14_SEP = {**CNN14, "block": "sep3x3"}
