@@ -1,0 +1,109 @@
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import soundfile
+
+from convnext_audio_jax.data import audio
+from data_helpers import tone
+
+
+def dominant_frequency(clip: np.ndarray, sample_rate: int = audio.SAMPLE_RATE) -> float:
+    spectrum = np.abs(np.fft.rfft(clip.astype(np.float64)))
+    return float(np.argmax(spectrum) * sample_rate / clip.size)
+
+
+def test_stereo_44k_is_downmixed_resampled_and_padded(tmp_path):
+    left = tone(3.0, 44_100, 1000.0)[:, 0]
+    stereo = np.stack([left, left * 0.5], axis=1)
+    path = tmp_path / "a.wav"
+    soundfile.write(path, stereo, 44_100, subtype="FLOAT")
+    clip = audio.load_clip(path)
+    assert clip.dtype == np.int16 and clip.shape == (audio.CLIP_SAMPLES,)
+    voiced = clip[: 3 * audio.SAMPLE_RATE - 100]
+    assert dominant_frequency(voiced) == pytest.approx(1000.0, abs=1.0)
+    # mean of the channels: amplitude 0.5 · 0.75
+    assert np.abs(voiced).max() / audio.INT16_SCALE == pytest.approx(0.375, abs=0.01)
+    assert not clip[3 * audio.SAMPLE_RATE + 100 :].any()  # zero padding after 3 s
+
+
+def test_long_clip_keeps_the_first_ten_seconds(tmp_path):
+    signal = np.concatenate([tone(10.0, 32_000, 440.0), tone(2.0, 32_000, 3000.0)])
+    path = tmp_path / "long.flac"
+    soundfile.write(path, signal, 32_000)
+    clip = audio.load_clip(path)
+    assert dominant_frequency(clip) == pytest.approx(440.0, abs=0.5)
+    reference = audio.to_int16(signal[: audio.CLIP_SAMPLES, 0])
+    assert np.abs(clip.astype(int) - reference).max() <= 1  # FLAC 16-bit quantisation only
+
+
+def test_int16_conversion_clips_like_panns():
+    np.testing.assert_array_equal(audio.to_int16(np.array([-2.0, -1.0, 0.5, 1.0, 3.0])),
+                                  [-32767, -32767, 16383, 32767, 32767])
+    assert audio.int16_to_float(np.array([32767], dtype=np.int16))[0] == 1.0
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("missing", audio.MISSING),
+    ("garbage", audio.UNREADABLE),
+    ("no_frames", audio.EMPTY),
+    ("silent", audio.EMPTY),
+    ("nan", audio.NON_FINITE),
+    ("short", audio.TOO_SHORT),
+])
+def test_unusable_clips_fail_with_a_reason(tmp_path, case, reason):
+    path = tmp_path / f"{case}.wav"
+    if case == "garbage":
+        path.write_bytes(b"RIFF\x00\x00not really a wave file" * 10)
+    elif case == "no_frames":
+        soundfile.write(path, np.zeros((0, 1), np.float32), 16_000)
+    elif case == "silent":
+        soundfile.write(path, np.zeros(48_000, np.float32), 16_000)
+    elif case == "nan":
+        signal = tone(2.0, 16_000, 300.0)
+        signal[100] = np.nan
+        soundfile.write(path, signal, 16_000, subtype="FLOAT")  # PCM_16 would turn NaN into a number
+    elif case == "short":
+        soundfile.write(path, tone(0.2, 16_000, 300.0), 16_000)
+    with pytest.raises(audio.ClipError) as error:
+        audio.load_clip(path, clip_id=f"id-{case}")
+    assert error.value.reason == reason
+    assert error.value.clip_id == f"id-{case}"
+
+
+def test_min_seconds_is_configurable(tmp_path):
+    path = tmp_path / "short.wav"
+    soundfile.write(path, tone(0.2, 16_000, 300.0), 16_000)
+    assert audio.load_clip(path, min_seconds=0.1).any()
+
+
+def test_freedesktop_ogg_recordings_decode(freedesktop_recordings):
+    for path in freedesktop_recordings[:5]:
+        clip = audio.load_clip(path, min_seconds=0.05)
+        assert clip.shape == (audio.CLIP_SAMPLES,) and clip.dtype == np.int16
+        assert np.abs(clip).max() > 100, f"{path.name} decoded to near silence"
+
+
+def test_espeak_speech_at_22k_is_resampled(tmp_path):
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+    path = tmp_path / "speech.wav"
+    subprocess.run(["espeak-ng", "-w", str(path), "front left, rear right"], check=True, capture_output=True)
+    info = soundfile.info(path)
+    clip = audio.load_clip(path, min_seconds=0.5)
+    expected_samples = int(info.frames / info.samplerate * audio.SAMPLE_RATE)
+    assert np.abs(clip[: expected_samples - 2000]).max() > 1000
+    assert not clip[expected_samples + 200 :].any()
+
+
+def test_sox_made_long_ogg_is_cropped(tmp_path):
+    if shutil.which("sox") is None:
+        pytest.skip("sox is not installed (apt-get install sox)")
+    path = tmp_path / "chirp.ogg"
+    subprocess.run(["sox", "-n", "-r", "48000", "-c", "2", str(path), "synth", "25", "sine", "300:3000"],
+                   check=True, capture_output=True)
+    clip = audio.load_clip(path)
+    assert clip.shape == (audio.CLIP_SAMPLES,)
+    # 10 s of a 25 s linear chirp from 300 Hz ends near 300 + 2700·10/25 = 1380 Hz
+    assert dominant_frequency(clip[-32_000:]) == pytest.approx(1380.0, abs=40.0)
