@@ -220,7 +220,10 @@ def one_cycle(start: float, peak: float, end: float, total_steps: int, warmup_fr
         raise ConfigError(f"total_steps {total_steps} is too short for a one-cycle schedule peaking at {warmup_fraction:.0%}")
 
     def cosine(a, b, fraction):
-        return b + (a - b) / 2.0 * (jnp.cos(jnp.pi * fraction) + 1.0)
+        # torch's b + (a - b)/2·(cos(π·f) + 1) as a weighted mean with weight cos²(π·f/2): the same value,
+        # but exact at both ends and without float32 cancellation near f = 1.
+        weight = jnp.cos(jnp.pi / 2.0 * fraction) ** 2
+        return a * weight + b * (1.0 - weight)
 
     def schedule(count):
         step = jnp.asarray(count, jnp.float32)

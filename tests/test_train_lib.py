@@ -1,0 +1,302 @@
+"""Training: schedule, decay mask, sharded step == one-device step, kill/resume bit-identity, NaN stop,
+configs, and the demo run's validation mAP (slow)."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import traverse_util
+
+from convnext_audio_jax import train_lib
+from convnext_audio_jax.data import demo
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.py"))
+
+TINY_CONFIG = f"""
+from configs.demo import get_config as demo_config
+
+
+def get_config():
+    config = demo_config()
+    config.model.overrides.dims = (8, 16, 32, 64)
+    config.data.demo_train_clips = 256
+    config.data.demo_val_clips = 32
+    config.batch_size = 16
+    config.eval_batch_size = 32
+    config.total_steps = 24
+    config.checkpoint_every = 4
+    config.eval_every = 24
+    config.log_every = 1
+    config.progress_bar = False
+    return config
+"""
+
+
+def tiny_config() -> ml_collections.ConfigDict:
+    namespace: dict = {}
+    exec(TINY_CONFIG, namespace)
+    return namespace["get_config"]()
+
+
+@pytest.fixture(scope="module")
+def tiny_config_file(tmp_path_factory) -> pathlib.Path:
+    path = tmp_path_factory.mktemp("configs") / "tiny.py"
+    path.write_text(TINY_CONFIG)
+    return path
+
+
+def read_checkpoint_params(workdir: pathlib.Path, step: int) -> dict:
+    restored = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
+    return traverse_util.flatten_dict(restored["params"], sep="/")
+
+
+# ------------------------------------------------------------------------------------------- schedule
+
+
+def test_one_cycle_schedule_matches_torch_one_cycle_lr():
+    torch = pytest.importorskip("torch")
+    total = 200
+    config = train_lib.default_config().optimizer
+    lr = train_lib.learning_rate_schedule(config, total)
+    beta1 = train_lib.one_cycle(0.95, 0.85, 0.95, total, 0.3)
+
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([parameter], lr=4e-3)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=4e-3, total_steps=total)
+    torch_lr, torch_beta1 = [], []
+    for _ in range(total):
+        torch_lr.append(optimizer.param_groups[0]["lr"])
+        torch_beta1.append(optimizer.param_groups[0]["betas"][0])
+        optimizer.step()
+        scheduler.step()
+    steps = jnp.arange(total)
+    np.testing.assert_allclose(np.asarray(lr(steps)), torch_lr, rtol=2e-5, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(beta1(steps)), torch_beta1, rtol=1e-6)
+
+
+def test_schedule_values_at_start_peak_and_end():
+    total = 75_000
+    lr = train_lib.learning_rate_schedule(train_lib.default_config().optimizer, total)
+    start = 4e-3 / 25
+    assert float(lr(0)) == pytest.approx(start, rel=1e-6)
+    assert float(lr(int(0.3 * total) - 1)) == pytest.approx(4e-3, rel=1e-6)  # the peak, at 30 % (22.5k steps)
+    assert float(lr(int(0.3 * total))) == pytest.approx(4e-3, rel=1e-6)
+    assert float(lr(total - 1)) == pytest.approx(start / 1e4, rel=1e-4)
+    assert float(lr(total // 2)) < 4e-3
+
+
+# ------------------------------------------------------------------------------------------ optimizer
+
+
+def test_weight_decay_mask_covers_exactly_the_multi_axis_params():
+    config = tiny_config()
+    model = train_lib.build_model(config, num_classes=demo.NUM_CLASSES)
+    params = train_lib.init_variables(model, jax.random.key(0))["params"]
+    mask = traverse_util.flatten_dict(train_lib.weight_decay_mask(params), sep="/")
+    flat = traverse_util.flatten_dict(params, sep="/")
+    decayed = {path for path, on in mask.items() if on}
+    assert decayed == {path for path in flat if path.endswith("/kernel")}
+    assert "trunk/stage0_block0/dwconv/kernel" in decayed
+    for one_dimensional in ("bn0/scale", "bn0/bias", "trunk/stage0_block0/gamma", "head/bias", "head_norm/scale",
+                            "trunk/stem_norm/bias", "trunk/stage2_block0/pwconv1/bias"):
+        assert one_dimensional in flat and one_dimensional not in decayed
+
+    # With zero gradients AdamW only decays: kernels shrink by lr·wd, every 1-D parameter stays put.
+    tx = train_lib.make_optimizer(config.optimizer, 100, params)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    new = traverse_util.flatten_dict(optax.apply_updates(params, updates), sep="/")
+    lr = 4e-3 / 25
+    for path, value in flat.items():
+        expected = value * (1 - lr * 0.05) if path in decayed else value
+        np.testing.assert_allclose(new[path], expected, rtol=1e-6, atol=0, err_msg=path)
+
+
+def test_batch_layout_accumulates_when_devices_fall_short():
+    config = train_lib.default_config()
+    assert train_lib.batch_layout(config, 8) == (1, 512)  # 8 devices x 64 = 512
+    assert train_lib.batch_layout(config, 2) == (4, 512)  # 2 devices x 64, 4 micro-batches
+    config.per_device_batch_size = 48
+    with pytest.raises(train_lib.ConfigError, match="not a multiple of devices"):
+        train_lib.batch_layout(config, 8)
+
+
+# ----------------------------------------------------------------------------------------------- step
+
+
+def _one_step(config, mesh, state_seed=0):
+    model = train_lib.build_model(config, num_classes=demo.NUM_CLASSES)
+    params_shape = jax.eval_shape(lambda: train_lib.init_variables(model, jax.random.key(0))["params"])
+    tx = train_lib.make_optimizer(config.optimizer, config.total_steps, params_shape)
+    state = train_lib.init_train_state(model, tx, state_seed, mesh)
+    step = train_lib.make_train_step(model, tx, train_lib.augment_config(config), 1, mesh)
+    source = demo.SyntheticAudioSet("train", 32, sample_rate=16_000, clip_seconds=1.0)
+    clips = [source[i] for i in range(32)]  # 16 examples, 32 rows: mixup pairs
+    batch = {"waveform": np.stack([c["waveform"] for c in clips]), "target": np.stack([c["target"] for c in clips])}
+    initial = jax.device_get(state.params)
+    state, metrics = step(state, train_lib.global_batch(batch, mesh))
+    return initial, jax.device_get(state), jax.device_get(metrics)
+
+
+def test_sharded_step_equals_one_device_step():
+    """Data parallelism changes nothing: bn0 statistics, loss and gradients are over the global batch, and
+    every example draws its own augmentation whatever device holds it."""
+    config = tiny_config()
+    config.model.overrides.dims = (8, 16, 32, 64)
+    assert jax.device_count() == 8
+    initial, state8, metrics8 = _one_step(config, train_lib.make_data_mesh())
+    _, state1, metrics1 = _one_step(config, train_lib.make_data_mesh(jax.devices()[:1]))
+    assert float(metrics8["loss"]) == pytest.approx(float(metrics1["loss"]), rel=1e-6)
+    assert float(metrics8["grad_norm"]) == pytest.approx(float(metrics1["grad_norm"]), rel=1e-4)
+    flat8 = traverse_util.flatten_dict(state8.params, sep="/")
+    flat1 = traverse_util.flatten_dict(state1.params, sep="/")
+    moved = max(float(np.max(np.abs(flat8[k] - v))) for k, v in traverse_util.flatten_dict(initial, sep="/").items())
+    assert moved > 1e-5  # the step did update the parameters
+    for path, value in flat8.items():
+        np.testing.assert_allclose(value, flat1[path], rtol=1e-5, atol=1e-8, err_msg=path)
+    for path, value in traverse_util.flatten_dict(state8.batch_stats, sep="/").items():
+        np.testing.assert_allclose(value, traverse_util.flatten_dict(state1.batch_stats, sep="/")[path],
+                                   rtol=1e-5, atol=1e-6, err_msg=path)
+    assert int(state8.step) == int(state1.step) == 1
+
+
+def test_transplant_params_takes_matching_names_and_shapes():
+    target = {"bn0": {"scale": np.zeros(4)}, "trunk": {"stem": {"kernel": np.zeros((4, 4, 1, 8))},
+                                                       "block": {"kernel": np.zeros((2, 3))}},
+              "head": {"kernel": np.zeros((8, 10))}}
+    source = {"trunk": {"stem": {"kernel": np.ones((4, 4, 3, 8))}, "block": {"kernel": np.ones((2, 3))}},
+              "head": {"kernel": np.ones((8, 1000))}}
+    merged, loaded, kept = train_lib.transplant_params(target, source)
+    assert loaded == ["trunk/block/kernel"]
+    assert merged["trunk"]["block"]["kernel"].sum() == 6 and merged["head"]["kernel"].sum() == 0
+    assert any(k.startswith("trunk/stem/kernel (shape") for k in kept) and "bn0/scale (not in the checkpoint)" in kept
+    _, loaded, kept = train_lib.transplant_params(target, source, exclude=("trunk/block",))
+    assert loaded == [] and "trunk/block/kernel (excluded)" in kept
+
+
+# ----------------------------------------------------------------------------------- resume and NaN
+
+
+def test_killed_and_resumed_run_is_bit_identical(tiny_config_file, tmp_path):
+    config = tiny_config()
+    uninterrupted = tmp_path / "uninterrupted"
+    train_lib.train(config, uninterrupted)
+
+    resumed = tmp_path / "resumed"
+    command = [sys.executable, str(REPO / "train.py"), f"--config={tiny_config_file}", f"--workdir={resumed}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    checkpoints = resumed / "checkpoints"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir()):
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()[-2000:]
+    killed_at = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+    assert killed_at < config.total_steps
+
+    train_lib.train(config, resumed)
+    final_a = read_checkpoint_params(uninterrupted, config.total_steps)
+    final_b = read_checkpoint_params(resumed, config.total_steps)
+    for path, value in final_a.items():
+        np.testing.assert_array_equal(value, final_b[path], err_msg=path)
+
+    def losses(workdir):
+        lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+        return {line["step"]: line["train_loss"] for line in lines if "train_loss" in line}
+
+    after_resume = {s: v for s, v in losses(resumed).items() if s > killed_at}
+    assert after_resume and all(losses(uninterrupted)[s] == v for s, v in after_resume.items())
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    config = tiny_config()
+    config.total_steps = 4
+    config.checkpoint_every = 2
+    config.eval_every = 100
+    train_lib.train(config, tmp_path)
+    good = read_checkpoint_params(tmp_path, 4)
+
+    config.total_steps = 8
+    config.checkpoint_every = 1  # the NaN step is itself a checkpoint step: it must not be saved
+    monkeypatch.setattr(train_lib, "classification_loss", lambda logits, targets: jnp.full((), jnp.nan))
+    with pytest.raises(train_lib.NonFiniteLossError,
+                       match=r"non-finite training loss at step 5 .*last good checkpoint: step 4"):
+        train_lib.train(config, tmp_path)
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == 4
+    kept = read_checkpoint_params(tmp_path, 4)
+    for path, value in good.items():
+        assert np.isfinite(kept[path]).all()
+        np.testing.assert_array_equal(value, kept[path], err_msg=path)
+
+
+# -------------------------------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_config_files_load_validate_and_document_themselves(path):
+    namespace: dict = {"__name__": path.stem}
+    exec(compile(path.read_text(), str(path), "exec"), namespace)
+    config = namespace["get_config"]()
+    train_lib.validate_config(config, num_devices=8)
+    doc = namespace["__doc__"]
+    assert f"python train.py --config configs/{path.name}" in doc
+    if path.stem != "demo":
+        assert "mAP" in doc
+    try:
+        train_lib.build_model(config, num_classes=527)
+    except train_lib.ConfigError as error:  # PANN CNNs are registered by another module
+        assert "unknown model" in str(error) and config.model.name.startswith("cnn")
+
+
+def test_bad_config_gives_a_one_line_error():
+    config = tiny_config()
+    config.data.source = "nowhere"
+    with pytest.raises(train_lib.ConfigError, match="data.source must be one of") as error:
+        train_lib.validate_config(config, 8)
+    assert "\n" not in str(error.value)
+    config = tiny_config()
+    config.eval_batch_size = 12
+    with pytest.raises(train_lib.ConfigError, match="eval_batch_size 12"):
+        train_lib.validate_config(config, 8)
+
+
+# ----------------------------------------------------------------------------------------------- demo
+
+
+def test_demo_source_is_deterministic_and_multi_label():
+    a = demo.SyntheticAudioSet("train", 64)
+    b = demo.SyntheticAudioSet("train", 64)
+    val = demo.SyntheticAudioSet("validation", 64)
+    np.testing.assert_array_equal(a[7]["waveform"], b[7]["waveform"])
+    assert not np.array_equal(a[7]["waveform"], val[7]["waveform"])
+    assert a.targets.shape == (64, demo.NUM_CLASSES) and 1 <= a.targets.sum(1).min() and a.targets.sum(1).max() <= 3
+    np.testing.assert_array_equal(a[7]["target"], a.targets[7])
+    assert a[0]["waveform"].dtype == np.int16 and a[0]["waveform"].shape == (16_000,)
+
+
+@pytest.mark.slow
+def test_demo_config_reaches_validation_map(tmp_path):
+    namespace: dict = {}
+    exec((REPO / "configs" / "demo.py").read_text(), namespace)
+    config = namespace["get_config"]()
+    config.progress_bar = False
+    start = time.perf_counter()
+    result = train_lib.train(config, tmp_path)
+    print(f"demo: validation mAP {result['val_mAP']:.4f} in {time.perf_counter() - start:.0f} s")
+    assert result["val_mAP"] >= 0.95
