@@ -93,6 +93,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.total_steps = 75_000
 
     config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.schedule = "one_cycle"  # or "constant" (peak_learning_rate throughout, as PANNs)
     config.optimizer.peak_learning_rate = 4e-3
     config.optimizer.warmup_fraction = 0.3
     config.optimizer.initial_div_factor = 25.0  # start lr = peak / 25 (torch OneCycleLR div_factor)
@@ -157,6 +158,8 @@ def validate_config(config, num_devices: int) -> None:
             raise ConfigError(f"{key} must be >= 1; got {config[key]}")
     if config.eval_batch_size < 1 or config.eval_batch_size % num_devices:
         raise ConfigError(f"eval_batch_size {config.eval_batch_size} must be a positive multiple of the {num_devices} devices")
+    if config.optimizer.schedule not in ("one_cycle", "constant"):
+        raise ConfigError(f"optimizer.schedule must be 'one_cycle' or 'constant'; got {config.optimizer.schedule!r}")
     if not 0.0 < config.optimizer.warmup_fraction < 1.0:
         raise ConfigError(f"optimizer.warmup_fraction must be in (0, 1); got {config.optimizer.warmup_fraction}")
     if config.optimizer.peak_learning_rate <= 0:
@@ -235,6 +238,8 @@ def one_cycle(start: float, peak: float, end: float, total_steps: int, warmup_fr
 
 
 def learning_rate_schedule(optimizer_config, total_steps: int) -> optax.Schedule:
+    if optimizer_config.schedule == "constant":
+        return optax.constant_schedule(optimizer_config.peak_learning_rate)
     start = optimizer_config.peak_learning_rate / optimizer_config.initial_div_factor
     return one_cycle(start, optimizer_config.peak_learning_rate, start / optimizer_config.final_div_factor,
                      total_steps, optimizer_config.warmup_fraction)

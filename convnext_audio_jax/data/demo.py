@@ -32,6 +32,7 @@ SPLITS = ("train", "validation")
 # Probabilities of 1, 2 and 3 sounds in a clip.
 _SOUNDS_PER_CLIP = (0.4, 0.4, 0.2)
 _LABEL_STREAM, _AUDIO_STREAM = 0, 1
+_CLICK_GAIN = 3.0
 
 
 class SyntheticAudioSet:
@@ -102,7 +103,9 @@ class SyntheticAudioSet:
         onset = int(rng.integers(0, n - length + 1))
         t = np.arange(length) / self.sample_rate
         sound = _SYNTHESISERS[class_id](rng, t, self.sample_rate)
-        sound = sound / (np.max(np.abs(sound)) + 1e-9) * rng.uniform(0.1, 0.3)
+        # Peak-normalised; clicks, short by nature, get a higher peak so their frames stand out as much.
+        peak = rng.uniform(0.1, 0.3) * (_CLICK_GAIN if class_id == CLASS_NAMES.index("clicks") else 1.0)
+        sound = sound / (np.max(np.abs(sound)) + 1e-9) * peak
         fade = min(length // 2, int(0.01 * self.sample_rate))
         envelope = np.ones(length)
         envelope[:fade] = np.linspace(0.0, 1.0, fade)
@@ -136,9 +139,10 @@ def _clicks(rng, t, sample_rate):
     signal = np.zeros(t.size)
     period = int(sample_rate / rng.uniform(5, 15))
     signal[int(rng.integers(0, period)) :: period] = 1.0
-    # Each click a short decaying burst, so it spreads over all frequencies.
-    burst = rng.normal(size=int(0.002 * sample_rate)) * np.exp(-np.arange(int(0.002 * sample_rate)) / 8.0)
-    return np.convolve(signal, burst, mode="same")
+    # Each click a 6 ms noise burst decaying in ~1.5 ms: broadband, and long enough to mark its STFT frame.
+    length = int(0.006 * sample_rate)
+    burst = rng.normal(size=length) * np.exp(-np.arange(length) / (0.0015 * sample_rate))
+    return np.convolve(signal, burst)[: t.size]
 
 
 def _buzz(rng, t, sample_rate):
