@@ -18,6 +18,7 @@ import numpy as np
 
 from convnext_audio_jax.frontend import FrontendConfig
 from convnext_audio_jax.models.convnext import AudioConvNeXt, ImageNetConvNeXt
+from convnext_audio_jax.models.panns import CNN6, CNN6_NEXT, CNN14, CNN14_SEP, PannCNN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,10 +108,16 @@ register_model(
     "convnext_small_imagenet", ImageNetConvNeXt, "ImageNet ConvNeXt-Small (224×224 RGB, 1000 classes)", depths=(3, 3, 27, 3)
 )
 
+register_model("cnn14", PannCNN, "PANN CNN14 (64 mels, 6 conv blocks)", **CNN14)
+register_model("cnn6", PannCNN, "PANN CNN6 (64 mels, 4 conv 5x5 blocks)", **CNN6)
+register_model("cnn14sep", PannCNN, "CNN14Sep: CNN14 with depthwise second convs (paper Table 1)", **CNN14_SEP)
+register_model("cnn6next", PannCNN, "CNN6Next: CNN6 with ConvNeXt-like blocks (paper Table 2)", **CNN6_NEXT)
+
 __all__ = [
     "AudioConvNeXt",
     "ImageNetConvNeXt",
     "ModelSpec",
+    "PannCNN",
     "count_params",
     "create_model",
     "example_input",

@@ -1,0 +1,106 @@
+"""Command line: ``python -m convert SOURCE OUTPUT_DIR`` (and ``convnext-audio convert``).
+
+``add_arguments`` and ``run`` are shared by both entry points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import pathlib
+import sys
+
+from convert.conversion import STEM_INITS, convert_state_dict, to_torch_state_dict
+from convert.files import ConversionError, load_torch_state_dict, read_labels, save_torch_state_dict
+from convert.layouts import LAYOUTS
+from convnext_audio_jax.checkpoint import CheckpointError, load_model, save_model
+from convnext_audio_jax.models import create_model
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("source", help="PyTorch checkpoint (.pth/.pt/.safetensors); with --to-torch a converted checkpoint directory")
+    parser.add_argument("output", help="output checkpoint directory; with --to-torch a .pth/.pt/.safetensors file")
+    parser.add_argument("--model", help="registered model name (default: the model the checkpoint holds; an audio "
+                        "ConvNeXt name with an ImageNet checkpoint gives the paper's ImageNet initialisation)")
+    parser.add_argument("--labels", help="AudioSet class_labels_indices.csv: class names stored in the metadata")
+    parser.add_argument("--num-classes", type=int, help="classifier size when it differs from the model's default (527 / 1000)")
+    parser.add_argument("--stem-init", choices=STEM_INITS, default="fresh",
+                        help="ImageNet init of an audio ConvNeXt: fresh stem conv (the paper) or the RGB kernel averaged to one channel")
+    parser.add_argument("--seed", type=int, default=0, help="seed of freshly initialised parts (ImageNet init)")
+    parser.add_argument("--allow-frontend-mismatch", action="store_true",
+                        help="convert even if the checkpoint's STFT/mel tensors differ from our front end (recorded in the metadata)")
+    parser.add_argument("--to-torch", action="store_true", help="convert a Flax checkpoint directory back to a PyTorch state dict")
+    parser.add_argument("--layout", choices=sorted(LAYOUTS), help="--to-torch key layout (default: the model's original one)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output")
+    return parser
+
+
+def file_sha256(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _to_flax(args) -> str:
+    source = pathlib.Path(args.source)
+    output = pathlib.Path(args.output)
+    if output.exists() and not (output.is_dir() and not any(output.iterdir())) and not args.overwrite:
+        raise ConversionError(f"output {output} exists and is not an empty directory (--overwrite replaces it)")
+    class_names = read_labels(args.labels) if args.labels else None
+    state_dict = load_torch_state_dict(source)
+    result = convert_state_dict(
+        state_dict,
+        args.model,
+        num_classes=args.num_classes,
+        stem_init=args.stem_init,
+        seed=args.seed,
+        allow_frontend_mismatch=args.allow_frontend_mismatch,
+    )
+    classes = result.model_config.get("num_classes") or _default_classes(result.model_name)
+    if class_names is not None and len(class_names) != classes:
+        raise ConversionError(f"{pathlib.Path(args.labels).name} lists {len(class_names)} classes, {result.model_name} has {classes}")
+    metadata = {
+        "source": {"file": source.name, "sha256": file_sha256(source), "layout": result.layout},
+        "conversion": result.notes,
+    }
+    if class_names is not None:
+        metadata["class_names"] = class_names
+    save_model(output, result.model_name, result.variables, metadata, result.model_config, overwrite=args.overwrite)
+    summary = f"converted {source.name} ({result.layout} layout) → {result.model_name} in {output}"
+    if "imagenet_init" in result.notes:
+        summary += f"; ImageNet init, fresh: {', '.join(result.notes['imagenet_init']['fresh'])}"
+    return summary
+
+
+def _default_classes(model_name: str) -> int:
+    return create_model(model_name).num_classes
+
+
+def _to_torch(args) -> str:
+    output = pathlib.Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise ConversionError(f"output {output} exists (--overwrite replaces it)")
+    model, variables, metadata = load_model(args.source)
+    state_dict = to_torch_state_dict(metadata["model"], variables, metadata["model_config"], args.layout)
+    save_torch_state_dict(state_dict, output)
+    return f"wrote {len(state_dict)} tensors of {metadata['model']} to {output}"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs a parsed command; a failure prints one line to stderr and returns 1, writing nothing."""
+    try:
+        print(_to_torch(args) if args.to_torch else _to_flax(args))
+    except (ConversionError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m convert",
+        description="Convert PyTorch ConvNeXt / PANN checkpoints to this project's Flax checkpoints (and back with --to-torch).",
+    )
+    return run(add_arguments(parser).parse_args(argv))

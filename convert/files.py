@@ -1,0 +1,141 @@
+"""Reading and writing PyTorch state dicts as numpy arrays.
+
+``.pth``/``.pt`` files are read with ``torch.load(weights_only=True)`` (never executing pickled
+code from a downloaded file); ``.safetensors`` with safetensors' numpy API, without torch. The
+format is told by the file's first bytes, not its name, so a mislabelled or foreign file gets a
+clear message.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import struct
+import tempfile
+from collections.abc import Mapping
+
+import numpy as np
+
+
+class ConversionError(ValueError):
+    """A checkpoint that cannot be converted; the message is one line saying what was expected."""
+
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTOCOL = 0x80  # legacy (non-zip) torch.save files start with a pickle PROTO opcode
+
+
+def _sniff_format(path: pathlib.Path) -> str:
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if head.startswith(_ZIP_MAGIC) or (head and head[0] == _PICKLE_PROTOCOL):
+        return "torch"
+    if len(head) >= 9 and head[8:9] == b"{":
+        (header_size,) = struct.unpack("<Q", head[:8])
+        if 0 < header_size <= path.stat().st_size - 8:
+            return "safetensors"
+        raise ConversionError(f"{path.name}: truncated safetensors file (header of {header_size} bytes, file of {path.stat().st_size})")
+    raise ConversionError(
+        f"{path.name} is not a checkpoint: expected a PyTorch .pth/.pt (torch.save) or a .safetensors file"
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _read_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
+    import torch  # only .pth/.pt files need torch
+
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError, … by case
+        raise ConversionError(
+            f"{path.name}: cannot read it as a PyTorch checkpoint (truncated or corrupt?): {_first_line(error)}"
+        ) from None
+    state_dict = _unwrap(loaded, path.name)
+    arrays = {}
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise ConversionError(f"{path.name}: entry {key!r} is a {type(value).__name__}, expected a tensor")
+        value = value.detach().cpu()
+        arrays[key] = (value.float() if value.is_floating_point() else value).numpy()
+    return arrays
+
+
+def _unwrap(loaded, name: str) -> Mapping:
+    """The state dict inside a torch.save'd object: the object itself or its 'model'/'state_dict' entry."""
+    if isinstance(loaded, Mapping):
+        for wrapper in ("model", "state_dict"):
+            if isinstance(loaded.get(wrapper), Mapping):
+                return loaded[wrapper]
+        if loaded and all(isinstance(k, str) for k in loaded):
+            return loaded
+    raise ConversionError(f"{name}: expected a state dict (or a dict holding one under 'model'), found {type(loaded).__name__}")
+
+
+def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    try:
+        arrays = load_file(str(path))
+    except Exception as error:  # SafetensorError on a damaged header or short data
+        raise ConversionError(f"{path.name}: cannot read it as a safetensors file (truncated or corrupt?): {_first_line(error)}") from None
+    return {k: v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v for k, v in arrays.items()}
+
+
+def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The state dict in a ``.pth``/``.pt``/``.safetensors`` file as numpy arrays (floats as float32)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConversionError(f"checkpoint file not found: {path}")
+    arrays = _read_torch(path) if _sniff_format(path) == "torch" else _read_safetensors(path)
+    if not arrays:
+        raise ConversionError(f"{path.name}: the state dict is empty")
+    return arrays
+
+
+def save_torch_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike) -> pathlib.Path:
+    """Writes a state dict as ``{"model": state_dict}`` with torch.save (``.pth``/``.pt``) or as
+    ``.safetensors``, through a temporary file renamed at the end."""
+    path = pathlib.Path(path).absolute()
+    if path.suffix not in (".pth", ".pt", ".safetensors"):
+        raise ConversionError(f"output {path.name}: expected a .pth, .pt or .safetensors file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.numpy import save_file
+
+            save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, staging)
+        else:
+            import torch
+
+            torch.save({"model": {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}}, staging)
+        os.replace(staging, path)
+    except BaseException:
+        pathlib.Path(staging).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_labels(path: str | os.PathLike) -> list[str]:
+    """Class names from AudioSet's ``class_labels_indices.csv`` (``index,mid,display_name``)."""
+    import csv
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConversionError(f"labels file not found: {path} (expected class_labels_indices.csv with index,mid,display_name)")
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    if not rows or [c.strip() for c in rows[0][:3]] != ["index", "mid", "display_name"]:
+        raise ConversionError(f"{path.name}: expected a CSV with header index,mid,display_name")
+    names = []
+    for line, row in enumerate(rows[1:], start=2):
+        if len(row) < 3 or not row[0].strip().isdigit() or int(row[0]) != len(names):
+            raise ConversionError(f"{path.name}, line {line}: expected 'index,mid,display_name' with index {len(names)}")
+        names.append(row[2])
+    return names
+
