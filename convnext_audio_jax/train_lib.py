@@ -47,7 +47,7 @@ from convnext_audio_jax import metrics as metrics_lib
 from convnext_audio_jax.augment import AugmentConfig, augment_waveform, mix_pairs, mixup_lambdas, spec_augment
 from convnext_audio_jax.data import demo, pipeline
 from convnext_audio_jax.frontend import FrontendConfig
-from convnext_audio_jax.models import create_model, get_spec
+from convnext_audio_jax.models import create_model, get_spec, init_variables
 
 logger = logging.getLogger(__name__)
 
@@ -292,12 +292,6 @@ def make_data_mesh(devices=None) -> jax.sharding.Mesh:
     """A one-axis 'data' mesh over ``devices`` (default: every device of every process)."""
     devices = list(devices if devices is not None else jax.devices())
     return jax.make_mesh((len(devices),), ("data",), devices=devices, axis_types=(jax.sharding.AxisType.Auto,))
-
-
-def init_variables(model: nn.Module, rng: jax.Array) -> dict:
-    """{'params', 'batch_stats'} of ``model`` for a 1 s input (parameter shapes do not depend on the length)."""
-    dummy = jnp.zeros((1, model.frontend.sample_rate), jnp.float32)
-    return nn.unbox(model.init({"params": rng}, dummy, train=False))
 
 
 def init_train_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, mesh) -> TrainState:
