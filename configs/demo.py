@@ -32,7 +32,7 @@ def get_config():
     config.batch_size = 32
     config.per_device_batch_size = 0
     config.eval_batch_size = 64
-    config.total_steps = 600
+    config.total_steps = 800
 
     config.optimizer.peak_learning_rate = 4e-3
     config.optimizer.weight_decay = 0.05

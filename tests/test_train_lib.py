@@ -4,6 +4,7 @@ configs, and the demo run's validation mAP (slow)."""
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -56,6 +57,28 @@ def tiny_config_file(tmp_path_factory) -> pathlib.Path:
     path = tmp_path_factory.mktemp("configs") / "tiny.py"
     path.write_text(TINY_CONFIG)
     return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """A persistent XLA cache for this module (and its subprocesses): the kill/resume runs compile the same
+    programs three times, which would otherwise dominate the module's run time on a small CPU."""
+    directory = str(tmp_path_factory.mktemp("xla_cache"))
+    saved = {name: getattr(jax.config, name) for name in
+             ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    yield directory
+    for name, value in saved.items():
+        jax.config.update(name, value)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory) -> pathlib.Path:
+    """The tiny config trained for its 24 steps without interruption."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    train_lib.train(tiny_config(), workdir)
+    return workdir
 
 
 def read_checkpoint_params(workdir: pathlib.Path, step: int) -> dict:
@@ -215,14 +238,13 @@ def test_init_from_a_converted_imagenet_checkpoint_loads_all_but_stem_and_head(t
 # ----------------------------------------------------------------------------------- resume and NaN
 
 
-def test_killed_and_resumed_run_is_bit_identical(tiny_config_file, tmp_path):
+def test_killed_and_resumed_run_is_bit_identical(tiny_config_file, uninterrupted_run, compilation_cache, tmp_path):
     config = tiny_config()
-    uninterrupted = tmp_path / "uninterrupted"
-    train_lib.train(config, uninterrupted)
-
+    uninterrupted = uninterrupted_run
     resumed = tmp_path / "resumed"
     command = [sys.executable, str(REPO / "train.py"), f"--config={tiny_config_file}", f"--workdir={resumed}"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_COMPILATION_CACHE_DIR": compilation_cache,
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     checkpoints = resumed / "checkpoints"
     deadline = time.monotonic() + 240
@@ -250,23 +272,20 @@ def test_killed_and_resumed_run_is_bit_identical(tiny_config_file, tmp_path):
     assert after_resume and all(losses(uninterrupted)[s] == v for s, v in after_resume.items())
 
 
-def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(uninterrupted_run, tmp_path, monkeypatch):
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted_run, workdir)  # a finished 24-step run, continued to 30 steps
+    good = read_checkpoint_params(workdir, 24)
     config = tiny_config()
-    config.total_steps = 4
-    config.checkpoint_every = 2
-    config.eval_every = 100
-    train_lib.train(config, tmp_path)
-    good = read_checkpoint_params(tmp_path, 4)
-
-    config.total_steps = 8
+    config.total_steps = 30
     config.checkpoint_every = 1  # the NaN step is itself a checkpoint step: it must not be saved
     monkeypatch.setattr(train_lib, "classification_loss", lambda logits, targets: jnp.full((), jnp.nan))
     with pytest.raises(train_lib.NonFiniteLossError,
-                       match=r"non-finite training loss at step 5 .*last good checkpoint: step 4"):
-        train_lib.train(config, tmp_path)
-    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps[-1] == 4
-    kept = read_checkpoint_params(tmp_path, 4)
+                       match=r"non-finite training loss at step 25 .*last good checkpoint: step 24"):
+        train_lib.train(config, workdir)
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == 24
+    kept = read_checkpoint_params(workdir, 24)
     for path, value in good.items():
         assert np.isfinite(kept[path]).all()
         np.testing.assert_array_equal(value, kept[path], err_msg=path)
@@ -286,7 +305,10 @@ def test_config_files_load_validate_and_document_themselves(path):
     if path.stem != "demo":
         assert "mAP" in doc
     model = train_lib.build_model(config, num_classes=527)
-    assert model.num_classes == 527 and model.frontend.n_mels == (64 if config.model.name.startswith("cnn") else 224)
+    assert model.num_classes == 527
+    if path.stem != "demo":  # the paper's input: 10 s at 32 kHz, 224 mels (PANN CNNs: 64)
+        assert model.frontend.clip_samples == 320_000
+        assert model.frontend.n_mels == (64 if config.model.name.startswith("cnn") else 224)
 
 
 def test_bad_config_gives_a_one_line_error():

@@ -137,11 +137,11 @@ def _noise_band(rng, t, sample_rate, low, high):
 
 def _clicks(rng, t, sample_rate):
     signal = np.zeros(t.size)
-    period = int(sample_rate / rng.uniform(5, 15))
+    period = int(sample_rate / rng.uniform(8, 16))  # at least two clicks in the shortest event
     signal[int(rng.integers(0, period)) :: period] = 1.0
-    # Each click a 6 ms noise burst decaying in ~1.5 ms: broadband, and long enough to mark its STFT frame.
-    length = int(0.006 * sample_rate)
-    burst = rng.normal(size=length) * np.exp(-np.arange(length) / (0.0015 * sample_rate))
+    # Each click a 10 ms noise burst decaying in ~3 ms: broadband, and long enough to mark its STFT frames.
+    length = int(0.010 * sample_rate)
+    burst = rng.normal(size=length) * np.exp(-np.arange(length) / (0.003 * sample_rate))
     return np.convolve(signal, burst)[: t.size]
 
 
