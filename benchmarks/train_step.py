@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import statistics
 import sys
 import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repository: package and convert/
 
 
 def parse_args() -> argparse.Namespace:

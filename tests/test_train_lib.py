@@ -187,8 +187,11 @@ def test_sharded_step_equals_one_device_step():
     flat1 = traverse_util.flatten_dict(state1.params, sep="/")
     moved = max(float(np.max(np.abs(flat8[k] - v))) for k, v in traverse_util.flatten_dict(initial, sep="/").items())
     assert moved > 1e-5  # the step did update the parameters
+    # Adam's first update is lr·g/(|g| + ε): for the odd gradient near ε, summation-order differences of
+    # the 8-way reduction move it by a small fraction of the step size lr.
+    first_step_lr = float(train_lib.learning_rate_schedule(config.optimizer, config.total_steps)(0))
     for path, value in flat8.items():
-        np.testing.assert_allclose(value, flat1[path], rtol=1e-5, atol=1e-8, err_msg=path)
+        np.testing.assert_allclose(value, flat1[path], rtol=1e-5, atol=1e-3 * first_step_lr, err_msg=path)
     for path, value in traverse_util.flatten_dict(state8.batch_stats, sep="/").items():
         np.testing.assert_allclose(value, traverse_util.flatten_dict(state1.batch_stats, sep="/")[path],
                                    rtol=1e-5, atol=1e-6, err_msg=path)
