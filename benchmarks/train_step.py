@@ -62,7 +62,8 @@ def jax_rows(args, clips, targets) -> list[tuple[str, float, float]]:
     rows = []
     for count in (int(n) for n in args.devices.split(",")):
         if count > jax.device_count() or args.batch % count:
-            print(f"skipping {count} devices: {jax.device_count()} available, batch {args.batch}", file=sys.stderr)
+            print(f"skipping {count} devices: {jax.device_count()} available; the batch ({args.batch}) must be a "
+                  "multiple of the devices so that mixup pairs stay on one device", file=sys.stderr)
             continue
         mesh = train_lib.make_data_mesh(jax.devices()[:count])
         state = train_lib.init_train_state(model, tx, 0, mesh)

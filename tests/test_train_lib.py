@@ -147,6 +147,19 @@ def test_weight_decay_mask_covers_exactly_the_multi_axis_params():
         np.testing.assert_allclose(new[path], expected, rtol=1e-6, atol=0, err_msg=path)
 
 
+def test_mixed_precision_computes_in_bfloat16_and_keeps_float32_state():
+    config = tiny_config()
+    config.model.dtype = "bfloat16"
+    model = train_lib.build_model(config, num_classes=demo.NUM_CLASSES)
+    assert model.dtype == jnp.bfloat16
+    params_shape = jax.eval_shape(lambda: init_variables(model, jax.random.key(0))["params"])
+    tx = train_lib.make_optimizer(config.optimizer, config.total_steps, params_shape)
+    state = jax.eval_shape(lambda: train_lib.init_train_state(model, tx, 0, train_lib.make_data_mesh()))
+    floating = [leaf.dtype for leaf in jax.tree.leaves((state.params, state.opt_state, state.batch_stats))
+                if jnp.issubdtype(leaf.dtype, jnp.floating)]
+    assert floating and all(dtype == jnp.float32 for dtype in floating)
+
+
 def test_batch_layout_accumulates_when_devices_fall_short():
     config = train_lib.default_config()
     assert train_lib.batch_layout(config, 8) == (1, 512)  # 8 devices x 64 = 512
@@ -196,6 +209,34 @@ def test_sharded_step_equals_one_device_step():
         np.testing.assert_allclose(value, traverse_util.flatten_dict(state1.batch_stats, sep="/")[path],
                                    rtol=1e-5, atol=1e-6, err_msg=path)
     assert int(state8.step) == int(state1.step) == 1
+
+
+def test_gradient_accumulation_averages_the_micro_batch_gradients():
+    """With SGD at lr 1 a step subtracts the gradient: two accumulated micro-batches must give the mean of
+    the two single-batch steps (no augmentation or drop path, so no randomness differs between them)."""
+    config = tiny_config()
+    config.model.drop_path_rate = 0.0
+    augment = train_lib.AugmentConfig(spec_augment=False, mixup=False, speed_perturb=False)
+    model = train_lib.build_model(config, num_classes=demo.NUM_CLASSES)
+    mesh = train_lib.make_data_mesh(jax.devices()[:1])
+    tx = optax.sgd(1.0)
+    source = demo.SyntheticAudioSet("train", 8, sample_rate=16_000, clip_seconds=1.0)
+    clips = [source[i] for i in range(8)]
+    batch = {"waveform": np.stack([c["waveform"] for c in clips]), "target": np.stack([c["target"] for c in clips])}
+    halves = [{key: value[rows] for key, value in batch.items()} for rows in (slice(0, 4), slice(4, 8))]
+
+    def run(accumulation_steps, data):
+        state = train_lib.init_train_state(model, tx, 0, mesh)
+        step = train_lib.make_train_step(model, tx, augment, accumulation_steps, mesh)
+        new_state, metrics = step(state, train_lib.global_batch(data, mesh))
+        return traverse_util.flatten_dict(jax.device_get(new_state.params), sep="/"), float(metrics["loss"])
+
+    accumulated, loss = run(2, batch)
+    first, loss_first = run(1, halves[0])
+    second, loss_second = run(1, halves[1])
+    assert loss == pytest.approx((loss_first + loss_second) / 2, rel=1e-6)
+    for path, value in accumulated.items():
+        np.testing.assert_allclose(value, (first[path] + second[path]) / 2, rtol=1e-5, atol=1e-7, err_msg=path)
 
 
 def test_transplant_params_takes_matching_names_and_shapes():
