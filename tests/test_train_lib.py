@@ -26,7 +26,7 @@ from convnext_audio_jax.models import init_variables
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (REPO / "configs").glob("*.py") if not p.name.startswith("_"))
 
-TINY_CONFIG = f"""
+TINY_CONFIG = """
 from configs.demo import get_config as demo_config
 
 
