@@ -1,0 +1,156 @@
+"""Clips/s of a full training step (speed perturbation, log-mel, bn0, SpecAugment, mixup, forward,
+backward, AdamW) for the audio ConvNeXt-Tiny at the paper's input (10 s at 32 kHz, 224 mels).
+
+    python benchmarks/train_step.py [--batch 8] [--steps 3] [--devices 1,2,4,8] [--dtype float32]
+
+Rows: ours (JAX, one jitted step on a 'data' mesh of 1, 2, ... devices; on a CPU the devices are
+simulated and share its cores, so the scaling rows measure the cost of sharding, not a speed-up) and the
+PyTorch reference (the authors' model from timm blocks + torchlibrosa, convert/torch_reference.py) with the
+same augmentations and torch.optim.AdamW. A step trains on ``batch`` mixed examples, i.e. 2 x batch clips
+drawn; clips/s counts the ``batch`` examples. Median over ``steps`` timed steps after one warm-up step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repository: package and convert/
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8, help="examples per step (2x clips with mixup)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    parser.add_argument("--devices", default="1,8", help="mesh sizes to time, comma-separated")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--seconds", type=float, default=10.0, help="clip length (paper: 10)")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    return parser.parse_args()
+
+
+def time_steps(run_step, steps: int) -> tuple[float, float]:
+    """(first-call seconds, compile included; median seconds of the next ``steps`` calls)."""
+    start = time.perf_counter()
+    run_step()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        run_step()
+        times.append(time.perf_counter() - start)
+    return first, statistics.median(times)
+
+
+def jax_rows(args, clips, targets) -> list[tuple[str, float, float]]:
+    import jax
+
+    from convnext_audio_jax import train_lib
+    from convnext_audio_jax.models import init_variables
+
+    config = train_lib.default_config()
+    config.model.dtype = args.dtype
+    config.model.frontend.clip_seconds = args.seconds
+    config.total_steps = 1000
+    model = train_lib.build_model(config, num_classes=527)
+    params_shape = jax.eval_shape(lambda: init_variables(model, jax.random.key(0))["params"])
+    tx = train_lib.make_optimizer(config.optimizer, config.total_steps, params_shape)
+    rows = []
+    for count in (int(n) for n in args.devices.split(",")):
+        if count > jax.device_count() or args.batch % count:
+            print(f"skipping {count} devices: {jax.device_count()} available; the batch ({args.batch}) must be a "
+                  "multiple of the devices so that mixup pairs stay on one device", file=sys.stderr)
+            continue
+        mesh = train_lib.make_data_mesh(jax.devices()[:count])
+        state = train_lib.init_train_state(model, tx, 0, mesh)
+        step = train_lib.make_train_step(model, tx, train_lib.augment_config(config), 1, mesh)
+        batch = train_lib.global_batch({"waveform": clips, "target": targets}, mesh)
+        holder = {"state": state}
+
+        def run_step():
+            holder["state"], metrics = step(holder["state"], batch)
+            jax.block_until_ready(metrics["loss"])
+
+        first, median = time_steps(run_step, args.steps)
+        rows.append((f"JAX {args.dtype}, {count} {jax.default_backend()} device(s)", args.batch / median, first))
+    return rows
+
+
+def torch_row(args, clips, targets) -> tuple[str, float, float]:
+    import numpy as np
+    import torch
+    from torchlibrosa.augmentation import SpecAugmentation
+
+    from convert.torch_reference import build_reference, normalised_log_mel
+
+    model = build_reference("convnext_tiny", drop_path_rate=0.4).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    spec_augment = SpecAugmentation(time_drop_width=64, time_stripes_num=2, freq_drop_width=28, freq_stripes_num=2)
+    waveform = torch.from_numpy(clips.astype(np.float32) / 32767.0)
+    target = torch.from_numpy(targets)
+    generator = torch.Generator().manual_seed(0)
+
+    def speed_perturb(x):
+        # Nearest-neighbour resampling at a per-example rate in [0.5, 1.5], random crop/pad back to length.
+        length = x.shape[1]
+        rates = 0.5 + torch.rand(x.shape[0], generator=generator)
+        out = torch.zeros_like(x)
+        for row, rate in enumerate(rates.tolist()):
+            stretched = x[row, (torch.arange(int(np.ceil(length / rate))) * rate).long().clamp(max=length - 1)]
+            surplus = stretched.shape[0] - length
+            offset = int(torch.randint(0, abs(surplus) + 1, (1,), generator=generator))
+            if surplus >= 0:
+                out[row] = stretched[offset : offset + length]
+            else:
+                out[row, offset : offset + stretched.shape[0]] = stretched
+        return out
+
+    def run_step():
+        logmel = spec_augment(normalised_log_mel(model, speed_perturb(waveform)))
+        lambdas = torch.rand(logmel.shape[0] // 2, generator=generator)
+        mixed = logmel[0::2] * lambdas[:, None, None, None] + logmel[1::2] * (1 - lambdas[:, None, None, None])
+        mixed_target = target[0::2] * lambdas[:, None] + target[1::2] * (1 - lambdas[:, None])
+        sequence = model.features(mixed).mean(dim=3)
+        logits = model.head_audioset(model.norm(sequence.max(dim=2).values + sequence.mean(dim=2)))
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, mixed_target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    first, median = time_steps(run_step, args.steps)
+    return (f"PyTorch {torch.__version__} float32 (timm + torchlibrosa), {torch.get_num_threads()} threads",
+            args.batch / median, first)
+
+
+def main() -> None:
+    args = parse_args()
+    import jax
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    samples = int(round(args.seconds * 32_000))
+    clips = (rng.normal(0, 0.1, (2 * args.batch, samples)).clip(-1, 1) * 32767).astype(np.int16)
+    targets = (rng.random((2 * args.batch, 527)) < 0.01).astype(np.float32)
+    rows = jax_rows(args, clips, targets)
+    if not args.no_torch:
+        rows.append(torch_row(args, clips, targets))
+    print(f"\ntraining step, ConvNeXt-Tiny, {args.seconds:g} s clips, batch {args.batch} examples "
+          f"({2 * args.batch} clips with mixup), median of {args.steps} steps; {jax.devices()[0].device_kind}")
+    print(f"{'implementation':<58} {'clips/s':>9} {'first step s':>13}")
+    for name, rate, first in rows:
+        print(f"{name:<58} {rate:9.2f} {first:13.1f}")
+    if not args.no_torch and rows[:-1]:
+        print(f"ours / PyTorch (first row): {rows[0][1] / rows[-1][1]:.2f}x")
+
+
+if __name__ == "__main__":
+    # Simulated devices for the scaling rows on a CPU; set before JAX starts.
+    if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "") and os.environ.get(
+        "JAX_PLATFORMS", "cpu"
+    ) == "cpu":
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    main()
