@@ -44,6 +44,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from convnext_audio_jax import metrics as metrics_lib
+from convnext_audio_jax import xla
 from convnext_audio_jax.augment import AugmentConfig, augment_waveform, mix_pairs, mixup_lambdas, spec_augment
 from convnext_audio_jax.data import demo, pipeline
 from convnext_audio_jax.frontend import FrontendConfig
@@ -394,7 +395,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment:
         return new_state, {"loss": jnp.mean(losses), "grad_norm": optax.global_norm(grads)}
 
     batch_sharding = NamedSharding(mesh, P("data"))
-    return jax.jit(step, in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
+    return xla.jit(step, in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
                    donate_argnums=(0,))
 
 
@@ -406,7 +407,7 @@ def make_eval_step(model: nn.Module, mesh) -> Callable:
         return outputs["probs"]
 
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    return jax.jit(predict, in_shardings=(replicated, replicated, sharded), out_shardings=sharded)
+    return xla.jit(predict, in_shardings=(replicated, replicated, sharded), out_shardings=sharded)
 
 
 def global_batch(local_batch: dict, mesh, keys=("waveform", "target")) -> dict:
