@@ -97,3 +97,34 @@ def test_drop_path_drops_whole_samples_and_rescales():
     assert np.all(per_sample.min(axis=1) == per_sample.max(axis=1))  # all-or-nothing per sample
     assert abs((per_sample[:, 0] == 0).mean() - 0.25) < 0.03
     np.testing.assert_array_equal(DropPath(0.25).apply({}, x, deterministic=True), x)
+
+
+def test_gelu_is_torch_exact_gelu():
+    torch = pytest.importorskip("torch")
+    from convnext_audio_jax.models.layers import gelu
+
+    x = np.linspace(-8, 8, 4001, dtype=np.float32)
+    np.testing.assert_allclose(gelu(x), torch.nn.functional.gelu(torch.from_numpy(x)).numpy(), atol=1e-6)
+    np.testing.assert_allclose(jax.grad(lambda v: gelu(v).sum())(x), jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding", "shape"),
+    [((4, 4), (4, 4), ((4, 4), (0, 0)), (2, 37, 16, 1)),  # the audio stem: floor of 45/4 rows
+     ((2, 2), (2, 2), ((0, 0), (0, 0)), (2, 7, 5, 6)),  # downsampling with odd sizes
+     ((4, 8), (2, 8), ((5, 5), (0, 0)), (1, 20, 16, 1))],  # an overlapping stem: the conv path
+)
+def test_patch_conv_equals_strided_convolution(kernel, stride, padding, shape):
+    import flax.linen as nn
+
+    from convnext_audio_jax.models.layers import PatchConv
+
+    x = jax.random.normal(jax.random.key(0), shape)
+    ours = PatchConv(5, kernel, stride, padding)
+    variables = ours.init(jax.random.key(1), x)
+    variables = jax.tree.map(lambda v: jax.random.normal(jax.random.key(2), v.shape), variables)
+    reference = nn.Conv(5, kernel, strides=stride, padding=padding)
+    np.testing.assert_allclose(ours.apply(variables, x), reference.apply(variables, x), rtol=1e-5, atol=1e-5)
+    grads = [jax.grad(lambda v, x, m=m: (m.apply(v, x) ** 2).sum(), argnums=(0, 1))(variables, x) for m in (ours, reference)]
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

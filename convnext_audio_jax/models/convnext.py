@@ -23,7 +23,9 @@ from convnext_audio_jax.models.layers import (
     DepthwiseImpl,
     DropPath,
     Dtype,
+    PatchConv,
     default_kernel_init,
+    gelu,
     normalised_log_mel,
 )
 
@@ -67,7 +69,7 @@ class ConvNeXtBlock(nn.Module):
         y = DepthwiseConv((7, 7), impl=self.depthwise_impl, dtype=self.dtype, param_dtype=self.param_dtype, name="dwconv")(x)
         y = _layer_norm(self.dtype, self.param_dtype, "norm")(y)
         y = _dense(4 * channels, self.dtype, self.param_dtype, "pwconv1")(y)
-        y = nn.gelu(y, approximate=False)
+        y = gelu(y)
         y = _dense(channels, self.dtype, self.param_dtype, "pwconv2")(y)
         if self.layer_scale_init > 0:
             gamma = self.param("gamma", nn.initializers.constant(self.layer_scale_init), (channels,), self.param_dtype)
@@ -95,14 +97,13 @@ class ConvNeXtTrunk(nn.Module):
         if len(self.depths) != len(self.dims):
             raise ValueError(f"depths {tuple(self.depths)} and dims {tuple(self.dims)} must have the same length")
         pt, pl = self.stem_padding
-        x = nn.Conv(
+        x = PatchConv(
             self.dims[0],
             self.stem_kernel,
-            strides=self.stem_stride,
+            self.stem_stride,
             padding=((pt, pt), (pl, pl)),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            kernel_init=default_kernel_init,
             name="stem_conv",
         )(x)
         x = _layer_norm(self.dtype, self.param_dtype, "stem_norm")(x)
@@ -112,16 +113,7 @@ class ConvNeXtTrunk(nn.Module):
         for stage, (depth, dim) in enumerate(zip(self.depths, self.dims)):
             if stage > 0:
                 x = _layer_norm(self.dtype, self.param_dtype, f"downsample{stage}_norm")(x)
-                x = nn.Conv(
-                    dim,
-                    (2, 2),
-                    strides=(2, 2),
-                    padding="VALID",
-                    dtype=self.dtype,
-                    param_dtype=self.param_dtype,
-                    kernel_init=default_kernel_init,
-                    name=f"downsample{stage}_conv",
-                )(x)
+                x = PatchConv(dim, (2, 2), (2, 2), dtype=self.dtype, param_dtype=self.param_dtype, name=f"downsample{stage}_conv")(x)
             for block in range(depth):
                 x = ConvNeXtBlock(
                     drop_path_rate=rates[block_index],

@@ -20,6 +20,12 @@ DepthwiseImpl = Literal["auto", "xla", "shift"]
 default_kernel_init = nn.initializers.normal(stddev=0.02)
 
 
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact (erf) GELU written as torch's ``0.5·x·(1 + erf(x/√2))``: on XLA:CPU this runs ~15 % faster
+    forward and ~25 % faster with its gradient than ``jax.nn.gelu(approximate=False)``'s erfc form."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * 0.7071067811865476))
+
+
 def resolve_depthwise_impl(impl: DepthwiseImpl) -> str:
     """'auto' picks the shifted multiply-add on CPU (XLA:CPU's grouped conv is ~10× slower than
     torch there) and XLA's grouped convolution elsewhere (cuDNN / TPU handle it natively)."""
@@ -158,6 +164,45 @@ class DepthwiseConv(nn.Module):
             bias = self.param("bias", nn.initializers.zeros, (out_channels,), self.param_dtype)
             y = y + bias.astype(dtype)
         return y
+
+
+class PatchConv(nn.Module):
+    """A strided 2-D convolution with explicit zero padding, parameters as ``nn.Conv`` (``kernel``
+    (kh, kw, C_in, C_out), ``bias``). When the stride equals the kernel (ConvNeXt's stem and
+    downsampling layers) it is computed as non-overlapping patches times a matrix: the same sums,
+    but XLA:CPU's backward of a strided convolution took ~10 s of a 17 s ConvNeXt-Tiny training
+    step (batch 4, 10 s clips) where the patch matmul's takes a fraction of a second.
+    Other strides fall back to ``lax.conv_general_dilated``."""
+
+    features: int
+    kernel_size: tuple[int, int]
+    strides: tuple[int, int]
+    padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Any = default_kernel_init
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kh, kw = self.kernel_size
+        in_channels = x.shape[-1]
+        kernel = self.param("kernel", self.kernel_init, (kh, kw, in_channels, self.features), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+        dtype = self.dtype or x.dtype
+        x, kernel = x.astype(dtype), kernel.astype(dtype)
+        if tuple(self.strides) == (kh, kw):
+            x = jnp.pad(x, ((0, 0), *self.padding, (0, 0)))
+            batch, height, width, _ = x.shape
+            out_h, out_w = height // kh, width // kw  # floor, as a VALID convolution drops the remainder
+            patches = x[:, : out_h * kh, : out_w * kw].reshape(batch, out_h, kh, out_w, kw, in_channels)
+            patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(batch, out_h, out_w, kh * kw * in_channels)
+            y = jnp.dot(patches, kernel.reshape(kh * kw * in_channels, self.features), preferred_element_type=jnp.float32)
+        else:
+            y = jax.lax.conv_general_dilated(
+                x, kernel, self.strides, self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                preferred_element_type=jnp.float32,
+            )
+        return (y + bias.astype(jnp.float32)).astype(dtype)
 
 
 # BatchNorm as torch's defaults (eps 1e-5, momentum 0.1 = Flax momentum 0.9), two-pass variance.
