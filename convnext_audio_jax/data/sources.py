@@ -62,11 +62,28 @@ class ClipSource(abc.ABC):
         return {"waveform": waveform, "target": self.targets[index].astype(np.float32), "id": clip_id}
 
 
+class IndexedClipSource(ClipSource):
+    """A source whose clip ids and label matrix are read up front into ``_clip_ids`` and ``_targets``."""
+
+    _clip_ids: list[str]
+    _targets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self._clip_ids)
+
+    @property
+    def targets(self) -> np.ndarray:
+        return self._targets
+
+    def clip_id(self, index: int) -> str:
+        return self._clip_ids[index]
+
+
 def decode_names(names: np.ndarray) -> list[str]:
     return [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names]
 
 
-class PackedHdf5Source(ClipSource):
+class PackedHdf5Source(IndexedClipSource):
     """Clips stored in PANN-layout HDF5 files (`audio_name`, `waveform` int16 (N, 320000), `target` bool (N, C)).
 
     Build it with `from_files` (one or more packed files, concatenated in order) or `from_index` (a PANN index
@@ -133,16 +150,6 @@ class PackedHdf5Source(ClipSource):
         resolved = [_resolve_packed_path(p, index_path) for p in unique_paths]
         return cls(resolved, file_of_clip, rows, targets, ids)
 
-    def __len__(self) -> int:
-        return len(self._clip_ids)
-
-    @property
-    def targets(self) -> np.ndarray:
-        return self._targets
-
-    def clip_id(self, index: int) -> str:
-        return self._clip_ids[index]
-
     def _read_waveform(self, index: int) -> np.ndarray:
         file_number = int(self._file_of_clip[index])
         handle = self._open_files.get(file_number)
@@ -167,7 +174,7 @@ def _resolve_packed_path(stored: str, index_path: pathlib.Path) -> str:
     )
 
 
-class ArrayRecordSource(ClipSource):
+class ArrayRecordSource(IndexedClipSource):
     """The ArrayRecord shards of one split written by `prepare --format array_record` (see docs/data.md)."""
 
     def __init__(self, directory: str | os.PathLike, split: str):
@@ -193,16 +200,6 @@ class ArrayRecordSource(ClipSource):
         if len(self._records) != len(ids):
             raise ValueError(f"{directory}, split {split}: {len(self._records)} records but {len(ids)} index rows")
 
-    def __len__(self) -> int:
-        return len(self._clip_ids)
-
-    @property
-    def targets(self) -> np.ndarray:
-        return self._targets
-
-    def clip_id(self, index: int) -> str:
-        return self._clip_ids[index]
-
     def _read_waveform(self, index: int) -> np.ndarray:
         clip_id, _, waveform = records.decode_record(self._records[index])
         if clip_id != self._clip_ids[index]:
@@ -210,7 +207,7 @@ class ArrayRecordSource(ClipSource):
         return waveform
 
 
-class TfdsSource(ClipSource):
+class TfdsSource(IndexedClipSource):
     """One split of the TFDS `audioset` builder (ArrayRecord files, read without TensorFlow).
 
     The label matrix needs one pass over the records (TFDS stores labels inside each record); it is cached in
@@ -244,16 +241,6 @@ class TfdsSource(ClipSource):
             ids.append(_as_text(example["clip_id"]))
             targets[i, example["label_indices"]] = True
         return ids, targets
-
-    def __len__(self) -> int:
-        return len(self._clip_ids)
-
-    @property
-    def targets(self) -> np.ndarray:
-        return self._targets
-
-    def clip_id(self, index: int) -> str:
-        return self._clip_ids[index]
 
     def _read_waveform(self, index: int) -> np.ndarray:
         waveform = self._records[index]["waveform"]
@@ -302,7 +289,7 @@ def find_clip_file(entry: labels_lib.ClipEntry, folder_index: dict[str, str]) ->
     return None
 
 
-class FolderSource(ClipSource):
+class FolderSource(IndexedClipSource):
     """Audio files in a folder listed by a CSV (AudioSet segment layout or `path,labels`); decoded at read time,
     so missing and corrupt files surface as ClipError when read."""
 
@@ -314,16 +301,6 @@ class FolderSource(ClipSource):
         self._paths = [find_clip_file(e, folder_index) for e in entries]
         self._targets = labels_lib.multi_hot_matrix(entries, class_labels.num_classes)
         self._min_seconds = min_seconds
-
-    def __len__(self) -> int:
-        return len(self._clip_ids)
-
-    @property
-    def targets(self) -> np.ndarray:
-        return self._targets
-
-    def clip_id(self, index: int) -> str:
-        return self._clip_ids[index]
 
     @property
     def missing_ids(self) -> list[str]:
