@@ -53,6 +53,8 @@ def jax_rows(args, clips, targets) -> list[tuple[str, float, float]]:
     from convnext_audio_jax.models import init_variables
 
     config = train_lib.default_config()
+    config.model.name = getattr(args, "model", "convnext_tiny")
+    config.model.overrides.update(getattr(args, "overrides", None) or {})
     config.model.dtype = args.dtype
     config.model.frontend.clip_seconds = args.seconds
     config.total_steps = 1000
@@ -126,15 +128,34 @@ def torch_row(args, clips, targets) -> tuple[str, float, float]:
             args.batch / median, first)
 
 
-def main() -> None:
-    args = parse_args()
-    import jax
+def random_batch(batch: int, seconds: float):
+    """2 × batch int16 clips (mixup pairs) of noise and sparse multi-hot targets."""
     import numpy as np
 
     rng = np.random.default_rng(0)
-    samples = int(round(args.seconds * 32_000))
-    clips = (rng.normal(0, 0.1, (2 * args.batch, samples)).clip(-1, 1) * 32767).astype(np.int16)
-    targets = (rng.random((2 * args.batch, 527)) < 0.01).astype(np.float32)
+    samples = int(round(seconds * 32_000))
+    clips = (rng.normal(0, 0.1, (2 * batch, samples)).clip(-1, 1) * 32767).astype(np.int16)
+    targets = (rng.random((2 * batch, 527)) < 0.01).astype(np.float32)
+    return clips, targets
+
+
+def benchmark_train_step(model: str, *, batch: int, dtype: str, repeats: int, overrides: dict | None = None) -> list[dict]:
+    """Row dicts for benchmarks/run.py: ours on one device and, for the full-size audio ConvNeXt-Tiny,
+    the PyTorch reference's step on the same batch."""
+    args = argparse.Namespace(model=model, overrides=overrides, batch=batch, steps=repeats, devices="1", dtype=dtype,
+                              seconds=10.0)
+    clips, targets = random_batch(batch, args.seconds)
+    rows = [("ours", *jax_rows(args, clips, targets)[0][1:])]
+    if model == "convnext_tiny" and not overrides and dtype == "float32":
+        rows.append(("torch-eager", *torch_row(args, clips, targets)[1:]))
+    return [{"implementation": name, "clips_per_s": rate, "first_step_s": first} for name, rate, first in rows]
+
+
+def main() -> None:
+    args = parse_args()
+    import jax
+
+    clips, targets = random_batch(args.batch, args.seconds)
     rows = jax_rows(args, clips, targets)
     if not args.no_torch:
         rows.append(torch_row(args, clips, targets))

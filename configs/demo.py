@@ -1,6 +1,6 @@
 """Demo: a small audio ConvNeXt on the built-in synthetic multi-label set (no data needed).
 
-    python train.py --config configs/demo.py --workdir /tmp/demo
+    python train.py --config configs/demo.py --workdir workdir/demo
 
 Reproduces no paper row: it shows the whole recipe (sharded step, speed perturbation, SpecAugment, mixup,
 AdamW + one-cycle, checkpoints, validation mAP) working end to end. Ten classes of tones, chirps, noise
