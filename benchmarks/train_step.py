@@ -50,11 +50,13 @@ def jax_rows(args, clips, targets) -> list[tuple[str, float, float]]:
     import jax
 
     from convnext_audio_jax import train_lib
-    from convnext_audio_jax.models import init_variables
+    from convnext_audio_jax.models import get_spec, init_variables
 
     config = train_lib.default_config()
     config.model.name = getattr(args, "model", "convnext_tiny")
     config.model.overrides.update(getattr(args, "overrides", None) or {})
+    if "drop_path_rate" not in get_spec(config.model.name).module.__dataclass_fields__:
+        config.model.drop_path_rate = 0.0  # the PANN CNNs have dropout, not drop path
     config.model.dtype = args.dtype
     config.model.frontend.clip_seconds = args.seconds
     config.total_steps = 1000
