@@ -47,7 +47,8 @@ def test_prepare_packs_good_clips_and_lists_skipped_ones(tmp_path, audioset_fold
     split = manifest["splits"]["balanced_train"]
     assert manifest["format"] == output_format and manifest["num_classes"] == 5
     assert split["num_clips"] == 8 and len(split["shards"]) == 4
-    assert split["skipped_by_reason"] == {reason: 1 for reason in audio.SKIP_REASONS}
+    assert split["skipped_by_reason"] == {reason: int(reason not in (audio.TRUNCATED, audio.CHANGED))
+                                          for reason in audio.SKIP_REASONS}
     assert {s["id"]: s["reason"] for s in split["skipped"]} == {
         "missing_": "missing", "unreadable_": "unreadable", "empty_": "empty", "nonfinite_": "non-finite",
         "short_": "too short"}

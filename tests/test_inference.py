@@ -206,7 +206,7 @@ def test_cli_tag_formats(checkpoint, freedesktop_recordings, tmp_path, capsys):
 
     assert cli.main([*base, "--format", "csv", "--frames"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert {r["kind"] for r in rows} == {"clip", "window", "frame", "event"}
+    assert {r["kind"] for r in rows} == {"clip", "window", "frame", "event", "file"}
     assert any(r["kind"] == "event" and r["label"] == "Burst" and r["file"] == str(long_file) for r in rows)
 
     labels = tmp_path / "labels.csv"

@@ -1,0 +1,381 @@
+"""Scoring audio files window by window: streamed reading, batches shared across files, frame-level scores and
+merged sound events.
+
+Audio of any format soundfile/audioread decodes, any sample rate and channel count (downmixed to mono by the
+mean of the channels) and any length is read a block at a time and cut into 10 s windows at 32 kHz
+(`convnext_audio_jax.windowing`): a file shorter than 10 s is zero-padded at the end to one window (the authors'
+models were trained and evaluated on AudioSet clips zero-padded at the end to 10 s, PANNs' ``pad_or_truncate``);
+a longer one is cut into windows every ``hop`` seconds, the last window ending at the end of the file. Every
+window is scored; a file's score is the max (or mean) over its windows.
+
+Frame-level scores (ConvNeXt only): the last stage yields a sequence of T time steps per window (31 for 10 s:
+mean over the mel axis of the stage-4 output). The clip head is ``Dense(LayerNorm(max_t s_t + mean_t s_t))``;
+the score of step t is that head applied to a window whose every step equals s_t, i.e.
+``sigmoid(Dense(LayerNorm(2 · s_t)))``. Step t is reported over the STFT frames its stride cell covers:
+frames [t·S − P, (t+1)·S − P) with S = stem time stride · 2^(stages−1) (32) and P = the stem's time padding (4),
+i.e. [0.32 t − 0.04, 0.32 t + 0.28) s for the released model, clipped to the audio.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import soundfile
+
+from convnext_audio_jax import windowing
+from convnext_audio_jax.data import audio as audio_lib
+from convnext_audio_jax.forward import ShardedForward
+from convnext_audio_jax.models.convnext import LN_EPS, STEM_VARIANTS, AudioConvNeXt
+
+DEFAULT_HOP_SECONDS = 5.0
+AGGREGATIONS = ("max", "mean")
+# Extensions looked for inside folders (files named explicitly are always tried).
+AUDIO_EXTENSIONS = frozenset(
+    {f".{fmt.lower()}" for fmt in soundfile.available_formats()}
+    | {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aac", ".wma", ".aiff", ".aif", ".au", ".webm",
+       ".mp4"}
+)
+
+# A batch of windows (B, samples) float32 at 32 kHz → dict of numpy arrays with B rows ("probs", and
+# "frame_probs" when frame scores are asked for). ShardedForward is one; another backend can stand in.
+WindowScorer = Callable[[np.ndarray], Mapping[str, np.ndarray]]
+
+
+# ------------------------------------------------------------------------------------------------ frame scores
+
+def frame_grid(model: nn.Module) -> tuple[int, int] | None:
+    """(stride, offset) in STFT frames of the last stage's time steps for an AudioConvNeXt, else None."""
+    if not isinstance(model, AudioConvNeXt):
+        return None
+    stem = STEM_VARIANTS[model.stem]
+    return stem["stride"][0] * 2 ** (len(model.depths) - 1), -stem["padding"][0]
+
+
+def frame_bounds(model: nn.Module, num_steps: int) -> np.ndarray:
+    """(num_steps, 2) start/end seconds of each last-stage time step within a window (see the module doc)."""
+    stride, offset = frame_grid(model)
+    seconds_per_frame = model.frontend.hop_length / model.frontend.sample_rate
+    steps = np.arange(num_steps)
+    bounds = np.stack([offset + steps * stride, offset + (steps + 1) * stride], axis=1) * seconds_per_frame
+    return np.clip(bounds, 0.0, model.frontend.clip_seconds)
+
+
+def frame_logits(model: AudioConvNeXt, params: Mapping[str, Any], sequence: jax.Array) -> jax.Array:
+    """(B, T, C) per-step logits: the clip head applied to each step s_t as if the window were constant,
+    Dense(LayerNorm(2·s_t)) (the head's input is max_t + mean_t)."""
+    norm = nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False, dtype=model.dtype)
+    dense = nn.Dense(model.num_classes, dtype=model.dtype)
+    normalised = norm.apply({"params": params["head_norm"]}, 2.0 * sequence)
+    return dense.apply({"params": params["head"]}, normalised).astype(jnp.float32)
+
+
+def sequence_of(outputs: Mapping[str, jax.Array]) -> jax.Array:
+    """(B, T, C) time sequence: the last stage's output averaged over the mel axis (any model)."""
+    if "sequence_embeddings" in outputs:
+        return outputs["sequence_embeddings"]
+    return jnp.mean(outputs["frame_embeddings"], axis=2)
+
+
+# ---------------------------------------------------------------------------------------------------- events
+
+class EventMerger:
+    """Sound events from scored segments given in order: per class, the segments scoring ≥ ``threshold`` are
+    merged where they overlap or touch into (class index, onset, offset, peak score). Holds one open event per
+    class and the finished events (a few numbers each), not the segments."""
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+        self._open: dict[int, list[float]] = {}
+        self._events: list[tuple[int, float, float, float]] = []
+
+    def add(self, starts: np.ndarray, ends: np.ndarray, probs: np.ndarray) -> None:
+        active = probs >= self.threshold
+        for row in np.flatnonzero(active.any(axis=1)):
+            start, end = float(starts[row]), float(ends[row])
+            for index in np.flatnonzero(active[row]):
+                index, peak = int(index), float(probs[row, index])
+                event = self._open.get(index)
+                if event is not None and start <= event[1] + 1e-6:
+                    event[1], event[2] = max(event[1], end), max(event[2], peak)
+                    continue
+                if event is not None:
+                    self._events.append((index, event[0], event[1], event[2]))
+                self._open[index] = [start, end, peak]
+
+    def events(self) -> list[dict]:
+        """Every event (the open ones closed), sorted by onset then class."""
+        events = self._events + [(i, *event) for i, event in self._open.items()]
+        return [dict(index=i, onset=on, offset=off, peak=p) for i, on, off, p in sorted(events, key=lambda e: (e[1], e[0]))]
+
+
+def merge_events(starts: np.ndarray, ends: np.ndarray, probs: np.ndarray, threshold: float) -> list[dict]:
+    """`EventMerger` over one array of segments (sorted by start); sorted by onset."""
+    merger = EventMerger(threshold)
+    merger.add(starts, ends, probs)
+    return merger.events()
+
+
+# --------------------------------------------------------------------------------------------------- results
+
+@dataclasses.dataclass(frozen=True)
+class AudioInfo:
+    """What a file was: its name, sample rate and channels (more than one were averaged), its length in
+    32 kHz samples and how many samples lay outside [-1, 1] (clipped)."""
+
+    name: str
+    sample_rate: int
+    channels: int
+    num_samples: int
+    clipped: int = 0
+
+    @property
+    def duration(self) -> float:
+        return self.num_samples / audio_lib.SAMPLE_RATE
+
+
+@dataclasses.dataclass(frozen=True)
+class TagError:
+    name: str
+    reason: str
+    detail: str
+
+    def line(self) -> str:
+        return f"{self.name}: {self.reason} ({self.detail})"
+
+
+@dataclasses.dataclass(frozen=True)
+class FileStarted:
+    name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowScores:
+    name: str
+    start: float  # seconds from the start of the file
+    probs: np.ndarray  # (C,)
+    frame_probs: np.ndarray | None  # (T, C)
+
+
+@dataclasses.dataclass(frozen=True)
+class FileScored:
+    audio: AudioInfo
+    num_windows: int
+    clip_probs: np.ndarray  # (C,)
+    frame_bounds: np.ndarray | None  # (T, 2) within a window
+
+
+@dataclasses.dataclass
+class TaggedFile:
+    """Scores of one file, every window in memory (`Tagger.tag`). Times are seconds from the start of the file."""
+
+    audio: AudioInfo
+    window_starts: np.ndarray  # (W,)
+    window_probs: np.ndarray  # (W, C)
+    clip_probs: np.ndarray  # (C,)
+    frame_probs: np.ndarray | None  # (W, T, C), ConvNeXt with frames only
+    frame_bounds: np.ndarray | None  # (T, 2) within a window
+
+    def window_segments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(starts, ends, probs) of the windows, ends clipped to the audio."""
+        return window_segments(self.window_starts, self.window_probs, self.audio.duration)
+
+    def frame_segments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(starts, ends, probs) of every frame of every window, in time order of the windows; frames that lie
+        wholly in the zero padding past the end of the audio are left out."""
+        return frame_segments(self.window_starts, self.frame_probs, self.frame_bounds, self.audio.duration)
+
+
+def window_segments(starts: np.ndarray, probs: np.ndarray, duration: float):
+    return starts, np.minimum(starts + audio_lib.CLIP_SECONDS, duration), probs
+
+
+def frame_segments(window_starts: np.ndarray, frame_probs: np.ndarray, bounds: np.ndarray, duration: float):
+    starts = (window_starts[:, None] + bounds[None, :, 0]).ravel()
+    ends = (window_starts[:, None] + bounds[None, :, 1]).ravel()
+    probs = frame_probs.reshape(-1, frame_probs.shape[-1])
+    inside = starts < duration
+    return starts[inside], np.minimum(ends[inside], duration), probs[inside]
+
+
+# ---------------------------------------------------------------------------------------------------- tagger
+
+@dataclasses.dataclass
+class _File:
+    """A file being scored: its stream info, and the running aggregate of its window scores."""
+
+    info: audio_lib.StreamInfo
+    num_samples: int = 0
+    windows: int = 0
+    scored: int = 0
+    total: np.ndarray | None = None  # max or sum of the window probs
+    non_finite: bool = False
+    steps: int = 0  # time steps per window (frame scores)
+
+
+@dataclasses.dataclass
+class _Window:
+    file: _File
+    start: int
+    samples: np.ndarray
+
+
+@dataclasses.dataclass
+class _Done:
+    file: _File
+
+
+class Tagger:
+    """Scores files window by window; windows of consecutive files share batches of a fixed size, so the forward
+    compiles once whatever the files' lengths. Memory: one batch of windows plus one window and one read block
+    per file being read, whatever the files' lengths."""
+
+    def __init__(self, model: nn.Module, variables: Mapping[str, Any], batch_size: int = 8,
+                 hop_seconds: float = DEFAULT_HOP_SECONDS, aggregate: str = "max", frames: bool = False,
+                 mesh=None, max_windows: int = windowing.MAX_WINDOWS, scorer: WindowScorer | None = None):
+        if aggregate not in AGGREGATIONS:
+            raise ValueError(f"aggregate {aggregate!r}: expected one of {AGGREGATIONS}")
+        if model.frontend.sample_rate != audio_lib.SAMPLE_RATE:
+            raise ValueError(f"the model takes {model.frontend.sample_rate} Hz audio; tagging decodes to "
+                             f"{audio_lib.SAMPLE_RATE} Hz")
+        if max_windows < 1:
+            raise ValueError(f"--max-windows must be ≥ 1, got {max_windows}")
+        self.model = model
+        self.window = model.frontend.clip_samples
+        self.hop = windowing.hop_samples(hop_seconds, audio_lib.SAMPLE_RATE)
+        self.aggregate = aggregate
+        self.frames = frames and frame_grid(model) is not None
+        self.max_windows = max_windows
+        self.scorer = scorer or self._sharded_forward(model, variables, batch_size, mesh)
+        self.batch_size = getattr(self.scorer, "batch_size", batch_size)
+
+    def _sharded_forward(self, model, variables, batch_size, mesh) -> ShardedForward:
+        def select(variables, outputs):
+            selected = {"probs": outputs["probs"]}
+            if self.frames:
+                selected["frame_probs"] = jax.nn.sigmoid(frame_logits(model, variables["params"], sequence_of(outputs)))
+            return selected
+
+        return ShardedForward(model, variables, batch_size, mesh, select)
+
+    def stream(self, paths: Iterable[str | os.PathLike]
+               ) -> Iterator[FileStarted | WindowScores | FileScored | TagError]:
+        """Per path in order: FileStarted, its WindowScores in time order, then FileScored; or a TagError (before
+        or after some of its WindowScores: a file can fail part-way, e.g. truncated)."""
+        pending: list = []
+        windows = 0
+        for path in paths:
+            for item in self._items(path):
+                pending.append(item)
+                windows += isinstance(item, _Window)
+                if windows == self.batch_size:
+                    yield from self._flush(pending)
+                    pending, windows = [], 0
+        yield from self._flush(pending)
+
+    def tag(self, paths: Iterable[str | os.PathLike]) -> Iterator[TaggedFile | TagError]:
+        """A TaggedFile (every window's scores in memory) or a TagError per path, in order."""
+        starts, probs, frame_probs = [], [], []
+        for event in self.stream(paths):
+            if isinstance(event, FileStarted):
+                starts, probs, frame_probs = [], [], []
+            elif isinstance(event, WindowScores):
+                starts.append(event.start)
+                probs.append(event.probs)
+                frame_probs.append(event.frame_probs)
+            elif isinstance(event, FileScored):
+                yield TaggedFile(event.audio, np.array(starts), np.stack(probs), event.clip_probs,
+                                 np.stack(frame_probs) if self.frames else None, event.frame_bounds)
+            else:
+                yield event
+
+    def _items(self, path) -> Iterator:
+        name = os.fspath(path)
+        try:
+            info, blocks = audio_lib.stream_mono(path)
+            if info.header_frames is not None:  # refuse before reading when the header already tells
+                expected = int(np.ceil(info.header_frames * audio_lib.SAMPLE_RATE / info.sample_rate))
+                windowing.check_window_count(name, expected, self.window, self.hop, self.max_windows)
+        except audio_lib.ClipError as error:
+            yield TagError(name, error.reason, error.detail)
+            return
+        except ValueError as error:
+            yield TagError(name, "too many windows", str(error).removeprefix(f"{name}: "))
+            return
+        file = _File(info)
+        yield FileStarted(name)
+        try:
+            counted = _counting(blocks, file)
+            for start, samples in windowing.stream_windows(counted, self.window, self.hop):
+                file.windows += 1
+                if file.windows > self.max_windows:
+                    yield TagError(name, "too many windows", f"more than {self.max_windows} windows at a hop of "
+                                                             f"{self.hop} samples")
+                    return
+                yield _Window(file, start, samples)
+        except audio_lib.ClipError as error:
+            yield TagError(name, error.reason, error.detail)
+            return
+        yield _Done(file)
+
+    def _flush(self, pending: list) -> Iterator:
+        windows = [item for item in pending if isinstance(item, _Window)]
+        outputs = self.scorer(np.stack([w.samples for w in windows])) if windows else {}
+        row = 0
+        for item in pending:
+            if isinstance(item, _Window):
+                probs = np.asarray(outputs["probs"][row])
+                frame_probs = np.asarray(outputs["frame_probs"][row]) if self.frames else None
+                row += 1
+                file = item.file
+                file.steps = 0 if frame_probs is None else frame_probs.shape[0]
+                file.non_finite |= not (np.isfinite(probs).all() and (frame_probs is None or np.isfinite(frame_probs).all()))
+                if file.total is None:
+                    file.total = probs.astype(np.float64)
+                elif self.aggregate == "max":
+                    file.total = np.maximum(file.total, probs)
+                else:
+                    file.total = file.total + probs
+                file.scored += 1
+                yield WindowScores(file.info.name, item.start / audio_lib.SAMPLE_RATE, probs, frame_probs)
+            elif isinstance(item, _Done):
+                yield self._scored(item.file)
+            else:
+                yield item
+
+    def _scored(self, file: _File) -> FileScored | TagError:
+        if file.non_finite:
+            return TagError(file.info.name, "non-finite scores", "the model gave NaN/Inf scores for this file")
+        clip_probs = file.total if self.aggregate == "max" else file.total / file.scored
+        info = file.info
+        audio = AudioInfo(info.name, info.sample_rate, info.channels, file.num_samples, info.clipped)
+        bounds = frame_bounds(self.model, file.steps) if self.frames else None
+        return FileScored(audio, file.windows, clip_probs.astype(np.float32), bounds)
+
+
+def _counting(blocks: Iterable[np.ndarray], file: _File) -> Iterator[np.ndarray]:
+    for block in blocks:
+        file.num_samples += block.shape[0]
+        yield block
+
+
+def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[TagError]]:
+    """Files named and audio files found (recursively, by extension) in folders named; a folder without
+    audio files is an error."""
+    files, errors = [], []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(os.path.join(root, name) for root, _, names in os.walk(item) for name in names
+                           if os.path.splitext(name)[1].lower() in AUDIO_EXTENSIONS and not name.startswith("."))
+            if not found:
+                errors.append(TagError(item, "no audio", "the folder holds no file with an audio extension"))
+            files.extend(found)
+        else:
+            files.append(item)
+    return files, errors
