@@ -1,5 +1,10 @@
 import argparse
+import errno
 import json
+import os
+import signal
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -47,8 +52,8 @@ def test_prepare_packs_good_clips_and_lists_skipped_ones(tmp_path, audioset_fold
     split = manifest["splits"]["balanced_train"]
     assert manifest["format"] == output_format and manifest["num_classes"] == 5
     assert split["num_clips"] == 8 and len(split["shards"]) == 4
-    assert split["skipped_by_reason"] == {reason: int(reason not in (audio.TRUNCATED, audio.CHANGED))
-                                          for reason in audio.SKIP_REASONS}
+    assert split["skipped_by_reason"] == {reason: 1 for reason in audio.SKIP_REASONS
+                                          if reason not in (audio.TRUNCATED, audio.CHANGED)}
     assert {s["id"]: s["reason"] for s in split["skipped"]} == {
         "missing_": "missing", "unreadable_": "unreadable", "empty_": "empty", "nonfinite_": "non-finite",
         "short_": "too short"}
@@ -140,3 +145,119 @@ def test_bad_inputs_exit_2_and_nothing_packed_exits_1(tmp_path, capsys):
                  "--output", tmp_path / "out2", "--no-progress")
     assert prepare.run(args) == 2
     assert "unknown class '/m/unknown'" in capsys.readouterr().err
+
+
+def _base(audio_dir, labels_csv, output, *extra):
+    return ["--audio-dir", audio_dir, "--labels", labels_csv, "--output", output, "--no-progress", *extra]
+
+
+def test_same_split_twice_refuses_with_a_lock_message(tmp_path, audioset_folder, capsys):
+    audio_dir, segments, labels_csv, _ = audioset_folder
+    output = tmp_path / "out"
+    output.mkdir()
+    args = parse(*_base(audio_dir, labels_csv, output, "--segments", segments, "--workers", 1))
+    # Another run holds the split's lock: the second refuses at once, naming the lock and the holder.
+    with prepare._locked(output / "balanced_train.lock", blocking=False, message="holder"):
+        assert prepare.run(args) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "being prepared by another run" in error
+    assert f"balanced_train.lock held by pid {os.getpid()}" in error
+    assert not (output / "manifest.json").exists()
+    assert prepare.run(args) == 0  # the lock died with its holder
+
+
+def test_runs_of_two_splits_at_once_both_reach_the_manifest(tmp_path, audioset_folder, monkeypatch):
+    """Split B is prepared from start to end while split A is writing its first shard; A's manifest update
+    must keep B's entry (it re-reads the manifest under the manifest lock)."""
+    audio_dir, segments, labels_csv, rows = audioset_folder
+    output = tmp_path / "out"
+    eval_csv = write_segments_csv(tmp_path / "eval_segments.csv", rows[:2])
+    write = prepare._ShardPlan.write
+    started = []
+
+    def write_while_another_split_runs(plan, *args, **kwargs):
+        if not started and plan.summary_path.name.startswith("balanced_train"):
+            started.append(True)
+            assert prepare.run(parse(*_base(audio_dir, labels_csv, output, "--segments", eval_csv,
+                                            "--workers", 1))) == 0
+        return write(plan, *args, **kwargs)
+
+    monkeypatch.setattr(prepare._ShardPlan, "write", write_while_another_split_runs)
+    assert prepare.run(parse(*_base(audio_dir, labels_csv, output, "--segments", segments, "--workers", 1))) == 0
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert sorted(manifest["splits"]) == ["balanced_train", "eval"]
+    assert manifest["splits"]["eval"]["num_clips"] == 2 and manifest["splits"]["balanced_train"]["num_clips"] == 8
+
+
+def test_disk_full_keeps_finished_shards_and_manifest_and_a_rerun_resumes(tmp_path, audioset_folder, monkeypatch,
+                                                                         capsys):
+    audio_dir, segments, labels_csv, rows = audioset_folder
+    output = tmp_path / "out"
+    eval_csv = write_segments_csv(tmp_path / "eval_segments.csv", rows[:2])
+    assert prepare.run(parse(*_base(audio_dir, labels_csv, output, "--segments", eval_csv, "--workers", 1))) == 0
+    manifest_before = (output / "manifest.json").read_bytes()
+    args = parse(*_base(audio_dir, labels_csv, output, "--segments", segments, "--workers", 1, "--shard-size", 4))
+    add = prepare._ShardWriter.add
+    written = []
+
+    def fill_the_disk(writer, *a):
+        if len(written) == 5:  # shard 0 (4 clips) is finished; the disk fills during shard 1
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(writer._path))
+        written.append(a[0])
+        return add(writer, *a)
+
+    monkeypatch.setattr(prepare._ShardWriter, "add", fill_the_disk)
+    assert prepare.run(args) == 3
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "No space left on device" in error and "re-run" in error
+    assert (output / "manifest.json").read_bytes() == manifest_before
+    finished = output / "balanced_train-00000-of-00004.array_record"
+    assert finished.is_file() and (output / "balanced_train-00000-of-00004.json").is_file()
+    assert not list(output.glob("*.partial*"))  # the unfinished shard's temporary file is removed
+    stamp = finished.stat().st_mtime_ns
+
+    monkeypatch.setattr(prepare._ShardWriter, "add", add)
+    assert prepare.run(args) == 0
+    assert finished.stat().st_mtime_ns == stamp  # resumed, not redone
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert sorted(manifest["splits"]) == ["balanced_train", "eval"]
+    assert manifest["splits"]["balanced_train"]["num_clips"] == 8
+
+
+def _worker_pids() -> list[int]:
+    """Spawned multiprocessing children of this process (not its resource tracker)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as file:
+                parent = int(file.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as file:
+                command = file.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == os.getpid() and b"spawn_main" in command:
+            pids.append(int(entry))
+    return pids
+
+
+def test_a_killed_worker_is_an_error_not_a_hang(tmp_path, audioset_folder, capsys):
+    """SIGKILL of a decoding worker (what the out-of-memory killer sends) ends the run with one line."""
+    audio_dir, segments, labels_csv, _ = audioset_folder
+    output = tmp_path / "out"
+    args = parse(*_base(audio_dir, labels_csv, output, "--segments", segments, "--workers", 2))
+    result = {}
+    runner = threading.Thread(target=lambda: result.setdefault("code", prepare.run(args)), daemon=True)
+    runner.start()
+    deadline = time.monotonic() + 60
+    while not (workers := _worker_pids()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert workers, "no decoding worker started"
+    os.kill(workers[0], signal.SIGKILL)
+    runner.join(timeout=120)
+    assert not runner.is_alive(), "prepare hangs after a worker was killed"
+    assert result["code"] == 3
+    error = capsys.readouterr().err.strip()
+    assert "decoding worker died" in error and error.count("\n") == 0
+    assert not list(output.glob("*.partial*"))

@@ -3,7 +3,14 @@
 Clips are split, in CSV order, into shards of `--shard-size`. A shard is finished when its summary
 `{split}-{k}-of-{n}.json` exists (written after the data file is complete and renamed into place), so re-running
 on the same output skips finished shards and redoes the rest. A clip that cannot be used is skipped and listed
-in the manifest with its reason; it never stops the run.
+in the manifest with its reason; it never stops the run. Only the first 10 s of each file are read.
+
+Several runs may share one output: each holds a lock on its split (`{split}.lock`, an flock that dies with the
+process), so a second run of the same split refuses to start, and the manifest is updated under
+`manifest.lock` (re-read, this split's entry set, written), so runs of different splits all end up in it.
+Temporary files carry the process id; every file is fsynced before its rename into place (a power cut leaves
+the old or the new file, never a torn one). A full disk or a dead decoding worker (e.g. killed by the
+out-of-memory killer) stops the run with one line; finished shards stay, and a re-run resumes.
 
 Outputs (OUT/):
   manifest.json                    formats, per split: shards, clip counts, per-class counts, skipped clips
@@ -16,6 +23,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
+import contextlib
+import fcntl
 import hashlib
 import json
 import multiprocessing
@@ -55,21 +65,55 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Exit code: 0 when the split was packed, 1 when no clip could be packed, 2 on bad inputs."""
+    """Exit code: 0 when the split was packed, 1 when no clip could be packed, 2 on bad inputs or a split being
+    prepared by another run, 3 when writing failed (e.g. disk full) or a decoding worker died."""
     try:
         split_manifest = prepare_split(
             audio_dir=args.audio_dir, clip_list_csv=args.segments, labels_csv=args.labels, output=args.output,
             split=args.split, output_format=args.format, workers=args.workers, shard_size=args.shard_size,
             waveform_encoding=args.waveform_encoding, min_seconds=args.min_seconds, progress=not args.no_progress,
         )
-    except (labels_lib.LabelFileError, FileNotFoundError, FileExistsError, ValueError) as error:
+    except (labels_lib.LabelFileError, FileNotFoundError, FileExistsError, ValueError, SplitLocked) as error:
         print(f"prepare: error: {error}", file=sys.stderr)
         return 2
+    except (OSError, WorkerDied) as error:  # disk full, a dead worker: finished shards stay, a re-run resumes
+        print(f"prepare: error: {error}; finished shards are kept, re-run the same command to resume",
+              file=sys.stderr)
+        return 3
     skipped = split_manifest["skipped_by_reason"]
     print(f"prepare: split {split_manifest['name']}: packed {split_manifest['num_clips']} clips in "
           f"{len(split_manifest['shards'])} shards, skipped {sum(skipped.values())} {dict(skipped)}; "
           f"manifest {pathlib.Path(args.output) / MANIFEST}")
     return 0 if split_manifest["num_clips"] > 0 else 1
+
+
+class SplitLocked(Exception):
+    """Another process is preparing the same split into the same output."""
+
+
+class WorkerDied(Exception):
+    """A decoding worker process died (killed by a signal, e.g. by the out-of-memory killer)."""
+
+
+@contextlib.contextmanager
+def _locked(path: pathlib.Path, blocking: bool, message: str):
+    """An exclusive flock on ``path`` (created, holding our pid; never deleted: removing a lock file races with
+    another process opening it). The kernel drops the lock when the process dies."""
+    with open(path, "a+") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().strip() or "unknown"
+            raise SplitLocked(f"{message} (lock {path} held by pid {holder})") from None
+        file.seek(0)
+        file.truncate()
+        file.write(str(os.getpid()))
+        file.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(file, fcntl.LOCK_UN)
 
 
 def default_split_name(clip_list_csv: str | os.PathLike) -> str:
@@ -89,9 +133,18 @@ def prepare_split(*, audio_dir, clip_list_csv, labels_csv, output, split=None, o
     split = split or default_split_name(clip_list_csv)
     output = pathlib.Path(output)
     output.mkdir(parents=True, exist_ok=True)
+    with _locked(output / f"{split}.lock", blocking=False,
+                 message=f"split {split!r} of {output} is being prepared by another run"):
+        return _prepare_locked(audio_dir, clip_list_csv, labels_csv, output, split, output_format, workers,
+                               shard_size, waveform_encoding, min_seconds, progress)
+
+
+def _prepare_locked(audio_dir, clip_list_csv, labels_csv, output, split, output_format, workers, shard_size,
+                    waveform_encoding, min_seconds, progress) -> dict:
     class_labels = labels_lib.read_class_labels(labels_csv)
-    _adopt_labels(output, labels_csv, class_labels)
-    manifest = _read_manifest(output, output_format, class_labels.num_classes)
+    with _locked(output / "manifest.lock", blocking=True, message="manifest"):
+        _adopt_labels(output, labels_csv, class_labels)
+        _read_manifest(output, output_format, class_labels.num_classes)  # checks the format before any work
 
     entries = labels_lib.read_clip_list(clip_list_csv, class_labels)
     folder_index = sources.index_audio_folder(audio_dir)
@@ -121,14 +174,16 @@ def prepare_split(*, audio_dir, clip_list_csv, labels_csv, output, split=None, o
     finally:
         bar.close()
         if pool is not None:
-            pool.close()
-            pool.join()
+            pool.shutdown(cancel_futures=True)
 
     if output_format == "hdf5":
         _write_pann_index(output, split, summaries, class_labels.num_classes)
     split_manifest = _split_manifest(split, clip_list_csv, summaries, class_labels, output_format)
-    manifest["splits"][split] = split_manifest
-    _atomic_write_text(output / MANIFEST, json.dumps(manifest, indent=1))
+    with _locked(output / "manifest.lock", blocking=True, message="manifest"):
+        # Re-read under the lock: another split's run may have written the manifest since this one started.
+        manifest = _read_manifest(output, output_format, class_labels.num_classes)
+        manifest["splits"][split] = split_manifest
+        _atomic_write_text(output / MANIFEST, json.dumps(manifest, indent=1))
     return split_manifest
 
 
@@ -140,7 +195,9 @@ def _adopt_labels(output: pathlib.Path, labels_csv, class_labels: labels_lib.Cla
         if existing.mids != class_labels.mids:
             raise ValueError(f"{labels_csv} differs from {copy} already in the output; use a new output folder")
     else:
-        shutil.copyfile(labels_csv, copy)
+        temporary = copy.with_name(f"{copy.name}.{os.getpid()}.partial")
+        shutil.copyfile(labels_csv, temporary)
+        _fsync_replace(temporary, copy)
 
 
 def _read_manifest(output: pathlib.Path, output_format: str, num_classes: int) -> dict:
@@ -158,7 +215,9 @@ def _make_pool(workers: int):
     if workers == 1:
         return None
     # spawn, not fork: the parent may hold JAX/grain threads, and forking a threaded process can deadlock.
-    return multiprocessing.get_context("spawn").Pool(workers)
+    # A process pool executor, not multiprocessing.Pool: when a worker dies, Pool waits forever for its task;
+    # the executor fails every pending task with BrokenProcessPool.
+    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
 
 def _decode(task: tuple[str, str | None, float]) -> tuple[str, np.ndarray | None, str, str]:
@@ -199,26 +258,34 @@ class _ShardPlan:
 
     def write(self, pool, class_labels, waveform_encoding, min_seconds, bar) -> dict:
         tasks = [(e.clip_id, p, min_seconds) for e, p in zip(self.entries, self.paths)]
-        results = pool.imap(_decode, tasks, chunksize=4) if pool is not None else map(_decode, tasks)
+        results = pool.map(_decode, tasks, chunksize=4) if pool is not None else map(_decode, tasks)
         class_indices = {e.clip_id: e.class_indices for e in self.entries}
         kept_ids, kept_targets, skipped = [], [], []
-        temporary = self.output / (self.data_name + ".partial")
-        with _ShardWriter(temporary, self.output_format, waveform_encoding, class_labels.num_classes) as writer:
-            for clip_id, waveform, reason, detail in results:
-                bar.update(1)
-                if waveform is None:
-                    skipped.append({"id": clip_id, "reason": reason, "detail": detail})
-                    continue
-                writer.add(clip_id, class_indices[clip_id], waveform)
-                kept_ids.append(clip_id)
-                kept_targets.append(class_indices[clip_id])
-        os.replace(temporary, self.output / self.data_name)
+        temporary = self.output / f"{self.data_name}.{os.getpid()}.partial"
+        try:
+            with _ShardWriter(temporary, self.output_format, waveform_encoding, class_labels.num_classes) as writer:
+                for clip_id, waveform, reason, detail in results:
+                    bar.update(1)
+                    if waveform is None:
+                        skipped.append({"id": clip_id, "reason": reason, "detail": detail})
+                        continue
+                    writer.add(clip_id, class_indices[clip_id], waveform)
+                    kept_ids.append(clip_id)
+                    kept_targets.append(class_indices[clip_id])
+        except concurrent.futures.process.BrokenProcessPool:
+            temporary.unlink(missing_ok=True)
+            raise WorkerDied(f"a decoding worker died (killed by a signal, e.g. the out-of-memory killer) while "
+                             f"packing {self.data_name}") from None
+        except BaseException:
+            temporary.unlink(missing_ok=True)  # ours, and unfinished (e.g. the disk filled up)
+            raise
+        _fsync_replace(temporary, self.output / self.data_name)
         targets = labels_lib.multi_hot_matrix(
             [labels_lib.ClipEntry(i, t) for i, t in zip(kept_ids, kept_targets)], class_labels.num_classes)
         if self.index_name is not None:
-            index_temporary = self.output / (self.index_name + ".partial.npz")
+            index_temporary = self.output / f"{self.index_name}.{os.getpid()}.partial.npz"
             np.savez(index_temporary, ids=np.array(kept_ids, dtype=str), targets=targets)
-            os.replace(index_temporary, self.output / self.index_name)
+            _fsync_replace(index_temporary, self.output / self.index_name)
         summary = {
             "data": self.data_name, "index": self.index_name, "num_clips": len(kept_ids),
             "class_counts": targets.sum(axis=0).tolist(), "skipped": skipped, "plan_hash": self.plan_hash,
@@ -284,13 +351,13 @@ def _write_pann_index(output: pathlib.Path, split: str, summaries: list[dict], n
             targets.append(f["target"][:])
         files.extend([summary["data"]] * n)
         rows.extend(range(n))
-    temporary = output / f"{split}_index.h5.partial"
+    temporary = output / f"{split}_index.h5.{os.getpid()}.partial"
     with h5py.File(temporary, "w") as f:
         f.create_dataset("audio_name", data=np.array(names, dtype=object), dtype=h5py.string_dtype())
         f.create_dataset("target", data=np.concatenate(targets) if targets else np.zeros((0, num_classes), bool))
         f.create_dataset("hdf5_path", data=np.array(files, dtype=object), dtype=h5py.string_dtype())
         f.create_dataset("index_in_hdf5", data=np.array(rows, dtype=np.int64))
-    os.replace(temporary, output / f"{split}_index.h5")
+    _fsync_replace(temporary, output / f"{split}_index.h5")
 
 
 def _split_manifest(split, clip_list_csv, summaries, class_labels, output_format) -> dict:
@@ -311,7 +378,23 @@ def _split_manifest(split, clip_list_csv, summaries, class_labels, output_format
     }
 
 
+def _fsync_replace(temporary: pathlib.Path, final: pathlib.Path) -> None:
+    """Flush ``temporary`` to disk, rename it to ``final`` and flush the folder (the rename itself)."""
+    with open(temporary, "rb+") as file:
+        os.fsync(file.fileno())
+    os.replace(temporary, final)
+    folder = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
 def _atomic_write_text(path: pathlib.Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".partial")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    try:
+        temporary.write_text(text)
+        _fsync_replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
