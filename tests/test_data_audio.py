@@ -110,3 +110,92 @@ def test_sox_made_long_ogg_is_cropped(tmp_path):
     window = 4096  # 0.128 s: the sweep moves 14 Hz, the bins are 7.8 Hz wide
     assert dominant_frequency(clip[:window]) == pytest.approx(300.0 + 108.0 * 0.064, abs=16.0)
     assert dominant_frequency(clip[-window:]) == pytest.approx(1380.0 - 108.0 * 0.064, abs=16.0)
+
+
+# ------------------------------------------------------------------------------------- streaming and spans
+
+def test_stream_equals_decoding_the_whole_file(tmp_path):
+    rng = np.random.default_rng(0)
+    stereo = (0.3 * rng.standard_normal((100_003, 3))).astype(np.float32)
+    path = tmp_path / "three.flac"
+    soundfile.write(path, stereo, 44_100, subtype="PCM_24")
+    samples, rate = audio.decode(path)
+    whole = audio.to_mono(samples, rate, min_seconds=0.0)
+    info, blocks = audio.stream_mono(path, block_frames=4_096)
+    streamed = np.concatenate(list(blocks))
+    np.testing.assert_allclose(streamed, whole, atol=1e-6)
+    assert (info.sample_rate, info.channels, info.frames_read, info.clipped) == (44_100, 3, 100_003, 0)
+
+
+def test_read_span_reads_only_its_span(tmp_path):
+    signal = tone(30.0, 16_000, 440.0)
+    path = tmp_path / "long.wav"
+    soundfile.write(path, signal, 16_000, subtype="FLOAT")
+    span, rate = audio.read_span(path, 12.5, 2.0)
+    assert rate == 16_000
+    np.testing.assert_array_equal(span, signal[200_000:232_000])
+    # A file cut off mid-copy (its header declares more): every read is refused, naming the file.
+    data = path.read_bytes()
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(data[: len(data) - 10 * 16_000 * 4])
+    for read in (audio.load_clip, audio.stream_mono):
+        with pytest.raises(audio.ClipError) as error:
+            read(cut)
+        assert error.value.reason == audio.TRUNCATED and str(cut) in str(error.value)
+
+
+def _wav_with_data_size(path, size):
+    data = bytearray(path.read_bytes())
+    at = data.find(b"data")
+    data[at + 4 : at + 8] = int(size).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+
+
+def test_a_header_claiming_2_31_frames_is_an_error_naming_the_file(tmp_path):
+    path = tmp_path / "liar.wav"
+    soundfile.write(path, tone(1.0, 16_000, 440.0), 16_000, subtype="PCM_U8")  # 1 byte per frame: 2^31 frames fit the field
+    _wav_with_data_size(path, 2**31)
+    for read in (audio.load_clip, audio.decode, audio.stream_mono):
+        with pytest.raises(audio.ClipError) as error:
+            read(path)
+        assert error.value.reason == audio.TRUNCATED
+        assert str(path) in str(error.value) and "2147483648" in str(error.value)
+
+
+def test_a_file_changed_while_read_is_an_error(tmp_path):
+    path = tmp_path / "growing.wav"
+    soundfile.write(path, tone(5.0, 16_000, 440.0), 16_000)
+    info, blocks = audio.stream_mono(path, block_frames=1_000)
+    next(blocks)
+    with open(path, "ab") as file:  # e.g. a recorder still writing it
+        file.write(b"\0" * 100)
+    with pytest.raises(audio.ClipError) as error:
+        list(blocks)
+    assert error.value.reason == audio.CHANGED and str(path) in str(error.value)
+
+
+def test_huge_finite_samples_are_clipped_and_counted(tmp_path):
+    signal = tone(2.0, 16_000, 440.0, channels=2)
+    signal[1000:1010] = 1e20
+    signal[2000:2003, 1] = -3e38  # the mean of two such channels would overflow to -inf without the clip
+    signal[2000:2003, 0] = -3e38
+    path = tmp_path / "loud.wav"
+    soundfile.write(path, signal, 16_000, subtype="FLOAT")
+    info, blocks = audio.stream_mono(path)
+    mono = np.concatenate(list(blocks))
+    # Clipped to [-1, 1] before the downmix; resampling the resulting steps overshoots (Gibbs), boundedly.
+    assert np.isfinite(mono).all() and np.abs(mono).max() < 1.5
+    assert info.clipped == 26
+
+
+def test_silence_streams_but_an_empty_file_does_not(tmp_path):
+    silent = tmp_path / "silent.wav"
+    soundfile.write(silent, np.zeros(16_000, np.float32), 16_000)
+    info, blocks = audio.stream_mono(silent)
+    assert not np.concatenate(list(blocks)).any() and info.frames_read == 16_000
+    empty = tmp_path / "empty.wav"
+    soundfile.write(empty, np.zeros((0, 1), np.float32), 16_000)
+    info, blocks = audio.stream_mono(empty)
+    with pytest.raises(audio.ClipError) as error:
+        list(blocks)
+    assert error.value.reason == audio.EMPTY and str(empty) in str(error.value)
