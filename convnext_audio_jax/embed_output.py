@@ -136,10 +136,10 @@ class EmbeddingStore:
                     np.lib.format.write_array(member, value, allow_pickle=False)
         del arrays
         _fsync_replace(temporary, self.output)
-        self._remove_parts()
+        self.remove_parts()
         return embedded, rows, row_shape
 
-    def _remove_parts(self) -> None:
+    def remove_parts(self) -> None:
         """Remove the parts folder: only the names this module writes, and the folder only if that empties it."""
         for name in os.listdir(self.parts):
             if re.fullmatch(r"[0-9a-f]{24}(\.[0-9]+)?\.(npy|json|raw|npy\.tmp|json\.tmp)", name):

@@ -277,6 +277,7 @@ def run_embed(args: argparse.Namespace) -> int:
         except ValueError as error:
             print(f"embed: skipped {path}: {str(error).removeprefix(path + ': ')}", file=sys.stderr)
     if not any(path in store.done for path in files):
+        store.remove_parts()
         print(f"embed: no file could be embedded ({len(files)} files)", file=sys.stderr)
         return 1
     embedded, windows, row_shape = store.finish(files)

@@ -4,6 +4,7 @@ inputs and the tag/embed commands."""
 import csv
 import io
 import json
+import os
 
 import flax.linen as nn
 import jax
@@ -250,3 +251,168 @@ def test_embeddings_and_hear_api(burst_detector, checkpoint, freedesktop_recordi
     assert cli.main(["embed", str(tmp_path / "none.wav"), "--checkpoint", str(checkpoint), "--output",
                      str(output), "--no-progress"]) == 1
     assert "none.wav: missing" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- adversarial
+
+def _write(path, seconds, rate=SR, seed=0, channels=1, subtype="PCM_16"):
+    signal = np.stack([quiet_noise(seconds, rate, seed + c) for c in range(channels)], axis=1)
+    soundfile.write(path, signal, rate, subtype=subtype)
+    return str(path)
+
+
+def test_bad_hops_and_window_counts_are_one_line_errors(checkpoint, tmp_path, capsys):
+    wav = _write(tmp_path / "a.wav", 1.0)
+    for argv in (["tag", wav, "--hop", "1e-9"], ["tag", wav, "--hop", "nan"],
+                 ["embed", wav, "--hop", "0", "--output", str(tmp_path / "e.npz")],
+                 ["embed", wav, "--hop", "-2", "--output", str(tmp_path / "e.npz")]):
+        assert cli.main([*argv, "--checkpoint", str(checkpoint), "--no-progress"]) == 2
+        error = capsys.readouterr().err.strip()
+        assert "\n" not in error and "--hop" in error, error
+    assert not (tmp_path / "e.npz.parts").exists()
+    long = _write(tmp_path / "long.wav", 60.0, rate=8_000)  # 51 windows at a 1 s hop
+    for command in (["tag"], ["embed", "--output", str(tmp_path / "e.npz")]):
+        code = cli.main([*command, long, "--hop", "1", "--max-windows", "50", "--checkpoint", str(checkpoint),
+                         "--no-progress"])
+        assert code == 1
+        assert f"{long}: too many windows" in capsys.readouterr().err or command[0] == "embed"
+
+
+def test_huge_samples_silence_and_empty_files(checkpoint, tmp_path, capsys):
+    loud = np.stack([quiet_noise(12, 16_000, 1), quiet_noise(12, 16_000, 2)], axis=1)
+    loud[5_000:5_100] = 1e20
+    loud[90_000:90_010] = -3e38
+    loud_path = tmp_path / "loud.wav"
+    soundfile.write(loud_path, loud, 16_000, subtype="FLOAT")
+    silent = _write(tmp_path / "silent.wav", 3.0)
+    soundfile.write(silent, np.zeros(3 * SR, np.int16), SR)
+    empty = tmp_path / "empty.wav"
+    soundfile.write(empty, np.zeros((0, 1), np.float32), SR)
+    assert cli.main(["tag", str(loud_path), silent, str(empty), "--checkpoint", str(checkpoint), "--format", "jsonl",
+                     "--frames", "--all-scores", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "NaN" not in captured.out and "Infinity" not in captured.out
+    loud_record, silent_record = map(json.loads, captured.out.splitlines())
+    assert loud_record["file"] == str(loud_path) and loud_record["clipped_samples"] == 2 * 110
+    assert silent_record["file"] == silent and silent_record["num_windows"] == 1
+    for record in (loud_record, silent_record):
+        scores = [*record["scores"].values(), *(s for f in record["frames"] for s in f["scores"].values())]
+        assert all(0.0 <= s <= 1.0 for s in scores)
+    assert f"{empty}: empty" in captured.err
+
+
+def test_tag_output_survives_a_crash_and_resumes(checkpoint, tmp_path, monkeypatch, capsys):
+    files = [_write(tmp_path / f"{n}.wav", seconds, seed=n) for n, seconds in enumerate([3.0, 17.0, 4.0])]
+    base = ["tag", *files, "--checkpoint", str(checkpoint), "--format", "jsonl", "--frames", "--no-progress"]
+    reference = tmp_path / "reference.jsonl"
+    assert cli.main([*base, "--output", str(reference)]) == 0
+
+    output = tmp_path / "tags.jsonl"
+    record_chunks = inference.record_chunks
+
+    def crash_in_the_second_record(*args):
+        chunks = record_chunks(*args)
+        if args[1].audio.name == files[1]:
+            yield next(chunks)  # a torn record: part of it written, then the process dies
+            raise KeyboardInterrupt
+        yield from chunks
+
+    monkeypatch.setattr(inference, "record_chunks", crash_in_the_second_record)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main([*base, "--output", str(output)])
+    first_line = reference.read_text().splitlines(keepends=True)[0]
+    assert output.read_text().startswith(first_line) and len(output.read_text()) > len(first_line)
+
+    monkeypatch.setattr(inference, "record_chunks", record_chunks)
+    capsys.readouterr()
+    assert cli.main([*base, "--output", str(output), "--resume"]) == 0
+    assert "1 files already in" in capsys.readouterr().err
+    assert output.read_text() == reference.read_text()
+
+
+def test_embed_survives_a_crash_and_resumes(checkpoint, tmp_path, monkeypatch):
+    files = [_write(tmp_path / f"{n}.wav", seconds, seed=n) for n, seconds in enumerate([3.0, 14.0, 4.0])]
+    base = ["embed", *files, "--checkpoint", str(checkpoint), "--kind", "scene", "--no-progress"]
+    assert cli.main([*base, "--output", str(tmp_path / "reference.npz")]) == 0
+    embed_file = inference._embed_file
+
+    def crash_at_the_third_file(path, *args):
+        if path == files[2]:
+            raise KeyboardInterrupt
+        return embed_file(path, *args)
+
+    monkeypatch.setattr(inference, "_embed_file", crash_at_the_third_file)
+    output = tmp_path / "emb.npz"
+    with pytest.raises(KeyboardInterrupt):
+        cli.main([*base, "--output", str(output)])
+    assert not output.exists() and len(list((tmp_path / "emb.npz.parts").glob("*.json"))) == 2
+    monkeypatch.setattr(inference, "_embed_file", embed_file)
+    assert cli.main([*base, "--output", str(output)]) == 2  # the parts are not silently overwritten
+    assert cli.main([*base, "--output", str(output), "--resume"]) == 0
+    with np.load(output) as resumed, np.load(tmp_path / "reference.npz") as reference:
+        for key in ("embeddings", "file_index", "window_start_s", "files"):
+            np.testing.assert_array_equal(resumed[key], reference[key])
+        assert resumed["window_start_s"].tolist() == [0.0, 0.0, 4.0, 0.0]
+
+
+_BOUNDED_TAG = r"""
+import json, resource, sys
+import numpy as np
+from convnext_audio_jax import cli
+from convnext_audio_jax.data import audio
+
+checkpoint, short, long, out, headroom = sys.argv[1:6]
+base = ["--checkpoint", checkpoint, "--hop", "300", "--format", "jsonl", "--frames", "--all-scores",
+        "--no-progress"]
+assert cli.main(["tag", short, *base, "--output", out + ".warm"]) == 0  # compiles, fills the allocator's arenas
+
+def vm(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+
+limit = vm("VmSize") + int(headroom)
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+code = cli.main(["tag", long, *base, "--output", out])
+# The whole-file route under the same limit: decode, downmix and resample the hour at once, then the
+# zero-padded copy windows were cut from.
+try:
+    samples, rate = audio.decode(long)
+    mono = audio.to_mono(samples, rate, min_seconds=0.0)
+    padded = np.zeros(mono.shape[0] + 1, np.float32)
+    padded[:-1] = mono
+    whole_file = "fitted"
+except MemoryError:
+    whole_file = "MemoryError"
+print(json.dumps({"code": code, "limit": limit, "whole_file": whole_file, "peak": vm("VmPeak")}))
+"""
+
+
+def test_an_hour_is_tagged_under_an_address_space_limit(checkpoint, tmp_path):
+    """1 h of 8 kHz audio (resampled to 32 kHz while read), tagged with --frames --all-scores in a process whose
+    address space may grow only 400 MB past its size after tagging a short file. The whole-file route needs
+    2 × 4 B × 32 kHz × 3600 s = 922 MB for the resampled hour and its padded copy (plus the decoded file), and
+    fails under the same limit."""
+    import subprocess
+    import sys
+
+    long = tmp_path / "hour.wav"
+    rate = 8_000
+    with soundfile.SoundFile(long, "w", rate, 1, "PCM_16") as file:
+        for minute in range(60):
+            file.write(quiet_noise(60, rate, seed=minute))
+    short = _write(tmp_path / "short.wav", 2.0)
+    out = tmp_path / "hour.jsonl"
+    headroom = 400 << 20
+    # One CPU device: eight simulated ones start collective threads that an address-space limit can starve.
+    env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "").replace(
+        "--xla_force_host_platform_device_count=8", "")}
+    run = subprocess.run([sys.executable, "-c", _BOUNDED_TAG, str(checkpoint), short, str(long), str(out),
+                          str(headroom)], capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["code"] == 0 and result["whole_file"] == "MemoryError", (result, run.stderr[-2000:])
+    (record,) = map(json.loads, out.read_text().splitlines())
+    assert record["duration_s"] == pytest.approx(3600.0) and record["num_windows"] == 13
+    assert [w["start"] for w in record["windows"]][-2:] == [3300.0, 3590.0]
+    assert len(record["frames"]) == 13 * 31 and record["sample_rate"] == rate
