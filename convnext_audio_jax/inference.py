@@ -25,7 +25,8 @@ from convnext_audio_jax.data import audio as audio_lib
 from convnext_audio_jax.data import labels as labels_lib
 from convnext_audio_jax.embed_output import EmbeddingStore
 from convnext_audio_jax.forward import ShardedForward
-from convnext_audio_jax.tag_output import OUTPUT_FORMATS, FileSpool, RecordSink, file_report, record_chunks
+from convnext_audio_jax.tag_output import (  # noqa: F401  (file_report re-exported)
+    OUTPUT_FORMATS, FileSpool, RecordSink, file_report, record_chunks)
 from convnext_audio_jax.tagging import (  # noqa: F401  (re-exported: the library API of this module)
     AGGREGATIONS, AUDIO_EXTENSIONS, DEFAULT_HOP_SECONDS, AudioInfo, FileScored, FileStarted, TaggedFile, TagError,
     Tagger, WindowScores, expand_inputs, frame_bounds, frame_grid, frame_logits, merge_events, sequence_of)

@@ -1,4 +1,4 @@
-"""Decoding audio files: one clip (any soundfile/librosa format → mono, 32 kHz, 10 s, int16) for preparation and
+"""Decoding audio files: one clip (any soundfile/audioread format → mono, 32 kHz, 10 s, int16) for preparation and
 training, and a file of any length as a stream of mono 32 kHz blocks for tagging and embeddings.
 
 Every failure raises `ClipError` with one of the reasons in `SKIP_REASONS`, so that preparation and loading can
