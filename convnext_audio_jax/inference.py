@@ -26,7 +26,7 @@ from convnext_audio_jax.data import labels as labels_lib
 from convnext_audio_jax.embed_output import EmbeddingStore
 from convnext_audio_jax.forward import ShardedForward
 from convnext_audio_jax.tag_output import (  # noqa: F401  (file_report re-exported)
-    OUTPUT_FORMATS, FileSpool, RecordSink, file_report, record_chunks)
+    OUTPUT_FORMATS, RESUMABLE_FORMATS, FileSpool, RecordSink, file_report, record_chunks)
 from convnext_audio_jax.tagging import (  # noqa: F401  (re-exported: the library API of this module)
     AGGREGATIONS, AUDIO_EXTENSIONS, DEFAULT_HOP_SECONDS, AudioInfo, FileScored, FileStarted, TaggedFile, TagError,
     Tagger, WindowScores, expand_inputs, frame_bounds, frame_grid, frame_logits, merge_events, sequence_of)
@@ -83,14 +83,17 @@ def run_tag(args: argparse.Namespace) -> int:
 
     if args.top_k < 1:
         raise ValueError(f"--top-k must be ≥ 1, got {args.top_k}")
-    windowing.hop_samples(args.hop, audio_lib.SAMPLE_RATE)  # a bad --hop fails before the model loads
+    windowing.hop_samples(args.hop, audio_lib.SAMPLE_RATE)  # bad options fail before the model loads
+    if args.resume and (args.output is None or args.format not in RESUMABLE_FORMATS):
+        raise ValueError(f"--resume needs --output and --format {' or '.join(RESUMABLE_FORMATS)}")
+    model, variables, metadata = load_model(args.checkpoint)
+    names = class_names_for(metadata, model.num_classes, args.labels)
+    files, errors = expand_inputs(args.inputs)
+    for error in errors:
+        print(f"tag: skipped {error.line()}", file=sys.stderr)
+    # Opened once the model has loaded: a bad checkpoint does not replace an existing output.
     sink = RecordSink(args.output, args.format, args.resume)
     try:
-        model, variables, metadata = load_model(args.checkpoint)
-        names = class_names_for(metadata, model.num_classes, args.labels)
-        files, errors = expand_inputs(args.inputs)
-        for error in errors:
-            print(f"tag: skipped {error.line()}", file=sys.stderr)
         todo = [path for path in files if path not in sink.done]
         if len(todo) < len(files):
             print(f"tag: {len(files) - len(todo)} files already in {args.output}", file=sys.stderr)
