@@ -24,34 +24,26 @@ import argparse
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
-import http.client
 import importlib.util
 import json
 import os
 import pathlib
 import sys
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
-import tqdm
-
 # The converter's Python API: the one import of it in this module.
 from convert import ConversionError, convert_state_dict, load_torch_state_dict, read_labels
-from convnext_audio_jax.checkpoint import CheckpointError, load_model, read_metadata, save_model
+from convnext_audio_jax import download
+# A module reference, not names: checkpoint.resolve_model_dir may import this module while checkpoint loads.
+from convnext_audio_jax import checkpoint
 from convnext_audio_jax.models import create_model
 
 CACHE_ENV = "CONVNEXT_AUDIO_CACHE"
 OFFLINE_ENV = "CONVNEXT_AUDIO_OFFLINE"
 MIRROR_ENV = "CONVNEXT_AUDIO_MIRROR"
 REGISTRY_ENV = "CONVNEXT_AUDIO_REGISTRY"
-TIMEOUT_S = 60.0  # per socket operation, not per file
-ATTEMPTS = 3  # a broken connection is resumed with an HTTP Range request this many times in all
-CHUNK = 1 << 20
 
 
 class PretrainedError(ValueError):
@@ -204,27 +196,8 @@ def is_offline(offline: bool | None = None) -> bool:
 # ------------------------------------------------------------------------------------------ files
 
 
-def file_digests(path: pathlib.Path) -> dict[str, str]:
-    md5, sha256 = hashlib.md5(), hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(CHUNK):
-            md5.update(chunk)
-            sha256.update(chunk)
-    return {"md5": md5.hexdigest(), "sha256": sha256.hexdigest()}
-
-
 def _mismatch(source: Source, path: pathlib.Path) -> str | None:
-    """What does not match the published size/checksums, or None."""
-    if source.size is not None and path.stat().st_size != source.size:
-        return f"{path.stat().st_size} bytes, {source.size} published"
-    if source.md5 is None and source.sha256 is None:
-        return None
-    digests = file_digests(path)
-    for algorithm in ("md5", "sha256"):
-        want = getattr(source, algorithm)
-        if want is not None and digests[algorithm] != want.lower():
-            return f"{algorithm} {digests[algorithm]}, {want} published"
-    return None
+    return download.mismatch(path, size=source.size, md5=source.md5, sha256=source.sha256)
 
 
 def _download_url(source: Source) -> str:
@@ -234,42 +207,6 @@ def _download_url(source: Source) -> str:
     if source.url is None:
         raise PretrainedError(f"{source.where} has no download URL")
     return source.url
-
-
-def _stream(url: str, part: pathlib.Path, label: str) -> None:
-    """Appends the rest of ``url`` to ``part`` (HTTP Range from its current size), retrying a broken
-    connection; ``part`` keeps what arrived when every attempt fails."""
-    failure = None
-    for attempt in range(ATTEMPTS):
-        have = part.stat().st_size if part.exists() else 0
-        headers = {"User-Agent": "convnext-audio-jax", **({"Range": f"bytes={have}-"} if have else {})}
-        try:
-            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_S) as response:
-                if have and response.status != 206:  # the server ignored the range: start again
-                    have = 0
-                length = response.headers.get("Content-Length")
-                total = have + int(length) if length is not None else None
-                with open(part, "ab" if have else "wb") as out, tqdm.tqdm(
-                    total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024, desc=label,
-                    file=sys.stderr, disable=None,
-                ) as bar:
-                    while chunk := response.read(CHUNK):
-                        out.write(chunk)
-                        bar.update(len(chunk))
-                if total is not None and part.stat().st_size < total:
-                    raise ConnectionError(f"connection closed at {part.stat().st_size} of {total} bytes")
-                return
-        except urllib.error.HTTPError as error:
-            if error.code == 416 and have:  # nothing left to send: the checksum decides
-                return
-            raise PretrainedError(f"downloading {url}: HTTP {error.code} {error.reason}") from None
-        except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
-            failure = error
-            print(f"{label}: download interrupted ({error}); resuming", file=sys.stderr)
-            time.sleep(0.2 * (attempt + 1))
-    kept = part.stat().st_size if part.exists() else 0
-    raise PretrainedError(f"downloading {url} failed {ATTEMPTS} times ({failure}); {kept} bytes kept in {part}, "
-                          "the next attempt resumes from there")
 
 
 def _offline_error(entry: Pretrained, missing: list[Source]) -> PretrainedError:
@@ -289,14 +226,17 @@ def _fetch_url_file(entry: Pretrained, source: Source, offline: bool) -> pathlib
         problem = _mismatch(source, target)
         if problem is None:
             return target
-        target.unlink()  # written by us: a damaged or replaced cache entry
-        print(f"{target}: {problem}; deleted, fetching it again", file=sys.stderr)
+        # Not deleted: it may be a copy the user put there (the offline instructions suggest it).
+        raise PretrainedError(f"{target}: {problem} ({source.page}); not used: delete it or put the published file there")
     if offline:
         raise _offline_error(entry, [source])
     downloads.mkdir(parents=True, exist_ok=True)
     part = downloads / (source.file + ".part")
     url = _download_url(source)
-    _stream(url, part, source.file)
+    try:
+        download.stream(url, part, source.file)
+    except download.DownloadError as error:
+        raise PretrainedError(str(error)) from None
     problem = _mismatch(source, part)
     if problem is not None:
         part.unlink()
@@ -318,7 +258,8 @@ def _fetch_hub_file(source: Source, offline: bool) -> pathlib.Path:
         path = pathlib.Path(hf_hub_download(source.hf_repo, source.file, revision=source.hf_revision,
                                             local_files_only=offline))
     except Exception as error:  # huggingface_hub raises many kinds (offline, HTTP, missing)
-        raise PretrainedError(f"{source.where} via huggingface_hub: {str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}") from None
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise PretrainedError(f"{source.where} via huggingface_hub: {reason}") from None
     problem = _mismatch(source, path)
     if problem is not None:
         raise PretrainedError(f"{source.where} (huggingface_hub cache {path}): {problem}; not used")
@@ -379,8 +320,8 @@ def _locked(name: str) -> Iterator[None]:
 def _converted(entry: Pretrained, model_dir: pathlib.Path) -> bool:
     """Whether ``model_dir`` holds a conversion of one of the entry's sources as now published."""
     try:
-        record = read_metadata(model_dir).get("pretrained", {})
-    except (CheckpointError, OSError, ValueError):
+        record = checkpoint.read_metadata(model_dir).get("pretrained", {})
+    except (checkpoint.CheckpointError, OSError, ValueError):
         return False
     if record.get("name") != entry.name or not (model_dir / "variables").is_dir():
         return False
@@ -396,7 +337,7 @@ def _convert(entry: Pretrained, source: Source, weights: pathlib.Path, labels: p
         class_names = read_labels(labels) if labels is not None else None
     except ConversionError as error:
         raise PretrainedError(f"pretrained {entry.name!r}: {error}") from None
-    digests = file_digests(weights)
+    digests = download.file_digests(weights)
     metadata: dict[str, Any] = {
         "source": {"file": weights.name, "sha256": digests["sha256"], "layout": result.layout},
         "conversion": result.notes,
@@ -408,7 +349,7 @@ def _convert(entry: Pretrained, source: Source, weights: pathlib.Path, labels: p
         if len(class_names) != classes:
             raise PretrainedError(f"{labels.name} lists {len(class_names)} classes, {result.model_name} has {classes}")
         metadata["class_names"] = class_names
-    save_model(model_dir, result.model_name, result.variables, metadata, result.model_config, overwrite=True)
+    checkpoint.save_model(model_dir, result.model_name, result.variables, metadata, result.model_config, overwrite=True)
 
 
 def resolve(name_or_path: str | os.PathLike, *, offline: bool | None = None) -> pathlib.Path | None:
@@ -438,8 +379,14 @@ def load(name: str, *, offline: bool | None = None, **overrides: Any):
     ``checkpoint.load_model``, e.g. ``dtype=jnp.bfloat16``)."""
     model_dir = resolve(name, offline=offline)
     if model_dir is None:
-        raise PretrainedError(f"{name!r} is not a registered pretrained name; registered: {', '.join(sorted(registry()))}")
-    return load_model(model_dir, **overrides)
+        raise _not_a_name(name)
+    return checkpoint.load_model(model_dir, **overrides)
+
+
+def _not_a_name(name: str) -> PretrainedError:
+    if os.path.exists(name):
+        return PretrainedError(f"{name!r} is an existing path, not taken for a pretrained name (checkpoint.load_model reads a directory)")
+    return PretrainedError(f"{name!r} is not a registered pretrained name; registered: {', '.join(sorted(registry()))}")
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -479,6 +426,6 @@ def run_download(args) -> int:
     for name in args.names:
         model_dir = resolve(name, offline=getattr(args, "offline", False) or None)
         if model_dir is None:
-            raise PretrainedError(f"{name!r} is not a registered pretrained name; registered: {', '.join(sorted(registry()))}")
+            raise _not_a_name(name)
         print(model_dir)
     return 0

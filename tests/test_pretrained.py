@@ -5,6 +5,7 @@ reference) is served from 127.0.0.1 with HTTP Range support; the registry entry 
 import dataclasses
 import hashlib
 import http.server
+import importlib.machinery
 import io
 import json
 import os
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.parse
 
 import jax
@@ -22,6 +24,7 @@ import pytest
 import torch
 
 from convert import cli as convert_cli
+from convert import load_torch_state_dict, save_torch_state_dict
 from convert.torch_reference import build_reference, randomize_
 from convnext_audio_jax import cli, pretrained
 from convnext_audio_jax.checkpoint import load_model
@@ -149,6 +152,7 @@ def test_builtin_registry_records_published_facts():
     assert hub.hf_repo == "topel/ConvNeXt-Tiny-AT" and len(hub.sha256) == 64
 
 
+@pytest.mark.slow
 def test_download_convert_and_tag_equal_the_direct_convert_path(cache, server, registered, checkpoint_bytes, tmp_path):
     model, variables, metadata = pretrained.load(NAME)
     assert [r[1] for r in server.file_requests(FILE)] == [None]  # one plain GET
@@ -238,10 +242,13 @@ def test_unknown_names_and_existing_paths_are_not_resolved(cache, tmp_path, monk
     monkeypatch.chdir(tmp_path)
     (tmp_path / NAME).mkdir()
     assert pretrained.resolve(NAME) is None  # an existing path wins over a name
+    with pytest.raises(pretrained.PretrainedError, match="is an existing path"):
+        pretrained.load(NAME)
     with pytest.raises(pretrained.PretrainedError, match="not a registered pretrained name"):
         pretrained.load("no_such_model")
 
 
+@pytest.mark.slow
 def test_two_processes_starting_together_download_once(cache, server, checkpoint_bytes, tmp_path):
     entry = local_entry(server, checkpoint_bytes)
     registry_file = tmp_path / "registry.json"
@@ -259,3 +266,59 @@ def test_two_processes_starting_together_download_once(cache, server, checkpoint
     assert {out.strip() for out, _ in results} == {hashlib.md5(checkpoint_bytes).hexdigest()}
     assert len(server.file_requests(FILE)) == 1
     assert sum("converted" in err for _, err in results) == 1
+
+
+def fake_hub(monkeypatch, files: dict[str, pathlib.Path], calls: list) -> None:
+    """A stand-in ``huggingface_hub`` module (the tests must not need the real one, nor the network)."""
+    module = types.ModuleType("huggingface_hub")
+    module.__spec__ = importlib.machinery.ModuleSpec("huggingface_hub", None)
+
+    def hf_hub_download(repo_id, filename, revision=None, local_files_only=False):
+        calls.append((repo_id, filename, revision, local_files_only))
+        return str(files[filename])
+
+    module.hf_hub_download = hf_hub_download
+    monkeypatch.setitem(sys.modules, "huggingface_hub", module)
+
+
+def test_safetensors_copy_on_the_hub_is_preferred(cache, server, checkpoint_bytes, tmp_path, monkeypatch):
+    pth = tmp_path / FILE
+    pth.write_bytes(checkpoint_bytes)
+    hub_file = save_torch_state_dict(load_torch_state_dict(pth), tmp_path / "hub" / "model.safetensors")
+    calls = []
+    fake_hub(monkeypatch, {"model.safetensors": hub_file}, calls)
+    entry = local_entry(server, checkpoint_bytes)
+    hub = pretrained.Source("model.safetensors", hf_repo="someone/some-model", hf_revision="abc123",
+                            sha256=hashlib.sha256(hub_file.read_bytes()).hexdigest())
+    monkeypatch.setitem(pretrained.REGISTRY, NAME, dataclasses.replace(entry, sources=(entry.sources[0], hub)))
+    _, variables, metadata = pretrained.load(NAME)
+    assert calls == [("someone/some-model", "model.safetensors", "abc123", False)]
+    assert server.file_requests(FILE) == []  # the .pth was not downloaded
+    assert metadata["pretrained"]["hf_repo"] == "someone/some-model" and metadata["source"]["file"] == "model.safetensors"
+    assert convert_cli.main([str(pth), str(tmp_path / "direct")]) == 0
+    jax.tree.map(np.testing.assert_array_equal, variables, load_model(tmp_path / "direct")[1])
+
+    changed = hub_file.read_bytes()
+    hub_file.write_bytes(changed[:-1] + bytes([changed[-1] ^ 1]))  # the hub cache's copy changed: refused, not used
+    monkeypatch.setitem(pretrained.REGISTRY, NAME, dataclasses.replace(entry, name=NAME, sources=(hub,)))
+    (cache / "models" / NAME / "metadata.json").unlink()
+    with pytest.raises(pretrained.PretrainedError, match=r"someone/some-model/model.safetensors.*sha256 .* published; not used"):
+        pretrained.resolve(NAME)
+
+
+def test_pth_without_torch_says_which_extra_to_install(cache, server, registered, monkeypatch):
+    real = pretrained.importlib.util.find_spec
+    monkeypatch.setattr(pretrained.importlib.util, "find_spec", lambda name: None if name == "torch" else real(name))
+    with pytest.raises(pretrained.PretrainedError, match=r"needs torch: pip install 'convnext-audio-jax\[torch\]'"):
+        pretrained.resolve(NAME)
+    assert server.requests == []
+
+
+def test_wrong_file_put_in_the_cache_is_refused_not_deleted(cache, server, registered, checkpoint_bytes):
+    (cache / "downloads").mkdir(parents=True)
+    wrong = cache / "downloads" / FILE
+    damaged = checkpoint_bytes[:-1] + bytes([checkpoint_bytes[-1] ^ 1])
+    wrong.write_bytes(damaged)
+    with pytest.raises(pretrained.PretrainedError, match=rf"{FILE}: md5 .* published.*not used: delete it"):
+        pretrained.resolve(NAME)
+    assert wrong.read_bytes() == damaged and server.requests == []
