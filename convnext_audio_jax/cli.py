@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 
 def _models_table(args: argparse.Namespace) -> int:
+    if args.pretrained:
+        from convnext_audio_jax import pretrained
+
+        pretrained.print_table()
+        return 0
     import jax
 
     from convnext_audio_jax.models import count_params, create_model, example_input, get_spec, init_variables, list_models
@@ -47,15 +53,18 @@ def _models_table(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="convnext-audio", description=__doc__)
+    parser.add_argument("--offline", action="store_true",
+                        help="never use the network for pretrained names (same as CONVNEXT_AUDIO_OFFLINE=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     models = sub.add_parser("models", help="table of registered models: parameters, input, GFLOPs per 10 s clip")
     models.add_argument("names", nargs="*", help="models to list (default: all)")
     models.add_argument("--no-flops", action="store_true", help="skip the XLA cost analysis (faster)")
+    models.add_argument("--pretrained", action="store_true", help="list the released checkpoints loadable by name instead")
     models.set_defaults(func=_models_table)
 
     import convert.cli
-    from convnext_audio_jax import evaluate, inference
+    from convnext_audio_jax import evaluate, inference, pretrained
     from convnext_audio_jax.data import prepare
 
     for name, add_arguments, run, help_text in [
@@ -69,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
          "tag audio files (any format, rate, channels, length); --frames adds sound-event timelines"),
         ("embed", inference.add_embed_arguments, inference.run_embed,
          "scene/frame/sequence embeddings or logits of audio files into an .npz"),
+        ("download", pretrained.add_download_arguments, pretrained.run_download,
+         "fetch, verify and convert released checkpoints by name into the cache (convnext-audio models --pretrained)"),
     ]:
         command = sub.add_parser(name, help=help_text, description=help_text)
         add_arguments(command)
@@ -78,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.offline:
+        os.environ["CONVNEXT_AUDIO_OFFLINE"] = "1"
     try:
         return int(args.func(args) or 0)
     except ValueError as err:  # bad user input: one clear line, no traceback

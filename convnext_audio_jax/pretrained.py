@@ -1,0 +1,431 @@
+"""Released checkpoints by name: registry, download, checksum, one-time conversion, cache.
+
+``load("convnext_tiny_471mAP")`` returns (model, variables, metadata) like
+``checkpoint.load_model``; ``resolve(name)`` returns the cached model directory (downloading and
+converting on first use) or None for a string that is not a registered name. See docs/pretrained.md.
+
+Cache (``$CONVNEXT_AUDIO_CACHE``, default ``$XDG_CACHE_HOME/convnext-audio-jax`` or
+``~/.cache/convnext-audio-jax``)::
+
+    downloads/FILE        verified downloads (FILE.part while a download runs or after it broke)
+    models/NAME/          the converted model directory (checkpoint.save_model format)
+    locks/NAME.lock       fcntl lock: one process downloads and converts, the others wait
+
+Downloaded weights are untrusted: ``.pth`` files are read only with ``torch.load(weights_only=True)``
+(by the converter), safetensors without pickle at all, and every file is checked against its
+published md5/sha256 before it is used. Environment: ``CONVNEXT_AUDIO_OFFLINE=1`` (no network: fail
+fast naming the missing file), ``CONVNEXT_AUDIO_MIRROR=URL`` (fetch every file as URL/FILE, same
+checksums), ``CONVNEXT_AUDIO_REGISTRY=entries.json`` (extra or replaced entries, see ``register``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import fcntl
+import importlib.util
+import json
+import os
+import pathlib
+import sys
+import urllib.parse
+from collections.abc import Iterator
+from typing import Any
+
+# The converter's Python API: the one import of it in this module.
+from convert import ConversionError, convert_state_dict, load_torch_state_dict, read_labels
+from convnext_audio_jax import download
+# A module reference, not names: checkpoint.resolve_model_dir may import this module while checkpoint loads.
+from convnext_audio_jax import checkpoint
+from convnext_audio_jax.models import create_model
+
+CACHE_ENV = "CONVNEXT_AUDIO_CACHE"
+OFFLINE_ENV = "CONVNEXT_AUDIO_OFFLINE"
+MIRROR_ENV = "CONVNEXT_AUDIO_MIRROR"
+REGISTRY_ENV = "CONVNEXT_AUDIO_REGISTRY"
+
+
+class PretrainedError(ValueError):
+    """A pretrained name that cannot be fetched or converted; the message is one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One published copy of a checkpoint. ``url`` for an HTTP(S) download, or ``hf_repo`` (+
+    ``hf_revision``) for a Hugging Face file fetched with ``huggingface_hub``. ``md5``/``sha256``/
+    ``size`` are None where none is published; whatever is given is verified."""
+
+    file: str
+    url: str | None = None
+    md5: str | None = None
+    sha256: str | None = None
+    size: int | None = None
+    page: str = ""
+    listed_size: str = ""  # as the source page shows it (display only)
+    hf_repo: str | None = None
+    hf_revision: str | None = None
+
+    @property
+    def where(self) -> str:
+        return f"{self.hf_repo}/{self.file}" if self.hf_repo else self.file
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+    """A released checkpoint: ``sources`` are copies of the same weights (a safetensors copy is
+    preferred), converted to registered model ``model``; ``labels`` is a class_labels_indices.csv
+    whose names go into the metadata."""
+
+    name: str
+    model: str
+    description: str
+    published: str
+    sources: tuple[Source, ...]
+    labels: Source | None = None
+
+
+_AUDIOSET_LABELS = Source(
+    "class_labels_indices.csv",
+    url="http://storage.googleapis.com/us_audioset/youtube_corpus/v1/csv/class_labels_indices.csv",
+    page="https://research.google.com/audioset/download.html",
+)
+
+
+def _zenodo(record: str, file: str, md5: str | None, path: str = "record") -> Source:
+    """A Zenodo file, under the URL form its publishers give (``record/`` or the newer ``records/``)."""
+    quoted = urllib.parse.quote(file)
+    return Source(file, url=f"https://zenodo.org/{path}/{record}/files/{quoted}?download=1", md5=md5,
+                  page=f"https://zenodo.org/records/{record}")
+
+
+REGISTRY: dict[str, Pretrained] = {
+    entry.name: entry
+    for entry in [
+        Pretrained(
+            "convnext_tiny_471mAP", "convnext_tiny", "audio ConvNeXt-Tiny, AudioSet (balanced + unbalanced)",
+            "mAP .471",
+            (
+                Source("model.safetensors", hf_repo="topel/ConvNeXt-Tiny-AT",
+                       hf_revision="e3eaf4c49769f034942da9062d0fee436657560b",
+                       sha256="386986f8205c8cc1f244b5e14966262d85518e5481d3b8a03bb60df2062036c2",
+                       page="https://huggingface.co/topel/ConvNeXt-Tiny-AT", listed_size="118 MB"),
+                _zenodo("8020843", "convnext_tiny_471mAP.pth", "e069ecd1c7b880268331119521c549f2"),
+            ),
+            _AUDIOSET_LABELS,
+        ),
+        Pretrained(
+            "convnext_tiny_465mAP_BL_AC_70kit", "convnext_tiny",
+            "audio ConvNeXt-Tiny, AudioSet without the AudioCaps clips, 70k iterations", "mAP .465",
+            (_zenodo("8020843", "convnext_tiny_465mAP_BL_AC_70kit.pth", "0688ae503f5893be0b6b71cb92f8b428"),),
+            _AUDIOSET_LABELS,
+        ),
+        Pretrained(
+            "convnext_tiny_465mAP_BL_AC_75kit", "convnext_tiny",
+            "audio ConvNeXt-Tiny, AudioSet without the AudioCaps clips, 75k iterations", "mAP .465",
+            (_zenodo("10987498", "convnext_tiny_465mAP_BL_AC_75kit.pth", "f6f57c87b7eb664a23ae8cad26eccaa0", "records"),),
+            _AUDIOSET_LABELS,
+        ),
+        Pretrained(
+            "cnn14_mAP431", "cnn14", "PANN CNN14 (Kong et al.), AudioSet", "mAP .431",
+            (_zenodo("3987831", "Cnn14_mAP=0.431.pth", "541141fa2ee191a88f24a3219fff024e"),),
+            _AUDIOSET_LABELS,
+        ),
+        Pretrained(
+            "cnn6_mAP343", "cnn6", "PANN CNN6 (Kong et al.), AudioSet", "mAP .343",
+            (_zenodo("3987831", "Cnn6_mAP=0.343.pth", "e25e26b84585b14c7754c91e48efc9be"),),
+            _AUDIOSET_LABELS,
+        ),
+        Pretrained(
+            "convnext_tiny_in1k", "convnext_tiny",
+            "ImageNet init of the audio ConvNeXt-Tiny (facebookresearch ConvNeXt-T; stem conv, bn0, head fresh, seed 0)",
+            "ImageNet-1k top-1 82.1 %",
+            (Source("convnext_tiny_1k_224_ema.pth", url="https://dl.fbaipublicfiles.com/convnext/convnext_tiny_1k_224_ema.pth",
+                    page="https://github.com/facebookresearch/ConvNeXt"),),
+        ),
+    ]
+}
+
+
+def register(entry: Pretrained, replace: bool = False) -> None:
+    """Adds ``entry`` to the registry (``replace=True`` overrides a name, e.g. to point it at a
+    local server or a private copy). The same can be done without code by listing entries in the
+    JSON file named by ``$CONVNEXT_AUDIO_REGISTRY``: ``{"NAME": {"model": …, "sources": [{"file": …,
+    "url": …, "md5": …}], …}}`` (fields of ``Pretrained``/``Source``)."""
+    if entry.name in REGISTRY and not replace:
+        raise PretrainedError(f"pretrained name {entry.name!r} is registered already (replace=True overrides it)")
+    REGISTRY[entry.name] = entry
+
+
+def _entry_from_json(name: str, spec: dict[str, Any], origin: str) -> Pretrained:
+    try:
+        sources = tuple(Source(**s) for s in spec["sources"])
+        labels = Source(**spec["labels"]) if spec.get("labels") else None
+        return Pretrained(name, spec["model"], spec.get("description", ""), spec.get("published", ""), sources, labels)
+    except (KeyError, TypeError) as error:
+        raise PretrainedError(f"{origin}: entry {name!r}: expected model and sources [{{file, url, md5|sha256}}] ({error})") from None
+
+
+def registry() -> dict[str, Pretrained]:
+    """The registered names: the built-in entries, ``register``'s and ``$CONVNEXT_AUDIO_REGISTRY``'s."""
+    entries = dict(REGISTRY)
+    path = os.environ.get(REGISTRY_ENV)
+    if path:
+        try:
+            document = json.loads(pathlib.Path(path).read_text())
+        except (OSError, ValueError) as error:
+            raise PretrainedError(f"{REGISTRY_ENV}={path}: cannot read it as JSON ({error})") from None
+        entries.update({name: _entry_from_json(name, spec, path) for name, spec in document.items()})
+    return entries
+
+
+def cache_dir() -> pathlib.Path:
+    explicit = os.environ.get(CACHE_ENV)
+    if explicit:
+        return pathlib.Path(explicit).expanduser().absolute()
+    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+    return pathlib.Path(base).expanduser().absolute() / "convnext-audio-jax"
+
+
+def is_offline(offline: bool | None = None) -> bool:
+    if offline is not None:
+        return offline
+    return os.environ.get(OFFLINE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+# ------------------------------------------------------------------------------------------ files
+
+
+def _mismatch(source: Source, path: pathlib.Path) -> str | None:
+    return download.mismatch(path, size=source.size, md5=source.md5, sha256=source.sha256)
+
+
+def _download_url(source: Source) -> str:
+    mirror = os.environ.get(MIRROR_ENV)
+    if mirror:
+        return mirror.rstrip("/") + "/" + urllib.parse.quote(source.file)
+    if source.url is None:
+        raise PretrainedError(f"{source.where} has no download URL")
+    return source.url
+
+
+def _offline_error(entry: Pretrained, missing: list[Source]) -> PretrainedError:
+    files = ", ".join(s.where for s in missing)
+    return PretrainedError(
+        f"offline ({OFFLINE_ENV}=1 or --offline) and pretrained {entry.name!r} is not in the cache {cache_dir()}: "
+        f"missing {files}; fetch it where there is network with `convnext-audio download {entry.name}` "
+        f"(same {CACHE_ENV}) or copy the file into {cache_dir() / 'downloads'}"
+    )
+
+
+def _fetch_url_file(entry: Pretrained, source: Source, offline: bool) -> pathlib.Path:
+    """The verified file of ``source`` in the cache, downloaded when absent."""
+    downloads = cache_dir() / "downloads"
+    target = downloads / source.file
+    if target.is_file():
+        problem = _mismatch(source, target)
+        if problem is None:
+            return target
+        # Not deleted: it may be a copy the user put there (the offline instructions suggest it).
+        raise PretrainedError(f"{target}: {problem} ({source.page}); not used: delete it or put the published file there")
+    if offline:
+        raise _offline_error(entry, [source])
+    downloads.mkdir(parents=True, exist_ok=True)
+    part = downloads / (source.file + ".part")
+    url = _download_url(source)
+    try:
+        download.stream(url, part, source.file)
+    except download.DownloadError as error:
+        raise PretrainedError(str(error)) from None
+    problem = _mismatch(source, part)
+    if problem is not None:
+        part.unlink()
+        raise PretrainedError(f"{source.file} from {url}: {problem} ({source.page}); the download was deleted")
+    if source.md5 is None and source.sha256 is None:
+        print(f"{source.file}: no checksum is published; its sha256 is recorded in the model's metadata", file=sys.stderr)
+    os.replace(part, target)  # appears only complete and verified
+    return target
+
+
+def _hub_available() -> bool:
+    return importlib.util.find_spec("huggingface_hub") is not None
+
+
+def _fetch_hub_file(source: Source, offline: bool) -> pathlib.Path:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = pathlib.Path(hf_hub_download(source.hf_repo, source.file, revision=source.hf_revision,
+                                            local_files_only=offline))
+    except Exception as error:  # huggingface_hub raises many kinds (offline, HTTP, missing)
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise PretrainedError(f"{source.where} via huggingface_hub: {reason}") from None
+    problem = _mismatch(source, path)
+    if problem is not None:
+        raise PretrainedError(f"{source.where} (huggingface_hub cache {path}): {problem}; not used")
+    return path
+
+
+def _usable_sources(entry: Pretrained) -> list[Source]:
+    """Sources this installation can fetch and read, safetensors first."""
+    usable = [s for s in entry.sources if not (s.hf_repo and (os.environ.get(MIRROR_ENV) or not _hub_available()))]
+    readable = [s for s in usable if not s.file.endswith((".pth", ".pt")) or importlib.util.find_spec("torch")]
+    if not readable:
+        need = "torch: pip install 'convnext-audio-jax[torch]'" if usable else "huggingface_hub: pip install 'convnext-audio-jax[hub]'"
+        raise PretrainedError(f"pretrained {entry.name!r} ({', '.join(s.where for s in entry.sources)}) needs {need}")
+    return sorted(readable, key=lambda s: not s.file.endswith(".safetensors"))
+
+
+def _fetch_weights(entry: Pretrained, offline: bool) -> tuple[Source, pathlib.Path]:
+    """The preferred source this installation can use and its verified file: a copy already in the
+    cache first (no network), then the sources in order of preference."""
+    sources = _usable_sources(entry)
+    local = [s for s in sources if s.hf_repo is None and (cache_dir() / "downloads" / s.file).is_file()]
+    if local:
+        return local[0], _fetch_url_file(entry, local[0], offline)
+    if offline:
+        for source in (s for s in sources if s.hf_repo):
+            with contextlib.suppress(PretrainedError):
+                return source, _fetch_hub_file(source, offline=True)
+        raise _offline_error(entry, sources)
+    failures = []
+    for source in sources:
+        try:
+            return source, (_fetch_hub_file(source, False) if source.hf_repo else _fetch_url_file(entry, source, False))
+        except PretrainedError as error:
+            failures.append(str(error))
+    raise PretrainedError("; ".join(failures))
+
+
+# ------------------------------------------------------------------------------------ conversion
+
+
+@contextlib.contextmanager
+def _locked(name: str) -> Iterator[None]:
+    """An exclusive fcntl lock per name: concurrent first uses download and convert once."""
+    locks = cache_dir() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{name}.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"{name}: another process is fetching it; waiting", file=sys.stderr)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _converted(entry: Pretrained, model_dir: pathlib.Path) -> bool:
+    """Whether ``model_dir`` holds a conversion of one of the entry's sources as now published."""
+    try:
+        record = checkpoint.read_metadata(model_dir).get("pretrained", {})
+    except (checkpoint.CheckpointError, OSError, ValueError):
+        return False
+    if record.get("name") != entry.name or not (model_dir / "variables").is_dir():
+        return False
+    return any(s.file == record.get("file") and all(getattr(s, a) in (None, record.get(a)) for a in ("md5", "sha256"))
+               for s in entry.sources)
+
+
+def _convert(entry: Pretrained, source: Source, weights: pathlib.Path, labels: pathlib.Path | None,
+             model_dir: pathlib.Path) -> None:
+    try:
+        state_dict = load_torch_state_dict(weights)
+        result = convert_state_dict(state_dict, entry.model)
+        class_names = read_labels(labels) if labels is not None else None
+    except ConversionError as error:
+        raise PretrainedError(f"pretrained {entry.name!r}: {error}") from None
+    digests = download.file_digests(weights)
+    metadata: dict[str, Any] = {
+        "source": {"file": weights.name, "sha256": digests["sha256"], "layout": result.layout},
+        "conversion": result.notes,
+        "pretrained": {"name": entry.name, "file": source.file, **digests, "url": source.url, "hf_repo": source.hf_repo,
+                       "hf_revision": source.hf_revision, "page": source.page, "published": entry.published},
+    }
+    if class_names is not None:
+        classes = create_model(result.model_name, **result.model_config).num_classes
+        if len(class_names) != classes:
+            raise PretrainedError(f"{labels.name} lists {len(class_names)} classes, {result.model_name} has {classes}")
+        metadata["class_names"] = class_names
+    checkpoint.save_model(model_dir, result.model_name, result.variables, metadata, result.model_config, overwrite=True)
+
+
+def resolve(name_or_path: str | os.PathLike, *, offline: bool | None = None) -> pathlib.Path | None:
+    """The cached model directory of a registered name, downloaded and converted on first use;
+    None when ``name_or_path`` is not a registered name or is an existing path (paths win)."""
+    name = os.fspath(name_or_path)
+    entries = registry()
+    if name not in entries or os.path.exists(name):
+        return None
+    entry = entries[name]
+    model_dir = cache_dir() / "models" / name
+    if _converted(entry, model_dir):
+        return model_dir
+    offline = is_offline(offline)
+    with _locked(name):
+        if _converted(entry, model_dir):  # done by the process we waited for
+            return model_dir
+        source, weights = _fetch_weights(entry, offline)
+        labels = _fetch_url_file(entry, entry.labels, offline) if entry.labels is not None else None
+        _convert(entry, source, weights, labels, model_dir)
+        print(f"{name}: converted {weights.name} → {model_dir}", file=sys.stderr)
+    return model_dir
+
+
+def load(name: str, *, offline: bool | None = None, **overrides: Any):
+    """(model, variables, metadata) of a registered pretrained name (``overrides`` as in
+    ``checkpoint.load_model``, e.g. ``dtype=jnp.bfloat16``)."""
+    model_dir = resolve(name, offline=offline)
+    if model_dir is None:
+        raise _not_a_name(name)
+    return checkpoint.load_model(model_dir, **overrides)
+
+
+def _not_a_name(name: str) -> PretrainedError:
+    if os.path.exists(name):
+        return PretrainedError(f"{name!r} is an existing path, not taken for a pretrained name (checkpoint.load_model reads a directory)")
+    return PretrainedError(f"{name!r} is not a registered pretrained name; registered: {', '.join(sorted(registry()))}")
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def _size_text(entry: Pretrained) -> str:
+    for source in entry.sources:
+        cached = cache_dir() / "downloads" / source.file
+        if cached.is_file():
+            return f"{cached.stat().st_size / 1e6:.0f} MB"
+        if source.size is not None:
+            return f"{source.size / 1e6:.0f} MB"
+        if source.listed_size:
+            return source.listed_size
+    return "not published"
+
+
+def print_table(out=None) -> None:
+    out = out or sys.stdout
+    rows = [(e.name, e.model, e.published, _size_text(e), "yes" if _converted(e, cache_dir() / "models" / e.name) else "no",
+             " | ".join(s.page or s.url or s.where for s in e.sources)) for e in registry().values()]
+    headers = ("name", "model", "published", "size", "cached", "source")
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    for row in [headers, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip(), file=out)
+    print(f"\ncache: {cache_dir()} ({CACHE_ENV})", file=out)
+
+
+def add_download_arguments(parser) -> None:
+    parser.add_argument("names", nargs="+", help="registered pretrained names (convnext-audio models --pretrained)")
+    # SUPPRESS: `convnext-audio --offline download …` (the global flag) is not reset by this one's default
+    parser.add_argument("--offline", action="store_true", default=argparse.SUPPRESS,
+                        help="no network: convert from files already in the cache (as CONVNEXT_AUDIO_OFFLINE=1)")
+
+
+def run_download(args) -> int:
+    for name in args.names:
+        model_dir = resolve(name, offline=getattr(args, "offline", False) or None)
+        if model_dir is None:
+            raise _not_a_name(name)
+        print(model_dir)
+    return 0

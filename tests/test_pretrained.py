@@ -1,0 +1,324 @@
+"""Pretrained names, proven against a local HTTP server (this machine has no internet): a random-weight
+convnext_tiny checkpoint in the authors' layout (``torch.save({"model": state_dict})`` of the PyTorch
+reference) is served from 127.0.0.1 with HTTP Range support; the registry entry is pointed at it."""
+
+import dataclasses
+import hashlib
+import http.server
+import importlib.machinery
+import io
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import threading
+import time
+import types
+import urllib.parse
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from convert import cli as convert_cli
+from convert import load_torch_state_dict, save_torch_state_dict
+from convert.torch_reference import build_reference, randomize_
+from convnext_audio_jax import cli, pretrained
+from convnext_audio_jax.checkpoint import load_model
+
+NAME = "convnext_tiny_471mAP"
+FILE = "convnext_tiny_471mAP.pth"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+class FileServer:
+    """Serves ``files`` under /files/NAME and /mirror/NAME; records every request (path, Range
+    header). ``drop_after`` bytes: the first full-file response stops there and closes the socket;
+    ``delay`` seconds are spent in each response (so that concurrent clients overlap)."""
+
+    def __init__(self, files: dict[str, bytes]):
+        self.files = files
+        self.requests: list[tuple[str, str | None]] = []
+        self.drop_after: int | None = None
+        self.delay = 0.0
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                server.requests.append((self.path, self.headers.get("Range")))
+                name = urllib.parse.unquote(self.path.split("?")[0].rsplit("/", 1)[-1])
+                if name not in server.files:
+                    self.send_error(404)
+                    return
+                data = server.files[name]
+                start = 0
+                ranged = self.headers.get("Range")
+                if ranged:
+                    start = int(ranged.removeprefix("bytes=").split("-")[0])
+                    if start >= len(data):
+                        self.send_error(416)
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(data) - start))
+                self.end_headers()
+                time.sleep(server.delay)
+                if server.drop_after is not None and not ranged:
+                    self.wfile.write(data[: server.drop_after])
+                    self.wfile.flush()
+                    server.drop_after = None
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    self.close_connection = True
+                    return
+                self.wfile.write(data[start:])
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, name: str, folder: str = "files") -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/{folder}/{urllib.parse.quote(name)}?download=1"
+
+    def file_requests(self, name: str) -> list[tuple[str, str | None]]:
+        return [r for r in self.requests if urllib.parse.unquote(r[0]).split("?")[0].endswith("/" + name)]
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def checkpoint_bytes() -> bytes:
+    reference = randomize_(build_reference("convnext_tiny"), seed=3)
+    buffer = io.BytesIO()
+    torch.save({"model": reference.state_dict()}, buffer)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def labels_bytes() -> bytes:
+    rows = ["index,mid,display_name"] + [f'{i},/m/{i:05d},"Class {i}"' for i in range(527)]
+    return ("\n".join(rows) + "\n").encode()
+
+
+@pytest.fixture
+def server(checkpoint_bytes, labels_bytes):
+    served = FileServer({FILE: checkpoint_bytes, "class_labels_indices.csv": labels_bytes})
+    yield served
+    served.close()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    directory = tmp_path / "cache"
+    monkeypatch.setenv(pretrained.CACHE_ENV, str(directory))
+    for name in (pretrained.OFFLINE_ENV, pretrained.MIRROR_ENV, pretrained.REGISTRY_ENV):
+        monkeypatch.delenv(name, raising=False)
+    return directory
+
+
+def local_entry(server: FileServer, data: bytes, md5: str | None = None) -> pretrained.Pretrained:
+    """The real registry entry with its sources replaced by the test server's copy."""
+    real = pretrained.REGISTRY[NAME]
+    return dataclasses.replace(
+        real,
+        sources=(pretrained.Source(FILE, url=server.url(FILE), md5=md5 or hashlib.md5(data).hexdigest(), size=len(data)),),
+        labels=pretrained.Source("class_labels_indices.csv", url=server.url("class_labels_indices.csv")),
+    )
+
+
+@pytest.fixture
+def registered(server, checkpoint_bytes, monkeypatch):
+    monkeypatch.setitem(pretrained.REGISTRY, NAME, local_entry(server, checkpoint_bytes))
+    return pretrained.REGISTRY[NAME]
+
+
+def test_builtin_registry_records_published_facts():
+    entries = pretrained.registry()
+    assert entries["convnext_tiny_471mAP"].sources[1].md5 == "e069ecd1c7b880268331119521c549f2"
+    assert entries["convnext_tiny_465mAP_BL_AC_70kit"].sources[0].md5 == "0688ae503f5893be0b6b71cb92f8b428"
+    assert entries["convnext_tiny_465mAP_BL_AC_75kit"].sources[0].url.startswith("https://zenodo.org/records/10987498/")
+    assert entries["cnn14_mAP431"].sources[0].url.endswith("/Cnn14_mAP%3D0.431.pth?download=1")
+    assert entries["convnext_tiny_in1k"].sources[0].md5 is None  # none published: only the conversion checks it
+    hub = entries["convnext_tiny_471mAP"].sources[0]
+    assert hub.hf_repo == "topel/ConvNeXt-Tiny-AT" and len(hub.sha256) == 64
+
+
+@pytest.mark.slow
+def test_download_convert_and_tag_equal_the_direct_convert_path(cache, server, registered, checkpoint_bytes, tmp_path):
+    model, variables, metadata = pretrained.load(NAME)
+    assert [r[1] for r in server.file_requests(FILE)] == [None]  # one plain GET
+    assert metadata["pretrained"]["md5"] == hashlib.md5(checkpoint_bytes).hexdigest()
+    assert metadata["class_names"][:2] == ["Class 0", "Class 1"] and len(metadata["class_names"]) == 527
+    assert sorted(p.name for p in (cache / "downloads").iterdir()) == ["class_labels_indices.csv", FILE]
+
+    direct_file = tmp_path / FILE
+    direct_file.write_bytes(checkpoint_bytes)
+    assert convert_cli.main([str(direct_file), str(tmp_path / "direct")]) == 0
+    direct_model, direct_variables, direct_metadata = load_model(tmp_path / "direct")
+    assert metadata["model"] == direct_metadata["model"] == "convnext_tiny"
+    assert metadata["source"] == direct_metadata["source"]
+    jax.tree.map(np.testing.assert_array_equal, variables, direct_variables)
+    assert model == direct_model
+    waveform = 0.1 * np.random.default_rng(0).standard_normal((1, 64_000)).astype(np.float32)  # 2 s: a quick compile
+    forward = jax.jit(lambda v, x: model.apply(v, x)["probs"])
+    np.testing.assert_array_equal(np.asarray(forward(variables, waveform)), np.asarray(forward(direct_variables, waveform)))
+
+    before = len(server.requests)
+    assert pretrained.resolve(NAME) == cache / "models" / NAME
+    assert pretrained.resolve(NAME, offline=True) == cache / "models" / NAME
+    assert len(server.requests) == before  # a second use makes no request
+
+
+def test_interrupted_download_resumes_with_a_range_request(cache, server, registered, checkpoint_bytes):
+    server.drop_after = 5_000_000
+    model_dir = pretrained.resolve(NAME)
+    assert [r[1] for r in server.file_requests(FILE)] == [None, "bytes=5000000-"]
+    assert (cache / "downloads" / FILE).read_bytes() == checkpoint_bytes
+    assert not (cache / "downloads" / (FILE + ".part")).exists()
+    assert pretrained.load(NAME)[2]["pretrained"]["file"] == FILE and model_dir.is_dir()
+
+
+def test_partial_file_left_by_an_earlier_run_is_resumed(cache, server, registered, checkpoint_bytes):
+    (cache / "downloads").mkdir(parents=True)
+    (cache / "downloads" / (FILE + ".part")).write_bytes(checkpoint_bytes[:1234])
+    pretrained.resolve(NAME)
+    assert [r[1] for r in server.file_requests(FILE)] == ["bytes=1234-"]
+    assert (cache / "downloads" / FILE).read_bytes() == checkpoint_bytes
+
+
+def test_bad_checksum_is_refused_and_leaves_no_file(cache, server, checkpoint_bytes, monkeypatch, capsys):
+    monkeypatch.setitem(pretrained.REGISTRY, NAME, local_entry(server, checkpoint_bytes, md5="0" * 32))
+    with pytest.raises(pretrained.PretrainedError, match=r"md5 [0-9a-f]{32}, 0{32} published.*download was deleted"):
+        pretrained.resolve(NAME)
+    assert list((cache / "downloads").iterdir()) == []
+    assert not (cache / "models").exists()
+
+
+def test_offline_fails_fast_naming_the_file_and_the_command(cache, server, registered, monkeypatch):
+    monkeypatch.setenv(pretrained.OFFLINE_ENV, "1")
+    start = time.monotonic()
+    with pytest.raises(pretrained.PretrainedError, match=rf"offline.*missing {FILE}.*convnext-audio download {NAME}"):
+        pretrained.load(NAME)
+    assert time.monotonic() - start < 5 and server.requests == []
+
+
+def test_cli_offline_flag_and_download_command(cache, server, registered, capsys, monkeypatch):
+    monkeypatch.setenv(pretrained.OFFLINE_ENV, "0")  # restored after the test: --offline sets it to 1
+    assert cli.main(["--offline", "download", NAME]) == 2
+    assert f"missing {FILE}" in capsys.readouterr().err and server.requests == []
+    assert cli.main(["download", NAME, "--offline"]) == 2
+    assert f"missing {FILE}" in capsys.readouterr().err and server.requests == []
+    monkeypatch.setenv(pretrained.OFFLINE_ENV, "0")
+    assert cli.main(["download", NAME]) == 0
+    assert capsys.readouterr().out.strip() == str(cache / "models" / NAME)
+    assert cli.main(["models", "--pretrained"]) == 0
+    table = capsys.readouterr().out
+    assert NAME in table and "mAP .471" in table and "cnn14_mAP431" in table
+
+
+def test_mirror_serves_every_file_by_its_name(cache, server, checkpoint_bytes, monkeypatch):
+    entry = local_entry(server, checkpoint_bytes)
+    unreachable = "http://127.0.0.1:9/nowhere/"
+    entry = dataclasses.replace(entry, sources=(dataclasses.replace(entry.sources[0], url=unreachable + FILE),),
+                                labels=dataclasses.replace(entry.labels, url=unreachable + "labels.csv"))
+    monkeypatch.setitem(pretrained.REGISTRY, NAME, entry)
+    monkeypatch.setenv(pretrained.MIRROR_ENV, server.url("", folder="mirror").split("?")[0])
+    pretrained.resolve(NAME)
+    assert sorted(urllib.parse.unquote(p) for p, _ in server.requests) == [
+        "/mirror/class_labels_indices.csv", f"/mirror/{FILE}"]
+
+
+def test_unknown_names_and_existing_paths_are_not_resolved(cache, tmp_path, monkeypatch):
+    assert pretrained.resolve("no_such_model") is None
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / NAME).mkdir()
+    assert pretrained.resolve(NAME) is None  # an existing path wins over a name
+    with pytest.raises(pretrained.PretrainedError, match="is an existing path"):
+        pretrained.load(NAME)
+    with pytest.raises(pretrained.PretrainedError, match="not a registered pretrained name"):
+        pretrained.load("no_such_model")
+
+
+@pytest.mark.slow
+def test_two_processes_starting_together_download_once(cache, server, checkpoint_bytes, tmp_path):
+    entry = local_entry(server, checkpoint_bytes)
+    registry_file = tmp_path / "registry.json"
+    registry_file.write_text(json.dumps({NAME: {
+        "model": entry.model, "sources": [dataclasses.asdict(entry.sources[0])], "labels": dataclasses.asdict(entry.labels)}}))
+    server.delay = 1.0  # the second process arrives while the first one is downloading
+    env = {**os.environ, pretrained.CACHE_ENV: str(cache), pretrained.REGISTRY_ENV: str(registry_file),
+           "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    script = ("import sys; from convnext_audio_jax import pretrained; "
+              "m, v, meta = pretrained.load(sys.argv[1]); print(meta['pretrained']['md5'])")
+    processes = [subprocess.Popen([sys.executable, "-c", script, NAME], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [p.communicate(timeout=300) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], [err[-2000:] for _, err in results]
+    assert {out.strip() for out, _ in results} == {hashlib.md5(checkpoint_bytes).hexdigest()}
+    assert len(server.file_requests(FILE)) == 1
+    assert sum("converted" in err for _, err in results) == 1
+
+
+def fake_hub(monkeypatch, files: dict[str, pathlib.Path], calls: list) -> None:
+    """A stand-in ``huggingface_hub`` module (the tests must not need the real one, nor the network)."""
+    module = types.ModuleType("huggingface_hub")
+    module.__spec__ = importlib.machinery.ModuleSpec("huggingface_hub", None)
+
+    def hf_hub_download(repo_id, filename, revision=None, local_files_only=False):
+        calls.append((repo_id, filename, revision, local_files_only))
+        return str(files[filename])
+
+    module.hf_hub_download = hf_hub_download
+    monkeypatch.setitem(sys.modules, "huggingface_hub", module)
+
+
+def test_safetensors_copy_on_the_hub_is_preferred(cache, server, checkpoint_bytes, tmp_path, monkeypatch):
+    pth = tmp_path / FILE
+    pth.write_bytes(checkpoint_bytes)
+    hub_file = save_torch_state_dict(load_torch_state_dict(pth), tmp_path / "hub" / "model.safetensors")
+    calls = []
+    fake_hub(monkeypatch, {"model.safetensors": hub_file}, calls)
+    entry = local_entry(server, checkpoint_bytes)
+    hub = pretrained.Source("model.safetensors", hf_repo="someone/some-model", hf_revision="abc123",
+                            sha256=hashlib.sha256(hub_file.read_bytes()).hexdigest())
+    monkeypatch.setitem(pretrained.REGISTRY, NAME, dataclasses.replace(entry, sources=(entry.sources[0], hub)))
+    _, variables, metadata = pretrained.load(NAME)
+    assert calls == [("someone/some-model", "model.safetensors", "abc123", False)]
+    assert server.file_requests(FILE) == []  # the .pth was not downloaded
+    assert metadata["pretrained"]["hf_repo"] == "someone/some-model" and metadata["source"]["file"] == "model.safetensors"
+    assert convert_cli.main([str(pth), str(tmp_path / "direct")]) == 0
+    jax.tree.map(np.testing.assert_array_equal, variables, load_model(tmp_path / "direct")[1])
+
+    changed = hub_file.read_bytes()
+    hub_file.write_bytes(changed[:-1] + bytes([changed[-1] ^ 1]))  # the hub cache's copy changed: refused, not used
+    monkeypatch.setitem(pretrained.REGISTRY, NAME, dataclasses.replace(entry, name=NAME, sources=(hub,)))
+    (cache / "models" / NAME / "metadata.json").unlink()
+    with pytest.raises(pretrained.PretrainedError, match=r"someone/some-model/model.safetensors.*sha256 .* published; not used"):
+        pretrained.resolve(NAME)
+
+
+def test_pth_without_torch_says_which_extra_to_install(cache, server, registered, monkeypatch):
+    real = pretrained.importlib.util.find_spec
+    monkeypatch.setattr(pretrained.importlib.util, "find_spec", lambda name: None if name == "torch" else real(name))
+    with pytest.raises(pretrained.PretrainedError, match=r"needs torch: pip install 'convnext-audio-jax\[torch\]'"):
+        pretrained.resolve(NAME)
+    assert server.requests == []
+
+
+def test_wrong_file_put_in_the_cache_is_refused_not_deleted(cache, server, registered, checkpoint_bytes):
+    (cache / "downloads").mkdir(parents=True)
+    wrong = cache / "downloads" / FILE
+    damaged = checkpoint_bytes[:-1] + bytes([checkpoint_bytes[-1] ^ 1])
+    wrong.write_bytes(damaged)
+    with pytest.raises(pretrained.PretrainedError, match=rf"{FILE}: md5 .* published.*not used: delete it"):
+        pretrained.resolve(NAME)
+    assert wrong.read_bytes() == damaged and server.requests == []
