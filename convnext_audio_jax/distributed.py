@@ -220,11 +220,24 @@ def resolve(coordinator: str | None = None, num_processes: int | None = None, pr
                 f"layout per_host needs one process per node, but {cluster_name} started {tasks_here[0]} here "
                 f"({tasks_here[1]}); launch one task per node or use layout per_device")
         return JoinSpec(coordinator, num_processes, process_id, None, "per_host", cluster_name or "flags/env")
+    visible = single_visible_device(environ)
+    if visible is not None:  # the launcher bound one GPU to this task (srun --gpus-per-task=1): it is device 0
+        return JoinSpec(coordinator, num_processes, process_id, (0,), "per_device", cluster_name or "flags/env")
     if local_rank is None:
         raise DistributedConfigError(
             f"layout per_device needs this process's device: pass --local_device_ids or set {ENV_LOCAL_DEVICE_IDS} "
             f"(no SLURM / Open MPI local rank found)")
     return JoinSpec(coordinator, num_processes, process_id, (int(local_rank),), "per_device", cluster_name)
+
+
+def single_visible_device(environ: Mapping[str, str]) -> str | None:
+    """The variable restricting this process to exactly one GPU (CUDA_VISIBLE_DEVICES=3 for a task bound to
+    GPU 3), or None. Such a process sees that GPU as its device 0, so pinning it to its local rank would fail."""
+    for key in ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES"):
+        devices = [d for d in environ.get(key, "").split(",") if d.strip()]
+        if len(devices) == 1:
+            return key
+    return None
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import distributed_worker  # noqa: E402
 from multiprocess import process_env, run_group, run_jax_processes  # noqa: E402
 
-CLUSTER_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_",
+CLUSTER_PREFIXES = ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "SLURM_", "OMPI_", "PMI_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_",
                     "JAX_LOCAL_DEVICE_IDS", "KUBERNETES_", "TPU_WORKER_HOSTNAMES", "MEGASCALE_")
 
 
@@ -152,6 +152,15 @@ def test_slurm_layout_checks(monkeypatch):
                                                      r"started 8 here \(SLURM_STEP_TASKS_PER_NODE=8\(x2\)\)"):
         resolve()
     assert resolve(layout="per_device").local_device_ids == (3,)
+
+
+def test_slurm_one_gpu_bound_per_task(monkeypatch):
+    """srun --gpus-per-task=1: each task sees only its GPU, as device 0, whatever its local rank."""
+    slurm(monkeypatch, tasks_per_node=8, nodes=2, proc=13, CUDA_VISIBLE_DEVICES=5)
+    assert resolve().local_device_ids == (0,)
+    assert jax_detection()[3] == [5]  # JAX alone would ask for device 5 of a process that has one device
+    slurm(monkeypatch, tasks_per_node=8, nodes=2, proc=13, CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7")
+    assert resolve().local_device_ids == (5,)
 
 
 def test_slurm_uneven_tasks_and_fallback_variables(monkeypatch):
