@@ -71,7 +71,7 @@ def run_group(commands: Sequence[Sequence[str]], envs: Sequence[dict], timeout: 
                                                   start_new_session=True))
             deadline = time.monotonic() + timeout
             failed = timed_out = False
-            while any(p.poll() is None for p in processes):
+            while None in [p.poll() for p in processes]:  # a list: poll every process, not just the first
                 if any(p.returncode not in (None, 0) for p in processes):
                     failed = True
                     break

@@ -260,3 +260,68 @@ def test_train_py_bad_setting_is_one_line(tmp_path):
         "train.py: error: --coordinator must be HOST:PORT (e.g. node001:12345); got 'localhost'")
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_harness_kills_the_group_when_one_process_fails():
+    """A failed process ends the group at once: its peer (which would wait for it) is killed, and every
+    output is in the error."""
+    import time
+
+    from multiprocess import ProcessGroupError
+
+    sleeper = [sys.executable, "-c", "import time; print('waiting', flush=True); time.sleep(600)"]
+    failing = [sys.executable, "-c", "import sys, time; time.sleep(0.5); sys.exit('process 1 gave up')"]
+    start = time.monotonic()
+    with pytest.raises(ProcessGroupError) as error:
+        run_group([sleeper, failing], [process_env(1)] * 2, timeout=120)
+    assert time.monotonic() - start < 60
+    message = str(error.value)
+    assert "a process failed" in message and "process 1 gave up" in message and "waiting" in message
+    results = run_group([sleeper, failing], [process_env(1)] * 2, timeout=120, check=False)
+    assert results[0].returncode is None and results[1].returncode == 1  # None: killed by the harness
+    (late,) = run_group([sleeper], [process_env(1)], timeout=1, check=False)
+    assert late.returncode is None and late.stdout == "waiting\n"
+
+
+TINY_TRAIN_CONFIG = """
+from configs.demo import get_config as demo_config
+
+
+def get_config():
+    config = demo_config()
+    config.model.overrides.dims = (8, 16, 32, 64)
+    config.data.demo_train_clips = 128
+    config.data.demo_val_clips = 32
+    config.batch_size = 16
+    config.eval_batch_size = 32
+    config.total_steps = 4
+    config.checkpoint_every = 2
+    config.eval_every = 4
+    config.log_every = 1
+    config.progress_bar = False
+    return config
+"""
+
+
+@pytest.mark.slow  # two processes each compiling the train and eval steps: ~3 min on the 2-core CPU
+def test_train_py_two_processes(tmp_path):
+    """train.py itself over 2 processes × 4 devices, joined with its flags: it trains (SpecAugment, mixup and
+    speed perturbation on, as in the demo), evaluates, checkpoints with one loader state per process and
+    logs from process 0 only. (Equality with one process is the next step: see the report of issue 12.)"""
+    config = tmp_path / "tiny.py"
+    config.write_text(TINY_TRAIN_CONFIG)
+    workdir = tmp_path / "run"
+    outputs = run_jax_processes(["train.py", f"--config={config}", f"--workdir={workdir}"], 2, 4, timeout=420,
+                                use_flags=True)
+    for index, output in enumerate(outputs):
+        assert f"as process {index} of 2 (flags/env, per_host, local devices all)" in output.stderr
+    assert "final validation mAP" in outputs[0].stdout
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if "train_loss" in line] == [1, 2, 3, 4]  # written once, by process 0
+    assert [line["step"] for line in lines if "val_mAP" in line] == [4]
+    for step in (2, 4):
+        data = workdir / "checkpoints" / str(step) / "data"
+        assert sorted(p.name for p in data.glob("process_*.json")) == ["process_0-of-2.json", "process_1-of-2.json"]
+        for index in range(2):  # each process's own position: 8 examples × 2 mixup draws per step
+            state = json.loads((data / f"process_{index}-of-2.json").read_text())
+            assert state["grain"] == {"next_index": 16 * step}
