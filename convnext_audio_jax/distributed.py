@@ -129,7 +129,8 @@ def local_task_count(cluster_name: str | None, environ: Mapping[str, str]) -> tu
         if "SLURM_NTASKS_PER_NODE" in environ:
             return _int(environ["SLURM_NTASKS_PER_NODE"], "SLURM_NTASKS_PER_NODE", 1), "SLURM_NTASKS_PER_NODE"
     if cluster_name == "OmpiCluster" and "OMPI_COMM_WORLD_LOCAL_SIZE" in environ:
-        return _int(environ["OMPI_COMM_WORLD_LOCAL_SIZE"], "OMPI_COMM_WORLD_LOCAL_SIZE", 1), "OMPI_COMM_WORLD_LOCAL_SIZE"
+        key = "OMPI_COMM_WORLD_LOCAL_SIZE"
+        return _int(environ[key], key, 1), key
     return None
 
 
@@ -160,7 +161,10 @@ def resolve(coordinator: str | None = None, num_processes: int | None = None, pr
         raise DistributedConfigError(f"{layout_from} must be one of {', '.join(LAYOUTS)}; got {layout!r}")
 
     if cluster is ...:
-        cluster = detect_cluster()
+        try:
+            cluster = detect_cluster()
+        except Exception as error:  # e.g. a Kubernetes pod whose API cannot be reached
+            raise DistributedConfigError(f"cluster detection failed: {type(error).__name__}: {error}") from None
     cluster_name = None if cluster is None else cluster.__name__
     explicit = [source for source in (coordinator_from, num_from, id_from) if source]
     if not explicit and cluster is None:
@@ -169,14 +173,18 @@ def resolve(coordinator: str | None = None, num_processes: int | None = None, pr
         return None
 
     if cluster is not None:  # fill what was not given, as jax.distributed.initialize() would
-        if coordinator is None:
-            coordinator = cluster.get_coordinator_address(timeout_secs=None,
-                                                          override_coordinator_port=environ.get(ENV_COORDINATOR_PORT))
-            coordinator_from = f"{cluster_name} detection"
-        if num_processes is None:
-            num_processes, num_from = cluster.get_process_count(), f"{cluster_name} detection"
-        if process_id is None:
-            process_id, id_from = cluster.get_process_id(), f"{cluster_name} detection"
+        detected = f"{cluster_name} detection"
+        try:
+            if coordinator is None:
+                port = environ.get(ENV_COORDINATOR_PORT)
+                coordinator = cluster.get_coordinator_address(timeout_secs=None, override_coordinator_port=port)
+                coordinator_from = detected
+            if num_processes is None:
+                num_processes, num_from = cluster.get_process_count(), detected
+            if process_id is None:
+                process_id, id_from = cluster.get_process_id(), detected
+        except Exception as error:  # a variable of the cluster missing or malformed
+            raise DistributedConfigError(f"{detected} failed: {type(error).__name__}: {error}") from None
     given = ", ".join(explicit) or f"a {cluster_name} environment"
     if coordinator is None:
         raise DistributedConfigError(
@@ -192,7 +200,8 @@ def resolve(coordinator: str | None = None, num_processes: int | None = None, pr
     process_id = _int(process_id, id_from, 0)
     if process_id >= num_processes:
         raise DistributedConfigError(
-            f"{id_from} {process_id} must be below {num_from} {num_processes} (processes are numbered 0..{num_processes - 1})")
+            f"{id_from} {process_id} must be below {num_from} {num_processes} "
+            f"(processes are numbered 0..{num_processes - 1})")
     if num_processes == 1:
         logger.info("a job of one process: no distributed runtime needed")
         return None
@@ -201,7 +210,10 @@ def resolve(coordinator: str | None = None, num_processes: int | None = None, pr
 
     local_rank = None
     if cluster is not None and not cloud_tpu_init.running_in_cloud_tpu_vm:  # JAX never pins TPU processes
-        local_rank = cluster.get_local_process_id()
+        try:
+            local_rank = cluster.get_local_process_id()
+        except Exception as error:
+            raise DistributedConfigError(f"{cluster_name} local rank: {type(error).__name__}: {error}") from None
     tasks_here = local_task_count(cluster_name, environ)
     if device_ids is not None:
         device_ids = _device_ids(device_ids, devices_from)
@@ -209,7 +221,8 @@ def resolve(coordinator: str | None = None, num_processes: int | None = None, pr
             raise DistributedConfigError(
                 f"layout per_host drives every local device, but {devices_from} restricts them to {list(device_ids)}")
         if layout == "per_device" and len(device_ids) != 1:
-            raise DistributedConfigError(f"layout per_device drives one device per process, but {devices_from} lists {list(device_ids)}")
+            raise DistributedConfigError(
+                f"layout per_device drives one device per process, but {devices_from} lists {list(device_ids)}")
         return JoinSpec(coordinator, num_processes, process_id, device_ids,
                         "per_device" if len(device_ids) == 1 else "per_host", cluster_name or "flags/env")
     if layout == "auto":

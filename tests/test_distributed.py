@@ -183,6 +183,17 @@ def test_slurm_port_coordinator_and_single_task(monkeypatch):
     assert resolve() is None  # sbatch with one task: nothing to join
 
 
+def test_broken_cluster_variables(monkeypatch):
+    slurm(monkeypatch, tasks_per_node=1, nodes=2, proc=0)
+    set_env(monkeypatch, SLURM_NTASKS="two")
+    with pytest.raises(DistributedConfigError, match="^SlurmCluster detection failed: ValueError: invalid literal"):
+        resolve()
+    slurm(monkeypatch, tasks_per_node=1, nodes=2, proc=0)
+    set_env(monkeypatch, SLURM_NODEID=5)
+    with pytest.raises(DistributedConfigError, match=r"SLURM_NODEID 5 is past SLURM_STEP_TASKS_PER_NODE='1\(x2\)'"):
+        resolve()
+
+
 def test_open_mpi(monkeypatch):
     set_env(monkeypatch, OMPI_MCA_orte_hnp_uri="1531576320.0;tcp://10.96.0.1,10.148.0.1:34911",
             OMPI_COMM_WORLD_SIZE=4, OMPI_COMM_WORLD_RANK=3, OMPI_COMM_WORLD_LOCAL_RANK=1, OMPI_COMM_WORLD_LOCAL_SIZE=2)
