@@ -2,7 +2,8 @@
 
 Runs under absl.app, so flags are parsed before grain starts worker processes. A multi-process job joins
 its cluster first (convnext_audio_jax.distributed): ``--coordinator HOST:PORT --num_processes N --process_id I``,
-the JAX_* variables, or SLURM / Open MPI / Kubernetes / Cloud TPU detection (docs/train.md, "Multi-host").
+the JAX_* variables, or SLURM / Open MPI / Kubernetes / Cloud TPU detection (docs/train.md, "Multi-host
+training").
 """
 
 import logging
@@ -17,11 +18,12 @@ from convnext_audio_jax import distributed, train_lib
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "folder for checkpoints, metrics.jsonl and TensorBoard events")
 flags.mark_flags_as_required(["config", "workdir"])
-_COORDINATOR = flags.DEFINE_string("coordinator", None, "multi-process: process 0's HOST:PORT (or JAX_COORDINATOR_ADDRESS)")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-process: number of processes (or JAX_NUM_PROCESSES)")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-process: this process's index (or JAX_PROCESS_ID)")
-_LOCAL_DEVICE_IDS = flags.DEFINE_list("local_device_ids", None, "multi-process: local devices to drive (default: by layout)")
-_LAYOUT = flags.DEFINE_enum("layout", None, list(distributed.LAYOUTS), "multi-process: per_host or per_device (or JAX_PROCESS_LAYOUT; default auto)")
+# Multi-process jobs (docs/train.md, "Multi-host training"); each flag falls back to its JAX_* variable.
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "process 0's HOST:PORT (JAX_COORDINATOR_ADDRESS)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes (JAX_NUM_PROCESSES)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index, 0..N-1 (JAX_PROCESS_ID)")
+_LOCAL_DEVICE_IDS = flags.DEFINE_list("local_device_ids", None, "local devices to drive (JAX_LOCAL_DEVICE_IDS)")
+_LAYOUT = flags.DEFINE_enum("layout", None, list(distributed.LAYOUTS), "process layout (JAX_PROCESS_LAYOUT)")
 
 
 def main(argv):
@@ -30,7 +32,8 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and grain log every save at INFO
     logging.getLogger("convnext_audio_jax").setLevel(logging.INFO)
     try:
-        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _LOCAL_DEVICE_IDS.value, _LAYOUT.value)
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                               _LOCAL_DEVICE_IDS.value, _LAYOUT.value)
     except distributed.DistributedConfigError as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 1
