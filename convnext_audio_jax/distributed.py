@@ -14,7 +14,10 @@ tasks the launcher put on this node (1: per_host, more: per_device).
 
 Everything is resolved and checked (`resolve`) before jax is called, so a wrong or partial setting is one
 line naming the flag or variable; `initialize` then calls ``jax.distributed.initialize`` with every value
-given and JAX's detection switched off, so JAX cannot pick something else.
+given and JAX's detection switched off, so JAX cannot pick something else. ``JAX_COORDINATOR_PORT`` (the port
+of a detected coordinator) is honoured as JAX does; ``JAX_COORDINATOR_BIND_ADDRESS`` and
+``JAX_PARTITION_INDEX`` are left to JAX. A task bound to a single GPU (``CUDA_VISIBLE_DEVICES`` with one entry)
+sees it as its device 0 and is pinned to that.
 """
 
 from __future__ import annotations
@@ -138,7 +141,9 @@ def resolve(coordinator: str | None = None, num_processes: int | None = None, pr
             local_device_ids: str | Sequence[int] | None = None, layout: str | None = None,
             environ: Mapping[str, str] | None = None, cluster=...) -> JoinSpec | None:
     """The join settings for this process, or None for a single-process run. Calls nothing in jax but the
-    cluster detection (``cluster``: a ``jax._src.clusters`` class or None; default: detected).
+    cluster detection (``cluster``: a ``jax._src.clusters`` class or None; default: detected). ``environ``
+    (default os.environ) is where the JAX_* variables, task counts and visible devices are read; JAX's cluster
+    classes always read os.environ.
 
     Raises DistributedConfigError (one line naming the flag/variable) for a partial or inconsistent setting.
     """
