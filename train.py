@@ -1,7 +1,9 @@
 """Train a model: ``python train.py --config configs/<name>.py --workdir DIR [--config.key=value ...]``.
 
-Runs under absl.app, so flags are parsed before grain starts worker processes. Multi-host jobs (a
-coordinator address, SLURM or Open MPI) call ``jax.distributed.initialize()`` first.
+Runs under absl.app, so flags are parsed before grain starts worker processes. A multi-process job joins
+its cluster first (convnext_audio_jax.distributed): ``--coordinator HOST:PORT --num_processes N --process_id I``,
+the JAX_* variables, or SLURM / Open MPI / Kubernetes / Cloud TPU detection (docs/train.md, "Multi-host
+training").
 """
 
 import logging
@@ -11,11 +13,17 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from convnext_audio_jax import train_lib
+from convnext_audio_jax import distributed, train_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "folder for checkpoints, metrics.jsonl and TensorBoard events")
 flags.mark_flags_as_required(["config", "workdir"])
+# Multi-process jobs (docs/train.md, "Multi-host training"); each flag falls back to its JAX_* variable.
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "process 0's HOST:PORT (JAX_COORDINATOR_ADDRESS)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes (JAX_NUM_PROCESSES)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index, 0..N-1 (JAX_PROCESS_ID)")
+_LOCAL_DEVICE_IDS = flags.DEFINE_list("local_device_ids", None, "local devices to drive (JAX_LOCAL_DEVICE_IDS)")
+_LAYOUT = flags.DEFINE_enum("layout", None, list(distributed.LAYOUTS), "process layout (JAX_PROCESS_LAYOUT)")
 
 
 def main(argv):
@@ -23,7 +31,12 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and grain log every save at INFO
     logging.getLogger("convnext_audio_jax").setLevel(logging.INFO)
-    train_lib.maybe_initialize_distributed()
+    try:
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                               _LOCAL_DEVICE_IDS.value, _LAYOUT.value)
+    except distributed.DistributedConfigError as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        return 1
     try:
         result = train_lib.train(_CONFIG.value, _WORKDIR.value)
     except (train_lib.ConfigError, train_lib.NonFiniteLossError) as error:
