@@ -233,6 +233,15 @@ def write_teacher_file(output: str | os.PathLike, clip_ids: Sequence[str], logit
 # --------------------------------------------------------------------------------------------- reader
 
 
+def _as_list(models) -> list[str]:
+    """The ``models`` attribute: a JSON list here; other writers may store a plain string."""
+    try:
+        value = json.loads(models)
+    except (TypeError, ValueError):
+        value = models
+    return [str(m) for m in value] if isinstance(value, list) else [str(value)]
+
+
 def _memory_map(path: str, dataset: h5py.Dataset) -> np.ndarray | None:
     """A read-only memory map of a contiguous, uncompressed dataset; None when it is not one."""
     if dataset.chunks is not None or dataset.compression is not None or dataset.dtype.kind not in "fiuS":
@@ -272,7 +281,7 @@ class TeacherPredictions:
                 declared = f.attrs.get("num_classes")
                 if declared is not None and int(declared) != self.num_classes:
                     raise TeacherFileError(f"{self.path}: num_classes attribute {declared}, logits have {self.num_classes}")
-                self.models = json.loads(f.attrs.get("models", "[]"))
+                self.models = _as_list(f.attrs.get("models", "[]"))
                 self.source = str(f.attrs.get("source", ""))
         except OSError as error:
             raise TeacherFileError(f"{self.path}: not a readable HDF5 file ({error})") from None
