@@ -3,6 +3,7 @@
 import concurrent.futures
 import multiprocessing
 import os
+import pathlib
 import pickle
 import signal
 import subprocess
@@ -206,3 +207,22 @@ def test_ensemble_mean():
         teacher_lib.ensemble_mean([a, np.zeros((2, 2))])
     with pytest.raises(ValueError, match="at least one"):
         teacher_lib.ensemble_mean([])
+
+
+def test_the_documented_efficientat_conversion(tmp_path, monkeypatch):
+    """docs/train.md's script, run as written on files in EfficientAT's layout (logits .npy + name → row pickle)."""
+    doc = (pathlib.Path(__file__).parent.parent / "docs" / "train.md").read_text()
+    script = doc.split("### EfficientAT's PaSST ensemble as the teacher", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    ytids = ["--4gqARaEJE", "-0RWZT-miFs", "zzzzzzzzzzz", "a_b-c_d-e_f"]
+    names = ["Y--4gqARaEJE.mp3", "00/Y-0RWZT-miFs.mp3", "40/Yzzzzzzzzzzz.mp3", "Ya_b-c_d-e_f.mp3"]
+    rows = [2, 0, 3, 1]
+    logits = np.random.default_rng(0).normal(0, 3, (4, 527)).astype(np.float32)
+    monkeypatch.chdir(tmp_path)
+    np.save("passt_enemble_logits_mAP_495.npy", logits)
+    with open("fname_to_index.pkl", "wb") as f:
+        pickle.dump(dict(zip(names, rows)), f)
+    exec(compile(script, "docs/train.md", "exec"), {})
+    teacher = TeacherPredictions(tmp_path / "passt_teacher.h5")
+    got, found = teacher.lookup(ytids)
+    assert found.all() and teacher.num_classes == 527
+    np.testing.assert_array_equal(got, logits[rows].astype(np.float16).astype(np.float32))
