@@ -53,6 +53,9 @@ def test_round_trip_memory_mapped(tmp_path, data, dtype):
     assert found.all() and got.dtype == np.float32
     np.testing.assert_array_equal(got, logits[order].astype(dtype).astype(np.float32))
     assert teacher._state["logits_map"] is not None and isinstance(teacher._state["index_ids"], np.memmap)
+    half, _ = teacher.lookup([ids[i] for i in order], dtype=np.float16)
+    assert half.dtype == np.float16
+    np.testing.assert_array_equal(half, logits[order].astype(dtype).astype(np.float16))
     # Picklable for loader workers: the copy reopens lazily and answers the same.
     clone = pickle.loads(pickle.dumps(teacher))
     assert clone._state is None
