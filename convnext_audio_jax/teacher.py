@@ -255,9 +255,9 @@ def _memory_map(path: str, dataset: h5py.Dataset) -> np.ndarray | None:
 class TeacherPredictions:
     """Reads a teacher file by clip id. Picklable: each process opens the file lazily on its first lookup.
 
-    ``lookup(clip_ids)`` → (logits (B, C), float32 unless asked otherwise, found (B,) bool). A clip without a row raises
-    :class:`MissingTeacherError` naming the first missing ids, unless ``allow_missing``: then its row is
-    zeros, ``found`` is False there, and ``num_missing`` counts it (per process).
+    ``lookup(clip_ids)`` → (logits (B, C) float32 by default, found (B,) bool). A clip without a row
+    raises :class:`MissingTeacherError` naming the first missing ids, unless ``allow_missing``: then its
+    row is zeros, ``found`` is False there, and ``num_missing`` counts it (per process).
     """
 
     def __init__(self, path: str | os.PathLike, allow_missing: bool = False):
