@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=_models_table)
 
     import convert.cli
-    from convnext_audio_jax import evaluate, inference, pretrained
+    from convnext_audio_jax import evaluate, inference, predict, pretrained
     from convnext_audio_jax.data import prepare
 
     for name, add_arguments, run, help_text in [
@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
          "decode, resample and pack audio clips + labels into ArrayRecord or HDF5 shards for training"),
         ("evaluate", evaluate.add_arguments, evaluate.run,
          "mAP/AUC/d' of a checkpoint on a labelled dataset, with per-class reports"),
+        ("predict", predict.add_arguments, predict.run,
+         "teacher logits (one model or an ensemble's mean) for every clip of a dataset, for distillation"),
         ("tag", inference.add_tag_arguments, inference.run_tag,
          "tag audio files (any format, rate, channels, length); --frames adds sound-event timelines"),
         ("embed", inference.add_embed_arguments, inference.run_embed,
