@@ -386,8 +386,9 @@ def class_names_for(metadata: Mapping[str, Any], num_classes: int, labels_csv: s
 
 def add_tag_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR", help="audio files and folders (searched recursively)")
-    parser.add_argument("--checkpoint", required=True, help="model checkpoint folder")
-    parser.add_argument("--labels", help="class_labels_indices.csv (default: names in the checkpoint, else indices)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="model directory or training workdir (its model/best, else model/last)")
+    parser.add_argument("--labels", help="class_labels_indices.csv (default: the names stored in the model, else indices)")
     parser.add_argument("--top-k", type=int, default=10, help="classes reported per file (default %(default)s)")
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                         help="report classes and events scoring at least this (default %(default)s)")
@@ -490,7 +491,8 @@ class EmbeddingModel:
 
 
 def load_model(checkpoint_dir: str | os.PathLike, batch_size: int = 8) -> EmbeddingModel:
-    """HEAR ``load_model``: the checkpoint written by ``save_model`` / the converter."""
+    """HEAR ``load_model``: a model directory (``save_model`` / the converter) or a training workdir (its
+    ``model/best``, else ``model/last``)."""
     from convnext_audio_jax.checkpoint import load_model as load_checkpoint
 
     model, variables, _ = load_checkpoint(checkpoint_dir)
@@ -531,10 +533,13 @@ def get_timestamp_embeddings(audio: Any, model: EmbeddingModel) -> tuple[np.ndar
 
 def add_embed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR", help="audio files and folders (searched recursively)")
-    parser.add_argument("--checkpoint", required=True, help="model checkpoint folder")
+    parser.add_argument("--checkpoint", required=True,
+                        help="model directory or training workdir (its model/best, else model/last)")
     parser.add_argument("--kind", choices=EMBEDDING_KINDS, default="scene",
                         help="scene (B, D), frames (B, T, F, C), sequence (B, T, C) or logits (default %(default)s)")
     parser.add_argument("--output", required=True, help="output .npz")
+    parser.add_argument("--labels", help="--kind logits: class_labels_indices.csv whose names are stored as class_names "
+                        "(default: the names stored in the model, else indices)")
     parser.add_argument("--hop", type=float, default=DEFAULT_HOP_SECONDS,
                         help="seconds between 10 s windows of longer files (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward (default %(default)s)")
@@ -543,10 +548,12 @@ def add_embed_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_embed(args: argparse.Namespace) -> int:
     """Writes OUT.npz: ``embeddings`` (all windows of all files, stacked), ``file_index`` and ``window_start_s``
-    per window, ``files`` (the paths, in order), ``kind``. Exit code 1 when no file could be embedded."""
+    per window, ``files`` (the paths, in order), ``kind``, and for ``--kind logits`` the ``class_names`` of the
+    columns. Exit code 1 when no file could be embedded."""
     from convnext_audio_jax.checkpoint import load_model as load_checkpoint
 
-    model, variables, _ = load_checkpoint(args.checkpoint)
+    model, variables, metadata = load_checkpoint(args.checkpoint)
+    names = {"class_names": np.array(class_names_for(metadata, model.num_classes, args.labels))} if args.kind == "logits" else {}
     files, errors = expand_inputs(args.inputs)
     for error in errors:
         print(f"embed: skipped {error.line()}", file=sys.stderr)
@@ -571,7 +578,7 @@ def run_embed(args: argparse.Namespace) -> int:
         return 1
     embeddings = np.concatenate(embeddings)
     np.savez(args.output, embeddings=embeddings, file_index=np.array(file_index, dtype=np.int32),
-             window_start_s=np.array(window_start, dtype=np.float64), files=np.array(embedded), kind=args.kind)
+             window_start_s=np.array(window_start, dtype=np.float64), files=np.array(embedded), kind=args.kind, **names)
     print(f"embed: {len(embedded)} files, {len(file_index)} windows of {args.kind} embeddings "
           f"{embeddings.shape[1:]} → {args.output}")
     return 0

@@ -17,8 +17,8 @@ import timm
 import torch
 from safetensors.numpy import save_file
 
-from convert import cli, load_torch_state_dict
-from convert.torch_reference import build_reference, randomize_
+from convnext_audio_jax.convert import cli, load_torch_state_dict
+from convnext_audio_jax.torch_reference import build_reference, randomize_
 from convnext_audio_jax.checkpoint import load_model
 from convnext_audio_jax.models import create_model
 
@@ -210,7 +210,7 @@ def _import_panns_inference_models():
 
 
 def test_reference_cnn14_is_panns_inference_cnn14():
-    """The CNN14 port in convert/torch_reference.py has PANNs' keys and computes what PyPI's does."""
+    """The CNN14 port in convnext_audio_jax/torch_reference.py has PANNs' keys and computes what PyPI's does."""
     panns_models = _import_panns_inference_models()
     ours = randomize_(build_reference("cnn14"), seed=8)
     theirs = panns_models.Cnn14(sample_rate=32000, window_size=1024, hop_size=320, mel_bins=64, fmin=50, fmax=14000, classes_num=527)
@@ -356,7 +356,7 @@ def test_python_dash_m_convert_reports_one_line(tmp_path):
 
 def test_reduced_audio_convnext_converts_with_model_config():
     """The benchmark's tiny models: sizes no registered model has, named with ``model_config``."""
-    from convert.conversion import convert_state_dict
+    from convnext_audio_jax.convert.conversion import convert_state_dict
 
     size = {"depths": (1, 1, 1, 1), "dims": (8, 16, 32, 64)}
     reference = randomize_(build_reference("convnext_tiny", **size), seed=11)
