@@ -84,7 +84,8 @@ def check_model_output(directory: str | os.PathLike, overwrite: bool = False) ->
     return True
 
 
-def _fsync_path(path: pathlib.Path) -> None:
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flushes a file or a directory (its entries: a rename in it) to disk."""
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
@@ -96,8 +97,8 @@ def _fsync_tree(root: pathlib.Path) -> None:
     """Every file and directory under ``root`` (and ``root``) on disk, before a rename publishes it."""
     for folder, _, files in os.walk(root):
         for name in files:
-            _fsync_path(pathlib.Path(folder, name))
-        _fsync_path(pathlib.Path(folder))
+            fsync_path(pathlib.Path(folder, name))
+        fsync_path(pathlib.Path(folder))
 
 
 def _check_class_names(model_name: str, model_config: dict[str, Any], document: dict[str, Any]) -> None:
@@ -153,7 +154,7 @@ def save_model(
         elif target.is_dir():
             target.rmdir()  # empty
         os.rename(staging, target)
-        _fsync_path(target.parent)
+        fsync_path(target.parent)
     except BaseException:
         if aside is not None and not target.exists():
             os.rename(aside, target)  # the old model back in place

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from convnext_audio_jax.checkpoint import fsync_path
 from convnext_audio_jax.data import labels as labels_lib
 
 
@@ -115,7 +116,7 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def save_torch_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike) -> pathlib.Path:
     """Writes a state dict as ``{"model": state_dict}`` with torch.save (``.pth``/``.pt``) or as
-    ``.safetensors``, through a temporary file renamed at the end."""
+    ``.safetensors``, through a temporary file fsynced and renamed at the end."""
     path = pathlib.Path(path).absolute()
     if path.suffix not in (".pth", ".pt", ".safetensors"):
         raise ConversionError(f"output {path.name}: expected a .pth, .pt or .safetensors file name")
@@ -130,7 +131,9 @@ def save_torch_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.P
             save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, staging)
         else:
             torch.save({"model": {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}}, staging)
+        fsync_path(staging)
         os.replace(staging, path)
+        fsync_path(path.parent)
     except BaseException:
         pathlib.Path(staging).unlink(missing_ok=True)
         raise
