@@ -94,13 +94,14 @@ def write_synthetic_recordings(folder: pathlib.Path) -> list[pathlib.Path]:
 def freedesktop_recordings(tmp_path_factory) -> list[pathlib.Path]:
     """The real Ogg recordings of Debian's sound-theme-freedesktop (installed by .ci/run); where that package is
     missing, synthetic recordings written by the test (named like some of them, with the same kinds of rates,
-    channel counts and lengths), with a warning, so that no test that needs recordings is skipped."""
+    channel counts and lengths), with a warning, so that no test that needs recordings is skipped.
+    TEST_RECORDINGS=synthetic uses the synthetic ones even where the package is installed."""
     files = sorted(FREEDESKTOP_SOUNDS.glob("*.oga"))
-    if files:
+    if files and os.environ.get("TEST_RECORDINGS") != "synthetic":
         return files
-    folder = tmp_path_factory.mktemp("synthetic_recordings")
-    files = write_synthetic_recordings(folder)
-    warnings.warn(f"sound-theme-freedesktop is not installed ({FREEDESKTOP_SOUNDS} has no .oga files): using "
-                  f"{len(files)} synthetic recordings written by tests/conftest.py instead "
-                  f"(apt-get install sound-theme-freedesktop for the real ones)")
-    return files
+    reason = ("TEST_RECORDINGS=synthetic" if files
+              else f"sound-theme-freedesktop is not installed ({FREEDESKTOP_SOUNDS} has no .oga files)")
+    synthetic = write_synthetic_recordings(tmp_path_factory.mktemp("synthetic_recordings"))
+    warnings.warn(f"{reason}: using {len(synthetic)} synthetic recordings written by tests/conftest.py instead of "
+                  f"Debian's (apt-get install sound-theme-freedesktop)")
+    return synthetic
