@@ -44,7 +44,7 @@ def bench_torch(name: str, waveform: np.ndarray, repeats: int) -> float | None:
     try:
         import torch
 
-        from convert.torch_reference import build_reference
+        from convnext_audio_jax.torch_reference import build_reference
     except ImportError:
         return None
     try:

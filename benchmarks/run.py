@@ -237,8 +237,8 @@ def torch_reference(case: Case):
     """The reference with randomized weights (every tensor exercised) and ours converted from it,
     or (None, reason) where there is no reference or torch is missing."""
     try:
-        from convert.conversion import convert_state_dict
-        from convert.torch_reference import build_reference, randomize_
+        from convnext_audio_jax.convert.conversion import convert_state_dict
+        from convnext_audio_jax.torch_reference import build_reference, randomize_
     except ImportError as error:
         return None, None, f"torch reference unavailable: {error}"
     try:

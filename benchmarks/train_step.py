@@ -5,7 +5,7 @@ backward, AdamW) for the audio ConvNeXt-Tiny at the paper's input (10 s at 32 kH
 
 Rows: ours (JAX, one jitted step on a 'data' mesh of 1, 2, ... devices; on a CPU the devices are
 simulated and share its cores, so the scaling rows measure the cost of sharding, not a speed-up) and the
-PyTorch reference (the authors' model from timm blocks + torchlibrosa, convert/torch_reference.py) with the
+PyTorch reference (the authors' model from timm blocks + torchlibrosa, convnext_audio_jax/torch_reference.py) with the
 same augmentations and torch.optim.AdamW. A step trains on ``batch`` mixed examples, i.e. 2 x batch clips
 drawn; clips/s counts the ``batch`` examples. Median over ``steps`` timed steps after one warm-up step.
 """
@@ -19,7 +19,7 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repository: package and convert/
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repository: the package
 
 
 def parse_args() -> argparse.Namespace:
@@ -89,7 +89,7 @@ def torch_row(args, clips, targets) -> tuple[str, float, float]:
     import torch
     from torchlibrosa.augmentation import SpecAugmentation
 
-    from convert.torch_reference import build_reference, normalised_log_mel
+    from convnext_audio_jax.torch_reference import build_reference, normalised_log_mel
 
     model = build_reference("convnext_tiny", drop_path_rate=0.4).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)

@@ -1,25 +1,5 @@
-"""PyTorch → Flax checkpoint converter (``python -m convert SOURCE OUTPUT_DIR``), see docs/convert.md.
+"""``python -m convert`` from a checkout: the entry point only.
 
-Library API::
-
-    state_dict = load_torch_state_dict("convnext_tiny_471mAP.pth")      # numpy arrays, no pickled code run
-    result = convert_state_dict(state_dict)                             # Conversion(model_name, model_config, variables, …)
-    torch_sd = to_torch_state_dict(result.model_name, result.variables) # and back
+The converter library is ``convnext_audio_jax.convert`` (installed with the package; this folder is not,
+so no top-level ``convert`` package shadows another one in site-packages).
 """
-
-from convert.conversion import Conversion, check_frontend, convert_state_dict, to_torch_state_dict
-from convert.files import ConversionError, load_torch_state_dict, read_labels, save_torch_state_dict
-from convert.layouts import LAYOUTS, detect_layout
-
-__all__ = [
-    "LAYOUTS",
-    "Conversion",
-    "ConversionError",
-    "check_frontend",
-    "convert_state_dict",
-    "detect_layout",
-    "load_torch_state_dict",
-    "read_labels",
-    "save_torch_state_dict",
-    "to_torch_state_dict",
-]

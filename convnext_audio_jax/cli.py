@@ -63,12 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--pretrained", action="store_true", help="list the released checkpoints loadable by name instead")
     models.set_defaults(func=_models_table)
 
-    import convert.cli
+    from convnext_audio_jax.convert import cli as convert_cli
     from convnext_audio_jax import evaluate, inference, predict, pretrained
     from convnext_audio_jax.data import prepare
 
     for name, add_arguments, run, help_text in [
-        ("convert", convert.cli.add_arguments, convert.cli.run,
+        ("convert", convert_cli.add_arguments, convert_cli.run,
          "PyTorch checkpoint (authors' AudioSet ConvNeXt, ImageNet ConvNeXt, PANN CNN14/CNN6) → Flax checkpoint"),
         ("prepare", prepare.add_arguments, prepare.run,
          "decode, resample and pack audio clips + labels into ArrayRecord or HDF5 shards for training"),

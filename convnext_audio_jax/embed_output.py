@@ -110,9 +110,10 @@ class EmbeddingStore:
         with open(os.path.join(self.parts, self.part_id(path) + ".json")) as file:
             self.done[path] = json.load(file)
 
-    def finish(self, files: Sequence[str]) -> tuple[list[str], int, tuple]:
+    def finish(self, files: Sequence[str], extra: dict[str, np.ndarray] | None = None) -> tuple[list[str], int, tuple]:
         """Write ``output`` from the parts of ``files`` (in that order) that are finished: ``embeddings``,
-        ``file_index``, ``window_start_s``, ``files``, ``kind``. Returns (files embedded, windows, row shape)."""
+        ``file_index``, ``window_start_s``, ``files``, ``kind`` and the ``extra`` arrays (e.g. ``class_names``).
+        Returns (files embedded, windows, row shape)."""
         embedded = [path for path in files if path in self.done]
         records = [self.done[path] for path in embedded]
         arrays = [np.load(os.path.join(self.parts, self.part_id(p) + ".npy"), mmap_mode="r") for p in embedded]
@@ -131,7 +132,8 @@ class EmbeddingStore:
                     for first in range(0, flat.size, step):
                         member.write(np.ascontiguousarray(flat[first : first + step]).tobytes())
             for name, value in [("file_index", file_index), ("window_start_s", window_start),
-                                ("files", np.array(embedded)), ("kind", np.array(self.kind))]:
+                                ("files", np.array(embedded)), ("kind", np.array(self.kind)),
+                                *(extra or {}).items()]:
                 with archive.open(name + ".npy", "w", force_zip64=True) as member:
                     np.lib.format.write_array(member, value, allow_pickle=False)
         del arrays

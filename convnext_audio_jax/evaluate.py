@@ -188,14 +188,76 @@ def _open_data_spec(spec: str, labels_csv: str | os.PathLike | None) -> tuple[Cl
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="model checkpoint folder (save_model / convert output)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="model directory (convert's output) or training workdir (its model/best, else model/last)")
     parser.add_argument("--data", required=True, metavar="SPEC",
                         help="DIR@SPLIT (a prepare output), FILE.h5 (packed or PANN index) or AUDIO_DIR@CLIPS.csv")
-    parser.add_argument("--labels", help="class_labels_indices.csv: class names (needed for AUDIO_DIR@CLIPS.csv)")
+    parser.add_argument("--labels", help="class_labels_indices.csv: the data's classes (needed for AUDIO_DIR@CLIPS.csv; "
+                        "overrides the list a prepare output holds)")
+    parser.add_argument("--remap-by-name", action="store_true",
+                        help="the model and the data list the same class names in different orders: score each data "
+                        "class with the model output of the same name")
     parser.add_argument("--batch-size", type=int, default=32,
                         help="clips per step, rounded up to a multiple of the device count (default %(default)s)")
     parser.add_argument("--output", default="evaluation", help="folder for the reports (default %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def class_order(model_names: Sequence[str] | None, data_names: Sequence[str] | None, model_classes: int,
+                data_classes: int, remap_by_name: bool = False) -> list[int] | None:
+    """For each data class, the index of the model output that scores it: None when the model's classes are the
+    data's in the same order. Raises ValueError naming the first differing index when the names differ (with
+    ``remap_by_name``: when the data names a class the model does not have, or a count or a name repeats).
+    Without names on both sides, only the counts are compared."""
+    if model_names is None or data_names is None:
+        if remap_by_name:
+            side = "the model" if model_names is None else "the data (--labels gives them)"
+            raise ValueError(f"--remap-by-name needs class names on both sides; {side} has none")
+        if data_classes != model_classes:
+            raise ValueError(f"the data has {data_classes} classes, the model {model_classes}")
+        return None
+    model_names, data_names = list(model_names), list(data_names)
+    if model_names == data_names:
+        return None
+    if not remap_by_name:
+        first = next((i for i, (m, d) in enumerate(zip(model_names, data_names)) if m != d), None)
+        where = (f"first difference at index {first}: the model's class {first} is {model_names[first]!r}, the data's "
+                 f"{data_names[first]!r}" if first is not None else "the shorter list is a prefix of the longer")
+        counts = f"the data has {len(data_names)} classes, the model {len(model_names)}; "
+        same_set = len(model_names) == len(data_names) and sorted(model_names) == sorted(data_names)
+        hint = " (the same names in another order: --remap-by-name scores each data class by name)" if same_set else ""
+        raise ValueError(f"the model's class names differ from the data's: "
+                         f"{counts if len(model_names) != len(data_names) else ''}{where}{hint}")
+    for side, names in (("model", model_names), ("data", data_names)):
+        seen = set()
+        repeated = next((n for n in names if n in seen or seen.add(n)), None)
+        if repeated is not None:
+            raise ValueError(f"--remap-by-name: the {side} lists class {repeated!r} twice")
+    if len(model_names) != len(data_names):
+        raise ValueError(f"--remap-by-name: the data has {len(data_names)} classes, the model {len(model_names)}")
+    position = {name: i for i, name in enumerate(model_names)}
+    missing = [(i, n) for i, n in enumerate(data_names) if n not in position]
+    if missing:
+        raise ValueError(f"--remap-by-name: the data's class {missing[0][0]} {missing[0][1]!r} is not a class of the "
+                         f"model ({len(missing)} such)")
+    return [position[name] for name in data_names]
+
+
+def reorder_classifier(variables: Mapping[str, Any], order: Sequence[int]) -> dict[str, Any]:
+    """``variables`` whose classifier (the one top-level Dense with ``len(order)`` outputs) has output ``j`` =
+    the old output ``order[j]``: the model then scores classes in the new order, exactly."""
+    params = variables["params"]
+    classes = len(order)
+    heads = [name for name, layer in params.items() if isinstance(layer, Mapping) and set(layer) == {"kernel", "bias"}
+             and np.ndim(layer["kernel"]) == 2 and np.shape(layer["kernel"])[1] == classes
+             and np.shape(layer["bias"]) == (classes,)]
+    if len(heads) != 1:
+        raise ValueError(f"cannot reorder the classes: expected one top-level dense layer with {classes} outputs, "
+                         f"found {heads or 'none'}")
+    head = params[heads[0]]
+    order = np.asarray(order)
+    reordered = {"kernel": np.asarray(head["kernel"])[:, order], "bias": np.asarray(head["bias"])[order]}
+    return {**variables, "params": {**params, heads[0]: reordered}}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -203,9 +265,13 @@ def run(args: argparse.Namespace) -> int:
 
     model, variables, metadata = load_model(args.checkpoint)
     source, data_names = open_data_spec(args.data, args.labels)
-    class_names = metadata.get("class_names") or data_names
-    if source.num_classes != model.num_classes:
-        raise ValueError(f"the data has {source.num_classes} classes, the model {model.num_classes}")
+    model_names = metadata.get("class_names")
+    order = class_order(model_names, data_names, model.num_classes, source.num_classes, args.remap_by_name)
+    if order is not None:
+        variables = reorder_classifier(variables, order)
+        moved = sum(i != j for i, j in enumerate(order))
+        print(f"evaluate: {moved} of {len(order)} classes matched by name at another index", file=sys.stderr)
+    class_names = data_names or model_names
     result = evaluate(model, variables, source, args.batch_size, class_names=class_names, output_dir=args.output,
                       progress=not args.no_progress)
     print(f"evaluate: {result['num_clips']} clips ({result['num_skipped']} skipped {result['skipped']}), "

@@ -53,8 +53,9 @@ def class_names_for(metadata: Mapping[str, Any], num_classes: int, labels_csv: s
 
 def add_tag_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR", help="audio files and folders (searched recursively)")
-    parser.add_argument("--checkpoint", required=True, help="model checkpoint folder")
-    parser.add_argument("--labels", help="class_labels_indices.csv (default: names in the checkpoint, else indices)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="model directory or training workdir (its model/best, else model/last)")
+    parser.add_argument("--labels", help="class_labels_indices.csv (default: the names stored in the model, else indices)")
     parser.add_argument("--top-k", type=int, default=10, help="classes reported per file (default %(default)s)")
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                         help="report classes and events scoring at least this (default %(default)s)")
@@ -171,7 +172,8 @@ class EmbeddingModel:
 
 
 def load_model(checkpoint_dir: str | os.PathLike, batch_size: int = 8) -> EmbeddingModel:
-    """HEAR ``load_model``: the checkpoint written by ``save_model`` / the converter."""
+    """HEAR ``load_model``: a model directory (``save_model`` / the converter) or a training workdir (its
+    ``model/best``, else ``model/last``)."""
     from convnext_audio_jax.checkpoint import load_model as load_checkpoint
 
     model, variables, _ = load_checkpoint(checkpoint_dir)
@@ -212,12 +214,15 @@ def get_timestamp_embeddings(audio: Any, model: EmbeddingModel) -> tuple[np.ndar
 
 def add_embed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR", help="audio files and folders (searched recursively)")
-    parser.add_argument("--checkpoint", required=True, help="model checkpoint folder")
+    parser.add_argument("--checkpoint", required=True,
+                        help="model directory or training workdir (its model/best, else model/last)")
     parser.add_argument("--kind", choices=EMBEDDING_KINDS, default="scene",
                         help="scene (B, D), frames (B, T, F, C), sequence (B, T, C) or logits (default %(default)s)")
     parser.add_argument("--output", required=True, help="output .npz (built at the end from OUTPUT.parts/)")
     parser.add_argument("--resume", action="store_true", help="keep the files finished in OUTPUT.parts/ by an "
                                                                "interrupted run and embed only the others")
+    parser.add_argument("--labels", help="--kind logits: class_labels_indices.csv whose names are stored as class_names "
+                        "(default: the names stored in the model, else indices)")
     parser.add_argument("--hop", type=float, default=DEFAULT_HOP_SECONDS,
                         help="seconds between 10 s windows of longer files (default %(default)s)")
     parser.add_argument("--max-windows", type=int, default=windowing.MAX_WINDOWS,
@@ -256,14 +261,16 @@ def _embed_file(path: str, store: EmbeddingStore, embed_windows, window: int, ho
 
 def run_embed(args: argparse.Namespace) -> int:
     """Writes OUT.npz: ``embeddings`` (all windows of all files, stacked), ``file_index`` and ``window_start_s``
-    per window, ``files`` (the paths, in order), ``kind``. Exit code 1 when no file could be embedded."""
+    per window, ``files`` (the paths, in order), ``kind``, and for ``--kind logits`` the ``class_names`` of the
+    columns. Exit code 1 when no file could be embedded."""
     from convnext_audio_jax.checkpoint import load_model as load_checkpoint
 
     hop = windowing.hop_samples(args.hop, audio_lib.SAMPLE_RATE)
     if args.max_windows < 1:
         raise ValueError(f"--max-windows must be ≥ 1, got {args.max_windows}")
     store = EmbeddingStore(args.output, args.kind, args.resume)
-    model, variables, _ = load_checkpoint(args.checkpoint)
+    model, variables, metadata = load_checkpoint(args.checkpoint)
+    names = {"class_names": np.array(class_names_for(metadata, model.num_classes, args.labels))} if args.kind == "logits" else {}
     files, errors = expand_inputs(args.inputs)
     for error in errors:
         print(f"embed: skipped {error.line()}", file=sys.stderr)
@@ -284,6 +291,6 @@ def run_embed(args: argparse.Namespace) -> int:
         store.remove_parts()
         print(f"embed: no file could be embedded ({len(files)} files)", file=sys.stderr)
         return 1
-    embedded, windows, row_shape = store.finish(files)
+    embedded, windows, row_shape = store.finish(files, names)
     print(f"embed: {len(embedded)} files, {windows} windows of {args.kind} embeddings {row_shape} → {args.output}")
     return 0

@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from typing import Any
 
 # The converter's Python API: the one import of it in this module.
-from convert import ConversionError, convert_state_dict, load_torch_state_dict, read_labels
+from convnext_audio_jax.convert import ConversionError, convert_state_dict, load_torch_state_dict, read_labels
 from convnext_audio_jax import download
 # A module reference, not names: checkpoint.resolve_model_dir may import this module while checkpoint loads.
 from convnext_audio_jax import checkpoint

@@ -8,16 +8,100 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib  # noqa: E402
+import warnings  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import soundfile  # noqa: E402
 
 FREEDESKTOP_SOUNDS = pathlib.Path("/usr/share/sounds/freedesktop/stereo")
 
+# Stand-ins for the Debian recordings, under some of their names, with their kinds of rates, channel counts and
+# lengths: (name, sample rate, channels, seconds, sound).
+SYNTHETIC_RECORDINGS = [
+    ("alarm-clock-elapsed.oga", 48_000, 2, 3.0, "beeps"),
+    ("audio-channel-front-center.oga", 48_000, 1, 1.2, "voice"),
+    ("audio-channel-front-left.oga", 48_000, 2, 1.0, "voice"),
+    ("audio-channel-front-right.oga", 48_000, 2, 1.0, "voice"),
+    ("audio-channel-rear-center.oga", 44_100, 1, 1.3, "voice"),
+    ("audio-channel-rear-left.oga", 44_100, 2, 1.1, "voice"),
+    ("audio-channel-rear-right.oga", 44_100, 2, 1.1, "voice"),
+    ("audio-channel-side-left.oga", 48_000, 2, 1.0, "voice"),
+    ("audio-channel-side-right.oga", 48_000, 2, 1.0, "voice"),
+    ("audio-test-signal.oga", 48_000, 1, 2.0, "pink"),
+    ("bell.oga", 44_100, 2, 2.5, "bell"),
+    ("camera-shutter.oga", 44_100, 2, 0.4, "clicks"),
+    ("complete.oga", 44_100, 1, 1.0, "chirp"),
+    ("phone-outgoing-busy.oga", 8_000, 1, 4.0, "busy"),
+    ("window-attention.oga", 44_100, 2, 0.8, "chirp"),
+]
+
+
+def synthetic_sound(kind: str, rate: int, seconds: float, rng: np.random.Generator) -> np.ndarray:
+    """A mono signal in [-0.5, 0.5] of one of the SYNTHETIC_RECORDINGS kinds."""
+    t = np.arange(int(rate * seconds)) / rate
+    if kind == "beeps":  # 880/1320 Hz pairs, 0.15 s on, 0.1 s off
+        gate = (t % 0.25) < 0.15
+        signal = gate * (np.sin(2 * np.pi * 880 * t) + 0.5 * np.sin(2 * np.pi * 1320 * t))
+    elif kind == "voice":  # a 110-180 Hz harmonic series with vibrato, shaped by two formants, syllables at 4 Hz
+        f0 = rng.uniform(110, 180) * (1 + 0.03 * np.sin(2 * np.pi * 5 * t))
+        phase = 2 * np.pi * np.cumsum(f0) / rate
+        formants = rng.uniform([500, 1400], [800, 2200])
+        signal = sum(np.sin(k * phase) * (0.1 + sum(np.exp(-((k * f0 - f) / 200) ** 2) for f in formants)) / np.sqrt(k)
+                     for k in range(1, int(min(8000, rate / 2.2) / f0.max())))
+        signal = signal * (0.6 + 0.4 * np.sin(2 * np.pi * 4 * t) ** 2)
+    elif kind == "pink":  # 1/f noise from white noise shaped in the frequency domain
+        spectrum = np.fft.rfft(rng.standard_normal(t.size))
+        spectrum /= np.sqrt(np.maximum(np.fft.rfftfreq(t.size, 1 / rate), 20.0))
+        signal = np.fft.irfft(spectrum, t.size)
+    elif kind == "bell":  # inharmonic partials, each decaying at its own rate
+        partials = [(523.0, 1.0, 1.5), (1046.0 * 1.02, 0.6, 2.5), (1568.0 * 1.05, 0.4, 4.0), (2794.0, 0.25, 6.0)]
+        signal = sum(a * np.exp(-d * t) * np.sin(2 * np.pi * f * t) for f, a, d in partials)
+    elif kind == "clicks":  # two noise bursts with fast decays
+        signal = rng.standard_normal(t.size) * (np.exp(-60 * t) + np.exp(-60 * np.abs(t - 0.2)) * (t >= 0.2))
+    elif kind == "chirp":  # exponential sweep 300 Hz -> 6 kHz with a fade in and out
+        f0, f1 = 300.0, min(6000.0, rate / 2.5)
+        k = np.log(f1 / f0) / seconds
+        signal = np.sin(2 * np.pi * f0 * (np.exp(k * t) - 1) / k) * np.sin(np.pi * t / seconds)
+    elif kind == "busy":  # the North American busy tone: 480 + 620 Hz, 0.5 s on, 0.5 s off
+        signal = ((t % 1.0) < 0.5) * (np.sin(2 * np.pi * 480 * t) + np.sin(2 * np.pi * 620 * t))
+    else:
+        raise ValueError(f"unknown synthetic sound {kind!r}")
+    # A room-noise floor about 30 dB below the peak, as a recording has: it keeps the spectrum (the mel bins
+    # the parity tests compare) populated between a tone's partials.
+    signal = signal / np.abs(signal).max() + 0.03 * rng.standard_normal(t.size)
+    return (0.5 * signal / np.abs(signal).max()).astype(np.float32)
+
+
+def write_synthetic_recordings(folder: pathlib.Path) -> list[pathlib.Path]:
+    """SYNTHETIC_RECORDINGS as Ogg Vorbis files in ``folder`` (stereo ones pan the sound, as the channel tests do)."""
+    paths = []
+    for index, (name, rate, channels, seconds, kind) in enumerate(SYNTHETIC_RECORDINGS):
+        rng = np.random.default_rng(index)
+        mono = synthetic_sound(kind, rate, seconds, rng)
+        if channels == 2:
+            pan = 0.9 if "left" in name else 0.1 if "right" in name else 0.5
+            samples = np.stack([pan * mono, (1 - pan) * mono], axis=1) * 1.6
+        else:
+            samples = mono[:, None]
+        path = folder / name
+        soundfile.write(path, samples, rate, format="OGG", subtype="VORBIS")
+        paths.append(path)
+    return sorted(paths)
+
 
 @pytest.fixture(scope="session")
-def freedesktop_recordings() -> list[pathlib.Path]:
-    """The real Ogg recordings of Debian's sound-theme-freedesktop (installed by .ci/run)."""
+def freedesktop_recordings(tmp_path_factory) -> list[pathlib.Path]:
+    """The real Ogg recordings of Debian's sound-theme-freedesktop (installed by .ci/run); where that package is
+    missing, synthetic recordings written by the test (named like some of them, with the same kinds of rates,
+    channel counts and lengths), with a warning, so that no test that needs recordings is skipped.
+    TEST_RECORDINGS=synthetic uses the synthetic ones even where the package is installed."""
     files = sorted(FREEDESKTOP_SOUNDS.glob("*.oga"))
-    if not files:
-        pytest.skip("Debian package sound-theme-freedesktop is not installed (apt-get install sound-theme-freedesktop)")
-    return files
+    if files and os.environ.get("TEST_RECORDINGS") != "synthetic":
+        return files
+    reason = ("TEST_RECORDINGS=synthetic" if files
+              else f"sound-theme-freedesktop is not installed ({FREEDESKTOP_SOUNDS} has no .oga files)")
+    synthetic = write_synthetic_recordings(tmp_path_factory.mktemp("synthetic_recordings"))
+    warnings.warn(f"{reason}: using {len(synthetic)} synthetic recordings written by tests/conftest.py instead of "
+                  f"Debian's (apt-get install sound-theme-freedesktop)")
+    return synthetic

@@ -3,6 +3,7 @@ random weights and non-trivial BatchNorm statistics, saved in the original check
 converted through the command, and compared on real recordings and noise."""
 
 import importlib.util
+import json
 import pathlib
 import subprocess
 import sys
@@ -17,9 +18,10 @@ import timm
 import torch
 from safetensors.numpy import save_file
 
-from convert import cli, load_torch_state_dict
-from convert.torch_reference import build_reference, randomize_
+from convnext_audio_jax.convert import cli, load_torch_state_dict
+from convnext_audio_jax.torch_reference import build_reference, randomize_
 from convnext_audio_jax.checkpoint import load_model
+from convnext_audio_jax.cli import main as main_cli
 from convnext_audio_jax.models import create_model
 
 TOLERANCE = 1e-4
@@ -210,7 +212,7 @@ def _import_panns_inference_models():
 
 
 def test_reference_cnn14_is_panns_inference_cnn14():
-    """The CNN14 port in convert/torch_reference.py has PANNs' keys and computes what PyPI's does."""
+    """The CNN14 port in convnext_audio_jax/torch_reference.py has PANNs' keys and computes what PyPI's does."""
     panns_models = _import_panns_inference_models()
     ours = randomize_(build_reference("cnn14"), seed=8)
     theirs = panns_models.Cnn14(sample_rate=32000, window_size=1024, hop_size=320, mel_bins=64, fmin=50, fmax=14000, classes_num=527)
@@ -356,7 +358,7 @@ def test_python_dash_m_convert_reports_one_line(tmp_path):
 
 def test_reduced_audio_convnext_converts_with_model_config():
     """The benchmark's tiny models: sizes no registered model has, named with ``model_config``."""
-    from convert.conversion import convert_state_dict
+    from convnext_audio_jax.convert.conversion import convert_state_dict
 
     size = {"depths": (1, 1, 1, 1), "dims": (8, 16, 32, 64)}
     reference = randomize_(build_reference("convnext_tiny", **size), seed=11)
@@ -372,3 +374,115 @@ def test_reduced_audio_convnext_converts_with_model_config():
     assert max_abs(out["probs"], expected) <= TOLERANCE
     with pytest.raises(ValueError, match="audio ConvNeXt models only"):
         build_reference("cnn6", dims=(8, 16, 32, 64))
+
+
+# ---------------------------------------------------------------- class names, workdirs, overwrite, no torch
+
+
+def test_527_classes_get_audioset_names_and_tag_with_them(cnn6, tmp_path, capsys):
+    """No --labels: the model holds AudioSet's names and ids, and `tag` prints them."""
+    out = tmp_path / "cnn6"
+    assert convert(cnn6[1], out) == 0
+    _, _, metadata = load_model(out)
+    assert len(metadata["class_names"]) == 527 and len(metadata["class_ids"]) == 527
+    assert (metadata["class_ids"][0], metadata["class_names"][0]) == ("/m/09x0r", "Speech")
+    assert (metadata["class_ids"][526], metadata["class_names"][526]) == ("/m/07hvw1", "Field recording")
+    assert "AudioSet" in metadata["class_labels_from"]
+    capsys.readouterr()
+    wav = tmp_path / "tone.wav"
+    t = np.arange(32000) / 32000
+    sf.write(wav, (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 32000)
+    assert main_cli(["tag", str(wav), "--checkpoint", str(out), "--format", "json", "--all-scores",
+                     "--threshold", "0", "--top-k", "3", "--no-progress"]) == 0
+    report = json.loads(capsys.readouterr().out)[0]
+    assert list(report["scores"])[:2] == ["Speech", "Male speech, man speaking"] and len(report["scores"]) == 527
+    assert all(tag["label"] == metadata["class_names"][tag["index"]] for tag in report["tags"])
+    # --labels still overrides what the model holds.
+    labels = tmp_path / "mine.csv"
+    labels.write_text("index,mid,display_name\n" + "".join(f"{i},/x/{i},Mine {i}\n" for i in range(527)))
+    assert main_cli(["tag", str(wav), "--checkpoint", str(out), "--labels", str(labels), "--format", "json",
+                     "--all-scores", "--no-progress"]) == 0
+    assert list(json.loads(capsys.readouterr().out)[0]["scores"])[0] == "Mine 0"
+    # embed --kind logits stores the column names.
+    npz = tmp_path / "logits.npz"
+    assert main_cli(["embed", str(wav), "--checkpoint", str(out), "--kind", "logits", "--output", str(npz),
+                     "--no-progress"]) == 0
+    with np.load(npz) as stored:
+        assert stored["class_names"][0] == "Speech" and stored["class_names"].shape == (527,)
+
+
+def test_to_torch_from_a_training_workdir(cnn6, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints" / "10").mkdir(parents=True)
+    assert convert(cnn6[1], tmp_path / "run" / "model" / "last") == 0
+    capsys.readouterr()
+    assert convert(workdir, tmp_path / "back.safetensors", "--to-torch") == 0
+    assert "using " + str(workdir / "model" / "last") in capsys.readouterr().err
+    back = load_torch_state_dict(tmp_path / "back.safetensors")
+    np.testing.assert_array_equal(back["fc_audioset.weight"], numpy_state_dict(cnn6[0])["fc_audioset.weight"])
+    empty = tmp_path / "fresh_run"
+    (empty / "checkpoints" / "5").mkdir(parents=True)
+    assert_refused(capsys, [empty, tmp_path / "x.pth", "--to-torch"],
+                   "is a training workdir with no model yet (no model/best or model/last); orbax steps under "
+                   "checkpoints/: 5", tmp_path / "x.pth")
+
+
+def test_overwrite_replaces_only_a_model_directory(cnn6, tmp_path, capsys):
+    folder = tmp_path / "thesis"
+    folder.mkdir()
+    (folder / "chapter1.tex").write_text("months of work")
+    assert convert(cnn6[1], folder, "--overwrite") == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "is a non-empty folder that is not a model directory" in err
+    assert [p.name for p in folder.iterdir()] == ["chapter1.tex"] and (folder / "chapter1.tex").read_text() == "months of work"
+    out = tmp_path / "model"
+    assert convert(cnn6[1], out, "--num-classes", 527) == 0
+    before = load_model(out)[2]["source"]["sha256"]
+    other = tmp_path / "other.safetensors"
+    reference = randomize_(build_reference("cnn6"), seed=21)
+    save_file(numpy_state_dict(reference), other)
+    assert convert(other, out, "--overwrite") == 0
+    after = load_model(out)[2]
+    assert after["source"]["file"] == "other.safetensors" and after["source"]["sha256"] != before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_pth_without_torch_is_one_line_and_safetensors_needs_no_torch(cnn6, tmp_path, capsys, monkeypatch):
+    """torch made unimportable (as where the [torch] extra is not installed), not uninstalled."""
+    safetensors_file = tmp_path / "cnn6.safetensors"
+    save_file(numpy_state_dict(cnn6[0]), safetensors_file)
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    with pytest.raises(ImportError):
+        import torch as _  # noqa: F401
+    assert_refused(capsys, [cnn6[1], tmp_path / "out"],
+                   "Cnn6_mAP=0.343.pth: reading a PyTorch .pth/.pt file needs torch, which is not installed: install "
+                   'the [torch] extra (pip install "convnext-audio-jax[torch]") or convert the file to .safetensors',
+                   tmp_path / "out")
+    assert convert(safetensors_file, tmp_path / "flax") == 0
+    assert_refused(capsys, [tmp_path / "flax", tmp_path / "back.pth", "--to-torch"],
+                   "back.pth: writing a PyTorch .pth/.pt file needs torch", tmp_path / "back.pth")
+    assert convert(tmp_path / "flax", tmp_path / "back.safetensors", "--to-torch") == 0
+    # The PyTorch reference says what it needs.
+    spec = importlib.util.spec_from_file_location("reference_without_torch",
+                                                  pathlib.Path(build_reference.__code__.co_filename))
+    with pytest.raises(ImportError, match=r"needs the \[torch\] extra"):
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
+def test_the_wheel_ships_the_package_and_class_names_but_no_top_level_convert(tmp_path):
+    import shutil
+    import zipfile
+
+    root, source = pathlib.Path(__file__).parents[1], tmp_path / "checkout"  # a copy: the build writes beside it
+    for name in ("convnext_audio_jax", "convert"):
+        shutil.copytree(root / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, source / name)
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                             "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"convnext_audio_jax"}
+    assert "convnext_audio_jax/data/audioset_classes/class_labels_indices.csv" in names
+    assert "convnext_audio_jax/convert/cli.py" in names

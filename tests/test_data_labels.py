@@ -78,3 +78,16 @@ def test_path_labels_csv(tmp_path, class_labels):
     bad.write_text("path,labels\na.wav,Nonsense\n")
     with pytest.raises(labels.LabelFileError, match="bad.csv, line 2: unknown class 'Nonsense'"):
         labels.read_path_labels_csv(bad, class_labels)
+
+
+def test_audioset_class_list_ships_with_the_package():
+    audioset = labels.audioset_class_labels()
+    assert audioset.num_classes == 527 and len(set(audioset.display_names)) == 527
+    # Rows of AudioSet's class_labels_indices.csv, the order of the released models' outputs.
+    for index, mid, name in [(0, "/m/09x0r", "Speech"), (1, "/m/05zppz", "Male speech, man speaking"),
+                             (74, "/m/0bt9lr", "Dog"), (137, "/m/04rlf", "Music"), (500, "/m/028v0c", "Silence"),
+                             (433, "/g/122z_qxw", "Firecracker"), (526, "/m/07hvw1", "Field recording")]:
+        assert (audioset.mids[index], audioset.display_names[index]) == (mid, name)
+        assert audioset.index(mid) == index and audioset.index(name) == index
+    assert all(mid.startswith(("/m/", "/t/", "/g/")) for mid in audioset.mids)
+    assert labels.audioset_class_labels() is audioset  # read once

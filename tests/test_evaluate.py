@@ -135,3 +135,73 @@ def test_cli_evaluate_end_to_end(tiny_model, packed, tmp_path, capsys):
     assert code == 2
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "is not a folder" in error
+
+
+def test_class_order():
+    names = ["Speech", "Dog", "Music"]
+    assert evaluate_lib.class_order(names, list(names), 3, 3) is None
+    assert evaluate_lib.class_order(None, names, 3, 3) is None  # no names on one side: counts only
+    with pytest.raises(ValueError, match="the data has 4 classes, the model 3"):
+        evaluate_lib.class_order(names, None, 3, 4)
+    with pytest.raises(ValueError) as error:
+        evaluate_lib.class_order(names, ["Speech", "Music", "Dog"], 3, 3)
+    assert str(error.value) == ("the model's class names differ from the data's: first difference at index 1: the "
+                                "model's class 1 is 'Dog', the data's 'Music' (the same names in another order: "
+                                "--remap-by-name scores each data class by name)")
+    with pytest.raises(ValueError, match="first difference at index 2: the model's class 2 is 'Music', the data's "
+                                         "'Cat'$"):
+        evaluate_lib.class_order(names, ["Speech", "Dog", "Cat"], 3, 3)
+    with pytest.raises(ValueError, match="the data has 2 classes, the model 3; the shorter list is a prefix"):
+        evaluate_lib.class_order(names, names[:2], 3, 2)
+    assert evaluate_lib.class_order(names, ["Music", "Speech", "Dog"], 3, 3, remap_by_name=True) == [2, 0, 1]
+    with pytest.raises(ValueError, match="--remap-by-name: the data's class 2 'Cat' is not a class of the model"):
+        evaluate_lib.class_order(names, ["Music", "Speech", "Cat"], 3, 3, remap_by_name=True)
+    with pytest.raises(ValueError, match="--remap-by-name: the data lists class 'Dog' twice"):
+        evaluate_lib.class_order(names, ["Dog", "Speech", "Dog"], 3, 3, remap_by_name=True)
+    with pytest.raises(ValueError, match="--remap-by-name needs class names on both sides; the model has none"):
+        evaluate_lib.class_order(None, names, 3, 3, remap_by_name=True)
+
+
+def test_reorder_classifier_reorders_the_outputs_exactly(tiny_model, packed):
+    model, variables = tiny_model
+    order = [3, 0, 4, 1, 2]
+    waveform = audio.int16_to_float(packed[1][:2])
+    forward = jax.jit(lambda v, x: model.apply(v, x)["logits"])
+    expected = np.asarray(forward(variables, waveform))[:, order]
+    np.testing.assert_array_equal(np.asarray(forward(evaluate_lib.reorder_classifier(variables, order), waveform)),
+                                  expected)
+
+
+def test_cli_refuses_other_class_names_and_remaps_by_name(tiny_model, packed, per_clip_reference, tmp_path, capsys):
+    """The model's names in the data's order is refused naming the first differing index; --remap-by-name scores
+    each data class with the model's output of that name. The model is given as a training workdir."""
+    model, variables = tiny_model
+    names = [name for _, name in data_helpers.CLASSES]
+    workdir = tmp_path / "run"
+    save_model(workdir / "model" / "best", "convnext_tiny", variables, {"class_names": names}, TINY)
+    order = [2, 0, 4, 1, 3]  # data class j is the model's class order[j]
+    shuffled = data_helpers.write_class_labels(tmp_path / "shuffled.csv", [data_helpers.CLASSES[i] for i in order])
+    # The packed targets' columns are in the model's order; permute them so the data is in the shuffled order.
+    path, waveforms, targets = packed
+    data = data_helpers.write_packed_hdf5(tmp_path / "shuffled.h5", waveforms, targets[:, order],
+                                          [f"clip{i:02d}" for i in range(NUM_CLIPS)])
+    argv = ["evaluate", "--checkpoint", str(workdir), "--data", str(data), "--labels", str(shuffled),
+            "--batch-size", "8", "--output", str(tmp_path / "report"), "--no-progress"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"using {workdir / 'model' / 'best'}" in err
+    assert err.strip().splitlines()[-1] == (
+        "convnext-audio evaluate: error: the model's class names differ from the data's: first difference at index "
+        f"0: the model's class 0 is {names[0]!r}, the data's {names[2]!r} (the same names in another order: "
+        "--remap-by-name scores each data class by name)")
+    assert not (tmp_path / "report").exists()
+
+    assert cli.main(argv + ["--remap-by-name"]) == 0
+    assert "5 of 5 classes matched by name at another index" in capsys.readouterr().err
+    probs, reference_targets, _ = per_clip_reference
+    expected = compute_metrics(reference_targets[:, order], probs[:, order], [names[i] for i in order])
+    metrics = json.loads((tmp_path / "report" / evaluate_lib.METRICS_FILE).read_text())
+    assert metrics["mAP"] == pytest.approx(expected["mAP"], abs=1e-6)
+    assert [c["name"] for c in metrics["per_class"]] == [names[i] for i in order]
+    for got, want in zip(metrics["per_class"], expected["per_class"]):
+        assert got["AP"] == pytest.approx(want["AP"], abs=1e-6)

@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 import torch
 
-from convert import cli as convert_cli
-from convert import load_torch_state_dict, save_torch_state_dict
-from convert.torch_reference import build_reference, randomize_
+from convnext_audio_jax.convert import cli as convert_cli
+from convnext_audio_jax.convert import load_torch_state_dict, save_torch_state_dict
+from convnext_audio_jax.torch_reference import build_reference, randomize_
 from convnext_audio_jax import cli, pretrained
 from convnext_audio_jax.checkpoint import load_model
 

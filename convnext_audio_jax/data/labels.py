@@ -1,12 +1,15 @@
 """Class lists and clip lists: AudioSet's `class_labels_indices.csv`, its segment CSVs, and `path,labels` CSVs.
 
-No class list is baked in: the user supplies `class_labels_indices.csv` (`index,mid,display_name`).
+AudioSet's own class list ships with the package (`audioset_class_labels()`); any other class list is a
+`class_labels_indices.csv`-style file (`index,mid,display_name`) the user supplies.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
+import importlib.resources
 import os
 from collections.abc import Iterable, Sequence
 
@@ -182,3 +185,15 @@ def multi_hot_matrix(entries: Sequence[ClipEntry], num_classes: int) -> np.ndarr
     for row, entry in enumerate(entries):
         matrix[row, list(entry.class_indices)] = True
     return matrix
+
+
+AUDIOSET_CLASS_LABELS = "class_labels_indices.csv"  # in the package folder audioset_classes/, see its README
+
+
+@functools.cache
+def audioset_class_labels() -> ClassLabels:
+    """AudioSet's 527 classes (mids and display names, in ``class_labels_indices.csv`` order), shipped with the
+    package: ``audioset_class_labels().display_names[0] == "Speech"``."""
+    resource = importlib.resources.files("convnext_audio_jax.data").joinpath("audioset_classes", AUDIOSET_CLASS_LABELS)
+    with importlib.resources.as_file(resource) as path:
+        return read_class_labels(path)

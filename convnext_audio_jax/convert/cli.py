@@ -10,19 +10,22 @@ import hashlib
 import pathlib
 import sys
 
-from convert.conversion import STEM_INITS, convert_state_dict, to_torch_state_dict
-from convert.files import ConversionError, load_torch_state_dict, read_labels, save_torch_state_dict
-from convert.layouts import LAYOUTS
-from convnext_audio_jax.checkpoint import CheckpointError, load_model, save_model
+from convnext_audio_jax.convert.conversion import STEM_INITS, convert_state_dict, to_torch_state_dict
+from convnext_audio_jax.convert.files import ConversionError, load_torch_state_dict, read_class_labels, save_torch_state_dict
+from convnext_audio_jax.convert.layouts import LAYOUTS
+from convnext_audio_jax.checkpoint import CheckpointError, check_model_output, load_model, save_model
+from convnext_audio_jax.data import labels as labels_lib
 from convnext_audio_jax.models import create_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("source", help="PyTorch checkpoint (.pth/.pt/.safetensors); with --to-torch a converted checkpoint directory")
+    parser.add_argument("source", help="PyTorch checkpoint (.pth/.pt/.safetensors); with --to-torch a model directory "
+                        "or a training workdir (its model/best, else model/last)")
     parser.add_argument("output", help="output checkpoint directory; with --to-torch a .pth/.pt/.safetensors file")
     parser.add_argument("--model", help="registered model name (default: the model the checkpoint holds; an audio "
                         "ConvNeXt name with an ImageNet checkpoint gives the paper's ImageNet initialisation)")
-    parser.add_argument("--labels", help="AudioSet class_labels_indices.csv: class names stored in the metadata")
+    parser.add_argument("--labels", help="class_labels_indices.csv whose names and ids are stored in the model (default: "
+                        "AudioSet's 527 classes, shipped with the package, for a 527-class model)")
     parser.add_argument("--num-classes", type=int, help="classifier size when it differs from the model's default (527 / 1000)")
     parser.add_argument("--stem-init", choices=STEM_INITS, default="fresh",
                         help="ImageNet init of an audio ConvNeXt: fresh stem conv (the paper) or the RGB kernel averaged to one channel")
@@ -31,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="convert even if the checkpoint's STFT/mel tensors differ from our front end (recorded in the metadata)")
     parser.add_argument("--to-torch", action="store_true", help="convert a Flax checkpoint directory back to a PyTorch state dict")
     parser.add_argument("--layout", choices=sorted(LAYOUTS), help="--to-torch key layout (default: the model's original one)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing model directory or output file (never a folder that holds anything else)")
     return parser
 
 
@@ -43,12 +47,18 @@ def file_sha256(path: pathlib.Path) -> str:
     return digest.hexdigest()
 
 
+def _class_labels(args) -> tuple[labels_lib.ClassLabels | None, str | None]:
+    """The class list given with --labels and where it came from."""
+    if not args.labels:
+        return None, None
+    return read_class_labels(args.labels), pathlib.Path(args.labels).name
+
+
 def _to_flax(args) -> str:
     source = pathlib.Path(args.source)
     output = pathlib.Path(args.output)
-    if output.exists() and not (output.is_dir() and not any(output.iterdir())) and not args.overwrite:
-        raise ConversionError(f"output {output} exists and is not an empty directory (--overwrite replaces it)")
-    class_names = read_labels(args.labels) if args.labels else None
+    check_model_output(output, args.overwrite)  # before any work: never replaces a folder that is not a model
+    class_labels, labels_from = _class_labels(args)
     state_dict = load_torch_state_dict(source)
     result = convert_state_dict(
         state_dict,
@@ -59,18 +69,24 @@ def _to_flax(args) -> str:
         allow_frontend_mismatch=args.allow_frontend_mismatch,
     )
     classes = result.model_config.get("num_classes") or _default_classes(result.model_name)
-    if class_names is not None and len(class_names) != classes:
-        raise ConversionError(f"{pathlib.Path(args.labels).name} lists {len(class_names)} classes, {result.model_name} has {classes}")
+    audioset = labels_lib.audioset_class_labels()
+    if class_labels is None and classes == audioset.num_classes:
+        class_labels, labels_from = audioset, "AudioSet class_labels_indices.csv (shipped with convnext_audio_jax)"
+    if class_labels is not None and class_labels.num_classes != classes:
+        raise ConversionError(f"{labels_from} lists {class_labels.num_classes} classes, {result.model_name} has {classes}")
     metadata = {
         "source": {"file": source.name, "sha256": file_sha256(source), "layout": result.layout},
         "conversion": result.notes,
     }
-    if class_names is not None:
-        metadata["class_names"] = class_names
+    if class_labels is not None:
+        metadata.update(class_names=list(class_labels.display_names), class_ids=list(class_labels.mids),
+                        class_labels_from=labels_from)
     save_model(output, result.model_name, result.variables, metadata, result.model_config, overwrite=args.overwrite)
     summary = f"converted {source.name} ({result.layout} layout) → {result.model_name} in {output}"
     if "imagenet_init" in result.notes:
         summary += f"; ImageNet init, fresh: {', '.join(result.notes['imagenet_init']['fresh'])}"
+    if class_labels is None:
+        summary += f"; no class names stored ({classes} classes; --labels adds them)"
     return summary
 
 
@@ -80,6 +96,8 @@ def _default_classes(model_name: str) -> int:
 
 def _to_torch(args) -> str:
     output = pathlib.Path(args.output)
+    if output.is_dir():
+        raise ConversionError(f"output {output} is a directory: expected a .pth, .pt or .safetensors file name")
     if output.exists() and not args.overwrite:
         raise ConversionError(f"output {output} exists (--overwrite replaces it)")
     model, variables, metadata = load_model(args.source)

@@ -20,8 +20,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from convert.files import ConversionError
-from convert.layouts import (
+from convnext_audio_jax.convert.files import ConversionError
+from convnext_audio_jax.convert.layouts import (
     BATCH_COUNTER,
     FRONTEND_KEYS,
     LAYOUTS,

@@ -1,7 +1,7 @@
 """PyTorch reference models with the original checkpoints' state-dict key names.
 
-Used by the converter's parity tests and by the benchmark; torch, timm and torchlibrosa are
-test/convert-time dependencies only (``pip install .[test]``).
+Used by the converter's parity tests and by the benchmarks. Needs the ``[torch]`` extra (torch, timm,
+torchlibrosa: ``pip install "convnext-audio-jax[torch]"``); nothing else in the package imports it.
 
 - ``ReferenceConvNeXt``: the authors' audio ConvNeXt (topel/audioset-convnext-inf) and the
   facebookresearch ImageNet ConvNeXt, built from **timm's** ``ConvNeXtBlock`` with torchlibrosa's
@@ -20,12 +20,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-import torch.nn.functional as F
-from timm.layers import LayerNorm2d
-from timm.models.convnext import ConvNeXtBlock
-from torch import nn
-from torchlibrosa.stft import LogmelFilterBank, Spectrogram
+try:
+    import torch
+    import torch.nn.functional as F
+    from timm.layers import LayerNorm2d
+    from timm.models.convnext import ConvNeXtBlock
+    from torch import nn
+    from torchlibrosa.stft import LogmelFilterBank, Spectrogram
+except ImportError as error:
+    raise ImportError(f"convnext_audio_jax.torch_reference needs the [torch] extra (torch, timm, torchlibrosa): "
+                      f'pip install "convnext-audio-jax[torch]" ({error})') from error
 
 # Stems of the authors' code (kernel, stride, padding as (time, mel)); mirrors
 # convnext_audio_jax.models.convnext.STEM_VARIANTS, which the tests compare against.

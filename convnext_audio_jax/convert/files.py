@@ -1,7 +1,8 @@
 """Reading and writing PyTorch state dicts as numpy arrays.
 
 ``.pth``/``.pt`` files are read with ``torch.load(weights_only=True)`` (never executing pickled
-code from a downloaded file); ``.safetensors`` with safetensors' numpy API, without torch. The
+code from a downloaded file) and need the ``[torch]`` extra; ``.safetensors`` files are read and written
+with safetensors' numpy API, without torch. The
 format is told by the file's first bytes, not its name, so a mislabelled or foreign file gets a
 clear message.
 """
@@ -15,6 +16,9 @@ import tempfile
 from collections.abc import Mapping
 
 import numpy as np
+
+from convnext_audio_jax.checkpoint import fsync_path
+from convnext_audio_jax.data import labels as labels_lib
 
 
 class ConversionError(ValueError):
@@ -45,8 +49,22 @@ def _first_line(error: BaseException) -> str:
     return text[0] if text else type(error).__name__
 
 
+def _import_torch(path: pathlib.Path, reading: bool):
+    """torch, or a one-line ConversionError saying how to do without it."""
+    try:
+        import torch
+    except ImportError:
+        instead = ("convert the file to .safetensors where torch is installed (safetensors.torch.save_file)" if reading
+                   else "write a .safetensors file instead")
+        raise ConversionError(
+            f"{path.name}: {'reading' if reading else 'writing'} a PyTorch .pth/.pt file needs torch, which is not "
+            f'installed: install the [torch] extra (pip install "convnext-audio-jax[torch]") or {instead}'
+        ) from None
+    return torch
+
+
 def _read_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
-    import torch  # only .pth/.pt files need torch
+    torch = _import_torch(path, reading=True)  # only .pth/.pt files need torch
 
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
@@ -98,10 +116,11 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def save_torch_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike) -> pathlib.Path:
     """Writes a state dict as ``{"model": state_dict}`` with torch.save (``.pth``/``.pt``) or as
-    ``.safetensors``, through a temporary file renamed at the end."""
+    ``.safetensors``, through a temporary file fsynced and renamed at the end."""
     path = pathlib.Path(path).absolute()
     if path.suffix not in (".pth", ".pt", ".safetensors"):
         raise ConversionError(f"output {path.name}: expected a .pth, .pt or .safetensors file name")
+    torch = None if path.suffix == ".safetensors" else _import_torch(path, reading=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
@@ -111,31 +130,27 @@ def save_torch_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.P
 
             save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, staging)
         else:
-            import torch
-
             torch.save({"model": {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}}, staging)
+        fsync_path(staging)
         os.replace(staging, path)
+        fsync_path(path.parent)
     except BaseException:
         pathlib.Path(staging).unlink(missing_ok=True)
         raise
     return path
 
 
-def read_labels(path: str | os.PathLike) -> list[str]:
-    """Class names from AudioSet's ``class_labels_indices.csv`` (``index,mid,display_name``)."""
-    import csv
-
+def read_class_labels(path: str | os.PathLike) -> labels_lib.ClassLabels:
+    """The class list (ids and names) of a ``class_labels_indices.csv`` (``index,mid,display_name``)."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise ConversionError(f"labels file not found: {path} (expected class_labels_indices.csv with index,mid,display_name)")
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = list(csv.reader(handle))
-    if not rows or [c.strip() for c in rows[0][:3]] != ["index", "mid", "display_name"]:
-        raise ConversionError(f"{path.name}: expected a CSV with header index,mid,display_name")
-    names = []
-    for line, row in enumerate(rows[1:], start=2):
-        if len(row) < 3 or not row[0].strip().isdigit() or int(row[0]) != len(names):
-            raise ConversionError(f"{path.name}, line {line}: expected 'index,mid,display_name' with index {len(names)}")
-        names.append(row[2])
-    return names
+    try:
+        return labels_lib.read_class_labels(path)
+    except labels_lib.LabelFileError as error:
+        raise ConversionError(str(error)) from None
 
+
+def read_labels(path: str | os.PathLike) -> list[str]:
+    """Class names from AudioSet's ``class_labels_indices.csv`` (``index,mid,display_name``)."""
+    return list(read_class_labels(path).display_names)
