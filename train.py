@@ -11,10 +11,11 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from convnext_audio_jax import train_lib
+from convnext_audio_jax import training
+from convnext_audio_jax.data.pipeline import UnreadableSourceError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "folder for checkpoints, metrics.jsonl and TensorBoard events")
+_WORKDIR = flags.DEFINE_string("workdir", None, "folder for config.json, checkpoints, model/{best,last}, metrics.jsonl and TensorBoard events")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -23,10 +24,11 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and grain log every save at INFO
     logging.getLogger("convnext_audio_jax").setLevel(logging.INFO)
-    train_lib.maybe_initialize_distributed()
+    training.maybe_initialize_distributed()
     try:
-        result = train_lib.train(_CONFIG.value, _WORKDIR.value)
-    except (train_lib.ConfigError, train_lib.NonFiniteLossError) as error:
+        result = training.train(_CONFIG.value, _WORKDIR.value)
+    except (training.ConfigError, training.NonFiniteLossError, training.TooManySkippedError,
+            UnreadableSourceError) as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 1
     if result:
