@@ -131,7 +131,7 @@ def parse_holdout(text: str) -> tuple[int | None, float | None] | None:
     return int(match["amount"]), None
 
 
-def _listing(folder: pathlib.Path, limit: int = 8) -> str:
+def _listing(folder: pathlib.Path, limit: int = 12) -> str:
     try:
         names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
     except OSError:
@@ -214,7 +214,7 @@ def _open_tfds(spec: str, part: Part, options: DataOptions) -> OpenedSpec:
     except Exception as error:  # tfds raises its own DatasetNotFoundError / registration errors
         raise _error(spec, f"TFDS cannot find {part.tfds_name!r}: {str(error).splitlines()[0]}") from None
     if not prepared:
-        root = pathlib.Path(data_dir or builder.data_dir_root)
+        root = pathlib.Path(data_dir) if data_dir else pathlib.Path(builder.data_dir).parents[2]  # NAME/CONFIG/VERSION
         raise _error(spec, f"{part.tfds_name!r} is not built in {root} ({_listing(root) if root.is_dir() else 'no such folder'}); "
                            "build it with python -m convnext_audio_jax.data.tfds_builder")
     splits = sorted(builder.info.splits.keys())

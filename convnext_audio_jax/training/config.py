@@ -143,6 +143,10 @@ def validate_config(config, num_devices: int) -> None:
         raise ConfigError(f"optimizer.schedule must be 'one_cycle' or 'constant'; got {config.optimizer.schedule!r}")
     if not 0.0 < config.optimizer.warmup_fraction < 1.0:
         raise ConfigError(f"optimizer.warmup_fraction must be in (0, 1); got {config.optimizer.warmup_fraction}")
+    peak_step = config.optimizer.warmup_fraction * config.total_steps - 1
+    if config.optimizer.schedule == "one_cycle" and (peak_step <= 0 or config.total_steps - 1 <= peak_step):
+        raise ConfigError(f"total_steps {config.total_steps} is too short for a one-cycle schedule peaking at "
+                          f"{config.optimizer.warmup_fraction:.0%}; use more steps or optimizer.schedule = 'constant'")
     if config.optimizer.peak_learning_rate <= 0:
         raise ConfigError(f"optimizer.peak_learning_rate must be > 0; got {config.optimizer.peak_learning_rate}")
     if config.optimizer.weight_decay < 0 or config.optimizer.grad_clip_norm < 0:
