@@ -257,3 +257,19 @@ def test_a_training_folder_with_no_readable_clip_stops_at_once(corpus, tfds_dir,
     config = tiny_audioset_config(corpus, tfds_dir, f"{tmp_path}@{corpus['train_csv']}", "holdout:2")
     with pytest.raises(training.ConfigError, match=f"none of the 10 clips listed in .* has a file in {tmp_path}"):
         training.train(config, tmp_path / "run")
+
+
+def test_too_many_skipped_validation_clips_stop_the_run(corpus, tfds_dir, tmp_path):
+    """One unreadable clip of 6 (17 %) is over data.max_skip_fraction (1 %): the run stops, naming the split."""
+    waveforms = data_helpers.random_waveforms(6)
+    waveforms[0] = 0  # clip 0 unreadable ("empty"): evaluation must not pad with it either
+    targets = np.eye(6, NUM_CLASSES, dtype=bool)
+    targets[:, 0] = True
+    targets[5, 0] = False
+    path = data_helpers.write_packed_hdf5(tmp_path / "validation.h5", waveforms, targets, [f"v{i}" for i in range(6)])
+    config = tiny_audioset_config(corpus, tfds_dir, f"{corpus['root'] / 'array_record'}@balanced_train", str(path))
+    with pytest.raises(training.TooManySkippedError, match=r"1 of 6 val clips could not be read .*validation.h5"):
+        training.train(config, tmp_path / "run")
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("train_skipped" in line for line in lines)
+    assert [line["val_skipped"] for line in lines if "val_skipped" in line] == [1]

@@ -5,7 +5,8 @@ Orbax checkpoints (``CheckpointManager``, asynchronous) hold the state (params, 
 rng) and the loader's iterator state together, so a resumed run repeats an uninterrupted run bit for bit;
 kept: the last ``keep_checkpoints`` plus the best by validation mAP. The model directories are written by
 ``convnext_audio_jax.checkpoint.save_model`` on process 0, in a background thread after the variables were
-fetched to the host, so the step loop waits no longer than for a train-state save.
+fetched to the host, after the train-state save in flight has finished (orbax saves must not overlap), so
+the step loop waits no longer than for a train-state save.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import pathlib
 import subprocess
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import grain
@@ -114,8 +116,13 @@ class ModelWriter:
     """Writes ``WORKDIR/model/last`` (every call) and ``WORKDIR/model/best`` (when the validation mAP is the
     best so far) with ``checkpoint.save_model``, on process 0, one save at a time in a background thread."""
 
-    def __init__(self, workdir: pathlib.Path, model_name: str, model_config: dict, metadata: dict[str, Any]):
+    def __init__(self, workdir: pathlib.Path, model_name: str, model_config: dict, metadata: dict[str, Any],
+                 before_save: Callable[[], None] | None = None):
         self.directory = workdir / MODEL_DIR
+        # Orbax saves must not overlap within a process (they share its signalling keys): the thread first
+        # waits for the train-state save in flight (``before_save``), and the caller calls ``wait()`` before
+        # starting the next one.
+        self._before_save = before_save
         self._model_name = model_name
         self._model_config = model_config
         self._metadata = metadata
@@ -139,6 +146,8 @@ class ModelWriter:
         from convnext_audio_jax import checkpoint
 
         try:
+            if self._before_save is not None:
+                self._before_save()
             for name in names:
                 checkpoint.save_model(self.directory / name, self._model_name, variables, metadata=metadata,
                                       model_config=self._model_config, overwrite=True)

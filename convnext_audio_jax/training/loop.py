@@ -152,7 +152,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     if data.class_names:
         metadata["class_names"] = list(data.class_names)
     writer = checkpointing.ModelWriter(workdir, config.model.name,
-                                       config_lib.artifact_model_config(config, data.num_classes), metadata)
+                                       config_lib.artifact_model_config(config, data.num_classes), metadata,
+                                       before_save=checkpointer.wait)
     from tqdm import tqdm
 
     progress = tqdm(total=config.total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
@@ -166,6 +167,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     def report(pending: _PendingMetrics) -> None:
         values = {key: float(value) for key, value in jax.device_get(pending.values).items()}
         if not all(math.isfinite(v) for v in values.values()):
+            writer.wait()
             checkpointer.wait()
             raise NonFiniteLossError(
                 f"non-finite training loss at step {pending.step} (loss {values['loss']}, grad norm "
@@ -188,9 +190,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         evaluation = evaluate_lib.evaluate(model, variables, source, config.eval_batch_size, mesh,
                                            progress=False, scorer=scorer)
-        check_skips(name, evaluation["num_skipped"], len(source), max_skip, getattr(source, "description", name))
-        return {f"{name}_mAP": float(evaluation["mAP"]), f"{name}_AUC": float(evaluation["AUC"]),
-                f"{name}_d_prime": float(evaluation["d_prime"]), f"{name}_skipped": int(evaluation["num_skipped"])}
+        metrics = {f"{name}_mAP": float(evaluation["mAP"]), f"{name}_AUC": float(evaluation["AUC"]),
+                   f"{name}_d_prime": float(evaluation["d_prime"]), f"{name}_skipped": int(evaluation["num_skipped"])}
+        try:
+            check_skips(name, evaluation["num_skipped"], len(source), max_skip, getattr(source, "description", name))
+        except TooManySkippedError:
+            log.write(step, metrics)  # the counts that stopped the run are on record
+            raise
+        return metrics
 
     pending = None
     try:
@@ -217,26 +224,28 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                 eval_metrics = evaluate_split("eval", data.eval, step) if data.eval is not None else {}
                 result = {"step": step, **val_metrics, "best_val_mAP": best, **eval_metrics}
                 log.write(step, {**val_metrics, **eval_metrics})
+            writer.wait()  # the model save in flight (if any) finishes before the next orbax save starts
+            checkpointer.save(state, loader_checkpoint,
+                              None if val_metrics is None else {BEST_METRIC: val_metrics[BEST_METRIC]})
+            if val_metrics is not None:
                 writer.write(state, step, val_metrics, is_best)
                 message = (f"step {step}: validation mAP {val_metrics[BEST_METRIC]:.4f} AUC {val_metrics['val_AUC']:.4f} "
                            f"d' {val_metrics['val_d_prime']:.3f}")
                 if eval_metrics:
                     message += f"; eval mAP {eval_metrics['eval_mAP']:.4f} (reported, not used for selection)"
                 progress.write(message)
-            checkpointer.save(state, loader_checkpoint,
-                              None if val_metrics is None else {BEST_METRIC: val_metrics[BEST_METRIC]})
             last_report.update(time=time.perf_counter(), step=step)  # clips/s measures training only
         if pending is not None:
             report(pending)
-        checkpointer.wait()
         writer.wait()
+        checkpointer.wait()
     finally:
-        progress.close()
-        log.close()
-        loader.close()
-        checkpointer.close()
         try:
             writer.wait()
         except Exception:  # already failing: the first error is the one to report
             logger.exception("writing the model directory failed")
+        progress.close()
+        log.close()
+        loader.close()
+        checkpointer.close()
     return result
