@@ -13,10 +13,11 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from convnext_audio_jax import distributed, train_lib
+from convnext_audio_jax import distributed, training
+from convnext_audio_jax.data.pipeline import UnreadableSourceError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "folder for checkpoints, metrics.jsonl and TensorBoard events")
+_WORKDIR = flags.DEFINE_string("workdir", None, "folder for config.json, checkpoints, model/{best,last}, metrics.jsonl and TensorBoard events")
 flags.mark_flags_as_required(["config", "workdir"])
 # Multi-process jobs (docs/train.md, "Multi-host training"); each flag falls back to its JAX_* variable.
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "process 0's HOST:PORT (JAX_COORDINATOR_ADDRESS)")
@@ -38,8 +39,9 @@ def main(argv):
         print(f"train.py: error: {error}", file=sys.stderr)
         return 1
     try:
-        result = train_lib.train(_CONFIG.value, _WORKDIR.value)
-    except (train_lib.ConfigError, train_lib.NonFiniteLossError) as error:
+        result = training.train(_CONFIG.value, _WORKDIR.value)
+    except (training.ConfigError, training.NonFiniteLossError, training.TooManySkippedError,
+            UnreadableSourceError) as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 1
     if result:

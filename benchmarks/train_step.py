@@ -49,10 +49,11 @@ def time_steps(run_step, steps: int) -> tuple[float, float]:
 def jax_rows(args, clips, targets) -> list[tuple[str, float, float]]:
     import jax
 
-    from convnext_audio_jax import train_lib
+    from convnext_audio_jax.forward import data_mesh
     from convnext_audio_jax.models import get_spec, init_variables
+    from convnext_audio_jax.training import config as config_lib, optimizer, step as step_lib
 
-    config = train_lib.default_config()
+    config = config_lib.default_config()
     config.model.name = getattr(args, "model", "convnext_tiny")
     config.model.overrides.update(getattr(args, "overrides", None) or {})
     if "drop_path_rate" not in get_spec(config.model.name).module.__dataclass_fields__:
@@ -60,19 +61,19 @@ def jax_rows(args, clips, targets) -> list[tuple[str, float, float]]:
     config.model.dtype = args.dtype
     config.model.frontend.clip_seconds = args.seconds
     config.total_steps = 1000
-    model = train_lib.build_model(config, num_classes=527)
+    model = config_lib.build_model(config, num_classes=527)
     params_shape = jax.eval_shape(lambda: init_variables(model, jax.random.key(0))["params"])
-    tx = train_lib.make_optimizer(config.optimizer, config.total_steps, params_shape)
+    tx = optimizer.make_optimizer(config.optimizer, config.total_steps, params_shape)
     rows = []
     for count in (int(n) for n in args.devices.split(",")):
         if count > jax.device_count() or args.batch % count:
             print(f"skipping {count} devices: {jax.device_count()} available; the batch ({args.batch}) must be a "
                   "multiple of the devices so that mixup pairs stay on one device", file=sys.stderr)
             continue
-        mesh = train_lib.make_data_mesh(jax.devices()[:count])
-        state = train_lib.init_train_state(model, tx, 0, mesh)
-        step = train_lib.make_train_step(model, tx, train_lib.augment_config(config), 1, mesh)
-        batch = train_lib.global_batch({"waveform": clips, "target": targets}, mesh)
+        mesh = data_mesh(jax.devices()[:count])
+        state = step_lib.init_train_state(model, tx, 0, mesh)
+        step = step_lib.make_train_step(model, tx, config_lib.augment_config(config), 1, mesh)
+        batch = step_lib.global_batch({"waveform": clips, "target": targets}, mesh)
         holder = {"state": state}
 
         def run_step():
@@ -90,11 +91,12 @@ def torch_row(args, clips, targets) -> tuple[str, float, float]:
     from torchlibrosa.augmentation import SpecAugmentation
 
     from convnext_audio_jax.torch_reference import build_reference, normalised_log_mel
+    from convnext_audio_jax.data.audio import INT16_SCALE
 
     model = build_reference("convnext_tiny", drop_path_rate=0.4).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     spec_augment = SpecAugmentation(time_drop_width=64, time_stripes_num=2, freq_drop_width=28, freq_stripes_num=2)
-    waveform = torch.from_numpy(clips.astype(np.float32) / 32767.0)
+    waveform = torch.from_numpy(clips.astype(np.float32) / INT16_SCALE)
     target = torch.from_numpy(targets)
     generator = torch.Generator().manual_seed(0)
 
@@ -134,9 +136,11 @@ def random_batch(batch: int, seconds: float):
     """2 × batch int16 clips (mixup pairs) of noise and sparse multi-hot targets."""
     import numpy as np
 
+    from convnext_audio_jax.data.audio import INT16_SCALE
+
     rng = np.random.default_rng(0)
     samples = int(round(seconds * 32_000))
-    clips = (rng.normal(0, 0.1, (2 * batch, samples)).clip(-1, 1) * 32767).astype(np.int16)
+    clips = (rng.normal(0, 0.1, (2 * batch, samples)).clip(-1, 1) * INT16_SCALE).astype(np.int16)
     targets = (rng.random((2 * batch, 527)) < 0.01).astype(np.float32)
     return clips, targets
 

@@ -1,6 +1,6 @@
 """CNN14Sep (CNN14 with a depthwise second conv per block, 30.5M params) on AudioSet (paper, Table 1).
 
-    python train.py --config configs/cnn14sep.py --workdir runs/cnn14sep --config.data.path=DATA
+    python train.py --config configs/cnn14sep.py --workdir runs/cnn14sep
 
 Paper: mAP .436. Recipe: configs/_pann.py.
 """

@@ -1,7 +1,7 @@
 """ConvNeXt-Small on AudioSet (depths 3-3-27-3; paper, section 6).
 
     python train.py --config configs/convnext_small.py --workdir runs/convnext_small \
-        --config.data.path=DATA --config.init_from=CONVERTED_IMAGENET_CONVNEXT_SMALL
+        --config.init_from=CONVERTED_IMAGENET_CONVNEXT_SMALL
 
 Paper: mAP .458 (49.9M params), below Tiny: it overfits more, hence weight decay 0.1 and drop path 0.8.
 """

@@ -3,12 +3,12 @@
     python train.py --config configs/demo.py --workdir workdir/demo
 
 Reproduces no paper row: it shows the whole recipe (sharded step, speed perturbation, SpecAugment, mixup,
-AdamW + one-cycle, checkpoints, validation mAP) working end to end. Ten classes of tones, chirps, noise
+AdamW + one-cycle, checkpoints, validation mAP, model/best and model/last) working end to end. Ten classes of tones, chirps, noise
 bands, clicks, ... mixed at random in 1 s clips at 16 kHz (convnext_audio_jax/data/demo.py). Target:
 validation mAP >= 0.95 in a few minutes on a 2-core CPU with 8 simulated devices.
 """
 
-from convnext_audio_jax.train_lib import default_config
+from convnext_audio_jax.training.config import default_config
 
 
 def get_config():
@@ -24,9 +24,12 @@ def get_config():
     config.model.frontend.fmax = 8_000.0
     config.model.frontend.clip_seconds = 1.0
 
-    config.data.source = "demo"
+    config.data.train = "demo"  # demo@train
+    config.data.validation = "demo@validation"  # selects model/best
+    config.data.eval = "demo@eval"  # reported only
     config.data.demo_train_clips = 8192
     config.data.demo_val_clips = 512
+    config.data.demo_eval_clips = 512
     config.data.sampling = "shuffle"
 
     config.batch_size = 32

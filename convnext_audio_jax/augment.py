@@ -6,8 +6,8 @@ values), and works on a batch sharded over a mesh. The train step calls them in 
 
     waveform --speed_perturb--> log-mel (+ bn0) --spec_augment--> mixup --> model
 
-:class:`AugmentConfig` switches each one on or off; :func:`augment_waveform` and :func:`augment_logmel`
-apply an enabled set with one key each.
+:class:`AugmentConfig` switches each one on or off; :func:`augment_waveform` and :func:`logmel_augmentation`
+apply an enabled set with one key each (the latter as the model's ``logmel_hook``, with the targets mixed alike).
 """
 
 from __future__ import annotations
@@ -98,25 +98,6 @@ def mix_pairs(x: jax.Array, lambdas: jax.Array) -> jax.Array:
     return (first * weights + second * (1.0 - weights)).astype(out_dtype)
 
 
-def _is_key(value: jax.Array) -> bool:
-    return jnp.issubdtype(value.dtype, jax.dtypes.prng_key) or value.dtype == jnp.uint32
-
-
-def mixup(
-    rng_or_lambdas: jax.Array, x: jax.Array, targets: jax.Array, alpha: float = 1.0
-) -> tuple[jax.Array, jax.Array]:
-    """Mix consecutive pairs of a 2B batch of inputs and their targets with the same λ per pair → B rows.
-
-    ``rng_or_lambdas`` is a PRNG key (λ ~ Beta(alpha, alpha) is drawn per pair) or the (B,) λ themselves.
-    """
-    if x.shape[0] != targets.shape[0]:
-        raise ValueError(f"x and targets must have the same batch size; got {x.shape} and {targets.shape}")
-    lambdas = (
-        mixup_lambdas(rng_or_lambdas, x.shape[0] // 2, alpha) if _is_key(rng_or_lambdas) else rng_or_lambdas
-    )
-    return mix_pairs(x, lambdas), mix_pairs(targets, lambdas)
-
-
 @functools.partial(jax.jit, static_argnames=("min_rate", "max_rate", "p"))
 def speed_perturb(
     rng: jax.Array,
@@ -191,23 +172,21 @@ def augment_waveform(rng: jax.Array, waveform: jax.Array, config: AugmentConfig)
     )
 
 
-def augment_logmel(
-    rng: jax.Array, logmel: jax.Array, targets: jax.Array, config: AugmentConfig
-) -> tuple[jax.Array, jax.Array]:
-    """The log-mel-side augmentations, in the paper's order: SpecAugment, then mixup (2B rows → B rows).
+def logmel_augmentation(rng: jax.Array, targets: jax.Array, config: AugmentConfig):
+    """The log-mel-side augmentations as the train step applies them: ``(hook, targets)``.
 
-    Returns ``(logmel, targets)``; with mixup off, the batch size is unchanged.
+    ``hook(logmel)`` is the model's ``logmel_hook``: SpecAugment, then mixup of consecutive pairs (2B rows →
+    B rows), in the paper's order. The hook only sees the log-mel, so λ is drawn here, once per pair, and the
+    returned targets are mixed with the same λ. With mixup off the targets are returned unchanged.
     """
     spec_key, mixup_key = jax.random.split(rng)
-    if config.spec_augment:
-        logmel = spec_augment(
-            spec_key,
-            logmel,
-            time_stripes=config.time_stripes,
-            time_max_width=config.time_max_width,
-            freq_stripes=config.freq_stripes,
-            freq_max_width=config.freq_max_width,
-        )
-    if config.mixup:
-        logmel, targets = mixup(mixup_key, logmel, targets, config.mixup_alpha)
-    return logmel, targets
+    lambdas = mixup_lambdas(mixup_key, targets.shape[0] // 2, config.mixup_alpha) if config.mixup else None
+
+    def hook(logmel):
+        if config.spec_augment:
+            logmel = spec_augment(spec_key, logmel, time_stripes=config.time_stripes,
+                                  time_max_width=config.time_max_width, freq_stripes=config.freq_stripes,
+                                  freq_max_width=config.freq_max_width)
+        return mix_pairs(logmel, lambdas) if config.mixup else logmel
+
+    return hook, (mix_pairs(targets, lambdas) if config.mixup else targets)

@@ -1,17 +1,16 @@
-"""Evaluation of a model on a labelled clip source: a jitted, data-sharded forward, then AP/AUC/d′.
+"""The one evaluation engine: a model's probabilities on every clip of a labelled source, sharded over all
+devices and processes, then AP/AUC/d′ per class and their means.
 
-``evaluate(model, variables, source, batch_size)`` is the library entry point (training calls it too);
-``convnext-audio evaluate --checkpoint DIR --data SPEC`` is the command. The last partial batch is padded to
-the fixed batch size and the padding is dropped before the metrics; clips that cannot be read are skipped
-and counted by reason.
+``evaluate(model, variables, source, batch_size)`` is the library entry point; training's periodic
+evaluation and ``convnext-audio evaluate --checkpoint DIR --data SPEC`` both call it. Each process reads its
+strided share of the clips as int16 (half the bytes to the device), every process runs the same number of
+fixed-size batches (short batches are padded with zero rows, which carry no clip and are dropped), the
+batches are assembled with ``jax.make_array_from_process_local_data`` and the results gathered with
+``process_allgather``. Clips that cannot be read are skipped and counted by reason, over all processes.
 
-Data SPEC syntax (``--data``):
-
-* ``DIR@SPLIT``: split ``SPLIT`` of a ``prepare`` output folder (ArrayRecord or HDF5 shards), e.g.
-  ``data/audioset@eval``;
-* ``FILE.h5`` (or ``.hdf5``): a PANN packed HDF5 file, or a PANN index file (told apart by its contents);
-* ``AUDIO_DIR@CLIPS.csv``: audio files in a folder listed by an AudioSet segment CSV or a ``path,labels``
-  CSV; needs the class list (``--labels class_labels_indices.csv``).
+Data SPECs (``--data``) follow convnext_audio_jax/data/spec.py: ``DIR@SPLIT``, ``FILE.h5``,
+``AUDIO_DIR@CLIPS.csv`` (needs ``--labels``), ``tfds:NAME[/CONFIG][:VERSION]@SPLIT`` (needs ``--labels``),
+``demo[@SPLIT]`` and ``SPEC+SPEC`` unions.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ import csv
 import dataclasses
 import json
 import logging
+import math
 import os
 import pathlib
 import sys
@@ -30,18 +30,17 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
-import grain
-import h5py
+import jax
 import numpy as np
 import tqdm
-from jax.sharding import Mesh
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from convnext_audio_jax import metrics as metrics_lib
-from convnext_audio_jax.data import labels as labels_lib
-from convnext_audio_jax.data.pipeline import LoaderConfig, make_loader
-from convnext_audio_jax.data.prepare import LABELS_COPY
-from convnext_audio_jax.data.sources import ClipSource, FolderSource, PackedHdf5Source, open_prepared
-from convnext_audio_jax.forward import ShardedForward
+from convnext_audio_jax import xla
+from convnext_audio_jax.data import audio, spec as spec_lib
+from convnext_audio_jax.data.pipeline import LoaderConfig, jax_shard_options, make_loader
+from convnext_audio_jax.forward import data_mesh
 
 logger = logging.getLogger(__name__)
 
@@ -52,13 +51,13 @@ PLOT_FILE = "per_class_ap.png"
 
 @dataclasses.dataclass
 class Predictions:
-    """Scores of every clip that could be read, in source order, and what was skipped."""
+    """Scores of every clip that could be read (all processes), in source order, and what was skipped."""
 
     clip_ids: list[str]
     targets: np.ndarray  # (N, C) bool
     scores: np.ndarray  # (N, C) float32 probabilities
-    skipped: collections.Counter  # reason → count
-    skipped_ids: list[tuple[str, str, str]]  # (id, reason, detail), the first ones
+    skipped: collections.Counter  # reason → count, over all processes
+    skipped_ids: list[tuple[str, str, str]]  # (id, reason, detail), the first ones of this process
     seconds: float  # wall time of reading + forward, compilation excluded
 
     @property
@@ -66,43 +65,101 @@ class Predictions:
         return len(self.clip_ids) / self.seconds if self.seconds > 0 else float("nan")
 
 
-def predict(model: nn.Module, variables: Mapping[str, Any], source: ClipSource, batch_size: int,
-            mesh: Mesh | None = None, progress: bool = True, read_threads: int = 4) -> Predictions:
-    """Probabilities of every readable clip of ``source`` (one host; the batch is sharded over ``mesh``)."""
+class Scorer:
+    """The jitted ``scorer(variables, int16 or float32 waveforms) -> probs`` on a batch sharded over every
+    axis of ``mesh``, variables replicated. Build it once and pass it to :func:`predict` to reuse the
+    compiled program (training evaluates many times)."""
+
+    def __init__(self, model: nn.Module, mesh: Mesh):
+        self.mesh = mesh
+        replicated = NamedSharding(mesh, PartitionSpec())
+        sharded = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
+
+        def score(variables, waveforms):
+            if waveforms.dtype == np.int16:
+                waveforms = waveforms.astype(np.float32) / audio.INT16_SCALE
+            return model.apply(variables, waveforms, train=False)["probs"]
+
+        self._score = xla.jit(score, in_shardings=(replicated, sharded), out_shardings=sharded)
+
+    def __call__(self, variables, waveforms: jax.Array) -> jax.Array:
+        return self._score(variables, waveforms)
+
+
+def predict(model: nn.Module, variables: Mapping[str, Any], source, batch_size: int, mesh: Mesh | None = None,
+            progress: bool = True, read_threads: int = 4, scorer: Scorer | None = None) -> Predictions:
+    """Probabilities of every readable clip of ``source``, over all processes and devices.
+
+    ``batch_size`` is global and rounded up to a multiple of the device count. Raises ValueError when the
+    source is empty or no clip could be read.
+    """
     if len(source) == 0:
         raise ValueError("the evaluation source has no clips")
-    forward = ShardedForward(model, variables, batch_size, mesh)
-    if forward.batch_size != batch_size:
-        logger.info("batch size %d rounded up to %d, a multiple of the %d devices", batch_size,
-                    forward.batch_size, forward.num_devices)
-    config = LoaderConfig(batch_size=forward.batch_size, sampling="sequential", num_epochs=1, drop_remainder=False,
-                          waveform_dtype="float32", read_threads=read_threads)
-    loader = make_loader(source, config, grain.sharding.ShardOptions(shard_index=0, shard_count=1))
-    # Compile before the clock starts (one zero batch), so clips/s measures the steady state.
-    forward(np.zeros((1, model.frontend.clip_samples), np.float32))
-    clip_ids, targets, scores = [], [], []
+    scorer = scorer or Scorer(model, mesh or data_mesh())
+    mesh = scorer.mesh
+    num_devices, hosts = mesh.devices.size, jax.process_count()
+    global_batch = -(-batch_size // num_devices) * num_devices
+    if global_batch != batch_size:
+        logger.info("batch size %d rounded up to %d, a multiple of the %d devices", batch_size, global_batch, num_devices)
+    local_batch = global_batch // hosts
+    clip_samples = model.frontend.clip_samples
+    loader = make_loader(source, LoaderConfig(batch_size=local_batch, sampling="sequential", num_epochs=1,
+                                              drop_remainder=False, waveform_dtype="int16",
+                                              read_threads=read_threads), jax_shard_options())
+    # Every process runs as many batches as the largest share needs; skipped clips only shorten a share.
+    num_batches = math.ceil(math.ceil(len(source) / hosts) / local_batch)
+    sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    variables = jax.device_put(dict(variables), replicated)
+    position = {source.clip_id(i): i for i in range(len(source))}
+    zeros = np.zeros((local_batch, clip_samples), np.int16)
+    scorer(variables, jax.make_array_from_process_local_data(sharding, zeros)).block_until_ready()  # compile
+    indices, scores = [], []
     start = time.perf_counter()
-    with tqdm.tqdm(total=len(source), unit="clip", desc="evaluate", disable=not progress, file=sys.stderr) as bar:
-        for batch in loader:
-            scores.append(forward(batch["waveform"])["probs"])
-            targets.append(batch["target"] > 0.5)
-            clip_ids.extend(str(i) for i in batch["id"])
-            bar.update(len(clip_ids) + loader.num_skipped - bar.n)
+    with tqdm.tqdm(total=len(source), unit="clip", desc="evaluate", file=sys.stderr,
+                   disable=not progress or jax.process_index() != 0) as bar:
+        for _ in range(num_batches):
+            batch = next(loader, None)
+            rows = 0 if batch is None else batch["waveform"].shape[0]
+            waveform = zeros.copy()
+            index = np.full(local_batch, -1, np.int64)
+            if rows:
+                if batch["waveform"].shape[1] != clip_samples:
+                    raise ValueError(f"the data holds clips of {batch['waveform'].shape[1]} samples, the model "
+                                     f"takes {clip_samples}")
+                waveform[:rows] = batch["waveform"]
+                index[:rows] = [position[str(i)] for i in batch["id"]]
+            probs = scorer(variables, jax.make_array_from_process_local_data(sharding, waveform))
+            probs, index = (np.asarray(x) for x in multihost_utils.process_allgather((probs, index), tiled=True))
+            keep = index >= 0
+            indices.append(index[keep])
+            scores.append(probs[keep])
+            bar.update(int(keep.sum()) + loader.num_skipped - bar.n)
             bar.set_postfix(skipped=loader.num_skipped)
     seconds = time.perf_counter() - start
-    if not clip_ids:
-        raise ValueError(f"none of the {len(source)} clips could be read: {dict(loader.skipped)}")
-    return Predictions(clip_ids, np.concatenate(targets), np.concatenate(scores), loader.skipped,
-                       loader.skipped_ids, seconds)
+    reasons = audio.SKIP_REASONS
+    local_counts = np.array([loader.skipped.get(r, 0) for r in reasons], np.int64)
+    counts = np.asarray(multihost_utils.process_allgather(local_counts)).reshape(-1, len(reasons)).sum(axis=0)
+    skipped = collections.Counter({r: int(c) for r, c in zip(reasons, counts) if c})
+    skipped_ids = list(loader.skipped_ids)
+    loader.close()
+    order = np.concatenate(indices)
+    if order.size == 0:
+        raise ValueError(f"none of the {len(source)} clips could be read: {dict(skipped)}")
+    ranking = np.argsort(order, kind="stable")
+    order = order[ranking]
+    return Predictions([source.clip_id(int(i)) for i in order], np.asarray(source.targets, bool)[order],
+                       np.concatenate(scores)[ranking], skipped, skipped_ids, seconds)
 
 
-def evaluate(model: nn.Module, variables: Mapping[str, Any], source: ClipSource, batch_size: int,
+def evaluate(model: nn.Module, variables: Mapping[str, Any], source, batch_size: int,
              mesh: Mesh | None = None, class_names: Sequence[str] | None = None,
-             output_dir: str | os.PathLike | None = None, progress: bool = True) -> dict[str, Any]:
+             output_dir: str | os.PathLike | None = None, progress: bool = True,
+             scorer: Scorer | None = None) -> dict[str, Any]:
     """``compute_metrics`` of the model's probabilities on ``source``, plus ``num_skipped``, ``skipped``
     (count per reason), ``skipped_ids`` and ``clips_per_second``. With ``output_dir``, also writes
-    metrics.json, per_class.csv and per_class_ap.png there."""
-    predictions = predict(model, variables, source, batch_size, mesh, progress)
+    metrics.json, per_class.csv and per_class_ap.png there (process 0)."""
+    predictions = predict(model, variables, source, batch_size, mesh, progress, scorer=scorer)
     result = metrics_lib.compute_metrics(predictions.targets, predictions.scores, class_names)
     result.update(
         num_skipped=sum(predictions.skipped.values()),
@@ -110,7 +167,7 @@ def evaluate(model: nn.Module, variables: Mapping[str, Any], source: ClipSource,
         skipped_ids=[list(s) for s in predictions.skipped_ids],
         clips_per_second=predictions.clips_per_second,
     )
-    if output_dir is not None:
+    if output_dir is not None and jax.process_index() == 0:
         write_reports(result, output_dir)
     return result
 
@@ -153,45 +210,23 @@ def _plot_per_class_ap(result: Mapping[str, Any], path: pathlib.Path) -> None:
     plt.close(figure)
 
 
-def open_data_spec(spec: str, labels_csv: str | os.PathLike | None = None) -> tuple[ClipSource, tuple[str, ...] | None]:
-    """The source named by a data SPEC (see the module docstring) and the class names it knows, if any.
-    Raises ValueError naming the SPEC when it cannot be opened."""
-    try:
-        return _open_data_spec(spec, labels_csv)
-    except (FileNotFoundError, KeyError) as error:  # the sources' messages already name the file
-        raise ValueError(f"data {spec!r}: {error.args[0] if error.args else error}") from None
-
-
-def _open_data_spec(spec: str, labels_csv: str | os.PathLike | None) -> tuple[ClipSource, tuple[str, ...] | None]:
-    if "@" in spec:
-        directory, selector = spec.rsplit("@", 1)
-        if not os.path.isdir(directory):
-            raise ValueError(f"data {spec!r}: {directory!r} is not a folder (SPEC is DIR@SPLIT or AUDIO_DIR@CLIPS.csv)")
-        if selector.lower().endswith(".csv"):
-            if labels_csv is None:
-                raise ValueError(f"data {spec!r}: a folder + clip list needs --labels class_labels_indices.csv")
-            class_labels = labels_lib.read_class_labels(labels_csv)
-            return FolderSource(directory, selector, class_labels), class_labels.display_names
-        source = open_prepared(directory, selector)
-        copied_labels = pathlib.Path(directory) / LABELS_COPY
-        names_from = labels_csv or (copied_labels if copied_labels.is_file() else None)
-        return source, None if names_from is None else labels_lib.read_class_labels(names_from).display_names
-    if not os.path.isfile(spec):
-        raise ValueError(f"data {spec!r}: no such file (SPEC is DIR@SPLIT, FILE.h5 or AUDIO_DIR@CLIPS.csv)")
-    try:
-        with h5py.File(spec, "r") as f:
-            is_index = "hdf5_path" in f
-    except OSError as error:
-        raise ValueError(f"data {spec!r}: not an HDF5 file ({error})") from None
-    source = PackedHdf5Source.from_index(spec) if is_index else PackedHdf5Source.from_files([spec])
-    return source, None if labels_csv is None else labels_lib.read_class_labels(labels_csv).display_names
+def open_data_spec(spec: str, labels_csv: str | os.PathLike | None = None,
+                   options: spec_lib.DataOptions | None = None) -> tuple[Any, tuple[str, ...] | None]:
+    """The source named by a data SPEC (convnext_audio_jax/data/spec.py) and the class names it knows, if
+    any. Raises ValueError (a one-line ``SpecError``) naming the SPEC when it cannot be opened."""
+    options = options or spec_lib.DataOptions()
+    if labels_csv:
+        options = dataclasses.replace(options, labels_csv=os.fspath(labels_csv))
+    opened = spec_lib.open_spec(spec, options)
+    return opened.source, opened.class_names
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
                         help="model directory (convert's output) or training workdir (its model/best, else model/last)")
     parser.add_argument("--data", required=True, metavar="SPEC",
-                        help="DIR@SPLIT (a prepare output), FILE.h5 (packed or PANN index) or AUDIO_DIR@CLIPS.csv")
+                        help="DIR@SPLIT (a prepare output), FILE.h5 (packed or PANN index), AUDIO_DIR@CLIPS.csv, "
+                             "tfds:NAME[/CONFIG][:VERSION]@SPLIT, demo[@SPLIT] or SPEC+SPEC")
     parser.add_argument("--labels", help="class_labels_indices.csv: the data's classes (needed for AUDIO_DIR@CLIPS.csv; "
                         "overrides the list a prepare output holds)")
     parser.add_argument("--remap-by-name", action="store_true",
@@ -264,7 +299,9 @@ def run(args: argparse.Namespace) -> int:
     from convnext_audio_jax.checkpoint import load_model
 
     model, variables, metadata = load_model(args.checkpoint)
-    source, data_names = open_data_spec(args.data, args.labels)
+    frontend = model.frontend
+    options = spec_lib.DataOptions(demo_sample_rate=frontend.sample_rate, demo_clip_seconds=frontend.clip_seconds)
+    source, data_names = open_data_spec(args.data, args.labels, options)
     model_names = metadata.get("class_names")
     order = class_order(model_names, data_names, model.num_classes, source.num_classes, args.remap_by_name)
     if order is not None:

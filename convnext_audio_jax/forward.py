@@ -22,7 +22,8 @@ OutputSelector = Callable[[Mapping[str, Any], Mapping[str, jax.Array]], dict[str
 
 
 def data_mesh(devices: list | None = None) -> Mesh:
-    """A one-axis mesh named "data" over ``devices`` (default: all), with Auto axis types so jit
+    """The one-axis mesh named "data" over ``devices`` (default: all, of every process) that training,
+    evaluation and inference share, with Auto axis types so jit
     propagates the batch sharding (jax.make_mesh defaults to Explicit axes)."""
     devices = list(devices or jax.devices())
     return jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)

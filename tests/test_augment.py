@@ -12,10 +12,9 @@ from torchlibrosa.augmentation import SpecAugmentation
 
 from convnext_audio_jax.augment import (
     AugmentConfig,
-    augment_logmel,
+    logmel_augmentation,
     augment_waveform,
     mix_pairs,
-    mixup,
     mixup_lambdas,
     spec_augment,
     speed_perturb,
@@ -112,18 +111,22 @@ def test_mixup_lambdas_are_uniform_for_beta_one_one():
 
 
 def test_mixup_pairs_consecutive_rows_and_mixes_targets_alike():
+    """The train step's path: the hook mixes the log-mel, the returned targets are mixed with the same λ."""
     num_pairs = 6
     # Pair i: row 2i is all ones with target class 0, row 2i+1 all zeros with target class 1.
-    x = jnp.tile(jnp.array([[1.0], [0.0]]), (num_pairs, 8))
+    x = jnp.tile(jnp.array([[1.0], [0.0]]), (num_pairs, 8))[:, :, None]
     targets = jnp.tile(jnp.array([[True, False], [False, True]]), (num_pairs, 1))
-    mixed_x, mixed_targets = mixup(jax.random.key(7), x, targets)
+    config = AugmentConfig(spec_augment=False, speed_perturb=False)
+    hook, mixed_targets = logmel_augmentation(jax.random.key(7), targets, config)
+    mixed_x = hook(x)[:, :, 0]
     assert mixed_x.shape == (num_pairs, 8) and mixed_targets.shape == (num_pairs, 2)
     recovered = np.asarray(mixed_x[:, 0])  # x[0::2]·λ + x[1::2]·(1-λ) = λ
     np.testing.assert_allclose(mixed_x, np.repeat(recovered[:, None], 8, axis=1))
     np.testing.assert_allclose(mixed_targets[:, 0], recovered, atol=1e-7)
     np.testing.assert_allclose(mixed_targets[:, 1], 1 - recovered, atol=1e-7)
     assert len(np.unique(recovered)) == num_pairs  # one λ per pair
-    np.testing.assert_allclose(recovered, mixup_lambdas(jax.random.key(7), num_pairs))
+    _, mixup_key = jax.random.split(jax.random.key(7))
+    np.testing.assert_allclose(recovered, mixup_lambdas(mixup_key, num_pairs))
 
 
 def test_mixup_with_given_lambdas_follows_the_pann_formula():
@@ -131,12 +134,11 @@ def test_mixup_with_given_lambdas_follows_the_pann_formula():
     lambdas = jnp.array([0.0, 0.25, 0.5, 1.0])
     expected = x[0::2] * lambdas[:, None, None] + x[1::2] * (1 - lambdas[:, None, None])
     np.testing.assert_allclose(mix_pairs(x, lambdas), expected, rtol=1e-6)
-    mixed_x, _ = mixup(lambdas, x, jnp.zeros((8, 2)))
-    np.testing.assert_allclose(mixed_x, expected, rtol=1e-6)
 
 
 def test_mixup_dtypes():
-    mixed_x, mixed_targets = mixup(jnp.array([0.3]), jnp.ones((2, 4), jnp.bfloat16), jnp.array([[True], [False]]))
+    lambdas = jnp.array([0.3])
+    mixed_x, mixed_targets = mix_pairs(jnp.ones((2, 4), jnp.bfloat16), lambdas), mix_pairs(jnp.array([[True], [False]]), lambdas)
     assert mixed_x.dtype == jnp.bfloat16 and mixed_targets.dtype == jnp.float32
     assert float(mixed_targets[0, 0]) == pytest.approx(0.3)
 
@@ -146,8 +148,6 @@ def test_mixup_rejects_odd_batches_and_mismatched_lambdas():
         mix_pairs(jnp.ones((5, 2)), jnp.ones((2,)))
     with pytest.raises(ValueError, match="one lambda per pair"):
         mix_pairs(jnp.ones((6, 2)), jnp.ones((2,)))
-    with pytest.raises(ValueError, match="same batch size"):
-        mixup(jax.random.key(0), jnp.ones((6, 2)), jnp.ones((4, 2)))
 
 
 # -------------------------------------------------------------------------------------- speed perturbation
@@ -225,12 +225,18 @@ def test_augment_config_switches():
     off = AugmentConfig(spec_augment=False, mixup=False, speed_perturb=False)
     key = jax.random.key(0)
     np.testing.assert_array_equal(augment_waveform(key, waveform, off), waveform)
-    same_logmel, same_targets = augment_logmel(key, logmel, targets, off)
-    np.testing.assert_array_equal(same_logmel, logmel)
+    hook, same_targets = logmel_augmentation(key, targets, off)
+    np.testing.assert_array_equal(hook(logmel), logmel)
     np.testing.assert_array_equal(same_targets, targets)
 
     on = AugmentConfig(speed_perturb_p=1.0)
-    mixed_logmel, mixed_targets = jax.jit(augment_logmel, static_argnames="config")(key, logmel, targets, config=on)
+
+    @jax.jit
+    def augment(key, logmel, targets):
+        hook, mixed = logmel_augmentation(key, targets, on)
+        return hook(logmel), mixed
+
+    mixed_logmel, mixed_targets = augment(key, logmel, targets)
     assert mixed_logmel.shape == (4, 100, 40) and mixed_targets.shape == (4, 4)
     assert (mixed_logmel == 0).any()  # stripes survive mixing of two clips with ones everywhere else
     assert not np.array_equal(augment_waveform(key, waveform, on), waveform)
@@ -268,16 +274,22 @@ def test_sharded_jit_matches_unsharded_and_differs_per_device(data_sharding, nam
 
 def test_sharded_jit_mixup(data_sharding):
     sharded, replicated = data_sharding
-    x = jnp.tile(jnp.array([[1.0], [0.0]]), (16, 4))  # 32 rows: 16 pairs, 2 per device after mixing
+    x = jnp.tile(jnp.array([[1.0], [0.0]]), (16, 4))[:, :, None]  # 32 rows: 16 pairs, 2 per device after mixing
     targets = jnp.tile(jnp.array([[1.0, 0.0], [0.0, 1.0]]), (16, 1))
+    config = AugmentConfig(spec_augment=False, speed_perturb=False)
+
+    def augment(key, x, targets):
+        hook, mixed = logmel_augmentation(key, targets, config)
+        return hook(x), mixed
+
     key = jax.device_put(jax.random.key(12), replicated)
-    mixed_x, mixed_targets = jax.jit(mixup, out_shardings=(sharded, sharded))(
+    mixed_x, mixed_targets = jax.jit(augment, out_shardings=(sharded, sharded))(
         key, jax.device_put(x, sharded), jax.device_put(targets, sharded)
     )
-    expected_x, expected_targets = mixup(jax.random.key(12), x, targets)
+    expected_x, expected_targets = augment(jax.random.key(12), x, targets)
     np.testing.assert_allclose(mixed_x, expected_x, rtol=1e-6)
     np.testing.assert_allclose(mixed_targets, expected_targets, rtol=1e-6)
-    np.testing.assert_allclose(mixed_targets[:, 0], mixed_x[:, 0], rtol=1e-6)
+    np.testing.assert_allclose(mixed_targets[:, 0], mixed_x[:, 0, 0], rtol=1e-6)
     assert shards_all_differ(mixed_x)
 
 

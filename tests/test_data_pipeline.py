@@ -156,3 +156,19 @@ def test_config_errors_name_the_field():
         pipeline.LoaderConfig(batch_size=2, sampling="random")
     with pytest.raises(ValueError, match="waveform_dtype 'int8'"):
         pipeline.LoaderConfig(batch_size=2, waveform_dtype="int8")
+
+
+def test_a_source_whose_every_clip_fails_stops_the_loader_naming_it(tmp_path):
+    """An infinite stream over unreadable clips (all-zero: "empty") ends with an error, not a busy loop."""
+    waveforms = np.zeros((6, audio.CLIP_SAMPLES), np.int16)
+    targets = np.eye(6, 2, dtype=bool) | np.eye(6, 2, k=-1, dtype=bool)
+    path = write_packed_hdf5(tmp_path / "broken.h5", waveforms, targets, [f"bad{i}" for i in range(6)])
+    source = sources.PackedHdf5Source.from_files([path])
+    for sampling in ("shuffle", "balanced"):
+        loader = pipeline.make_loader(source, pipeline.LoaderConfig(batch_size=2, sampling=sampling, read_threads=1),
+                                      SINGLE)
+        with pytest.raises(pipeline.UnreadableSourceError,
+                           match=rf"{pipeline.MAX_CONSECUTIVE_FAILURES} clips in a row could not be read from "
+                                 rf"packed HDF5 .*broken.h5; first failures: bad\d \(empty"):
+            next(loader)
+        loader.close()

@@ -107,13 +107,16 @@ def test_data_specs(packed, tmp_path):
     assert len(source) == 3 and names == tuple(n for _, n in data_helpers.CLASSES)
     assert source[0]["waveform"].shape == (audio.CLIP_SAMPLES,)
 
-    with pytest.raises(ValueError, match="needs --labels"):
+    with pytest.raises(ValueError, match="needs the class list"):
         evaluate_lib.open_data_spec(f"{tmp_path / 'audio'}@{segments}")
     with pytest.raises(ValueError, match="no manifest"):
         evaluate_lib.open_data_spec(f"{tmp_path}@eval")
-    with pytest.raises(ValueError, match="no such file"):
+    with pytest.raises(ValueError, match="no file .*missing.h5 .*eval_segments.csv"):  # lists what exists
         evaluate_lib.open_data_spec(str(tmp_path / "missing.h5"))
+    (tmp_path / "fake.h5").write_text("not hdf5")
     with pytest.raises(ValueError, match="not an HDF5 file"):
+        evaluate_lib.open_data_spec(str(tmp_path / "fake.h5"))
+    with pytest.raises(ValueError, match="is none of DIR@SPLIT"):
         evaluate_lib.open_data_spec(str(segments))
 
 
@@ -134,8 +137,22 @@ def test_cli_evaluate_end_to_end(tiny_model, packed, tmp_path, capsys):
                      "--output", str(output)])
     assert code == 2
     error = capsys.readouterr().err.strip()
-    assert error.count("\n") == 0 and "is not a folder" in error
+    assert error.count("\n") == 0 and "no folder" in error
 
+
+def test_unreadable_first_clip_is_skipped_not_used_as_padding(tiny_model, tmp_path):
+    """Clip 0 broken: evaluation pads with zero rows of the model's clip length, never with clip 0."""
+    model, variables = tiny_model
+    waveforms = data_helpers.random_waveforms(5)
+    waveforms[0] = 0  # read as "empty"
+    targets = np.eye(5, NUM_CLASSES, dtype=bool)
+    targets[1:, 0] = True
+    path = data_helpers.write_packed_hdf5(tmp_path / "first_broken.h5", waveforms, targets, [f"c{i}" for i in range(5)])
+    predictions = evaluate_lib.predict(model, variables, PackedHdf5Source.from_files([path]), batch_size=8,
+                                       progress=False)
+    assert predictions.clip_ids == ["c1", "c2", "c3", "c4"]
+    assert dict(predictions.skipped) == {audio.EMPTY: 1}
+    
 
 def test_class_order():
     names = ["Speech", "Dog", "Music"]

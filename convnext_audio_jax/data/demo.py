@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from convnext_audio_jax.data.audio import INT16_SCALE
+
 CLASS_NAMES = (
     "low tone",
     "high tone",
@@ -28,7 +30,7 @@ CLASS_NAMES = (
     "pulsed tone",
 )
 NUM_CLASSES = len(CLASS_NAMES)
-SPLITS = ("train", "validation")
+SPLITS = ("train", "validation", "eval")
 # Probabilities of 1, 2 and 3 sounds in a clip.
 _SOUNDS_PER_CLIP = (0.4, 0.4, 0.2)
 _LABEL_STREAM, _AUDIO_STREAM = 0, 1
@@ -36,8 +38,8 @@ _CLICK_GAIN = 3.0
 
 
 class SyntheticAudioSet:
-    """``num_clips`` synthetic clips of ``clip_seconds`` at ``sample_rate`` for one split ('train' or
-    'validation'); the splits draw from disjoint seed streams, so validation clips are never trained on."""
+    """``num_clips`` synthetic clips of ``clip_seconds`` at ``sample_rate`` for one split ('train',
+    'validation' or 'eval'); the splits draw from disjoint seed streams, so held-out clips are never trained on."""
 
     def __init__(self, split: str, num_clips: int, *, sample_rate: int = 16_000, clip_seconds: float = 1.0,
                  seed: int = 0):
@@ -75,6 +77,10 @@ class SyntheticAudioSet:
     def clip_id(self, index: int) -> str:
         return f"demo-{self.split}-{index:06d}"
 
+    @property
+    def description(self) -> str:
+        return f"the demo's {self.split} split"
+
     def _rng(self, index: int, stream: int) -> np.random.Generator:
         return np.random.default_rng([self._seed, self._split_id, index, stream])
 
@@ -93,7 +99,7 @@ class SyntheticAudioSet:
         clip = rng.normal(0.0, rng.uniform(0.002, 0.01), self.clip_samples)
         for class_id in np.flatnonzero(self._targets[index]):
             clip += self._event(rng, int(class_id))
-        waveform = (np.clip(clip, -1.0, 1.0) * 32767.0).astype(np.int16)
+        waveform = (np.clip(clip, -1.0, 1.0) * INT16_SCALE).astype(np.int16)
         return {"waveform": waveform, "target": self._targets[index].astype(np.float32), "id": self.clip_id(index)}
 
     def _event(self, rng: np.random.Generator, class_id: int) -> np.ndarray:

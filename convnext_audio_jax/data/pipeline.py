@@ -27,6 +27,13 @@ SAMPLING_MODES = ("shuffle", "balanced", "sequential")
 WAVEFORM_DTYPES = ("int16", "float32")
 # How many skipped clip ids the loader state keeps (the counts are always complete).
 SKIPPED_IDS_KEPT = 1000
+# This many failed reads in a row with no readable clip between them stop the loader (a wrong audio folder,
+# a damaged file system) instead of looping forever over an infinite stream.
+MAX_CONSECUTIVE_FAILURES = 256
+
+
+class UnreadableSourceError(RuntimeError):
+    """Too many clips in a row could not be read; the message names the source and the first failures."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,25 +113,30 @@ class ReadClip(grain.transforms.Map):
 class ValidClipBatches(grain.IterDataset):
     """Batches of `rows` valid clips; failed reads are dropped and listed in the batch's "skipped" field."""
 
-    def __init__(self, parent: grain.IterDataset, rows: int, waveform_dtype: str, drop_remainder: bool):
+    def __init__(self, parent: grain.IterDataset, rows: int, waveform_dtype: str, drop_remainder: bool,
+                 description: str = "the source"):
         super().__init__(parent)
         self._rows = rows
         self._waveform_dtype = waveform_dtype
         self._drop_remainder = drop_remainder
+        self._description = description
 
     def __iter__(self):
-        return _ValidClipBatchIterator(self._parent.__iter__(), self._rows, self._waveform_dtype, self._drop_remainder)
+        return _ValidClipBatchIterator(self._parent.__iter__(), self._rows, self._waveform_dtype, self._drop_remainder,
+                                       self._description)
 
     def __str__(self) -> str:
         return f"ValidClipBatches(rows={self._rows}, waveform_dtype={self._waveform_dtype})"
 
 
 class _ValidClipBatchIterator(grain.DatasetIterator):
-    def __init__(self, parent, rows: int, waveform_dtype: str, drop_remainder: bool):
+    def __init__(self, parent, rows: int, waveform_dtype: str, drop_remainder: bool, description: str):
         super().__init__(parent)
         self._rows = rows
         self._waveform_dtype = waveform_dtype
         self._drop_remainder = drop_remainder
+        self._description = description
+        self._failures_in_a_row = 0
 
     def __next__(self) -> dict:
         clips, skipped = [], []
@@ -137,7 +149,14 @@ class _ValidClipBatchIterator(grain.DatasetIterator):
                 raise
             if "error" in element:
                 skipped.append((element["id"], element["error"], element["detail"]))
+                self._failures_in_a_row += 1
+                if self._failures_in_a_row >= MAX_CONSECUTIVE_FAILURES:
+                    first = "; ".join(f"{i} ({reason}: {detail})" for i, reason, detail in skipped[:3])
+                    raise UnreadableSourceError(
+                        f"{self._failures_in_a_row} clips in a row could not be read from {self._description}; "
+                        f"first failures: {first}")
             else:
+                self._failures_in_a_row = 0
                 clips.append(element)
         waveform = np.stack([c["waveform"] for c in clips])
         if self._waveform_dtype == "float32":
@@ -212,7 +231,8 @@ def make_loader(source: ClipSource, config: LoaderConfig,
     read_options = grain.ReadOptions(num_threads=config.read_threads,
                                      prefetch_buffer_size=config.prefetch_buffer_size)
     clips = indices.map(ReadClip(source)).to_iter_dataset(read_options)
-    batches = ValidClipBatches(clips, config.rows_per_batch, config.waveform_dtype, config.drop_remainder)
+    batches = ValidClipBatches(clips, config.rows_per_batch, config.waveform_dtype, config.drop_remainder,
+                               getattr(source, "description", type(source).__name__))
     if config.worker_count > 0:
         _allow_absl_flags_in_workers()
         batches = batches.mp_prefetch(grain.MultiprocessingOptions(

@@ -46,6 +46,11 @@ class ClipSource(abc.ABC):
     def num_classes(self) -> int:
         return self.targets.shape[1]
 
+    @property
+    def description(self) -> str:
+        """Where the clips come from, for messages (a folder, files)."""
+        return type(self).__name__
+
     def __getitem__(self, index: int) -> dict:
         index = int(index)
         if not 0 <= index < len(self):
@@ -150,6 +155,10 @@ class PackedHdf5Source(IndexedClipSource):
         resolved = [_resolve_packed_path(p, index_path) for p in unique_paths]
         return cls(resolved, file_of_clip, rows, targets, ids)
 
+    @property
+    def description(self) -> str:
+        return "packed HDF5 " + ", ".join(self._hdf5_paths[:3]) + (" …" if len(self._hdf5_paths) > 3 else "")
+
     def _read_waveform(self, index: int) -> np.ndarray:
         file_number = int(self._file_of_clip[index])
         handle = self._open_files.get(file_number)
@@ -197,8 +206,13 @@ class ArrayRecordSource(IndexedClipSource):
         self._clip_ids = ids
         self._targets = (np.concatenate(targets) if targets else np.zeros((0, self._num_classes), dtype=bool))
         self._records = grain.sources.ArrayRecordDataSource([os.fspath(directory / s["data"]) for s in shards])
+        self._description = f"ArrayRecord split {split} of {directory}"
         if len(self._records) != len(ids):
             raise ValueError(f"{directory}, split {split}: {len(self._records)} records but {len(ids)} index rows")
+
+    @property
+    def description(self) -> str:
+        return self._description
 
     def _read_waveform(self, index: int) -> np.ndarray:
         clip_id, _, waveform = records.decode_record(self._records[index])
@@ -216,6 +230,7 @@ class TfdsSource(IndexedClipSource):
 
     def __init__(self, builder, split: str, num_classes: int, cache_path: str | os.PathLike | None = None):
         self._records = builder.as_data_source(split=split)
+        self._description = f"TFDS split {split} in {builder.data_dir}"
         self._num_classes = int(num_classes)
         if cache_path is None:
             cache_path = pathlib.Path(builder.data_dir) / f"{split}-label-cache.npz"
@@ -232,6 +247,10 @@ class TfdsSource(IndexedClipSource):
         else:
             self._clip_ids, self._targets = self._scan_labels()
             np.savez(cache_path, ids=np.array(self._clip_ids), targets=self._targets)
+
+    @property
+    def description(self) -> str:
+        return self._description
 
     def _scan_labels(self) -> tuple[list[str], np.ndarray]:
         ids = []
@@ -301,6 +320,11 @@ class FolderSource(IndexedClipSource):
         self._paths = [find_clip_file(e, folder_index) for e in entries]
         self._targets = labels_lib.multi_hot_matrix(entries, class_labels.num_classes)
         self._min_seconds = min_seconds
+        self._audio_dir = os.fspath(audio_dir)
+
+    @property
+    def description(self) -> str:
+        return f"audio folder {self._audio_dir}"
 
     @property
     def missing_ids(self) -> list[str]:

@@ -57,8 +57,11 @@ def get_spec(name: str) -> ModelSpec:
 
 def create_model(name: str, **overrides: Any) -> nn.Module:
     """The Flax module registered as ``name``, with any of its fields overridden
-    (``num_classes``, ``drop_path_rate``, ``dtype``, ``depthwise_impl``, ``frontend``, …)."""
+    (``num_classes``, ``drop_path_rate``, ``dtype``, ``depthwise_impl``, ``frontend``, …). ``frontend`` may be
+    a FrontendConfig or a dict of its fields (as a model directory's JSON metadata stores it)."""
     spec = get_spec(name)
+    if isinstance(overrides.get("frontend"), dict):
+        overrides["frontend"] = FrontendConfig(**overrides["frontend"])
     fields = spec.module.__dataclass_fields__
     unknown = sorted(set(overrides) - set(fields) - {"parent", "name"})
     if unknown:

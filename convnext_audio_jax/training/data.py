@@ -1,0 +1,76 @@
+"""The run's data: the training, validation and eval sources opened from ``config.data``'s SPECs (with a
+``holdout:`` validation carved out of the training data), checked against the model's front end, and the
+training loader. Every problem is a ConfigError raised before anything is compiled."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from convnext_audio_jax.data import pipeline, spec as spec_lib
+from convnext_audio_jax.frontend import FrontendConfig
+from convnext_audio_jax.training.config import ConfigError
+
+
+@dataclasses.dataclass
+class RunData:
+    train: object  # clip sources (len, targets, clip_id, [i])
+    validation: object
+    eval: object | None
+    class_names: tuple[str, ...] | None
+
+    @property
+    def num_classes(self) -> int:
+        return self.train.num_classes
+
+
+def data_options(config, frontend: FrontendConfig) -> spec_lib.DataOptions:
+    data = config.data
+    return spec_lib.DataOptions(
+        labels_csv=data.labels_csv, tfds_data_dir=data.tfds_data_dir,
+        demo_clips={"train": data.demo_train_clips, "validation": data.demo_val_clips, "eval": data.demo_eval_clips},
+        demo_sample_rate=frontend.sample_rate, demo_clip_seconds=frontend.clip_seconds, seed=config.seed)
+
+
+def _open(key: str, spec: str, options: spec_lib.DataOptions, frontend: FrontendConfig) -> spec_lib.OpenedSpec:
+    try:
+        opened = spec_lib.open_spec(spec, options)
+    except spec_lib.SpecError as error:
+        raise ConfigError(f"data.{key}: {error}") from None
+    if (opened.sample_rate, opened.clip_samples) != (frontend.sample_rate, frontend.clip_samples):
+        raise ConfigError(
+            f"data.{key} {spec!r} holds clips of {opened.clip_samples} samples at {opened.sample_rate} Hz; the "
+            f"model's front end expects {frontend.clip_samples} samples at {frontend.sample_rate} Hz")
+    return opened
+
+
+def open_run_data(config, frontend: FrontendConfig) -> RunData:
+    """The sources of ``config.data.train``, ``.validation`` (a SPEC or ``holdout:N``/``holdout:P%``) and
+    ``.eval`` ("" for none); their class counts must agree."""
+    options = data_options(config, frontend)
+    train = _open("train", config.data.train, options, frontend)
+    train_source = train.source
+    try:
+        holdout = spec_lib.parse_holdout(config.data.validation)
+        if holdout is not None:
+            train_source, validation = spec_lib.split_holdout(train.source, config.data.validation)
+        else:
+            validation = _open("validation", config.data.validation, options, frontend).source
+    except spec_lib.SpecError as error:
+        raise ConfigError(f"data.validation: {error}") from None
+    evaluation = _open("eval", config.data.eval, options, frontend).source if config.data.eval else None
+    for key, source in (("validation", validation), ("eval", evaluation)):
+        if source is not None and source.num_classes != train_source.num_classes:
+            raise ConfigError(f"data.{key} has {source.num_classes} classes, data.train {train_source.num_classes}")
+    return RunData(train_source, validation, evaluation, train.class_names)
+
+
+def make_train_loader(config, source, examples_per_host: int, mixup: bool) -> pipeline.ClipLoader:
+    return pipeline.make_loader(source, pipeline.LoaderConfig(
+        batch_size=examples_per_host,
+        sampling=config.data.sampling,
+        seed=config.seed,
+        draws_per_example=2 if mixup else 1,
+        waveform_dtype="int16",
+        worker_count=config.data.worker_count,
+        read_threads=config.data.read_threads,
+    ))

@@ -1,0 +1,239 @@
+"""The training loop: ``train(config, workdir)`` ties config, data, step, evaluation, checkpoints and
+logging together. One process per host drives every local device over a one-axis ``data`` mesh spanning
+all devices of all hosts (``forward.data_mesh``); the state is replicated and each global batch is
+assembled from the hosts' local batches."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import pathlib
+import time
+from typing import Any
+
+import jax
+import ml_collections
+
+from convnext_audio_jax import evaluate as evaluate_lib
+from convnext_audio_jax.forward import data_mesh
+from convnext_audio_jax.models import init_variables
+from convnext_audio_jax.training import checkpointing, config as config_lib, data as data_lib, optimizer, step as step_lib
+from convnext_audio_jax.training.checkpointing import BEST_METRIC
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or the gradient norm became NaN/Inf; training stopped before saving anything after it."""
+
+
+class TooManySkippedError(RuntimeError):
+    """More clips than ``data.max_skip_fraction`` of a split could not be read."""
+
+
+class MetricsLog:
+    """metrics.jsonl and TensorBoard events under the workdir, written by process 0 only."""
+
+    def __init__(self, workdir: pathlib.Path):
+        self._enabled = jax.process_index() == 0
+        if not self._enabled:
+            return
+        from tensorboardX import SummaryWriter
+
+        self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+        self._writer = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write(self, step: int, values: dict[str, Any]) -> None:
+        """One JSON line; the numbers also go to TensorBoard."""
+        if not self._enabled:
+            return
+        self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self._jsonl.flush()
+        for name, value in values.items():
+            if isinstance(value, int | float):
+                self._writer.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        if self._enabled:
+            self._jsonl.close()
+            self._writer.close()
+
+
+def best_logged_metric(workdir: pathlib.Path, up_to_step: int) -> float:
+    """The best validation mAP metrics.jsonl records up to ``up_to_step`` (-inf when none): a resume keeps it."""
+    path = workdir / "metrics.jsonl"
+    best = -math.inf
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            if BEST_METRIC in entry and entry.get("step", math.inf) <= up_to_step:
+                best = max(best, float(entry[BEST_METRIC]))
+    return best
+
+
+def check_skips(name: str, skipped: int, seen: int, limit: float, where: str) -> None:
+    if seen and skipped > limit * seen:
+        raise TooManySkippedError(
+            f"{skipped} of {seen} {name} clips could not be read ({skipped / seen:.1%}, more than "
+            f"data.max_skip_fraction {limit:.1%}) from {where}; see the log for the clip ids and reasons")
+
+
+@dataclasses.dataclass
+class _PendingMetrics:
+    step: int
+    values: dict  # device arrays, fetched one step later
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
+    """Train per ``config`` in ``workdir`` (config.json, checkpoints/, model/{best,last}, metrics.jsonl,
+    tensorboard/) and return the last evaluation ({"step", "val_mAP", "val_AUC", "val_d_prime",
+    "best_val_mAP", and "eval_*" when ``data.eval`` is set}).
+
+    Starts from the workdir's latest checkpoint if there is one, else from ``config.init_from``, else from
+    scratch. Raises ConfigError (before compiling anything), NonFiniteLossError on a NaN/Inf loss (leaving
+    the checkpoints written before it), TooManySkippedError, or pipeline.UnreadableSourceError.
+    """
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = data_mesh()
+    config_lib.validate_config(config, mesh.size)
+    accumulation_steps, examples_per_host = config_lib.batch_layout(config, mesh.size, jax.process_count())
+    augment = config_lib.augment_config(config)
+
+    probe_model = config_lib.build_model(config, num_classes=1)
+    data = data_lib.open_run_data(config, probe_model.frontend)
+    model = config_lib.build_model(config, num_classes=data.num_classes)
+    checkpointer = checkpointing.Checkpointer(workdir / "checkpoints", config.keep_checkpoints, config.async_checkpointing)
+    latest = checkpointer.latest_step()
+    try:
+        config_changes = config_lib.check_and_record_config(config, workdir, resuming=latest is not None)
+    except config_lib.ConfigError:
+        checkpointer.close()
+        raise
+
+    params_shape = jax.eval_shape(lambda: init_variables(model, jax.random.key(0))["params"])
+    tx = optimizer.make_optimizer(config.optimizer, config.total_steps, params_shape)
+    state = step_lib.init_train_state(model, tx, config.seed, mesh)
+    train_step = step_lib.make_train_step(model, tx, augment, accumulation_steps, mesh)
+    scorer = evaluate_lib.Scorer(model, mesh)
+
+    loader = data_lib.make_train_loader(config, data.train, examples_per_host, augment.mixup)
+    if latest is not None:
+        state = checkpointer.restore(latest, state, loader)
+        logger.info("resumed from %s at step %d", checkpointer.directory, latest)
+    elif config.init_from:
+        state = checkpointing.load_init(state, config.init_from, tuple(config.init_exclude), mesh)
+    start_step = int(state.step)
+
+    log = MetricsLog(workdir)
+    if config_changes:
+        log.write(start_step, {"config_change": {key: list(values) for key, values in config_changes.items()}})
+        logger.warning("resuming with a changed config (allow_config_change): %s", config_changes)
+    metadata = {"sample_rate": model.frontend.sample_rate,
+                "provenance": {"config": config_lib.config_as_json(config), "git_revision": checkpointing.git_revision()}}
+    if data.class_names:
+        metadata["class_names"] = list(data.class_names)
+    writer = checkpointing.ModelWriter(workdir, config.model.name,
+                                       config_lib.artifact_model_config(config, data.num_classes), metadata,
+                                       before_save=checkpointer.wait)
+    from tqdm import tqdm
+
+    progress = tqdm(total=config.total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                    disable=not (config.progress_bar and jax.process_index() == 0))
+    last_report = {"time": time.perf_counter(), "step": start_step}
+    result: dict[str, Any] = {}
+    best = best_logged_metric(workdir, start_step)
+    rows_per_host = loader.config.rows_per_batch
+    max_skip = float(config.data.max_skip_fraction)
+
+    def report(pending: _PendingMetrics) -> None:
+        values = {key: float(value) for key, value in jax.device_get(pending.values).items()}
+        if not all(math.isfinite(v) for v in values.values()):
+            writer.wait()
+            checkpointer.wait()
+            raise NonFiniteLossError(
+                f"non-finite training loss at step {pending.step} (loss {values['loss']}, grad norm "
+                f"{values['grad_norm']}); stopped; last good checkpoint: step {checkpointer.latest_step()} "
+                f"in {checkpointer.directory}"
+            )
+        now = time.perf_counter()
+        clips_per_second = (pending.step - last_report["step"]) * config.batch_size / max(now - last_report["time"], 1e-9)
+        last_report.update(time=now, step=pending.step)
+        # The rate the update of this step used, computed on the host (no device call).
+        lr = optimizer.host_learning_rate(config.optimizer, config.total_steps, pending.step - 1)
+        progress.update(pending.step - progress.n)
+        progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", clips_s=f"{clips_per_second:.1f}", refresh=False)
+        if pending.step % config.log_every == 0 or pending.step == config.total_steps:
+            log.write(pending.step, {"train_loss": values["loss"], "grad_norm": values["grad_norm"],
+                                     "learning_rate": lr, "clips_per_second": clips_per_second,
+                                     "train_skipped": loader.num_skipped})
+
+    def evaluate_split(name: str, source, step: int) -> dict[str, float]:
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        evaluation = evaluate_lib.evaluate(model, variables, source, config.eval_batch_size, mesh,
+                                           progress=False, scorer=scorer)
+        metrics = {f"{name}_mAP": float(evaluation["mAP"]), f"{name}_AUC": float(evaluation["AUC"]),
+                   f"{name}_d_prime": float(evaluation["d_prime"]), f"{name}_skipped": int(evaluation["num_skipped"])}
+        try:
+            check_skips(name, evaluation["num_skipped"], len(source), max_skip, getattr(source, "description", name))
+        except TooManySkippedError:
+            log.write(step, metrics)  # the counts that stopped the run are on record
+            raise
+        return metrics
+
+    pending = None
+    try:
+        for step in range(start_step + 1, config.total_steps + 1):
+            local = next(loader)
+            evaluating = step % config.eval_every == 0 or step == config.total_steps
+            saving = step % config.checkpoint_every == 0 or evaluating
+            loader_checkpoint = checkpointing.LoaderCheckpoint(loader, loader.get_state()) if saving else None
+            state, step_metrics = train_step(state, step_lib.global_batch(local, mesh))
+            if pending is not None:
+                report(pending)  # the previous step: finished by now or about to, so this does not stall
+            pending = _PendingMetrics(step, step_metrics)
+            if not saving:
+                continue
+            report(pending)  # a checkpoint must hold a state whose own step was finite
+            pending = None
+            val_metrics = None
+            if evaluating:
+                check_skips("training", loader.num_skipped, step * rows_per_host, max_skip,
+                            getattr(data.train, "description", "data.train"))
+                val_metrics = evaluate_split("val", data.validation, step)
+                is_best = val_metrics[BEST_METRIC] > best
+                best = max(best, val_metrics[BEST_METRIC])
+                eval_metrics = evaluate_split("eval", data.eval, step) if data.eval is not None else {}
+                result = {"step": step, **val_metrics, "best_val_mAP": best, **eval_metrics}
+                log.write(step, {**val_metrics, **eval_metrics})
+            writer.wait()  # the model save in flight (if any) finishes before the next orbax save starts
+            checkpointer.save(state, loader_checkpoint,
+                              None if val_metrics is None else {BEST_METRIC: val_metrics[BEST_METRIC]})
+            if val_metrics is not None:
+                writer.write(state, step, val_metrics, is_best)
+                message = (f"step {step}: validation mAP {val_metrics[BEST_METRIC]:.4f} AUC {val_metrics['val_AUC']:.4f} "
+                           f"d' {val_metrics['val_d_prime']:.3f}")
+                if eval_metrics:
+                    message += f"; eval mAP {eval_metrics['eval_mAP']:.4f} (reported, not used for selection)"
+                progress.write(message)
+            last_report.update(time=time.perf_counter(), step=step)  # clips/s measures training only
+        if pending is not None:
+            report(pending)
+        writer.wait()
+        checkpointer.wait()
+    finally:
+        try:
+            writer.wait()
+        except Exception:  # already failing: the first error is the one to report
+            logger.exception("writing the model directory failed")
+        progress.close()
+        log.close()
+        loader.close()
+        checkpointer.close()
+    return result

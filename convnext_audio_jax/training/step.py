@@ -1,0 +1,142 @@
+"""The train state and the jitted, data-parallel train step.
+
+The step, all on the device: int16 waveform → float → speed perturbation → log-mel → bn0 → SpecAugment →
+mixup (2B clips in, B out, targets mixed alike) → model (drop path) → BCE with logits → optimizer update.
+When devices × ``per_device_batch_size`` is below ``batch_size`` the step scans over micro-batches and
+averages their gradients. Randomness: a base key in the state, folded with the step and the micro-batch
+index; each augmentation draws per example, so every example (hence every device) gets its own values.
+Under ``jax.jit`` every batch reduction is global, so bn0/BatchNorm statistics, the loss and the gradients
+are those of the whole batch (one device computes the same step: see the tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from convnext_audio_jax import xla
+from convnext_audio_jax.augment import AugmentConfig, augment_waveform, logmel_augmentation
+from convnext_audio_jax.data.audio import INT16_SCALE
+from convnext_audio_jax.models import init_variables
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes. ``rng`` is the raw data of the run's base key (stored as uint32 so
+    checkpoints hold a plain array); a step's key is ``fold_in(key, step)``."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array
+
+    def as_dict(self) -> dict:
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+
+
+def init_train_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, mesh) -> TrainState:
+    """Random initial state, created by a jitted function directly in its replicated sharding."""
+
+    def init(key):
+        init_key, train_key = jax.random.split(key)
+        variables = init_variables(model, init_key)
+        params = variables["params"]
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            batch_stats=variables.get("batch_stats", {}),
+            opt_state=tx.init(params),
+            rng=jax.random.key_data(train_key),
+        )
+
+    return jax.jit(init, out_shardings=NamedSharding(mesh, P()))(jax.random.key(seed))
+
+
+def classification_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Binary cross-entropy of the sigmoid outputs, averaged over examples and classes (torch's BCELoss)."""
+    return optax.sigmoid_binary_cross_entropy(logits, targets).mean()
+
+
+def waveform_to_float(waveform: jax.Array) -> jax.Array:
+    """Loader batches carry int16 samples (half the transfer); the model takes float32 in [-1, 1]."""
+    if waveform.dtype == jnp.int16:
+        return waveform.astype(jnp.float32) / INT16_SCALE
+    return waveform.astype(jnp.float32)
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment: AugmentConfig,
+                    accumulation_steps: int, mesh,
+                    loss_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """The jitted step ``(state, batch) -> (state, {"loss", "grad_norm"})``; the state is donated.
+
+    ``batch`` is {"waveform": (R, L) int16|float32, "target": (R, C)} sharded on 'data', with R = 2B rows when
+    mixup is on. With accumulation the rows are split into micro-batches device by device (each device's
+    rows stay on it and mixup pairs stay together), and the gradients of the micro-batches are averaged;
+    BatchNorm statistics are updated micro-batch after micro-batch. ``loss_fn(logits, targets)`` defaults
+    to :func:`classification_loss`.
+    """
+    loss_fn = loss_fn or classification_loss
+    num_devices = mesh.size
+    replicated = NamedSharding(mesh, P())
+    micro_sharding = NamedSharding(mesh, P(None, "data"))
+
+    def split_micro_batches(x):
+        rows = x.shape[0]
+        local = x.reshape((num_devices, accumulation_steps, rows // (num_devices * accumulation_steps)) + x.shape[1:])
+        micro = jnp.swapaxes(local, 0, 1).reshape((accumulation_steps, rows // accumulation_steps) + x.shape[1:])
+        return jax.lax.with_sharding_constraint(micro, micro_sharding)
+
+    def step(state: TrainState, batch: dict):
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        waveforms = split_micro_batches(waveform_to_float(batch["waveform"]))
+        targets = split_micro_batches(batch["target"].astype(jnp.float32))
+
+        def micro_step(carry, inputs):
+            grad_sum, batch_stats = carry
+            waveform, target, index = inputs
+            speed_key, logmel_key, drop_path_key, dropout_key = jax.random.split(jax.random.fold_in(step_key, index), 4)
+            waveform = augment_waveform(speed_key, waveform, augment)
+            hook, target = logmel_augmentation(logmel_key, target, augment)
+
+            def objective(params):
+                outputs, updates = model.apply(
+                    {"params": params, "batch_stats": batch_stats}, waveform, train=True, logmel_hook=hook,
+                    mutable=["batch_stats"], rngs={"drop_path": drop_path_key, "dropout": dropout_key},
+                )
+                return loss_fn(outputs["logits"], target), updates.get("batch_stats", {})
+
+            (loss, batch_stats), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+            return (jax.tree.map(jnp.add, grad_sum, grads), batch_stats), loss
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (grad_sum, batch_stats), losses = jax.lax.scan(
+            micro_step, (zeros, state.batch_stats), (waveforms, targets, jnp.arange(accumulation_steps))
+        )
+        grads = jax.tree.map(lambda g: g / accumulation_steps, grad_sum)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new_state = state.replace(
+            step=state.step + 1, params=optax.apply_updates(state.params, updates), batch_stats=batch_stats,
+            opt_state=opt_state,
+        )
+        return new_state, {"loss": jnp.mean(losses), "grad_norm": optax.global_norm(grads)}
+
+    batch_sharding = NamedSharding(mesh, P("data"))
+    return xla.jit(step, in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
+                   donate_argnums=(0,))
+
+
+def global_batch(local_batch: dict, mesh, keys=("waveform", "target")) -> dict:
+    """This host's rows of each array → one global array sharded on 'data'."""
+    sharding = NamedSharding(mesh, P("data"))
+    return {key: jax.make_array_from_process_local_data(sharding, np.asarray(local_batch[key])) for key in keys}

@@ -1,0 +1,73 @@
+"""init_from (names and shapes transplanted from a model directory) and the model directories a run writes."""
+
+import jax
+import numpy as np
+import optax
+from flax import traverse_util
+
+from convnext_audio_jax import checkpoint
+from convnext_audio_jax.data import demo
+from convnext_audio_jax.forward import data_mesh
+from convnext_audio_jax.models import create_model, init_variables
+from convnext_audio_jax.training import checkpointing, config as config_lib, step as step_lib
+from training_helpers import tiny_config
+
+
+def test_transplant_params_takes_matching_names_and_shapes():
+    target = {"bn0": {"scale": np.zeros(4)}, "trunk": {"stem": {"kernel": np.zeros((4, 4, 1, 8))},
+                                                       "block": {"kernel": np.zeros((2, 3))}},
+              "head": {"kernel": np.zeros((8, 10))}}
+    source = {"trunk": {"stem": {"kernel": np.ones((4, 4, 3, 8))}, "block": {"kernel": np.ones((2, 3))}},
+              "head": {"kernel": np.ones((8, 1000))}}
+    merged, loaded, kept = checkpointing.transplant_params(target, source)
+    assert loaded == ["trunk/block/kernel"]
+    assert merged["trunk"]["block"]["kernel"].sum() == 6 and merged["head"]["kernel"].sum() == 0
+    assert any(k.startswith("trunk/stem/kernel (shape") for k in kept) and "bn0/scale (not in the checkpoint)" in kept
+    _, loaded, kept = checkpointing.transplant_params(target, source, exclude=("trunk/block",))
+    assert loaded == [] and "trunk/block/kernel (excluded)" in kept
+
+
+def _tiny_state(config, mesh):
+    model = config_lib.build_model(config, num_classes=demo.NUM_CLASSES)
+    return model, step_lib.init_train_state(model, optax.sgd(0.1), 0, mesh)
+
+
+def test_init_from_a_converted_imagenet_checkpoint_loads_all_but_stem_and_head(tmp_path):
+    shape = {"depths": (1, 1, 1, 1), "dims": (8, 16, 32, 64)}
+    imagenet = create_model("convnext_tiny_imagenet", **shape)
+    imagenet_variables = init_variables(imagenet, jax.random.key(1))
+    checkpoint.save_model(tmp_path / "imagenet", "convnext_tiny_imagenet", imagenet_variables, model_config=shape)
+
+    mesh = data_mesh()
+    _, state = _tiny_state(tiny_config(), mesh)
+    before = traverse_util.flatten_dict(jax.device_get(state.params), sep="/")
+    loaded = checkpointing.load_init(state, str(tmp_path / "imagenet"), (), mesh)
+    after = traverse_util.flatten_dict(jax.device_get(loaded.params), sep="/")
+    source = traverse_util.flatten_dict(imagenet_variables["params"], sep="/")
+    for path, value in after.items():
+        if path.startswith(("trunk/stem_conv/kernel", "head/", "bn0/")):
+            np.testing.assert_array_equal(value, before[path], err_msg=path)  # shapes differ or absent: kept
+        else:
+            np.testing.assert_array_equal(value, source[path], err_msg=path)
+    assert loaded.params["head_norm"]["scale"].sharding.is_fully_replicated
+
+
+def test_model_writer_writes_loadable_best_and_last(tmp_path):
+    """The demo's own front end (16 kHz, 1 s, 64 mels) is stored and comes back through load_model."""
+    config = tiny_config()
+    model, state = _tiny_state(config, data_mesh())
+    writer = checkpointing.ModelWriter(tmp_path, config.model.name,
+                                       config_lib.artifact_model_config(config, demo.NUM_CLASSES),
+                                       {"class_names": list(demo.CLASS_NAMES), "sample_rate": 16_000})
+    writer.write(state, 4, {"val_mAP": 0.5}, is_best=True)
+    writer.wait()
+    writer.write(state.replace(params=jax.tree.map(lambda p: p + 1, state.params)), 8, {"val_mAP": 0.4}, is_best=False)
+    writer.wait()
+    best_model, best, best_metadata = checkpoint.load_model(tmp_path / "model" / "best")
+    _, last, last_metadata = checkpoint.load_model(tmp_path / "model" / "last")
+    assert best_model.frontend == model.frontend and best_model.num_classes == demo.NUM_CLASSES
+    assert best_metadata["provenance"] == {"step": 4, "validation": {"val_mAP": 0.5}}
+    assert last_metadata["provenance"]["step"] == 8 and last_metadata["class_names"][0] == demo.CLASS_NAMES[0]
+    flat_best = traverse_util.flatten_dict(best["params"], sep="/")
+    for path, value in traverse_util.flatten_dict(last["params"], sep="/").items():
+        np.testing.assert_allclose(value, flat_best[path] + 1, rtol=1e-6, err_msg=path)

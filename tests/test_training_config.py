@@ -1,0 +1,84 @@
+"""Training configuration: every shipped config loads, validates and documents itself; bad settings and
+SPECs are one-line errors; config.json and the resume check."""
+
+import json
+import pathlib
+
+import pytest
+
+from convnext_audio_jax.training import config as config_lib
+from training_helpers import tiny_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = sorted(p for p in (REPO / "configs").glob("*.py") if not p.name.startswith("_"))
+
+
+def test_batch_layout_accumulates_when_devices_fall_short():
+    config = config_lib.default_config()
+    assert config_lib.batch_layout(config, 8) == (1, 512)  # 8 devices x 64 = 512
+    assert config_lib.batch_layout(config, 2) == (4, 512)  # 2 devices x 64, 4 micro-batches
+    config.per_device_batch_size = 48
+    with pytest.raises(config_lib.ConfigError, match="not a multiple of devices"):
+        config_lib.batch_layout(config, 8)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_config_files_load_validate_and_document_themselves(path):
+    namespace: dict = {"__name__": path.stem}
+    exec(compile(path.read_text(), str(path), "exec"), namespace)
+    config = namespace["get_config"]()
+    config_lib.validate_config(config, num_devices=8)
+    doc = namespace["__doc__"]
+    assert f"python train.py --config configs/{path.name}" in doc
+    if not path.stem.startswith("demo"):
+        assert "mAP" in doc
+    model = config_lib.build_model(config, num_classes=527)
+    assert model.num_classes == 527
+    if not path.stem.startswith("demo"):  # the paper's input: 10 s at 32 kHz, 224 mels (PANN CNNs: 64)
+        assert model.frontend.clip_samples == 320_000
+        assert model.frontend.n_mels == (64 if config.model.name.startswith("cnn") else 224)
+
+
+def test_paper_configs_name_the_paper_data():
+    namespace: dict = {"__name__": "convnext_tiny_audioset"}
+    exec((REPO / "configs" / "convnext_tiny_audioset.py").read_text(), namespace)
+    config = namespace["get_config"]()
+    assert config.data.train == "data/audioset@balanced_train+data/audioset@unbalanced_train"
+    assert config.data.validation.startswith("holdout:") and config.data.eval == "data/audioset@eval"
+    doc = namespace["__doc__"]
+    for command in ("convnext-audio prepare", "balanced_train_segments.csv", "unbalanced_train_segments.csv",
+                    "eval_segments.csv", "tfds:audioset/int16@balanced_train", "tfds_builder"):
+        assert command in doc
+
+
+def test_bad_config_gives_a_one_line_error():
+    config = tiny_config()
+    config.data.train = "nowhere"
+    with pytest.raises(config_lib.ConfigError, match="'nowhere' is none of DIR@SPLIT") as error:
+        config_lib.validate_config(config, 8)
+    assert "\n" not in str(error.value)
+    config = tiny_config()
+    config.data.validation = "holdout:0"
+    with pytest.raises(config_lib.ConfigError, match="holdout count"):
+        config_lib.validate_config(config, 8)
+    config = tiny_config()
+    config.eval_batch_size = 12
+    with pytest.raises(config_lib.ConfigError, match="eval_batch_size 12"):
+        config_lib.validate_config(config, 8)
+
+
+def test_config_json_and_the_resume_check(tmp_path):
+    config = tiny_config()
+    assert config_lib.check_and_record_config(config, tmp_path, resuming=False) == {}
+    saved = json.loads((tmp_path / config_lib.CONFIG_FILE).read_text())
+    assert saved["batch_size"] == 16 and saved["model"]["overrides"]["dims"] == [8, 16, 32, 64]
+
+    changed = tiny_config()
+    changed.batch_size = 32
+    changed.log_every = 7  # does not change the result: never listed
+    with pytest.raises(config_lib.ConfigError, match=r"batch_size: 16 -> 32\); resume") as error:
+        config_lib.check_and_record_config(changed, tmp_path, resuming=True)
+    assert "log_every" not in str(error.value) and "\n" not in str(error.value)
+    changed.allow_config_change = True
+    assert config_lib.check_and_record_config(changed, tmp_path, resuming=True) == {"batch_size": (16, 32)}
+    assert json.loads((tmp_path / config_lib.CONFIG_FILE).read_text())["batch_size"] == 32

@@ -1,0 +1,95 @@
+"""The train step: an 8-device sharded step equals a one-device step, gradient accumulation averages the
+micro-batches, and bfloat16 compute keeps float32 state."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import traverse_util
+
+from convnext_audio_jax.augment import AugmentConfig
+from convnext_audio_jax.data import demo
+from convnext_audio_jax.forward import data_mesh
+from convnext_audio_jax.models import init_variables
+from convnext_audio_jax.training import config as config_lib, optimizer, step as step_lib
+from training_helpers import tiny_config
+
+
+def test_mixed_precision_computes_in_bfloat16_and_keeps_float32_state():
+    config = tiny_config()
+    config.model.dtype = "bfloat16"
+    model = config_lib.build_model(config, num_classes=demo.NUM_CLASSES)
+    assert model.dtype == jnp.bfloat16
+    params_shape = jax.eval_shape(lambda: init_variables(model, jax.random.key(0))["params"])
+    tx = optimizer.make_optimizer(config.optimizer, config.total_steps, params_shape)
+    state = jax.eval_shape(lambda: step_lib.init_train_state(model, tx, 0, data_mesh()))
+    floating = [leaf.dtype for leaf in jax.tree.leaves((state.params, state.opt_state, state.batch_stats))
+                if jnp.issubdtype(leaf.dtype, jnp.floating)]
+    assert floating and all(dtype == jnp.float32 for dtype in floating)
+
+
+def _one_step(config, mesh, state_seed=0):
+    model = config_lib.build_model(config, num_classes=demo.NUM_CLASSES)
+    params_shape = jax.eval_shape(lambda: init_variables(model, jax.random.key(0))["params"])
+    tx = optimizer.make_optimizer(config.optimizer, config.total_steps, params_shape)
+    state = step_lib.init_train_state(model, tx, state_seed, mesh)
+    step = step_lib.make_train_step(model, tx, config_lib.augment_config(config), 1, mesh)
+    source = demo.SyntheticAudioSet("train", 32, sample_rate=16_000, clip_seconds=1.0)
+    clips = [source[i] for i in range(32)]  # 16 examples, 32 rows: mixup pairs
+    batch = {"waveform": np.stack([c["waveform"] for c in clips]), "target": np.stack([c["target"] for c in clips])}
+    initial = jax.device_get(state.params)
+    state, metrics = step(state, step_lib.global_batch(batch, mesh))
+    return initial, jax.device_get(state), jax.device_get(metrics)
+
+
+def test_sharded_step_equals_one_device_step():
+    """Data parallelism changes nothing: bn0 statistics, loss and gradients are over the global batch, and
+    every example draws its own augmentation whatever device holds it."""
+    config = tiny_config()
+    assert jax.device_count() == 8
+    initial, state8, metrics8 = _one_step(config, data_mesh())
+    _, state1, metrics1 = _one_step(config, data_mesh(jax.devices()[:1]))
+    assert float(metrics8["loss"]) == pytest.approx(float(metrics1["loss"]), rel=1e-6)
+    assert float(metrics8["grad_norm"]) == pytest.approx(float(metrics1["grad_norm"]), rel=1e-4)
+    flat8 = traverse_util.flatten_dict(state8.params, sep="/")
+    flat1 = traverse_util.flatten_dict(state1.params, sep="/")
+    moved = max(float(np.max(np.abs(flat8[k] - v))) for k, v in traverse_util.flatten_dict(initial, sep="/").items())
+    assert moved > 1e-5  # the step did update the parameters
+    # Adam's first update is lr·g/(|g| + ε): for the odd gradient near ε, summation-order differences of
+    # the 8-way reduction move it by a small fraction of the step size lr.
+    first_step_lr = optimizer.host_learning_rate(config.optimizer, config.total_steps, 0)
+    for path, value in flat8.items():
+        np.testing.assert_allclose(value, flat1[path], rtol=1e-5, atol=1e-3 * first_step_lr, err_msg=path)
+    for path, value in traverse_util.flatten_dict(state8.batch_stats, sep="/").items():
+        np.testing.assert_allclose(value, traverse_util.flatten_dict(state1.batch_stats, sep="/")[path],
+                                   rtol=1e-5, atol=1e-6, err_msg=path)
+    assert int(state8.step) == int(state1.step) == 1
+
+
+def test_gradient_accumulation_averages_the_micro_batch_gradients():
+    """With SGD at lr 1 a step subtracts the gradient: two accumulated micro-batches must give the mean of
+    the two single-batch steps (no augmentation or drop path, so no randomness differs between them)."""
+    config = tiny_config()
+    config.model.drop_path_rate = 0.0
+    augment = AugmentConfig(spec_augment=False, mixup=False, speed_perturb=False)
+    model = config_lib.build_model(config, num_classes=demo.NUM_CLASSES)
+    mesh = data_mesh(jax.devices()[:1])
+    tx = optax.sgd(1.0)
+    source = demo.SyntheticAudioSet("train", 8, sample_rate=16_000, clip_seconds=1.0)
+    clips = [source[i] for i in range(8)]
+    batch = {"waveform": np.stack([c["waveform"] for c in clips]), "target": np.stack([c["target"] for c in clips])}
+    halves = [{key: value[rows] for key, value in batch.items()} for rows in (slice(0, 4), slice(4, 8))]
+
+    def run(accumulation_steps, data):
+        state = step_lib.init_train_state(model, tx, 0, mesh)
+        step = step_lib.make_train_step(model, tx, augment, accumulation_steps, mesh)
+        new_state, metrics = step(state, step_lib.global_batch(data, mesh))
+        return traverse_util.flatten_dict(jax.device_get(new_state.params), sep="/"), float(metrics["loss"])
+
+    accumulated, loss = run(2, batch)
+    first, loss_first = run(1, halves[0])
+    second, loss_second = run(1, halves[1])
+    assert loss == pytest.approx((loss_first + loss_second) / 2, rel=1e-6)
+    for path, value in accumulated.items():
+        np.testing.assert_allclose(value, (first[path] + second[path]) / 2, rtol=1e-5, atol=1e-7, err_msg=path)
