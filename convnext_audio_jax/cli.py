@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=_models_table)
 
     import convert.cli
-    from convnext_audio_jax import evaluate, inference
+    from convnext_audio_jax import evaluate, export, inference
     from convnext_audio_jax.data import prepare
 
     for name, add_arguments, run, help_text in [
@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
          "tag audio files (any format, rate, channels, length); --frames adds sound-event timelines"),
         ("embed", inference.add_embed_arguments, inference.run_embed,
          "scene/frame/sequence embeddings or logits of audio files into an .npz"),
+        ("export", export.add_arguments, export.run,
+         "a checkpoint as a StableHLO (jax.export, CPU + CUDA) or ONNX file: waveform in, probabilities and embeddings out"),
     ]:
         command = sub.add_parser(name, help=help_text, description=help_text)
         add_arguments(command)

@@ -1,4 +1,4 @@
-"""Tagging users' audio, sound-event timelines, embeddings, and a HEAR-style Python API.
+"""Tagging users' audio, sound-event timelines and embeddings (the HEAR API is ``convnext_audio_jax.hear``).
 
 Audio of any format soundfile/librosa decodes, any sample rate and channel count (downmixed to mono by the mean
 of the channels) and any length is cut into 10 s windows at 32 kHz: a file shorter than 10 s is zero-padded at
@@ -200,9 +200,11 @@ class Tagger:
     """Scores files window by window; windows of consecutive files share batches of a fixed size, so the forward
     compiles once whatever the files' lengths."""
 
-    def __init__(self, model: nn.Module, variables: Mapping[str, Any], batch_size: int = 8,
+    def __init__(self, model: nn.Module, variables: Mapping[str, Any] | None, batch_size: int = 8,
                  hop_seconds: float = DEFAULT_HOP_SECONDS, aggregate: str = "max", frames: bool = False,
-                 mesh=None):
+                 mesh=None, forward=None):
+        """``forward``: another backend for the windows (e.g. ``onnx_backend.OnnxRuntimeForward``): a callable
+        (n ≤ forward.batch_size, window) → {"probs", "frame_probs" with ``frames``}; ``variables`` is then unused."""
         if aggregate not in AGGREGATIONS:
             raise ValueError(f"aggregate {aggregate!r}: expected one of {AGGREGATIONS}")
         if not 0 < hop_seconds:
@@ -222,7 +224,7 @@ class Tagger:
                 selected["frame_probs"] = jax.nn.sigmoid(frame_logits(model, variables["params"], sequence_of(outputs)))
             return selected
 
-        self._forward = ShardedForward(model, variables, batch_size, mesh, select)
+        self._forward = forward if forward is not None else ShardedForward(model, variables, batch_size, mesh, select)
 
     def tag(self, paths: Iterable[str | os.PathLike]) -> Iterator[TaggedFile | TagError]:
         """A TaggedFile or a TagError per path, in order."""
@@ -386,7 +388,10 @@ def class_names_for(metadata: Mapping[str, Any], num_classes: int, labels_csv: s
 
 def add_tag_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR", help="audio files and folders (searched recursively)")
-    parser.add_argument("--checkpoint", required=True, help="model checkpoint folder")
+    parser.add_argument("--checkpoint", required=True,
+                        help="model checkpoint folder (with --backend onnxruntime: an exported .onnx file)")
+    parser.add_argument("--backend", choices=("jax", "onnxruntime"), default="jax",
+                        help="run the model with JAX, or an ONNX export with ONNX Runtime (default %(default)s)")
     parser.add_argument("--labels", help="class_labels_indices.csv (default: names in the checkpoint, else indices)")
     parser.add_argument("--top-k", type=int, default=10, help="classes reported per file (default %(default)s)")
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
@@ -410,12 +415,20 @@ def run_tag(args: argparse.Namespace) -> int:
 
     if args.top_k < 1:
         raise ValueError(f"--top-k must be ≥ 1, got {args.top_k}")
-    model, variables, metadata = load_model(args.checkpoint)
+    if args.backend == "onnxruntime":
+        from convnext_audio_jax.onnx_backend import OnnxRuntimeForward
+
+        backend = OnnxRuntimeForward(args.checkpoint, args.batch_size)
+        model, variables, metadata = backend.model, None, backend.metadata
+        backend.restrict(["probs", "frame_probs"] if args.frames else ["probs"])
+    else:
+        model, variables, metadata = load_model(args.checkpoint)
+        backend = None
     names = class_names_for(metadata, model.num_classes, args.labels)
     files, errors = expand_inputs(args.inputs)
     for error in errors:
         print(f"tag: skipped {error.line()}", file=sys.stderr)
-    tagger = Tagger(model, variables, args.batch_size, args.hop, args.aggregate, args.frames)
+    tagger = Tagger(model, variables, args.batch_size, args.hop, args.aggregate, args.frames, forward=backend)
     reports = []
     with tqdm.tqdm(total=len(files), unit="file", desc="tag", disable=args.no_progress, file=sys.stderr) as bar:
         for result in tagger.tag(files):
@@ -454,79 +467,6 @@ def _select_embeddings(*kinds: str):
                    "frames": lambda: outputs["frame_embeddings"], "logits": lambda: outputs["logits"]}
         return {kind: by_kind[kind]().astype(jnp.float32) for kind in kinds}
     return select
-
-
-class EmbeddingModel:
-    """A loaded model with the HEAR attributes (``sample_rate``, ``scene_embedding_size``,
-    ``timestamp_embedding_size``); pass it to ``get_scene_embeddings`` / ``get_timestamp_embeddings``."""
-
-    def __init__(self, model: nn.Module, variables: Mapping[str, Any], batch_size: int = 8, mesh=None):
-        if not hasattr(model, "frontend"):
-            raise ValueError(f"{type(model).__name__} does not take audio")
-        self.model = model
-        self.sample_rate = model.frontend.sample_rate
-        self.window = model.frontend.clip_samples
-        # One forward (one compilation) brings back both kinds.
-        self._forward = ShardedForward(model, variables, batch_size, mesh, _select_embeddings("scene", "sequence"))
-        shapes = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, self.window))), variables)
-        self.scene_embedding_size = int(shapes["scene_embedding"].shape[-1])
-        self.timestamp_embedding_size = int(shapes["frame_embeddings"].shape[-1])
-        self.steps_per_window = int(shapes["frame_embeddings"].shape[1])
-
-    def windows_of(self, audio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(n·W, window) consecutive non-overlapping 10 s windows of each row (zero-padded) and the W starts."""
-        audio = np.asarray(audio, dtype=np.float32)
-        if audio.ndim != 2:
-            raise ValueError(f"audio must be (n_sounds, n_samples) at {self.sample_rate} Hz, got shape {audio.shape}")
-        if not np.isfinite(audio).all():
-            raise ValueError("audio has NaN/Inf samples")
-        starts = window_starts(audio.shape[1], self.window, self.window, last_at_end=False)
-        return np.concatenate([cut_windows(row, starts, self.window) for row in audio]), starts
-
-    def embed_windows(self, kind: str, windows: np.ndarray) -> np.ndarray:
-        """``kind`` ("scene" or "sequence") embeddings of (N, window) windows, a fixed-size batch at a time."""
-        size = self._forward.batch_size
-        return np.concatenate([self._forward(windows[i : i + size])[kind] for i in range(0, len(windows), size)])
-
-
-def load_model(checkpoint_dir: str | os.PathLike, batch_size: int = 8) -> EmbeddingModel:
-    """HEAR ``load_model``: the checkpoint written by ``save_model`` / the converter."""
-    from convnext_audio_jax.checkpoint import load_model as load_checkpoint
-
-    model, variables, _ = load_checkpoint(checkpoint_dir)
-    return EmbeddingModel(model, variables, batch_size)
-
-
-def get_scene_embeddings(audio: Any, model: EmbeddingModel) -> np.ndarray:
-    """HEAR: (n_sounds, n_samples) float32 at ``model.sample_rate`` → (n_sounds, scene_embedding_size).
-
-    A sound of at most 10 s is zero-padded to one window and gets the model's scene embedding; a longer one is
-    cut into consecutive 10 s windows and gets the mean of their scene embeddings."""
-    windows, starts = model.windows_of(audio)
-    embeddings = model.embed_windows("scene", windows)
-    return embeddings.reshape(-1, len(starts), embeddings.shape[-1]).mean(axis=1)
-
-
-def get_timestamp_embeddings(audio: Any, model: EmbeddingModel) -> tuple[np.ndarray, np.ndarray]:
-    """HEAR: (n_sounds, n_samples) → (embeddings (n_sounds, T, timestamp_embedding_size), timestamps (n_sounds, T)
-    in ms). The embeddings are the last stage's time steps (averaged over mel) of consecutive 10 s windows; a
-    step's timestamp is the centre of its stride cell (see the module doc for ConvNeXt; for other models the
-    window is split evenly). Steps starting past the end of the audio (padding) are dropped."""
-    windows, starts = model.windows_of(audio)
-    sequence = model.embed_windows("sequence", windows)
-    n_sounds, steps = np.asarray(audio).shape[0], model.steps_per_window
-    if frame_grid(model.model) is not None:
-        bounds = frame_bounds(model.model, steps)
-    else:
-        edges = np.linspace(0.0, model.model.frontend.clip_seconds, steps + 1)
-        bounds = np.stack([edges[:-1], edges[1:]], axis=1)
-    step_starts = (starts[:, None] / model.sample_rate + bounds[None, :, 0]).ravel()
-    centres = (starts[:, None] / model.sample_rate + bounds.mean(axis=1)[None, :]).ravel()
-    keep = step_starts < np.asarray(audio).shape[1] / model.sample_rate
-    keep[0] = True
-    embeddings = sequence.reshape(n_sounds, -1, sequence.shape[-1])[:, keep]
-    timestamps = np.broadcast_to(1000.0 * centres[keep], (n_sounds, int(keep.sum())))
-    return embeddings, np.ascontiguousarray(timestamps)
 
 
 def add_embed_arguments(parser: argparse.ArgumentParser) -> None:
