@@ -148,7 +148,7 @@ def _windows(waveform: np.ndarray, starts: np.ndarray, window: int) -> Iterator[
 
 
 def _as_tensor(array: np.ndarray, like: Any) -> torch.Tensor:
-    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    tensor = torch.from_numpy(np.array(array, dtype=np.float32))  # a writable copy
     return tensor.to(like.device) if isinstance(like, torch.Tensor) else tensor
 
 
