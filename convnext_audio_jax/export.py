@@ -159,15 +159,15 @@ def minimum_samples(model: nn.Module, variables: Mapping[str, Any]) -> int:
 
 
 def export_stablehlo(model: nn.Module, variables: Mapping[str, Any], platforms=PLATFORMS,
-                     symbolic_length: bool = True) -> jax.export.Exported:
-    """``jax.export`` of the forward for ``platforms`` with a symbolic batch (and length, when the model
-    traces with one; otherwise the model's window length)."""
+                     symbolic_length: bool = True, shortest: int | None = None) -> jax.export.Exported:
+    """``jax.export`` of the forward for ``platforms`` with a symbolic batch (and length ≥ ``shortest``, default
+    ``minimum_samples``, when the model traces with one; otherwise the model's window length)."""
     model = export_model_for(model, "stablehlo")
     forward = jax.jit(forward_function(model, variables))
     window = model.frontend.clip_samples
     attempts = []
     if symbolic_length:
-        shortest = minimum_samples(model, variables)
+        shortest = shortest or minimum_samples(model, variables)
         attempts.append(jax.export.symbolic_shape("batch, samples", constraints=(f"samples >= {shortest}",)))
     attempts.append(jax.export.symbolic_shape(f"batch, {window}"))
     error = None
@@ -231,12 +231,13 @@ def export(model: nn.Module, variables: Mapping[str, Any], fmt: str, output: str
         "jax_version": jax.__version__,
     }
     if fmt == "stablehlo":
-        exported = export_stablehlo(model, variables)
+        shortest = minimum_samples(export_model_for(model, "stablehlo"), variables)
+        exported = export_stablehlo(model, variables, shortest=shortest)
         document["input_shape"] = [str(d) for d in exported.in_avals[0].shape]
         document["platforms"] = list(exported.platforms)
         document["symbolic_length"] = not isinstance(exported.in_avals[0].shape[1], int)
         if document["symbolic_length"]:
-            document["minimum_samples"] = minimum_samples(export_model_for(model, "stablehlo"), variables)
+            document["minimum_samples"] = shortest
         data = bytes(exported.serialize())
     else:
         import jax2onnx
