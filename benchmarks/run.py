@@ -332,7 +332,7 @@ def onnxruntime_row(case: Case, variables: dict, waveform: np.ndarray, repeats: 
         from convnext_audio_jax import export as export_lib
 
         start = time.perf_counter()
-        proto = export_lib.export_onnx(create_model(case.model, **case.config), variables)
+        proto = export_lib.export_onnx(create_model(case.model, **case.config), variables, samples=waveform.shape[1])
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = os.cpu_count() or 1
         session = onnxruntime.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])

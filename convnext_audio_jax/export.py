@@ -179,8 +179,9 @@ def export_stablehlo(model: nn.Module, variables: Mapping[str, Any], platforms=P
     raise ExportError(f"cannot export {type(model).__name__} to StableHLO: {_failing_op(error)}") from error
 
 
-def export_onnx(model: nn.Module, variables: Mapping[str, Any]):
-    """The ONNX ``ModelProto`` of the forward (jax2onnx), batch symbolic ("batch"), length the model's window."""
+def export_onnx(model: nn.Module, variables: Mapping[str, Any], samples: int | None = None):
+    """The ONNX ``ModelProto`` of the forward (jax2onnx), batch symbolic ("batch"), length ``samples`` (default
+    the model's window)."""
     try:
         from jax2onnx import to_onnx
     except ImportError as error:
@@ -189,7 +190,7 @@ def export_onnx(model: nn.Module, variables: Mapping[str, Any]):
     forward = forward_function(model, variables)
     names = output_names(model)
     try:
-        proto = to_onnx(lambda w: tuple(forward(w)[name] for name in names), inputs=[("batch", model.frontend.clip_samples)],
+        proto = to_onnx(lambda w: tuple(forward(w)[name] for name in names), inputs=[("batch", samples or model.frontend.clip_samples)],
                         model_name=type(model).__name__, opset=ONNX_OPSET, input_names=[INPUT_NAME], output_names=list(names))
     except Exception as error:  # noqa: BLE001 — the converter's own exceptions: one line naming the op
         raise ExportError(f"cannot export {type(model).__name__} to ONNX: {_failing_op(error)}") from error
