@@ -471,7 +471,10 @@ def _select_embeddings(*kinds: str):
 
 def add_embed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR", help="audio files and folders (searched recursively)")
-    parser.add_argument("--checkpoint", required=True, help="model checkpoint folder")
+    parser.add_argument("--checkpoint", required=True,
+                        help="model checkpoint folder (with --backend onnxruntime: an exported .onnx file)")
+    parser.add_argument("--backend", choices=("jax", "onnxruntime"), default="jax",
+                        help="run the model with JAX, or an ONNX export with ONNX Runtime (scene and sequence only)")
     parser.add_argument("--kind", choices=EMBEDDING_KINDS, default="scene",
                         help="scene (B, D), frames (B, T, F, C), sequence (B, T, C) or logits (default %(default)s)")
     parser.add_argument("--output", required=True, help="output .npz")
@@ -486,11 +489,21 @@ def run_embed(args: argparse.Namespace) -> int:
     per window, ``files`` (the paths, in order), ``kind``. Exit code 1 when no file could be embedded."""
     from convnext_audio_jax.checkpoint import load_model as load_checkpoint
 
-    model, variables, _ = load_checkpoint(args.checkpoint)
+    if args.backend == "onnxruntime":
+        from convnext_audio_jax.onnx_backend import EMBEDDING_OUTPUTS, OnnxRuntimeForward
+
+        if args.kind not in EMBEDDING_OUTPUTS:
+            raise ValueError(f"--backend onnxruntime embeds --kind {' or '.join(EMBEDDING_OUTPUTS)}; an ONNX export has "
+                             f"no {args.kind} output")
+        output = EMBEDDING_OUTPUTS[args.kind]
+        forward = OnnxRuntimeForward(args.checkpoint, args.batch_size, select=[output], aliases={output: args.kind})
+        model = forward.model
+    else:
+        model, variables, _ = load_checkpoint(args.checkpoint)
+        forward = ShardedForward(model, variables, args.batch_size, select=_select_embeddings(args.kind))
     files, errors = expand_inputs(args.inputs)
     for error in errors:
         print(f"embed: skipped {error.line()}", file=sys.stderr)
-    forward = ShardedForward(model, variables, args.batch_size, select=_select_embeddings(args.kind))
     hop = max(1, int(round(args.hop * audio_lib.SAMPLE_RATE)))
     embeddings, file_index, window_start, embedded = [], [], [], []
     for path in tqdm.tqdm(files, unit="file", desc="embed", disable=args.no_progress, file=sys.stderr):

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 
 BACKENDS = ("jax", "onnxruntime")
+# `convnext-audio embed --kind` → the exported output that holds it.
+EMBEDDING_OUTPUTS = {"scene": "scene_embedding", "sequence": "sequence_embeddings"}
 
 
 def read_export_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -39,10 +41,10 @@ class OnnxRuntimeForward:
 
     ``model`` is the Flax module description the file was exported from (built from the metadata, no weights,
     for the frame grid and the front-end settings); ``metadata`` the export metadata; ``select`` restricts the
-    outputs returned (default: all of the file's)."""
+    outputs returned (default: all of the file's), ``aliases`` renames them in the returned dict."""
 
     def __init__(self, path: str | os.PathLike, batch_size: int = 8, select: Sequence[str] | None = None,
-                 num_threads: int | None = None):
+                 num_threads: int | None = None, aliases: dict[str, str] | None = None):
         import onnxruntime
 
         if batch_size < 1:
@@ -63,6 +65,7 @@ class OnnxRuntimeForward:
             raise ValueError(f"{path} has no output(s) {unknown}; its outputs are {available}")
         self.output_names = list(select or available)
         self._input_name = self._session.get_inputs()[0].name
+        self._aliases = dict(aliases or {})  # output name → the key it is returned under
 
     def restrict(self, names: Sequence[str]) -> None:
         """Return only those of ``names`` the file has (e.g. ``frame_probs`` exists for the audio ConvNeXt only)."""
@@ -87,4 +90,4 @@ class OnnxRuntimeForward:
         if not 0 < waveforms.shape[0] <= self.batch_size:
             raise ValueError(f"expected 1 to {self.batch_size} waveforms, got {waveforms.shape[0]}")
         outputs = self._session.run(self.output_names, {self._input_name: waveforms})
-        return dict(zip(self.output_names, outputs))
+        return {self._aliases.get(name, name): value for name, value in zip(self.output_names, outputs)}

@@ -1,5 +1,5 @@
-"""`convnext-audio tag --backend onnxruntime`: the same windows, clip, window and frame scores as the JAX backend,
-from an exported ONNX file, through the same tagging code; its errors."""
+"""`convnext-audio tag/embed --backend onnxruntime`: the same windows, clip, window and frame scores and embeddings
+as the JAX backend, from an exported ONNX file, through the same windowing code; its errors."""
 
 from __future__ import annotations
 
@@ -60,6 +60,25 @@ def test_tags_match_the_jax_backend(exported, capsys):
             for a, b in zip(onnx_report[kind], jax_report[kind]):
                 assert (a["start"], a["end"]) == (b["start"], b["end"])
                 assert max(abs(a["scores"][n] - b["scores"][n]) for n in NAMES) <= 1e-4
+
+
+def test_embed_matches_the_jax_backend(exported, tmp_path, capsys):
+    checkpoint, path, files = exported
+    for kind in ("scene", "sequence"):
+        saved = {}
+        for backend, model_path in (("jax", checkpoint), ("onnxruntime", path)):
+            out = tmp_path / f"{backend}-{kind}.npz"
+            assert cli.main(["embed", *files, "--checkpoint", str(model_path), "--backend", backend, "--kind", kind,
+                             "--output", str(out), "--no-progress", "--batch-size", "3"]) == 0
+            with np.load(out) as data:
+                saved[backend] = {key: data[key] for key in data.files}
+        assert saved["onnxruntime"]["embeddings"].shape == saved["jax"]["embeddings"].shape
+        np.testing.assert_allclose(saved["onnxruntime"]["embeddings"], saved["jax"]["embeddings"], atol=1e-4)
+        np.testing.assert_array_equal(saved["onnxruntime"]["window_start_s"], saved["jax"]["window_start_s"])
+    capsys.readouterr()
+    assert cli.main(["embed", files[0], "--checkpoint", str(path), "--backend", "onnxruntime", "--kind", "frames",
+                     "--output", str(tmp_path / "x.npz"), "--no-progress"]) == 2
+    assert "embeds --kind scene or sequence" in capsys.readouterr().err
 
 
 def test_forward_returns_the_jax_outputs(exported):
