@@ -19,6 +19,8 @@ Per model, dtype and batch, waveform → probabilities:
   64 mels, 60–7800 Hz, natural log), 1004 × 64 frames for 10 s, its mean-pool + dropout + dense
   head (``audax.models.Classifier``) — and (b) its ConvNeXt-Tiny body and head on our 1001 × 224
   log-mel, the paper's input: the same FLOPs as ours, so the ratio compares implementations.
+- **onnxruntime** (float32): ONNX Runtime's CPU execution provider on the ONNX export
+  (``convnext_audio_jax.export``, jax2onnx) of the same weights; parity against torch fp32 and against ours.
 - **training step** clips/s, when ``benchmarks/train_step.py`` provides ``benchmark_train_step``
   (see ``train_step_rows``); skipped, with the reason recorded, otherwise.
 
@@ -317,6 +319,37 @@ def torch_rows(reference, dtype: str, waveform: np.ndarray, repeats: int, compil
     return rows, eager_probs
 
 
+# ----------------------------------------------------------------------------- ONNX Runtime
+
+
+def onnxruntime_row(case: Case, variables: dict, waveform: np.ndarray, repeats: int) -> tuple[dict, np.ndarray | None]:
+    """ONNX Runtime (CPU execution provider, float32) on the ONNX export (``convnext_audio_jax.export``) of the
+    same weights; ``compile_s`` is the export plus the session's graph optimisation."""
+    row: dict[str, Any] = {"implementation": "onnxruntime", "params": count_params(variables["params"])}
+    try:
+        import onnxruntime
+
+        from convnext_audio_jax import export as export_lib
+
+        start = time.perf_counter()
+        proto = export_lib.export_onnx(create_model(case.model, **case.config), variables, samples=waveform.shape[1])
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = os.cpu_count() or 1
+        session = onnxruntime.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        row["compile_s"] = time.perf_counter() - start
+
+        def run():
+            return session.run(["probs"], {export_lib.INPUT_NAME: waveform})[0]
+
+        with peak_memory() as memory:
+            times = timed_runs(run, repeats)
+        row.update(times_s=times, clips_per_s=len(waveform) / statistics.median(times), **memory)
+        return row, run()
+    except Exception as error:  # noqa: BLE001 — a missing runtime or a failed export is a result
+        row["error"] = error_summary(error)
+        return row, None
+
+
 # ----------------------------------------------------------------------------- training step
 
 
@@ -345,7 +378,7 @@ def train_step_rows(cases: list[Case], batches: list[int], dtypes: list[str], re
 
 
 def benchmark(cases: list[Case], batches: list[int], dtypes: list[str], repeats: int, *, with_torch: bool,
-              compile_timeout: int | None, with_audax: bool, with_train: bool, log=print) -> dict:
+              compile_timeout: int | None, with_audax: bool, with_train: bool, with_onnx: bool = True, log=print) -> dict:
     rows: list[dict] = []
     notes: dict[str, str] = {}
     parity: dict[str, dict] = {}
@@ -381,6 +414,14 @@ def benchmark(cases: list[Case], batches: list[int], dtypes: list[str], repeats:
                     diff = float(np.max(np.abs(ours_probs[:PARITY_CLIPS] - torch_fp32_probs[:PARITY_CLIPS])))
                     ours["max_abs_diff_vs_torch_fp32"] = diff
                     parity.setdefault(case.model, {})[f"{dtype}/batch{batch}"] = diff
+                if with_onnx and dtype == "float32":
+                    onnx_row, onnx_probs = onnxruntime_row(case, variables, waveform, repeats)
+                    if onnx_probs is not None and ours_probs is not None:
+                        onnx_row["max_abs_diff_vs_ours"] = float(np.max(np.abs(onnx_probs - ours_probs)))
+                    if onnx_probs is not None and torch_fp32_probs is not None:
+                        onnx_row["max_abs_diff_vs_torch_fp32"] = float(np.max(np.abs(
+                            onnx_probs[:PARITY_CLIPS] - torch_fp32_probs[:PARITY_CLIPS])))
+                    added.append(onnx_row)
                 if with_audax and case.model == "convnext_tiny":
                     added += audax_rows(case, dtype, waveform, repeats)
                 for row in added:
@@ -496,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--compile-timeout", type=int, default=900, help="seconds allowed for torch.compile's first call")
     parser.add_argument("--no-audax", action="store_true")
+    parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime row (float32 only)")
     parser.add_argument("--no-train", action="store_true", help="skip the training-step benchmark")
     parser.add_argument("--out-dir", type=pathlib.Path, default=pathlib.Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
@@ -519,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     measured = benchmark(cases, batches, dtypes, repeats, with_torch=not args.no_torch,
                          compile_timeout=None if args.quick or args.no_compile or args.no_torch else args.compile_timeout,
                          with_audax=not args.no_audax, with_train=not (args.quick or args.no_train),
+                         with_onnx=not args.no_onnx,
                          log=functools.partial(print, flush=True))
     result = {
         "schema_version": SCHEMA_VERSION,

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=_models_table)
 
     from convnext_audio_jax.convert import cli as convert_cli
-    from convnext_audio_jax import evaluate, inference, predict, pretrained
+    from convnext_audio_jax import evaluate, export, inference, predict, pretrained
     from convnext_audio_jax.data import prepare
 
     for name, add_arguments, run, help_text in [
@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
          "scene/frame/sequence embeddings or logits of audio files into an .npz"),
         ("download", pretrained.add_download_arguments, pretrained.run_download,
          "fetch, verify and convert released checkpoints by name into the cache (convnext-audio models --pretrained)"),
+        ("export", export.add_arguments, export.run,
+         "a checkpoint as a StableHLO (jax.export, CPU + CUDA) or ONNX file: waveform in, probabilities and embeddings out"),
     ]:
         command = sub.add_parser(name, help=help_text, description=help_text)
         add_arguments(command)

@@ -1,4 +1,4 @@
-"""The ``tag`` and ``embed`` commands, and a HEAR-style Python API.
+"""The ``tag`` and ``embed`` commands (the HEAR API is ``convnext_audio_jax.hear``).
 
 Reading, windowing and scoring live in `convnext_audio_jax.tagging` (and `windowing`, `data.audio`); output
 records in `tag_output` (tags, timelines) and `embed_output` (embeddings). Both commands read each file as a
@@ -14,8 +14,6 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
@@ -54,7 +52,10 @@ def class_names_for(metadata: Mapping[str, Any], num_classes: int, labels_csv: s
 def add_tag_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR", help="audio files and folders (searched recursively)")
     parser.add_argument("--checkpoint", required=True,
-                        help="model directory or training workdir (its model/best, else model/last)")
+                        help="model directory, training workdir (its model/best, else model/last) or pretrained name; "
+                             "with --backend onnxruntime: an exported .onnx file")
+    parser.add_argument("--backend", choices=("jax", "onnxruntime"), default="jax",
+                        help="run the model with JAX, or an ONNX export with ONNX Runtime (default %(default)s)")
     parser.add_argument("--labels", help="class_labels_indices.csv (default: the names stored in the model, else indices)")
     parser.add_argument("--top-k", type=int, default=10, help="classes reported per file (default %(default)s)")
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
@@ -87,7 +88,15 @@ def run_tag(args: argparse.Namespace) -> int:
     windowing.hop_samples(args.hop, audio_lib.SAMPLE_RATE)  # bad options fail before the model loads
     if args.resume and (args.output is None or args.format not in RESUMABLE_FORMATS):
         raise ValueError(f"--resume needs --output and --format {' or '.join(RESUMABLE_FORMATS)}")
-    model, variables, metadata = load_model(args.checkpoint)
+    if args.backend == "onnxruntime":
+        from convnext_audio_jax.onnx_backend import OnnxRuntimeForward
+
+        scorer = OnnxRuntimeForward(args.checkpoint, args.batch_size)
+        model, variables, metadata = scorer.model, None, scorer.metadata
+        scorer.restrict(["probs", "frame_probs"] if args.frames else ["probs"])
+    else:
+        model, variables, metadata = load_model(args.checkpoint)
+        scorer = None
     names = class_names_for(metadata, model.num_classes, args.labels)
     files, errors = expand_inputs(args.inputs)
     for error in errors:
@@ -99,7 +108,7 @@ def run_tag(args: argparse.Namespace) -> int:
         if len(todo) < len(files):
             print(f"tag: {len(files) - len(todo)} files already in {args.output}", file=sys.stderr)
         tagger = Tagger(model, variables, args.batch_size, args.hop, args.aggregate, args.frames,
-                        max_windows=args.max_windows)
+                        max_windows=args.max_windows, scorer=scorer)
         spool_dir = os.path.dirname(os.path.abspath(args.output)) if args.output else None
         tagged, spool = 0, None
         with tqdm.tqdm(total=len(todo), unit="file", desc="tag", disable=args.no_progress, file=sys.stderr) as bar:
@@ -138,84 +147,13 @@ def _select_embeddings(*kinds: str):
     return select
 
 
-class EmbeddingModel:
-    """A loaded model with the HEAR attributes (``sample_rate``, ``scene_embedding_size``,
-    ``timestamp_embedding_size``); pass it to ``get_scene_embeddings`` / ``get_timestamp_embeddings``."""
-
-    def __init__(self, model: nn.Module, variables: Mapping[str, Any], batch_size: int = 8, mesh=None):
-        if not hasattr(model, "frontend"):
-            raise ValueError(f"{type(model).__name__} does not take audio")
-        self.model = model
-        self.sample_rate = model.frontend.sample_rate
-        self.window = model.frontend.clip_samples
-        # One forward (one compilation) brings back both kinds.
-        self._forward = ShardedForward(model, variables, batch_size, mesh, _select_embeddings("scene", "sequence"))
-        shapes = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, self.window))), variables)
-        self.scene_embedding_size = int(shapes["scene_embedding"].shape[-1])
-        self.timestamp_embedding_size = int(shapes["frame_embeddings"].shape[-1])
-        self.steps_per_window = int(shapes["frame_embeddings"].shape[1])
-
-    def windows_of(self, audio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(n·W, window) consecutive non-overlapping 10 s windows of each row (zero-padded) and the W starts."""
-        audio = np.asarray(audio, dtype=np.float32)
-        if audio.ndim != 2:
-            raise ValueError(f"audio must be (n_sounds, n_samples) at {self.sample_rate} Hz, got shape {audio.shape}")
-        if not np.isfinite(audio).all():
-            raise ValueError("audio has NaN/Inf samples")
-        starts = window_starts(audio.shape[1], self.window, self.window, last_at_end=False)
-        return np.concatenate([cut_windows(row, starts, self.window) for row in audio]), starts
-
-    def embed_windows(self, kind: str, windows: np.ndarray) -> np.ndarray:
-        """``kind`` ("scene" or "sequence") embeddings of (N, window) windows, a fixed-size batch at a time."""
-        size = self._forward.batch_size
-        return np.concatenate([self._forward(windows[i : i + size])[kind] for i in range(0, len(windows), size)])
-
-
-def load_model(checkpoint_dir: str | os.PathLike, batch_size: int = 8) -> EmbeddingModel:
-    """HEAR ``load_model``: a model directory (``save_model`` / the converter) or a training workdir (its
-    ``model/best``, else ``model/last``)."""
-    from convnext_audio_jax.checkpoint import load_model as load_checkpoint
-
-    model, variables, _ = load_checkpoint(checkpoint_dir)
-    return EmbeddingModel(model, variables, batch_size)
-
-
-def get_scene_embeddings(audio: Any, model: EmbeddingModel) -> np.ndarray:
-    """HEAR: (n_sounds, n_samples) float32 at ``model.sample_rate`` → (n_sounds, scene_embedding_size).
-
-    A sound of at most 10 s is zero-padded to one window and gets the model's scene embedding; a longer one is
-    cut into consecutive 10 s windows and gets the mean of their scene embeddings."""
-    windows, starts = model.windows_of(audio)
-    embeddings = model.embed_windows("scene", windows)
-    return embeddings.reshape(-1, len(starts), embeddings.shape[-1]).mean(axis=1)
-
-
-def get_timestamp_embeddings(audio: Any, model: EmbeddingModel) -> tuple[np.ndarray, np.ndarray]:
-    """HEAR: (n_sounds, n_samples) → (embeddings (n_sounds, T, timestamp_embedding_size), timestamps (n_sounds, T)
-    in ms). The embeddings are the last stage's time steps (averaged over mel) of consecutive 10 s windows; a
-    step's timestamp is the centre of its stride cell (see the module doc for ConvNeXt; for other models the
-    window is split evenly). Steps starting past the end of the audio (padding) are dropped."""
-    windows, starts = model.windows_of(audio)
-    sequence = model.embed_windows("sequence", windows)
-    n_sounds, steps = np.asarray(audio).shape[0], model.steps_per_window
-    if frame_grid(model.model) is not None:
-        bounds = frame_bounds(model.model, steps)
-    else:
-        edges = np.linspace(0.0, model.model.frontend.clip_seconds, steps + 1)
-        bounds = np.stack([edges[:-1], edges[1:]], axis=1)
-    step_starts = (starts[:, None] / model.sample_rate + bounds[None, :, 0]).ravel()
-    centres = (starts[:, None] / model.sample_rate + bounds.mean(axis=1)[None, :]).ravel()
-    keep = step_starts < np.asarray(audio).shape[1] / model.sample_rate
-    keep[0] = True
-    embeddings = sequence.reshape(n_sounds, -1, sequence.shape[-1])[:, keep]
-    timestamps = np.broadcast_to(1000.0 * centres[keep], (n_sounds, int(keep.sum())))
-    return embeddings, np.ascontiguousarray(timestamps)
-
-
 def add_embed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR", help="audio files and folders (searched recursively)")
     parser.add_argument("--checkpoint", required=True,
-                        help="model directory or training workdir (its model/best, else model/last)")
+                        help="model directory, training workdir (its model/best, else model/last) or pretrained name; "
+                             "with --backend onnxruntime: an exported .onnx file")
+    parser.add_argument("--backend", choices=("jax", "onnxruntime"), default="jax",
+                        help="run the model with JAX, or an ONNX export with ONNX Runtime (scene and sequence only)")
     parser.add_argument("--kind", choices=EMBEDDING_KINDS, default="scene",
                         help="scene (B, D), frames (B, T, F, C), sequence (B, T, C) or logits (default %(default)s)")
     parser.add_argument("--output", required=True, help="output .npz (built at the end from OUTPUT.parts/)")
@@ -269,13 +207,23 @@ def run_embed(args: argparse.Namespace) -> int:
     if args.max_windows < 1:
         raise ValueError(f"--max-windows must be ≥ 1, got {args.max_windows}")
     store = EmbeddingStore(args.output, args.kind, args.resume)
-    model, variables, metadata = load_checkpoint(args.checkpoint)
+    # The model's forward, one batch of windows (B, samples) → dict of arrays: the one call a backend replaces.
+    if args.backend == "onnxruntime":
+        from convnext_audio_jax.onnx_backend import EMBEDDING_OUTPUTS, OnnxRuntimeForward
+
+        if args.kind not in EMBEDDING_OUTPUTS:
+            raise ValueError(f"--backend onnxruntime embeds --kind {' or '.join(EMBEDDING_OUTPUTS)}; an ONNX export has "
+                             f"no {args.kind} output")
+        output = EMBEDDING_OUTPUTS[args.kind]
+        embed_windows = OnnxRuntimeForward(args.checkpoint, args.batch_size, select=[output], aliases={output: args.kind})
+        model, metadata = embed_windows.model, embed_windows.metadata
+    else:
+        model, variables, metadata = load_checkpoint(args.checkpoint)
+        embed_windows = ShardedForward(model, variables, args.batch_size, select=_select_embeddings(args.kind))
     names = {"class_names": np.array(class_names_for(metadata, model.num_classes, args.labels))} if args.kind == "logits" else {}
     files, errors = expand_inputs(args.inputs)
     for error in errors:
         print(f"embed: skipped {error.line()}", file=sys.stderr)
-    # The model's forward, one batch of windows (B, samples) → dict of arrays: the one call a backend replaces.
-    embed_windows = ShardedForward(model, variables, args.batch_size, select=_select_embeddings(args.kind))
     todo = [path for path in files if path not in store.done]
     if len(todo) < len(files):
         print(f"embed: {len(files) - len(todo)} files already in {store.parts}", file=sys.stderr)

@@ -74,3 +74,14 @@ def test_audax_rows(result):
     # 1 s: 16 000 samples at hop 160 → 104 frames of 64 mels; ours: 1 + 32 000 / 320 = 101 frames of 224 mels.
     assert rows["audax-own-input"]["input_frames"] == [104, 64]
     assert rows["audax-paper-input"]["input_frames"] == [101, 224]
+
+
+def test_onnxruntime_row(result):
+    pytest.importorskip("jax2onnx", reason="install with `pip install --no-deps jax2onnx==0.17.1` (see pyproject.toml)")
+    (row,) = [row for row in result["rows"] if row["implementation"] == "onnxruntime"]
+    assert "error" not in row, row.get("error")
+    assert row["clips_per_s"] > 0 and len(row["times_s"]) == 1
+    # The same converted weights, exported: agrees with ours and with torch like ours does.
+    assert row["max_abs_diff_vs_ours"] < 1e-4 and row["max_abs_diff_vs_torch_fp32"] < 1e-4
+    (entry,) = result["ratios"]
+    assert entry["ours_over_onnxruntime"] > 0

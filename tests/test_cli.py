@@ -29,7 +29,7 @@ def test_unknown_model_is_one_line_error(capsys):
     assert err.count("\n") == 1 and "unknown model 'convnext_giant'" in err
 
 
-@pytest.mark.parametrize("command", ["convert", "prepare", "evaluate", "predict", "tag", "embed"])
+@pytest.mark.parametrize("command", ["convert", "prepare", "evaluate", "predict", "tag", "embed", "export", "download"])
 def test_subcommands_are_wired(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])

@@ -5,7 +5,7 @@ import librosa
 import numpy as np
 import pytest
 
-from convnext_audio_jax.frontend import FrontendConfig, hann_window, log_mel_spectrogram, mel_filterbank
+from convnext_audio_jax.frontend import FrontendConfig, hann_window, log_mel_spectrogram, mel_filterbank, power_spectrogram
 
 torch = pytest.importorskip("torch")
 torchlibrosa_stft = pytest.importorskip("torchlibrosa.stft")
@@ -72,6 +72,30 @@ def test_parity_on_real_recordings(freedesktop_recordings):
         compared.append(assert_parity(audio[None].astype(np.float32), config))
     # Band-limited recordings (8–22 kHz originals) leave the top mel bins empty.
     assert np.mean(compared) > 0.3
+
+
+@pytest.mark.parametrize("n_mels", [224, 64])
+def test_matmul_stft_matches_rfft(n_mels):
+    """The export form (real DFT bases) gives the rfft form's numbers, and torchlibrosa's."""
+    import dataclasses
+
+    rng = np.random.default_rng(7)
+    levels = np.array([[1.0], [0.1], [1e-3]], np.float32)
+    waveform = (rng.standard_normal((3, 32_000 * 2)) * levels).astype(np.float32)
+    fft_config = FrontendConfig(n_mels=n_mels)
+    matmul_config = dataclasses.replace(fft_config, stft="matmul")
+    from_fft = np.asarray(jax.jit(lambda w: log_mel_spectrogram(w, fft_config))(waveform))
+    from_matmul = np.asarray(jax.jit(lambda w: log_mel_spectrogram(w, matmul_config))(waveform))
+    truth = float64_log_mel(waveform, fft_config)
+    resolvable = (truth.max(axis=-1, keepdims=True) - truth) <= 30
+    assert np.abs(from_matmul - from_fft)[resolvable].max() <= TOL_DB
+    assert np.abs(from_matmul - truth)[resolvable].max() <= TOL_DB
+    assert assert_parity(waveform, matmul_config) > 0.9
+    power_fft = np.asarray(power_spectrogram(waveform[:1], fft_config))
+    power_matmul = np.asarray(power_spectrogram(waveform[:1], matmul_config))
+    np.testing.assert_allclose(power_matmul, power_fft, rtol=1e-3, atol=1e-3 * power_fft.max())
+    with pytest.raises(ValueError, match="stft must be one of"):
+        log_mel_spectrogram(waveform, dataclasses.replace(fft_config, stft="dct"))
 
 
 def test_ten_second_clip_gives_1001_frames():

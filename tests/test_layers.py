@@ -83,10 +83,29 @@ def test_depthwise_module_matches_torch_grouped_conv(multiplier, impl):
 def test_impl_resolution():
     assert resolve_depthwise_impl("auto") == ("shift" if jax.default_backend() == "cpu" else "xla")
     assert resolve_depthwise_impl("xla") == "xla"
+    assert resolve_depthwise_impl("platform") == "platform"
     with pytest.raises(ValueError, match="depthwise_impl must be"):
         resolve_depthwise_impl("cudnn")
     with pytest.raises(ValueError, match="depthwise_impl must be"):
         depthwise_conv(jnp.zeros((1, 8, 8, 2)), jnp.zeros((3, 3, 2)), ((1, 1), (1, 1)), impl="fast")
+
+
+def test_platform_impl_lowers_each_platform_to_its_own_convolution():
+    """'platform' is the shift-sum where the program is compiled for CPU and XLA's grouped convolution on
+    CUDA: one export lowered for both carries both (lowering for CUDA needs no GPU)."""
+    x = jax.random.normal(jax.random.key(0), (2, 13, 9, 6))
+    kernel = jax.random.normal(jax.random.key(1), (7, 7, 6))
+    padding = ((3, 3), (3, 3))
+    ours = jax.jit(lambda x, k: depthwise_conv(x, k, padding, impl="platform"))(x, kernel)
+    np.testing.assert_allclose(ours, depthwise_conv_xla(x, kernel, padding), atol=1e-5)
+    spec = [jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(kernel.shape, kernel.dtype)]
+    fn = jax.jit(lambda x, k: depthwise_conv(x, k, padding, impl="platform"))
+    cpu_only = jax.export.export(fn, platforms=("cpu",))(*spec).mlir_module()
+    cuda_only = jax.export.export(fn, platforms=("cuda",))(*spec).mlir_module()
+    both = jax.export.export(fn, platforms=("cpu", "cuda"))(*spec)
+    assert "stablehlo.convolution" not in cpu_only and "stablehlo.convolution" in cuda_only
+    assert both.platforms == ("cpu", "cuda") and "stablehlo.convolution" in both.mlir_module()
+    np.testing.assert_allclose(both.call(x, kernel), ours, atol=1e-5)
 
 
 def test_drop_path_drops_whole_samples_and_rescales():

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from convnext_audio_jax.frontend import FrontendConfig, log_mel_spectrogram
 
 Dtype = Any
-DepthwiseImpl = Literal["auto", "xla", "shift"]
+DepthwiseImpl = Literal["auto", "xla", "shift", "platform"]
 
 # The reference initialises conv and dense weights with timm's trunc_normal_(std=0.02), whose
 # truncation bounds are ±2 in absolute value (100 std): effectively a plain normal.
@@ -28,11 +28,14 @@ def gelu(x: jax.Array) -> jax.Array:
 
 def resolve_depthwise_impl(impl: DepthwiseImpl) -> str:
     """'auto' picks the shifted multiply-add on CPU (XLA:CPU's grouped conv is ~10× slower than
-    torch there) and XLA's grouped convolution elsewhere (cuDNN / TPU handle it natively)."""
+    torch there) and XLA's grouped convolution elsewhere (cuDNN / TPU handle it natively), by the
+    default backend at trace time. 'platform' makes the same choice at lowering time
+    (``lax.platform_dependent``), so one exported artifact lowered for several platforms carries
+    both and runs the right one where it is compiled."""
     if impl == "auto":
         return "shift" if jax.default_backend() == "cpu" else "xla"
-    if impl not in ("xla", "shift"):
-        raise ValueError(f"depthwise_impl must be 'auto', 'xla' or 'shift', got {impl!r}")
+    if impl not in ("xla", "shift", "platform"):
+        raise ValueError(f"depthwise_impl must be 'auto', 'xla', 'shift' or 'platform', got {impl!r}")
     return impl
 
 
@@ -126,7 +129,12 @@ def depthwise_conv_xla(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
 def depthwise_conv(x: jax.Array, kernel: jax.Array, padding, impl: DepthwiseImpl = "auto") -> jax.Array:
     """Depthwise conv of NHWC ``x`` with a (kh, kw, C) kernel by the chosen implementation."""
     padding = tuple(tuple(int(p) for p in pair) for pair in padding)
-    if resolve_depthwise_impl(impl) == "shift":
+    resolved = resolve_depthwise_impl(impl)
+    if resolved == "platform":
+        return jax.lax.platform_dependent(
+            x, kernel, cpu=lambda x, k: depthwise_conv_shift(x, k, padding),
+            default=lambda x, k: depthwise_conv_xla(x, k, padding))
+    if resolved == "shift":
         return depthwise_conv_shift(x, kernel, padding)
     return depthwise_conv_xla(x, kernel, padding)
 

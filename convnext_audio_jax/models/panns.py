@@ -41,7 +41,8 @@ pann_kernel_init = nn.initializers.xavier_uniform()
 
 def _avg_pool(x: jax.Array, pool: tuple[int, int]) -> jax.Array:
     """Average pooling with stride = window and floor, as torch's ``avg_pool2d(x, pool)``."""
-    return nn.avg_pool(x, pool, strides=pool, padding="VALID") if pool != (1, 1) else x
+    # window_shape by keyword: jax2onnx's pooling plugin (ONNX export) replaces avg_pool with a keyword-only form.
+    return nn.avg_pool(x, window_shape=pool, strides=pool, padding="VALID") if pool != (1, 1) else x
 
 class PannConvBlock(nn.Module):
     """[Conv k×k (no bias, 'same') → BN → ReLU] × ``num_convs`` → avg-pool. With ``depthwise_second``

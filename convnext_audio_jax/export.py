@@ -1,0 +1,277 @@
+"""Exporting a model to StableHLO (``jax.export``) and ONNX (``jax2onnx``), with metadata beside the file.
+
+The exported function maps a waveform batch (batch, samples) at 32 kHz to a fixed set of named outputs
+(``OUTPUT_NAMES``; ``frame_probs`` too for the audio ConvNeXt, see ``convnext_audio_jax.inference``):
+
+* **StableHLO**: the file is exactly ``Exported.serialize()``'s bytes, so
+  ``jax.export.deserialize(open(f, "rb").read()).call(waveform)`` runs it with only jax installed. The batch
+  dimension is symbolic, and so is the length (at least one STFT window, ``n_fft`` samples) where the model
+  traces with a symbolic length; the function returns a dict. It is lowered for CPU and CUDA in one
+  module; the depthwise convolutions carry both implementations (``depthwise_impl="platform"``: the shifted
+  multiply-add on CPU, XLA's grouped convolution on CUDA), picked where the artifact is compiled.
+* **ONNX**: the batch dimension is symbolic, the length fixed at the model's window (10 s). The front end is
+  traced in its export form (``stft="matmul"``: ONNX converters mishandle the complex values of an FFT), and
+  the depthwise convolution as a grouped convolution. Outputs are named as ``OUTPUT_NAMES``.
+
+Beside ``FILE`` the metadata goes to ``FILE.json``: class names, sample rate, window length, input and output
+names and shapes, the model's registry name and config and the frame grid (seconds of each time step within a
+window), which is all the ONNX Runtime backend (``convnext_audio_jax.onnx_backend``) needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import re
+import tempfile
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FORMATS = ("stablehlo", "onnx")
+PLATFORMS = ("cpu", "cuda")
+INPUT_NAME = "waveform"
+OUTPUT_NAMES = ("probs", "scene_embedding", "sequence_embeddings")
+FRAME_OUTPUT = "frame_probs"
+METADATA_FORMAT = "convnext-audio-jax-export/1"
+ONNX_OPSET = 23
+
+
+class ExportError(ValueError):
+    """A model, format or output that cannot be exported; the message is one line."""
+
+
+def output_names(model: nn.Module) -> tuple[str, ...]:
+    from convnext_audio_jax.inference import frame_grid
+
+    return OUTPUT_NAMES + ((FRAME_OUTPUT,) if frame_grid(model) is not None else ())
+
+
+def export_model_for(model: nn.Module, fmt: str) -> nn.Module:
+    """The model as it is traced for ``fmt``: per-platform depthwise for StableHLO; the matmul STFT and XLA's
+    grouped depthwise convolution for ONNX."""
+    if fmt == "stablehlo":
+        return model.clone(depthwise_impl="platform")
+    if fmt == "onnx":
+        return model.clone(depthwise_impl="xla", frontend=dataclasses.replace(model.frontend, stft="matmul"))
+    raise ExportError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def forward_function(model: nn.Module, variables: Mapping[str, Any]) -> Callable[[jax.Array], dict[str, jax.Array]]:
+    """waveform (B, samples) → {name: array} for ``output_names(model)``, the variables closed over (they
+    become constants of the exported program)."""
+    from convnext_audio_jax.inference import frame_logits, sequence_of
+
+    names = output_names(model)
+
+    def forward(waveform):
+        outputs = model.apply(variables, waveform, train=False)
+        sequence = sequence_of(outputs).astype(jnp.float32)
+        result = {"probs": outputs["probs"], "scene_embedding": outputs["scene_embedding"], "sequence_embeddings": sequence}
+        if FRAME_OUTPUT in names:
+            result[FRAME_OUTPUT] = jax.nn.sigmoid(frame_logits(model, variables["params"], sequence))
+        return {name: result[name].astype(jnp.float32) for name in names}
+
+    return forward
+
+
+def _failing_op(error: BaseException) -> str:
+    """The primitive or op an exporter's error names, else the error's first line."""
+    text = str(error)
+    for pattern in (r"primitive[ '\"`]+([\w.\-]+)", r"[Pp]rimitive ([\w.\-]+)", r"custom[_ ]call[^'\"]*['\"]([\w.\-]+)",
+                    r"No (?:plugin|handler|lowering)[^'\"]*['\"]([\w.\-]+)"):
+        match = re.search(pattern, text)
+        if match:
+            return match.group(1)
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return f"{type(error).__name__}: {first[:200]}"
+
+
+def _check_output(path: pathlib.Path, overwrite: bool) -> None:
+    """Fails before any work on an output that cannot be written (or that exists, unless ``overwrite``)."""
+    for target in (path, metadata_path(path)):
+        if target.is_dir():
+            raise ExportError(f"output {target} is a directory; expected a file path")
+        if target.exists() and not overwrite:
+            raise ExportError(f"output {target} exists; choose another path or pass --overwrite")
+    parent = path.parent
+    if not parent.is_dir():
+        raise ExportError(f"cannot write {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write {path}: folder {parent} is not writable")
+
+
+def metadata_path(path: str | os.PathLike) -> pathlib.Path:
+    path = pathlib.Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def _write_atomically(path: pathlib.Path, data: bytes) -> None:
+    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        os.replace(staging, path)
+    except BaseException:
+        if os.path.exists(staging):
+            os.unlink(staging)
+        raise
+
+
+def frame_seconds(model: nn.Module, num_steps: int) -> list[list[float]] | None:
+    from convnext_audio_jax.inference import frame_bounds, frame_grid
+
+    if frame_grid(model) is None:
+        return None
+    return np.round(frame_bounds(model, num_steps), 6).tolist()
+
+
+def minimum_samples(model: nn.Module, variables: Mapping[str, Any]) -> int:
+    """The shortest waveform (a whole number of hops, at least ``n_fft``) for which the model's last stage has a
+    time step: shorter ones leave nothing to pool. Found by bisection over shape evaluations."""
+    frontend = model.frontend
+    forward = forward_function(model, variables)
+
+    def has_step(samples: int) -> bool:
+        try:
+            shapes = jax.eval_shape(forward, jax.ShapeDtypeStruct((1, samples), jnp.float32))
+        except Exception:  # noqa: BLE001 — too short to trace (an empty reduction)
+            return False
+        return shapes["sequence_embeddings"].shape[1] >= 1
+
+    low, high = 0, -(-frontend.clip_samples // frontend.hop_length)  # in hops; high is known to work
+    first = -(-frontend.n_fft // frontend.hop_length)
+    low = first - 1
+    while high - low > 1:
+        middle = (low + high) // 2
+        if has_step(middle * frontend.hop_length):
+            high = middle
+        else:
+            low = middle
+    return max(frontend.n_fft, high * frontend.hop_length)
+
+
+def export_stablehlo(model: nn.Module, variables: Mapping[str, Any], platforms=PLATFORMS,
+                     symbolic_length: bool = True, shortest: int | None = None) -> jax.export.Exported:
+    """``jax.export`` of the forward for ``platforms`` with a symbolic batch (and length ≥ ``shortest``, default
+    ``minimum_samples``, when the model traces with one; otherwise the model's window length)."""
+    model = export_model_for(model, "stablehlo")
+    forward = jax.jit(forward_function(model, variables))
+    window = model.frontend.clip_samples
+    attempts = []
+    if symbolic_length:
+        shortest = shortest or minimum_samples(model, variables)
+        attempts.append(jax.export.symbolic_shape("batch, samples", constraints=(f"samples >= {shortest}",)))
+    attempts.append(jax.export.symbolic_shape(f"batch, {window}"))
+    error = None
+    for shape in attempts:
+        try:
+            return jax.export.export(forward, platforms=tuple(platforms))(jax.ShapeDtypeStruct(shape, jnp.float32))
+        except Exception as failure:  # noqa: BLE001 — a symbolic length may not trace: fall back to a fixed one
+            error = failure
+    raise ExportError(f"cannot export {type(model).__name__} to StableHLO: {_failing_op(error)}") from error
+
+
+def export_onnx(model: nn.Module, variables: Mapping[str, Any], samples: int | None = None):
+    """The ONNX ``ModelProto`` of the forward (jax2onnx), batch symbolic ("batch"), length ``samples`` (default
+    the model's window)."""
+    try:
+        from jax2onnx import to_onnx
+    except ImportError as error:
+        raise ExportError(f"ONNX export needs jax2onnx (pip install --no-deps jax2onnx==0.17.1): {error}") from None
+    model = export_model_for(model, "onnx")
+    forward = forward_function(model, variables)
+    names = output_names(model)
+    try:
+        proto = to_onnx(lambda w: tuple(forward(w)[name] for name in names), inputs=[("batch", samples or model.frontend.clip_samples)],
+                        model_name=type(model).__name__, opset=ONNX_OPSET, input_names=[INPUT_NAME], output_names=list(names))
+    except Exception as error:  # noqa: BLE001 — the converter's own exceptions: one line naming the op
+        raise ExportError(f"cannot export {type(model).__name__} to ONNX: {_failing_op(error)}") from error
+    # jax2onnx annotates some intermediate values with NHWC shapes where its ops produce NCHW; ONNX Runtime then
+    # warns and re-infers them. The annotations are optional: drop them and let the runtime infer shapes.
+    del proto.graph.value_info[:]
+    return proto
+
+
+def export(model: nn.Module, variables: Mapping[str, Any], fmt: str, output: str | os.PathLike,
+           metadata: Mapping[str, Any] | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Writes ``output`` in ``fmt`` and ``output.json`` beside it; returns the metadata written.
+
+    ``metadata`` is the checkpoint's (``model``, ``model_config``, ``class_names`` are carried over)."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if not hasattr(model, "frontend"):
+        raise ExportError(f"{type(model).__name__} does not take a waveform; only audio models export")
+    path = pathlib.Path(output).absolute()
+    _check_output(path, overwrite)
+    metadata = dict(metadata or {})
+    names = output_names(model)
+    shapes = jax.eval_shape(forward_function(model, variables), jax.ShapeDtypeStruct((1, model.frontend.clip_samples), jnp.float32))
+    document: dict[str, Any] = {
+        "format": METADATA_FORMAT,
+        "export_format": fmt,
+        "file": path.name,
+        "model": metadata.get("model"),
+        "model_config": metadata.get("model_config", {}),
+        "class_names": metadata.get("class_names") or [str(i) for i in range(model.num_classes)],
+        "sample_rate": model.frontend.sample_rate,
+        "window_samples": model.frontend.clip_samples,
+        "window_seconds": model.frontend.clip_seconds,
+        "input_name": INPUT_NAME,
+        "output_names": list(names),
+        # Shapes per 10 s window; "batch" (and "samples") are symbolic.
+        "output_shapes": {name: ["batch", *shapes[name].shape[1:]] for name in names},
+        "frame_seconds": frame_seconds(model, shapes["sequence_embeddings"].shape[1]),
+        "jax_version": jax.__version__,
+    }
+    if fmt == "stablehlo":
+        shortest = minimum_samples(export_model_for(model, "stablehlo"), variables)
+        exported = export_stablehlo(model, variables, shortest=shortest)
+        document["input_shape"] = [str(d) for d in exported.in_avals[0].shape]
+        document["platforms"] = list(exported.platforms)
+        document["symbolic_length"] = not isinstance(exported.in_avals[0].shape[1], int)
+        if document["symbolic_length"]:
+            document["minimum_samples"] = shortest
+        data = bytes(exported.serialize())
+    else:
+        import jax2onnx
+
+        proto = export_onnx(model, variables)
+        for key, value in (("class_names", json.dumps(document["class_names"])), ("sample_rate", str(document["sample_rate"])),
+                           ("window_samples", str(document["window_samples"]))):
+            proto.metadata_props.add(key=key, value=value)
+        document["input_shape"] = ["batch", model.frontend.clip_samples]
+        document["opset"] = ONNX_OPSET
+        document["jax2onnx_version"] = jax2onnx.__version__ if hasattr(jax2onnx, "__version__") else "0.17.1"
+        data = proto.SerializeToString()
+    _write_atomically(path, data)
+    _write_atomically(metadata_path(path), (json.dumps(document, indent=2) + "\n").encode())
+    return document
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="model checkpoint folder (written by convert or training)")
+    parser.add_argument("--format", required=True, help="stablehlo (jax.export, CPU + CUDA) or onnx (jax2onnx)")
+    parser.add_argument("--output", required=True, help="file to write; its metadata goes to FILE.json beside it")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+
+def run(args: argparse.Namespace) -> int:
+    from convnext_audio_jax.checkpoint import load_model
+
+    if args.format not in FORMATS:
+        raise ExportError(f"unknown export format {args.format!r}; expected one of {', '.join(FORMATS)}")
+    _check_output(pathlib.Path(args.output).absolute(), args.overwrite)
+    model, variables, metadata = load_model(args.model)
+    document = export(model, variables, args.format, args.output, metadata, overwrite=args.overwrite)
+    size = pathlib.Path(args.output).stat().st_size
+    print(f"export: {document['model']} → {args.output} ({args.format}, {size / 2**20:.1f} MiB, input "
+          f"{document['input_shape']}, outputs {', '.join(document['output_names'])}); metadata → {metadata_path(args.output)}")
+    return 0

@@ -1,0 +1,93 @@
+"""Running an exported ONNX file (``convnext-audio export --format onnx``) with ONNX Runtime: no JAX in the loop.
+
+``OnnxRuntimeForward(path)`` maps a batch of windows (n ≤ batch_size, window samples) float32 at 32 kHz to the
+same dict of numpy arrays the JAX forward (``convnext_audio_jax.forward.ShardedForward``) gives for the names
+asked for (``probs``, ``scene_embedding``, ``sequence_embeddings`` and, for the audio ConvNeXt, ``frame_probs``),
+so tagging's windowing code runs unchanged on it (``convnext-audio tag … --backend onnxruntime``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+BACKENDS = ("jax", "onnxruntime")
+# `convnext-audio embed --kind` → the exported output that holds it.
+EMBEDDING_OUTPUTS = {"scene": "scene_embedding", "sequence": "sequence_embeddings"}
+
+
+def read_export_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``FILE.json`` written beside an exported file."""
+    from convnext_audio_jax.export import METADATA_FORMAT, metadata_path
+
+    meta_path = metadata_path(path)
+    if not pathlib.Path(path).is_file():
+        raise ValueError(f"{path} is not a file; expected an .onnx file written by `convnext-audio export --format onnx`")
+    if not meta_path.is_file():
+        raise ValueError(f"{path} has no metadata file {meta_path} beside it (written by `convnext-audio export`)")
+    metadata = json.loads(meta_path.read_text())
+    if metadata.get("format") != METADATA_FORMAT:
+        raise ValueError(f"{meta_path} is not a {METADATA_FORMAT} metadata file")
+    return metadata
+
+
+class OnnxRuntimeForward:
+    """``forward(windows)``: (n ≤ batch_size, window_samples) float32 → dict of numpy arrays with n rows.
+
+    ``model`` is the Flax module description the file was exported from (built from the metadata, no weights,
+    for the frame grid and the front-end settings); ``metadata`` the export metadata; ``select`` restricts the
+    outputs returned (default: all of the file's), ``aliases`` renames them in the returned dict."""
+
+    def __init__(self, path: str | os.PathLike, batch_size: int = 8, select: Sequence[str] | None = None,
+                 num_threads: int | None = None, aliases: dict[str, str] | None = None):
+        import onnxruntime
+
+        if batch_size < 1:
+            raise ValueError(f"batch size must be ≥ 1, got {batch_size}")
+        self.path = os.fspath(path)
+        self.metadata = read_export_metadata(path)
+        if self.metadata["export_format"] != "onnx":
+            raise ValueError(f"{path} is a {self.metadata['export_format']} export; the onnxruntime backend runs ONNX files")
+        self.batch_size = batch_size
+        self.window = int(self.metadata["window_samples"])
+        options = onnxruntime.SessionOptions()
+        if num_threads:
+            options.intra_op_num_threads = num_threads
+        self._session = onnxruntime.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
+        available = [output.name for output in self._session.get_outputs()]
+        unknown = sorted(set(select or ()) - set(available))
+        if unknown:
+            raise ValueError(f"{path} has no output(s) {unknown}; its outputs are {available}")
+        self.output_names = list(select or available)
+        self._input_name = self._session.get_inputs()[0].name
+        self._aliases = dict(aliases or {})  # output name → the key it is returned under
+
+    def restrict(self, names: Sequence[str]) -> None:
+        """Return only those of ``names`` the file has (e.g. ``frame_probs`` exists for the audio ConvNeXt only)."""
+        self.output_names = [name for name in names if name in self.output_names]
+
+    @property
+    def model(self):
+        from convnext_audio_jax.models import create_model
+
+        if not self.metadata.get("model"):
+            raise ValueError(f"{self.path}'s metadata names no registered model (export it from a checkpoint folder)")
+        return create_model(self.metadata["model"], **self.metadata.get("model_config", {}))
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.metadata["class_names"])
+
+    def __call__(self, waveforms: np.ndarray) -> dict[str, np.ndarray]:
+        waveforms = np.ascontiguousarray(waveforms, dtype=np.float32)
+        if waveforms.ndim != 2 or waveforms.shape[1] != self.window:
+            raise ValueError(f"expected windows of shape (n, {self.window}), got {waveforms.shape}")
+        if not 0 < waveforms.shape[0] <= self.batch_size:
+            raise ValueError(f"expected 1 to {self.batch_size} waveforms, got {waveforms.shape[0]}")
+        outputs = self._session.run(self.output_names, {self._input_name: waveforms})
+        return {self._aliases.get(name, name): value for name, value in zip(self.output_names, outputs)}
