@@ -33,6 +33,7 @@ def test_quick_forward_rows_json_and_tables(tmp_path, capsys):
     assert result["parity_max_abs_probs"]["convnext_tiny"]["bfloat16/batch2"] < 2e-2
     assert "torch/cnn14" in result["notes"]  # no tiny CNN14 in the reference: said, not hidden
     assert result["scaling"] == []
+    assert isinstance(result["machine"]["cpu_flags"], list) and len(result["machine"]["load_average"]) == 3
     printed = capsys.readouterr().out
     assert "| convnext_tiny |" in printed and "wrote" in printed
 
