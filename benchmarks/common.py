@@ -85,6 +85,21 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# The CPU features that decide how fast fp32 and bf16 run: XLA:CPU has no native bf16 dot without
+# AVX512_BF16 / AMX (it converts the operands to fp32), and torch's oneDNN picks its kernels by them.
+SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+
+
+def cpu_speed_flags() -> list[str]:
+    """Which of ``SPEED_FLAGS`` the CPU has (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return [flag for flag in SPEED_FLAGS if flag in flags]
+
+
 def machine_slug() -> str:
     """``cpu-2core-xeon``, ``gpu-h100``, …: the accelerator (or CPU family) and, on CPU, the core count."""
     device = jax.devices()[0]
@@ -112,6 +127,8 @@ def machine_description() -> dict:
         "device_count": len(jax.devices()),
         "cpu": cpu_model_name(),
         "cpu_count": os.cpu_count(),
+        "cpu_flags": cpu_speed_flags(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "platform": platform.platform(),
         "python": platform.python_version(),
         "jax": jax.__version__,

@@ -145,14 +145,18 @@ def random_batch(batch: int, seconds: float):
     return clips, targets
 
 
-def benchmark_train_step(model: str, *, batch: int, dtype: str, repeats: int, overrides: dict | None = None) -> list[dict]:
-    """Row dicts for benchmarks/run.py: ours on one device and, for the full-size audio ConvNeXt-Tiny,
-    the PyTorch reference's step on the same batch."""
-    args = argparse.Namespace(model=model, overrides=overrides, batch=batch, steps=repeats, devices="1", dtype=dtype,
-                              seconds=10.0)
+def benchmark_train_step(model: str, *, batch: int, dtype: str, repeats: int, overrides: dict | None = None,
+                         seconds: float = 10.0, devices: int = 1, with_torch: bool = True) -> list[dict]:
+    """Row dicts for benchmarks/run.py: ours on a mesh of ``devices`` devices and, for the full-size audio
+    ConvNeXt-Tiny in fp32 (``with_torch``), the PyTorch reference's step on the same batch."""
+    args = argparse.Namespace(model=model, overrides=overrides, batch=batch, steps=repeats, devices=str(devices),
+                              dtype=dtype, seconds=seconds)
     clips, targets = random_batch(batch, args.seconds)
-    rows = [("ours", *jax_rows(args, clips, targets)[0][1:])]
-    if model == "convnext_tiny" and not overrides and dtype == "float32":
+    ours = jax_rows(args, clips, targets)
+    if not ours:
+        raise ValueError(f"cannot time {devices} device(s): {len(__import__('jax').devices())} available, batch {batch}")
+    rows = [("ours", *ours[0][1:])]
+    if with_torch and model == "convnext_tiny" and not overrides and dtype == "float32":
         rows.append(("torch-eager", *torch_row(args, clips, targets)[1:]))
     return [{"implementation": name, "clips_per_s": rate, "first_step_s": first} for name, rate, first in rows]
 

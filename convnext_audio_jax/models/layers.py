@@ -87,10 +87,13 @@ def _depthwise_shift_bwd(padding, residuals, dy):
 def _depthwise_kernel_grad(x, dy, kernel_size, padding) -> jax.Array:
     """dK[i, j, c] = Σ_{b,h,w} xpad[b, h+i, w+j, c] · dy[b, h, w, c], as (kh, kw, C) float32.
 
-    Per kernel row i, one channel-batched matmul contracts (batch, height) and yields every
-    (input column, output column) pair; tap j is then the j-th diagonal. This wastes some
-    multiplies (Wp × W outputs for kw diagonals) but runs on the matmul engine: 2.5× faster on
-    XLA:CPU than kh·kw separate reductions, which each re-read both tensors from memory.
+    One channel-batched matmul contracts (batch, height) for every kernel row i at once and yields
+    every (input column, output column) pair; tap (i, j) is then the j-th diagonal of row i's
+    block, read by one gather. This wastes multiplies (Wp × W products for kw diagonals) but runs
+    on the matmul engine: 2.5× faster on XLA:CPU than kh·kw separate reductions, which each re-read
+    both tensors from memory, and faster than the band-limited forms measured in
+    docs/benchmarks.md. One dot and one gather (rather than one dot per row and kh·kw diagonal
+    gathers) cut XLA:CPU's compile time of this gradient ~6× at the same speed.
     """
     kh, kw = kernel_size
     batch, out_h, out_w, channels = dy.shape
@@ -98,15 +101,14 @@ def _depthwise_kernel_grad(x, dy, kernel_size, padding) -> jax.Array:
     xt = jnp.pad(jnp.transpose(x, (3, 0, 1, 2)), ((0, 0), (0, 0), padding[0], padding[1]))
     padded_w = xt.shape[-1]
     dyt = jnp.transpose(dy, (3, 0, 1, 2)).reshape(channels, batch * out_h, out_w)
+    rows = jnp.stack([xt[:, :, i : i + out_h, :] for i in range(kh)], axis=1).reshape(channels, kh, batch * out_h, padded_w)
+    pairs = jax.lax.dot_general(
+        rows, dyt, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32
+    )  # (C, kh, padded_w, out_w)
     cols = jnp.arange(out_w)
-    rows = []
-    for i in range(kh):
-        xi = xt[:, :, i : i + out_h, :].reshape(channels, batch * out_h, padded_w)
-        pairs = jax.lax.dot_general(
-            xi, dyt, (((1,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32
-        )  # (C, padded_w, out_w)
-        rows.append(jnp.stack([pairs[:, cols + j, cols].sum(-1) for j in range(kw)]))
-    return jnp.stack(rows)  # (kh, kw, C)
+    taps = jnp.arange(kw)
+    diagonals = pairs[:, :, cols[None, :] + taps[:, None], cols[None, :]]  # (C, kh, kw, out_w)
+    return jnp.transpose(diagonals.sum(-1), (1, 2, 0))  # (kh, kw, C)
 
 
 depthwise_conv_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)

@@ -1,0 +1,189 @@
+"""Everything the GPU table of docs/benchmarks.md needs, in one command (budget: < 8 min on one H100/H200).
+
+    python benchmarks/gpu_suite.py                  # ConvNeXt-Tiny + CNN14, bf16 + fp32, batch 64
+    python benchmarks/gpu_suite.py --quick          # tiny models, 1 s clips, batch 2: a smoke run (any backend)
+
+Rows, all in one process with the same random weights on both sides (``benchmarks/run.py``'s machinery):
+- forward, waveform → probabilities: ours and torch eager (``--torch-compile``: also torch.compile, whose
+  compile alone may take minutes per model), fp32 and bf16 (torch: autocast), batch 64, with parity
+  against torch fp32;
+- training step (all augmentations, AdamW; ``benchmarks/train_step.py``): ours in fp32 and bf16, and the
+  PyTorch reference's step for ConvNeXt-Tiny in fp32;
+- scaling of ours' ConvNeXt-Tiny bf16 training step over 1, 2, 4, … devices at a fixed batch per device
+  (weak scaling: clips/s and efficiency against the 1-device row).
+
+Each part is skipped, with the reason recorded, once ``--budget-s`` (default 450 s) is spent, so a slow
+machine still writes its JSON. Writes ``benchmarks/results/<machine>-gpu-suite.json`` (``-quick`` for
+``--quick``) and prints the Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+
+from benchmarks import run  # noqa: E402  (sets XLA_PYTHON_CLIENT_PREALLOCATE before JAX starts a GPU)
+from benchmarks.common import machine_description  # noqa: E402
+
+MODELS = ("convnext_tiny", "cnn14")
+QUICK_OVERRIDES = {"convnext_tiny": tuple(run.TINY_CONVNEXT.items()), "cnn14": (("channels", (8, 8, 16, 16, 16, 16)),)}
+SCALING_MODEL = "convnext_tiny"
+PARTS = ("forward", "train", "scaling")
+
+
+def device_counts(available: int) -> list[int]:
+    """1, 2, 4, … up to ``available``, and ``available`` itself."""
+    counts = [1]
+    while counts[-1] * 2 <= available:
+        counts.append(counts[-1] * 2)
+    return counts if counts[-1] == available else counts + [available]
+
+
+def suite(cases: list[run.Case], batch: int, dtypes: list[str], repeats: int, *, compile_timeout: int | None,
+          budget_s: float, max_devices: int | None = None, parts: tuple[str, ...] = PARTS, log=print) -> dict:
+    start = time.perf_counter()
+    skipped: dict[str, str] = {}
+
+    def over_budget(part: str) -> bool:
+        if time.perf_counter() - start > budget_s:
+            skipped[part] = f"skipped: the {budget_s:.0f} s budget was spent"
+            log(f"# {part}: {skipped[part]}")
+            return True
+        return False
+
+    rows: list[dict] = []
+    notes: dict[str, str] = {}
+    parity: dict[str, dict] = {}
+    for case in cases if "forward" in parts else []:
+        if over_budget(f"forward/{case.model}"):
+            continue
+        measured = run.benchmark([case], [batch], dtypes, repeats, with_torch=True, compile_timeout=compile_timeout,
+                                 with_audax=False, with_train=False, log=log)
+        rows += measured["rows"]
+        notes.update(measured["notes"])
+        parity.update(measured["parity_max_abs_probs"])
+
+    from benchmarks.train_step import benchmark_train_step
+
+    for case in cases if "train" in parts else []:
+        for dtype in dtypes:
+            if over_budget(f"train/{case.model}/{dtype}"):
+                continue
+            group = {"mode": "train", "model": case.model, "dtype": dtype, "batch": batch, "devices": 1}
+            try:
+                measured = benchmark_train_step(case.model, batch=batch, dtype=dtype, repeats=repeats,
+                                                overrides=case.config, seconds=case.seconds)
+            except Exception as error:  # noqa: BLE001 — e.g. out of memory: recorded, the suite goes on
+                measured = [{"implementation": "ours", "error": run.error_summary(error)}]
+            for row in measured:
+                rows.append({**group, **row})
+                log(run.format_row(rows[-1]))
+
+    scaling: list[dict] = []
+    case = next((c for c in cases if c.model == SCALING_MODEL), None) if "scaling" in parts else None
+    dtype = "bfloat16" if "bfloat16" in dtypes else dtypes[0]
+    for count in device_counts(min(jax.device_count(), max_devices or jax.device_count())) if case else []:
+        if over_budget(f"scaling/{count}"):
+            break
+        row: dict = {"model": case.model, "dtype": dtype, "devices": count, "batch_per_device": batch,
+                     "batch": batch * count}
+        try:
+            measured = benchmark_train_step(case.model, batch=batch * count, dtype=dtype, repeats=repeats,
+                                            overrides=case.config, seconds=case.seconds, devices=count, with_torch=False)
+            row.update({k: v for k, v in measured[0].items() if k != "implementation"})
+            row["clips_per_s_per_device"] = row["clips_per_s"] / count
+            if scaling and "clips_per_s" in scaling[0]:
+                row["efficiency"] = row["clips_per_s_per_device"] / scaling[0]["clips_per_s"]
+        except Exception as error:  # noqa: BLE001
+            row["error"] = run.error_summary(error)
+        scaling.append(row)
+        log(f"# scaling: {row}")
+    return {"rows": rows, "ratios": run.ratios(rows), "parity_max_abs_probs": parity, "scaling": scaling,
+            "notes": {**notes, **skipped}}
+
+
+def format_tables(result: dict) -> str:
+    lines = [f"# {result['machine']['slug']}: {result['machine']['device_kind']} × {result['machine']['device_count']}; "
+             f"{result['date']}; {result['wall_s']:.0f} s", "", run.TABLE_HEADER]
+    lines += [run.format_row(r) for r in result["rows"]]
+    lines += ["", "| mode | model | dtype | batch | ratios (ours / other, clips/s) |", "|---|---|---|---:|---|"]
+    for entry in result["ratios"]:
+        pairs = ", ".join(f"{k.removeprefix('ours_over_')}: {v:.2f}×" for k, v in entry.items() if k.startswith("ours_over_"))
+        lines.append(f"| {entry['mode']} | {entry['model']} | {entry['dtype']} | {entry['batch']} | {pairs} |")
+    lines += ["", "| devices | batch | train clips/s | per device | efficiency |", "|---:|---:|---:|---:|---:|"]
+    for row in result["scaling"]:
+        if "error" in row:
+            lines.append(f"| {row['devices']} | {row['batch']} | failed: {row['error']} | | |")
+        else:
+            lines.append(f"| {row['devices']} | {row['batch']} | {row['clips_per_s']:.1f} | {row['clips_per_s_per_device']:.1f} "
+                         f"| {row.get('efficiency', 1.0):.2f} |")
+    # The docs' GPU table: ours and torch in bf16 at the suite's batch, beside the paper's V100 figure.
+    lines += ["", "| model | ours (bf16) | torch eager / compile (bf16) | ours train (bf16) | V100 (paper) |", "|---|---:|---:|---:|---:|"]
+
+    def rate(mode, model, implementation, dtype="bfloat16"):
+        hit = [r for r in result["rows"] if (r["mode"], r["model"], r["implementation"], r["dtype"]) == (mode, model, implementation, dtype)]
+        return run._cell(hit[0].get("clips_per_s") if hit else None, ".1f")
+
+    for model in result["settings"]["models"]:
+        v100 = run.PUBLISHED.get(model, {}).get("v100_clips_per_s")
+        lines.append(f"| {model} | {rate('forward', model, 'ours')} | {rate('forward', model, 'torch-eager')} / "
+                     f"{rate('forward', model, 'torch-compile')} | {rate('train', model, 'ours')} | {run._cell(v100, '.1f')} |")
+    if result["notes"]:
+        lines += [""] + [f"- {key}: {note}" for key, note in result["notes"].items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny models, 1 s clips, batch 2, 1 repeat: tests the machinery")
+    parser.add_argument("--batch", type=int, help="batch (per device in the scaling rows; default 64, --quick 2)")
+    parser.add_argument("--dtypes", nargs="+", choices=["bfloat16", "float32"], default=["float32", "bfloat16"])
+    parser.add_argument("--repeats", type=int, help="timed runs after one warm-up (default 5, --quick 1)")
+    parser.add_argument("--torch-compile", action="store_true", help="also time torch.compile (its compile is time-boxed)")
+    parser.add_argument("--compile-timeout", type=int, default=120)
+    parser.add_argument("--budget-s", type=float, default=450.0, help="skip the remaining parts after this many seconds")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to run (default: all)")
+    parser.add_argument("--max-devices", type=int, help="largest mesh in the scaling rows (default: every device)")
+    parser.add_argument("--out-dir", type=pathlib.Path, default=pathlib.Path(__file__).resolve().parent / "results")
+    args = parser.parse_args(argv)
+
+    batch = args.batch or (2 if args.quick else 64)
+    repeats = args.repeats or (1 if args.quick else 5)
+    dtypes = sorted(args.dtypes, key=lambda d: d != "float32")  # torch fp32 first: bf16 parity is against it
+    seconds = 1.0 if args.quick else 10.0
+    cases = [run.Case(m, seconds, QUICK_OVERRIDES[m] if args.quick else ()) for m in MODELS]
+    machine = machine_description()
+    print(f"# {machine['slug']}: gpu suite, models {list(MODELS)}, batch {batch}, dtypes {dtypes}, {repeats} repeats", flush=True)
+    print(run.TABLE_HEADER, flush=True)
+    start = time.perf_counter()
+    measured = suite(cases, batch, dtypes, repeats, compile_timeout=args.compile_timeout if args.torch_compile else None,
+                     budget_s=args.budget_s, max_devices=args.max_devices, parts=tuple(args.parts), log=lambda line: print(line, flush=True))
+    result = {
+        "schema_version": run.SCHEMA_VERSION,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine,
+        "settings": {"suite": "gpu", "quick": args.quick, "models": list(MODELS), "batches": [batch], "dtypes": dtypes,
+                     "repeats": repeats, "clip_seconds": seconds, "torch_compile": args.torch_compile,
+                     "max_devices": args.max_devices, "parts": args.parts},
+        **measured,
+        "published": run.PUBLISHED,
+        "wall_s": time.perf_counter() - start,
+    }
+    print("\n" + format_tables(result))
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    path = args.out_dir / f"{machine['slug']}-gpu-suite{'-quick' if args.quick else ''}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"\nwrote {path} ({result['wall_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
