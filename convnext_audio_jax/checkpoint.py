@@ -5,10 +5,10 @@ Layout of a model directory::
     DIR/metadata.json   {"format": ..., "model": name, "model_config": {...}, "class_names": [...], ...}
     DIR/variables/      orbax StandardCheckpointer: {'params': ..., 'batch_stats': ...}
 
-``save_model`` writes one (``convnext-audio convert`` does). ``load_model`` reads one through
+``save_model`` writes one (``convnext-audio convert`` and training's ``model/best`` and ``model/last`` do). ``load_model`` reads one through
 ``resolve_model_dir``, which also accepts a training workdir (``WORKDIR/model/best``, else
-``WORKDIR/model/last``): so ``evaluate``, ``tag``, ``embed``, ``convert --to-torch``, ``init_from`` and the
-HEAR-style ``inference.load_model`` all take either.
+``WORKDIR/model/last``) and a registered pretrained name: so ``evaluate``, ``tag``, ``embed``, ``predict``,
+``export``, ``convert --to-torch``, ``init_from`` and the HEAR API's ``hear.load_model`` all take any of them.
 
 A directory appears only complete: it is written under a temporary name beside the target, fsynced, and
 renamed into place. Replacing a model directory renames the old one aside, the new one in, then deletes

@@ -211,19 +211,25 @@ def _plot_per_class_ap(result: Mapping[str, Any], path: pathlib.Path) -> None:
 
 
 def open_data_spec(spec: str, labels_csv: str | os.PathLike | None = None,
-                   options: spec_lib.DataOptions | None = None) -> tuple[Any, tuple[str, ...] | None]:
+                   options: spec_lib.DataOptions | None = None, frontend=None) -> tuple[Any, tuple[str, ...] | None]:
     """The source named by a data SPEC (convnext_audio_jax/data/spec.py) and the class names it knows, if
-    any. Raises ValueError (a one-line ``SpecError``) naming the SPEC when it cannot be opened."""
+    any. Raises ValueError (a one-line ``SpecError``) naming the SPEC when it cannot be opened, or (given the
+    model's ``frontend``) when its clips are not at the model's sample rate and clip length."""
     options = options or spec_lib.DataOptions()
     if labels_csv:
         options = dataclasses.replace(options, labels_csv=os.fspath(labels_csv))
     opened = spec_lib.open_spec(spec, options)
+    if frontend is not None and (opened.sample_rate, opened.clip_samples) != (frontend.sample_rate,
+                                                                             frontend.clip_samples):
+        raise ValueError(f"data SPEC {spec!r} holds {opened.clip_samples}-sample clips at {opened.sample_rate} Hz; "
+                         f"the model takes {frontend.clip_samples}-sample clips at {frontend.sample_rate} Hz")
     return opened.source, opened.class_names
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
-                        help="model directory (convert's output) or training workdir (its model/best, else model/last)")
+                        help="model directory (convert's output), training workdir (its model/best, else model/last) or "
+                             "pretrained name")
     parser.add_argument("--data", required=True, metavar="SPEC",
                         help="DIR@SPLIT (a prepare output), FILE.h5 (packed or PANN index), AUDIO_DIR@CLIPS.csv, "
                              "tfds:NAME[/CONFIG][:VERSION]@SPLIT, demo[@SPLIT] or SPEC+SPEC")
@@ -301,7 +307,7 @@ def run(args: argparse.Namespace) -> int:
     model, variables, metadata = load_model(args.checkpoint)
     frontend = model.frontend
     options = spec_lib.DataOptions(demo_sample_rate=frontend.sample_rate, demo_clip_seconds=frontend.clip_seconds)
-    source, data_names = open_data_spec(args.data, args.labels, options)
+    source, data_names = open_data_spec(args.data, args.labels, options, frontend)
     model_names = metadata.get("class_names")
     order = class_order(model_names, data_names, model.num_classes, source.num_classes, args.remap_by_name)
     if order is not None:

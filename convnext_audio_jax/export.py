@@ -1,6 +1,7 @@
 """Exporting a model to StableHLO (``jax.export``) and ONNX (``jax2onnx``), with metadata beside the file.
 
-The exported function maps a waveform batch (batch, samples) at 32 kHz to a fixed set of named outputs
+The exported function maps a waveform batch (batch, samples) at the model's sample rate (32 kHz for the released
+models; the rate and window length are in the metadata) to a fixed set of named outputs
 (``OUTPUT_NAMES``; ``frame_probs`` too for the audio ConvNeXt, see ``convnext_audio_jax.inference``):
 
 * **StableHLO**: the file is exactly ``Exported.serialize()``'s bytes, so
@@ -257,7 +258,8 @@ def export(model: nn.Module, variables: Mapping[str, Any], fmt: str, output: str
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL", help="model checkpoint folder (written by convert or training)")
+    parser.add_argument("model", metavar="MODEL", help="model directory (written by convert or training), training workdir (its "
+                        "model/best, else model/last) or pretrained name")
     parser.add_argument("--format", required=True, help="stablehlo (jax.export, CPU + CUDA) or onnx (jax2onnx)")
     parser.add_argument("--output", required=True, help="file to write; its metadata goes to FILE.json beside it")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")

@@ -6,10 +6,12 @@
     scene = hear.get_scene_embeddings(audio, model)          # audio: torch (n_sounds, n_samples) at 48 kHz
     embeddings, timestamps = hear.get_timestamp_embeddings(audio, model)
 
-* **Sample rate 48 000 Hz.** HEAR 2021 accepts 16 000, 22 050, 44 100 or 48 000 Hz; the models run at 32 kHz
-  with mel bands up to 14 kHz. 16 and 22.05 kHz input would leave the bands above 8 / 11 kHz empty, so the
-  choice is between 44.1 and 48 kHz; 48 → 32 kHz is the exact ratio 3:2 (a short polyphase filter, no
-  fractional phase drift). Audio is resampled internally with soxr (HQ), as the tagging commands do.
+* **Sample rate 48 000 Hz.** HEAR 2021 accepts 16 000, 22 050, 44 100 or 48 000 Hz; the released models run at
+  32 kHz with mel bands up to 14 kHz (a model trained at another rate, e.g. the 16 kHz demo, gets its own).
+  16 and 22.05 kHz input would leave the bands above 8 / 11 kHz empty, so the choice is between 44.1 and
+  48 kHz; 48 → 32 kHz is the exact ratio 3:2 (a short polyphase filter, no
+  fractional phase drift). Audio is resampled internally with soxr (HQ) to the model's front-end rate, as the
+  tagging commands do.
 * **Scene embedding**: the model's ``scene_embedding`` (ConvNeXt: the LayerNorm the classifier reads; PANNs:
   ReLU(fc1)) of the sound zero-padded to one 10 s window; a longer sound is cut into consecutive 10 s windows
   (the last zero-padded) and gets the mean of their scene embeddings.
@@ -126,7 +128,8 @@ class HearModel(torch.nn.Module):
 
 
 def load_model(model_file_path: str = "", batch_size: int = 8) -> HearModel:
-    """HEAR ``load_model``: a checkpoint folder written by ``convnext-audio convert`` or training (the one
+    """HEAR ``load_model``: a model directory written by ``convnext-audio convert`` or training, a training
+    workdir (its model/best, else model/last) or a registered pretrained name (all that
     ``convnext_audio_jax.checkpoint.load_model`` reads). There is no default: an empty path raises a
     ``ValueError`` naming how to get weights."""
     from convnext_audio_jax.checkpoint import load_model as load_checkpoint

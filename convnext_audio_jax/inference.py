@@ -9,6 +9,7 @@ and an interrupted run can be resumed (``--resume``).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Mapping
@@ -72,7 +73,8 @@ def add_tag_arguments(parser: argparse.ArgumentParser) -> None:
                         help="add per-window (and, for ConvNeXt, per-frame) scores and merged events")
     parser.add_argument("--all-scores", action="store_true", help="every class's score (json/csv)")
     parser.add_argument("--hop", type=float, default=DEFAULT_HOP_SECONDS,
-                        help="seconds between 10 s windows of longer files (default %(default)s)")
+                        help="seconds between the model's windows (10 s for the released models) of longer files "
+                             "(default %(default)s)")
     parser.add_argument("--aggregate", choices=AGGREGATIONS, default="max",
                         help="file score from its window scores (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward (default %(default)s)")
@@ -85,7 +87,9 @@ def run_tag(args: argparse.Namespace) -> int:
 
     if args.top_k < 1:
         raise ValueError(f"--top-k must be ≥ 1, got {args.top_k}")
-    windowing.hop_samples(args.hop, audio_lib.SAMPLE_RATE)  # bad options fail before the model loads
+    # Bad options fail before the model loads (the hop in samples needs the model's rate: checked once loaded).
+    if not (math.isfinite(args.hop) and args.hop > 0):
+        raise ValueError(f"--hop must be a positive number of seconds, got {args.hop}")
     if args.resume and (args.output is None or args.format not in RESUMABLE_FORMATS):
         raise ValueError(f"--resume needs --output and --format {' or '.join(RESUMABLE_FORMATS)}")
     if args.backend == "onnxruntime":
@@ -98,6 +102,7 @@ def run_tag(args: argparse.Namespace) -> int:
         model, variables, metadata = load_model(args.checkpoint)
         scorer = None
     names = class_names_for(metadata, model.num_classes, args.labels)
+    windowing.hop_samples(args.hop, model.frontend.sample_rate)  # a sub-sample hop fails before the output opens
     files, errors = expand_inputs(args.inputs)
     for error in errors:
         print(f"tag: skipped {error.line()}", file=sys.stderr)
@@ -114,7 +119,7 @@ def run_tag(args: argparse.Namespace) -> int:
         with tqdm.tqdm(total=len(todo), unit="file", desc="tag", disable=args.no_progress, file=sys.stderr) as bar:
             for event in tagger.stream(todo):
                 if isinstance(event, FileStarted) and args.frames:
-                    spool = FileSpool(spool_dir, tagger.frames)
+                    spool = FileSpool(spool_dir, tagger.frames, tagger.window_seconds)
                 elif isinstance(event, WindowScores) and spool is not None:
                     spool.add(event)
                 elif isinstance(event, FileScored):
@@ -162,20 +167,21 @@ def add_embed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", help="--kind logits: class_labels_indices.csv whose names are stored as class_names "
                         "(default: the names stored in the model, else indices)")
     parser.add_argument("--hop", type=float, default=DEFAULT_HOP_SECONDS,
-                        help="seconds between 10 s windows of longer files (default %(default)s)")
+                        help="seconds between the model's windows (10 s for the released models) of longer files "
+                             "(default %(default)s)")
     parser.add_argument("--max-windows", type=int, default=windowing.MAX_WINDOWS,
                         help="refuse a file with more windows than this (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward (default %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _embed_file(path: str, store: EmbeddingStore, embed_windows, window: int, hop: int, max_windows: int,
-                kind: str, batch_size: int) -> None:
-    """Stream one file's windows through ``embed_windows`` into a part of ``store``; raises ClipError or
-    ValueError (nothing of the file is kept then)."""
-    info, blocks = audio_lib.stream_mono(path)
+def _embed_file(path: str, store: EmbeddingStore, embed_windows, sample_rate: int, window: int, hop: int,
+                max_windows: int, kind: str, batch_size: int) -> None:
+    """Stream one file's windows (``window`` samples at ``sample_rate``, the model's) through ``embed_windows``
+    into a part of ``store``; raises ClipError or ValueError (nothing of the file is kept then)."""
+    info, blocks = audio_lib.stream_mono(path, target_rate=sample_rate)
     if info.header_frames is not None:
-        expected = int(np.ceil(info.header_frames * audio_lib.SAMPLE_RATE / info.sample_rate))
+        expected = int(np.ceil(info.header_frames * sample_rate / info.sample_rate))
         windowing.check_window_count(path, expected, window, hop, max_windows)
     part = store.begin(path)
     try:
@@ -183,7 +189,7 @@ def _embed_file(path: str, store: EmbeddingStore, embed_windows, window: int, ho
         for start, samples in windowing.stream_windows(blocks, window, hop):
             if len(starts) == max_windows:
                 raise ValueError(f"{path}: more than {max_windows} windows at a hop of {hop} samples")
-            starts.append(start / audio_lib.SAMPLE_RATE)
+            starts.append(start / sample_rate)
             batch.append(samples)
             if len(batch) == batch_size:
                 part.add(embed_windows(np.stack(batch))[kind])
@@ -203,7 +209,9 @@ def run_embed(args: argparse.Namespace) -> int:
     columns. Exit code 1 when no file could be embedded."""
     from convnext_audio_jax.checkpoint import load_model as load_checkpoint
 
-    hop = windowing.hop_samples(args.hop, audio_lib.SAMPLE_RATE)
+    # Bad options fail before the model loads (the hop in samples needs the model's rate: checked once loaded).
+    if not (math.isfinite(args.hop) and args.hop > 0):
+        raise ValueError(f"--hop must be a positive number of seconds, got {args.hop}")
     if args.max_windows < 1:
         raise ValueError(f"--max-windows must be ≥ 1, got {args.max_windows}")
     store = EmbeddingStore(args.output, args.kind, args.resume)
@@ -220,6 +228,8 @@ def run_embed(args: argparse.Namespace) -> int:
     else:
         model, variables, metadata = load_checkpoint(args.checkpoint)
         embed_windows = ShardedForward(model, variables, args.batch_size, select=_select_embeddings(args.kind))
+    sample_rate = int(model.frontend.sample_rate)  # files are resampled to the model's rate, cut to its window
+    hop = windowing.hop_samples(args.hop, sample_rate)
     names = {"class_names": np.array(class_names_for(metadata, model.num_classes, args.labels))} if args.kind == "logits" else {}
     files, errors = expand_inputs(args.inputs)
     for error in errors:
@@ -229,8 +239,8 @@ def run_embed(args: argparse.Namespace) -> int:
         print(f"embed: {len(files) - len(todo)} files already in {store.parts}", file=sys.stderr)
     for path in tqdm.tqdm(todo, unit="file", desc="embed", disable=args.no_progress, file=sys.stderr):
         try:
-            _embed_file(path, store, embed_windows, model.frontend.clip_samples, hop, args.max_windows, args.kind,
-                        embed_windows.batch_size)
+            _embed_file(path, store, embed_windows, sample_rate, model.frontend.clip_samples, hop, args.max_windows,
+                        args.kind, embed_windows.batch_size)
         except audio_lib.ClipError as error:
             print(f"embed: skipped {path}: {error.reason} ({error.detail})", file=sys.stderr)
         except ValueError as error:

@@ -1,8 +1,8 @@
 """Running an exported ONNX file (``convnext-audio export --format onnx``) with ONNX Runtime: no JAX in the loop.
 
-``OnnxRuntimeForward(path)`` maps a batch of windows (n ≤ batch_size, window samples) float32 at 32 kHz to the
-same dict of numpy arrays the JAX forward (``convnext_audio_jax.forward.ShardedForward``) gives for the names
-asked for (``probs``, ``scene_embedding``, ``sequence_embeddings`` and, for the audio ConvNeXt, ``frame_probs``),
+``OnnxRuntimeForward(path)`` maps a batch of windows (n ≤ batch_size, window samples) float32 at the model's rate
+(the metadata's ``sample_rate``) to the same dict of numpy arrays the JAX forward
+(``convnext_audio_jax.forward.ShardedForward``) gives for the names asked for (``probs``, ``scene_embedding``, ``sequence_embeddings`` and, for the audio ConvNeXt, ``frame_probs``),
 so tagging's windowing code runs unchanged on it (``convnext-audio tag … --backend onnxruntime``).
 """
 

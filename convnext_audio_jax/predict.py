@@ -67,10 +67,15 @@ class SourceRange:
 
 
 def load_members(checkpoints: Sequence[str]) -> list[tuple[str, Any, Any]]:
-    """(name, model, variables) of each checkpoint folder, named by its absolute path."""
-    from convnext_audio_jax.checkpoint import load_model
+    """(name, model, variables) of each model directory, training workdir or pretrained name, named by the
+    absolute path of the model directory it resolves to (``checkpoint.resolve_model_dir``)."""
+    from convnext_audio_jax.checkpoint import load_model, resolve_model_dir
 
-    return [(os.path.abspath(path), *load_model(path)[:2]) for path in checkpoints]
+    members = []
+    for path in checkpoints:
+        directory = resolve_model_dir(path).absolute()
+        members.append((str(directory), *load_model(directory)[:2]))
+    return members
 
 
 def predict_teacher(members: Sequence[tuple[str, Any, Any]], source, output: str | os.PathLike, *,
@@ -159,7 +164,7 @@ def _predict_chunk(chunk: SourceRange, forwards, members, rows: int, read_thread
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, nargs="+", metavar="MODEL",
-                        help="model checkpoint folder(s); several: their mean logits (an ensemble)")
+                        help="model directory, training workdir or pretrained name (several: their mean logits, an ensemble)")
     parser.add_argument("--data", required=True, metavar="SPEC",
                         help="DIR@SPLIT (a prepare output), FILE.h5 (packed or PANN index) or AUDIO_DIR@CLIPS.csv")
     parser.add_argument("--labels", help="class_labels_indices.csv (needed for AUDIO_DIR@CLIPS.csv)")

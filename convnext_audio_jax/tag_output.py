@@ -42,9 +42,11 @@ def file_report(result: FileScored | TaggedFile, names: Sequence[str], top_k: in
         "file": source.name,
         "duration_s": round(source.duration, 4),
         "sample_rate": source.sample_rate,
+        "model_sample_rate": source.model_rate,
+        "window_s": source.window_seconds,
         "channels": source.channels,
         "downmixed": source.channels > 1,
-        "padded": source.duration < audio_lib.CLIP_SECONDS,
+        "padded": source.duration < source.window_seconds,
         "num_windows": num_windows,
         "clipped_samples": source.clipped,
         "tags": _tags(result.clip_probs, names, top_k, threshold),
@@ -58,7 +60,8 @@ class FileSpool:
     """One file's window (and frame) scores in unnamed temporary files as float64 rows [start, probs...], read
     back a chunk at a time when the file is done."""
 
-    def __init__(self, directory: str | None, frames: bool):
+    def __init__(self, directory: str | None, frames: bool, window_seconds: float = audio_lib.CLIP_SECONDS):
+        self._window_seconds = window_seconds
         self._windows = tempfile.TemporaryFile(dir=directory)
         self._frames = tempfile.TemporaryFile(dir=directory) if frames else None
         self._window_width = self._frame_shape = None
@@ -84,7 +87,7 @@ class FileSpool:
         """(starts, ends, probs) chunks of the windows, ends clipped to the audio."""
         for rows in self._rows(self._windows, self._window_width, _CHUNK_ROWS):
             starts = rows[:, 0]
-            yield starts, np.minimum(starts + audio_lib.CLIP_SECONDS, duration), rows[:, 1:]
+            yield starts, np.minimum(starts + self._window_seconds, duration), rows[:, 1:]
 
     def frames(self, bounds: np.ndarray, duration: float) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """(starts, ends, probs) chunks of the frames; frames wholly in the padding past the end are left out."""
@@ -176,13 +179,13 @@ def _csv_record(report, spool, events, names, reported, bounds, duration) -> Ite
 
 def _describe(report: dict) -> str:
     details = [f"{report['duration_s']:.2f} s", f"{report['sample_rate']} Hz"]
-    if report["sample_rate"] != audio_lib.SAMPLE_RATE:
-        details[-1] += f" resampled to {audio_lib.SAMPLE_RATE} Hz"
+    if report["sample_rate"] != report["model_sample_rate"]:
+        details[-1] += f" resampled to {report['model_sample_rate']} Hz"
     if report["downmixed"]:
         details.append(f"{report['channels']} channels downmixed to mono")
     if report["clipped_samples"]:
         details.append(f"{report['clipped_samples']} samples outside [-1, 1] clipped")
-    details.append("zero-padded to 10 s" if report["padded"] else f"{report['num_windows']} windows")
+    details.append(f"zero-padded to {report['window_s']:g} s" if report["padded"] else f"{report['num_windows']} windows")
     return f"{report['file']} ({', '.join(details)})"
 
 

@@ -2,10 +2,11 @@
 merged sound events.
 
 Audio of any format soundfile/audioread decodes, any sample rate and channel count (downmixed to mono by the
-mean of the channels) and any length is read a block at a time and cut into 10 s windows at 32 kHz
-(`convnext_audio_jax.windowing`): a file shorter than 10 s is zero-padded at the end to one window (the authors'
-models were trained and evaluated on AudioSet clips zero-padded at the end to 10 s, PANNs' ``pad_or_truncate``);
-a longer one is cut into windows every ``hop`` seconds, the last window ending at the end of the file. Every
+mean of the channels) and any length is read a block at a time, resampled to the model's front-end rate
+(``model.frontend.sample_rate``: 32 kHz for the released models) and cut into windows of the model's clip length
+(``model.frontend.clip_samples``: 10 s) (`convnext_audio_jax.windowing`): a file shorter than a window is
+zero-padded at the end to one window (the authors' models were trained and evaluated on AudioSet clips zero-padded
+at the end to 10 s, PANNs' ``pad_or_truncate``); a longer one is cut into windows every ``hop`` seconds, the last window ending at the end of the file. Every
 window is scored; a file's score is the max (or mean) over its windows.
 
 Frame-level scores (ConvNeXt only): the last stage yields a sequence of T time steps per window (31 for 10 s:
@@ -43,7 +44,7 @@ AUDIO_EXTENSIONS = frozenset(
        ".mp4"}
 )
 
-# A batch of windows (B, samples) float32 at 32 kHz → dict of numpy arrays with B rows ("probs", and
+# A batch of windows (B, samples) float32 at the model's rate → dict of numpy arrays with B rows ("probs", and
 # "frame_probs" when frame scores are asked for). ShardedForward is one; another backend can stand in.
 WindowScorer = Callable[[np.ndarray], Mapping[str, np.ndarray]]
 
@@ -127,17 +128,20 @@ def merge_events(starts: np.ndarray, ends: np.ndarray, probs: np.ndarray, thresh
 @dataclasses.dataclass(frozen=True)
 class AudioInfo:
     """What a file was: its name, sample rate and channels (more than one were averaged), its length in
-    32 kHz samples and how many samples lay outside [-1, 1] (clipped)."""
+    samples at the model's rate ``model_rate`` (what it was resampled to), how many samples lay outside [-1, 1]
+    (clipped), and the length of the model's window in seconds."""
 
     name: str
     sample_rate: int
     channels: int
     num_samples: int
     clipped: int = 0
+    model_rate: int = audio_lib.SAMPLE_RATE
+    window_seconds: float = audio_lib.CLIP_SECONDS
 
     @property
     def duration(self) -> float:
-        return self.num_samples / audio_lib.SAMPLE_RATE
+        return self.num_samples / self.model_rate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +188,7 @@ class TaggedFile:
 
     def window_segments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(starts, ends, probs) of the windows, ends clipped to the audio."""
-        return window_segments(self.window_starts, self.window_probs, self.audio.duration)
+        return window_segments(self.window_starts, self.window_probs, self.audio.duration, self.audio.window_seconds)
 
     def frame_segments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(starts, ends, probs) of every frame of every window, in time order of the windows; frames that lie
@@ -192,8 +196,9 @@ class TaggedFile:
         return frame_segments(self.window_starts, self.frame_probs, self.frame_bounds, self.audio.duration)
 
 
-def window_segments(starts: np.ndarray, probs: np.ndarray, duration: float):
-    return starts, np.minimum(starts + audio_lib.CLIP_SECONDS, duration), probs
+def window_segments(starts: np.ndarray, probs: np.ndarray, duration: float,
+                    window_seconds: float = audio_lib.CLIP_SECONDS):
+    return starts, np.minimum(starts + window_seconds, duration), probs
 
 
 def frame_segments(window_starts: np.ndarray, frame_probs: np.ndarray, bounds: np.ndarray, duration: float):
@@ -241,14 +246,14 @@ class Tagger:
                  mesh=None, max_windows: int = windowing.MAX_WINDOWS, scorer: WindowScorer | None = None):
         if aggregate not in AGGREGATIONS:
             raise ValueError(f"aggregate {aggregate!r}: expected one of {AGGREGATIONS}")
-        if model.frontend.sample_rate != audio_lib.SAMPLE_RATE:
-            raise ValueError(f"the model takes {model.frontend.sample_rate} Hz audio; tagging decodes to "
-                             f"{audio_lib.SAMPLE_RATE} Hz")
         if max_windows < 1:
             raise ValueError(f"--max-windows must be ≥ 1, got {max_windows}")
         self.model = model
+        # Files are decoded and resampled to the model's rate and cut into windows of its clip length.
+        self.sample_rate = int(model.frontend.sample_rate)
         self.window = model.frontend.clip_samples
-        self.hop = windowing.hop_samples(hop_seconds, audio_lib.SAMPLE_RATE)
+        self.window_seconds = self.window / self.sample_rate
+        self.hop = windowing.hop_samples(hop_seconds, self.sample_rate)
         self.aggregate = aggregate
         self.frames = frames and frame_grid(model) is not None
         self.max_windows = max_windows
@@ -298,9 +303,9 @@ class Tagger:
     def _items(self, path) -> Iterator:
         name = os.fspath(path)
         try:
-            info, blocks = audio_lib.stream_mono(path)
+            info, blocks = audio_lib.stream_mono(path, target_rate=self.sample_rate)
             if info.header_frames is not None:  # refuse before reading when the header already tells
-                expected = int(np.ceil(info.header_frames * audio_lib.SAMPLE_RATE / info.sample_rate))
+                expected = int(np.ceil(info.header_frames * self.sample_rate / info.sample_rate))
                 windowing.check_window_count(name, expected, self.window, self.hop, self.max_windows)
         except audio_lib.ClipError as error:
             yield TagError(name, error.reason, error.detail)
@@ -343,7 +348,7 @@ class Tagger:
                 else:
                     file.total = file.total + probs
                 file.scored += 1
-                yield WindowScores(file.info.name, item.start / audio_lib.SAMPLE_RATE, probs, frame_probs)
+                yield WindowScores(file.info.name, item.start / self.sample_rate, probs, frame_probs)
             elif isinstance(item, _Done):
                 yield self._scored(item.file)
             else:
@@ -354,7 +359,8 @@ class Tagger:
             return TagError(file.info.name, "non-finite scores", "the model gave NaN/Inf scores for this file")
         clip_probs = file.total if self.aggregate == "max" else file.total / file.scored
         info = file.info
-        audio = AudioInfo(info.name, info.sample_rate, info.channels, file.num_samples, info.clipped)
+        audio = AudioInfo(info.name, info.sample_rate, info.channels, file.num_samples, info.clipped, self.sample_rate,
+                          self.window_seconds)
         bounds = frame_bounds(self.model, file.steps) if self.frames else None
         return FileScored(audio, file.windows, clip_probs.astype(np.float32), bounds)
 

@@ -4,6 +4,7 @@ import subprocess
 import numpy as np
 import pytest
 import soundfile
+import soxr
 
 from convnext_audio_jax.data import audio
 from data_helpers import tone
@@ -125,6 +126,27 @@ def test_stream_equals_decoding_the_whole_file(tmp_path):
     streamed = np.concatenate(list(blocks))
     np.testing.assert_allclose(streamed, whole, atol=1e-6)
     assert (info.sample_rate, info.channels, info.frames_read, info.clipped) == (44_100, 3, 100_003, 0)
+
+
+
+@pytest.mark.parametrize("target_rate", [16_000, 44_100])
+def test_stream_resamples_to_the_target_rate(tmp_path, target_rate):
+    """A model's own rate (the demo's 16 kHz): the streamed blocks equal soxr's one-shot resampling of the mono
+    file, and the rate equal to the file's leaves the samples untouched."""
+    rng = np.random.default_rng(1)
+    stereo = np.clip(0.2 * rng.standard_normal((100_003, 2)), -0.9, 0.9).astype(np.float32)  # nothing clipped
+    path = tmp_path / "two.wav"
+    soundfile.write(path, stereo, 44_100, subtype="FLOAT")
+    info, blocks = audio.stream_mono(path, block_frames=4_096, target_rate=target_rate)
+    streamed = np.concatenate(list(blocks))
+    mono = stereo.mean(axis=1, dtype=np.float32)
+    expected = mono if target_rate == 44_100 else soxr.resample(mono, 44_100, target_rate, quality="HQ")
+    assert streamed.shape == expected.shape
+    np.testing.assert_allclose(streamed, expected, atol=1e-5)
+    assert info.frames_read == 100_003
+    for bad in (0, -16_000, 16_000.5, True):
+        with pytest.raises(ValueError, match="target_rate must be a positive whole number of Hz"):
+            audio.stream_mono(path, target_rate=bad)
 
 
 def test_read_span_reads_only_its_span(tmp_path):

@@ -120,6 +120,18 @@ def test_data_specs(packed, tmp_path):
         evaluate_lib.open_data_spec(str(segments))
 
 
+def test_data_at_another_rate_or_length_than_the_model_is_refused(packed):
+    """A model trained at 16 kHz on 1 s clips (the demo) must not read 10 s clips at 32 kHz as 20 s of its audio."""
+    from convnext_audio_jax.frontend import FrontendConfig
+
+    demo_frontend = FrontendConfig(sample_rate=16_000, n_mels=64, fmax=8_000.0, clip_seconds=1.0)
+    with pytest.raises(ValueError, match=r"320000-sample clips at 32000 Hz; the model takes 16000-sample clips at "
+                                         r"16000 Hz"):
+        evaluate_lib.open_data_spec(str(packed[0]), frontend=demo_frontend)
+    source, _ = evaluate_lib.open_data_spec(str(packed[0]), frontend=FrontendConfig())
+    assert len(source) == NUM_CLIPS
+
+
 def test_cli_evaluate_end_to_end(tiny_model, packed, tmp_path, capsys):
     model, variables = tiny_model
     names = [name for _, name in data_helpers.CLASSES]

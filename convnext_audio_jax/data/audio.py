@@ -12,6 +12,7 @@ block when it falls back to audioread).
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 import struct
 import warnings
@@ -201,24 +202,27 @@ class StreamInfo:
         return self.frames_read / self.sample_rate
 
 
-def stream_mono(path: str | os.PathLike, clip_id: str | None = None, *, block_frames: int = BLOCK_FRAMES
-                ) -> tuple[StreamInfo, Iterator[np.ndarray]]:
-    """Open a file of any length: its StreamInfo, and an iterator of mono float32 blocks at 32 kHz (read,
-    clipped to [-1, 1], downmixed by the mean of the channels and resampled with a streaming soxr a block at a
-    time). The info's ``frames_read`` and ``clipped`` are final once the iterator is exhausted.
+def stream_mono(path: str | os.PathLike, clip_id: str | None = None, *, block_frames: int = BLOCK_FRAMES,
+                target_rate: int = SAMPLE_RATE) -> tuple[StreamInfo, Iterator[np.ndarray]]:
+    """Open a file of any length: its StreamInfo, and an iterator of mono float32 blocks at ``target_rate`` Hz
+    (default 32 kHz; tag and embed pass the model's front-end rate): read, clipped to [-1, 1], downmixed by the
+    mean of the channels and resampled with a streaming soxr a block at a time. The info's ``frames_read`` and ``clipped`` are final once the iterator is exhausted.
 
     Raises ClipError (at open: missing, unreadable, truncated WAV header; while iterating: non-finite samples,
     unreadable mid-way, truncated, changed while read; at the end: empty, no frames). Digital silence is valid.
     """
     name = clip_id or os.fspath(path)
+    if isinstance(target_rate, bool) or not isinstance(target_rate, numbers.Integral) or target_rate <= 0:
+        raise ValueError(f"target_rate must be a positive whole number of Hz, got {target_rate!r}")
+    target_rate = int(target_rate)
     decoder = _Decoder(path, name, block_frames)
     info = StreamInfo(name, decoder.sample_rate, decoder.channels, decoder.header_frames)
     sample_rate = decoder.sample_rate
 
     def blocks() -> Iterator[np.ndarray]:
         try:
-            resampler = (None if sample_rate == SAMPLE_RATE else
-                         soxr.ResampleStream(sample_rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ"))
+            resampler = (None if sample_rate == target_rate else
+                         soxr.ResampleStream(sample_rate, target_rate, 1, dtype="float32", quality="HQ"))
             for block in decoder.blocks():
                 if not np.isfinite(block).all():
                     bad = int(block.size - np.isfinite(block).sum())
