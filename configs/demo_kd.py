@@ -11,9 +11,12 @@ model/best); step 3 trains the student on those 4096 clips with loss λ·BCE(lab
 all three steps, or the teacher's rows belong to other audio. Student: dims 8-16-32-64, one block per stage (half
 the demo teacher's width, a quarter of its parameters); the rest as configs/demo.py.
 
-Expected result: none measured with these full sizes. The reduced experiment of
-tests/test_training_distill.py::test_demo_distillation_experiment (1024 clips, 240 steps per run, the
-student trained on the clips with half of their positive labels cleared) measured: see that test's docstring.
+Expected result: none measured with these full sizes. Measured with reduced sizes by
+tests/test_training_distill.py::test_demo_distillation_experiment (1024 training clips, 256 validation clips,
+240 steps per run, teacher file by ``predict_teacher``, the student trained on the clips with half of their
+positive labels cleared), once, on an Intel Xeon @ 2.80GHz with 2 cores shared with other jobs (34 min for
+the three runs): teacher validation mAP 0.7828; student distilled with label_weight = 0: 0.6870 (87.8 % of the
+teacher, short of issue 14's 90 %); the same student trained on the half labels only: 0.5111.
 """
 
 from configs.demo import get_config as demo_config
