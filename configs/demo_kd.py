@@ -2,7 +2,8 @@
 
     python train.py --config configs/demo.py --workdir workdir/demo
     convnext-audio predict --checkpoint workdir/demo --data demo@train --output workdir/demo_teacher.h5
-    python train.py --config configs/demo_kd.py --workdir workdir/demo_kd
+    python train.py --config configs/demo_kd.py --workdir workdir/demo_kd \
+        --config.distill.teacher=workdir/demo_teacher.h5
 
 Step 1 trains the teacher (configs/demo.py, 8192 training clips); step 2 writes its logits for the 4096 clips
 of ``demo@train`` as ``predict`` opens it (DataOptions' default: 4096 clips, seed 0; the workdir resolves to
@@ -26,7 +27,7 @@ def get_config():
     config = demo_config()
     config.model.overrides.dims = (8, 16, 32, 64)
     config.data.demo_train_clips = 4096  # the clips `convnext-audio predict --data demo@train` scores
-    config.distill.teacher = "workdir/demo_teacher.h5"
+    config.distill.teacher = ""  # the teacher file (set on the command line; "" trains on labels only)
     config.distill.label_weight = 0.1  # λ, Schmid et al.
     config.distill.temperature = 1.0  # T, Schmid et al.
     config.distill.allow_missing = False
