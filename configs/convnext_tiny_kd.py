@@ -1,18 +1,20 @@
 """ConvNeXt-Tiny on AudioSet by knowledge distillation from teacher predictions (issue 14; the paper, Sec. 6,
 names distillation as the route to the .483 mAP of Schmid et al.'s MobileNets).
 
-Reproduces no paper row yet: no distilled ConvNeXt has been trained here. The training step that reads
-``config.distill`` lands with the distillation integration; until then ``train.py`` does not read the
-``distill`` key and this config trains on labels only, exactly as configs/convnext_tiny_audioset.py. With the
-integration, the command is
+Data as configs/convnext_tiny_audioset.py (``convnext-audio prepare`` into data/audioset). The teacher file
+holds the logits of a teacher (or the mean of an ensemble) for every training clip, by clip id: written by
+``predict`` from model folders or training workdirs, or converted from EfficientAT's PaSST ensemble logits
+(docs/train.md). Then
 
+    convnext-audio predict --checkpoint TEACHER [TEACHER ...] \
+        --data data/audioset@balanced_train+data/audioset@unbalanced_train --output teacher.h5
     python train.py --config configs/convnext_tiny_kd.py --workdir runs/convnext_tiny_kd \
-        --config.data.path=DATA --config.init_from=CONVERTED_IMAGENET_CONVNEXT_TINY \
-        --config.distill.teacher=TEACHER.h5
+        --config.init_from=CONVERTED_IMAGENET_CONVNEXT_TINY --config.distill.teacher=teacher.h5
 
-where TEACHER.h5 comes from ``convnext-audio predict --checkpoint MODEL [MODEL ...] --data DATA@unbalanced_train
---output TEACHER.h5`` or is converted from EfficientAT's PaSST ensemble logits (docs/train.md). Expected result:
-none measured; Schmid et al. report .483 mAP for their largest distilled MobileNet (mn40_as_ext .487 in their
+Training checks before it starts that the file scores 527 classes and has a row for every training clip
+(else it stops naming the first missing ids; ``--config.distill.allow_missing=True`` trains on the clips that
+have one and logs how many were left out). Expected result: none measured (no distilled ConvNeXt has been
+trained here); Schmid et al. report .483 mAP for their largest distilled MobileNet (mn40_as_ext .487 in their
 repository), the ensemble teacher .495.
 
 Where each value comes from:
@@ -23,22 +25,19 @@ Where each value comes from:
   λ·BCE(labels) + (1 − λ)·BCE(student, σ(teacher/T)) with label_weight λ = 0.1 and temperature T = 1, no T²
   factor, the teacher's targets mixed with the same mixup λ and pairing as the inputs (their loss-level mixing
   equals our mixing of probabilities), and the teacher: an ensemble of PaSST models (.495 mAP);
-- here: ``allow_missing = False`` (a clip without a teacher row stops training with its id; True skips and
-  counts such clips). Schmid et al.'s code instead keeps those clips with their distillation term set to 0.
+- here: ``allow_missing = False`` (a clip without a teacher row stops training with its id; True leaves such
+  clips out of the training data and logs their number). Schmid et al.'s code instead keeps those clips
+  with their distillation term set to 0.
   Their own optimiser settings (Adam, lr 8e-4 with an exponential warm-up and linear decay over 200 epochs of
   100k clips, mixup α = 0.3, batch 120) are not used: they belong to their MobileNets, and the paper's recipe
   is the one known to train this model.
 """
-
-import ml_collections
 
 from configs.convnext_tiny_audioset import get_config as paper_config
 
 
 def get_config():
     config = paper_config()
-    # Read by the distillation integration; default_config() gains the same key with it.
-    config.distill = ml_collections.ConfigDict()
     config.distill.teacher = ""  # the teacher file (set on the command line)
     config.distill.label_weight = 0.1  # λ, Schmid et al.
     config.distill.temperature = 1.0  # T, Schmid et al.

@@ -179,6 +179,14 @@ def logmel_augmentation(rng: jax.Array, targets: jax.Array, config: AugmentConfi
     B rows), in the paper's order. The hook only sees the log-mel, so λ is drawn here, once per pair, and the
     returned targets are mixed with the same λ. With mixup off the targets are returned unchanged.
     """
+    hook, targets, _ = logmel_augmentation_with_lambdas(rng, targets, config)
+    return hook, targets
+
+
+def logmel_augmentation_with_lambdas(rng: jax.Array, targets: jax.Array, config: AugmentConfig):
+    """:func:`logmel_augmentation` that also returns the mixup λ it drew: ``(hook, targets, lambdas)``, with
+    ``lambdas`` (R/2,) float32, or None with mixup off. Knowledge distillation mixes the teacher's targets
+    with them (``distill.mixed_teacher_targets``): the same λ and pairing as the inputs and the labels."""
     spec_key, mixup_key = jax.random.split(rng)
     lambdas = mixup_lambdas(mixup_key, targets.shape[0] // 2, config.mixup_alpha) if config.mixup else None
 
@@ -189,4 +197,4 @@ def logmel_augmentation(rng: jax.Array, targets: jax.Array, config: AugmentConfi
                                   freq_max_width=config.freq_max_width)
         return mix_pairs(logmel, lambdas) if config.mixup else logmel
 
-    return hook, (mix_pairs(targets, lambdas) if config.mixup else targets)
+    return hook, (mix_pairs(targets, lambdas) if config.mixup else targets), lambdas

@@ -20,6 +20,8 @@ holds one prediction per clip, made without augmentation.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -61,3 +63,25 @@ def distillation_loss(student_logits: jax.Array, labels: jax.Array, teacher_prob
                                                  teacher_probabilities.astype(jnp.float32)).mean()
     loss = label_weight * label_loss + (1.0 - label_weight) * kd_loss
     return loss, {"label_loss": label_loss, "distillation_loss": kd_loss}
+
+
+@dataclasses.dataclass(frozen=True)
+class Distillation:
+    """The train step's distillation settings (``config.distill`` without the file): ``label_weight`` λ and
+    ``temperature`` T, validated on construction."""
+
+    label_weight: float = 0.1
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.label_weight <= 1.0:
+            raise ValueError(f"distill.label_weight must be in [0, 1]; got {self.label_weight}")
+        if not self.temperature > 0:
+            raise ValueError(f"distill.temperature must be > 0; got {self.temperature}")
+
+    def loss(self, student_logits: jax.Array, labels: jax.Array, teacher_logits: jax.Array,
+             lambdas: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """:func:`distillation_loss` of a batch whose labels are already mixed with ``lambdas`` (None: no
+        mixup); ``teacher_logits`` are the (R, C) rows of the clean clips, mixed here alike."""
+        teacher = mixed_teacher_targets(teacher_logits, lambdas, self.temperature)
+        return distillation_loss(student_logits, labels, teacher, self.label_weight, self.temperature)

@@ -166,7 +166,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, nargs="+", metavar="MODEL",
                         help="model directory, training workdir or pretrained name (several: their mean logits, an ensemble)")
     parser.add_argument("--data", required=True, metavar="SPEC",
-                        help="DIR@SPLIT (a prepare output), FILE.h5 (packed or PANN index) or AUDIO_DIR@CLIPS.csv")
+                        help="DIR@SPLIT (a prepare output), FILE.h5 (packed or PANN index), AUDIO_DIR@CLIPS.csv, "
+                             "tfds:NAME[/CONFIG][:VERSION]@SPLIT, demo[@SPLIT] (4096 train clips, seed 0) or SPEC+SPEC")
     parser.add_argument("--labels", help="class_labels_indices.csv (needed for AUDIO_DIR@CLIPS.csv)")
     parser.add_argument("--output", required=True, help="teacher file to write (HDF5), e.g. teacher.h5")
     parser.add_argument("--dtype", choices=teacher_lib.DTYPES, default="float16",
@@ -179,10 +180,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from convnext_audio_jax.data.spec import DataOptions
     from convnext_audio_jax.evaluate import open_data_spec
 
-    source, _ = open_data_spec(args.data, args.labels)
-    result = predict_teacher(load_members(args.checkpoint), source, args.output, source_name=args.data, batch_size=args.batch_size,
+    members = load_members(args.checkpoint)
+    frontend = members[0][1].frontend  # demo@SPLIT is synthesised at the (first) model's rate and clip length
+    options = DataOptions(demo_sample_rate=frontend.sample_rate, demo_clip_seconds=frontend.clip_seconds)
+    source, _ = open_data_spec(args.data, args.labels, options)
+    result = predict_teacher(members, source, args.output, source_name=args.data, batch_size=args.batch_size,
                              chunk_clips=args.chunk_clips, dtype=args.dtype, progress=not args.no_progress)
     for clip_id, reason, detail in result["skipped_ids"][:SKIPPED_SHOWN]:
         print(f"skipped {clip_id}: {reason} ({detail})", file=sys.stderr)

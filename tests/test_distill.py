@@ -62,14 +62,18 @@ def test_loss_with_mixup_equals_numpy(batch, label_weight, temperature):
 
 
 def test_same_lambdas_as_the_train_steps_mixup(batch):
-    """With the key the step uses, augment.mixup mixes inputs/labels with mixup_lambdas(key) — the λ the
-    teacher targets must be mixed with."""
+    """The λ that logmel_augmentation_with_lambdas returns are the ones that mixed the labels (and, through
+    the hook, the log-mel): the λ the teacher targets are mixed with."""
     key = jax.random.key(3)
-    x, labels = augment.mixup(key, jnp.asarray(batch["waveform"]), jnp.asarray(batch["labels"]))
-    lambdas = augment.mixup_lambdas(key, batch["labels"].shape[0] // 2)
+    config = augment.AugmentConfig(spec_augment=False, speed_perturb=False)
+    hook, labels, lambdas = augment.logmel_augmentation_with_lambdas(key, jnp.asarray(batch["labels"]), config)
     lam = np.asarray(lambdas, np.float64)[:, None]
     np.testing.assert_allclose(np.asarray(labels), lam * batch["labels"][0::2] + (1 - lam) * batch["labels"][1::2],
                                atol=1e-6)
+    logmel = jnp.asarray(np.random.default_rng(1).normal(size=(12, 4, 3)), jnp.float32)
+    np.testing.assert_allclose(np.asarray(hook(logmel)), np.asarray(augment.mix_pairs(logmel, lambdas)), atol=1e-6)
+    _, same_labels = augment.logmel_augmentation(key, jnp.asarray(batch["labels"]), config)
+    np.testing.assert_array_equal(np.asarray(same_labels), np.asarray(labels))
     teacher = distill.mixed_teacher_targets(jnp.asarray(batch["teacher"]), lambdas)
     p = np_sigmoid(batch["teacher"].astype(np.float64))
     np.testing.assert_allclose(np.asarray(teacher), lam * p[0::2] + (1 - lam) * p[1::2], atol=1e-6)
@@ -105,3 +109,7 @@ def test_bad_arguments(batch):
         distill.teacher_targets(s, 0.0)
     with pytest.raises(ValueError, match="same"):
         distill.distillation_loss(s, s[:2], s)
+    with pytest.raises(ValueError, match="label_weight"):
+        distill.Distillation(label_weight=-0.1)
+    with pytest.raises(ValueError, match="temperature"):
+        distill.Distillation(temperature=0.0)

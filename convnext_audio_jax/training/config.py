@@ -15,6 +15,7 @@ import ml_collections
 
 from convnext_audio_jax.augment import AugmentConfig
 from convnext_audio_jax.data import spec as spec_lib
+from convnext_audio_jax.distill import Distillation
 from convnext_audio_jax.models import create_model, get_spec
 
 MODEL_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -81,6 +82,14 @@ def default_config() -> ml_collections.ConfigDict:
     config.optimizer.grad_clip_norm = 0.0  # 0: no clipping
 
     config.augment = ml_collections.ConfigDict(dataclasses.asdict(AugmentConfig()))
+
+    # Knowledge distillation (Schmid et al. 2023): loss λ·BCE(labels) + (1 − λ)·BCE(σ(s/T), σ(t/T)) with the
+    # teacher's logits t of each training clip read by clip id from a teacher file (convnext-audio predict).
+    config.distill = ml_collections.ConfigDict()
+    config.distill.teacher = ""  # teacher file (convnext_audio_jax/teacher.py); "" trains on labels only
+    config.distill.label_weight = 0.1  # λ
+    config.distill.temperature = 1.0  # T
+    config.distill.allow_missing = False  # True: train only on the clips with a teacher row (counted, logged)
 
     config.checkpoint_every = 5000
     config.keep_checkpoints = 3
@@ -154,11 +163,26 @@ def validate_config(config, num_devices: int) -> None:
     unknown = set(config.augment) - {f.name for f in dataclasses.fields(AugmentConfig)}
     if unknown:
         raise ConfigError(f"unknown augment key(s) {sorted(unknown)}")
+    distill = config.distill
+    if distill.teacher:
+        if not pathlib.Path(distill.teacher).is_file():
+            raise ConfigError(f"distill.teacher {distill.teacher!r} is not a file; make one with convnext-audio predict")
+        if not 0.0 <= distill.label_weight <= 1.0:
+            raise ConfigError(f"distill.label_weight must be in [0, 1]; got {distill.label_weight}")
+        if not distill.temperature > 0:
+            raise ConfigError(f"distill.temperature must be > 0; got {distill.temperature}")
     batch_layout(config, num_devices, jax.process_count())
 
 
 def augment_config(config) -> AugmentConfig:
     return AugmentConfig(**config.augment.to_dict())
+
+
+def distillation(config) -> Distillation | None:
+    """The train step's distillation settings, or None when ``distill.teacher`` is "" (labels only)."""
+    if not config.distill.teacher:
+        return None
+    return Distillation(float(config.distill.label_weight), float(config.distill.temperature))
 
 
 def model_overrides(config, num_classes: int) -> dict:
@@ -224,8 +248,11 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def result_changing_differences(saved: dict, current: dict) -> dict[str, tuple]:
-    """{key: (saved value, current value)} for every key that differs and changes what a run computes."""
+    """{key: (saved value, current value)} for every key that differs and changes what a run computes. A key
+    the saved config lacks counts as its default value (the run was recorded before the key existed)."""
+    defaults = _flatten(config_as_json(default_config()))
     old, new = _flatten(saved), _flatten(current)
+    old.update({key: defaults[key] for key in new if key not in old and key in defaults})
     return {key: (old.get(key), new.get(key)) for key in sorted(set(old) | set(new))
             if key not in RESULT_NEUTRAL_KEYS and old.get(key) != new.get(key)}
 

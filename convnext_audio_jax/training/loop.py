@@ -108,6 +108,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
 
     probe_model = config_lib.build_model(config, num_classes=1)
     data = data_lib.open_run_data(config, probe_model.frontend)
+    teacher, train_source, without_teacher = data_lib.open_teacher(config, data.train)
+    data = dataclasses.replace(data, train=train_source)
     model = config_lib.build_model(config, num_classes=data.num_classes)
     checkpointer = checkpointing.Checkpointer(workdir / "checkpoints", config.keep_checkpoints, config.async_checkpointing)
     latest = checkpointer.latest_step()
@@ -120,7 +122,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     params_shape = jax.eval_shape(lambda: init_variables(model, jax.random.key(0))["params"])
     tx = optimizer.make_optimizer(config.optimizer, config.total_steps, params_shape)
     state = step_lib.init_train_state(model, tx, config.seed, mesh)
-    train_step = step_lib.make_train_step(model, tx, augment, accumulation_steps, mesh)
+    train_step = step_lib.make_train_step(model, tx, augment, accumulation_steps, mesh,
+                                          distillation=config_lib.distillation(config))
     scorer = evaluate_lib.Scorer(model, mesh)
 
     loader = data_lib.make_train_loader(config, data.train, examples_per_host, augment.mixup)
@@ -135,6 +138,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     if config_changes:
         log.write(start_step, {"config_change": {key: list(values) for key, values in config_changes.items()}})
         logger.warning("resuming with a changed config (allow_config_change): %s", config_changes)
+    if without_teacher:
+        log.write(start_step, {"train_clips_without_teacher": without_teacher, "train_clips": len(data.train)})
     metadata = {"sample_rate": model.frontend.sample_rate,
                 "provenance": {"config": config_lib.config_as_json(config), "git_revision": checkpointing.git_revision()}}
     if data.class_names:
@@ -172,7 +177,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         if pending.step % config.log_every == 0 or pending.step == config.total_steps:
             log.write(pending.step, {"train_loss": values["loss"], "grad_norm": values["grad_norm"],
                                      "learning_rate": lr, "clips_per_second": clips_per_second,
-                                     "train_skipped": loader.num_skipped})
+                                     "train_skipped": loader.num_skipped,
+                                     **{f"train_{key}": values[key] for key in ("label_loss", "distillation_loss")
+                                        if key in values}})
 
     def evaluate_split(name: str, source, step: int) -> dict[str, float]:
         variables = {"params": state.params, "batch_stats": state.batch_stats}
@@ -190,7 +197,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     pending = None
     try:
         for step in range(start_step + 1, config.total_steps + 1):
-            local = next(loader)
+            local = data_lib.add_teacher_logits(next(loader), teacher)
             evaluating = step % config.eval_every == 0 or step == config.total_steps
             saving = step % config.checkpoint_every == 0 or evaluating
             loader_checkpoint = checkpointing.LoaderCheckpoint(loader, loader.get_state()) if saving else None
@@ -236,4 +243,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         log.close()
         loader.close()
         checkpointer.close()
+        if teacher is not None:
+            teacher.close()
     return result

