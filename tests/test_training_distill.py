@@ -3,6 +3,7 @@
 gradient accumulation, the teacher file checks at start, and an exact resume with distillation."""
 
 import dataclasses
+import os
 import json
 import pathlib
 import shutil
@@ -239,6 +240,9 @@ def demo_kd_config(name: str):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("CONVNEXT_AUDIO_LONG_TESTS"),
+                    reason="trains three demo models (34 min once on 2 shared cores), past the suite's time budget; "
+                           "run with CONVNEXT_AUDIO_LONG_TESTS=1")
 def test_demo_distillation_experiment(tmp_path, monkeypatch):
     """issue 14's demo experiment at small sizes (1024 training clips, 240 steps per run): a demo teacher
     (configs/demo.py) → its teacher file (predict_teacher, the library call of ``convnext-audio predict``)
