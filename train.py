@@ -9,6 +9,7 @@ training").
 import logging
 import sys
 
+import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
@@ -44,7 +45,7 @@ def main(argv):
             UnreadableSourceError) as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 1
-    if result:
+    if result and jax.process_index() == 0:
         print(f"final validation mAP {result['val_mAP']:.4f} (best {result['best_val_mAP']:.4f}) at step {result['step']}")
     return 0
 

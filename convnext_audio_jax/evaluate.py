@@ -3,9 +3,9 @@ devices and processes, then AP/AUC/d′ per class and their means.
 
 ``evaluate(model, variables, source, batch_size)`` is the library entry point; training's periodic
 evaluation and ``convnext-audio evaluate --checkpoint DIR --data SPEC`` both call it. Each process reads its
-strided share of the clips as int16 (half the bytes to the device), every process runs the same number of
-fixed-size batches (short batches are padded with zero rows, which carry no clip and are dropped), the
-batches are assembled with ``jax.make_array_from_process_local_data`` and the results gathered with
+block of every global batch of clips as int16 (half the bytes to the device), every process runs the same
+number of fixed-size batches (short batches are padded with zero rows, which carry no clip and are dropped),
+the batches are assembled with ``jax.make_array_from_process_local_data`` and the results gathered with
 ``process_allgather``. Clips that cannot be read are skipped and counted by reason, over all processes.
 
 Data SPECs (``--data``) follow convnext_audio_jax/data/spec.py: ``DIR@SPLIT``, ``FILE.h5``,
@@ -242,6 +242,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="clips per step, rounded up to a multiple of the device count (default %(default)s)")
     parser.add_argument("--output", default="evaluation", help="folder for the reports (default %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    job = parser.add_argument_group(
+        "multi-process job", "run every process with the same arguments and its own --process-id (or the JAX_* "
+        "variables, or a SLURM / Open MPI / Kubernetes job: docs/train.md, Multi-host training); each reads its "
+        "share of the clips, process 0 writes the reports")
+    job.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address (JAX_COORDINATOR_ADDRESS)")
+    job.add_argument("--num-processes", "--num_processes", type=int, help="number of processes (JAX_NUM_PROCESSES)")
+    job.add_argument("--process-id", "--process_id", type=int, help="this process's index, 0..N-1 (JAX_PROCESS_ID)")
 
 
 def class_order(model_names: Sequence[str] | None, data_names: Sequence[str] | None, model_classes: int,
@@ -302,8 +309,11 @@ def reorder_classifier(variables: Mapping[str, Any], order: Sequence[int]) -> di
 
 
 def run(args: argparse.Namespace) -> int:
+    from convnext_audio_jax import distributed
     from convnext_audio_jax.checkpoint import load_model
 
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)  # a no-op for one process
+    first = jax.process_index() == 0
     model, variables, metadata = load_model(args.checkpoint)
     frontend = model.frontend
     options = spec_lib.DataOptions(demo_sample_rate=frontend.sample_rate, demo_clip_seconds=frontend.clip_seconds)
@@ -313,10 +323,13 @@ def run(args: argparse.Namespace) -> int:
     if order is not None:
         variables = reorder_classifier(variables, order)
         moved = sum(i != j for i, j in enumerate(order))
-        print(f"evaluate: {moved} of {len(order)} classes matched by name at another index", file=sys.stderr)
+        if first:
+            print(f"evaluate: {moved} of {len(order)} classes matched by name at another index", file=sys.stderr)
     class_names = data_names or model_names
     result = evaluate(model, variables, source, args.batch_size, class_names=class_names, output_dir=args.output,
                       progress=not args.no_progress)
+    if not first:
+        return 0
     print(f"evaluate: {result['num_clips']} clips ({result['num_skipped']} skipped {result['skipped']}), "
           f"{result['num_evaluated_classes']} of {result['num_classes']} classes scored: mAP {result['mAP']:.4f}, "
           f"AUC {result['AUC']:.4f}, d' {result['d_prime']:.4f}; {result['clips_per_second']:.1f} clips/s; "

@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from convnext_audio_jax import xla
@@ -23,10 +24,13 @@ OutputSelector = Callable[[Mapping[str, Any], Mapping[str, jax.Array]], dict[str
 
 def data_mesh(devices: list | None = None) -> Mesh:
     """The one-axis mesh named "data" over ``devices`` (default: all, of every process) that training,
-    evaluation and inference share, with Auto axis types so jit
-    propagates the batch sharding (jax.make_mesh defaults to Explicit axes)."""
-    devices = list(devices or jax.devices())
-    return jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+    evaluation and inference share, with Auto axis types so jit propagates the batch sharding.
+
+    The devices are listed in process order (then by id), so ``jax.make_array_from_process_local_data`` puts
+    process p's rows in the p-th contiguous block of a global batch: the order the loader's process blocks
+    (data/pipeline.py) assume, which makes a multi-process batch the single-process one row for row."""
+    devices = sorted(devices or jax.devices(), key=lambda device: (device.process_index, device.id))
+    return Mesh(np.array(devices), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def select_probs(variables: Mapping[str, Any], outputs: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
@@ -70,4 +74,6 @@ class ShardedForward:
             padding = np.zeros((self.batch_size - rows, *waveforms.shape[1:]), np.float32)
             waveforms = np.concatenate([waveforms, padding])
         outputs = self._forward(self._variables, jax.device_put(waveforms, self._batch_sharding))
+        if jax.process_count() > 1:  # each process holds only its devices' rows: gather every row
+            outputs = multihost_utils.process_allgather(outputs, tiled=True)
         return {name: np.asarray(value)[:rows] for name, value in outputs.items()}

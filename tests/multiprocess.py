@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -55,9 +55,12 @@ def process_env(devices: int, extra: dict | None = None) -> dict:
 
 
 def run_group(commands: Sequence[Sequence[str]], envs: Sequence[dict], timeout: float,
-              cwd: str | os.PathLike = REPO, check: bool = True) -> list[ProcessResult]:
+              cwd: str | os.PathLike = REPO, check: bool = True,
+              kill_when: Callable[[], bool] | None = None) -> list[ProcessResult]:
     """Run ``commands[i]`` with ``envs[i]`` together; wait at most ``timeout`` seconds for all of them.
 
+    ``kill_when``: polled while they run; once it returns True every process still running is killed
+    (SIGKILL), as a crash of the machine would (their results have returncode None).
     With ``check``, raises ProcessGroupError (every process's output in the message) when a process exits
     non-zero or the time runs out; either way, nothing of the group is left running."""
     with tempfile.TemporaryDirectory(prefix="multiprocess-") as logs:
@@ -77,6 +80,8 @@ def run_group(commands: Sequence[Sequence[str]], envs: Sequence[dict], timeout: 
                     break
                 if time.monotonic() > deadline:
                     timed_out = True
+                    break
+                if kill_when is not None and kill_when():
                     break
                 time.sleep(0.05)
             failed = failed or any(p.returncode not in (None, 0) for p in processes)
@@ -108,7 +113,8 @@ def _kill(process: subprocess.Popen) -> None:
 
 
 def run_jax_processes(args: Sequence[str], num_processes: int, devices_per_process: int, timeout: float,
-                      extra_env: dict | None = None, use_flags: bool = False, check: bool = True) -> list[ProcessResult]:
+                      extra_env: dict | None = None, use_flags: bool = False, check: bool = True,
+                      kill_when: Callable[[], bool] | None = None) -> list[ProcessResult]:
     """``python ARGS`` as ``num_processes`` processes of one JAX job on localhost, each with
     ``devices_per_process`` CPU devices. The job is described by JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
     JAX_PROCESS_ID, or with ``use_flags`` by ``--coordinator --num_processes --process_id`` after ARGS."""
@@ -124,4 +130,4 @@ def run_jax_processes(args: Sequence[str], num_processes: int, devices_per_proce
             envs.append(process_env(devices_per_process, {**(extra_env or {}), "JAX_COORDINATOR_ADDRESS": coordinator,
                                                           "JAX_NUM_PROCESSES": str(num_processes),
                                                           "JAX_PROCESS_ID": str(index)}))
-    return run_group(commands, envs, timeout, check=check)
+    return run_group(commands, envs, timeout, check=check, kill_when=kill_when)

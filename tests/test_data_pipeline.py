@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import grain
@@ -119,7 +120,7 @@ def test_sharding_over_processes_covers_every_clip_once_per_epoch(packed_source,
     for shard_index in range(shard_count):
         shard = grain.sharding.ShardOptions(shard_index=shard_index, shard_count=shard_count)
         loader = pipeline.make_loader(packed_source, config, shard)
-        # Global stream position of this host's i-th draw is i·shard_count + shard_index.
+        # One row per batch: this host's i-th draw is global position i·shard_count + shard_index.
         for local_position, _ in enumerate(iter(pipeline.index_stream(NUM_CLIPS, None, config, shard))):
             global_position = local_position * shard_count + shard_index
             per_epoch[global_position // NUM_CLIPS].append(global_position)
@@ -134,6 +135,37 @@ def test_sharding_over_processes_covers_every_clip_once_per_epoch(packed_source,
         stream = pipeline.index_stream(NUM_CLIPS, None, config, shard)
         clips += [stream[i] for i in range(len(stream)) if i * shard_count + shard_index < NUM_CLIPS]
     assert sorted(clips) == list(range(NUM_CLIPS))
+
+
+@pytest.mark.parametrize("sampling", ["shuffle", "balanced"])
+@pytest.mark.parametrize("shard_count", [2, 3])
+def test_process_batches_stacked_in_process_order_are_the_single_process_batches(packed_source, sampling, shard_count):
+    """Each process reads its contiguous block of every global batch (mixup pairs included), so stacking the
+    processes' batches in process order gives the one-process batch, row for row."""
+    single = pipeline.LoaderConfig(batch_size=3 * shard_count, seed=2, sampling=sampling, draws_per_example=2)
+    per_process = dataclasses.replace(single, batch_size=3)
+    rows, steps = per_process.rows_per_batch, 5
+    expected = pipeline.index_stream(NUM_CLIPS, packed_source.targets, single, SINGLE)
+    shares = [pipeline.index_stream(NUM_CLIPS, packed_source.targets, per_process,
+                                    grain.sharding.ShardOptions(shard_index=p, shard_count=shard_count))
+              for p in range(shard_count)]
+    for step in range(steps):
+        stacked = [share[i] for share in shares for i in range(step * rows, (step + 1) * rows)]
+        assert stacked == [expected[i] for i in range(step * rows * shard_count, (step + 1) * rows * shard_count)]
+
+
+@pytest.mark.parametrize("rows", [1, 4, 7])
+def test_process_blocks_of_a_finite_stream_cover_it_once(rows):
+    stream = grain.MapDataset.range(NUM_CLIPS)
+    for count in (2, 3):
+        blocks = [pipeline.ProcessBlocks(stream, rows, index, count) for index in range(count)]
+        items = [[block[i] for i in range(len(block))] for block in blocks]
+        assert sorted(sum(items, [])) == list(range(NUM_CLIPS))
+        assert all(len(block) == len(list(block)) for block in blocks)
+        # Process 0 holds the most: as many batches as ceil(N / (rows · count)).
+        assert -(-len(blocks[0]) // rows) == -(-NUM_CLIPS // (rows * count))
+    with pytest.raises(ValueError, match="shard index 2 in 0..1"):
+        pipeline.ProcessBlocks(stream, rows, 2, 2)
 
 
 def test_default_shard_is_this_jax_process():

@@ -294,45 +294,4 @@ def test_harness_kills_the_group_when_one_process_fails():
     assert late.returncode is None and late.stdout == "waiting\n"
 
 
-TINY_TRAIN_CONFIG = """
-from configs.demo import get_config as demo_config
-
-
-def get_config():
-    config = demo_config()
-    config.model.overrides.dims = (8, 16, 32, 64)
-    config.data.demo_train_clips = 128
-    config.data.demo_val_clips = 32
-    config.batch_size = 16
-    config.eval_batch_size = 32
-    config.total_steps = 4
-    config.checkpoint_every = 2
-    config.eval_every = 4
-    config.log_every = 1
-    config.progress_bar = False
-    return config
-"""
-
-
-@pytest.mark.slow  # two processes each compiling the train and eval steps: ~3 min on the 2-core CPU
-def test_train_py_two_processes(tmp_path):
-    """train.py itself over 2 processes × 4 devices, joined with its flags: it trains (SpecAugment, mixup and
-    speed perturbation on, as in the demo), evaluates, checkpoints with one loader state per process and
-    logs from process 0 only. (Equality with one process is the next step: see the report of issue 12.)"""
-    config = tmp_path / "tiny.py"
-    config.write_text(TINY_TRAIN_CONFIG)
-    workdir = tmp_path / "run"
-    outputs = run_jax_processes(["train.py", f"--config={config}", f"--workdir={workdir}"], 2, 4, timeout=420,
-                                use_flags=True)
-    for index, output in enumerate(outputs):
-        assert f"as process {index} of 2 (flags/env, per_host, local devices all)" in output.stderr
-    assert "final validation mAP" in outputs[0].stdout
-    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [line["step"] for line in lines if "train_loss" in line] == [1, 2, 3, 4]  # written once, by process 0
-    assert [line["step"] for line in lines if "val_mAP" in line] == [4]
-    for step in (2, 4):
-        data = workdir / "checkpoints" / str(step) / "data"
-        assert sorted(p.name for p in data.glob("process_*.json")) == ["process_0-of-2.json", "process_1-of-2.json"]
-        for index in range(2):  # each process's own position: 8 examples × 2 mixup draws per step
-            state = json.loads((data / f"process_{index}-of-2.json").read_text())
-            assert state["grain"] == {"next_index": 16 * step}
+# train.py and `convnext-audio evaluate` over 2 processes against 1: tests/test_training_multiprocess.py.

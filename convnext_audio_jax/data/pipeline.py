@@ -1,8 +1,10 @@
 """The grain loader: sharded, shuffled or balanced index streams → clip reads → batches of valid clips.
 
-Each host reads a strided slice (`i * process_count + process_index`) of one global index stream, so the hosts
-together follow exactly the single-host sequence: with shuffling, every clip is read once per epoch across the
-hosts; with balanced sampling, the global draws are PANNs' sequence. A clip that fails to read is left out of its
+Each host reads its block of every global batch of one global index stream (`ProcessBlocks`: with R rows per
+host per batch, host p takes items p·R … p·R + R − 1 of each run of P·R), so the hosts together follow exactly
+the single-host sequence, in the single-host row order once the blocks are stacked in process order: with
+shuffling, every clip is read once per epoch across the hosts; with balanced sampling, the global draws are
+PANNs' sequence. A clip that fails to read is left out of its
 batch (the batch is filled with the next clips) and reported: `ClipLoader.skipped` counts skips per reason, and
 every skip is logged with the clip id and what was wrong.
 """
@@ -82,9 +84,40 @@ def jax_shard_options() -> grain.sharding.ShardOptions:
     return grain.sharding.ShardOptions(shard_index=jax.process_index(), shard_count=jax.process_count())
 
 
+class ProcessBlocks(grain.MapDataset):
+    """Process ``index``'s share of ``parent`` cut into global batches of ``count`` × ``block`` items: its
+    item i is the parent's item (i // block)·block·count + index·block + i % block. Stacking the processes'
+    batches in process order gives the parent's order back (`make_array_from_process_local_data` does so on a
+    mesh listing devices in process order), so a global batch holds the same rows in the same order for any
+    number of processes."""
+
+    def __init__(self, parent: grain.MapDataset, block: int, index: int, count: int):
+        super().__init__(parent)
+        if block < 1 or not 0 <= index < count:
+            raise ValueError(f"block {block} must be >= 1 and shard index {index} in 0..{count - 1}")
+        self._block, self._index, self._count = block, index, count
+        full, rest = divmod(len(parent), block * count)
+        self._length = full * block + min(max(rest - index * block, 0), block)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        if not 0 <= index < self._length:
+            raise IndexError(f"index {index} out of range for {self._length} items")
+        batch, row = divmod(int(index), self._block)
+        return self._parent[(batch * self._count + self._index) * self._block + row]
+
+    def __str__(self) -> str:
+        return f"ProcessBlocks(block={self._block}, index={self._index}, count={self._count})"
+
+
 def index_stream(num_clips: int, targets: np.ndarray, config: LoaderConfig,
                  shard_options: grain.sharding.ShardOptions) -> grain.MapDataset:
-    """This host's clip indices: its strided slice of the global stream."""
+    """This host's clip indices: its block of each global batch (`ProcessBlocks`, blocks of
+    ``config.rows_per_batch``) of the global stream."""
     if config.sampling == "balanced":
         stream = BalancedIndices(targets, config.seed)
     else:
@@ -94,7 +127,9 @@ def index_stream(num_clips: int, targets: np.ndarray, config: LoaderConfig,
         if config.sampling == "shuffle":
             stream = stream.shuffle(seed=config.seed)
         stream = stream.repeat(config.num_epochs)
-    return stream[shard_options.shard_index :: shard_options.shard_count]
+    if shard_options.shard_count == 1:
+        return stream
+    return ProcessBlocks(stream, config.rows_per_batch, shard_options.shard_index, shard_options.shard_count)
 
 
 class ReadClip(grain.transforms.Map):

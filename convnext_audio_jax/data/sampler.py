@@ -5,7 +5,7 @@ of its clips (reshuffled when exhausted); each draw pops a class and takes that 
 refill of the queue holds each class exactly once, the class drawn at draw `i` comes from queue round
 `i // K` (K = classes with at least one clip) and it is that class's `round`-th draw: so draw `i` can be computed
 directly from (seed, i). The sampler therefore has no state beyond the draw number, which grain's iterator
-state already records: a resumed run continues the exact sequence, and hosts can take strided slices of it.
+state already records: a resumed run continues the exact sequence, and hosts can take their blocks of it.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import subprocess
 import threading
 from collections.abc import Callable
@@ -88,9 +89,22 @@ class Checkpointer:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template.as_dict())
         items = {"state": ocp.args.StandardRestore(abstract)}
         if loader is not None:
+            self.check_process_count(step)
             items["data"] = grain.checkpoint.CheckpointRestore(LoaderCheckpoint(loader))
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return TrainState(**restored["state"])
+
+    def check_process_count(self, step: int) -> None:
+        """Raises ConfigError unless the checkpoint of ``step`` holds one loader position per process of this
+        job (grain's ``data/process_I-of-N.json``): a resume needs the number of processes that saved it."""
+        saved = {int(match.group(1)) for path in (self.directory / str(step) / "data").glob("process_*-of-*.json")
+                 if (match := re.fullmatch(r"process_\d+-of-(\d+)\.json", path.name))}
+        if saved and saved != {jax.process_count()}:
+            counts = " and ".join(str(count) for count in sorted(saved))
+            raise ConfigError(
+                f"checkpoint {self.directory / str(step)} was saved by a job of {counts} processes (its loader "
+                f"positions, data/process_I-of-N.json); this job has {jax.process_count()}: resume with "
+                f"{counts} processes")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -258,7 +258,8 @@ def result_changing_differences(saved: dict, current: dict) -> dict[str, tuple]:
 
 
 def check_and_record_config(config, workdir: pathlib.Path, resuming: bool) -> dict[str, tuple]:
-    """Writes ``workdir/config.json`` (process 0). On a resume, compares with the saved one first: raises
+    """Writes ``workdir/config.json`` (process 0, after every process compared). On a resume, compares with the
+    saved one first (every process, the same file): raises
     ConfigError listing the result-changing keys that differ unless ``allow_config_change``; returns the
     accepted differences (to be logged)."""
     path = workdir / CONFIG_FILE
@@ -270,6 +271,10 @@ def check_and_record_config(config, workdir: pathlib.Path, resuming: bool) -> di
             listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in differences.items())
             raise ConfigError(f"the config differs from {path} in keys that change the result ({listed}); resume "
                               "with the saved config, or pass --config.allow_config_change=True to accept it")
+    if jax.process_count() > 1:  # every process has compared with the same file before process 0 replaces it
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("config.json checked")
     if jax.process_index() == 0:
         temporary = path.with_name(f".{path.name}.{jax.process_index()}.tmp")
         temporary.write_text(json.dumps(current, indent=2) + "\n")

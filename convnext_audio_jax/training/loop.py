@@ -1,7 +1,8 @@
 """The training loop: ``train(config, workdir)`` ties config, data, step, evaluation, checkpoints and
 logging together. One process per host drives every local device over a one-axis ``data`` mesh spanning
 all devices of all hosts (``forward.data_mesh``); the state is replicated and each global batch is
-assembled from the hosts' local batches."""
+assembled from the hosts' local batches, each host's rows one contiguous block (data/pipeline.py,
+``ProcessBlocks``), so a global batch is the single-process one. Logging and printing come from process 0."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
 
 from convnext_audio_jax import evaluate as evaluate_lib
 from convnext_audio_jax.forward import data_mesh
@@ -24,6 +27,10 @@ from convnext_audio_jax.training import checkpointing, config as config_lib, dat
 from convnext_audio_jax.training.checkpointing import BEST_METRIC
 
 logger = logging.getLogger(__name__)
+
+# A folder: each process appends the clip ids of every training batch it read to clips-process<I>.jsonl there
+# ({"step", "ids"} lines), to check which clips each process read (tests/test_training_multiprocess.py).
+CLIP_LOG_ENV = "CONVNEXT_AUDIO_CLIP_LOG"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -84,6 +91,13 @@ def check_skips(name: str, skipped: int, seen: int, limit: float, where: str) ->
             f"data.max_skip_fraction {limit:.1%}) from {where}; see the log for the clip ids and reasons")
 
 
+def global_count(value: int) -> int:
+    """``value`` summed over all processes; a collective, so every process calls it at the same point."""
+    if jax.process_count() == 1:
+        return value
+    return int(np.sum(multihost_utils.process_allgather(np.int32(value))))
+
+
 @dataclasses.dataclass
 class _PendingMetrics:
     step: int
@@ -129,13 +143,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     loader = data_lib.make_train_loader(config, data.train, examples_per_host, augment.mixup)
     if latest is not None:
         state = checkpointer.restore(latest, state, loader)
-        logger.info("resumed from %s at step %d", checkpointer.directory, latest)
+        if jax.process_index() == 0:
+            logger.info("resumed from %s at step %d", checkpointer.directory, latest)
     elif config.init_from:
         state = checkpointing.load_init(state, config.init_from, tuple(config.init_exclude), mesh)
     start_step = int(state.step)
 
     log = MetricsLog(workdir)
-    if config_changes:
+    if config_changes and jax.process_index() == 0:
         log.write(start_step, {"config_change": {key: list(values) for key, values in config_changes.items()}})
         logger.warning("resuming with a changed config (allow_config_change): %s", config_changes)
     if without_teacher:
@@ -156,6 +171,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     best = best_logged_metric(workdir, start_step)
     rows_per_host = loader.config.rows_per_batch
     max_skip = float(config.data.max_skip_fraction)
+    clip_log = None
+    if os.environ.get(CLIP_LOG_ENV):
+        clip_log = open(pathlib.Path(os.environ[CLIP_LOG_ENV]) / f"clips-process{jax.process_index()}.jsonl", "a",
+                        encoding="utf-8")
 
     def report(pending: _PendingMetrics) -> None:
         values = {key: float(value) for key, value in jax.device_get(pending.values).items()}
@@ -177,7 +196,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         if pending.step % config.log_every == 0 or pending.step == config.total_steps:
             log.write(pending.step, {"train_loss": values["loss"], "grad_norm": values["grad_norm"],
                                      "learning_rate": lr, "clips_per_second": clips_per_second,
-                                     "train_skipped": loader.num_skipped,
+                                     "train_skipped": global_count(loader.num_skipped),
                                      **{f"train_{key}": values[key] for key in ("label_loss", "distillation_loss")
                                         if key in values}})
 
@@ -198,6 +217,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     try:
         for step in range(start_step + 1, config.total_steps + 1):
             local = data_lib.add_teacher_logits(next(loader), teacher)
+            if clip_log is not None:
+                clip_log.write(json.dumps({"step": step, "ids": local["id"].tolist()}) + "\n")
+                clip_log.flush()
             evaluating = step % config.eval_every == 0 or step == config.total_steps
             saving = step % config.checkpoint_every == 0 or evaluating
             loader_checkpoint = checkpointing.LoaderCheckpoint(loader, loader.get_state()) if saving else None
@@ -211,7 +233,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
             pending = None
             val_metrics = None
             if evaluating:
-                check_skips("training", loader.num_skipped, step * rows_per_host, max_skip,
+                # Summed over the processes, so that every process takes the same decision.
+                check_skips("training", global_count(loader.num_skipped), step * rows_per_host * jax.process_count(), max_skip,
                             getattr(data.train, "description", "data.train"))
                 val_metrics = evaluate_split("val", data.validation, step)
                 is_best = val_metrics[BEST_METRIC] > best
@@ -228,7 +251,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                            f"d' {val_metrics['val_d_prime']:.3f}")
                 if eval_metrics:
                     message += f"; eval mAP {eval_metrics['eval_mAP']:.4f} (reported, not used for selection)"
-                progress.write(message)
+                if jax.process_index() == 0:  # tqdm.write prints even when the bar is disabled
+                    progress.write(message)
             last_report.update(time=time.perf_counter(), step=step)  # clips/s measures training only
         if pending is not None:
             report(pending)
@@ -241,6 +265,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
             logger.exception("writing the model directory failed")
         progress.close()
         log.close()
+        if clip_log is not None:
+            clip_log.close()
         loader.close()
         checkpointer.close()
         if teacher is not None:
