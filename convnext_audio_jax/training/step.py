@@ -77,6 +77,7 @@ def waveform_to_float(waveform: jax.Array) -> jax.Array:
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment: AugmentConfig,
                     accumulation_steps: int, mesh,
                     loss_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+                    skip_nonfinite: bool = False,
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The jitted step ``(state, batch) -> (state, {"loss", "grad_norm"})``; the state is donated.
 
@@ -85,6 +86,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment:
     rows stay on it and mixup pairs stay together), and the gradients of the micro-batches are averaged;
     BatchNorm statistics are updated micro-batch after micro-batch. ``loss_fn(logits, targets)`` defaults
     to :func:`classification_loss`.
+
+    ``skip_nonfinite`` (``config.on_nonfinite = "skip_batch"``): a step whose loss or gradient norm is NaN/Inf
+    keeps params, batch_stats and opt_state (so also the schedule's count) as they were and only advances
+    ``step``; selected on the device, so no host sync is added. The host sees the same non-finite metrics.
     """
     loss_fn = loss_fn or classification_loss
     num_devices = mesh.size
@@ -125,11 +130,14 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment:
         )
         grads = jax.tree.map(lambda g: g / accumulation_steps, grad_sum)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new_state = state.replace(
-            step=state.step + 1, params=optax.apply_updates(state.params, updates), batch_stats=batch_stats,
-            opt_state=opt_state,
-        )
-        return new_state, {"loss": jnp.mean(losses), "grad_norm": optax.global_norm(grads)}
+        loss, grad_norm = jnp.mean(losses), optax.global_norm(grads)
+        updated = {"params": optax.apply_updates(state.params, updates), "batch_stats": batch_stats,
+                   "opt_state": opt_state}
+        if skip_nonfinite:
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            previous = {"params": state.params, "batch_stats": state.batch_stats, "opt_state": state.opt_state}
+            updated = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, previous)
+        return state.replace(step=state.step + 1, **updated), {"loss": loss, "grad_norm": grad_norm}
 
     batch_sharding = NamedSharding(mesh, P("data"))
     return xla.jit(step, in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
