@@ -21,7 +21,7 @@ from flax import traverse_util
 
 from convnext_audio_jax import checkpoint, training
 from convnext_audio_jax.data import demo
-from convnext_audio_jax.training import config as config_lib, optimizer, step as step_lib
+from convnext_audio_jax.training import config as config_lib, loop, optimizer, step as step_lib
 from data_helpers import random_waveforms, write_packed_hdf5
 from training_helpers import TINY_CONFIG, tiny_config
 
@@ -350,6 +350,16 @@ def test_nan_loss_stops_the_run_and_a_skip_batch_resume_skips_then_stops(uninter
     # No update was applied: the logged rate stays that of the schedule's step 24.
     lr_24 = optimizer.host_learning_rate(config.optimizer, config.total_steps, 24)
     assert all(line["learning_rate"] == lr_24 for line in regular)
+
+
+def test_metrics_log_starts_a_new_line_after_one_cut_short_by_a_kill(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 3, "train_loss": 0.5}\n{"step": 4, "train_lo')
+    log = loop.MetricsLog(tmp_path)
+    log.write(4, {"train_loss": 0.25})
+    log.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert lines == ['{"step": 3, "train_loss": 0.5}', '{"step": 4, "train_lo', '{"step": 4, "train_loss": 0.25}']
+    assert loop.best_logged_metric(tmp_path, 10) == -float("inf")  # the cut line is skipped, not fatal
 
 
 def test_demo_source_is_deterministic_and_multi_label():
