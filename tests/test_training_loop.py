@@ -58,14 +58,15 @@ def uninterrupted_run(tmp_path_factory) -> pathlib.Path:
 
 
 def read_checkpoint_state(workdir: pathlib.Path, step: int) -> dict:
-    """The whole saved train state (params, batch_stats, opt_state, step, rng), flattened to "a/b/c" paths."""
+    """The whole saved train state (params, batch_stats, opt_state, step, rng) as {"['params']['bn0']...": array}."""
     restored = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
-    return traverse_util.flatten_dict(restored, sep="/")
+    return {jax.tree_util.keystr(path): np.asarray(value)
+            for path, value in jax.tree_util.tree_flatten_with_path(restored)[0]}
 
 
 def read_checkpoint_params(workdir: pathlib.Path, step: int) -> dict:
-    return {path[len("params/"):]: value for path, value in read_checkpoint_state(workdir, step).items()
-            if path.startswith("params/")}
+    restored = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
+    return traverse_util.flatten_dict(restored["params"], sep="/")
 
 
 def read_loader_state(workdir: pathlib.Path, step: int) -> dict:
@@ -179,7 +180,7 @@ def test_kill_during_an_orbax_save_resumes_from_the_last_finished_step(tiny_conf
                              env={"STALL_CHECKPOINTS": str(checkpoints)})
 
     def saving_step_8():
-        return checkpoints.is_dir() and any(".orbax-checkpoint-tmp" in p.name for p in checkpoints.iterdir())
+        return checkpoints.is_dir() and any(p.name.startswith("8.orbax-checkpoint-tmp") for p in checkpoints.iterdir())
 
     kill_when(process, saving_step_8)
     temporary = [p.name for p in checkpoints.iterdir() if not p.name.isdigit()]
@@ -191,7 +192,7 @@ def test_kill_during_an_orbax_save_resumes_from_the_last_finished_step(tiny_conf
     first = [line["step"] for line in metrics_lines(workdir) if "train_loss" in line]
     assert first.count(4) == 1 and first.count(5) == 2  # logged again from step 5 on: resumed at 4
     final = read_checkpoint_state(workdir, config.total_steps)
-    assert {path.split("/")[0] for path in final} == {"params", "batch_stats", "opt_state", "step", "rng"}
+    assert {path.split("'")[1] for path in final} == {"params", "batch_stats", "opt_state", "step", "rng"}
     assert_same_arrays(read_checkpoint_state(uninterrupted_run, config.total_steps), final)
 
 
@@ -322,7 +323,7 @@ def test_nan_loss_stops_the_run_and_a_skip_batch_resume_skips_then_stops(uninter
         training.train(config, workdir)
     assert finished_steps(workdir)[-1] == 24
     kept = read_checkpoint_state(workdir, 24)
-    assert all(np.isfinite(value).all() for path, value in kept.items() if path.startswith("params/"))
+    assert all(np.isfinite(value).all() for path, value in kept.items() if path.startswith("['params']"))
     assert_same_arrays(good, kept)
 
     config.on_nonfinite = "skip_batch"  # result-neutral: no config_change entry needed
@@ -335,9 +336,9 @@ def test_nan_loss_stops_the_run_and_a_skip_batch_resume_skips_then_stops(uninter
     assert finished_steps(workdir)[-1] == 26
     for step in (25, 26):
         saved = read_checkpoint_state(workdir, step)
-        assert int(saved["step"]) == step
-        assert_same_arrays({p: v for p, v in good.items() if p != "step"},
-                           {p: v for p, v in saved.items() if p != "step"})
+        assert int(saved["['step']"]) == step
+        assert_same_arrays({p: v for p, v in good.items() if p != "['step']"},
+                           {p: v for p, v in saved.items() if p != "['step']"})
         assert read_loader_state(workdir, step)["run"] == {"nonfinite_skipped": step - 24,
                                                            "nonfinite_in_a_row": step - 24}
     lines = [line for line in metrics_lines(workdir) if line["step"] > 24]
