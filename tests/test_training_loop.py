@@ -315,9 +315,9 @@ def test_nan_loss_stops_the_run_and_a_skip_batch_resume_skips_then_stops(uninter
     config.total_steps = 30
     config.checkpoint_every = 1  # the NaN step is itself a checkpoint step: it must not be saved
     config.allow_config_change = True
-    monkeypatch.setattr(step_lib, "classification_loss", lambda logits, targets: jnp.full((), jnp.nan))
+    monkeypatch.setattr(step_lib, "classification_loss", lambda logits, targets: jnp.full((), jnp.nan))  # grad norm 0
     with pytest.raises(training.NonFiniteLossError,
-                       match=r"^non-finite training loss at step 25 \(loss nan, grad norm nan\); stopped; last good "
+                       match=r"^non-finite training loss at step 25 \(loss nan, grad norm 0.0\); stopped; last good "
                              r"checkpoint: step 24 in .*; to skip such steps, resume with "
                              r"--config.on_nonfinite=skip_batch$"):
         training.train(config, workdir)
@@ -330,7 +330,7 @@ def test_nan_loss_stops_the_run_and_a_skip_batch_resume_skips_then_stops(uninter
     config.max_nonfinite_in_a_row = 3
     with pytest.raises(training.NonFiniteLossError,
                        match=r"^3 steps in a row \(steps 25 to 27\) had a non-finite loss or gradient norm \(last: "
-                             r"loss nan, grad norm nan\); their updates were skipped .*; stopped; last good "
+                             r"loss nan, grad norm 0.0\); their updates were skipped .*; stopped; last good "
                              r"checkpoint: step 26 in "):
         training.train(config, workdir)
     assert finished_steps(workdir)[-1] == 26
