@@ -42,7 +42,7 @@ def main(argv):
     try:
         result = training.train(_CONFIG.value, _WORKDIR.value)
     except (training.ConfigError, training.NonFiniteLossError, training.TooManySkippedError,
-            UnreadableSourceError) as error:
+            training.WorkdirLockedError, UnreadableSourceError) as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 1
     if result and jax.process_index() == 0:

@@ -2,6 +2,7 @@
 SPECs are one-line errors; config.json and the resume check."""
 
 import json
+import os
 import pathlib
 
 import pytest
@@ -65,6 +66,15 @@ def test_bad_config_gives_a_one_line_error():
     config.eval_batch_size = 12
     with pytest.raises(config_lib.ConfigError, match="eval_batch_size 12"):
         config_lib.validate_config(config, 8)
+    config = tiny_config()
+    config.on_nonfinite = "ignore"
+    with pytest.raises(config_lib.ConfigError,
+                       match=r"^on_nonfinite must be one of \('stop', 'skip_batch'\); got 'ignore'$"):
+        config_lib.validate_config(config, 8)
+    config = tiny_config()
+    config.max_nonfinite_in_a_row = 0
+    with pytest.raises(config_lib.ConfigError, match=r"^max_nonfinite_in_a_row must be >= 1; got 0$"):
+        config_lib.validate_config(config, 8)
 
 
 def test_config_json_and_the_resume_check(tmp_path):
@@ -76,9 +86,27 @@ def test_config_json_and_the_resume_check(tmp_path):
     changed = tiny_config()
     changed.batch_size = 32
     changed.log_every = 7  # does not change the result: never listed
+    changed.on_nonfinite = "skip_batch"  # nor does this: a run that meets no NaN computes the same
     with pytest.raises(config_lib.ConfigError, match=r"batch_size: 16 -> 32\); resume") as error:
         config_lib.check_and_record_config(changed, tmp_path, resuming=True)
-    assert "log_every" not in str(error.value) and "\n" not in str(error.value)
+    assert "log_every" not in str(error.value) and "on_nonfinite" not in str(error.value)
+    assert "\n" not in str(error.value)
     changed.allow_config_change = True
     assert config_lib.check_and_record_config(changed, tmp_path, resuming=True) == {"batch_size": (16, 32)}
     assert json.loads((tmp_path / config_lib.CONFIG_FILE).read_text())["batch_size"] == 32
+
+
+def test_config_json_is_fsynced_before_and_after_its_rename(tmp_path, monkeypatch):
+    """A power cut leaves the old or the new config.json: the temporary file is on disk before the rename,
+    and the folder (the rename) after it."""
+    events = []
+    real_fsync, real_replace = os.fsync, pathlib.Path.replace
+    monkeypatch.setattr(config_lib.os, "fsync",
+                        lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), real_fsync(fd)))
+    monkeypatch.setattr(config_lib, "fsync_path", lambda path: events.append(("fsync", str(path))))
+    monkeypatch.setattr(pathlib.Path, "replace",
+                        lambda self, target: (events.append(("rename", str(target))), real_replace(self, target))[1])
+    config_lib.check_and_record_config(tiny_config(), tmp_path, resuming=False)
+    target = str(tmp_path / config_lib.CONFIG_FILE)
+    assert events == [("fsync", str(tmp_path / f".{config_lib.CONFIG_FILE}.0.tmp")), ("rename", target),
+                      ("fsync", str(tmp_path))]

@@ -1,5 +1,7 @@
-"""The training loop end to end on the tiny demo config: kill/resume bit-identity, NaN stop, the model
-directories, config.json and the resume check, the best mAP across a resume, and the demo's mAP (slow)."""
+"""The training loop end to end on the tiny demo config: kill/resume bit-identity (also with SIGKILL while an
+orbax temporary directory exists, and on a packed HDF5 source with corrupt clips, the balanced sampler and 4
+read threads), NaN stop / skip_batch, the model directories, config.json and the resume check, the best mAP
+across a resume, and the demo's mAP (slow)."""
 
 import json
 import os
@@ -19,7 +21,8 @@ from flax import traverse_util
 
 from convnext_audio_jax import checkpoint, training
 from convnext_audio_jax.data import demo
-from convnext_audio_jax.training import config as config_lib, step as step_lib
+from convnext_audio_jax.training import config as config_lib, loop, optimizer, step as step_lib
+from data_helpers import random_waveforms, write_packed_hdf5
 from training_helpers import TINY_CONFIG, tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -54,9 +57,51 @@ def uninterrupted_run(tmp_path_factory) -> pathlib.Path:
     return workdir
 
 
+def read_checkpoint_state(workdir: pathlib.Path, step: int) -> dict:
+    """The whole saved train state (params, batch_stats, opt_state, step, rng) as {"['params']['bn0']...": array}."""
+    restored = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
+    return {jax.tree_util.keystr(path): np.asarray(value)
+            for path, value in jax.tree_util.tree_flatten_with_path(restored)[0]}
+
+
 def read_checkpoint_params(workdir: pathlib.Path, step: int) -> dict:
     restored = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
     return traverse_util.flatten_dict(restored["params"], sep="/")
+
+
+def read_loader_state(workdir: pathlib.Path, step: int) -> dict:
+    """What the checkpoint holds for the data loader (grain position, skip counts and ids) and the loop."""
+    return json.loads((workdir / "checkpoints" / str(step) / "data" / "process_0-of-1.json").read_text())
+
+
+def finished_steps(workdir: pathlib.Path) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def start_train_py(config_file: pathlib.Path, workdir: pathlib.Path, compilation_cache: str, prelude: str = "",
+                   env: dict | None = None) -> subprocess.Popen:
+    """``train.py`` in a child process (to be killed); ``prelude`` is Python run in the child first (a patch)."""
+    runner = f"{prelude}\nimport runpy, sys\nsys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')"
+    command = [sys.executable, "-c", runner, str(REPO / "train.py"), f"--config={config_file}", f"--workdir={workdir}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_COMPILATION_CACHE_DIR": compilation_cache,
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **(env or {})}
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def kill_when(process: subprocess.Popen, condition, timeout: float = 240) -> None:
+    """SIGKILL ``process`` as soon as ``condition()`` holds (polled every 20 ms)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None and not condition():
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()[-2000:]
+
+
+def assert_same_arrays(expected: dict, got: dict) -> None:
+    assert sorted(expected) == sorted(got)
+    for path, value in expected.items():
+        np.testing.assert_array_equal(value, got[path], err_msg=path)
 
 
 def metrics_lines(workdir: pathlib.Path) -> list[dict]:
@@ -89,20 +134,10 @@ def test_killed_and_resumed_run_is_bit_identical(tiny_config_file, uninterrupted
     config = tiny_config()
     uninterrupted = uninterrupted_run
     resumed = tmp_path / "resumed"
-    command = [sys.executable, str(REPO / "train.py"), f"--config={tiny_config_file}", f"--workdir={resumed}"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_COMPILATION_CACHE_DIR": compilation_cache,
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = start_train_py(tiny_config_file, resumed, compilation_cache)
     checkpoints = resumed / "checkpoints"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and process.poll() is None:
-        if checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir()):
-            break
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()[-2000:]
-    killed_at = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+    kill_when(process, lambda: checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir()))
+    killed_at = finished_steps(resumed)[-1]
     assert killed_at < config.total_steps
 
     training.train(config, resumed)
@@ -116,6 +151,135 @@ def test_killed_and_resumed_run_is_bit_identical(tiny_config_file, uninterrupted
 
     after_resume = {s: v for s, v in losses(resumed).items() if s > killed_at}
     assert after_resume and all(losses(uninterrupted)[s] == v for s, v in after_resume.items())
+
+
+# In the child: the save of step 8 stalls while its orbax temporary directory exists (grain asks the loader
+# for its state inside the save, after orbax created the directory), so the kill lands mid-save every time.
+STALL_SAVE_OF_STEP_8 = """
+import os, pathlib, time
+from convnext_audio_jax.training import checkpointing
+_get_state = checkpointing.LoaderCheckpoint.get_state
+def _stalling_get_state(self):
+    folder = pathlib.Path(os.environ["STALL_CHECKPOINTS"])
+    if any(p.name.startswith("8.orbax-checkpoint-tmp") for p in folder.iterdir()):
+        time.sleep(600)
+    return _get_state(self)
+checkpointing.LoaderCheckpoint.get_state = _stalling_get_state
+"""
+
+
+def test_kill_during_an_orbax_save_resumes_from_the_last_finished_step(tiny_config_file, uninterrupted_run,
+                                                                       compilation_cache, tmp_path):
+    """SIGKILL while step 8's checkpoint is an orbax temporary directory: the resume starts from step 4 (the
+    last finished save), and the final params, batch_stats, opt_state, step and rng are bitwise those of an
+    uninterrupted run."""
+    config = tiny_config()
+    workdir = tmp_path / "run"
+    checkpoints = workdir / "checkpoints"
+    process = start_train_py(tiny_config_file, workdir, compilation_cache, prelude=STALL_SAVE_OF_STEP_8,
+                             env={"STALL_CHECKPOINTS": str(checkpoints)})
+
+    def saving_step_8():
+        return checkpoints.is_dir() and any(p.name.startswith("8.orbax-checkpoint-tmp") for p in checkpoints.iterdir())
+
+    kill_when(process, saving_step_8)
+    temporary = [p.name for p in checkpoints.iterdir() if not p.name.isdigit()]
+    assert temporary and all(name.startswith("8.orbax-checkpoint-tmp") for name in temporary), temporary
+    assert finished_steps(workdir) == [4]
+
+    training.train(config, workdir)
+    assert not any(".orbax-checkpoint-tmp" in p.name for p in checkpoints.iterdir())
+    first = [line["step"] for line in metrics_lines(workdir) if "train_loss" in line]
+    assert first.count(4) == 1 and first.count(5) == 2  # logged again from step 5 on: resumed at 4
+    final = read_checkpoint_state(workdir, config.total_steps)
+    assert {path.split("'")[1] for path in final} == {"params", "batch_stats", "opt_state", "step", "rng"}
+    assert_same_arrays(read_checkpoint_state(uninterrupted_run, config.total_steps), final)
+
+
+HDF5_CLIPS = 48
+UNREADABLE_CLIPS = (3, 11, 20, 33)  # damaged gzip chunks
+EMPTY_CLIPS = (7, 40)  # all-zero rows, as PANNs' packer leaves missing clips
+
+HDF5_CONFIG = """
+from configs.demo import get_config as demo_config
+
+
+def get_config():
+    config = demo_config()
+    config.model.overrides.dims = (8, 16, 32, 64)
+    config.model.frontend.sample_rate = 32_000  # packed HDF5 clips: 10 s at 32 kHz
+    config.model.frontend.clip_seconds = 10.0
+    config.model.frontend.hop_length = 1600  # 201 STFT frames: cheap
+    config.data.train = {train!r}
+    config.data.validation = "holdout:8"
+    config.data.eval = ""
+    config.data.sampling = "balanced"
+    config.data.read_threads = 4
+    config.data.max_skip_fraction = 0.5
+    config.batch_size = 16
+    config.eval_batch_size = 8
+    config.total_steps = 12
+    config.checkpoint_every = 4
+    config.eval_every = 12
+    config.log_every = 1
+    config.progress_bar = False
+    return config
+"""
+
+
+def write_damaged_hdf5(path: pathlib.Path) -> pathlib.Path:
+    import h5py
+
+    rng = np.random.default_rng(3)
+    waveforms = (random_waveforms(HDF5_CLIPS, seed=3) // 8).astype(np.int16)
+    waveforms[list(EMPTY_CLIPS)] = 0
+    targets = np.zeros((HDF5_CLIPS, 5), bool)
+    targets[np.arange(HDF5_CLIPS), rng.integers(0, 5, HDF5_CLIPS)] = True
+    targets[::7, 4] = True
+    write_packed_hdf5(path, waveforms, targets, [f"Y{i:02d}" for i in range(HDF5_CLIPS)], compression="gzip")
+    with h5py.File(path, "r") as f:
+        offsets = [f["waveform"].id.get_chunk_info(i).byte_offset for i in UNREADABLE_CLIPS]
+    with open(path, "r+b") as f:
+        for offset in offsets:
+            f.seek(offset + 10)
+            f.write(b"\xff" * 200)
+    return path
+
+
+def test_kill_and_resume_on_hdf5_with_corrupt_clips_balanced_sampler_and_read_threads(compilation_cache, tmp_path):
+    """Packed HDF5 with damaged and all-zero clips, PANNs' balanced sampler, 4 read threads: a run killed
+    after its first checkpoint and resumed ends with the params and the skip counts (per reason, with the
+    clip ids) of an uninterrupted run."""
+    source = write_damaged_hdf5(tmp_path / "packed.h5")
+    config_file = tmp_path / "hdf5.py"
+    config_file.write_text(HDF5_CONFIG.format(train=str(source)))
+    namespace: dict = {}
+    exec(HDF5_CONFIG.format(train=str(source)), namespace)
+    config = namespace["get_config"]()
+
+    uninterrupted = tmp_path / "uninterrupted"
+    training.train(config, uninterrupted)
+    resumed = tmp_path / "resumed"
+    process = start_train_py(config_file, resumed, compilation_cache)
+    checkpoints = resumed / "checkpoints"
+    kill_when(process, lambda: checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir()))
+    killed_at = finished_steps(resumed)[-1]
+    assert killed_at < config.total_steps
+    training.train(config, resumed)
+
+    assert_same_arrays(read_checkpoint_params(uninterrupted, config.total_steps),
+                       read_checkpoint_params(resumed, config.total_steps))
+    expected = read_loader_state(uninterrupted, config.total_steps)["loader"]
+    got = read_loader_state(resumed, config.total_steps)["loader"]
+    assert got["skipped"] == expected["skipped"] and got["skipped_ids"] == expected["skipped_ids"]
+    assert expected["skipped"].get("unreadable", 0) > 0 and expected["skipped"].get("empty", 0) > 0
+    assert {clip_id for clip_id, _, _ in expected["skipped_ids"]} <= {f"Y{i:02d}" for i in UNREADABLE_CLIPS + EMPTY_CLIPS}
+
+    def skips(workdir):
+        return {line["step"]: line["train_skipped"] for line in metrics_lines(workdir) if "train_skipped" in line}
+
+    assert {s: v for s, v in skips(resumed).items() if s > killed_at} == {
+        s: v for s, v in skips(uninterrupted).items() if s > killed_at}
 
 
 def test_resume_with_a_changed_batch_size_is_refused_unless_allowed(uninterrupted_run, tmp_path):
@@ -140,24 +304,63 @@ def test_resume_with_a_changed_batch_size_is_refused_unless_allowed(uninterrupte
     assert json.loads((workdir / "config.json").read_text())["batch_size"] == 32
 
 
-def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(uninterrupted_run, tmp_path, monkeypatch):
+def test_nan_loss_stops_the_run_and_a_skip_batch_resume_skips_then_stops(uninterrupted_run, tmp_path, monkeypatch):
+    """on_nonfinite = "stop": the NaN step stops the run, nothing after step 24 is saved and the message says
+    how to resume with skip_batch. Resumed so: steps 25, 26, 27 are skipped (state kept bit for bit,
+    counted in metrics.jsonl and in the checkpoints) and the run stops at the third in a row."""
     workdir = tmp_path / "run"
     shutil.copytree(uninterrupted_run, workdir)  # a finished 24-step run, continued to 30 steps
-    good = read_checkpoint_params(workdir, 24)
+    good = read_checkpoint_state(workdir, 24)
     config = tiny_config()
     config.total_steps = 30
     config.checkpoint_every = 1  # the NaN step is itself a checkpoint step: it must not be saved
     config.allow_config_change = True
-    monkeypatch.setattr(step_lib, "classification_loss", lambda logits, targets: jnp.full((), jnp.nan))
+    monkeypatch.setattr(step_lib, "classification_loss", lambda logits, targets: jnp.full((), jnp.nan))  # grad norm 0
     with pytest.raises(training.NonFiniteLossError,
-                       match=r"non-finite training loss at step 25 .*last good checkpoint: step 24"):
+                       match=r"^non-finite training loss at step 25 \(loss nan, grad norm 0.0\); stopped; last good "
+                             r"checkpoint: step 24 in .*; to skip such steps, resume with "
+                             r"--config.on_nonfinite=skip_batch$"):
         training.train(config, workdir)
-    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps[-1] == 24
-    kept = read_checkpoint_params(workdir, 24)
-    for path, value in good.items():
-        assert np.isfinite(kept[path]).all()
-        np.testing.assert_array_equal(value, kept[path], err_msg=path)
+    assert finished_steps(workdir)[-1] == 24
+    kept = read_checkpoint_state(workdir, 24)
+    assert all(np.isfinite(value).all() for path, value in kept.items() if path.startswith("['params']"))
+    assert_same_arrays(good, kept)
+
+    config.on_nonfinite = "skip_batch"  # result-neutral: no config_change entry needed
+    config.max_nonfinite_in_a_row = 3
+    with pytest.raises(training.NonFiniteLossError,
+                       match=r"^3 steps in a row \(steps 25 to 27\) had a non-finite loss or gradient norm \(last: "
+                             r"loss nan, grad norm 0.0\); their updates were skipped .*; stopped; last good "
+                             r"checkpoint: step 26 in "):
+        training.train(config, workdir)
+    assert finished_steps(workdir)[-1] == 26
+    for step in (25, 26):
+        saved = read_checkpoint_state(workdir, step)
+        assert int(saved["['step']"]) == step
+        assert_same_arrays({p: v for p, v in good.items() if p != "['step']"},
+                           {p: v for p, v in saved.items() if p != "['step']"})
+        assert read_loader_state(workdir, step)["run"] == {"nonfinite_skipped": step - 24,
+                                                           "nonfinite_in_a_row": step - 24}
+    lines = [line for line in metrics_lines(workdir) if line["step"] > 24]
+    assert [(line["step"], line["nonfinite_in_a_row"]) for line in lines if "nonfinite_in_a_row" in line] == [
+        (25, 1), (26, 2), (27, 3)]
+    regular = [line for line in lines if "learning_rate" in line]
+    assert [line["step"] for line in regular] == [25, 26]  # step 27 stopped before its log line
+    assert all("train_loss" not in line for line in regular)  # no NaN token in the JSON
+    assert [line["nonfinite_skipped"] for line in regular] == [1, 2]
+    # No update was applied: the logged rate stays that of the schedule's step 24.
+    lr_24 = optimizer.host_learning_rate(config.optimizer, config.total_steps, 24)
+    assert all(line["learning_rate"] == lr_24 for line in regular)
+
+
+def test_metrics_log_starts_a_new_line_after_one_cut_short_by_a_kill(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 3, "train_loss": 0.5}\n{"step": 4, "train_lo')
+    log = loop.MetricsLog(tmp_path)
+    log.write(4, {"train_loss": 0.25})
+    log.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert lines == ['{"step": 3, "train_loss": 0.5}', '{"step": 4, "train_lo', '{"step": 4, "train_loss": 0.25}']
+    assert loop.best_logged_metric(tmp_path, 10) == -float("inf")  # the cut line is skipped, not fatal
 
 
 def test_demo_source_is_deterministic_and_multi_label():

@@ -93,3 +93,46 @@ def test_gradient_accumulation_averages_the_micro_batch_gradients():
     assert loss == pytest.approx((loss_first + loss_second) / 2, rel=1e-6)
     for path, value in accumulated.items():
         np.testing.assert_allclose(value, (first[path] + second[path]) / 2, rtol=1e-5, atol=1e-7, err_msg=path)
+
+
+def test_skip_nonfinite_keeps_the_state_of_a_nan_batch_and_applies_the_next():
+    """on_nonfinite = "skip_batch": a batch holding one NaN clip (float32 waveforms carry it) leaves params,
+    batch_stats and opt_state bit for bit as they were and only advances the step; the next finite batch is
+    applied. Without skipping, the same batch poisons the params."""
+    config = tiny_config()
+    mesh = data_mesh()
+    model = config_lib.build_model(config, num_classes=demo.NUM_CLASSES)
+    params_shape = jax.eval_shape(lambda: init_variables(model, jax.random.key(0))["params"])
+    tx = optimizer.make_optimizer(config.optimizer, config.total_steps, params_shape)
+    source = demo.SyntheticAudioSet("train", 32, sample_rate=16_000, clip_seconds=1.0)
+    clips = [source[i] for i in range(32)]
+    waveform = np.stack([c["waveform"] for c in clips]).astype(np.float32) / 32767.0
+    target = np.stack([c["target"] for c in clips])
+    poisoned = waveform.copy()
+    poisoned[5, 100] = np.nan
+
+    def batch(w):
+        return step_lib.global_batch({"waveform": w, "target": target}, mesh)
+
+    skipping = step_lib.make_train_step(model, tx, config_lib.augment_config(config), 1, mesh, skip_nonfinite=True)
+    state = step_lib.init_train_state(model, tx, 0, mesh)
+    before = jax.device_get(state)
+    state, metrics = skipping(state, batch(poisoned))
+    after = jax.device_get(state)
+    assert not np.isfinite(float(metrics["loss"]))
+    assert int(after.step) == 1
+    for name in ("params", "batch_stats", "opt_state", "rng"):
+        expected = jax.tree.leaves(getattr(before, name))
+        got = jax.tree.leaves(getattr(after, name))
+        assert len(expected) == len(got)
+        for a, b in zip(expected, got):
+            np.testing.assert_array_equal(a, b, err_msg=name)
+    state, metrics = skipping(state, batch(waveform))
+    assert np.isfinite(float(metrics["loss"])) and int(state.step) == 2
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(np.asarray(a) - b).max(), jax.device_get(state.params),
+                                         before.params))
+    assert max(moved) > 0 and all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(jax.device_get(state.params)))
+
+    plain = step_lib.make_train_step(model, tx, config_lib.augment_config(config), 1, mesh)
+    state, _ = plain(step_lib.init_train_state(model, tx, 0, mesh), batch(poisoned))
+    assert not all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(jax.device_get(state.params)))

@@ -7,13 +7,15 @@ One module per concern:
 - ``optimizer``: AdamW + torch-OneCycleLR schedule, and the host-side learning rate for logging
 - ``step``: ``TrainState``, the loss and the jitted data-parallel train step
 - ``checkpointing``: orbax train-state checkpoints, ``WORKDIR/model/{best,last}``, ``init_from``
+- ``lock``: one run per workdir (``WorkdirLock``, ``WorkdirLockedError``)
 - ``loop``: ``train(config, workdir)``
 
 Evaluation is ``convnext_audio_jax.evaluate.evaluate`` (the engine ``convnext-audio evaluate`` uses too).
 """
 
 from convnext_audio_jax.training.config import ConfigError, default_config
+from convnext_audio_jax.training.lock import WorkdirLockedError
 from convnext_audio_jax.training.loop import NonFiniteLossError, TooManySkippedError, train
 
-__all__ = ["ConfigError", "NonFiniteLossError", "TooManySkippedError", "default_config",
+__all__ = ["ConfigError", "NonFiniteLossError", "TooManySkippedError", "WorkdirLockedError", "default_config",
            "train"]

@@ -41,17 +41,23 @@ MODEL_DIR = "model"
 class LoaderCheckpoint:
     """The loader as grain's orbax checkpoint handler wants an iterator (``get_state() -> bytes``,
     ``set_state(bytes)``, ``start_prefetch()``), holding the state captured when the step's batch was taken:
-    the loader itself runs ahead by then. grain writes one file per process, so multi-host runs work."""
+    the loader itself runs ahead by then. ``run`` carries the loop's host-side counters (non-finite steps
+    skipped) with it, so a resume continues them. grain writes one file per process, so multi-host runs work."""
 
-    def __init__(self, loader: pipeline.ClipLoader, state: dict | None = None):
+    def __init__(self, loader: pipeline.ClipLoader, state: dict | None = None, run: dict | None = None):
         self._loader = loader
         self._state = state
+        self.run = dict(run or {})
 
     def get_state(self) -> bytes:
-        return json.dumps(self._state).encode()
+        return json.dumps({"loader": self._state, "run": self.run}).encode()
 
     def set_state(self, state: bytes) -> None:
-        self._loader.set_state(json.loads(state))
+        saved = json.loads(state)
+        if "loader" not in saved:  # written before the run counters were added: the loader state alone
+            saved = {"loader": saved, "run": {}}
+        self._loader.set_state(saved["loader"])
+        self.run = dict(saved.get("run") or {})
 
     def start_prefetch(self) -> None:
         """Nothing to start: the loader prefetches on its own."""
@@ -84,15 +90,18 @@ class Checkpointer:
             data=grain.checkpoint.CheckpointSave(loader_checkpoint),
         ), metrics=metrics, force=True)
 
-    def restore(self, step: int, template: TrainState, loader: pipeline.ClipLoader | None) -> TrainState:
-        """The state saved at ``step`` in ``template``'s shardings; the loader is moved to its saved position."""
+    def restore(self, step: int, template: TrainState, loader: pipeline.ClipLoader | None
+                ) -> tuple[TrainState, dict]:
+        """(the state saved at ``step`` in ``template``'s shardings, the run counters saved with it); the
+        loader is moved to its saved position."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template.as_dict())
         items = {"state": ocp.args.StandardRestore(abstract)}
-        if loader is not None:
+        loader_checkpoint = LoaderCheckpoint(loader) if loader is not None else None
+        if loader_checkpoint is not None:
             self.check_process_count(step)
-            items["data"] = grain.checkpoint.CheckpointRestore(LoaderCheckpoint(loader))
+            items["data"] = grain.checkpoint.CheckpointRestore(loader_checkpoint)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return TrainState(**restored["state"])
+        return TrainState(**restored["state"]), (loader_checkpoint.run if loader_checkpoint is not None else {})
 
     def check_process_count(self, step: int) -> None:
         """Raises ConfigError unless the checkpoint of ``step`` holds one loader position per process of this

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 
 import flax.linen as nn
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from convnext_audio_jax.augment import AugmentConfig
+from convnext_audio_jax.checkpoint import fsync_path
 from convnext_audio_jax.data import spec as spec_lib
 from convnext_audio_jax.distill import Distillation
 from convnext_audio_jax.models import create_model, get_spec
@@ -26,7 +28,10 @@ RESULT_NEUTRAL_KEYS = frozenset({
     "allow_config_change", "checkpoint_every", "keep_checkpoints", "async_checkpointing", "eval_every",
     "log_every", "progress_bar", "eval_batch_size", "data.worker_count", "data.read_threads",
     "data.max_skip_fraction", "data.eval",
+    # Only decide whether a run stops at a NaN/Inf step: a run that meets none computes the same either way.
+    "on_nonfinite", "max_nonfinite_in_a_row",
 })
+NONFINITE_POLICIES = ("stop", "skip_batch")
 
 
 class ConfigError(ValueError):
@@ -100,6 +105,10 @@ def default_config() -> ml_collections.ConfigDict:
     config.init_exclude = ()  # parameter path prefixes never taken from init_from (e.g. "head")
     config.allow_config_change = False  # resume although a result-changing key differs from config.json
     config.progress_bar = True
+    # A step whose loss or gradient norm is NaN/Inf: "stop" (keep the last good checkpoint) or "skip_batch"
+    # (leave the state as it was, count it, stop after max_nonfinite_in_a_row such steps in a row).
+    config.on_nonfinite = "stop"
+    config.max_nonfinite_in_a_row = 10
     return config
 
 
@@ -143,7 +152,9 @@ def validate_config(config, num_devices: int) -> None:
         raise ConfigError(f"model.dtype must be one of {sorted(MODEL_DTYPES)}; got {config.model.dtype!r}")
     if config.total_steps < 1:
         raise ConfigError(f"total_steps must be >= 1; got {config.total_steps}")
-    for key in ("checkpoint_every", "eval_every", "log_every", "keep_checkpoints"):
+    if config.on_nonfinite not in NONFINITE_POLICIES:
+        raise ConfigError(f"on_nonfinite must be one of {NONFINITE_POLICIES}; got {config.on_nonfinite!r}")
+    for key in ("checkpoint_every", "eval_every", "log_every", "keep_checkpoints", "max_nonfinite_in_a_row"):
         if config[key] < 1:
             raise ConfigError(f"{key} must be >= 1; got {config[key]}")
     if config.eval_batch_size < 1 or config.eval_batch_size % num_devices:
@@ -276,7 +287,12 @@ def check_and_record_config(config, workdir: pathlib.Path, resuming: bool) -> di
 
         multihost_utils.sync_global_devices("config.json checked")
     if jax.process_index() == 0:
+        # On disk before the rename publishes it, and the rename itself: a power cut leaves the old or the new.
         temporary = path.with_name(f".{path.name}.{jax.process_index()}.tmp")
-        temporary.write_text(json.dumps(current, indent=2) + "\n")
+        with open(temporary, "w", encoding="utf-8") as f:
+            f.write(json.dumps(current, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         temporary.replace(path)
+        fsync_path(workdir)
     return differences

@@ -23,7 +23,8 @@ from jax.experimental import multihost_utils
 from convnext_audio_jax import evaluate as evaluate_lib
 from convnext_audio_jax.forward import data_mesh
 from convnext_audio_jax.models import init_variables
-from convnext_audio_jax.training import checkpointing, config as config_lib, data as data_lib, optimizer, step as step_lib
+from convnext_audio_jax.training import (checkpointing, config as config_lib, data as data_lib, lock as lock_lib,
+                                         optimizer, step as step_lib)
 from convnext_audio_jax.training.checkpointing import BEST_METRIC
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,8 @@ CLIP_LOG_ENV = "CONVNEXT_AUDIO_CLIP_LOG"
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss or the gradient norm became NaN/Inf; training stopped before saving anything after it."""
+    """The loss or the gradient norm became NaN/Inf (``on_nonfinite = "stop"``), or did so in
+    ``max_nonfinite_in_a_row`` steps in a row (``"skip_batch"``); nothing after the last good state was saved."""
 
 
 class TooManySkippedError(RuntimeError):
@@ -50,7 +52,10 @@ class MetricsLog:
             return
         from tensorboardX import SummaryWriter
 
-        self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+        path = workdir / "metrics.jsonl"
+        self._jsonl = open(path, "a", encoding="utf-8")
+        if path.stat().st_size and not _ends_with_newline(path):
+            self._jsonl.write("\n")  # a line cut short by a kill stays alone, the next record starts clean
         self._writer = SummaryWriter(str(workdir / "tensorboard"))
 
     def write(self, step: int, values: dict[str, Any]) -> None:
@@ -63,10 +68,24 @@ class MetricsLog:
             if isinstance(value, int | float):
                 self._writer.add_scalar(name, value, step)
 
+    def sync(self) -> None:
+        """On disk (before a checkpoint is saved: its metrics must survive a power cut with it)."""
+        if self._enabled:
+            self._jsonl.flush()
+            os.fsync(self._jsonl.fileno())
+            self._writer.flush()
+
     def close(self) -> None:
         if self._enabled:
+            self.sync()
             self._jsonl.close()
             self._writer.close()
+
+
+def _ends_with_newline(path: pathlib.Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 def best_logged_metric(workdir: pathlib.Path, up_to_step: int) -> float:
@@ -109,12 +128,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     tensorboard/) and return the last evaluation ({"step", "val_mAP", "val_AUC", "val_d_prime",
     "best_val_mAP", and "eval_*" when ``data.eval`` is set}).
 
-    Starts from the workdir's latest checkpoint if there is one, else from ``config.init_from``, else from
-    scratch. Raises ConfigError (before compiling anything), NonFiniteLossError on a NaN/Inf loss (leaving
-    the checkpoints written before it), TooManySkippedError, or pipeline.UnreadableSourceError.
+    Holds the workdir's lock (``lock.WorkdirLock``) for the whole run: a second run on the same workdir
+    raises WorkdirLockedError. Starts from the workdir's latest checkpoint if there is one, else from
+    ``config.init_from``, else from scratch. Raises ConfigError (before compiling anything),
+    NonFiniteLossError (per ``config.on_nonfinite``, leaving the checkpoints written before it),
+    TooManySkippedError, or pipeline.UnreadableSourceError.
     """
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    with lock_lib.WorkdirLock(workdir, jax.process_index()):
+        return _train(config, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
     mesh = data_mesh()
     config_lib.validate_config(config, mesh.size)
     accumulation_steps, examples_per_host = config_lib.batch_layout(config, mesh.size, jax.process_count())
@@ -136,13 +162,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     params_shape = jax.eval_shape(lambda: init_variables(model, jax.random.key(0))["params"])
     tx = optimizer.make_optimizer(config.optimizer, config.total_steps, params_shape)
     state = step_lib.init_train_state(model, tx, config.seed, mesh)
+    skip_nonfinite = config.on_nonfinite == "skip_batch"
     train_step = step_lib.make_train_step(model, tx, augment, accumulation_steps, mesh,
-                                          distillation=config_lib.distillation(config))
+                                          distillation=config_lib.distillation(config), skip_nonfinite=skip_nonfinite)
     scorer = evaluate_lib.Scorer(model, mesh)
 
     loader = data_lib.make_train_loader(config, data.train, examples_per_host, augment.mixup)
+    run_counters: dict = {}
     if latest is not None:
-        state = checkpointer.restore(latest, state, loader)
+        state, run_counters = checkpointer.restore(latest, state, loader)
         if jax.process_index() == 0:
             logger.info("resumed from %s at step %d", checkpointer.directory, latest)
     elif config.init_from:
@@ -175,30 +203,54 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     if os.environ.get(CLIP_LOG_ENV):
         clip_log = open(pathlib.Path(os.environ[CLIP_LOG_ENV]) / f"clips-process{jax.process_index()}.jsonl", "a",
                         encoding="utf-8")
+    # Steps whose update the jitted step skipped (skip_batch): in all, and in a row up to the last step seen.
+    nonfinite = {"skipped": int(run_counters.get("nonfinite_skipped", 0)),
+                 "in_a_row": int(run_counters.get("nonfinite_in_a_row", 0))}
+
+    def stop(message: str, hint: str = "") -> None:
+        writer.wait()
+        checkpointer.wait()
+        raise NonFiniteLossError(f"{message}; stopped; last good checkpoint: step {checkpointer.latest_step()} "
+                                 f"in {checkpointer.directory}{hint}")
 
     def report(pending: _PendingMetrics) -> None:
         values = {key: float(value) for key, value in jax.device_get(pending.values).items()}
-        if not all(math.isfinite(v) for v in values.values()):
-            writer.wait()
-            checkpointer.wait()
-            raise NonFiniteLossError(
-                f"non-finite training loss at step {pending.step} (loss {values['loss']}, grad norm "
-                f"{values['grad_norm']}); stopped; last good checkpoint: step {checkpointer.latest_step()} "
-                f"in {checkpointer.directory}"
-            )
+        # The step's own test (loss and gradient norm finite) is the one the jitted step applied.
+        finite = math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])
+        applied_before = pending.step - 1 - nonfinite["skipped"]  # optimizer updates before this step
+        if not finite:
+            seen = f"loss {values['loss']}, grad norm {values['grad_norm']}"
+            if not skip_nonfinite:
+                stop(f"non-finite training loss at step {pending.step} ({seen})",
+                     "; to skip such steps, resume with --config.on_nonfinite=skip_batch")
+            nonfinite["skipped"] += 1
+            nonfinite["in_a_row"] += 1
+            logger.warning("step %d: %s; update skipped (%d in a row, %d in all)", pending.step, seen,
+                           nonfinite["in_a_row"], nonfinite["skipped"])
+            log.write(pending.step, {"nonfinite_skipped": nonfinite["skipped"],
+                                     "nonfinite_in_a_row": nonfinite["in_a_row"]})
+            if nonfinite["in_a_row"] >= config.max_nonfinite_in_a_row:
+                stop(f"{nonfinite['in_a_row']} steps in a row (steps {pending.step - nonfinite['in_a_row'] + 1} to "
+                     f"{pending.step}) had a non-finite loss or gradient norm (last: {seen}); their updates were "
+                     f"skipped (on_nonfinite = 'skip_batch', max_nonfinite_in_a_row = {config.max_nonfinite_in_a_row})")
+        else:
+            nonfinite["in_a_row"] = 0
         now = time.perf_counter()
         clips_per_second = (pending.step - last_report["step"]) * config.batch_size / max(now - last_report["time"], 1e-9)
         last_report.update(time=now, step=pending.step)
-        # The rate the update of this step used, computed on the host (no device call).
-        lr = optimizer.host_learning_rate(config.optimizer, config.total_steps, pending.step - 1)
+        # The rate the update of this step used (skipped updates do not advance the schedule), computed on
+        # the host (no device call).
+        lr = optimizer.host_learning_rate(config.optimizer, config.total_steps, applied_before)
         progress.update(pending.step - progress.n)
         progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", clips_s=f"{clips_per_second:.1f}", refresh=False)
         if pending.step % config.log_every == 0 or pending.step == config.total_steps:
-            log.write(pending.step, {"train_loss": values["loss"], "grad_norm": values["grad_norm"],
-                                     "learning_rate": lr, "clips_per_second": clips_per_second,
+            # NaN is no JSON number: a skipped step's line has no loss, its count was written above.
+            losses = ({"train_loss": values["loss"], "grad_norm": values["grad_norm"],
+                       **{f"train_{key}": values[key] for key in ("label_loss", "distillation_loss") if key in values}}
+                      if finite else {})
+            log.write(pending.step, {**losses, "learning_rate": lr, "clips_per_second": clips_per_second,
                                      "train_skipped": global_count(loader.num_skipped),
-                                     **{f"train_{key}": values[key] for key in ("label_loss", "distillation_loss")
-                                        if key in values}})
+                                     "nonfinite_skipped": nonfinite["skipped"]})
 
     def evaluate_split(name: str, source, step: int) -> dict[str, float]:
         variables = {"params": state.params, "batch_stats": state.batch_stats}
@@ -243,6 +295,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                 result = {"step": step, **val_metrics, "best_val_mAP": best, **eval_metrics}
                 log.write(step, {**val_metrics, **eval_metrics})
             writer.wait()  # the model save in flight (if any) finishes before the next orbax save starts
+            log.sync()
+            loader_checkpoint.run = {"nonfinite_skipped": nonfinite["skipped"], "nonfinite_in_a_row": nonfinite["in_a_row"]}
             checkpointer.save(state, loader_checkpoint,
                               None if val_metrics is None else {BEST_METRIC: val_metrics[BEST_METRIC]})
             if val_metrics is not None:

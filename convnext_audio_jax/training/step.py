@@ -81,6 +81,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment:
                     accumulation_steps: int, mesh,
                     loss_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
                     distillation: Distillation | None = None,
+                    skip_nonfinite: bool = False,
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The jitted step ``(state, batch) -> (state, {"loss", "grad_norm"})``; the state is donated.
 
@@ -93,6 +94,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment:
     With ``distillation`` the batch also holds "teacher": (R, C) teacher logits (float16/float32) of the same
     rows, split and sharded like "target"; the loss is ``distillation.loss`` and the metrics gain its two parts,
     "label_loss" and "distillation_loss" (means over the micro-batches, like "loss").
+
+    ``skip_nonfinite`` (``config.on_nonfinite = "skip_batch"``): a step whose loss or gradient norm is NaN/Inf
+    keeps params, batch_stats and opt_state (so also the schedule's count) as they were and only advances
+    ``step``; selected on the device, so no host sync is added. The host sees the same non-finite metrics.
     """
     if distillation is not None and loss_fn is not None:
         raise ValueError("make_train_step takes loss_fn or distillation, not both")
@@ -142,12 +147,15 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment:
         )
         grads = jax.tree.map(lambda g: g / accumulation_steps, grad_sum)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new_state = state.replace(
-            step=state.step + 1, params=optax.apply_updates(state.params, updates), batch_stats=batch_stats,
-            opt_state=opt_state,
-        )
+        grad_norm = optax.global_norm(grads)
         metrics = {name: jnp.mean(values) for name, values in losses.items()}
-        return new_state, {**metrics, "grad_norm": optax.global_norm(grads)}
+        updated = {"params": optax.apply_updates(state.params, updates), "batch_stats": batch_stats,
+                   "opt_state": opt_state}
+        if skip_nonfinite:
+            finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+            previous = {"params": state.params, "batch_stats": state.batch_stats, "opt_state": state.opt_state}
+            updated = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, previous)
+        return state.replace(step=state.step + 1, **updated), {**metrics, "grad_norm": grad_norm}
 
     batch_sharding = NamedSharding(mesh, P("data"))
     return xla.jit(step, in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
