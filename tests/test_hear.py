@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soxr
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402  ([test] extra: a missing torch fails, not skips)
 
 from convnext_audio_jax import hear  # noqa: E402
 from convnext_audio_jax.checkpoint import save_model  # noqa: E402
