@@ -31,6 +31,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 
 from benchmarks import run  # noqa: E402  (sets XLA_PYTHON_CLIENT_PREALLOCATE before JAX starts a GPU)
+from benchmarks import implementations, report  # noqa: E402
 from benchmarks.common import machine_description  # noqa: E402
 
 MODELS = ("convnext_tiny", "cnn14")
@@ -47,7 +48,7 @@ def device_counts(available: int) -> list[int]:
     return counts if counts[-1] == available else counts + [available]
 
 
-def suite(cases: list[run.Case], batch: int, dtypes: list[str], repeats: int, *, compile_timeout: int | None,
+def suite(cases: list[implementations.Case], batch: int, dtypes: list[str], repeats: int, *, compile_timeout: int | None,
           budget_s: float, max_devices: int | None = None, parts: tuple[str, ...] = PARTS, log=print) -> dict:
     start = time.perf_counter()
     skipped: dict[str, str] = {}
@@ -82,10 +83,10 @@ def suite(cases: list[run.Case], batch: int, dtypes: list[str], repeats: int, *,
                 measured = benchmark_train_step(case.model, batch=batch, dtype=dtype, repeats=repeats,
                                                 overrides=case.config, seconds=case.seconds)
             except Exception as error:  # noqa: BLE001 — e.g. out of memory: recorded, the suite goes on
-                measured = [{"implementation": "ours", "error": run.error_summary(error)}]
+                measured = [{"implementation": "ours", "error": implementations.error_summary(error)}]
             for row in measured:
                 rows.append({**group, **row})
-                log(run.format_row(rows[-1]))
+                log(report.format_row(rows[-1]))
 
     scaling: list[dict] = []
     case = next((c for c in cases if c.model == SCALING_MODEL), None) if "scaling" in parts else None
@@ -103,7 +104,7 @@ def suite(cases: list[run.Case], batch: int, dtypes: list[str], repeats: int, *,
             if scaling and "clips_per_s" in scaling[0]:
                 row["efficiency"] = row["clips_per_s_per_device"] / scaling[0]["clips_per_s"]
         except Exception as error:  # noqa: BLE001
-            row["error"] = run.error_summary(error)
+            row["error"] = implementations.error_summary(error)
         scaling.append(row)
         log(f"# scaling: {row}")
     return {"rows": rows, "ratios": run.ratios(rows), "parity_max_abs_probs": parity, "scaling": scaling,
@@ -112,8 +113,8 @@ def suite(cases: list[run.Case], batch: int, dtypes: list[str], repeats: int, *,
 
 def format_tables(result: dict) -> str:
     lines = [f"# {result['machine']['slug']}: {result['machine']['device_kind']} × {result['machine']['device_count']}; "
-             f"{result['date']}; {result['wall_s']:.0f} s", "", run.TABLE_HEADER]
-    lines += [run.format_row(r) for r in result["rows"]]
+             f"{result['date']}; {result['wall_s']:.0f} s", "", report.TABLE_HEADER]
+    lines += [report.format_row(r) for r in result["rows"]]
     lines += ["", "| mode | model | dtype | batch | ratios (ours / other, clips/s) |", "|---|---|---|---:|---|"]
     for entry in result["ratios"]:
         pairs = ", ".join(f"{k.removeprefix('ours_over_')}: {v:.2f}×" for k, v in entry.items() if k.startswith("ours_over_"))
@@ -130,12 +131,12 @@ def format_tables(result: dict) -> str:
 
     def rate(mode, model, implementation, dtype="bfloat16"):
         hit = [r for r in result["rows"] if (r["mode"], r["model"], r["implementation"], r["dtype"]) == (mode, model, implementation, dtype)]
-        return run._cell(hit[0].get("clips_per_s") if hit else None, ".1f")
+        return report._cell(hit[0].get("clips_per_s") if hit else None, ".1f")
 
     for model in result["settings"]["models"]:
         v100 = run.PUBLISHED.get(model, {}).get("v100_clips_per_s")
         lines.append(f"| {model} | {rate('forward', model, 'ours')} | {rate('forward', model, 'torch-eager')} / "
-                     f"{rate('forward', model, 'torch-compile')} | {rate('train', model, 'ours')} | {run._cell(v100, '.1f')} |")
+                     f"{rate('forward', model, 'torch-compile')} | {rate('train', model, 'ours')} | {report._cell(v100, '.1f')} |")
     if result["notes"]:
         lines += [""] + [f"- {key}: {note}" for key, note in result["notes"].items()]
     return "\n".join(lines)
@@ -159,10 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (1 if args.quick else 5)
     dtypes = sorted(args.dtypes, key=lambda d: d != "float32")  # torch fp32 first: bf16 parity is against it
     seconds = 1.0 if args.quick else 10.0
-    cases = [run.Case(m, seconds, QUICK_OVERRIDES[m] if args.quick else ()) for m in MODELS]
+    cases = [implementations.Case(m, seconds, QUICK_OVERRIDES[m] if args.quick else ()) for m in MODELS]
     machine = machine_description()
     print(f"# {machine['slug']}: gpu suite, models {list(MODELS)}, batch {batch}, dtypes {dtypes}, {repeats} repeats", flush=True)
-    print(run.TABLE_HEADER, flush=True)
+    print(report.TABLE_HEADER, flush=True)
     start = time.perf_counter()
     measured = suite(cases, batch, dtypes, repeats, compile_timeout=args.compile_timeout if args.torch_compile else None,
                      budget_s=args.budget_s, max_devices=args.max_devices, parts=tuple(args.parts), log=lambda line: print(line, flush=True))

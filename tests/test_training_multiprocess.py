@@ -166,7 +166,7 @@ def test_two_processes_train_exactly_as_one(single, double):
         data = double_dir / "checkpoints" / str(step) / "data"
         assert sorted(p.name for p in data.glob("process_*.json")) == ["process_0-of-2.json", "process_1-of-2.json"]
         for index in range(2):  # 8 examples × 2 mixup draws per process per step
-            assert json.loads((data / f"process_{index}-of-2.json").read_text())["grain"] == {"next_index": 16 * step}
+            assert json.loads((data / f"process_{index}-of-2.json").read_text())["loader"]["grain"] == {"next_index": 16 * step}
 
 
 def test_killed_and_restarted_equals_uninterrupted(setup, double):
