@@ -1,12 +1,12 @@
 """Clips/s of a full training step (speed perturbation, log-mel, bn0, SpecAugment, mixup, forward,
-backward, AdamW) for the audio ConvNeXt-Tiny at the paper's input (10 s at 32 kHz, 224 mels).
+backward, AdamW) for an audio model at the paper's input (10 s at 32 kHz; ConvNeXt: 224 mels, PANNs: 64).
 
-    python benchmarks/train_step.py [--batch 8] [--steps 3] [--devices 1,2,4,8] [--dtype float32]
+    python benchmarks/train_step.py [--model convnext_tiny] [--batch 8] [--steps 3] [--devices 1,2,4,8] [--dtype float32]
 
 Rows: ours (JAX, one jitted step on a 'data' mesh of 1, 2, ... devices; on a CPU the devices are
 simulated and share its cores, so the scaling rows measure the cost of sharding, not a speed-up) and the
-PyTorch reference (the authors' model from timm blocks + torchlibrosa, convnext_audio_jax/torch_reference.py) with the
-same augmentations and torch.optim.AdamW. A step trains on ``batch`` mixed examples, i.e. 2 x batch clips
+PyTorch reference (convnext_audio_jax/torch_reference.py: the authors' ConvNeXt from timm blocks +
+torchlibrosa, PANNs' CNN14 / CNN6) with the same augmentations and torch.optim.AdamW. A step trains on ``batch`` mixed examples, i.e. 2 x batch clips
 drawn; clips/s counts the ``batch`` examples. Median over ``steps`` timed steps after one warm-up step.
 """
 
@@ -24,6 +24,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repo
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="convnext_tiny", help="a registered audio model")
     parser.add_argument("--batch", type=int, default=8, help="examples per step (2x clips with mixup)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     parser.add_argument("--devices", default="1,8", help="mesh sizes to time, comma-separated")
@@ -93,7 +94,8 @@ def torch_row(args, clips, targets) -> tuple[str, float, float]:
     from convnext_audio_jax.torch_reference import build_reference, normalised_log_mel
     from convnext_audio_jax.data.audio import INT16_SCALE
 
-    model = build_reference("convnext_tiny", drop_path_rate=0.4).train()
+    name = getattr(args, "model", "convnext_tiny")
+    model = build_reference(name, **({"drop_path_rate": 0.4} if name.startswith("convnext") else {})).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     spec_augment = SpecAugmentation(time_drop_width=64, time_stripes_num=2, freq_drop_width=28, freq_stripes_num=2)
     waveform = torch.from_numpy(clips.astype(np.float32) / INT16_SCALE)
@@ -120,16 +122,19 @@ def torch_row(args, clips, targets) -> tuple[str, float, float]:
         lambdas = torch.rand(logmel.shape[0] // 2, generator=generator)
         mixed = logmel[0::2] * lambdas[:, None, None, None] + logmel[1::2] * (1 - lambdas[:, None, None, None])
         mixed_target = target[0::2] * lambdas[:, None] + target[1::2] * (1 - lambdas[:, None])
-        sequence = model.features(mixed).mean(dim=3)
-        logits = model.head_audioset(model.norm(sequence.max(dim=2).values + sequence.mean(dim=2)))
+        logits = model.from_log_mel(mixed)["clipwise_logits"]
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, mixed_target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
     first, median = time_steps(run_step, args.steps)
-    return (f"PyTorch {torch.__version__} float32 (timm + torchlibrosa), {torch.get_num_threads()} threads",
+    return (f"PyTorch {torch.__version__} float32 {name} (torch_reference), {torch.get_num_threads()} threads",
             args.batch / median, first)
+
+
+# The models whose PyTorch reference the training benchmark also steps.
+TORCH_TRAINED = ("convnext_tiny", "cnn14", "cnn6")
 
 
 def random_batch(batch: int, seconds: float):
@@ -147,8 +152,8 @@ def random_batch(batch: int, seconds: float):
 
 def benchmark_train_step(model: str, *, batch: int, dtype: str, repeats: int, overrides: dict | None = None,
                          seconds: float = 10.0, devices: int = 1, with_torch: bool = True) -> list[dict]:
-    """Row dicts for benchmarks/run.py: ours on a mesh of ``devices`` devices and, for the full-size audio
-    ConvNeXt-Tiny in fp32 (``with_torch``), the PyTorch reference's step on the same batch."""
+    """Row dicts for benchmarks/run.py: ours on a mesh of ``devices`` devices and, for the full-size models of
+    ``TORCH_TRAINED`` in fp32 (``with_torch``), the PyTorch reference's step on the same batch."""
     args = argparse.Namespace(model=model, overrides=overrides, batch=batch, steps=repeats, devices=str(devices),
                               dtype=dtype, seconds=seconds)
     clips, targets = random_batch(batch, args.seconds)
@@ -156,7 +161,7 @@ def benchmark_train_step(model: str, *, batch: int, dtype: str, repeats: int, ov
     if not ours:
         raise ValueError(f"cannot time {devices} device(s): {len(__import__('jax').devices())} available, batch {batch}")
     rows = [("ours", *ours[0][1:])]
-    if with_torch and model == "convnext_tiny" and not overrides and dtype == "float32":
+    if with_torch and model in TORCH_TRAINED and not overrides and dtype == "float32":
         rows.append(("torch-eager", *torch_row(args, clips, targets)[1:]))
     return [{"implementation": name, "clips_per_s": rate, "first_step_s": first} for name, rate, first in rows]
 
@@ -169,7 +174,7 @@ def main() -> None:
     rows = jax_rows(args, clips, targets)
     if not args.no_torch:
         rows.append(torch_row(args, clips, targets))
-    print(f"\ntraining step, ConvNeXt-Tiny, {args.seconds:g} s clips, batch {args.batch} examples "
+    print(f"\ntraining step, {args.model}, {args.seconds:g} s clips, batch {args.batch} examples "
           f"({2 * args.batch} clips with mixup), median of {args.steps} steps; {jax.devices()[0].device_kind}")
     print(f"{'implementation':<58} {'clips/s':>9} {'first step s':>13}")
     for name, rate, first in rows:

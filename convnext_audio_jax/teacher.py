@@ -37,7 +37,6 @@ import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import grain
 import h5py
 import numpy as np
 
@@ -46,7 +45,6 @@ logger = logging.getLogger(__name__)
 FORMAT = "convnext-audio-teacher"
 VERSION = 1
 DTYPES = ("float16", "float32")
-NO_TEACHER = "no teacher row"  # the skip reason of a clip without a teacher row (loader skip counts)
 MANIFEST = "manifest.json"
 MISSING_IDS_SHOWN = 10
 
@@ -362,19 +360,3 @@ class TeacherPredictions:
         if self._state is not None:
             self._state["file"].close()
             self._state = None
-
-
-class SkipClipsWithoutTeacher(grain.transforms.Map):
-    """Loader step after reading a clip: a clip without a teacher row becomes a skipped clip (reason
-    ``NO_TEACHER``), so the loader counts it and fills the batch with the next clip. For
-    ``distill.allow_missing``; without it, call ``teacher.require(all ids)`` before training."""
-
-    def __init__(self, teacher: TeacherPredictions):
-        self._teacher = teacher
-
-    def map(self, element):
-        if "error" in element:
-            return element
-        if self._teacher.find_rows([element["id"]])[0] < 0:
-            return {"error": NO_TEACHER, "id": element["id"], "detail": f"not in {self._teacher.path}"}
-        return element

@@ -137,7 +137,12 @@ class ReferenceConvNeXt(nn.Module):
     def forward(self, x: torch.Tensor):
         if not self.audio:
             return self.head(self.norm(self.features(x).mean(dim=(-2, -1))))
-        frames = self.features(normalised_log_mel(self, x))
+        return self.from_log_mel(normalised_log_mel(self, x))
+
+    def from_log_mel(self, log_mel: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The outputs from a normalised (B, 1, T, mels) log-mel: what a training step with log-mel
+        augmentations (SpecAugment, mixup) runs after its front end."""
+        frames = self.features(log_mel)
         sequence = frames.mean(dim=3)
         scene = self.norm(sequence.max(dim=2).values + sequence.mean(dim=2))
         logits = self.head_audioset(scene)
@@ -184,7 +189,10 @@ class _ReferencePann(nn.Module):
         self.fc_audioset = nn.Linear(channels[-1], num_classes)
 
     def forward(self, waveform: torch.Tensor):
-        x = normalised_log_mel(self, waveform)
+        return self.from_log_mel(normalised_log_mel(self, waveform))
+
+    def from_log_mel(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The outputs from a normalised (B, 1, T, 64) log-mel (see ReferenceConvNeXt.from_log_mel)."""
         for i, pool in enumerate(self.pools, start=1):
             x = F.dropout(getattr(self, f"conv_block{i}")(x, pool), p=0.2, training=self.training)
         frames = x

@@ -104,11 +104,6 @@ def test_missing_ids_error_or_skip_and_count(tmp_path, data):
     np.testing.assert_array_equal(found, [True, False, True, False, False])
     np.testing.assert_array_equal(got[[0, 2]], logits[[1, 2]])
     assert not got[[1, 3, 4]].any() and lenient.num_missing == 3
-    skip = teacher_lib.SkipClipsWithoutTeacher(lenient)
-    assert skip.map({"id": ids[3], "waveform": 1}) == {"id": ids[3], "waveform": 1}
-    assert skip.map({"id": "nope"})["error"] == teacher_lib.NO_TEACHER
-    unreadable = {"error": "unreadable", "id": "x", "detail": "d"}
-    assert skip.map(unreadable) is unreadable
 
 
 def test_bad_files_and_duplicates(tmp_path, data):

@@ -3,7 +3,6 @@
 gradient accumulation, the teacher file checks at start, and an exact resume with distillation."""
 
 import dataclasses
-import os
 import json
 import pathlib
 import shutil
@@ -233,25 +232,24 @@ def demo_kd_config(name: str):
     config = namespace["get_config"]()
     config.data.demo_train_clips, config.data.demo_val_clips = 1024, 256
     config.data.eval = ""
-    config.total_steps = config.checkpoint_every = config.eval_every = 240
-    config.log_every = 40
+    config.total_steps = config.checkpoint_every = config.eval_every = 480
+    config.log_every = 80
     config.progress_bar = False
     return config
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("CONVNEXT_AUDIO_LONG_TESTS"),
-                    reason="trains three demo models (34 min once on 2 shared cores), past the suite's time budget; "
-                           "run with CONVNEXT_AUDIO_LONG_TESTS=1")
 def test_demo_distillation_experiment(tmp_path, monkeypatch):
-    """issue 14's demo experiment at small sizes (1024 training clips, 240 steps per run): a demo teacher
-    (configs/demo.py) → its teacher file (predict_teacher, the library call of ``convnext-audio predict``)
-    → students (configs/demo_kd.py, a quarter of the teacher's width) trained on the demo clips with half of
-    their positive labels cleared, distilled with label_weight = 0 (the teacher's targets only) or trained on
-    those labels only. Asserted: distillation beats label-only training. Issue 14 also asks the distilled
-    student to reach ≥ 90 % of the teacher's validation mAP; at these sizes it does not yet (the test then
-    ends as xfail, naming the ratio). Measured once (Intel Xeon @ 2.80GHz, 2 cores shared with other jobs,
-    2043 s, 8 simulated devices): teacher 0.7828, distilled student 0.6870 (87.8 %), label-only 0.5111."""
+    """issue 14's demo experiment at small sizes (1024 training clips, 256 validation clips, 480 steps of 32 per
+    run): a demo teacher (configs/demo.py) → its teacher file (predict_teacher, the library call of
+    ``convnext-audio predict``) → students (configs/demo_kd.py: dims 12-24-48-96, 58 % of the teacher's
+    parameters) trained on the demo clips with half of their positive labels cleared, distilled with
+    label_weight = 0 (the teacher's targets only) or trained on those labels only. Asserted: the distilled
+    student reaches ≥ 90 % of the teacher's validation mAP and beats label-only training. Measured
+    (Intel Xeon @ 2.80GHz, 2 cores shared with another job, 8 simulated devices): teacher 0.9070, distilled
+    student 0.8529 (94.0 %), label-only 0.7745. At 240 steps per run with a student of dims 8-16-32-64 the
+    teacher (0.7828) was too weak to teach: distilled 0.6870 (87.8 %), and the same student on half the labels
+    for 480 steps beat it (0.7766)."""
     from convnext_audio_jax import predict
     from convnext_audio_jax.training import data as data_lib
 
@@ -281,7 +279,5 @@ def test_demo_distillation_experiment(tmp_path, monkeypatch):
     print(f"demo KD ({time.perf_counter() - start:.0f} s): teacher val mAP {teacher_result['best_val_mAP']:.4f}; "
           f"student on half the labels: distilled (label_weight 0) {distilled['best_val_mAP']:.4f}, "
           f"label-only {label_only['best_val_mAP']:.4f}")
+    assert distilled["best_val_mAP"] >= 0.9 * teacher_result["best_val_mAP"]
     assert distilled["best_val_mAP"] > label_only["best_val_mAP"]
-    ratio = distilled["best_val_mAP"] / teacher_result["best_val_mAP"]
-    if ratio < 0.9:  # issue 14's first criterion, not met at these sizes yet (see the docstring): reported
-        pytest.xfail(f"distilled student at {ratio:.1%} of the teacher's validation mAP, below issue 14's 90 %")

@@ -265,7 +265,30 @@ def open_spec(spec: str, options: DataOptions | None = None) -> OpenedSpec:
     return OpenedSpec(spec, source, names, first.sample_rate, first.clip_samples)
 
 
-class ConcatSource:
+class _SourceView:
+    """What a union and a subset share: they hold the label matrix; the clips are read by the parent sources."""
+
+    _targets: np.ndarray
+
+    def __len__(self) -> int:
+        return self._targets.shape[0]
+
+    @property
+    def targets(self) -> np.ndarray:
+        return self._targets
+
+    @property
+    def num_classes(self) -> int:
+        return self._targets.shape[1]
+
+    def _checked(self, index: int) -> int:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"clip index {index} out of range for a source of {len(self)} clips")
+        return index
+
+
+class ConcatSource(_SourceView):
     """Several sources as one: clip ``i`` of part k is clip ``offset_k + i``; targets concatenated, so the
     balanced sampler spans every part. Clip ids must be unique across the parts."""
 
@@ -282,21 +305,8 @@ class ConcatSource:
                     raise SpecError(f"data SPEC {'+'.join(self._names)!r}: clip id {clip_id!r} is in both "
                                     f"{self._names[owner[clip_id]]} and {self._names[k]}; a union needs unique clip ids")
 
-    def __len__(self) -> int:
-        return int(self._offsets[-1])
-
-    @property
-    def targets(self) -> np.ndarray:
-        return self._targets
-
-    @property
-    def num_classes(self) -> int:
-        return self._targets.shape[1]
-
     def _locate(self, index: int) -> tuple[object, int]:
-        index = int(index)
-        if not 0 <= index < len(self):
-            raise IndexError(f"clip index {index} out of range for a source of {len(self)} clips")
+        index = self._checked(index)
         k = int(np.searchsorted(self._offsets, index, side="right")) - 1
         return self._parts[k], index - int(self._offsets[k])
 
@@ -313,7 +323,7 @@ class ConcatSource:
         return " + ".join(_describe(p) for p in self._parts)
 
 
-class SubsetSource:
+class SubsetSource(_SourceView):
     """The clips ``indices`` (in that order) of ``parent``."""
 
     def __init__(self, parent, indices: np.ndarray):
@@ -321,25 +331,11 @@ class SubsetSource:
         self.indices = np.asarray(indices, dtype=np.int64)
         self._targets = np.asarray(parent.targets, dtype=bool)[self.indices]
 
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    @property
-    def targets(self) -> np.ndarray:
-        return self._targets
-
-    @property
-    def num_classes(self) -> int:
-        return self._targets.shape[1]
-
     def clip_id(self, index: int) -> str:
         return self._parent.clip_id(int(self.indices[index]))
 
     def __getitem__(self, index: int) -> dict:
-        index = int(index)
-        if not 0 <= index < len(self):
-            raise IndexError(f"clip index {index} out of range for a source of {len(self)} clips")
-        return self._parent[int(self.indices[index])]
+        return self._parent[int(self.indices[self._checked(index)])]
 
     @property
     def description(self) -> str:
