@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 import jax
 
+from convnext_audio_jax import xla
+
 
 def timed_runs(run: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
     """Seconds of each of ``repeats`` calls of ``run`` after ``warmup`` untimed ones (caches, allocator)."""
@@ -92,11 +94,7 @@ SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16
 
 def cpu_speed_flags() -> list[str]:
     """Which of ``SPEED_FLAGS`` the CPU has (Linux /proc/cpuinfo; empty elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
-    except OSError:
-        return []
+    flags = xla.cpu_flags()
     return [flag for flag in SPEED_FLAGS if flag in flags]
 
 

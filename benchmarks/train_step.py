@@ -60,6 +60,7 @@ def jax_rows(args, clips, targets) -> list[tuple[str, float, float]]:
     if "drop_path_rate" not in get_spec(config.model.name).module.__dataclass_fields__:
         config.model.drop_path_rate = 0.0  # the PANN CNNs have dropout, not drop path
     config.model.dtype = args.dtype
+    config.model.cpu_bfloat16 = "keep"  # measure bfloat16 itself, also where training would fall back to float32
     config.model.frontend.clip_seconds = args.seconds
     config.total_steps = 1000
     model = config_lib.build_model(config, num_classes=527)

@@ -1,4 +1,5 @@
-"""``jit`` with the XLA compiler options this project's models want on each backend.
+"""Per-backend choices: ``jit`` with the XLA compiler options this project's models want on each backend,
+and whether bfloat16 arithmetic is native where the models run.
 
 On XLA:CPU (jax 0.10), the default YNNPACK fusions swallow the depthwise shift-sum and the
 dense layers' bias broadcasts into one fusion that materialises every shifted slice and a full
@@ -12,12 +13,19 @@ backends get none.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import jax
 
+logger = logging.getLogger(__name__)
+
 CPU_COMPILER_OPTIONS: dict[str, Any] = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# CPU flags of native bfloat16 arithmetic. Without them XLA:CPU compiles a bf16 dot as two converts to fp32 and
+# an fp32 dot: on a 2-core AVX-512 Xeon without them the bf16 forward of CNN14 / CNN6 ran 20 % / 29 % slower than
+# fp32 (docs/benchmarks.md).
+NATIVE_BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 def compiler_options(backend: str | None = None) -> dict[str, Any]:
@@ -33,3 +41,35 @@ def jit(fun: Callable | None = None, **jit_kwargs: Any):
         return functools.partial(jit, **jit_kwargs)
     options = {**compiler_options(), **jit_kwargs.pop("compiler_options", {})}
     return jax.jit(fun, compiler_options=options or None, **jit_kwargs)
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux: /proc/cpuinfo; empty where that cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return frozenset(next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), []))
+    except OSError:
+        return frozenset()
+
+
+def native_bfloat16(backend: str | None = None) -> bool:
+    """Whether ``backend`` (default: jax's default backend) computes bfloat16 natively: GPUs and TPUs do; a CPU
+    does when it has one of ``NATIVE_BFLOAT16_CPU_FLAGS``."""
+    if (backend or jax.default_backend()) != "cpu":
+        return True
+    return any(flag in cpu_flags() for flag in NATIVE_BFLOAT16_CPU_FLAGS)
+
+
+def compute_dtype(requested: str, policy: str = "fallback", backend: str | None = None) -> str:
+    """The dtype the models compute in when ``requested`` ("float32" or "bfloat16") is asked for. ``policy``
+    "fallback": bfloat16 on a CPU without native bfloat16 becomes float32 (faster there; logged), "keep":
+    bfloat16 wherever it is asked for."""
+    if policy not in ("fallback", "keep"):
+        raise ValueError(f"the bfloat16 policy must be 'fallback' or 'keep', got {policy!r}")
+    if requested != "bfloat16" or policy == "keep" or native_bfloat16(backend):
+        return requested
+    logger.warning("bfloat16 asked for on a CPU without native bfloat16 (none of %s): computing in float32, which "
+                   "is faster there; model.cpu_bfloat16 = 'keep' computes in bfloat16 anyway",
+                   ", ".join(NATIVE_BFLOAT16_CPU_FLAGS))
+    return "float32"

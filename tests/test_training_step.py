@@ -8,6 +8,7 @@ import optax
 import pytest
 from flax import traverse_util
 
+from convnext_audio_jax import xla
 from convnext_audio_jax.augment import AugmentConfig
 from convnext_audio_jax.data import demo
 from convnext_audio_jax.forward import data_mesh
@@ -16,9 +17,36 @@ from convnext_audio_jax.training import config as config_lib, optimizer, step as
 from training_helpers import tiny_config
 
 
+def test_cpu_bfloat16_policy(monkeypatch, caplog):
+    """model.dtype "bfloat16" on a CPU without native bf16 computes in float32 (logged) unless
+    model.cpu_bfloat16 = "keep"; with AVX512_BF16 or AMX-BF16 it stays bfloat16. The fallback builds exactly the
+    float32 model, so its numbers are the float32 run's."""
+    config = tiny_config()
+    config.model.dtype = "bfloat16"
+    monkeypatch.setattr(xla, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    with caplog.at_level("WARNING"):
+        fallback = config_lib.build_model(config, num_classes=demo.NUM_CLASSES)
+    assert fallback.dtype == jnp.float32 and "without native bfloat16" in caplog.text
+    float32 = config_lib.build_model(tiny_config(), num_classes=demo.NUM_CLASSES)
+    variables = init_variables(float32, jax.random.key(0))
+    waveform = jax.random.normal(jax.random.key(1), (2, 16_000)) * 0.1
+    np.testing.assert_array_equal(fallback.apply(variables, waveform)["probs"], float32.apply(variables, waveform)["probs"])
+    config.model.cpu_bfloat16 = "keep"
+    assert config_lib.build_model(config, num_classes=demo.NUM_CLASSES).dtype == jnp.bfloat16
+    config.model.cpu_bfloat16 = "fallback"
+    for native in xla.NATIVE_BFLOAT16_CPU_FLAGS:
+        monkeypatch.setattr(xla, "cpu_flags", lambda native=native: frozenset({"avx512f", native}))
+        assert config_lib.build_model(config, num_classes=demo.NUM_CLASSES).dtype == jnp.bfloat16
+    assert xla.native_bfloat16("gpu") and xla.compute_dtype("bfloat16", "fallback", backend="tpu") == "bfloat16"
+    config.model.cpu_bfloat16 = "sometimes"
+    with pytest.raises(config_lib.ConfigError, match="model.cpu_bfloat16: .*'fallback' or 'keep', got 'sometimes'"):
+        config_lib.build_model(config, num_classes=demo.NUM_CLASSES)
+
+
 def test_mixed_precision_computes_in_bfloat16_and_keeps_float32_state():
     config = tiny_config()
     config.model.dtype = "bfloat16"
+    config.model.cpu_bfloat16 = "keep"  # bfloat16 on any CPU
     model = config_lib.build_model(config, num_classes=demo.NUM_CLASSES)
     assert model.dtype == jnp.bfloat16
     params_shape = jax.eval_shape(lambda: init_variables(model, jax.random.key(0))["params"])

@@ -18,6 +18,7 @@ from convnext_audio_jax.augment import AugmentConfig
 from convnext_audio_jax.checkpoint import fsync_path
 from convnext_audio_jax.data import spec as spec_lib
 from convnext_audio_jax.distill import Distillation
+from convnext_audio_jax import xla
 from convnext_audio_jax.models import create_model, get_spec
 
 MODEL_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -47,6 +48,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.model.name = "convnext_tiny"
     config.model.drop_path_rate = 0.4
     config.model.dtype = "float32"  # "bfloat16": bf16 compute, fp32 params and optimizer state
+    # "fallback": on a CPU without native bf16 (no AVX512_BF16 / AMX-BF16) model.dtype "bfloat16" computes in
+    # float32, which is faster there (logged); "keep": bfloat16 anyway (convnext_audio_jax/xla.py).
+    config.model.cpu_bfloat16 = "fallback"
     config.model.overrides = ml_collections.ConfigDict()  # any other model field (depths, dims, stem, ...)
     config.model.frontend = ml_collections.ConfigDict()  # FrontendConfig fields to override
 
@@ -209,7 +213,10 @@ def model_overrides(config, num_classes: int) -> dict:
     if config.model.dtype != "float32":
         if "dtype" not in fields:
             raise ConfigError(f"model {config.model.name!r} has no dtype field; use model.dtype = 'float32'")
-        overrides["dtype"] = MODEL_DTYPES[config.model.dtype]
+        try:
+            overrides["dtype"] = MODEL_DTYPES[xla.compute_dtype(config.model.dtype, config.model.get("cpu_bfloat16", "fallback"))]
+        except ValueError as error:
+            raise ConfigError(f"model.cpu_bfloat16: {error}") from None
     if config.model.frontend:
         if "frontend" not in fields:
             raise ConfigError(f"model {config.model.name!r} takes no waveform front end; leave model.frontend empty")
