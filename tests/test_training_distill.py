@@ -4,6 +4,7 @@ gradient accumulation, the teacher file checks at start, and an exact resume wit
 
 import dataclasses
 import json
+import os
 import pathlib
 import shutil
 import time
@@ -239,6 +240,9 @@ def demo_kd_config(name: str):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("CONVNEXT_AUDIO_LONG_TESTS"),
+                    reason="trains three demo models (770 s on the 2-core CPU, passed there), which would push CI "
+                           "towards its 90-minute limit; run with CONVNEXT_AUDIO_LONG_TESTS=1")
 def test_demo_distillation_experiment(tmp_path, monkeypatch):
     """issue 14's demo experiment at small sizes (1024 training clips, 256 validation clips, 480 steps of 32 per
     run): a demo teacher (configs/demo.py) → its teacher file (predict_teacher, the library call of
