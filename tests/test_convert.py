@@ -203,7 +203,7 @@ def _import_panns_inference_models():
     labels CSV into the home directory at import time."""
     spec = importlib.util.find_spec("panns_inference")
     if spec is None:
-        pytest.skip("panns-inference is not installed")
+        pytest.fail("panns-inference is not installed (part of the [test] extra)")
     if "panns_inference" not in sys.modules:
         package = types.ModuleType("panns_inference")
         package.__path__ = list(spec.submodule_search_locations)

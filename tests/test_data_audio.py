@@ -88,7 +88,7 @@ def test_freedesktop_ogg_recordings_decode(freedesktop_recordings):
 
 def test_espeak_speech_at_22k_is_resampled(tmp_path):
     if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+        pytest.fail("espeak-ng is not installed (apt-get install espeak-ng; .ci/run does)")
     path = tmp_path / "speech.wav"
     subprocess.run(["espeak-ng", "-w", str(path), "front left, rear right"], check=True, capture_output=True)
     info = soundfile.info(path)
@@ -100,7 +100,7 @@ def test_espeak_speech_at_22k_is_resampled(tmp_path):
 
 def test_sox_made_long_ogg_is_cropped(tmp_path):
     if shutil.which("sox") is None:
-        pytest.skip("sox is not installed (apt-get install sox)")
+        pytest.fail("sox is not installed (apt-get install sox; .ci/run does)")
     path = tmp_path / "chirp.ogg"
     subprocess.run(["sox", "-n", "-r", "48000", "-c", "2", str(path), "synth", "25", "sine", "300:3000"],
                    check=True, capture_output=True)

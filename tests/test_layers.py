@@ -64,7 +64,7 @@ def test_bfloat16_accumulates_in_float32():
 @pytest.mark.parametrize("multiplier", [1, 2])
 @pytest.mark.parametrize("impl", ["shift", "xla"])
 def test_depthwise_module_matches_torch_grouped_conv(multiplier, impl):
-    torch = pytest.importorskip("torch")
+    import torch
     channels = 3
     module = DepthwiseConv((7, 7), multiplier=multiplier, impl=impl)
     x = np.random.default_rng(0).standard_normal((2, 11, 9, channels)).astype(np.float32)
@@ -119,7 +119,7 @@ def test_drop_path_drops_whole_samples_and_rescales():
 
 
 def test_gelu_is_torch_exact_gelu():
-    torch = pytest.importorskip("torch")
+    import torch
     from convnext_audio_jax.models.layers import gelu
 
     x = np.linspace(-8, 8, 4001, dtype=np.float32)
