@@ -55,7 +55,7 @@ def jax_rows(args, clips, targets) -> list[tuple[str, float, float]]:
     from convnext_audio_jax.training import config as config_lib, optimizer, step as step_lib
 
     config = config_lib.default_config()
-    config.model.name = getattr(args, "model", "convnext_tiny")
+    config.model.name = args.model
     config.model.overrides.update(getattr(args, "overrides", None) or {})
     if "drop_path_rate" not in get_spec(config.model.name).module.__dataclass_fields__:
         config.model.drop_path_rate = 0.0  # the PANN CNNs have dropout, not drop path
@@ -95,7 +95,7 @@ def torch_row(args, clips, targets) -> tuple[str, float, float]:
     from convnext_audio_jax.torch_reference import build_reference, normalised_log_mel
     from convnext_audio_jax.data.audio import INT16_SCALE
 
-    name = getattr(args, "model", "convnext_tiny")
+    name = args.model
     model = build_reference(name, **({"drop_path_rate": 0.4} if name.startswith("convnext") else {})).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     spec_augment = SpecAugmentation(time_drop_width=64, time_stripes_num=2, freq_drop_width=28, freq_stripes_num=2)

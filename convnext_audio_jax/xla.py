@@ -69,7 +69,13 @@ def compute_dtype(requested: str, policy: str = "fallback", backend: str | None 
         raise ValueError(f"the bfloat16 policy must be 'fallback' or 'keep', got {policy!r}")
     if requested != "bfloat16" or policy == "keep" or native_bfloat16(backend):
         return requested
+    _log_bfloat16_fallback()
+    return "float32"
+
+
+@functools.cache
+def _log_bfloat16_fallback() -> None:
+    """Once per process: a run resolves its model's dtype several times (probe model, model, artifact config)."""
     logger.warning("bfloat16 asked for on a CPU without native bfloat16 (none of %s): computing in float32, which "
                    "is faster there; model.cpu_bfloat16 = 'keep' computes in bfloat16 anyway",
                    ", ".join(NATIVE_BFLOAT16_CPU_FLAGS))
-    return "float32"

@@ -24,6 +24,7 @@ def test_cpu_bfloat16_policy(monkeypatch, caplog):
     config = tiny_config()
     config.model.dtype = "bfloat16"
     monkeypatch.setattr(xla, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    xla._log_bfloat16_fallback.cache_clear()  # logged once per process: make this the first time
     with caplog.at_level("WARNING"):
         fallback = config_lib.build_model(config, num_classes=demo.NUM_CLASSES)
     assert fallback.dtype == jnp.float32 and "without native bfloat16" in caplog.text

@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from convnext_audio_jax import xla
 from convnext_audio_jax.augment import AugmentConfig
 from convnext_audio_jax.checkpoint import fsync_path
 from convnext_audio_jax.data import spec as spec_lib
 from convnext_audio_jax.distill import Distillation
-from convnext_audio_jax import xla
 from convnext_audio_jax.models import create_model, get_spec
 
 MODEL_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
