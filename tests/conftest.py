@@ -105,3 +105,21 @@ def freedesktop_recordings(tmp_path_factory) -> list[pathlib.Path]:
     warnings.warn(f"{reason}: using {len(synthetic)} synthetic recordings written by tests/conftest.py instead of "
                   f"Debian's (apt-get install sound-theme-freedesktop)")
     return synthetic
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> dict:
+    """configs/demo.py trained once per session as the README ships it: the demo test checks its validation mAP and
+    the distillation experiment uses it as its teacher. {"workdir", "result" (train's return), "seconds"}."""
+    import time
+
+    from convnext_audio_jax import training
+
+    namespace: dict = {}
+    exec((pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py").read_text(), namespace)
+    config = namespace["get_config"]()
+    config.progress_bar = False
+    workdir = tmp_path_factory.mktemp("demo")
+    start = time.perf_counter()
+    result = training.train(config, workdir)
+    return {"workdir": workdir, "result": result, "seconds": time.perf_counter() - start}
