@@ -7,7 +7,8 @@ Rows: ours (JAX, one jitted step on a 'data' mesh of 1, 2, ... devices; on a CPU
 simulated and share its cores, so the scaling rows measure the cost of sharding, not a speed-up) and the
 PyTorch reference (convnext_audio_jax/torch_reference.py: the authors' ConvNeXt from timm blocks +
 torchlibrosa, PANNs' CNN14 / CNN6) with the same augmentations and torch.optim.AdamW. A step trains on ``batch`` mixed examples, i.e. 2 x batch clips
-drawn; clips/s counts the ``batch`` examples. Median over ``steps`` timed steps after one warm-up step.
+drawn; clips/s counts the ``batch`` examples. Median over ``steps`` timed steps after one warm-up step. "first step
+s": the first call (ours: compile included); "compile s": ours' ``lower(...).compile()`` alone.
 """
 
 from __future__ import annotations
@@ -76,14 +77,18 @@ def jax_rows(args, clips, targets) -> list[tuple[str, float, float]]:
         state = step_lib.init_train_state(model, tx, 0, mesh)
         step = step_lib.make_train_step(model, tx, config_lib.augment_config(config), 1, mesh)
         batch = step_lib.global_batch({"waveform": clips, "target": targets}, mesh)
+        start = time.perf_counter()
+        compiled = step.lower(state, batch).compile()  # compile time alone (issue 15's target)
+        compile_s = time.perf_counter() - start
         holder = {"state": state}
 
         def run_step():
-            holder["state"], metrics = step(holder["state"], batch)
+            holder["state"], metrics = compiled(holder["state"], batch)
             jax.block_until_ready(metrics["loss"])
 
         first, median = time_steps(run_step, args.steps)
-        rows.append((f"JAX {args.dtype}, {count} {jax.default_backend()} device(s)", args.batch / median, first))
+        rows.append((f"JAX {args.dtype}, {count} {jax.default_backend()} device(s)", args.batch / median,
+                     compile_s + first, compile_s))
     return rows
 
 
@@ -131,7 +136,7 @@ def torch_row(args, clips, targets) -> tuple[str, float, float]:
 
     first, median = time_steps(run_step, args.steps)
     return (f"PyTorch {torch.__version__} float32 {name} (torch_reference), {torch.get_num_threads()} threads",
-            args.batch / median, first)
+            args.batch / median, first, None)
 
 
 # The models whose PyTorch reference the training benchmark also steps.
@@ -164,7 +169,8 @@ def benchmark_train_step(model: str, *, batch: int, dtype: str, repeats: int, ov
     rows = [("ours", *ours[0][1:])]
     if with_torch and model in TORCH_TRAINED and not overrides and dtype == "float32":
         rows.append(("torch-eager", *torch_row(args, clips, targets)[1:]))
-    return [{"implementation": name, "clips_per_s": rate, "first_step_s": first} for name, rate, first in rows]
+    return [{"implementation": name, "clips_per_s": rate, "first_step_s": first, "compile_s": compile_s}
+            for name, rate, first, compile_s in rows]
 
 
 def main() -> None:
@@ -177,9 +183,9 @@ def main() -> None:
         rows.append(torch_row(args, clips, targets))
     print(f"\ntraining step, {args.model}, {args.seconds:g} s clips, batch {args.batch} examples "
           f"({2 * args.batch} clips with mixup), median of {args.steps} steps; {jax.devices()[0].device_kind}")
-    print(f"{'implementation':<58} {'clips/s':>9} {'first step s':>13}")
-    for name, rate, first in rows:
-        print(f"{name:<58} {rate:9.2f} {first:13.1f}")
+    print(f"{'implementation':<58} {'clips/s':>9} {'first step s':>13} {'compile s':>10}")
+    for name, rate, first, compile_s in rows:
+        print(f"{name:<58} {rate:9.2f} {first:13.1f} {'–' if compile_s is None else f'{compile_s:.1f}':>10}")
     if not args.no_torch and rows[:-1]:
         print(f"ours / PyTorch (first row): {rows[0][1] / rows[-1][1]:.2f}x")
 

@@ -147,3 +147,51 @@ def test_patch_conv_equals_strided_convolution(kernel, stride, padding, shape):
     grads = [jax.grad(lambda v, x, m=m: (m.apply(v, x) ** 2).sum(), argnums=(0, 1))(variables, x) for m in (ours, reference)]
     for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+def test_dense_and_layer_norm_equal_flax_values_and_gradients(dtype):
+    """Our Dense and LayerNorm (2-D product, parameter gradients as channel sums) against flax's modules on a
+    4-D activation: the same parameters, outputs bit-identical, gradients equal within float32 summation order
+    (bfloat16: our bias gradient is summed in float32, flax's in bfloat16)."""
+    import flax.linen as nn
+
+    from convnext_audio_jax.models.layers import Dense, LayerNorm
+
+    x = jax.random.normal(jax.random.key(0), (2, 9, 7, 16))
+    pairs = [(Dense(24, dtype=dtype), nn.Dense(24, dtype=dtype)),
+             (LayerNorm(1e-6, dtype=dtype), nn.LayerNorm(1e-6, use_fast_variance=False, dtype=dtype))]
+    for ours, reference in pairs:
+        variables = reference.init(jax.random.key(1), x)
+        assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, variables)
+        variables = jax.tree.map(lambda v: v + jax.random.normal(jax.random.key(2), v.shape), variables)
+        got, expected = ours.apply(variables, x), reference.apply(variables, x)
+        assert got.dtype == expected.dtype
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(expected, np.float32))
+        grads = [jax.grad(lambda v, x, m=m: (m.apply(v, x).astype(jnp.float32) ** 2).sum(), argnums=(0, 1))(variables, x)
+                 for m in (ours, reference)]
+        tolerance = 1e-5 if dtype is None else 2e-2
+        for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+            a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+            np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance * np.abs(b).max())
+
+
+def test_broadcast_channels_gradient_is_the_channel_sum():
+    from convnext_audio_jax.models.layers import broadcast_channels, channel_sum
+
+    g = np.random.default_rng(0).normal(size=(4, 33, 17, 12)).astype(np.float32)
+    v = jnp.ones(12)
+    _, pullback = jax.vjp(lambda v: broadcast_channels(v, g.shape), v)
+    np.testing.assert_allclose(pullback(jnp.asarray(g))[0], g.astype(np.float64).sum((0, 1, 2)), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(channel_sum(jnp.asarray(g)), g.astype(np.float64).sum((0, 1, 2)), rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(broadcast_channels(v, g.shape), np.ones(g.shape, np.float32))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_channels_first_is_an_exact_transpose(dtype):
+    from convnext_audio_jax.models.layers import _channels_first
+
+    x = (jax.random.normal(jax.random.key(0), (2, 5, 3, 7)) * 1e4).astype(dtype)
+    got = jax.jit(_channels_first)(x)
+    assert got.dtype == x.dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(jnp.transpose(x, (3, 0, 1, 2)), np.float32))

@@ -19,12 +19,14 @@ import numpy as np
 
 from convnext_audio_jax.frontend import FrontendConfig
 from convnext_audio_jax.models.layers import (
+    Dense,
     DepthwiseConv,
     DepthwiseImpl,
     DropPath,
     Dtype,
+    LayerNorm,
     PatchConv,
-    default_kernel_init,
+    broadcast_channels,
     gelu,
     normalised_log_mel,
 )
@@ -47,11 +49,11 @@ LogMelHook = Callable[[jax.Array], jax.Array]
 
 
 def _layer_norm(dtype, param_dtype, name):
-    return nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, name=name)
+    return LayerNorm(epsilon=LN_EPS, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def _dense(features, dtype, param_dtype, name):
-    return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, kernel_init=default_kernel_init, name=name)
+    return Dense(features, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class ConvNeXtBlock(nn.Module):
@@ -73,7 +75,7 @@ class ConvNeXtBlock(nn.Module):
         y = _dense(channels, self.dtype, self.param_dtype, "pwconv2")(y)
         if self.layer_scale_init > 0:
             gamma = self.param("gamma", nn.initializers.constant(self.layer_scale_init), (channels,), self.param_dtype)
-            y = y * gamma.astype(y.dtype)
+            y = y * broadcast_channels(gamma.astype(y.dtype), y.shape)
         y = DropPath(self.drop_path_rate, name="drop_path")(y, deterministic=not train)
         return x + y
 

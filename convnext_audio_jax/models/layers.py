@@ -1,4 +1,5 @@
-"""Layers shared by the models: depthwise convolution (fast on every backend), drop path, init."""
+"""Layers shared by the models: depthwise convolution (fast on every backend), Dense and LayerNorm whose
+parameter gradients are matrix-vector products, drop path, init."""
 
 from __future__ import annotations
 
@@ -24,6 +25,80 @@ def gelu(x: jax.Array) -> jax.Array:
     """Exact (erf) GELU written as torch's ``0.5·x·(1 + erf(x/√2))``: on XLA:CPU this runs ~15 % faster
     forward and ~25 % faster with its gradient than ``jax.nn.gelu(approximate=False)``'s erfc form."""
     return 0.5 * x * (1.0 + jax.lax.erf(x * 0.7071067811865476))
+
+
+def channel_sum(x: jax.Array) -> jax.Array:
+    """Σ of ``x`` over every axis but the last, in float32, as a vector-matrix product with ones. XLA:CPU
+    lowers a reduction over the leading axes of an NHWC activation to windowed reductions: summing a
+    (8, 252, 56, 384) float32 gradient took ~10× longer that way than as this product (docs/benchmarks.md)."""
+    flat = x.reshape(-1, x.shape[-1])
+    ones = jnp.ones((flat.shape[0],), flat.dtype)
+    return jax.lax.dot_general(ones, flat, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def broadcast_channels(v: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """``jnp.broadcast_to`` of a per-channel vector (a bias, a scale) to ``shape``, whose gradient is
+    :func:`channel_sum` rather than autodiff's reduction: the parameter gradients of every bias, LayerNorm
+    and layer scale are these sums."""
+    return jnp.broadcast_to(v, shape)
+
+
+def _broadcast_channels_fwd(v, shape):
+    return jnp.broadcast_to(v, shape), None
+
+
+def _broadcast_channels_bwd(shape, _, g):
+    return (channel_sum(g).astype(g.dtype),)
+
+
+broadcast_channels.defvjp(_broadcast_channels_fwd, _broadcast_channels_bwd)
+
+
+class Dense(nn.Module):
+    """``nn.Dense`` (same parameters, initialisers and dtype rules) with its bias gradient by
+    :func:`channel_sum`."""
+
+    features: int
+    use_bias: bool = True
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Any = default_kernel_init
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype) if self.use_bias else None
+        dtype = self.dtype or jnp.result_type(x, kernel, *(() if bias is None else (bias,)))
+        # As a 2-D product: for a 4-D activation, autodiff's kernel gradient contracts three axes, and
+        # XLA:CPU then writes the output gradient transposed (channel-major) before the dot.
+        flat = x.reshape(-1, x.shape[-1]).astype(dtype)
+        y = jnp.dot(flat, kernel.astype(dtype)).reshape(*x.shape[:-1], self.features)
+        if bias is not None:
+            y = y + broadcast_channels(bias.astype(dtype), y.shape)
+        return y
+
+
+class LayerNorm(nn.Module):
+    """``nn.LayerNorm`` over the last axis with ``use_fast_variance=False`` (same parameters, statistics in at
+    least float32, the same operations in the same order) with its scale and bias gradients by
+    :func:`channel_sum`."""
+
+    epsilon: float = 1e-6
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        channels = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (channels,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype)
+        stats = x.astype(jnp.promote_types(self.dtype or x.dtype, jnp.float32))
+        mean = stats.mean(-1, keepdims=True)
+        var = jnp.square(stats - mean).mean(-1, keepdims=True)
+        mul = jax.lax.rsqrt(var + self.epsilon) * broadcast_channels(scale, x.shape)
+        y = (x - mean) * mul + broadcast_channels(bias, x.shape)
+        return y.astype(self.dtype or jnp.result_type(x, scale, bias))
 
 
 def resolve_depthwise_impl(impl: DepthwiseImpl) -> str:
@@ -84,6 +159,17 @@ def _depthwise_shift_bwd(padding, residuals, dy):
     return dx, dkernel
 
 
+def _channels_first(x: jax.Array) -> jax.Array:
+    """(B, H, W, C) → (C, B, H, W), exactly, as a product with the identity. As a transpose, XLA:CPU fuses the
+    producers of ``x`` (the LayerNorm backward, a recomputed depthwise forward) into a loop that writes
+    transposed and does not vectorise: ~0.7 s for one (8, 252, 56, 96) gradient, against 39 ms for this
+    product (whose operand is materialised first) and 20 ms for the bare transpose."""
+    channels = x.shape[-1]
+    eye = jnp.eye(channels, dtype=x.dtype)
+    flat = jax.lax.dot_general(eye, x.reshape(-1, channels), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return flat.astype(x.dtype).reshape(channels, *x.shape[:-1])
+
+
 def _depthwise_kernel_grad(x, dy, kernel_size, padding) -> jax.Array:
     """dK[i, j, c] = Σ_{b,h,w} xpad[b, h+i, w+j, c] · dy[b, h, w, c], as (kh, kw, C) float32.
 
@@ -98,9 +184,9 @@ def _depthwise_kernel_grad(x, dy, kernel_size, padding) -> jax.Array:
     kh, kw = kernel_size
     batch, out_h, out_w, channels = dy.shape
     # Channels first so each channel is one contiguous matmul batch.
-    xt = jnp.pad(jnp.transpose(x, (3, 0, 1, 2)), ((0, 0), (0, 0), padding[0], padding[1]))
+    xt = jnp.pad(_channels_first(x), ((0, 0), (0, 0), padding[0], padding[1]))
     padded_w = xt.shape[-1]
-    dyt = jnp.transpose(dy, (3, 0, 1, 2)).reshape(channels, batch * out_h, out_w)
+    dyt = _channels_first(dy).reshape(channels, batch * out_h, out_w)
     rows = jnp.stack([xt[:, :, i : i + out_h, :] for i in range(kh)], axis=1).reshape(channels, kh, batch * out_h, padded_w)
     pairs = jax.lax.dot_general(
         rows, dyt, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32
@@ -172,7 +258,7 @@ class DepthwiseConv(nn.Module):
         y = depthwise_conv(x, kernel[:, :, 0, :].astype(dtype), padding, self.impl)
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (out_channels,), self.param_dtype)
-            y = y + bias.astype(dtype)
+            y = y + broadcast_channels(bias.astype(dtype), y.shape)
         return y
 
 
@@ -205,14 +291,16 @@ class PatchConv(nn.Module):
             batch, height, width, _ = x.shape
             out_h, out_w = height // kh, width // kw  # floor, as a VALID convolution drops the remainder
             patches = x[:, : out_h * kh, : out_w * kw].reshape(batch, out_h, kh, out_w, kw, in_channels)
-            patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(batch, out_h, out_w, kh * kw * in_channels)
+            # A 2-D product, as in Dense: with a 4-D operand XLA:CPU writes the output gradient transposed.
+            patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(batch * out_h * out_w, kh * kw * in_channels)
             y = jnp.dot(patches, kernel.reshape(kh * kw * in_channels, self.features), preferred_element_type=jnp.float32)
+            y = y.reshape(batch, out_h, out_w, self.features)
         else:
             y = jax.lax.conv_general_dilated(
                 x, kernel, self.strides, self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
                 preferred_element_type=jnp.float32,
             )
-        return (y + bias.astype(jnp.float32)).astype(dtype)
+        return (y + broadcast_channels(bias.astype(jnp.float32), y.shape)).astype(dtype)
 
 
 # BatchNorm as torch's defaults (eps 1e-5, momentum 0.1 = Flax momentum 0.9), two-pass variance.
