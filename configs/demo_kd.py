@@ -14,10 +14,10 @@ all three steps, or the teacher's rows belong to other audio. Student: dims 12-2
 
 Expected result: none measured with these full sizes. Measured with reduced sizes by
 tests/test_training_distill.py::test_demo_distillation_experiment (teacher: configs/demo.py as shipped, validation
-mAP 0.9809; its teacher file for the first 1024 training clips; students trained 480 steps on those clips with
+mAP 0.9814; its teacher file for the first 1024 training clips; students trained 480 steps on those clips with
 half of their positive labels cleared; the demo's 512 validation clips), on an Intel Xeon @ 2.80GHz (2 cores,
-8 simulated devices): the student distilled with label_weight = 0 reaches 0.9251 (94.3 % of the teacher); the same
-student trained on the half labels alone 0.7647.
+8 simulated devices): the student distilled with label_weight = 0 reaches 0.9208 (93.8 % of the teacher); the same
+student trained on the half labels alone 0.7649.
 """
 
 from configs.demo import get_config as demo_config

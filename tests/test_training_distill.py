@@ -248,8 +248,8 @@ def test_demo_distillation_experiment(demo_run, tmp_path, monkeypatch):
     12-24-48-96, 58 % of the teacher's parameters, 480 steps of 32) trained on those clips with half of their
     positive labels cleared, distilled with label_weight = 0 (the teacher's targets only) or trained on those
     labels only. Asserted: the distilled student reaches ≥ 90 % of the teacher's validation mAP (same 512 clips)
-    and beats label-only training. Measured (Intel Xeon @ 2.80GHz, 2 cores, 8 simulated devices): teacher 0.9809,
-    distilled student 0.9251 (94.3 %), label-only 0.7647; 513 s for both students. With a 480-step teacher of 0.9070 the same student
+    and beats label-only training. Measured (Intel Xeon @ 2.80GHz, 2 cores, 8 simulated devices): teacher 0.9814,
+    distilled student 0.9208 (93.8 %), label-only 0.7649; 448 s for both students. With a 480-step teacher of 0.9070 the same student
     reached 0.8529 (94.0 %) and label-only 0.7745; at 240 steps the distilled student stays at 0.7798 (79.5 %)."""
     from convnext_audio_jax import predict
     from convnext_audio_jax.training import data as data_lib
