@@ -60,7 +60,6 @@ class Dense(nn.Module):
     :func:`channel_sum`."""
 
     features: int
-    use_bias: bool = True
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     kernel_init: Any = default_kernel_init
@@ -68,15 +67,13 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype) if self.use_bias else None
-        dtype = self.dtype or jnp.result_type(x, kernel, *(() if bias is None else (bias,)))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+        dtype = self.dtype or jnp.result_type(x, kernel, bias)
         # As a 2-D product: for a 4-D activation, autodiff's kernel gradient contracts three axes, and
         # XLA:CPU then writes the output gradient transposed (channel-major) before the dot.
         flat = x.reshape(-1, x.shape[-1]).astype(dtype)
         y = jnp.dot(flat, kernel.astype(dtype)).reshape(*x.shape[:-1], self.features)
-        if bias is not None:
-            y = y + broadcast_channels(bias.astype(dtype), y.shape)
-        return y
+        return y + broadcast_channels(bias.astype(dtype), y.shape)
 
 
 class LayerNorm(nn.Module):
