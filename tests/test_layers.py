@@ -24,20 +24,31 @@ CASES = [
 
 @pytest.mark.parametrize(("shape", "kernel_size", "padding"), CASES)
 def test_shift_matches_grouped_conv_forward_and_gradients(shape, kernel_size, padding):
-    kx, kk, kg = jax.random.split(jax.random.key(0), 3)
+    """With and without a bias; the reference is XLA's grouped convolution plus a plain bias add, differentiated
+    by autodiff."""
+    kx, kk, kb, kg = jax.random.split(jax.random.key(0), 4)
     x = jax.random.normal(kx, shape)
     kernel = jax.random.normal(kk, (*kernel_size, shape[-1]))
+    bias = jax.random.normal(kb, (shape[-1],))
     out_shape = jax.eval_shape(lambda: depthwise_conv_xla(x, kernel, padding)).shape
     cotangent = jax.random.normal(kg, out_shape)
 
-    def loss(fn, x, kernel):
-        return jnp.sum(fn(x, kernel, padding) * cotangent)
+    def reference(x, kernel, bias):
+        return jnp.sum((depthwise_conv_xla(x, kernel, padding) + bias) * cotangent)
+
+    def shift(x, kernel, bias):
+        return jnp.sum(depthwise_conv_shift(x, kernel, padding, bias) * cotangent)
 
     np.testing.assert_allclose(depthwise_conv_shift(x, kernel, padding), depthwise_conv_xla(x, kernel, padding), atol=1e-5)
-    grads_shift = jax.grad(lambda x, k: loss(depthwise_conv_shift, x, k), argnums=(0, 1))(x, kernel)
-    grads_xla = jax.grad(lambda x, k: loss(depthwise_conv_xla, x, k), argnums=(0, 1))(x, kernel)
-    for ours, reference in zip(grads_shift, grads_xla):
-        np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(depthwise_conv_shift(x, kernel, padding, bias),
+                               depthwise_conv_xla(x, kernel, padding) + bias, atol=1e-5)
+    grads_shift = jax.grad(shift, argnums=(0, 1, 2))(x, kernel, bias)
+    grads_reference = jax.grad(reference, argnums=(0, 1, 2))(x, kernel, bias)
+    for ours, expected in zip(grads_shift, grads_reference):
+        np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-4)
+    grads_no_bias = jax.grad(lambda x, k: jnp.sum(depthwise_conv_shift(x, k, padding) * cotangent), argnums=(0, 1))(x, kernel)
+    for ours, expected in zip(grads_no_bias, grads_reference[:2]):
+        np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-4)
 
 
 def test_shift_gradient_is_the_custom_vjp_under_jit():
@@ -151,9 +162,10 @@ def test_patch_conv_equals_strided_convolution(kernel, stride, padding, shape):
 
 @pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
 def test_dense_and_layer_norm_equal_flax_values_and_gradients(dtype):
-    """Our Dense and LayerNorm (2-D product, parameter gradients as channel sums) against flax's modules on a
-    4-D activation: the same parameters, outputs bit-identical, gradients equal within float32 summation order
-    (bfloat16: our bias gradient is summed in float32, flax's in bfloat16)."""
+    """Our Dense and LayerNorm (2-D product, statistics as products, parameter gradients as channel sums) against
+    flax's modules on a 4-D activation: the same parameters; Dense outputs bit-identical, LayerNorm outputs and
+    all gradients equal within float32 summation order (bfloat16: our statistics and bias gradients are summed in
+    float32, flax's bias gradient in bfloat16; a LayerNorm output may then round to the neighbouring bfloat16)."""
     import flax.linen as nn
 
     from convnext_audio_jax.models.layers import Dense, LayerNorm
@@ -167,13 +179,46 @@ def test_dense_and_layer_norm_equal_flax_values_and_gradients(dtype):
         variables = jax.tree.map(lambda v: v + jax.random.normal(jax.random.key(2), v.shape), variables)
         got, expected = ours.apply(variables, x), reference.apply(variables, x)
         assert got.dtype == expected.dtype
-        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(expected, np.float32))
+        if isinstance(ours, Dense):
+            np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(expected, np.float32))
+        else:
+            np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32),
+                                       rtol=1e-5 if dtype is None else 1e-2, atol=1e-5 if dtype is None else 1e-2)
         grads = [jax.grad(lambda v, x, m=m: (m.apply(v, x).astype(jnp.float32) ** 2).sum(), argnums=(0, 1))(variables, x)
                  for m in (ours, reference)]
         tolerance = 1e-5 if dtype is None else 2e-2
         for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
             a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
             np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance * np.abs(b).max())
+
+
+def test_channel_mean_and_its_gradient_equal_float64():
+    from convnext_audio_jax.models.layers import channel_mean
+
+    x = np.random.default_rng(0).normal(3.0, 2.0, size=(4, 33, 17, 12)).astype(np.float32)
+    got, pullback = jax.vjp(channel_mean, jnp.asarray(x))
+    assert got.shape == (4, 33, 17, 1)
+    np.testing.assert_allclose(got, x.astype(np.float64).mean(-1, keepdims=True), rtol=1e-6, atol=1e-6)
+    g = np.random.default_rng(1).normal(size=got.shape).astype(np.float32)
+    np.testing.assert_allclose(pullback(jnp.asarray(g))[0], np.broadcast_to(g / 12, x.shape), rtol=1e-6)
+
+
+def test_depthwise_convolution_is_written_once_before_a_layer_norm():
+    """On XLA:CPU the block's convolution output feeds the LayerNorm's statistics product directly, so it is
+    computed by one fusion; a reduction there let XLA recompute its 49 taps inside each of three consumers."""
+    from convnext_audio_jax import xla
+    from convnext_audio_jax.models.layers import LayerNorm
+
+    x = jnp.zeros((2, 16, 12, 8))
+    conv, norm = DepthwiseConv((7, 7), impl="shift"), LayerNorm()
+    variables = {"conv": conv.init(jax.random.key(0), x), "norm": norm.init(jax.random.key(1), x)}
+    forward = lambda v, x: norm.apply(v["norm"], conv.apply(v["conv"], x))  # noqa: E731
+    hlo = xla.jit(forward).lower(variables, x).compile().as_text()
+    fusions = [line for line in hlo.split("ENTRY")[1].splitlines() if " fusion(" in line]
+    # Each tap reads a slice of the padded input: only the fusion computing the convolution reads that.
+    padded = [line.split(" = ")[0].strip() for line in fusions if "pad" in line.split(" = ")[0]]
+    readers = [line for line in fusions if any(f"{name}," in line or f"{name})" in line for name in padded)]
+    assert len(padded) == 1 and len(readers) == 1, "\n".join(fusions)
 
 
 def test_broadcast_channels_gradient_is_the_channel_sum():

@@ -36,6 +36,33 @@ def channel_sum(x: jax.Array) -> jax.Array:
     return jax.lax.dot_general(ones, flat, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
+def channel_mean(x: jax.Array) -> jax.Array:
+    """Mean of float ``x`` over its last axis, keeping it as size 1, computed as a product with a column of ones.
+    XLA:CPU does not fuse a producer into a product, so an expensive producer (a depthwise convolution before a
+    LayerNorm) is written once and read by the statistics and the normalisation; as a reduction, XLA recomputed
+    the convolution's 49 taps inside each of its three consumers (docs/benchmarks.md). The gradient is a
+    broadcast, as for a reduction."""
+    return _channel_mean(x, x.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _channel_mean(x: jax.Array, channels: int) -> jax.Array:
+    ones = jnp.ones((channels, 1), x.dtype)
+    total = jnp.dot(x.reshape(-1, channels), ones, preferred_element_type=x.dtype)
+    return total.reshape(*x.shape[:-1], 1) / channels
+
+
+def _channel_mean_fwd(x, channels):
+    return _channel_mean(x, channels), None
+
+
+def _channel_mean_bwd(channels, _, g):
+    return (jnp.broadcast_to(g / channels, (*g.shape[:-1], channels)),)
+
+
+_channel_mean.defvjp(_channel_mean_fwd, _channel_mean_bwd)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def broadcast_channels(v: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """``jnp.broadcast_to`` of a per-channel vector (a bias, a scale) to ``shape``, whose gradient is
@@ -77,9 +104,9 @@ class Dense(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """``nn.LayerNorm`` over the last axis with ``use_fast_variance=False`` (same parameters, statistics in at
-    least float32, the same operations in the same order) with its scale and bias gradients by
-    :func:`channel_sum`."""
+    """``nn.LayerNorm`` over the last axis with ``use_fast_variance=False`` (same parameters, two-pass statistics in
+    at least float32) with its statistics by :func:`channel_mean` and its scale and bias gradients by
+    :func:`channel_sum`; outputs equal flax's within float32 summation order."""
 
     epsilon: float = 1e-6
     dtype: Dtype | None = None
@@ -91,8 +118,8 @@ class LayerNorm(nn.Module):
         scale = self.param("scale", nn.initializers.ones, (channels,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype)
         stats = x.astype(jnp.promote_types(self.dtype or x.dtype, jnp.float32))
-        mean = stats.mean(-1, keepdims=True)
-        var = jnp.square(stats - mean).mean(-1, keepdims=True)
+        mean = channel_mean(stats)
+        var = channel_mean(jnp.square(stats - mean))
         mul = jax.lax.rsqrt(var + self.epsilon) * broadcast_channels(scale, x.shape)
         y = (x - mean) * mul + broadcast_channels(bias, x.shape)
         return y.astype(self.dtype or jnp.result_type(x, scale, bias))
@@ -111,41 +138,50 @@ def resolve_depthwise_impl(impl: DepthwiseImpl) -> str:
     return impl
 
 
-def _shift_sum(xp: jax.Array, kernel: jax.Array, out_h: int, out_w: int) -> jax.Array:
-    """Σ_ij xp[:, i:i+out_h, j:j+out_w, :] · kernel[i, j]: a stride-1 depthwise correlation of an
-    already padded NHWC input with a (kh, kw, C) kernel, accumulated in float32."""
+def _shift_sum(xp: jax.Array, kernel: jax.Array, out_h: int, out_w: int, bias: jax.Array | None = None) -> jax.Array:
+    """Σ_ij xp[:, i:i+out_h, j:j+out_w, :] · kernel[i, j] (+ bias): a stride-1 depthwise correlation of an
+    already padded NHWC input with a (kh, kw, C) kernel, accumulated in float32.
+
+    The bias comes first and the last tap is added on (rows × C) operands, so that the result is that add: a
+    LayerNorm's :func:`channel_mean` product then reads it directly, and XLA:CPU writes the convolution once
+    instead of recomputing it in every consumer."""
     kh, kw = kernel.shape[:2]
-    acc = None
-    for i in range(kh):
-        for j in range(kw):
-            term = xp[:, i : i + out_h, j : j + out_w, :].astype(jnp.float32) * kernel[i, j].astype(jnp.float32)
-            acc = term if acc is None else acc + term
-    return acc
+    terms = [xp[:, i : i + out_h, j : j + out_w, :].astype(jnp.float32) * kernel[i, j].astype(jnp.float32)
+             for i in range(kh) for j in range(kw)]
+    acc = terms[0] if bias is None else terms[0] + bias.astype(jnp.float32)
+    if len(terms) == 1:
+        return acc
+    for term in terms[1:-1]:
+        acc = acc + term
+    channels = acc.shape[-1]
+    return (acc.reshape(-1, channels) + terms[-1].reshape(-1, channels)).reshape(acc.shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def depthwise_conv_shift(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int], tuple[int, int]]):
+def depthwise_conv_shift(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int], tuple[int, int]],
+                         bias: jax.Array | None = None):
     """Stride-1 depthwise convolution (cross-correlation, as torch and lax) of NHWC ``x`` with a
-    (kh, kw, C) kernel, written as kh·kw shifted multiply-adds that XLA fuses into one loop.
+    (kh, kw, C) kernel and an optional (C,) bias, written as kh·kw shifted multiply-adds that XLA fuses into
+    one loop.
 
     The custom VJP keeps the backward pass just as cheap: the input gradient is the same
     shift-sum of the output gradient with the flipped kernel, the kernel gradient kh·kw
     per-channel reductions; autodiff would instead emit one pad/slice gradient per tap.
     """
-    return _depthwise_shift_fwd(x, kernel, padding)[0]
+    return _depthwise_shift_fwd(x, kernel, padding, bias)[0]
 
 
-def _depthwise_shift_fwd(x, kernel, padding):
+def _depthwise_shift_fwd(x, kernel, padding, bias):
     kh, kw = kernel.shape[:2]
     xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
     out_h = xp.shape[1] - kh + 1
     out_w = xp.shape[2] - kw + 1
-    y = _shift_sum(xp, kernel, out_h, out_w).astype(x.dtype)
-    return y, (x, kernel)
+    y = _shift_sum(xp, kernel, out_h, out_w, bias).astype(x.dtype)
+    return y, (x, kernel, bias)
 
 
 def _depthwise_shift_bwd(padding, residuals, dy):
-    x, kernel = residuals
+    x, kernel, bias = residuals
     kh, kw = kernel.shape[:2]
     (pt, pb), (pl, pr) = padding
     h, w = x.shape[1], x.shape[2]
@@ -153,7 +189,8 @@ def _depthwise_shift_bwd(padding, residuals, dy):
     dyp = jnp.pad(dy, ((0, 0), (kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr), (0, 0)))
     dx = _shift_sum(dyp, kernel[::-1, ::-1], h, w).astype(x.dtype)
     dkernel = _depthwise_kernel_grad(x, dy, kernel.shape[:2], padding).astype(kernel.dtype)
-    return dx, dkernel
+    dbias = None if bias is None else channel_sum(dy).astype(bias.dtype)
+    return dx, dkernel, dbias
 
 
 def _channels_first(x: jax.Array) -> jax.Array:
@@ -197,10 +234,10 @@ def _depthwise_kernel_grad(x, dy, kernel_size, padding) -> jax.Array:
 depthwise_conv_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
 
 
-def depthwise_conv_xla(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
+def depthwise_conv_xla(x: jax.Array, kernel: jax.Array, padding, bias: jax.Array | None = None) -> jax.Array:
     """The same convolution as XLA's grouped convolution (``feature_group_count = C``)."""
     channels = kernel.shape[-1]
-    return jax.lax.conv_general_dilated(
+    y = jax.lax.conv_general_dilated(
         x,
         kernel.reshape(kernel.shape[0], kernel.shape[1], 1, channels),
         window_strides=(1, 1),
@@ -209,19 +246,21 @@ def depthwise_conv_xla(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
         feature_group_count=channels,
         preferred_element_type=jnp.float32,
     ).astype(x.dtype)
+    return y if bias is None else y + broadcast_channels(bias.astype(y.dtype), y.shape)
 
 
-def depthwise_conv(x: jax.Array, kernel: jax.Array, padding, impl: DepthwiseImpl = "auto") -> jax.Array:
-    """Depthwise conv of NHWC ``x`` with a (kh, kw, C) kernel by the chosen implementation."""
+def depthwise_conv(x: jax.Array, kernel: jax.Array, padding, impl: DepthwiseImpl = "auto",
+                   bias: jax.Array | None = None) -> jax.Array:
+    """Depthwise conv of NHWC ``x`` with a (kh, kw, C) kernel (and a (C,) bias) by the chosen implementation."""
     padding = tuple(tuple(int(p) for p in pair) for pair in padding)
     resolved = resolve_depthwise_impl(impl)
     if resolved == "platform":
         return jax.lax.platform_dependent(
-            x, kernel, cpu=lambda x, k: depthwise_conv_shift(x, k, padding),
-            default=lambda x, k: depthwise_conv_xla(x, k, padding))
+            x, kernel, bias, cpu=lambda x, k, b: depthwise_conv_shift(x, k, padding, b),
+            default=lambda x, k, b: depthwise_conv_xla(x, k, padding, b))
     if resolved == "shift":
-        return depthwise_conv_shift(x, kernel, padding)
-    return depthwise_conv_xla(x, kernel, padding)
+        return depthwise_conv_shift(x, kernel, padding, bias)
+    return depthwise_conv_xla(x, kernel, padding, bias)
 
 
 class DepthwiseConv(nn.Module):
@@ -252,11 +291,10 @@ class DepthwiseConv(nn.Module):
         x = x.astype(dtype)
         if self.multiplier > 1:
             x = jnp.repeat(x, self.multiplier, axis=-1)
-        y = depthwise_conv(x, kernel[:, :, 0, :].astype(dtype), padding, self.impl)
+        bias = None
         if self.use_bias:
-            bias = self.param("bias", nn.initializers.zeros, (out_channels,), self.param_dtype)
-            y = y + broadcast_channels(bias.astype(dtype), y.shape)
-        return y
+            bias = self.param("bias", nn.initializers.zeros, (out_channels,), self.param_dtype).astype(dtype)
+        return depthwise_conv(x, kernel[:, :, 0, :].astype(dtype), padding, self.impl, bias)
 
 
 class PatchConv(nn.Module):
