@@ -165,8 +165,9 @@ def depthwise_conv_shift(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[i
     one loop.
 
     The custom VJP keeps the backward pass just as cheap: the input gradient is the same
-    shift-sum of the output gradient with the flipped kernel, the kernel gradient kh·kw
-    per-channel reductions; autodiff would instead emit one pad/slice gradient per tap.
+    shift-sum of the output gradient with the flipped kernel, the kernel gradient
+    :func:`_depthwise_kernel_grad` (channel-batched products), the bias gradient a :func:`channel_sum`;
+    autodiff would instead emit one pad/slice gradient per tap.
     """
     return _depthwise_shift_fwd(x, kernel, padding, bias)[0]
 
