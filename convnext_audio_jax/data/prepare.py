@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import argparse
 import collections
-import concurrent.futures
 import contextlib
 import fcntl
 import hashlib
 import json
-import multiprocessing
 import os
 import pathlib
 import shutil
@@ -39,6 +37,7 @@ import numpy as np
 import tqdm
 
 from convnext_audio_jax.data import audio, labels as labels_lib, records, sources
+from convnext_audio_jax.data.workers import WorkerDied, WorkerPool
 
 FORMATS = ("array_record", "hdf5")
 MANIFEST = "manifest.json"
@@ -89,10 +88,6 @@ def run(args: argparse.Namespace) -> int:
 
 class SplitLocked(Exception):
     """Another process is preparing the same split into the same output."""
-
-
-class WorkerDied(Exception):
-    """A decoding worker process died (killed by a signal, e.g. by the out-of-memory killer)."""
 
 
 @contextlib.contextmanager
@@ -166,15 +161,11 @@ def _prepare_locked(audio_dir, clip_list_csv, labels_csv, output, split, output_
     done_clips = sum(len(plan.entries) for plan, s in zip(plans, summaries) if s is not None)
     bar = tqdm.tqdm(total=len(entries), initial=done_clips, unit="clip", desc=f"prepare {split}",
                     disable=not progress)
-    pool = _make_pool(workers) if any(s is None for s in summaries) else None
-    try:
+    needs_pool = workers > 1 and any(s is None for s in summaries)
+    with bar, (WorkerPool(workers, name="decoding worker") if needs_pool else contextlib.nullcontext()) as pool:
         for k, plan in enumerate(plans):
             if summaries[k] is None:
                 summaries[k] = plan.write(pool, class_labels, waveform_encoding, min_seconds, bar)
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
 
     if output_format == "hdf5":
         _write_pann_index(output, split, summaries, class_labels.num_classes)
@@ -209,15 +200,6 @@ def _read_manifest(output: pathlib.Path, output_format: str, num_classes: int) -
     if manifest["format"] != output_format:
         raise ValueError(f"{path} is a {manifest['format']} output; asked for {output_format}")
     return manifest
-
-
-def _make_pool(workers: int):
-    if workers == 1:
-        return None
-    # spawn, not fork: the parent may hold JAX/grain threads, and forking a threaded process can deadlock.
-    # A process pool executor, not multiprocessing.Pool: when a worker dies, Pool waits forever for its task;
-    # the executor fails every pending task with BrokenProcessPool.
-    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
 
 def _decode(task: tuple[str, str | None, float]) -> tuple[str, np.ndarray | None, str, str]:
@@ -258,7 +240,7 @@ class _ShardPlan:
 
     def write(self, pool, class_labels, waveform_encoding, min_seconds, bar) -> dict:
         tasks = [(e.clip_id, p, min_seconds) for e, p in zip(self.entries, self.paths)]
-        results = pool.map(_decode, tasks, chunksize=4) if pool is not None else map(_decode, tasks)
+        results = pool.map(_decode, tasks) if pool is not None else map(_decode, tasks)
         class_indices = {e.clip_id: e.class_indices for e in self.entries}
         kept_ids, kept_targets, skipped = [], [], []
         temporary = self.output / f"{self.data_name}.{os.getpid()}.partial"
@@ -272,10 +254,10 @@ class _ShardPlan:
                     writer.add(clip_id, class_indices[clip_id], waveform)
                     kept_ids.append(clip_id)
                     kept_targets.append(class_indices[clip_id])
-        except concurrent.futures.process.BrokenProcessPool:
+        except WorkerDied as error:
             temporary.unlink(missing_ok=True)
-            raise WorkerDied(f"a decoding worker died (killed by a signal, e.g. the out-of-memory killer) while "
-                             f"packing {self.data_name}") from None
+            raise WorkerDied(f"{error} while packing {self.data_name} (e.g. killed by the out-of-memory "
+                             "killer)") from None
         except BaseException:
             temporary.unlink(missing_ok=True)  # ours, and unfinished (e.g. the disk filled up)
             raise
