@@ -99,14 +99,19 @@ def cpu_speed_flags() -> list[str]:
 
 
 def machine_slug() -> str:
-    """``cpu-2core-xeon``, ``gpu-h100``, …: the accelerator (or CPU family) and, on CPU, the core count."""
+    """``cpu-2core-xeon-avx512``, ``gpu-h100``, …: the accelerator, or on CPU the core count, the CPU family and
+    its widest vector instructions (one CPU name covers hosts with and without AVX-512, and speed ratios
+    differ between them)."""
     device = jax.devices()[0]
     if device.platform == "cpu":
         name = cpu_model_name().lower()
         family = next((f for f in ("epyc", "xeon", "ryzen", "core", "graviton", "neoverse", "apple") if f in name), None)
         if family is None:
             family = re.sub(r"[^a-z0-9]+", "-", name).strip("-").split("-")[0] or platform.machine().lower()
-        return f"cpu-{os.cpu_count()}core-{family}"
+        flags = cpu_speed_flags()
+        isa = next((label for flag, label in (("avx512_bf16", "avx512bf16"), ("avx512f", "avx512"), ("avx2", "avx2"))
+                    if flag in flags), None)
+        return f"cpu-{os.cpu_count()}core-{family}" + (f"-{isa}" if isa else "")
     kind = device.device_kind.lower()
     model = re.search(r"\b([a-z]{1,2}\d{2,4}[a-z]?)\b", kind)
     count = len(jax.devices())

@@ -26,7 +26,9 @@ Per model, dtype and batch, waveform → probabilities:
 
 Prints Markdown tables (with the paper's and Audax's published accuracy and speed, labelled so)
 and writes ``benchmarks/results/<machine>.json`` plus a bar chart ``<machine>.png`` beside it
-(``<machine>-quick.*`` for ``--quick``, so a smoke run never overwrites a measurement).
+(``<machine>-quick.*`` for ``--quick``, so a smoke run never overwrites a measurement). The JSON is
+rewritten after every model and batch (``"complete": false`` until the run ends), so a run stopped
+part-way keeps what it measured.
 """
 
 from __future__ import annotations
@@ -89,10 +91,20 @@ PUBLISHED = {
 
 
 def benchmark(cases: list[Case], batches: list[int], dtypes: list[str], repeats: int, *, with_torch: bool,
-              compile_timeout: int | None, with_audax: bool, with_train: bool, with_onnx: bool = True, log=print) -> dict:
+              compile_timeout: int | None, with_audax: bool, with_train: bool, with_onnx: bool = True, log=print,
+              on_progress=None) -> dict:
+    """The measured part of the result; ``on_progress(partial)`` gets it after every (model, batch) and every
+    model's training rows, so a long run that is stopped keeps what it measured."""
     rows: list[dict] = []
     notes: dict[str, str] = {}
     parity: dict[str, dict] = {}
+
+    def measured() -> dict:
+        return {"rows": rows, "ratios": ratios(rows), "parity_max_abs_probs": parity, "notes": notes}
+
+    def progress() -> None:
+        if on_progress is not None:
+            on_progress(measured())
     if with_audax:
         try:
             import audax.models  # noqa: F401
@@ -138,12 +150,16 @@ def benchmark(cases: list[Case], batches: list[int], dtypes: list[str], repeats:
                 for row in added:
                     rows.append({**group, **row})
                     log(format_row(rows[-1]))
+            progress()
     if with_train:
-        train_rows, reason = train_step_rows(cases, batches, dtypes, repeats)
-        rows += train_rows
-        if reason:
-            notes["train_step"] = reason
-    return {"rows": rows, "ratios": ratios(rows), "parity_max_abs_probs": parity, "notes": notes}
+        for case in cases:
+            train_rows, reason = train_step_rows([case], batches, dtypes, repeats)
+            rows += train_rows
+            if reason:
+                notes["train_step"] = reason
+                break
+            progress()
+    return measured()
 
 
 def ratios(rows: list[dict]) -> list[dict]:
@@ -196,26 +212,39 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {machine['slug']}: models {names}, batches {batches}, dtypes {dtypes}, {repeats} repeats", flush=True)
     print(TABLE_HEADER, flush=True)
     start = time.perf_counter()
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = machine["slug"] + ("-quick" if args.quick else "") + ("-tiny" if args.tiny else "")
+    json_path = args.out_dir / f"{stem}.json"
+
+    def result_of(measured: dict, complete: bool) -> dict:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "date": date,
+            "complete": complete,  # false in the copies written while the run is going
+            "machine": machine,
+            "settings": {"quick": args.quick, "models": names, "batches": batches, "dtypes": dtypes,
+                         "repeats": repeats, "clip_seconds": args.seconds, "tiny": args.tiny,
+                         "parity_clips": PARITY_CLIPS},
+            **measured,
+            "published": PUBLISHED,
+            "wall_s": time.perf_counter() - start,
+        }
+
+    def write(result: dict) -> None:  # atomic: a stopped run leaves the previous copy whole
+        temporary = json_path.with_name(json_path.name + ".partial")
+        temporary.write_text(json.dumps(result, indent=1) + "\n")
+        temporary.replace(json_path)
+
     measured = benchmark(cases, batches, dtypes, repeats, with_torch=not args.no_torch,
                          compile_timeout=None if args.quick or args.no_compile or args.no_torch else args.compile_timeout,
                          with_audax=not args.no_audax, with_train=not (args.quick or args.no_train),
                          with_onnx=not args.no_onnx,
-                         log=functools.partial(print, flush=True))
-    result = {
-        "schema_version": SCHEMA_VERSION,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine,
-        "settings": {"quick": args.quick, "models": names, "batches": batches, "dtypes": dtypes, "repeats": repeats,
-                     "clip_seconds": args.seconds, "tiny": args.tiny, "parity_clips": PARITY_CLIPS},
-        **measured,
-        "published": PUBLISHED,
-        "wall_s": time.perf_counter() - start,
-    }
+                         log=functools.partial(print, flush=True),
+                         on_progress=lambda partial: write(result_of(partial, complete=False)))
+    result = result_of(measured, complete=True)
     print("\n" + format_report(result))
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = machine["slug"] + ("-quick" if args.quick else "") + ("-tiny" if args.tiny else "")
-    json_path = args.out_dir / f"{stem}.json"
-    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    write(result)
     plot(result, json_path.with_suffix(".png"))
     print(f"\nwrote {json_path} and {json_path.with_suffix('.png').name} ({result['wall_s']:.0f} s)")
     return 0

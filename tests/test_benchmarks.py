@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from unittest import mock
 
 import pytest
 import torch  # noqa: F401  (the [test] extra; the run measures parity against the PyTorch reference)
@@ -22,7 +23,19 @@ def result(tmp_path_factory):
             "--repeats", "1", "--no-compile", "--no-train", "--out-dir", str(out)]
     if not HAS_AUDAX:
         argv.append("--no-audax")
-    assert run.main(argv) == 0
+    progress = []
+    benchmark = run.benchmark
+
+    def recording(*args, on_progress=None, **kwargs):
+        def record(partial):
+            progress.append(len(partial["rows"]))
+            on_progress(partial)
+            assert json.loads(next(out.glob("*.json")).read_text())["complete"] is False
+        return benchmark(*args, on_progress=record, **kwargs)
+
+    with mock.patch.object(run, "benchmark", recording):
+        assert run.main(argv) == 0
+    assert progress and progress[-1] > 0  # the JSON was written while the run went on
     written = sorted(p.name for p in out.iterdir())
     json_files = [name for name in written if name.endswith(".json")]
     assert len(json_files) == 1 and json_files[0].endswith("-tiny.json")
@@ -33,6 +46,7 @@ def result(tmp_path_factory):
 
 
 def test_top_level_keys(result):
+    assert result["complete"] is True
     assert {"schema_version", "date", "machine", "settings", "rows", "ratios", "parity_max_abs_probs", "notes",
             "published", "wall_s"} <= set(result)
     assert {"slug", "backend", "device_kind", "cpu_count", "jax"} <= set(result["machine"])
