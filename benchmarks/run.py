@@ -91,6 +91,7 @@ PUBLISHED = {
 
 
 def benchmark(cases: list[Case], batches: list[int], dtypes: list[str], repeats: int, *, with_torch: bool,
+              train_dtypes: list[str] | None = None,
               compile_timeout: int | None, with_audax: bool, with_train: bool, with_onnx: bool = True, log=print,
               on_progress=None) -> dict:
     """The measured part of the result; ``on_progress(partial)`` gets it after every (model, batch) and every
@@ -153,7 +154,7 @@ def benchmark(cases: list[Case], batches: list[int], dtypes: list[str], repeats:
             progress()
     if with_train:
         for case in cases:
-            train_rows, reason = train_step_rows([case], batches, dtypes, repeats)
+            train_rows, reason = train_step_rows([case], batches, train_dtypes or dtypes, repeats)
             rows += train_rows
             if reason:
                 notes["train_step"] = reason
@@ -193,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-audax", action="store_true")
     parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime row (float32 only)")
     parser.add_argument("--no-train", action="store_true", help="skip the training-step benchmark")
+    parser.add_argument("--train-dtypes", nargs="+", choices=["float32", "bfloat16"],
+                        help="dtypes of the training-step rows (default: --dtypes)")
     parser.add_argument("--out-dir", type=pathlib.Path, default=pathlib.Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
 
@@ -224,8 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             "complete": complete,  # false in the copies written while the run is going
             "machine": machine,
             "settings": {"quick": args.quick, "models": names, "batches": batches, "dtypes": dtypes,
-                         "repeats": repeats, "clip_seconds": args.seconds, "tiny": args.tiny,
-                         "parity_clips": PARITY_CLIPS},
+                         "train_dtypes": args.train_dtypes or dtypes, "repeats": repeats,
+                         "clip_seconds": args.seconds, "tiny": args.tiny, "parity_clips": PARITY_CLIPS},
             **measured,
             "published": PUBLISHED,
             "wall_s": time.perf_counter() - start,
@@ -236,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         temporary.write_text(json.dumps(result, indent=1) + "\n")
         temporary.replace(json_path)
 
-    measured = benchmark(cases, batches, dtypes, repeats, with_torch=not args.no_torch,
+    measured = benchmark(cases, batches, dtypes, repeats, with_torch=not args.no_torch, train_dtypes=args.train_dtypes,
                          compile_timeout=None if args.quick or args.no_compile or args.no_torch else args.compile_timeout,
                          with_audax=not args.no_audax, with_train=not (args.quick or args.no_train),
                          with_onnx=not args.no_onnx,
