@@ -131,3 +131,21 @@ def run_jax_processes(args: Sequence[str], num_processes: int, devices_per_proce
                                                           "JAX_NUM_PROCESSES": str(num_processes),
                                                           "JAX_PROCESS_ID": str(index)}))
     return run_group(commands, envs, timeout, check=check, kill_when=kill_when)
+
+
+def spawned_children() -> set[int]:
+    """Live multiprocessing "spawn" children of this process (its workers; not its resource tracker)."""
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as file:
+                parent = int(file.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as file:
+                command = file.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == os.getpid() and b"spawn_main" in command:
+            pids.add(int(entry))
+    return pids

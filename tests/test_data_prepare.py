@@ -11,6 +11,7 @@ import pytest
 import soundfile
 
 from convnext_audio_jax.data import audio, prepare, sources
+from multiprocess import spawned_children
 from data_helpers import segment_file, tone, write_class_labels, write_generated_clips, write_segments_csv
 
 
@@ -224,24 +225,6 @@ def test_disk_full_keeps_finished_shards_and_manifest_and_a_rerun_resumes(tmp_pa
     assert manifest["splits"]["balanced_train"]["num_clips"] == 8
 
 
-def _worker_pids() -> list[int]:
-    """Spawned multiprocessing children of this process (not its resource tracker)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as file:
-                parent = int(file.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as file:
-                command = file.read()
-        except (OSError, ValueError, IndexError):
-            continue
-        if parent == os.getpid() and b"spawn_main" in command:
-            pids.append(int(entry))
-    return pids
-
-
 def test_a_killed_worker_is_an_error_not_a_hang(tmp_path, audioset_folder, capsys):
     """SIGKILL of a decoding worker (what the out-of-memory killer sends) ends the run with one line."""
     audio_dir, segments, labels_csv, _ = audioset_folder
@@ -251,7 +234,7 @@ def test_a_killed_worker_is_an_error_not_a_hang(tmp_path, audioset_folder, capsy
     runner = threading.Thread(target=lambda: result.setdefault("code", prepare.run(args)), daemon=True)
     runner.start()
     deadline = time.monotonic() + 60
-    while not (workers := _worker_pids()) and time.monotonic() < deadline:
+    while not (workers := sorted(spawned_children())) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert workers, "no decoding worker started"
     os.kill(workers[0], signal.SIGKILL)

@@ -1,7 +1,8 @@
 """An ordered, bounded map over spawned worker processes that fails at once when a worker dies.
 
-`WorkerPool.map(fn, items)` yields `fn(item)` in the order of `items`, keeping at most `max_pending` chunks of
-`chunksize` items in flight per worker, so a slow consumer never buffers more than that many results.
+`WorkerPool.map(fn, items)` yields `fn(item)` in the order of `items`. At most `max_pending` chunks of
+`chunksize` items are sent to a worker at a time, and at most `workers × max_pending` chunks are sent and not yet
+yielded, so a slow consumer (or one slow chunk) never makes the pool hold more results than that.
 
 Why not `concurrent.futures.ProcessPoolExecutor`: on CPython 3.11, a worker killed while the executor is still
 starting its other workers can leave the executor's manager thread dead or waiting (a race between the thread
@@ -106,9 +107,12 @@ class WorkerPool:
         next_chunk = 0  # id of the next chunk to send
         next_out = 0  # id of the next chunk to yield
         in_flight: list[int] = [0] * len(self._processes)  # chunks sent to each worker, not yet answered
+        window = self._max_pending * len(self._processes)
         finished: dict[int, list] = {}
         while True:
-            while not exhausted and min(in_flight) < self._max_pending:
+            # Chunks sent but not yet yielded stay within the window, so results held here are bounded even when
+            # one slow chunk holds back the ones after it.
+            while not exhausted and min(in_flight) < self._max_pending and next_chunk - next_out < window:
                 chunk = [item for _, item in zip(range(self._chunksize), source)]
                 if not chunk:
                     exhausted = True
