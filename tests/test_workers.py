@@ -52,6 +52,23 @@ def test_map_is_ordered_and_complete(workers, chunksize):
     assert len(pids) == workers and not any(_alive(pid) for pid in pids)
 
 
+@pytest.mark.parametrize("workers,max_pending", [(1, 1), (2, 1), (2, 2)])
+def test_a_drained_window_sends_more_instead_of_waiting(workers, max_pending):
+    """When every chunk sent has been yielded, the map sends the next ones rather than waiting for an answer that
+    cannot come (one worker, one chunk at a time met that state after every chunk)."""
+    outcome = {}
+
+    def run():
+        with WorkerPool(workers, chunksize=1, max_pending=max_pending) as pool:
+            outcome["result"] = list(pool.map(_square, range(20)))
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    runner.join(timeout=60)
+    assert not runner.is_alive(), "the map waits with nothing in flight"
+    assert outcome["result"] == [x * x for x in range(20)]
+
+
 def test_a_slow_consumer_bounds_the_work_in_flight(tmp_path):
     """At most workers × max_pending chunks are sent and not yet yielded (the one being yielded included)."""
     with WorkerPool(2, chunksize=3, max_pending=2) as pool:

@@ -20,7 +20,7 @@ import multiprocessing.connection
 import signal
 import traceback
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 
 class WorkerDied(Exception):
@@ -111,8 +111,9 @@ class WorkerPool:
         finished: dict[int, list] = {}
         while True:
             # Chunks sent but not yet yielded stay within the window, so results held here are bounded even when
-            # one slow chunk holds back the ones after it.
-            while not exhausted and min(in_flight) < self._max_pending and next_chunk - next_out < window:
+            # one slow chunk holds back the ones after it. Below the window some worker has fewer than
+            # max_pending chunks in flight, and the least loaded one gets the next chunk.
+            while not exhausted and next_chunk - next_out < window:
                 chunk = [item for _, item in zip(range(self._chunksize), source)]
                 if not chunk:
                     exhausted = True
@@ -124,9 +125,11 @@ class WorkerPool:
             while next_out in finished:
                 yield from finished.pop(next_out)
                 next_out += 1
-            if next_out == next_chunk and exhausted:
-                return
-            self._receive(in_flight, finished)
+            if next_out == next_chunk:  # all sent chunks yielded: finish, or send more before waiting
+                if exhausted:
+                    return
+                continue
+            self._receive(in_flight, finished)  # chunk next_out is in flight, so this wait ends
 
     def _send(self, worker: int, message) -> None:
         try:
@@ -155,7 +158,7 @@ class WorkerPool:
             if handle in sentinels:
                 self._fail(sentinels[handle])
 
-    def _fail(self, worker: int):
+    def _fail(self, worker: int) -> NoReturn:
         process = self._processes[worker]
         process.join(timeout=1)
         self._broken = f"a {self._name} died (pid {process.pid}, {_describe_exit(process.exitcode)})"
