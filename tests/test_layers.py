@@ -12,6 +12,7 @@ from convnext_audio_jax.models.layers import (
     depthwise_conv_shift,
     depthwise_conv_xla,
     resolve_depthwise_impl,
+    resolve_kernel_grad,
 )
 
 CASES = [
@@ -22,10 +23,11 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("kernel_grad", ["xla", "native"])
 @pytest.mark.parametrize(("shape", "kernel_size", "padding"), CASES)
-def test_shift_matches_grouped_conv_forward_and_gradients(shape, kernel_size, padding):
-    """With and without a bias; the reference is XLA's grouped convolution plus a plain bias add, differentiated
-    by autodiff."""
+def test_shift_matches_grouped_conv_forward_and_gradients(shape, kernel_size, padding, kernel_grad):
+    """With and without a bias, with either kernel gradient; the reference is XLA's grouped convolution plus a
+    plain bias add, differentiated by autodiff."""
     kx, kk, kb, kg = jax.random.split(jax.random.key(0), 4)
     x = jax.random.normal(kx, shape)
     kernel = jax.random.normal(kk, (*kernel_size, shape[-1]))
@@ -37,7 +39,7 @@ def test_shift_matches_grouped_conv_forward_and_gradients(shape, kernel_size, pa
         return jnp.sum((depthwise_conv_xla(x, kernel, padding) + bias) * cotangent)
 
     def shift(x, kernel, bias):
-        return jnp.sum(depthwise_conv_shift(x, kernel, padding, bias) * cotangent)
+        return jnp.sum(depthwise_conv_shift(x, kernel, padding, bias, kernel_grad) * cotangent)
 
     np.testing.assert_allclose(depthwise_conv_shift(x, kernel, padding), depthwise_conv_xla(x, kernel, padding), atol=1e-5)
     np.testing.assert_allclose(depthwise_conv_shift(x, kernel, padding, bias),
@@ -46,7 +48,8 @@ def test_shift_matches_grouped_conv_forward_and_gradients(shape, kernel_size, pa
     grads_reference = jax.grad(reference, argnums=(0, 1, 2))(x, kernel, bias)
     for ours, expected in zip(grads_shift, grads_reference):
         np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-4)
-    grads_no_bias = jax.grad(lambda x, k: jnp.sum(depthwise_conv_shift(x, k, padding) * cotangent), argnums=(0, 1))(x, kernel)
+    grads_no_bias = jax.grad(lambda x, k: jnp.sum(depthwise_conv_shift(x, k, padding, None, kernel_grad) * cotangent),
+                             argnums=(0, 1))(x, kernel)
     for ours, expected in zip(grads_no_bias, grads_reference[:2]):
         np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-4)
 
@@ -73,28 +76,43 @@ def test_bfloat16_accumulates_in_float32():
 
 
 @pytest.mark.parametrize("multiplier", [1, 2])
-@pytest.mark.parametrize("impl", ["shift", "xla"])
+@pytest.mark.parametrize("impl", ["shift", "native", "xla"])
 def test_depthwise_module_matches_torch_grouped_conv(multiplier, impl):
+    """Output and the gradients of input, kernel and bias equal torch's grouped Conv2d (autograd)."""
     import torch
     channels = 3
     module = DepthwiseConv((7, 7), multiplier=multiplier, impl=impl)
-    x = np.random.default_rng(0).standard_normal((2, 11, 9, channels)).astype(np.float32)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 11, 9, channels)).astype(np.float32)
+    cotangent = rng.standard_normal((2, 11, 9, channels * multiplier)).astype(np.float32)
     variables = module.init(jax.random.key(0), x)
     variables = jax.tree.map(lambda v: jax.random.normal(jax.random.key(5), v.shape), variables)
     ours = module.apply(variables, x)
+    grad_x, grad_params = jax.grad(lambda x, p: jnp.sum(module.apply({"params": p}, x) * cotangent), argnums=(0, 1))(
+        x, variables["params"])
 
     conv = torch.nn.Conv2d(channels, channels * multiplier, 7, padding=3, groups=channels)
     with torch.no_grad():
-        conv.weight.copy_(torch.from_numpy(np.asarray(variables["params"]["kernel"]).transpose(3, 2, 0, 1)))
-        conv.bias.copy_(torch.from_numpy(np.asarray(variables["params"]["bias"])))
-        reference = conv(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
-    np.testing.assert_allclose(ours, reference, atol=1e-4)
+        conv.weight.copy_(torch.from_numpy(np.array(variables["params"]["kernel"]).transpose(3, 2, 0, 1)))
+        conv.bias.copy_(torch.from_numpy(np.array(variables["params"]["bias"])))
+    x_torch = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_()
+    reference = conv(x_torch)
+    (reference * torch.from_numpy(cotangent).permute(0, 3, 1, 2)).sum().backward()
+    np.testing.assert_allclose(ours, reference.detach().permute(0, 2, 3, 1).numpy(), atol=1e-4)
+    np.testing.assert_allclose(grad_x, x_torch.grad.permute(0, 2, 3, 1).numpy(), atol=1e-4)
+    np.testing.assert_allclose(grad_params["kernel"], conv.weight.grad.numpy().transpose(2, 3, 1, 0), atol=1e-4)
+    np.testing.assert_allclose(grad_params["bias"], conv.bias.grad.numpy(), atol=1e-4)
 
 
 def test_impl_resolution():
     assert resolve_depthwise_impl("auto") == ("shift" if jax.default_backend() == "cpu" else "xla")
     assert resolve_depthwise_impl("xla") == "xla"
     assert resolve_depthwise_impl("platform") == "platform"
+    assert resolve_depthwise_impl("native") == "native"
+    assert resolve_kernel_grad("xla") == "xla"
+    assert resolve_kernel_grad("auto") == "native"  # the compiler is there (tests/test_native.py checks)
+    with pytest.raises(ValueError, match="kernel_grad must be"):
+        resolve_kernel_grad("fast")
     with pytest.raises(ValueError, match="depthwise_impl must be"):
         resolve_depthwise_impl("cudnn")
     with pytest.raises(ValueError, match="depthwise_impl must be"):

@@ -1,0 +1,183 @@
+"""Compiled CPU kernels, called from XLA through its FFI: today the kernel gradient of the depthwise convolution.
+
+Written with XLA ops, that gradient is a third of a ConvNeXt training step on XLA:CPU (docs/benchmarks.md); the
+C++ kernel in ``depthwise_kernel_grad.cc`` computes the same sums 6–13× faster. It is compiled on first use
+with the machine's C++ compiler (``$CXX``, else ``c++``, ``g++`` or ``clang++``) for this CPU
+(``-march=native``) against the FFI headers jaxlib ships, and the library is kept in a cache folder
+(``$CONVNEXT_AUDIO_JAX_CACHE``, else ``$XDG_CACHE_HOME/convnext_audio_jax``, else
+``~/.cache/convnext_audio_jax``) under a name that hashes the source, jaxlib's version, the compiler and the CPU's
+flags, so a later process, or another CPU kind sharing the folder, loads or builds its own. Where no compiler
+is found, or ``CONVNEXT_AUDIO_JAX_NATIVE=0`` is set, :func:`available` is False and the models use the XLA form.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import importlib.resources
+import logging
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from convnext_audio_jax import xla
+
+logger = logging.getLogger(__name__)
+
+SOURCE = "depthwise_kernel_grad.cc"
+TARGET = "convnext_audio_jax_depthwise_kernel_grad"
+CXX_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-Wno-psabi")
+BUILD_TIMEOUT_S = 600
+
+
+class NativeUnavailable(RuntimeError):
+    """The compiled kernel cannot be used here (no compiler, a failed build, disabled, not a CPU)."""
+
+
+def cache_dir() -> pathlib.Path:
+    """Where built libraries are kept (see the module docstring)."""
+    if os.environ.get("CONVNEXT_AUDIO_JAX_CACHE"):
+        return pathlib.Path(os.environ["CONVNEXT_AUDIO_JAX_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+    return pathlib.Path(base) / "convnext_audio_jax"
+
+
+def find_compiler() -> str | None:
+    """``$CXX`` (as given), else the first of c++, g++, clang++ on the PATH."""
+    if os.environ.get("CXX"):
+        return os.environ["CXX"]
+    return next((path for name in ("c++", "g++", "clang++") if (path := shutil.which(name))), None)
+
+
+def _source() -> bytes:
+    return importlib.resources.files(__package__).joinpath(SOURCE).read_bytes()
+
+
+def library_path(compiler: str) -> pathlib.Path:
+    """The cached library for this source, jaxlib, compiler and CPU."""
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as error:
+        raise NativeUnavailable(f"the C++ compiler {compiler!r} does not run: {error}") from None
+    key = hashlib.sha256()
+    for part in (_source(), importlib.metadata.version("jaxlib").encode(), version.encode(), " ".join(CXX_FLAGS).encode(),
+                 platform.machine().encode(), " ".join(sorted(xla.cpu_flags())).encode()):
+        key.update(part + b"\0")
+    return cache_dir() / "native" / f"depthwise_kernel_grad-{key.hexdigest()[:16]}.so"
+
+
+def build(compiler: str, destination: pathlib.Path) -> None:
+    """Compiles the kernel into ``destination`` (written under a temporary name, then renamed: a concurrent build
+    or a reader never sees a partial file)."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=destination.parent, prefix=".build-") as scratch:
+        source = pathlib.Path(scratch) / SOURCE
+        source.write_bytes(_source())
+        output = pathlib.Path(scratch) / destination.name
+        command = [compiler, *CXX_FLAGS, "-I", jax.ffi.include_dir(), str(source), "-o", str(output)]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+        except (OSError, subprocess.SubprocessError) as error:
+            raise NativeUnavailable(f"building {SOURCE} with {compiler!r} failed: {error}") from None
+        if result.returncode != 0:
+            errors = [line for line in result.stderr.splitlines() if "error" in line] or result.stderr.splitlines()
+            raise NativeUnavailable(f"building {SOURCE} with {compiler!r} failed (exit {result.returncode}): "
+                                    f"{errors[0].strip() if errors else 'no message'}")
+        os.replace(output, destination)
+
+
+_lock = threading.Lock()
+_state: dict = {}
+_registered: list = []  # the library whose handler XLA holds, kept loaded
+
+
+def load() -> None:
+    """Builds (if needed), loads and registers the kernel once per process; raises :class:`NativeUnavailable`
+    with the reason when it cannot (the reason is remembered: a process tries once)."""
+    with _lock:
+        if "error" in _state:
+            raise NativeUnavailable(_state["error"])
+        if "library" in _state:
+            return
+        try:
+            if os.environ.get("CONVNEXT_AUDIO_JAX_NATIVE", "1") == "0":
+                raise NativeUnavailable("disabled by CONVNEXT_AUDIO_JAX_NATIVE=0")
+            compiler = find_compiler()
+            if compiler is None:
+                raise NativeUnavailable("no C++ compiler found ($CXX, c++, g++, clang++)")
+            path = library_path(compiler)
+            if not path.exists():
+                logger.info("building the native depthwise kernel gradient into %s", path)
+                build(compiler, path)
+            try:
+                library = ctypes.cdll.LoadLibrary(str(path))
+                handler = library.DepthwiseKernelGrad
+            except (OSError, AttributeError) as error:
+                raise NativeUnavailable(f"cannot load {path}: {error}") from None
+            if not _registered:  # XLA keeps one handler per name for the life of the process
+                jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
+                _registered.append(library)
+            _state["library"] = library
+        except NativeUnavailable as error:
+            _state["error"] = str(error)
+            raise
+
+
+def available() -> bool:
+    """Whether the kernel is loaded or can be (building it on the first call); logs why not, once."""
+    try:
+        load()
+        return True
+    except NativeUnavailable as error:
+        _log_unavailable(str(error))
+        return False
+
+
+@functools.cache
+def _log_unavailable(reason: str) -> None:
+    logger.warning("native depthwise kernel gradient unavailable (%s): training uses the XLA form, several times "
+                   "slower on the CPU", reason)
+
+
+def _call(x: jax.Array, dy: jax.Array, kernel_size: tuple[int, int], pad_top: int, pad_left: int) -> jax.Array:
+    return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((*kernel_size, x.shape[-1]), jnp.float32),
+                            vmap_method="sequential")(x, dy, pad_top=np.int64(pad_top), pad_left=np.int64(pad_left))
+
+
+def depthwise_kernel_grad(x: jax.Array, dy: jax.Array, kernel_size: tuple[int, int],
+                          padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+    """dK[i, j, c] = Σ_{b,h,w} xpad[b, h+i, w+j, c] · dy[b, h, w, c] as (kh, kw, C) float32, for NHWC ``x``
+    (B, H, W, C) zero-padded by ``padding`` and ``dy`` (B, OH, OW, C) of a stride-1 convolution.
+
+    Under a mesh set for tracing (``jax.sharding.use_abstract_mesh``, as the train step does), the batch is split
+    over every mesh axis and each device sums its own rows, then one ``psum``; otherwise XLA gathers sharded
+    operands to each device before the call (correct, but each device computes the whole sum)."""
+    load()
+    (pad_top, pad_bottom), (pad_left, pad_right) = padding
+    kh, kw = kernel_size
+    expected = (x.shape[0], x.shape[1] + pad_top + pad_bottom - kh + 1, x.shape[2] + pad_left + pad_right - kw + 1,
+                x.shape[3])
+    if x.ndim != 4 or tuple(dy.shape) != expected:
+        raise ValueError(f"depthwise kernel gradient: dy has shape {tuple(dy.shape)}, expected {expected} for x "
+                         f"{tuple(x.shape)}, kernel {kernel_size} and padding {padding}")
+    x, dy = x.astype(jnp.float32), dy.astype(jnp.float32)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or x.shape[0] % mesh.size:
+        return _call(x, dy, kernel_size, pad_top, pad_left)
+    rows = PartitionSpec(mesh.axis_names)
+
+    def local(x, dy):
+        return jax.lax.psum(_call(x, dy, kernel_size, pad_top, pad_left), mesh.axis_names)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows), out_specs=PartitionSpec(), check_vma=False)(x, dy)

@@ -1,0 +1,189 @@
+"""The compiled depthwise kernel gradient: torch's numbers at every kernel/padding/channel case, the same numbers
+sharded over devices (without gathering the activations), its build cache, and the fall-back when it cannot be
+built."""
+
+import logging
+import os
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from convnext_audio_jax import native
+from convnext_audio_jax.models import create_model, init_variables
+from convnext_audio_jax.models.layers import _depthwise_kernel_grad, resolve_kernel_grad
+
+if native.find_compiler() is None:
+    pytest.skip("no C++ compiler on this machine ($CXX, c++, g++, clang++): the native kernel cannot be built",
+                allow_module_level=True)
+
+CASES = [
+    # (x shape NHWC, kernel size, padding): the vector paths (kernel width 7, 5, 3 with 16-channel blocks), channel
+    # tails (20, 5 channels), a width without a vector path (4), no padding, padding wider than the kernel's half.
+    ((2, 13, 9, 32), (7, 7), ((3, 3), (3, 3))),
+    ((3, 10, 8, 20), (5, 5), ((2, 2), (2, 2))),
+    ((1, 12, 7, 16), (5, 3), ((2, 1), (0, 2))),
+    ((2, 9, 11, 5), (3, 3), ((1, 1), (1, 1))),
+    ((2, 8, 10, 17), (4, 4), ((1, 2), (2, 1))),
+    ((1, 9, 9, 16), (3, 3), ((0, 0), (0, 0))),
+    ((2, 6, 5, 16), (3, 3), ((3, 2), (4, 1))),
+    ((1, 5, 4, 48), (7, 7), ((3, 3), (3, 3))),  # the image smaller than the kernel
+]
+
+
+def torch_kernel_grad(x, dy, kernel_size, padding):
+    """torch's weight gradient of a grouped (depthwise) Conv2d, by autograd, as (kh, kw, C)."""
+    import torch
+    import torch.nn.functional as F
+    (top, bottom), (left, right) = padding
+    channels = x.shape[-1]
+    xt = F.pad(torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2), (left, right, top, bottom))
+    weight = torch.zeros((channels, 1, *kernel_size), dtype=torch.float64, requires_grad=True)
+    out = F.conv2d(xt.double(), weight, groups=channels)
+    (out * torch.from_numpy(np.asarray(dy)).permute(0, 3, 1, 2).double()).sum().backward()
+    return weight.grad[:, 0].permute(1, 2, 0).numpy()
+
+
+@pytest.mark.parametrize(("shape", "kernel_size", "padding"), CASES)
+def test_kernel_gradient_equals_torch(shape, kernel_size, padding):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(np.float32)
+    out_shape = (shape[0], shape[1] + sum(padding[0]) - kernel_size[0] + 1, shape[2] + sum(padding[1]) - kernel_size[1] + 1,
+                 shape[3])
+    dy = rng.standard_normal(out_shape).astype(np.float32)
+    expected = torch_kernel_grad(x, dy, kernel_size, padding)
+    ours = jax.jit(native.depthwise_kernel_grad, static_argnums=(2, 3))(x, dy, kernel_size, padding)
+    assert ours.shape == (*kernel_size, shape[-1]) and ours.dtype == jnp.float32
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-4)
+    # The XLA form, which 'shift' uses, gives the same numbers.
+    np.testing.assert_allclose(_depthwise_kernel_grad(x, dy, kernel_size, padding), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_bfloat16_operands_are_summed_in_float32():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 20, 12, 16)).astype(np.float32)
+    dy = rng.standard_normal((2, 20, 12, 16)).astype(np.float32)
+    padding = ((3, 3), (3, 3))
+    ours = native.depthwise_kernel_grad(jnp.asarray(x, jnp.bfloat16), jnp.asarray(dy, jnp.bfloat16), (7, 7), padding)
+    rounded = [np.asarray(jnp.asarray(a, jnp.bfloat16), np.float32) for a in (x, dy)]
+    np.testing.assert_allclose(ours, torch_kernel_grad(*rounded, (7, 7), padding), rtol=1e-5, atol=1e-4)
+
+
+def test_a_wrong_shape_is_one_line_naming_the_shapes():
+    with pytest.raises(ValueError, match=r"dy has shape \(2, 9, 9, 4\), expected \(2, 10, 10, 4\) for x \(2, 10, 10, 4\)"):
+        native.depthwise_kernel_grad(jnp.zeros((2, 10, 10, 4)), jnp.zeros((2, 9, 9, 4)), (3, 3), ((1, 1), (1, 1)))
+
+
+def test_under_a_mesh_each_device_sums_its_rows_and_nothing_is_gathered():
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    rows = NamedSharding(mesh, P("data"))
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((16, 12, 10, 32)).astype(np.float32)
+    dy = rng.standard_normal((16, 12, 10, 32)).astype(np.float32)
+    padding = ((3, 3), (3, 3))
+
+    def under_mesh(x, dy):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return native.depthwise_kernel_grad(x, dy, (7, 7), padding)
+
+    step = jax.jit(under_mesh, in_shardings=(rows, rows))
+    ours = step(x, dy)
+    np.testing.assert_allclose(ours, torch_kernel_grad(x, dy, (7, 7), padding), rtol=1e-5, atol=1e-4)
+    compiled = step.lower(x, dy).compile().as_text()
+    assert "all-gather" not in compiled and "all-reduce" in compiled
+    # Without the mesh as context XLA gathers the rows to every device first: the same numbers.
+    gathered = jax.jit(lambda x, dy: native.depthwise_kernel_grad(x, dy, (7, 7), padding), in_shardings=(rows, rows))
+    np.testing.assert_allclose(gathered(x, dy), ours, rtol=1e-6, atol=1e-5)
+
+
+def test_model_gradients_are_the_same_with_each_depthwise_variant():
+    """A small ConvNeXt's parameter gradients with the native kernel gradient, the XLA form, and XLA's grouped
+    convolution."""
+    tiny = dict(depths=(1, 1, 1, 1), dims=(16, 32, 48, 64), num_classes=5)
+    waveform = (0.1 * np.random.default_rng(3).standard_normal((2, 16_000))).astype(np.float32)
+    grads = {}
+    for impl in ("native", "shift", "xla"):
+        model = create_model("convnext_tiny", depthwise_impl=impl, **tiny)
+        variables = init_variables(model, jax.random.key(0))
+
+        def loss(params, model=model, variables=variables):
+            out, _ = model.apply({**variables, "params": params}, waveform, train=True, mutable=["batch_stats"],
+                                 rngs={"drop_path": jax.random.key(1), "dropout": jax.random.key(2)})
+            return jnp.sum(jnp.square(out["logits"]))
+
+        grads[impl] = jax.jit(jax.grad(loss))(variables["params"])
+    for impl in ("shift", "xla"):
+        for (path, ours), theirs in zip(jax.tree_util.tree_leaves_with_path(grads["native"]), jax.tree.leaves(grads[impl])):
+            scale = float(np.abs(theirs).max()) or 1.0
+            np.testing.assert_allclose(ours, theirs, atol=1e-4 * scale, rtol=1e-4,
+                                       err_msg=f"{impl} vs native at {jax.tree_util.keystr(path)}")
+
+
+@pytest.fixture
+def fresh_native(monkeypatch, tmp_path):
+    """The module as in a new process, building into an empty cache folder."""
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("CONVNEXT_AUDIO_JAX_CACHE", str(tmp_path / "cache"))
+    native._log_unavailable.cache_clear()
+    yield tmp_path / "cache"
+    native._log_unavailable.cache_clear()
+
+
+def test_the_library_is_built_once_and_then_loaded_from_the_cache(fresh_native):
+    compiler = native.find_compiler()
+    path = native.library_path(compiler)
+    assert path.parent == fresh_native / "native" and not path.exists()
+    native.load()
+    assert path.exists()
+    built = path.stat().st_mtime_ns
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no build folder left behind
+    native._state.clear()
+    native.load()
+    assert path.stat().st_mtime_ns == built
+    x = np.ones((1, 4, 4, 16), np.float32)
+    np.testing.assert_allclose(native.depthwise_kernel_grad(x, x, (3, 3), ((1, 1), (1, 1)))[1, 1], np.full(16, 16.0))
+
+
+def test_the_cache_name_changes_with_the_source_and_the_cpu(fresh_native, monkeypatch):
+    compiler = native.find_compiler()
+    path = native.library_path(compiler)
+    monkeypatch.setattr(native.xla, "cpu_flags", lambda: frozenset({"avx2", "made_up_flag"}))
+    assert native.library_path(compiler) != path
+    monkeypatch.undo()
+    monkeypatch.setattr(native, "_source", lambda: b"// another version\n")
+    assert native.library_path(compiler) != path
+
+
+@pytest.mark.parametrize(("env", "reason"), [
+    ({"CONVNEXT_AUDIO_JAX_NATIVE": "0"}, "disabled by CONVNEXT_AUDIO_JAX_NATIVE=0"),
+    ({"CXX": "/bin/false"}, "building depthwise_kernel_grad.cc with '/bin/false' failed (exit 1)"),
+    ({"CXX": "/nonexistent/c++"}, "the C++ compiler '/nonexistent/c++' does not run"),
+])
+def test_without_the_kernel_auto_falls_back_to_xla_and_native_says_why(fresh_native, monkeypatch, caplog, env, reason):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with caplog.at_level(logging.WARNING, logger="convnext_audio_jax.native"):
+        assert not native.available()
+        assert resolve_kernel_grad("auto") == "xla"
+    assert [r.getMessage() for r in caplog.records if reason in r.getMessage()], caplog.text
+    assert len(caplog.records) == 1  # said once
+    with pytest.raises(native.NativeUnavailable, match=re.escape(reason)):
+        resolve_kernel_grad("native")
+    # Nothing was left in the cache folder by a failed build.
+    assert not any(p.is_file() for p in fresh_native.rglob("*")) if fresh_native.exists() else True
+    # The model still trains through the XLA form.
+    x = jnp.ones((1, 6, 6, 3))
+    from convnext_audio_jax.models.layers import depthwise_conv
+    grad = jax.grad(lambda k: jnp.sum(depthwise_conv(x, k, ((1, 1), (1, 1)), impl="auto")))(jnp.ones((3, 3, 3)))
+    np.testing.assert_allclose(grad[1, 1], np.full(3, 36.0))
+
+
+def test_the_source_ships_with_the_package():
+    """pyproject's package data lists the C++ file (a wheel without it could not build the kernel)."""
+    pyproject = (pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert '"convnext_audio_jax.native" = ["*.cc"]' in pyproject
+    assert os.path.exists(pathlib.Path(native.__file__).with_name(native.SOURCE))
