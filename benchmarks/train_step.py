@@ -2,6 +2,7 @@
 backward, AdamW) for an audio model at the paper's input (10 s at 32 kHz; ConvNeXt: 224 mels, PANNs: 64).
 
     python benchmarks/train_step.py [--model convnext_tiny] [--batch 8] [--steps 3] [--devices 1,2,4,8] [--dtype float32]
+                                    [--depthwise-impls auto,shift]
 
 Rows: ours (JAX, one jitted step on a 'data' mesh of 1, 2, ... devices; on a CPU the devices are
 simulated and share its cores, so the scaling rows measure the cost of sharding, not a speed-up) and the
@@ -32,6 +33,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--seconds", type=float, default=10.0, help="clip length (paper: 10)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    parser.add_argument("--depthwise-impls", default="auto",
+                        help="model.depthwise_impl values to time, comma-separated (e.g. native,shift: the compiled "
+                             "kernel gradient against the XLA form)")
     return parser.parse_args()
 
 
@@ -178,7 +182,10 @@ def main() -> None:
     import jax
 
     clips, targets = random_batch(args.batch, args.seconds)
-    rows = jax_rows(args, clips, targets)
+    rows = []
+    for impl in args.depthwise_impls.split(","):
+        args.overrides = {"depthwise_impl": impl} if impl != "auto" else {}
+        rows += [(f"{name}, depthwise {impl}", *rest) for name, *rest in jax_rows(args, clips, targets)]
     if not args.no_torch:
         rows.append(torch_row(args, clips, targets))
     print(f"\ntraining step, {args.model}, {args.seconds:g} s clips, batch {args.batch} examples "
