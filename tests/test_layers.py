@@ -11,8 +11,8 @@ from convnext_audio_jax.models.layers import (
     depthwise_conv,
     depthwise_conv_shift,
     depthwise_conv_xla,
+    depthwise_conv_native,
     resolve_depthwise_impl,
-    resolve_kernel_grad,
 )
 
 CASES = [
@@ -23,11 +23,11 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("kernel_grad", ["xla", "native"])
+@pytest.mark.parametrize("conv", [depthwise_conv_shift, depthwise_conv_native], ids=["shift", "native"])
 @pytest.mark.parametrize(("shape", "kernel_size", "padding"), CASES)
-def test_shift_matches_grouped_conv_forward_and_gradients(shape, kernel_size, padding, kernel_grad):
-    """With and without a bias, with either kernel gradient; the reference is XLA's grouped convolution plus a
-    plain bias add, differentiated by autodiff."""
+def test_shift_and_native_match_grouped_conv_forward_and_gradients(shape, kernel_size, padding, conv):
+    """With and without a bias; the reference is XLA's grouped convolution plus a plain bias add, differentiated
+    by autodiff."""
     kx, kk, kb, kg = jax.random.split(jax.random.key(0), 4)
     x = jax.random.normal(kx, shape)
     kernel = jax.random.normal(kk, (*kernel_size, shape[-1]))
@@ -39,17 +39,16 @@ def test_shift_matches_grouped_conv_forward_and_gradients(shape, kernel_size, pa
         return jnp.sum((depthwise_conv_xla(x, kernel, padding) + bias) * cotangent)
 
     def shift(x, kernel, bias):
-        return jnp.sum(depthwise_conv_shift(x, kernel, padding, bias, kernel_grad) * cotangent)
+        return jnp.sum(conv(x, kernel, padding, bias) * cotangent)
 
-    np.testing.assert_allclose(depthwise_conv_shift(x, kernel, padding), depthwise_conv_xla(x, kernel, padding), atol=1e-5)
-    np.testing.assert_allclose(depthwise_conv_shift(x, kernel, padding, bias),
+    np.testing.assert_allclose(conv(x, kernel, padding), depthwise_conv_xla(x, kernel, padding), atol=1e-5)
+    np.testing.assert_allclose(conv(x, kernel, padding, bias),
                                depthwise_conv_xla(x, kernel, padding) + bias, atol=1e-5)
     grads_shift = jax.grad(shift, argnums=(0, 1, 2))(x, kernel, bias)
     grads_reference = jax.grad(reference, argnums=(0, 1, 2))(x, kernel, bias)
     for ours, expected in zip(grads_shift, grads_reference):
         np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-4)
-    grads_no_bias = jax.grad(lambda x, k: jnp.sum(depthwise_conv_shift(x, k, padding, None, kernel_grad) * cotangent),
-                             argnums=(0, 1))(x, kernel)
+    grads_no_bias = jax.grad(lambda x, k: jnp.sum(conv(x, k, padding) * cotangent), argnums=(0, 1))(x, kernel)
     for ours, expected in zip(grads_no_bias, grads_reference[:2]):
         np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-4)
 
@@ -64,12 +63,13 @@ def test_shift_gradient_is_the_custom_vjp_under_jit():
         np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-3)
 
 
-def test_bfloat16_accumulates_in_float32():
+@pytest.mark.parametrize("conv", [depthwise_conv_shift, depthwise_conv_native], ids=["shift", "native"])
+def test_bfloat16_accumulates_in_float32(conv):
     x = jax.random.normal(jax.random.key(3), (2, 20, 10, 4))
     kernel = jax.random.normal(jax.random.key(4), (7, 7, 4))
     pad = ((3, 3), (3, 3))
     exact = depthwise_conv_xla(x, kernel, pad)
-    ours = depthwise_conv_shift(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), pad)
+    ours = conv(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), pad)
     assert ours.dtype == jnp.bfloat16
     # Only the bf16 rounding of inputs and output, not 49 bf16 partial sums.
     np.testing.assert_allclose(np.asarray(ours, np.float32), exact, atol=0.25, rtol=0.03)
@@ -105,14 +105,11 @@ def test_depthwise_module_matches_torch_grouped_conv(multiplier, impl):
 
 
 def test_impl_resolution():
-    assert resolve_depthwise_impl("auto") == ("shift" if jax.default_backend() == "cpu" else "xla")
+    # On CPU 'auto' is the compiled kernels where they build (here: tests/test_native.py needs a compiler).
+    assert resolve_depthwise_impl("auto") == ("native" if jax.default_backend() == "cpu" else "xla")
     assert resolve_depthwise_impl("xla") == "xla"
     assert resolve_depthwise_impl("platform") == "platform"
     assert resolve_depthwise_impl("native") == "native"
-    assert resolve_kernel_grad("xla") == "xla"
-    assert resolve_kernel_grad("auto") == "native"  # the compiler is there (tests/test_native.py checks)
-    with pytest.raises(ValueError, match="kernel_grad must be"):
-        resolve_kernel_grad("fast")
     with pytest.raises(ValueError, match="depthwise_impl must be"):
         resolve_depthwise_impl("cudnn")
     with pytest.raises(ValueError, match="depthwise_impl must be"):

@@ -1,6 +1,6 @@
-"""The compiled depthwise kernel gradient: torch's numbers at every kernel/padding/channel case, the same numbers
-sharded over devices (without gathering the activations), its build cache, and the fall-back when it cannot be
-built."""
+"""The compiled depthwise convolution and kernel gradient: torch's numbers at every kernel/padding/channel case, the
+same numbers sharded over devices (without gathering the activations), the build cache, and the fall-back when they
+cannot be built."""
 
 import logging
 import os
@@ -15,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from convnext_audio_jax import native
 from convnext_audio_jax.models import create_model, init_variables
-from convnext_audio_jax.models.layers import _depthwise_kernel_grad, resolve_kernel_grad
+from convnext_audio_jax.models.layers import _depthwise_kernel_grad, depthwise_conv, resolve_depthwise_impl
 
 if native.find_compiler() is None:
     pytest.skip("no C++ compiler on this machine ($CXX, c++, g++, clang++): the native kernel cannot be built",
@@ -30,9 +30,21 @@ CASES = [
     ((2, 9, 11, 5), (3, 3), ((1, 1), (1, 1))),
     ((2, 8, 10, 17), (4, 4), ((1, 2), (2, 1))),
     ((1, 9, 9, 16), (3, 3), ((0, 0), (0, 0))),
-    ((2, 6, 5, 16), (3, 3), ((3, 2), (4, 1))),
+    ((2, 6, 5, 16), (3, 3), ((3, 2), (4, 1))),  # the input gradient's padding is negative (a crop)
     ((1, 5, 4, 48), (7, 7), ((3, 3), (3, 3))),  # the image smaller than the kernel
 ]
+
+
+def torch_conv(x, kernel, bias, padding):
+    """torch's grouped Conv2d of NHWC ``x`` zero-padded by ``padding``, in float64, as NHWC."""
+    import torch
+    import torch.nn.functional as F
+    (top, bottom), (left, right) = padding
+    xt = F.pad(torch.from_numpy(np.asarray(x, np.float64)).permute(0, 3, 1, 2), (left, right, top, bottom))
+    weight = torch.from_numpy(np.asarray(kernel, np.float64)).permute(2, 0, 1)[:, None]
+    out = F.conv2d(xt, weight, None if bias is None else torch.from_numpy(np.asarray(bias, np.float64)),
+                   groups=x.shape[-1])
+    return out.permute(0, 2, 3, 1).numpy()
 
 
 def torch_kernel_grad(x, dy, kernel_size, padding):
@@ -63,6 +75,17 @@ def test_kernel_gradient_equals_torch(shape, kernel_size, padding):
     np.testing.assert_allclose(_depthwise_kernel_grad(x, dy, kernel_size, padding), expected, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize(("shape", "kernel_size", "padding"), CASES)
+def test_convolution_equals_torch(shape, kernel_size, padding):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(np.float32)
+    kernel = rng.standard_normal((*kernel_size, shape[-1])).astype(np.float32)
+    bias = rng.standard_normal(shape[-1]).astype(np.float32)
+    conv = jax.jit(native.depthwise_conv, static_argnums=2)
+    np.testing.assert_allclose(conv(x, kernel, padding, bias), torch_conv(x, kernel, bias, padding), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(conv(x, kernel, padding), torch_conv(x, kernel, None, padding), rtol=1e-5, atol=1e-5)
+
+
 def test_bfloat16_operands_are_summed_in_float32():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, 20, 12, 16)).astype(np.float32)
@@ -76,6 +99,8 @@ def test_bfloat16_operands_are_summed_in_float32():
 def test_a_wrong_shape_is_one_line_naming_the_shapes():
     with pytest.raises(ValueError, match=r"dy has shape \(2, 9, 9, 4\), expected \(2, 10, 10, 4\) for x \(2, 10, 10, 4\)"):
         native.depthwise_kernel_grad(jnp.zeros((2, 10, 10, 4)), jnp.zeros((2, 9, 9, 4)), (3, 3), ((1, 1), (1, 1)))
+    with pytest.raises(ValueError, match=r"x \(2, 10, 10, 4\), kernel \(3, 3, 5\) and bias None do not fit"):
+        native.depthwise_conv(jnp.zeros((2, 10, 10, 4)), jnp.zeros((3, 3, 5)), ((1, 1), (1, 1)))
 
 
 def test_under_a_mesh_each_device_sums_its_rows_and_nothing_is_gathered():
@@ -95,14 +120,27 @@ def test_under_a_mesh_each_device_sums_its_rows_and_nothing_is_gathered():
     np.testing.assert_allclose(ours, torch_kernel_grad(x, dy, (7, 7), padding), rtol=1e-5, atol=1e-4)
     compiled = step.lower(x, dy).compile().as_text()
     assert "all-gather" not in compiled and "all-reduce" in compiled
+    # The convolution: each device its own rows, no collective at all, the output still split by rows.
+    kernel = rng.standard_normal((7, 7, 32)).astype(np.float32)
+
+    def conv_under_mesh(x, kernel):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return native.depthwise_conv(x, kernel, padding)
+
+    conv = jax.jit(conv_under_mesh, in_shardings=(rows, None))
+    out = conv(x, kernel)
+    np.testing.assert_allclose(out, torch_conv(x, kernel, None, padding), rtol=1e-5, atol=1e-4)
+    assert out.sharding.spec == P("data")
+    compiled = conv.lower(x, kernel).compile().as_text()
+    assert not any(op in compiled for op in ("all-gather", "all-reduce", "all-to-all"))
     # Without the mesh as context XLA gathers the rows to every device first: the same numbers.
     gathered = jax.jit(lambda x, dy: native.depthwise_kernel_grad(x, dy, (7, 7), padding), in_shardings=(rows, rows))
     np.testing.assert_allclose(gathered(x, dy), ours, rtol=1e-6, atol=1e-5)
 
 
 def test_model_gradients_are_the_same_with_each_depthwise_variant():
-    """A small ConvNeXt's parameter gradients with the native kernel gradient, the XLA form, and XLA's grouped
-    convolution."""
+    """A small ConvNeXt's outputs and parameter gradients with the compiled kernels, the shifted multiply-add in XLA
+    ops, and XLA's grouped convolution."""
     tiny = dict(depths=(1, 1, 1, 1), dims=(16, 32, 48, 64), num_classes=5)
     waveform = (0.1 * np.random.default_rng(3).standard_normal((2, 16_000))).astype(np.float32)
     grads = {}
@@ -146,6 +184,8 @@ def test_the_library_is_built_once_and_then_loaded_from_the_cache(fresh_native):
     assert path.stat().st_mtime_ns == built
     x = np.ones((1, 4, 4, 16), np.float32)
     np.testing.assert_allclose(native.depthwise_kernel_grad(x, x, (3, 3), ((1, 1), (1, 1)))[1, 1], np.full(16, 16.0))
+    np.testing.assert_allclose(native.depthwise_conv(x, np.ones((3, 3, 16), np.float32), ((1, 1), (1, 1)))[0, 1, 1],
+                               np.full(16, 9.0))
 
 
 def test_the_cache_name_changes_with_the_source_and_the_cpu(fresh_native, monkeypatch):
@@ -160,7 +200,7 @@ def test_the_cache_name_changes_with_the_source_and_the_cpu(fresh_native, monkey
 
 @pytest.mark.parametrize(("env", "reason"), [
     ({"CONVNEXT_AUDIO_JAX_NATIVE": "0"}, "disabled by CONVNEXT_AUDIO_JAX_NATIVE=0"),
-    ({"CXX": "/bin/false"}, "building depthwise_kernel_grad.cc with '/bin/false' failed (exit 1)"),
+    ({"CXX": "/bin/false"}, "building depthwise.cc with '/bin/false' failed (exit 1)"),
     ({"CXX": "/nonexistent/c++"}, "the C++ compiler '/nonexistent/c++' does not run"),
 ])
 def test_without_the_kernel_auto_falls_back_to_xla_and_native_says_why(fresh_native, monkeypatch, caplog, env, reason):
@@ -168,16 +208,15 @@ def test_without_the_kernel_auto_falls_back_to_xla_and_native_says_why(fresh_nat
         monkeypatch.setenv(name, value)
     with caplog.at_level(logging.WARNING, logger="convnext_audio_jax.native"):
         assert not native.available()
-        assert resolve_kernel_grad("auto") == "xla"
+        assert resolve_depthwise_impl("auto") == "shift"
     assert [r.getMessage() for r in caplog.records if reason in r.getMessage()], caplog.text
     assert len(caplog.records) == 1  # said once
     with pytest.raises(native.NativeUnavailable, match=re.escape(reason)):
-        resolve_kernel_grad("native")
+        resolve_depthwise_impl("native")
     # Nothing was left in the cache folder by a failed build.
     assert not any(p.is_file() for p in fresh_native.rglob("*")) if fresh_native.exists() else True
     # The model still trains through the XLA form.
     x = jnp.ones((1, 6, 6, 3))
-    from convnext_audio_jax.models.layers import depthwise_conv
     grad = jax.grad(lambda k: jnp.sum(depthwise_conv(x, k, ((1, 1), (1, 1)), impl="auto")))(jnp.ones((3, 3, 3)))
     np.testing.assert_allclose(grad[1, 1], np.full(3, 36.0))
 

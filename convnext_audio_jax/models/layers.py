@@ -16,7 +16,6 @@ from convnext_audio_jax.frontend import FrontendConfig, log_mel_spectrogram
 
 Dtype = Any
 DepthwiseImpl = Literal["auto", "xla", "shift", "native", "platform"]
-KernelGrad = Literal["auto", "native", "xla"]
 
 # The reference initialises conv and dense weights with timm's trunc_normal_(std=0.02), whose
 # truncation bounds are ±2 in absolute value (100 std): effectively a plain normal.
@@ -128,33 +127,23 @@ class LayerNorm(nn.Module):
 
 
 def resolve_depthwise_impl(impl: DepthwiseImpl) -> str:
-    """The forward implementation: 'auto' picks the shifted multiply-add on CPU (XLA:CPU's grouped conv is ~10×
-    slower than torch there) and XLA's grouped convolution elsewhere (cuDNN / TPU handle it natively), by the
-    default backend at trace time. 'native' is the shifted multiply-add whose kernel gradient is the compiled CPU
-    kernel (:mod:`convnext_audio_jax.native`); 'shift' computes that gradient with XLA ops; 'auto' on CPU uses the
-    kernel where it can be built (:func:`resolve_kernel_grad`). 'platform' makes the forward choice at lowering
-    time (``lax.platform_dependent``), so one exported artifact lowered for several platforms carries both and
-    runs the right one where it is compiled."""
+    """'auto' picks, by the default backend at trace time, XLA's grouped convolution on GPU/TPU (cuDNN / TPU handle
+    it natively) and on CPU, where XLA's is ~10× slower than torch, the compiled kernels of
+    :mod:`convnext_audio_jax.native` ('native': forward, input and kernel gradients), or the shifted multiply-add in
+    XLA ops ('shift') where they cannot be built (logged once). 'native' asked for where it cannot run is an error.
+    'platform' makes the choice at lowering time (``lax.platform_dependent``: 'shift' on CPU, 'xla' elsewhere), so
+    one exported artifact lowered for several platforms carries both and runs the right one where it is compiled."""
     if impl == "auto":
-        return "shift" if jax.default_backend() == "cpu" else "xla"
-    if impl == "native" and jax.default_backend() != "cpu":
-        raise ValueError(f"depthwise_impl 'native' runs on the CPU only; the default backend is {jax.default_backend()!r}")
+        if jax.default_backend() != "cpu":
+            return "xla"
+        return "native" if native.available() else "shift"
     if impl not in ("xla", "shift", "native", "platform"):
         raise ValueError(f"depthwise_impl must be 'auto', 'xla', 'shift', 'native' or 'platform', got {impl!r}")
-    return impl
-
-
-def resolve_kernel_grad(kernel_grad: KernelGrad) -> str:
-    """The shifted convolution's kernel gradient: 'native' (the compiled kernel; an error where it cannot be
-    built), 'xla' (XLA ops), or 'auto': 'native' where it loads, else 'xla' (logged once). Resolved when the
-    gradient is traced, so a forward-only program never builds the kernel."""
-    if kernel_grad == "auto":
-        return "native" if native.available() else "xla"
-    if kernel_grad == "native":
+    if impl == "native":
+        if jax.default_backend() != "cpu":
+            raise ValueError(f"depthwise_impl 'native' runs on the CPU only; the default backend is {jax.default_backend()!r}")
         native.load()
-    elif kernel_grad != "xla":
-        raise ValueError(f"kernel_grad must be 'auto', 'native' or 'xla', got {kernel_grad!r}")
-    return kernel_grad
+    return impl
 
 
 def _shift_sum(xp: jax.Array, kernel: jax.Array, out_h: int, out_w: int, bias: jax.Array | None = None) -> jax.Array:
@@ -176,22 +165,22 @@ def _shift_sum(xp: jax.Array, kernel: jax.Array, out_h: int, out_w: int, bias: j
     return (acc.reshape(-1, channels) + terms[-1].reshape(-1, channels)).reshape(acc.shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 4))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def depthwise_conv_shift(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int], tuple[int, int]],
-                         bias: jax.Array | None = None, kernel_grad: KernelGrad = "auto"):
+                         bias: jax.Array | None = None):
     """Stride-1 depthwise convolution (cross-correlation, as torch and lax) of NHWC ``x`` with a
     (kh, kw, C) kernel and an optional (C,) bias, written as kh·kw shifted multiply-adds that XLA fuses into
     one loop.
 
     The custom VJP keeps the backward pass just as cheap: the input gradient is the same
-    shift-sum of the output gradient with the flipped kernel, the kernel gradient the compiled CPU kernel
-    (``kernel_grad``, :func:`resolve_kernel_grad`) or :func:`_depthwise_kernel_grad` (channel-batched products),
-    the bias gradient a :func:`channel_sum`; autodiff would instead emit one pad/slice gradient per tap.
+    shift-sum of the output gradient with the flipped kernel, the kernel gradient
+    :func:`_depthwise_kernel_grad` (channel-batched products), the bias gradient a :func:`channel_sum`;
+    autodiff would instead emit one pad/slice gradient per tap.
     """
-    return _depthwise_shift_fwd(x, kernel, padding, bias, kernel_grad)[0]
+    return _depthwise_shift_fwd(x, kernel, padding, bias)[0]
 
 
-def _depthwise_shift_fwd(x, kernel, padding, bias, kernel_grad):
+def _depthwise_shift_fwd(x, kernel, padding, bias):
     kh, kw = kernel.shape[:2]
     xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
     out_h = xp.shape[1] - kh + 1
@@ -200,18 +189,19 @@ def _depthwise_shift_fwd(x, kernel, padding, bias, kernel_grad):
     return y, (x, kernel, bias)
 
 
-def _depthwise_shift_bwd(padding, kernel_grad, residuals, dy):
+def _input_grad_padding(kernel_size, padding):
+    """The padding of the output gradient whose correlation with the flipped kernel is the input gradient."""
+    (kh, kw), ((pt, pb), (pl, pr)) = kernel_size, padding
+    return (kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)
+
+
+def _depthwise_shift_bwd(padding, residuals, dy):
     x, kernel, bias = residuals
-    kh, kw = kernel.shape[:2]
-    (pt, pb), (pl, pr) = padding
     h, w = x.shape[1], x.shape[2]
     # Input gradient: a full correlation of dy with the flipped kernel, cropped to x's extent.
-    dyp = jnp.pad(dy, ((0, 0), (kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr), (0, 0)))
+    dyp = jnp.pad(dy, ((0, 0), *_input_grad_padding(kernel.shape[:2], padding), (0, 0)))
     dx = _shift_sum(dyp, kernel[::-1, ::-1], h, w).astype(x.dtype)
-    if resolve_kernel_grad(kernel_grad) == "native":
-        dkernel = native.depthwise_kernel_grad(x, dy, kernel.shape[:2], padding).astype(kernel.dtype)
-    else:
-        dkernel = _depthwise_kernel_grad(x, dy, kernel.shape[:2], padding).astype(kernel.dtype)
+    dkernel = _depthwise_kernel_grad(x, dy, kernel.shape[:2], padding).astype(kernel.dtype)
     dbias = None if bias is None else channel_sum(dy).astype(bias.dtype)
     return dx, dkernel, dbias
 
@@ -257,6 +247,30 @@ def _depthwise_kernel_grad(x, dy, kernel_size, padding) -> jax.Array:
 depthwise_conv_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def depthwise_conv_native(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int], tuple[int, int]],
+                          bias: jax.Array | None = None):
+    """The same convolution by the compiled CPU kernels (:mod:`convnext_audio_jax.native`): the forward, the input
+    gradient (the forward of the output gradient with the flipped kernel) and the kernel gradient, in float32."""
+    return _depthwise_native_fwd(x, kernel, padding, bias)[0]
+
+
+def _depthwise_native_fwd(x, kernel, padding, bias):
+    return native.depthwise_conv(x, kernel, padding, bias).astype(x.dtype), (x, kernel, bias)
+
+
+def _depthwise_native_bwd(padding, residuals, dy):
+    x, kernel, bias = residuals
+    kernel_size = kernel.shape[:2]
+    dx = native.depthwise_conv(dy, kernel[::-1, ::-1], _input_grad_padding(kernel_size, padding)).astype(x.dtype)
+    dkernel = native.depthwise_kernel_grad(x, dy, kernel_size, padding).astype(kernel.dtype)
+    dbias = None if bias is None else channel_sum(dy).astype(bias.dtype)
+    return dx, dkernel, dbias
+
+
+depthwise_conv_native.defvjp(_depthwise_native_fwd, _depthwise_native_bwd)
+
+
 def depthwise_conv_xla(x: jax.Array, kernel: jax.Array, padding, bias: jax.Array | None = None) -> jax.Array:
     """The same convolution as XLA's grouped convolution (``feature_group_count = C``)."""
     channels = kernel.shape[-1]
@@ -279,11 +293,12 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, padding, impl: DepthwiseImpl
     resolved = resolve_depthwise_impl(impl)
     if resolved == "platform":
         return jax.lax.platform_dependent(
-            x, kernel, bias, cpu=lambda x, k, b: depthwise_conv_shift(x, k, padding, b, "auto"),
+            x, kernel, bias, cpu=lambda x, k, b: depthwise_conv_shift(x, k, padding, b),
             default=lambda x, k, b: depthwise_conv_xla(x, k, padding, b))
-    if resolved in ("shift", "native"):
-        kernel_grad = {"shift": "xla", "native": "native"}[impl] if impl != "auto" else "auto"
-        return depthwise_conv_shift(x, kernel, padding, bias, kernel_grad)
+    if resolved == "native":
+        return depthwise_conv_native(x, kernel, padding, bias)
+    if resolved == "shift":
+        return depthwise_conv_shift(x, kernel, padding, bias)
     return depthwise_conv_xla(x, kernel, padding, bias)
 
 

@@ -1,7 +1,7 @@
-"""Compiled CPU kernels, called from XLA through its FFI: today the kernel gradient of the depthwise convolution.
+"""Compiled CPU kernels, called from XLA through its FFI: the depthwise convolution and its kernel gradient.
 
-Written with XLA ops, that gradient is a third of a ConvNeXt training step on XLA:CPU (docs/benchmarks.md); the
-C++ kernel in ``depthwise_kernel_grad.cc`` computes the same sums 6–13× faster. It is compiled on first use
+Written with XLA ops, the kernel gradient was a third of a ConvNeXt training step on XLA:CPU (docs/benchmarks.md);
+the C++ kernels in ``depthwise.cc`` compute the same sums several times faster. They are compiled on first use
 with the machine's C++ compiler (``$CXX``, else ``c++``, ``g++`` or ``clang++``) for this CPU
 (``-march=native``) against the FFI headers jaxlib ships, and the library is kept in a cache folder
 (``$CONVNEXT_AUDIO_JAX_CACHE``, else ``$XDG_CACHE_HOME/convnext_audio_jax``, else
@@ -35,8 +35,11 @@ from convnext_audio_jax import xla
 
 logger = logging.getLogger(__name__)
 
-SOURCE = "depthwise_kernel_grad.cc"
-TARGET = "convnext_audio_jax_depthwise_kernel_grad"
+SOURCE = "depthwise.cc"
+CONV_TARGET = "convnext_audio_jax_depthwise_conv"
+KERNEL_GRAD_TARGET = "convnext_audio_jax_depthwise_kernel_grad"
+# FFI target name -> the handler's symbol in the library.
+HANDLERS = {CONV_TARGET: "DepthwiseConv", KERNEL_GRAD_TARGET: "DepthwiseKernelGrad"}
 CXX_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-Wno-psabi")
 BUILD_TIMEOUT_S = 600
 
@@ -74,7 +77,7 @@ def library_path(compiler: str) -> pathlib.Path:
     for part in (_source(), importlib.metadata.version("jaxlib").encode(), version.encode(), " ".join(CXX_FLAGS).encode(),
                  platform.machine().encode(), " ".join(sorted(xla.cpu_flags())).encode()):
         key.update(part + b"\0")
-    return cache_dir() / "native" / f"depthwise_kernel_grad-{key.hexdigest()[:16]}.so"
+    return cache_dir() / "native" / f"depthwise-{key.hexdigest()[:16]}.so"
 
 
 def build(compiler: str, destination: pathlib.Path) -> None:
@@ -118,15 +121,16 @@ def load() -> None:
                 raise NativeUnavailable("no C++ compiler found ($CXX, c++, g++, clang++)")
             path = library_path(compiler)
             if not path.exists():
-                logger.info("building the native depthwise kernel gradient into %s", path)
+                logger.info("building the native depthwise convolution kernels into %s", path)
                 build(compiler, path)
             try:
                 library = ctypes.cdll.LoadLibrary(str(path))
-                handler = library.DepthwiseKernelGrad
+                handlers = {target: getattr(library, symbol) for target, symbol in HANDLERS.items()}
             except (OSError, AttributeError) as error:
                 raise NativeUnavailable(f"cannot load {path}: {error}") from None
             if not _registered:  # XLA keeps one handler per name for the life of the process
-                jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
+                for target, handler in handlers.items():
+                    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
                 _registered.append(library)
             _state["library"] = library
         except NativeUnavailable as error:
@@ -146,13 +150,52 @@ def available() -> bool:
 
 @functools.cache
 def _log_unavailable(reason: str) -> None:
-    logger.warning("native depthwise kernel gradient unavailable (%s): training uses the XLA form, several times "
-                   "slower on the CPU", reason)
+    logger.warning("native depthwise convolution unavailable (%s): the models use the XLA form, several times "
+                   "slower to train on the CPU", reason)
 
 
-def _call(x: jax.Array, dy: jax.Array, kernel_size: tuple[int, int], pad_top: int, pad_left: int) -> jax.Array:
-    return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((*kernel_size, x.shape[-1]), jnp.float32),
-                            vmap_method="sequential")(x, dy, pad_top=np.int64(pad_top), pad_left=np.int64(pad_left))
+def _batch_split_mesh(batch: int):
+    """The mesh set for tracing when the batch splits evenly over all of it, else None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or batch % mesh.size:
+        return None
+    return mesh
+
+
+def _output_size(size: int, pads: tuple[int, int], kernel: int) -> int:
+    return size + pads[0] + pads[1] - kernel + 1
+
+
+def depthwise_conv(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int], tuple[int, int]],
+                   bias: jax.Array | None = None) -> jax.Array:
+    """y[b, h, w, c] = bias[c] + Σ_{i,j} xpad[b, h+i, w+j, c] · kernel[i, j, c]: the stride-1 depthwise correlation
+    of NHWC ``x`` zero-padded by ``padding`` (a negative pad crops) with a (kh, kw, C) kernel, in float32.
+
+    Under a mesh set for tracing (``jax.sharding.use_abstract_mesh``) each device convolves its own rows;
+    otherwise XLA gathers a sharded ``x`` to each device before the call."""
+    load()
+    if x.ndim != 4 or kernel.ndim != 3 or kernel.shape[-1] != x.shape[-1] or (bias is not None and bias.shape != (x.shape[-1],)):
+        raise ValueError(f"depthwise convolution: x {tuple(x.shape)}, kernel {tuple(kernel.shape)} and bias "
+                         f"{None if bias is None else tuple(bias.shape)} do not fit: expected (B, H, W, C), "
+                         "(kh, kw, C) and (C,)")
+    (pad_top, pad_bottom), (pad_left, pad_right) = padding
+    kh, kw = kernel.shape[:2]
+    channels = x.shape[-1]
+
+    def call(x, kernel, bias):
+        out = jax.ShapeDtypeStruct((x.shape[0], _output_size(x.shape[1], padding[0], kh),
+                                    _output_size(x.shape[2], padding[1], kw), channels), jnp.float32)
+        return jax.ffi.ffi_call(CONV_TARGET, out, vmap_method="sequential")(
+            x, kernel, bias, pad_top=np.int64(pad_top), pad_left=np.int64(pad_left), use_bias=use_bias)
+
+    use_bias = bias is not None
+    x, kernel = x.astype(jnp.float32), kernel.astype(jnp.float32)
+    bias = bias.astype(jnp.float32) if use_bias else jnp.zeros((channels,), jnp.float32)
+    mesh = _batch_split_mesh(x.shape[0])
+    if mesh is None:
+        return call(x, kernel, bias)
+    rows, whole = PartitionSpec(mesh.axis_names), PartitionSpec()
+    return jax.shard_map(call, mesh=mesh, in_specs=(rows, whole, whole), out_specs=rows, check_vma=False)(x, kernel, bias)
 
 
 def depthwise_kernel_grad(x: jax.Array, dy: jax.Array, kernel_size: tuple[int, int],
@@ -166,18 +209,23 @@ def depthwise_kernel_grad(x: jax.Array, dy: jax.Array, kernel_size: tuple[int, i
     load()
     (pad_top, pad_bottom), (pad_left, pad_right) = padding
     kh, kw = kernel_size
-    expected = (x.shape[0], x.shape[1] + pad_top + pad_bottom - kh + 1, x.shape[2] + pad_left + pad_right - kw + 1,
-                x.shape[3])
+    expected = (x.shape[0], _output_size(x.shape[1], padding[0], kh), _output_size(x.shape[2], padding[1], kw),
+                x.shape[3]) if x.ndim == 4 else None
     if x.ndim != 4 or tuple(dy.shape) != expected:
         raise ValueError(f"depthwise kernel gradient: dy has shape {tuple(dy.shape)}, expected {expected} for x "
                          f"{tuple(x.shape)}, kernel {kernel_size} and padding {padding}")
+
+    def call(x, dy):
+        return jax.ffi.ffi_call(KERNEL_GRAD_TARGET, jax.ShapeDtypeStruct((kh, kw, x.shape[-1]), jnp.float32),
+                                vmap_method="sequential")(x, dy, pad_top=np.int64(pad_top), pad_left=np.int64(pad_left))
+
     x, dy = x.astype(jnp.float32), dy.astype(jnp.float32)
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1 or x.shape[0] % mesh.size:
-        return _call(x, dy, kernel_size, pad_top, pad_left)
+    mesh = _batch_split_mesh(x.shape[0])
+    if mesh is None:
+        return call(x, dy)
     rows = PartitionSpec(mesh.axis_names)
 
     def local(x, dy):
-        return jax.lax.psum(_call(x, dy, kernel_size, pad_top, pad_left), mesh.axis_names)
+        return jax.lax.psum(call(x, dy), mesh.axis_names)
 
     return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows), out_specs=PartitionSpec(), check_vma=False)(x, dy)
