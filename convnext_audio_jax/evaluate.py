@@ -80,7 +80,7 @@ class Scorer:
                 waveforms = waveforms.astype(np.float32) / audio.INT16_SCALE
             return model.apply(variables, waveforms, train=False)["probs"]
 
-        self._score = xla.jit(score, in_shardings=(replicated, sharded), out_shardings=sharded)
+        self._score = xla.jit(score, mesh=mesh, in_shardings=(replicated, sharded), out_shardings=sharded)
 
     def __call__(self, variables, waveforms: jax.Array) -> jax.Array:
         return self._score(variables, waveforms)

@@ -60,7 +60,7 @@ class ShardedForward:
         def forward(variables, waveforms):
             return select(variables, model.apply(variables, waveforms, train=False))
 
-        self._forward = xla.jit(forward, in_shardings=(replicated, self._batch_sharding),
+        self._forward = xla.jit(forward, mesh=mesh, in_shardings=(replicated, self._batch_sharding),
                                 out_shardings=self._batch_sharding)
 
     def __call__(self, waveforms: np.ndarray) -> dict[str, np.ndarray]:

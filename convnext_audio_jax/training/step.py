@@ -157,14 +157,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment:
             updated = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, previous)
         return state.replace(step=state.step + 1, **updated), {**metrics, "grad_norm": grad_norm}
 
-    def step_under_mesh(state: TrainState, batch: dict):
-        # Traced with the mesh as context, so layers that shard by hand (the native depthwise kernel gradient)
-        # split the batch over it rather than have XLA gather their operands.
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return step(state, batch)
-
     batch_sharding = NamedSharding(mesh, P("data"))
-    return xla.jit(step_under_mesh, in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
+    return xla.jit(step, mesh=mesh, in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
                    donate_argnums=(0,))
 
 
