@@ -18,7 +18,7 @@ from convnext_audio_jax.models import create_model, init_variables
 from convnext_audio_jax.models.layers import _depthwise_kernel_grad, depthwise_conv, resolve_depthwise_impl
 
 if native.find_compiler() is None:
-    pytest.skip("no C++ compiler on this machine ($CXX, c++, g++, clang++): the native kernel cannot be built",
+    pytest.skip("no C++ compiler on this machine ($CXX, c++, g++, clang++): the native kernels cannot be built",
                 allow_module_level=True)
 
 CASES = [
