@@ -202,6 +202,7 @@ def test_the_cache_name_changes_with_the_source_and_the_cpu(fresh_native, monkey
     ({"CONVNEXT_AUDIO_JAX_NATIVE": "0"}, "disabled by CONVNEXT_AUDIO_JAX_NATIVE=0"),
     ({"CXX": "/bin/false"}, "building depthwise.cc with '/bin/false' failed (exit 1)"),
     ({"CXX": "/nonexistent/c++"}, "the C++ compiler '/nonexistent/c++' does not run"),
+    ({"CONVNEXT_AUDIO_JAX_CACHE": "/proc/convnext-audio-jax-cache"}, "cannot build into /proc/convnext-audio-jax-cache/native"),
 ])
 def test_without_the_kernel_auto_falls_back_to_xla_and_native_says_why(fresh_native, monkeypatch, caplog, env, reason):
     for name, value in env.items():

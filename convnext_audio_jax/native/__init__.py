@@ -123,7 +123,11 @@ def load() -> None:
             path = library_path(compiler)
             if not path.exists():
                 logger.info("building the native depthwise convolution kernels into %s", path)
-                build(compiler, path)
+                try:
+                    build(compiler, path)
+                except OSError as error:  # the cache folder cannot be created or written
+                    raise NativeUnavailable(f"cannot build into {path.parent} ({error}); set "
+                                            "CONVNEXT_AUDIO_JAX_CACHE to a writable folder") from None
             try:
                 library = ctypes.cdll.LoadLibrary(str(path))
                 handlers = {target: getattr(library, symbol) for target, symbol in HANDLERS.items()}
