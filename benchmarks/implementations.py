@@ -21,7 +21,7 @@ import numpy as np
 from benchmarks.common import RssPeak, timed_runs
 from convnext_audio_jax import xla
 from convnext_audio_jax.frontend import log_mel_spectrogram
-from convnext_audio_jax.models import count_params, create_model
+from convnext_audio_jax.models import count_params, create_model, with_xla_ops
 
 # Audax's AudioSet setting (its configs): 16 kHz, n_fft 1024, window 400, hop 160, 64 mels in 60–7800 Hz.
 AUDAX_AUDIO = {"sample_rate": 16_000, "n_fft": 1024, "win_length": 400, "hop_length": 160, "n_mels": 64,
@@ -78,13 +78,15 @@ def error_summary(error: BaseException) -> str:
 # ----------------------------------------------------------------------------- JAX (ours, Audax)
 
 
-def measure_jax(forward: Callable, args: tuple, batch: int, repeats: int) -> tuple[dict, np.ndarray]:
+def measure_jax(forward: Callable, args: tuple, batch: int, repeats: int,
+                counted: Callable | None = None) -> tuple[dict, np.ndarray]:
     """Lowers, cost-analyses, compiles and times ``forward(*args)``; returns the row figures and its output.
+    FLOPs are counted on ``counted`` (the same function in XLA's own ops) where given.
 
     Ours and Audax are compiled alike, with the project's XLA options (``convnext_audio_jax.xla``), so the
     ratio between them measures the implementations, not the compiler settings."""
     lowered = xla.jit(forward).lower(*args)
-    flops = (lowered.cost_analysis() or {}).get("flops")
+    flops = ((xla.jit(counted).lower(*args) if counted else lowered).cost_analysis() or {}).get("flops")
     start = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
@@ -109,7 +111,9 @@ def jax_dtype(name: str):
 
 def ours_row(case: Case, dtype: str, variables: dict, waveform: np.ndarray, repeats: int) -> tuple[dict, np.ndarray]:
     model = create_model(case.model, dtype=jax_dtype(dtype), **case.config)
-    row, probs = measure_jax(lambda v, x: model.apply(v, x)["probs"], (variables, jnp.asarray(waveform)), len(waveform), repeats)
+    counted = with_xla_ops(model)
+    row, probs = measure_jax(lambda v, x: model.apply(v, x)["probs"], (variables, jnp.asarray(waveform)), len(waveform),
+                             repeats, counted=lambda v, x: counted.apply(v, x)["probs"])
     return {"implementation": "ours", "params": count_params(variables["params"]), **row}, probs
 
 

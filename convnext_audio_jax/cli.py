@@ -16,7 +16,7 @@ def _models_table(args: argparse.Namespace) -> int:
         return 0
     import jax
 
-    from convnext_audio_jax.models import count_params, create_model, example_input, get_spec, init_variables, list_models
+    from convnext_audio_jax.models import count_params, create_model, example_input, get_spec, init_variables, list_models, with_xla_ops
 
     names = args.names or list_models()
     rows = []
@@ -34,8 +34,7 @@ def _models_table(args: argparse.Namespace) -> int:
             input_desc = "224×224 RGB"
         flops = None
         if not args.no_flops:
-            # XLA's grouped convolution: its cost analysis counts what a native kernel's custom call would hide.
-            counted = model.clone(depthwise_impl="xla") if hasattr(model, "depthwise_impl") else model
+            counted = with_xla_ops(model)
             lowered = jax.jit(lambda v, w, m=counted: m.apply(v, w)["logits"]).lower(variables, x)
             flops = (lowered.cost_analysis() or {}).get("flops")
         rows.append((name, f"{params:,}", input_desc, "-" if flops is None else f"{flops / 1e9:.1f}", spec.description))

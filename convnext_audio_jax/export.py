@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from convnext_audio_jax.models import with_xla_ops
+
 FORMATS = ("stablehlo", "onnx")
 PLATFORMS = ("cpu", "cuda")
 INPUT_NAME = "waveform"
@@ -57,11 +59,11 @@ def output_names(model: nn.Module) -> tuple[str, ...]:
 
 def export_model_for(model: nn.Module, fmt: str) -> nn.Module:
     """The model as it is traced for ``fmt``: per-platform depthwise for StableHLO; the matmul STFT and XLA's
-    grouped depthwise convolution for ONNX."""
+    grouped depthwise convolution for ONNX; XLA's dot for Dense layers in both."""
     if fmt == "stablehlo":
-        return model.clone(depthwise_impl="platform")
+        return with_xla_ops(model).clone(depthwise_impl="platform")
     if fmt == "onnx":
-        return model.clone(depthwise_impl="xla", frontend=dataclasses.replace(model.frontend, stft="matmul"))
+        return with_xla_ops(model).clone(frontend=dataclasses.replace(model.frontend, stft="matmul"))
     raise ExportError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 

@@ -34,7 +34,8 @@ from convnext_audio_jax import windowing
 from convnext_audio_jax.data import audio as audio_lib
 from convnext_audio_jax.forward import ShardedForward
 from convnext_audio_jax.models.convnext import LN_EPS, STEM_VARIANTS, AudioConvNeXt
-from convnext_audio_jax.models.layers import Dense, LayerNorm
+from convnext_audio_jax.models.dense import Dense
+from convnext_audio_jax.models.layers import LayerNorm
 
 DEFAULT_HOP_SECONDS = 5.0
 AGGREGATIONS = ("max", "mean")
@@ -73,7 +74,7 @@ def frame_logits(model: AudioConvNeXt, params: Mapping[str, Any], sequence: jax.
     """(B, T, C) per-step logits: the clip head applied to each step s_t as if the window were constant,
     Dense(LayerNorm(2·s_t)) (the head's input is max_t + mean_t)."""
     norm = LayerNorm(epsilon=LN_EPS, dtype=model.dtype)
-    dense = Dense(model.num_classes, dtype=model.dtype)
+    dense = Dense(model.num_classes, dtype=model.dtype, impl=model.matmul_impl)
     normalised = norm.apply({"params": params["head_norm"]}, 2.0 * sequence)
     return dense.apply({"params": params["head"]}, normalised).astype(jnp.float32)
 

@@ -184,35 +184,30 @@ def test_patch_conv_equals_strided_convolution(kernel, stride, padding, shape):
 
 
 @pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
-def test_dense_and_layer_norm_equal_flax_values_and_gradients(dtype):
-    """Our Dense and LayerNorm (2-D product, statistics as products, parameter gradients as channel sums) against
-    flax's modules on a 4-D activation: the same parameters; Dense outputs bit-identical, LayerNorm outputs and
-    all gradients equal within float32 summation order (bfloat16: our statistics and bias gradients are summed in
-    float32, flax's bias gradient in bfloat16; a LayerNorm output may then round to the neighbouring bfloat16)."""
+def test_layer_norm_equals_flax_values_and_gradients(dtype):
+    """Our LayerNorm (statistics as products, parameter gradients as channel sums) against flax's on a 4-D
+    activation: the same parameters; outputs and all gradients equal within float32 summation order (bfloat16: our
+    statistics and bias gradients are summed in float32, flax's bias gradient in bfloat16; an output may then round
+    to the neighbouring bfloat16). Dense: tests/test_dense.py."""
     import flax.linen as nn
 
-    from convnext_audio_jax.models.layers import Dense, LayerNorm
+    from convnext_audio_jax.models.layers import LayerNorm
 
     x = jax.random.normal(jax.random.key(0), (2, 9, 7, 16))
-    pairs = [(Dense(24, dtype=dtype), nn.Dense(24, dtype=dtype)),
-             (LayerNorm(1e-6, dtype=dtype), nn.LayerNorm(1e-6, use_fast_variance=False, dtype=dtype))]
-    for ours, reference in pairs:
-        variables = reference.init(jax.random.key(1), x)
-        assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, variables)
-        variables = jax.tree.map(lambda v: v + jax.random.normal(jax.random.key(2), v.shape), variables)
-        got, expected = ours.apply(variables, x), reference.apply(variables, x)
-        assert got.dtype == expected.dtype
-        if isinstance(ours, Dense):
-            np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(expected, np.float32))
-        else:
-            np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32),
-                                       rtol=1e-5 if dtype is None else 1e-2, atol=1e-5 if dtype is None else 1e-2)
-        grads = [jax.grad(lambda v, x, m=m: (m.apply(v, x).astype(jnp.float32) ** 2).sum(), argnums=(0, 1))(variables, x)
-                 for m in (ours, reference)]
-        tolerance = 1e-5 if dtype is None else 2e-2
-        for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
-            a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-            np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance * np.abs(b).max())
+    ours, reference = LayerNorm(1e-6, dtype=dtype), nn.LayerNorm(1e-6, use_fast_variance=False, dtype=dtype)
+    variables = reference.init(jax.random.key(1), x)
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, variables)
+    variables = jax.tree.map(lambda v: v + jax.random.normal(jax.random.key(2), v.shape), variables)
+    got, expected = ours.apply(variables, x), reference.apply(variables, x)
+    assert got.dtype == expected.dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32),
+                               rtol=1e-5 if dtype is None else 1e-2, atol=1e-5 if dtype is None else 1e-2)
+    grads = [jax.grad(lambda v, x, m=m: (m.apply(v, x).astype(jnp.float32) ** 2).sum(), argnums=(0, 1))(variables, x)
+             for m in (ours, reference)]
+    tolerance = 1e-5 if dtype is None else 2e-2
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance * np.abs(b).max())
 
 
 def test_channel_mean_and_its_gradient_equal_float64():

@@ -194,13 +194,13 @@ def test_the_cache_name_changes_with_the_source_and_the_cpu(fresh_native, monkey
     monkeypatch.setattr(native.xla, "cpu_flags", lambda: frozenset({"avx2", "made_up_flag"}))
     assert native.library_path(compiler) != path
     monkeypatch.undo()
-    monkeypatch.setattr(native, "_source", lambda: b"// another version\n")
+    monkeypatch.setattr(native, "_sources", lambda: {"depthwise.cc": b"// another version\n"})
     assert native.library_path(compiler) != path
 
 
 @pytest.mark.parametrize(("env", "reason"), [
     ({"CONVNEXT_AUDIO_JAX_NATIVE": "0"}, "disabled by CONVNEXT_AUDIO_JAX_NATIVE=0"),
-    ({"CXX": "/bin/false"}, "building depthwise.cc with '/bin/false' failed (exit 1)"),
+    ({"CXX": "/bin/false"}, "building depthwise.cc, matmul.cc with '/bin/false' failed (exit 1)"),
     ({"CXX": "/nonexistent/c++"}, "the C++ compiler '/nonexistent/c++' does not run"),
     ({"CONVNEXT_AUDIO_JAX_CACHE": "/proc/convnext-audio-jax-cache"}, "cannot build into /proc/convnext-audio-jax-cache/native"),
 ])
@@ -223,7 +223,8 @@ def test_without_the_kernel_auto_falls_back_to_xla_and_native_says_why(fresh_nat
 
 
 def test_the_source_ships_with_the_package():
-    """pyproject's package data lists the C++ file (a wheel without it could not build the kernel)."""
+    """pyproject's package data lists the C++ files (a wheel without them could not build the kernels)."""
     pyproject = (pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
-    assert '"convnext_audio_jax.native" = ["*.cc"]' in pyproject
-    assert os.path.exists(pathlib.Path(native.__file__).with_name(native.SOURCE))
+    assert '"convnext_audio_jax.native" = ["*.cc", "*.h"]' in pyproject
+    for name in (*native.SOURCES, *native.HEADERS):
+        assert os.path.exists(pathlib.Path(native.__file__).with_name(name)), name

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from convnext_audio_jax.frontend import FrontendConfig
+from convnext_audio_jax.models.dense import Dense, MatmulImpl
 from convnext_audio_jax.models.layers import (
-    Dense,
     DepthwiseConv,
     DepthwiseImpl,
     DropPath,
@@ -52,8 +52,8 @@ def _layer_norm(dtype, param_dtype, name):
     return LayerNorm(epsilon=LN_EPS, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
-def _dense(features, dtype, param_dtype, name):
-    return Dense(features, dtype=dtype, param_dtype=param_dtype, name=name)
+def _dense(features, dtype, param_dtype, name, impl: MatmulImpl = "auto"):
+    return Dense(features, dtype=dtype, param_dtype=param_dtype, impl=impl, name=name)
 
 
 class ConvNeXtBlock(nn.Module):
@@ -62,6 +62,7 @@ class ConvNeXtBlock(nn.Module):
     drop_path_rate: float = 0.0
     layer_scale_init: float = 1e-6
     depthwise_impl: DepthwiseImpl = "auto"
+    matmul_impl: MatmulImpl = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -70,9 +71,9 @@ class ConvNeXtBlock(nn.Module):
         channels = x.shape[-1]
         y = DepthwiseConv((7, 7), impl=self.depthwise_impl, dtype=self.dtype, param_dtype=self.param_dtype, name="dwconv")(x)
         y = _layer_norm(self.dtype, self.param_dtype, "norm")(y)
-        y = _dense(4 * channels, self.dtype, self.param_dtype, "pwconv1")(y)
+        y = _dense(4 * channels, self.dtype, self.param_dtype, "pwconv1", self.matmul_impl)(y)
         y = gelu(y)
-        y = _dense(channels, self.dtype, self.param_dtype, "pwconv2")(y)
+        y = _dense(channels, self.dtype, self.param_dtype, "pwconv2", self.matmul_impl)(y)
         if self.layer_scale_init > 0:
             gamma = self.param("gamma", nn.initializers.constant(self.layer_scale_init), (channels,), self.param_dtype)
             y = y * broadcast_channels(gamma.astype(y.dtype), y.shape)
@@ -91,6 +92,7 @@ class ConvNeXtTrunk(nn.Module):
     drop_path_rate: float = 0.0
     layer_scale_init: float = 1e-6
     depthwise_impl: DepthwiseImpl = "auto"
+    matmul_impl: MatmulImpl = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -121,6 +123,7 @@ class ConvNeXtTrunk(nn.Module):
                     drop_path_rate=rates[block_index],
                     layer_scale_init=self.layer_scale_init,
                     depthwise_impl=self.depthwise_impl,
+                    matmul_impl=self.matmul_impl,
                     dtype=self.dtype,
                     param_dtype=self.param_dtype,
                     name=f"stage{stage}_block{block}",
@@ -146,6 +149,7 @@ class AudioConvNeXt(nn.Module):
     layer_scale_init: float = 1e-6
     frontend: FrontendConfig = FrontendConfig(n_mels=224)
     depthwise_impl: DepthwiseImpl = "auto"
+    matmul_impl: MatmulImpl = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -164,6 +168,7 @@ class AudioConvNeXt(nn.Module):
             drop_path_rate=self.drop_path_rate,
             layer_scale_init=self.layer_scale_init,
             depthwise_impl=self.depthwise_impl,
+            matmul_impl=self.matmul_impl,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="trunk",
@@ -171,7 +176,7 @@ class AudioConvNeXt(nn.Module):
         sequence = jnp.mean(frames, axis=2)
         pooled = jnp.max(sequence, axis=1) + jnp.mean(sequence, axis=1)
         scene = _layer_norm(self.dtype, self.param_dtype, "head_norm")(pooled)
-        logits = _dense(self.num_classes, self.dtype, self.param_dtype, "head")(scene).astype(jnp.float32)
+        logits = _dense(self.num_classes, self.dtype, self.param_dtype, "head", self.matmul_impl)(scene).astype(jnp.float32)
         return {
             "logits": logits,
             "probs": jax.nn.sigmoid(logits),
@@ -191,6 +196,7 @@ class ImageNetConvNeXt(nn.Module):
     drop_path_rate: float = 0.0
     layer_scale_init: float = 1e-6
     depthwise_impl: DepthwiseImpl = "auto"
+    matmul_impl: MatmulImpl = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -204,10 +210,11 @@ class ImageNetConvNeXt(nn.Module):
             drop_path_rate=self.drop_path_rate,
             layer_scale_init=self.layer_scale_init,
             depthwise_impl=self.depthwise_impl,
+            matmul_impl=self.matmul_impl,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="trunk",
         )(images.astype(self.dtype or jnp.float32), train)
         pooled = _layer_norm(self.dtype, self.param_dtype, "head_norm")(jnp.mean(features, axis=(1, 2)))
-        logits = _dense(self.num_classes, self.dtype, self.param_dtype, "head")(pooled).astype(jnp.float32)
+        logits = _dense(self.num_classes, self.dtype, self.param_dtype, "head", self.matmul_impl)(pooled).astype(jnp.float32)
         return {"logits": logits, "probs": jax.nn.softmax(logits), "scene_embedding": pooled.astype(jnp.float32)}

@@ -1,5 +1,5 @@
-"""Layers shared by the models: depthwise convolution (fast on every backend), Dense and LayerNorm whose
-parameter gradients are matrix-vector products, drop path, init."""
+"""Layers shared by the models: depthwise convolution (fast on every backend), LayerNorm whose parameter
+gradients are matrix-vector products, drop path, init (Dense: :mod:`convnext_audio_jax.models.dense`)."""
 
 from __future__ import annotations
 
@@ -81,27 +81,6 @@ def _broadcast_channels_bwd(shape, _, g):
 
 
 broadcast_channels.defvjp(_broadcast_channels_fwd, _broadcast_channels_bwd)
-
-
-class Dense(nn.Module):
-    """``nn.Dense`` (same parameters, initialisers and dtype rules) with its bias gradient by
-    :func:`channel_sum`."""
-
-    features: int
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    kernel_init: Any = default_kernel_init
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-        dtype = self.dtype or jnp.result_type(x, kernel, bias)
-        # As a 2-D product: for a 4-D activation, autodiff's kernel gradient contracts three axes, and
-        # XLA:CPU then writes the output gradient transposed (channel-major) before the dot.
-        flat = x.reshape(-1, x.shape[-1]).astype(dtype)
-        y = jnp.dot(flat, kernel.astype(dtype)).reshape(*x.shape[:-1], self.features)
-        return y + broadcast_channels(bias.astype(dtype), y.shape)
 
 
 class LayerNorm(nn.Module):

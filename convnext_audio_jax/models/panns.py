@@ -34,6 +34,7 @@ import jax.numpy as jnp
 
 from convnext_audio_jax.frontend import FrontendConfig
 from convnext_audio_jax.models.convnext import LogMelHook, _dense, _layer_norm
+from convnext_audio_jax.models.dense import MatmulImpl
 from convnext_audio_jax.models.layers import DepthwiseConv, DepthwiseImpl, Dtype, batch_norm, gelu, normalised_log_mel
 
 # PANNs initialise convolutions and dense layers with Xavier-uniform, biases with zeros.
@@ -92,6 +93,7 @@ class NextBlock(nn.Module):
     features: int
     pool: tuple[int, int] = (2, 2)
     depthwise_impl: DepthwiseImpl = "auto"
+    matmul_impl: MatmulImpl = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -109,8 +111,8 @@ class NextBlock(nn.Module):
             name="dwconv",
         )(x)
         x = _layer_norm(self.dtype, self.param_dtype, "norm")(x)
-        x = gelu(_dense(4 * self.features, self.dtype, self.param_dtype, "pwconv1")(x))
-        x = _dense(self.features, self.dtype, self.param_dtype, "pwconv2")(x)
+        x = gelu(_dense(4 * self.features, self.dtype, self.param_dtype, "pwconv1", self.matmul_impl)(x))
+        x = _dense(self.features, self.dtype, self.param_dtype, "pwconv2", self.matmul_impl)(x)
         return _avg_pool(x, self.pool)
 
 class PannCNN(nn.Module):
@@ -130,6 +132,7 @@ class PannCNN(nn.Module):
     head_dropout: float = 0.5
     frontend: FrontendConfig = FrontendConfig(n_mels=64)
     depthwise_impl: DepthwiseImpl = "auto"
+    matmul_impl: MatmulImpl = "auto"  # the 'next' block's Dense layers
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -137,7 +140,7 @@ class PannCNN(nn.Module):
         common = dict(depthwise_impl=self.depthwise_impl, dtype=self.dtype, param_dtype=self.param_dtype)
         name = f"conv_block{index}"
         if self.block == "next":
-            return NextBlock(features, tuple(pool), name=name, **common)
+            return NextBlock(features, tuple(pool), matmul_impl=self.matmul_impl, name=name, **common)
         kernel, num_convs, separable = {"conv3x3": (3, 2, False), "sep3x3": (3, 2, True), "conv5x5": (5, 1, False)}[self.block]
         return PannConvBlock(features, kernel, num_convs, tuple(pool), separable, name=name, **common)
 

@@ -36,11 +36,15 @@ from convnext_audio_jax import xla
 
 logger = logging.getLogger(__name__)
 
-SOURCE = "depthwise.cc"
+SOURCES = ("depthwise.cc", "matmul.cc")
+HEADERS = ("parallel.h",)
 CONV_TARGET = "convnext_audio_jax_depthwise_conv"
 KERNEL_GRAD_TARGET = "convnext_audio_jax_depthwise_kernel_grad"
+MATMUL_TARGET = "convnext_audio_jax_bf16_matmul"
 # FFI target name -> the handler's symbol in the library.
-HANDLERS = {CONV_TARGET: "DepthwiseConv", KERNEL_GRAD_TARGET: "DepthwiseKernelGrad"}
+HANDLERS = {CONV_TARGET: "DepthwiseConv", KERNEL_GRAD_TARGET: "DepthwiseKernelGrad", MATMUL_TARGET: "Bf16Matmul"}
+# The CPU flags the bfloat16 tile product needs (and the library must have been built with).
+AMX_CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16")
 CXX_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-Wno-psabi")
 BUILD_TIMEOUT_S = 600
 
@@ -64,8 +68,9 @@ def find_compiler() -> str | None:
     return next((path for name in ("c++", "g++", "clang++") if (path := shutil.which(name))), None)
 
 
-def _source() -> bytes:
-    return importlib.resources.files(__package__).joinpath(SOURCE).read_bytes()
+def _sources() -> dict[str, bytes]:
+    files = importlib.resources.files(__package__)
+    return {name: files.joinpath(name).read_bytes() for name in (*SOURCES, *HEADERS)}
 
 
 def library_path(compiler: str) -> pathlib.Path:
@@ -75,28 +80,29 @@ def library_path(compiler: str) -> pathlib.Path:
     except (OSError, subprocess.SubprocessError) as error:
         raise NativeUnavailable(f"the C++ compiler {compiler!r} does not run: {error}") from None
     key = hashlib.sha256()
-    for part in (_source(), importlib.metadata.version("jaxlib").encode(), version.encode(), " ".join(CXX_FLAGS).encode(),
+    for part in (*_sources().values(), importlib.metadata.version("jaxlib").encode(), version.encode(), " ".join(CXX_FLAGS).encode(),
                  platform.machine().encode(), " ".join(sorted(xla.cpu_flags())).encode()):
         key.update(part + b"\0")
-    return cache_dir() / "native" / f"depthwise-{key.hexdigest()[:16]}.so"
+    return cache_dir() / "native" / f"kernels-{key.hexdigest()[:16]}.so"
 
 
 def build(compiler: str, destination: pathlib.Path) -> None:
-    """Compiles the kernel into ``destination`` (written under a temporary name, then renamed: a concurrent build
+    """Compiles the kernels into ``destination`` (written under a temporary name, then renamed: a concurrent build
     or a reader never sees a partial file)."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=destination.parent, prefix=".build-") as scratch:
-        source = pathlib.Path(scratch) / SOURCE
-        source.write_bytes(_source())
+        for name, text in _sources().items():
+            (pathlib.Path(scratch) / name).write_bytes(text)
         output = pathlib.Path(scratch) / destination.name
-        command = [compiler, *CXX_FLAGS, "-I", jax.ffi.include_dir(), str(source), "-o", str(output)]
+        command = [compiler, *CXX_FLAGS, "-I", jax.ffi.include_dir(), *(str(pathlib.Path(scratch) / name) for name in SOURCES),
+                   "-o", str(output)]
         try:
             result = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         except (OSError, subprocess.SubprocessError) as error:
-            raise NativeUnavailable(f"building {SOURCE} with {compiler!r} failed: {error}") from None
+            raise NativeUnavailable(f"building {', '.join(SOURCES)} with {compiler!r} failed: {error}") from None
         if result.returncode != 0:
             errors = [line for line in result.stderr.splitlines() if "error" in line] or result.stderr.splitlines()
-            raise NativeUnavailable(f"building {SOURCE} with {compiler!r} failed (exit {result.returncode}): "
+            raise NativeUnavailable(f"building {', '.join(SOURCES)} with {compiler!r} failed (exit {result.returncode}): "
                                     f"{errors[0].strip() if errors else 'no message'}")
         os.replace(output, destination)
 
@@ -157,6 +163,44 @@ def available() -> bool:
 def _log_unavailable(reason: str) -> None:
     logger.warning("native depthwise convolution unavailable (%s): the models use the XLA form, slower on the CPU "
                    "(ConvNeXt-Tiny training ~1.2x)", reason)
+
+
+def amx_available() -> bool:
+    """Whether :func:`bf16_matmul` runs here: the library loads, this CPU has ``AMX_CPU_FLAGS`` and the build has
+    the tile kernel (and the operating system granted the tile state)."""
+    if not all(flag in xla.cpu_flags() for flag in AMX_CPU_FLAGS) or not available():
+        return False
+    return bool(_state["library"].ConvnextAudioJaxAmxReady())
+
+
+def bf16_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """``bias + x @ w`` in bfloat16 on the AMX tile unit: x (..., K), w (K, N), bias (N,); products and the bias
+    summed in float32, rounded to bfloat16 once. K and N must be multiples of 32.
+
+    Under a mesh set for tracing each device multiplies its own rows (split along x's first axis)."""
+    if not amx_available():
+        raise NativeUnavailable("the bfloat16 tile product needs a CPU with " + ", ".join(AMX_CPU_FLAGS)
+                                + " and the native library built for it")
+    if x.ndim < 2 or w.ndim != 2 or x.shape[-1] != w.shape[0] or w.shape[0] % 32 or w.shape[1] % 32 or (
+            bias is not None and bias.shape != (w.shape[1],)):
+        raise ValueError(f"bf16 matmul: x {tuple(x.shape)}, w {tuple(w.shape)} and bias "
+                         f"{None if bias is None else tuple(bias.shape)} do not fit: expected (..., K), (K, N) and "
+                         "(N,) with K and N multiples of 32")
+    features = w.shape[1]
+
+    def call(x, w, bias):
+        rows = x.reshape(-1, x.shape[-1])
+        out = jax.ffi.ffi_call(MATMUL_TARGET, jax.ShapeDtypeStruct((rows.shape[0], features), jnp.bfloat16),
+                               vmap_method="sequential")(rows, w, bias)
+        return out.reshape(*x.shape[:-1], features)
+
+    x, w = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    bias = jnp.zeros((features,), jnp.float32) if bias is None else bias.astype(jnp.float32)
+    mesh = _batch_split_mesh(x.shape[0])
+    if mesh is None:
+        return call(x, w, bias)
+    rows, whole = PartitionSpec(mesh.axis_names), PartitionSpec()
+    return jax.shard_map(call, mesh=mesh, in_specs=(rows, whole, whole), out_specs=rows, check_vma=False)(x, w, bias)
 
 
 def _batch_split_mesh(batch: int):

@@ -11,16 +11,14 @@
 // end, so no result depends on how the tasks were scheduled.
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -158,38 +156,6 @@ void Task(const float* x, const float* dy, const Geometry& g, const std::vector<
   ScalarBlock(x, dy, g, b, c0, lanes, out);
 }
 
-// Runs task(0) .. task(tasks - 1) on the calling thread and the pool's threads. A helper that starts after all
-// tasks were claimed returns at once; the caller waits only for tasks that were claimed, so it never waits on a
-// helper the pool has not started (the caller may itself be one of the pool's threads).
-template <typename F>
-void ParallelFor(ffi::ThreadPool& pool, int64_t tasks, F task) {
-  struct State {
-    State(F f, int64_t n) : task(std::move(f)), tasks(n) {}
-    F task;
-    int64_t tasks;
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-    std::mutex mu;
-    std::condition_variable cv;
-    void Run() {
-      for (int64_t t; (t = next.fetch_add(1)) < tasks;) {
-        task(t);
-        if (done.fetch_add(1) + 1 == tasks) {
-          std::lock_guard<std::mutex> lock(mu);
-          cv.notify_all();
-        }
-      }
-    }
-  };
-  if (tasks <= 0) return;
-  auto state = std::make_shared<State>(std::move(task), tasks);
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), tasks - 1);
-  for (int64_t k = 0; k < helpers; ++k) pool.Schedule([state] { state->Run(); });
-  state->Run();
-  std::unique_lock<std::mutex> lock(state->mu);
-  state->cv.wait(lock, [&] { return state->done.load() == tasks; });
-}
-
 // ---- the convolution ----
 
 // Outputs w .. w + T - 1 of output row h for channels c0 .. c0 + NV * kVec, all taps inside x along the width.
@@ -310,7 +276,7 @@ ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
   const float* kp = k.typed_data();
   const float* bp = use_bias ? bias.typed_data() : nullptr;
   float* yp = y->typed_data();
-  ParallelFor(pool, g.batch * count * chunks, [=, &g, &groups](int64_t task) {
+  convnext_audio_jax::ParallelFor(pool, g.batch * count * chunks, [=, &g, &groups](int64_t task) {
     const int64_t chunk = task % chunks, group = (task / chunks) % count, b = task / (chunks * count);
     const auto [c0, lanes] = groups[group];
     const int64_t h0 = chunk * rows, h1 = std::min<int64_t>(g.out_h, h0 + rows);
@@ -343,7 +309,7 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const float* xp = x.typed_data();
   const float* dyp = dy.typed_data();
   float* pp = partial.data();
-  ParallelFor(pool, tasks, [=, &g, &groups](int64_t task) { Task(xp, dyp, g, groups, task, pp); });
+  convnext_audio_jax::ParallelFor(pool, tasks, [=, &g, &groups](int64_t task) { Task(xp, dyp, g, groups, task, pp); });
   // The batch sum, in batch order.
   for (int64_t tap = 0; tap < taps; ++tap) {
     for (int64_t group = 0; group < count; ++group) {

@@ -1,0 +1,177 @@
+// bfloat16 matrix product on the CPU's AMX tile unit (Intel AMX-BF16), called through XLA's FFI:
+//   Bf16Matmul: y[m, n] = bf16(bias[n] + sum over k of x[m, k] * w[k, n]),  x (M, K) and w (K, N) bfloat16,
+//   bias float32, products summed in float32, one rounding to bfloat16 at the end.
+//
+// Why: XLA:CPU computes a bfloat16 dot at ~300 GFLOP/s on a 2-core AMX Xeon (YNNPACK) or ~180 (its own emitter),
+// torch's oneDNN ~740; these tiles reach ~1000 (docs/benchmarks.md). The pointwise layers of a ConvNeXt block are
+// most of its FLOPs. A task computes 32 rows of y: per 32 columns, four 16 × 16 float32 accumulator tiles, two
+// 16-row tiles of x read in place, two tiles of w repacked once per call into the pairs-of-rows layout the tile
+// instruction reads. Each output element is one fixed-order sum, so results do not depend on scheduling.
+//
+// Built without AMX (another CPU, or a compiler without it) the handler reports an error and
+// ConvnextAudioJaxAmxReady() returns 0; the Python side checks that before using it.
+
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "parallel.h"
+#include "xla/ffi/api/ffi.h"
+
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
+#define CONVNEXT_AUDIO_JAX_AMX 1
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+#ifdef CONVNEXT_AUDIO_JAX_AMX
+
+constexpr int64_t kRows = 32;  // rows of y per task: two tiles of 16
+constexpr int64_t kCols = 32;  // columns of y per step: two tiles of 16
+constexpr int64_t kDepth = 32;  // bfloat16 values of K per tile row (64 bytes)
+constexpr int64_t kPanel = 16 * kDepth;  // bfloat16 values in one packed tile of w
+
+// Linux hands out the AMX tile data state only on request (once per process).
+bool RequestTiles() {
+  constexpr long kArchReqXcompPerm = 0x1023;
+  constexpr long kXfeatureXtiledata = 18;
+  static const bool granted = syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  return granted;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles 0-3: accumulators (16 × 16 float32), 4-5: x (16 × 32 bfloat16), 6-7: w (16 pairs × 16 columns × 2).
+void ConfigureTiles() {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.rows[t] = 16;
+    config.bytes_per_row[t] = 64;
+  }
+  _tile_loadconfig(&config);
+}
+
+// w (K, N) -> for each 16-column block nb and 32-deep block kb a 16 × 32 tile whose row p holds, for each column,
+// the pair w[kb*32 + 2p, n], w[kb*32 + 2p + 1, n] (the layout _tile_dpbf16ps reads its second operand in).
+void PackColumns(const uint16_t* w, int64_t depth, int64_t cols, int64_t nb, uint16_t* packed) {
+  const int64_t blocks = depth / kDepth;
+  for (int64_t kb = 0; kb < blocks; ++kb) {
+    uint16_t* tile = packed + (nb * blocks + kb) * kPanel;
+    for (int64_t p = 0; p < 16; ++p) {
+      const uint16_t* even = w + (kb * kDepth + 2 * p) * cols + nb * 16;
+      const uint16_t* odd = even + cols;
+      for (int64_t c = 0; c < 16; ++c) {
+        tile[p * 32 + 2 * c] = even[c];
+        tile[p * 32 + 2 * c + 1] = odd[c];
+      }
+    }
+  }
+}
+
+// y rows [m0, m0 + kRows) from x rows read with stride `depth` (x points at row m0), `valid` of them written.
+void RowBlock(const uint16_t* x, const uint16_t* packed, const float* bias, int64_t depth, int64_t cols,
+              int64_t valid, uint16_t* y) {
+  const int64_t blocks = depth / kDepth;
+  alignas(64) float acc[kRows][kCols];
+  for (int64_t n0 = 0; n0 < cols; n0 += kCols) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    const uint16_t* w0 = packed + (n0 / 16) * blocks * kPanel;
+    const uint16_t* w1 = w0 + blocks * kPanel;
+    for (int64_t kb = 0; kb < blocks; ++kb) {
+      _tile_loadd(4, x + kb * kDepth, depth * 2);
+      _tile_loadd(5, x + 16 * depth + kb * kDepth, depth * 2);
+      _tile_loadd(6, w0 + kb * kPanel, 64);
+      _tile_loadd(7, w1 + kb * kPanel, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, &acc[0][0], kCols * 4);
+    _tile_stored(1, &acc[0][16], kCols * 4);
+    _tile_stored(2, &acc[16][0], kCols * 4);
+    _tile_stored(3, &acc[16][16], kCols * 4);
+    const __m512 b_lo = _mm512_loadu_ps(bias + n0), b_hi = _mm512_loadu_ps(bias + n0 + 16);
+    for (int64_t r = 0; r < valid; ++r) {
+      const __m512 lo = _mm512_add_ps(_mm512_load_ps(&acc[r][0]), b_lo);
+      const __m512 hi = _mm512_add_ps(_mm512_load_ps(&acc[r][16]), b_hi);
+      _mm512_storeu_si512(y + r * cols + n0, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));  // round to nearest even
+    }
+  }
+}
+
+ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
+                  ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::BF16> y) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2 || bias.dimensions().size() != 1 || xd[1] != wd[0] ||
+      yd[0] != xd[0] || yd[1] != wd[1] || bias.dimensions()[0] != wd[1] || wd[0] % kDepth || wd[1] % kCols) {
+    return ffi::Error::InvalidArgument("bf16_matmul expects x (M, K), w (K, N), bias (N,) and an (M, N) result "
+                                       "with K and N multiples of 32");
+  }
+  if (!RequestTiles()) return ffi::Error::Internal("bf16_matmul: the kernel refused the AMX tile state");
+  const int64_t rows = xd[0], depth = wd[0], cols = wd[1];
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.typed_data());
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
+  const float* bp = bias.typed_data();
+  auto* yp = reinterpret_cast<uint16_t*>(y->typed_data());
+  std::unique_ptr<uint16_t[]> packed(new uint16_t[depth * cols]);
+  uint16_t* pp = packed.get();
+  convnext_audio_jax::ParallelFor(pool, cols / 16, [=](int64_t nb) { PackColumns(wp, depth, cols, nb, pp); });
+  const int64_t full = rows / kRows, tail = rows % kRows;
+  convnext_audio_jax::ParallelFor(pool, full + (tail ? 1 : 0), [=](int64_t task) {
+    ConfigureTiles();
+    const int64_t m0 = task * kRows;
+    if (task < full) {
+      RowBlock(xp + m0 * depth, pp, bp, depth, cols, kRows, yp + m0 * cols);
+    } else {  // the last rows, read from a zero-padded copy
+      std::vector<uint16_t> rest(kRows * depth, 0);
+      std::memcpy(rest.data(), xp + m0 * depth, tail * depth * sizeof(uint16_t));
+      RowBlock(rest.data(), pp, bp, depth, cols, tail, yp + m0 * cols);
+    }
+    _tile_release();
+  });
+  return ffi::Error::Success();
+}
+
+#else  // no AMX in this build
+
+ffi::Error Matmul(ffi::ThreadPool, ffi::Buffer<ffi::BF16>, ffi::Buffer<ffi::BF16>, ffi::Buffer<ffi::F32>,
+                  ffi::ResultBuffer<ffi::BF16>) {
+  return ffi::Error::Unimplemented("bf16_matmul: built for a CPU without AMX-BF16");
+}
+
+#endif
+
+}  // namespace
+
+// 1 where this build has the AMX kernel and the kernel granted the tile state, else 0.
+extern "C" int ConvnextAudioJaxAmxReady() {
+#ifdef CONVNEXT_AUDIO_JAX_AMX
+  return RequestTiles() ? 1 : 0;
+#else
+  return 0;
+#endif
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Bf16Matmul, Matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>());

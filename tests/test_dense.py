@@ -1,0 +1,152 @@
+"""Dense: flax's parameters and values; its product by XLA's dot and by the AMX tile kernel give the same numbers
+(values and gradients), equal to torch's bfloat16 linear layer; the choice of implementation."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from convnext_audio_jax import native
+from convnext_audio_jax.models import create_model, init_variables
+from convnext_audio_jax.models.dense import Dense, matmul, matmul_native, matmul_xla, resolve_matmul_impl
+
+# The tile kernel runs only on a CPU with AMX-BF16 (e.g. Sapphire Rapids and later Xeons); elsewhere 'auto' is XLA's
+# dot, which the other tests here cover.
+NEEDS_AMX = pytest.mark.skipif(not native.amx_available(), reason="this CPU has no AMX-BF16 (or no C++ compiler): "
+                               "the bfloat16 tile kernel cannot run here")
+
+
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+def test_dense_equals_flax_values_and_gradients(dtype):
+    """Same parameters as nn.Dense; float32 outputs bit-identical, bfloat16 within one rounding (ours adds the bias
+    before rounding, flax after); gradients within float32 summation order."""
+    x = jax.random.normal(jax.random.key(0), (2, 9, 7, 32))
+    ours, reference = Dense(64, dtype=dtype, impl="xla"), nn.Dense(64, dtype=dtype)
+    variables = reference.init(jax.random.key(1), x)
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, variables)
+    variables = jax.tree.map(lambda v: v + jax.random.normal(jax.random.key(2), v.shape), variables)
+    got, expected = ours.apply(variables, x), reference.apply(variables, x)
+    assert got.dtype == expected.dtype
+    if dtype is None:
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+    else:
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32), rtol=2 ** -7, atol=0.05)
+    grads = [jax.grad(lambda v, x, m=m: (m.apply(v, x).astype(jnp.float32) ** 2).sum(), argnums=(0, 1))(variables, x)
+             for m in (ours, reference)]
+    tolerance = 1e-5 if dtype is None else 2e-2
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance * np.abs(b).max())
+
+
+def torch_linear_bf16(x, w, bias):
+    """torch's bfloat16 linear layer (float32 sums, one rounding), as float32."""
+    with torch.no_grad():
+        out = torch.nn.functional.linear(torch.from_numpy(np.asarray(x, np.float32)).bfloat16(),
+                                         torch.from_numpy(np.asarray(w, np.float32).T.copy()).bfloat16(),
+                                         torch.from_numpy(np.asarray(bias, np.float32)).bfloat16())
+    return out.float().numpy()
+
+
+@NEEDS_AMX
+@pytest.mark.parametrize("shape", [(3, 37, 96), (1, 32, 64), (2, 5, 7, 192)])  # row tails, one full block, 4-D
+@pytest.mark.parametrize("features", [32, 384])
+def test_tile_kernel_equals_xla_and_torch_values_and_gradients(shape, features):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((shape[-1], features)) / np.sqrt(shape[-1]), jnp.bfloat16)
+    bias = jnp.asarray(rng.standard_normal(features), jnp.bfloat16)
+    ours = np.asarray(jax.jit(matmul_native)(x, w, bias), np.float32)
+    xla_form = np.asarray(jax.jit(matmul_xla)(x, w, bias), np.float32)
+    # Both sum in float32 and round once: at most one bfloat16 step apart, almost always equal.
+    np.testing.assert_allclose(ours, xla_form, rtol=2 ** -7, atol=1e-6)
+    assert np.mean(ours == xla_form) > 0.99
+    theirs = torch_linear_bf16(x, w, bias)
+    np.testing.assert_allclose(ours, theirs, rtol=2 ** -7, atol=2 ** -7 * np.abs(theirs).max())
+    exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64) + np.asarray(bias, np.float64)
+    assert np.abs(ours - exact).max() <= 2 ** -8 * np.abs(exact).max()
+    # Gradients: the XLA form's pullback.
+    dy = jnp.asarray(rng.standard_normal((*shape[:-1], features)), jnp.bfloat16)
+    for got, expected in zip(jax.vjp(matmul_native, x, w, bias)[1](dy), jax.vjp(matmul_xla, x, w, bias)[1](dy)):
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(expected, np.float32))
+
+
+@NEEDS_AMX
+def test_tile_kernel_rejects_sizes_it_cannot_tile():
+    with pytest.raises(ValueError, match=r"x \(4, 48\), w \(48, 64\) and bias None do not fit: .*multiples of 32"):
+        native.bf16_matmul(jnp.zeros((4, 48), jnp.bfloat16), jnp.zeros((48, 64), jnp.bfloat16))
+
+
+@NEEDS_AMX
+def test_tile_kernel_under_a_mesh_multiplies_each_devices_rows_without_gathering():
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    rows = NamedSharding(mesh, P("data"))
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((16, 9, 64)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((64, 96)), jnp.bfloat16)
+
+    def under_mesh(x, w):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return native.bf16_matmul(x, w)
+
+    step = jax.jit(under_mesh, in_shardings=(rows, None))
+    out = step(x, w)
+    assert out.sharding.spec == P("data")
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(jax.jit(native.bf16_matmul)(x, w), np.float32))
+    compiled = step.lower(x, w).compile().as_text()
+    assert not any(op in compiled for op in ("all-gather", "all-reduce", "all-to-all"))
+
+
+@NEEDS_AMX
+def test_a_bfloat16_convnext_gives_the_same_numbers_with_either_product():
+    """A small ConvNeXt in bfloat16: outputs and parameter gradients with the tile kernel ('auto' here) and with
+    XLA's dot."""
+    tiny = dict(depths=(1, 1, 1, 1), dims=(32, 64, 96, 128), num_classes=5, dtype=jnp.bfloat16)
+    waveform = (0.1 * np.random.default_rng(3).standard_normal((2, 16_000))).astype(np.float32)
+    variables = init_variables(create_model("convnext_tiny", **{**tiny, "dtype": None}), jax.random.key(0))
+    results = {}
+    for impl in ("auto", "xla"):
+        model = create_model("convnext_tiny", matmul_impl=impl, **tiny)
+
+        def loss(params, model=model):
+            return jnp.sum(model.apply({**variables, "params": params}, waveform)["probs"])
+
+        results[impl] = jax.jit(jax.value_and_grad(loss))(variables["params"])
+    assert resolve_matmul_impl("auto", jnp.bfloat16, 32, 128) == "native"
+    np.testing.assert_allclose(results["auto"][0], results["xla"][0], rtol=1e-3)
+    for (path, ours), theirs in zip(jax.tree_util.tree_leaves_with_path(results["auto"][1]), jax.tree.leaves(results["xla"][1])):
+        scale = float(np.abs(np.asarray(theirs, np.float32)).max()) or 1.0
+        np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(theirs, np.float32), atol=5e-2 * scale,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def test_implementation_choice(monkeypatch):
+    with pytest.raises(ValueError, match="matmul_impl must be 'auto', 'xla' or 'native', got 'fast'"):
+        resolve_matmul_impl("fast")
+    assert resolve_matmul_impl("xla", jnp.bfloat16, 64, 64) == "xla"
+    for amx in (True, False):
+        monkeypatch.setattr(native, "amx_available", lambda amx=amx: amx)
+        expected = "native" if amx else "xla"
+        assert resolve_matmul_impl("auto", jnp.bfloat16, 96, 384) == expected
+        # float32 products and sizes the tiles do not divide (a 527-class head) stay with XLA's dot.
+        assert resolve_matmul_impl("auto", jnp.float32, 96, 384) == "xla"
+        assert resolve_matmul_impl("auto", jnp.bfloat16, 768, 527) == "xla"
+    with pytest.raises(native.NativeUnavailable, match="matmul_impl 'native' needs a CPU with amx_tile, amx_bf16"):
+        resolve_matmul_impl("native", jnp.bfloat16, 96, 384)
+    # Without the kernel a bfloat16 Dense still computes (XLA's dot).
+    x = jnp.ones((2, 64), jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(matmul(x, jnp.ones((64, 32), jnp.bfloat16), jnp.ones(32, jnp.bfloat16)),
+                                             np.float32), np.full((2, 32), 65.0))
+
+
+def test_exports_and_flop_counts_use_xla_dot():
+    """An exported artifact carries no native custom call."""
+    from convnext_audio_jax.export import export_model_for
+
+    model = create_model("convnext_tiny", dtype=jnp.bfloat16)
+    for fmt in ("stablehlo", "onnx"):
+        assert export_model_for(model, fmt).matmul_impl == "xla"
