@@ -1,14 +1,16 @@
-"""Compiled CPU kernels, called from XLA through its FFI: the depthwise convolution and its kernel gradient.
+"""Compiled CPU kernels, called from XLA through its FFI: the depthwise convolution and its kernel gradient
+(``depthwise.cc``), and on CPUs with AMX-BF16 the bfloat16 matrix product of the Dense layers (``matmul.cc``).
 
-Written with XLA ops, the kernel gradient was a third of a ConvNeXt training step on XLA:CPU (docs/benchmarks.md);
-the C++ kernels in ``depthwise.cc`` compute it 14× and the convolution 1.4× faster (a 2-core AVX2 CPU; ConvNeXt-Tiny
-training 1.2× faster overall). They are compiled on first use
+Written with XLA ops, the depthwise kernel gradient was a third of a ConvNeXt training step on XLA:CPU
+(docs/benchmarks.md); the C++ kernels compute it 14× and the convolution 1.4× faster (a 2-core AVX2 CPU;
+ConvNeXt-Tiny training 1.2× faster overall). XLA:CPU's bfloat16 dot does not use the AMX tile unit; the tile kernel
+makes the bfloat16 ConvNeXt-Tiny forward 2.3× faster on a 2-core AMX Xeon. They are compiled on first use
 with the machine's C++ compiler (``$CXX``, else ``c++``, ``g++`` or ``clang++``) for this CPU
-(``-march=native``) against the FFI headers jaxlib ships, and the library is kept in a cache folder
+(``-march=native``) against the FFI headers jaxlib ships, into one library kept in a cache folder
 (``$CONVNEXT_AUDIO_JAX_CACHE``, else ``$XDG_CACHE_HOME/convnext_audio_jax``, else
-``~/.cache/convnext_audio_jax``) under a name that hashes the source, jaxlib's version, the compiler and the CPU's
+``~/.cache/convnext_audio_jax``) under a name that hashes the sources, jaxlib's version, the compiler and the CPU's
 flags, so a later process, or another CPU kind sharing the folder, loads or builds its own. Where no compiler
-is found, or ``CONVNEXT_AUDIO_JAX_NATIVE=0`` is set, :func:`available` is False and the models use the XLA form.
+is found, or ``CONVNEXT_AUDIO_JAX_NATIVE=0`` is set, :func:`available` is False and the models use the XLA forms.
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ def load() -> None:
                 raise NativeUnavailable("no C++ compiler found ($CXX, c++, g++, clang++)")
             path = library_path(compiler)
             if not path.exists():
-                logger.info("building the native depthwise convolution kernels into %s", path)
+                logger.info("building the native CPU kernels into %s", path)
                 try:
                     build(compiler, path)
                 except OSError as error:  # the cache folder cannot be created or written
@@ -161,7 +163,7 @@ def available() -> bool:
 
 @functools.cache
 def _log_unavailable(reason: str) -> None:
-    logger.warning("native depthwise convolution unavailable (%s): the models use the XLA form, slower on the CPU "
+    logger.warning("native CPU kernels unavailable (%s): the models use the XLA forms, slower on the CPU "
                    "(ConvNeXt-Tiny training ~1.2x)", reason)
 
 
