@@ -53,7 +53,8 @@ def torch_linear_bf16(x, w, bias):
 
 
 @NEEDS_AMX
-@pytest.mark.parametrize("shape", [(3, 37, 96), (1, 32, 64), (2, 5, 7, 192)])  # row tails, one full block, 4-D
+# Row tails, one full block, 4-D; K = 2048 splits 384 columns into panels of 256 and 128 (a panel's packed w ≤ 1 MiB).
+@pytest.mark.parametrize("shape", [(3, 37, 96), (1, 32, 64), (2, 5, 7, 192), (2, 19, 2048)])
 @pytest.mark.parametrize("features", [32, 384])
 def test_tile_kernel_equals_xla_and_torch_values_and_gradients(shape, features):
     rng = np.random.default_rng(0)

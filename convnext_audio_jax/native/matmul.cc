@@ -4,13 +4,14 @@
 //
 // Why: XLA:CPU computes a bfloat16 dot at ~300 GFLOP/s on a 2-core AMX Xeon (YNNPACK) or ~180 (its own emitter),
 // torch's oneDNN ~740; these tiles reach ~1000 (docs/benchmarks.md). The pointwise layers of a ConvNeXt block are
-// most of its FLOPs. A task computes 32 rows of y: per 32 columns, four 16 × 16 float32 accumulator tiles, two
-// 16-row tiles of x read in place, two tiles of w repacked once per call into the pairs-of-rows layout the tile
-// instruction reads. Each output element is one fixed-order sum, so results do not depend on scheduling.
+// most of its FLOPs. w is repacked once per call into the pairs-of-rows layout the tile instruction reads. A task
+// computes 32 rows of one column panel of y (the columns whose packed w fits in 1 MiB, so that consecutive tasks
+// find it in cache): per 32 columns, four 16 × 16 float32 accumulator tiles and two 16-row tiles of x read in place. Each output element is one fixed-order sum, so results do not depend on scheduling.
 //
 // Built without AMX (another CPU, or a compiler without it) the handler reports an error and
 // ConvnextAudioJaxAmxReady() returns 0; the Python side checks that before using it.
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -36,6 +37,7 @@ constexpr int64_t kRows = 32;  // rows of y per task: two tiles of 16
 constexpr int64_t kCols = 32;  // columns of y per step: two tiles of 16
 constexpr int64_t kDepth = 32;  // bfloat16 values of K per tile row (64 bytes)
 constexpr int64_t kPanel = 16 * kDepth;  // bfloat16 values in one packed tile of w
+constexpr int64_t kPanelBytes = 1 << 20;  // packed w per column panel
 
 // Linux hands out the AMX tile data state only on request (once per process).
 bool RequestTiles() {
@@ -80,12 +82,13 @@ void PackColumns(const uint16_t* w, int64_t depth, int64_t cols, int64_t nb, uin
   }
 }
 
-// y rows [m0, m0 + kRows) from x rows read with stride `depth` (x points at row m0), `valid` of them written.
+// Columns [n_begin, n_end) of y rows [m0, m0 + kRows), from x rows read with stride `depth` (x and y point at
+// row m0), `valid` rows written.
 void RowBlock(const uint16_t* x, const uint16_t* packed, const float* bias, int64_t depth, int64_t cols,
-              int64_t valid, uint16_t* y) {
+              int64_t n_begin, int64_t n_end, int64_t valid, uint16_t* y) {
   const int64_t blocks = depth / kDepth;
   alignas(64) float acc[kRows][kCols];
-  for (int64_t n0 = 0; n0 < cols; n0 += kCols) {
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kCols) {
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
@@ -132,16 +135,21 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ff
   std::unique_ptr<uint16_t[]> packed(new uint16_t[depth * cols]);
   uint16_t* pp = packed.get();
   convnext_audio_jax::ParallelFor(pool, cols / 16, [=](int64_t nb) { PackColumns(wp, depth, cols, nb, pp); });
-  const int64_t full = rows / kRows, tail = rows % kRows;
-  convnext_audio_jax::ParallelFor(pool, full + (tail ? 1 : 0), [=](int64_t task) {
+  // Tasks go through y panel by panel (columns whose packed w fits in ~1 MiB, a core's L2), row blocks within a
+  // panel: consecutive tasks reuse the panel from cache instead of each streaming all of w.
+  const int64_t panel = std::min<int64_t>(cols, std::max<int64_t>(kCols, (kPanelBytes / (2 * depth)) / kCols * kCols));
+  const int64_t panels = (cols + panel - 1) / panel;
+  const int64_t full = rows / kRows, tail = rows % kRows, blocks = full + (tail ? 1 : 0);
+  convnext_audio_jax::ParallelFor(pool, panels * blocks, [=](int64_t task) {
     ConfigureTiles();
-    const int64_t m0 = task * kRows;
-    if (task < full) {
-      RowBlock(xp + m0 * depth, pp, bp, depth, cols, kRows, yp + m0 * cols);
+    const int64_t block = task % blocks, n_begin = (task / blocks) * panel;
+    const int64_t n_end = std::min<int64_t>(cols, n_begin + panel), m0 = block * kRows;
+    if (block < full) {
+      RowBlock(xp + m0 * depth, pp, bp, depth, cols, n_begin, n_end, kRows, yp + m0 * cols);
     } else {  // the last rows, read from a zero-padded copy
       std::vector<uint16_t> rest(kRows * depth, 0);
       std::memcpy(rest.data(), xp + m0 * depth, tail * depth * sizeof(uint16_t));
-      RowBlock(rest.data(), pp, bp, depth, cols, tail, yp + m0 * cols);
+      RowBlock(rest.data(), pp, bp, depth, cols, n_begin, n_end, tail, yp + m0 * cols);
     }
     _tile_release();
   });
