@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 from convnext_audio_jax import native
 from convnext_audio_jax.models import create_model, init_variables
 from convnext_audio_jax.models.dense import Dense, matmul, matmul_native, matmul_xla, resolve_matmul_impl
+from flax_parity import outputs_and_gradients_against
 
 # The tile kernel runs only on a CPU with AMX-BF16 (e.g. Sapphire Rapids and later Xeons); elsewhere 'auto' is XLA's
 # dot, which the other tests here cover.
@@ -25,22 +26,11 @@ def test_dense_equals_flax_values_and_gradients(dtype):
     """Same parameters as nn.Dense; float32 outputs bit-identical, bfloat16 within one rounding (ours adds the bias
     before rounding, flax after); gradients within float32 summation order."""
     x = jax.random.normal(jax.random.key(0), (2, 9, 7, 32))
-    ours, reference = Dense(64, dtype=dtype, impl="xla"), nn.Dense(64, dtype=dtype)
-    variables = reference.init(jax.random.key(1), x)
-    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, variables)
-    variables = jax.tree.map(lambda v: v + jax.random.normal(jax.random.key(2), v.shape), variables)
-    got, expected = ours.apply(variables, x), reference.apply(variables, x)
-    assert got.dtype == expected.dtype
+    got, expected = outputs_and_gradients_against(Dense(64, dtype=dtype, impl="xla"), nn.Dense(64, dtype=dtype), x, dtype)
     if dtype is None:
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+        np.testing.assert_array_equal(got, expected)
     else:
-        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32), rtol=2 ** -7, atol=0.05)
-    grads = [jax.grad(lambda v, x, m=m: (m.apply(v, x).astype(jnp.float32) ** 2).sum(), argnums=(0, 1))(variables, x)
-             for m in (ours, reference)]
-    tolerance = 1e-5 if dtype is None else 2e-2
-    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
-        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-        np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance * np.abs(b).max())
+        np.testing.assert_allclose(got, expected, rtol=2 ** -7, atol=0.05)
 
 
 def torch_linear_bf16(x, w, bias):

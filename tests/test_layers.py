@@ -192,22 +192,12 @@ def test_layer_norm_equals_flax_values_and_gradients(dtype):
     import flax.linen as nn
 
     from convnext_audio_jax.models.layers import LayerNorm
+    from flax_parity import outputs_and_gradients_against
 
     x = jax.random.normal(jax.random.key(0), (2, 9, 7, 16))
-    ours, reference = LayerNorm(1e-6, dtype=dtype), nn.LayerNorm(1e-6, use_fast_variance=False, dtype=dtype)
-    variables = reference.init(jax.random.key(1), x)
-    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, variables)
-    variables = jax.tree.map(lambda v: v + jax.random.normal(jax.random.key(2), v.shape), variables)
-    got, expected = ours.apply(variables, x), reference.apply(variables, x)
-    assert got.dtype == expected.dtype
-    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32),
-                               rtol=1e-5 if dtype is None else 1e-2, atol=1e-5 if dtype is None else 1e-2)
-    grads = [jax.grad(lambda v, x, m=m: (m.apply(v, x).astype(jnp.float32) ** 2).sum(), argnums=(0, 1))(variables, x)
-             for m in (ours, reference)]
-    tolerance = 1e-5 if dtype is None else 2e-2
-    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
-        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-        np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance * np.abs(b).max())
+    got, expected = outputs_and_gradients_against(
+        LayerNorm(1e-6, dtype=dtype), nn.LayerNorm(1e-6, use_fast_variance=False, dtype=dtype), x, dtype)
+    np.testing.assert_allclose(got, expected, rtol=1e-5 if dtype is None else 1e-2, atol=1e-5 if dtype is None else 1e-2)
 
 
 def test_channel_mean_and_its_gradient_equal_float64():
@@ -226,6 +216,7 @@ def test_depthwise_convolution_is_written_once_before_a_layer_norm():
     computed by one fusion; a reduction there let XLA recompute its 49 taps inside each of three consumers."""
     from convnext_audio_jax import xla
     from convnext_audio_jax.models.layers import LayerNorm
+    from flax_parity import outputs_and_gradients_against
 
     x = jnp.zeros((2, 16, 12, 8))
     conv, norm = DepthwiseConv((7, 7), impl="shift"), LayerNorm()
