@@ -5,6 +5,7 @@ cannot be built."""
 import logging
 import os
 import pathlib
+import platform
 import re
 
 import jax
@@ -228,3 +229,19 @@ def test_the_source_ships_with_the_package():
     assert '"convnext_audio_jax.native" = ["*.cc", "*.h"]' in pyproject
     for name in (*native.SOURCES, *native.HEADERS):
         assert os.path.exists(pathlib.Path(native.__file__).with_name(name)), name
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the -march targets below are x86-64 ones")
+def test_the_library_builds_for_cpus_without_avx512_or_amx(monkeypatch, tmp_path):
+    """The kernels are compiled for the machine they run on; the AMX code must stay out of builds for other CPUs
+    (AVX2 only here), whose library reports the tile kernel as absent."""
+    import ctypes
+
+    flags = tuple("-march=x86-64-v3" if flag == "-march=native" else flag for flag in native.CXX_FLAGS)
+    monkeypatch.setattr(native, "CXX_FLAGS", flags)
+    path = tmp_path / "kernels-avx2.so"
+    native.build(native.find_compiler(), path)
+    library = ctypes.cdll.LoadLibrary(str(path))
+    assert library.ConvnextAudioJaxAmxReady() == 0
+    for symbol in native.HANDLERS.values():
+        assert getattr(library, symbol)

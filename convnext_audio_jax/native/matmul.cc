@@ -2,11 +2,14 @@
 //   Bf16Matmul: y[m, n] = bf16(bias[n] + sum over k of x[m, k] * w[k, n]),  x (M, K) and w (K, N) bfloat16,
 //   bias float32, products summed in float32, one rounding to bfloat16 at the end.
 //
-// Why: XLA:CPU computes a bfloat16 dot at ~300 GFLOP/s on a 2-core AMX Xeon (YNNPACK) or ~180 (its own emitter),
-// torch's oneDNN ~740; these tiles reach ~1000 (docs/benchmarks.md). The pointwise layers of a ConvNeXt block are
-// most of its FLOPs. w is repacked once per call into the pairs-of-rows layout the tile instruction reads. A task
-// computes 32 rows of one column panel of y (the columns whose packed w fits in 1 MiB, so that consecutive tasks
-// find it in cache): per 32 columns, four 16 × 16 float32 accumulator tiles and two 16-row tiles of x read in place. Each output element is one fixed-order sum, so results do not depend on scheduling.
+// Why: over ConvNeXt-Tiny's pointwise products XLA:CPU computes bfloat16 dots at ~130 GFLOP/s on a 2-core AMX
+// Xeon (~260 with YNNPACK's dots), torch's oneDNN at ~650 on the AMX tile unit; these tiles reach ~640
+// (benchmarks/matmul.py, docs/benchmarks.md). The pointwise layers are most of a ConvNeXt block's FLOPs.
+//
+// w is repacked once per call into the pairs-of-rows layout the tile instruction reads. A task computes 32 rows of
+// one column panel of y (the columns whose packed w fits in 1 MiB, so that consecutive tasks find it in cache): per
+// 32 columns, four 16 × 16 float32 accumulator tiles and two 16-row tiles of x read in place. Each output element is
+// one fixed-order sum, so results do not depend on scheduling.
 //
 // Built without AMX (another CPU, or a compiler without it) the handler reports an error and
 // ConvnextAudioJaxAmxReady() returns 0; the Python side checks that before using it.
@@ -160,7 +163,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ff
 
 ffi::Error Matmul(ffi::ThreadPool, ffi::Buffer<ffi::BF16>, ffi::Buffer<ffi::BF16>, ffi::Buffer<ffi::F32>,
                   ffi::ResultBuffer<ffi::BF16>) {
-  return ffi::Error::Unimplemented("bf16_matmul: built for a CPU without AMX-BF16");
+  return ffi::Error(ffi::ErrorCode::kUnimplemented, "bf16_matmul: built for a CPU without AMX-BF16");
 }
 
 #endif
