@@ -33,36 +33,50 @@ def test_dense_equals_flax_values_and_gradients(dtype):
         np.testing.assert_allclose(got, expected, rtol=2 ** -7, atol=0.05)
 
 
-def torch_linear_bf16(x, w, bias):
-    """torch's bfloat16 linear layer (float32 sums, one rounding), as float32."""
+def test_fused_gelu_is_gelu_of_the_float32_sum():
+    """float32: bit-identical to GELU applied after nn.Dense; bfloat16: one rounding of the float32 value."""
+    from convnext_audio_jax.models.layers import gelu
+
+    x = jax.random.normal(jax.random.key(0), (2, 9, 64))
+    variables = nn.Dense(96).init(jax.random.key(1), x)
+    np.testing.assert_array_equal(Dense(96, activation="gelu").apply(variables, x), gelu(nn.Dense(96).apply(variables, x)))
+    got = Dense(96, activation="gelu", dtype=jnp.bfloat16, impl="xla").apply(variables, x)
+    bf16 = jax.tree.map(lambda v: v.astype(jnp.bfloat16).astype(jnp.float32), variables)
+    expected = gelu(nn.Dense(96).apply(bf16, x.astype(jnp.bfloat16).astype(jnp.float32)))
+    np.testing.assert_allclose(np.asarray(got, np.float32), expected, rtol=2 ** -8, atol=1e-6)
+    with pytest.raises(ValueError, match="activation must be one of \\(None, 'gelu'\\), got 'relu'"):
+        Dense(96, activation="relu").apply(variables, x)
+
+
+def torch_reference(x, w, bias, activation):
+    """torch's linear layer (and exact GELU) on the same bfloat16 values, in float64."""
     with torch.no_grad():
-        out = torch.nn.functional.linear(torch.from_numpy(np.asarray(x, np.float32)).bfloat16(),
-                                         torch.from_numpy(np.asarray(w, np.float32).T.copy()).bfloat16(),
-                                         torch.from_numpy(np.asarray(bias, np.float32)).bfloat16())
-    return out.float().numpy()
+        out = torch.nn.functional.linear(*(torch.from_numpy(np.asarray(a, np.float64)) for a in (x, np.asarray(w, np.float32).T, bias)))
+        return (torch.nn.functional.gelu(out) if activation == "gelu" else out).numpy()
 
 
 @NEEDS_AMX
+@pytest.mark.parametrize("activation", [None, "gelu"])
 # Row tails, one full block, 4-D; K = 2048 splits 384 columns into panels of 256 and 128 (a panel's packed w ≤ 1 MiB).
 @pytest.mark.parametrize("shape", [(3, 37, 96), (1, 32, 64), (2, 5, 7, 192), (2, 19, 2048)])
 @pytest.mark.parametrize("features", [32, 384])
-def test_tile_kernel_equals_xla_and_torch_values_and_gradients(shape, features):
+def test_tile_kernel_equals_xla_and_torch_values_and_gradients(shape, features, activation):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((shape[-1], features)) / np.sqrt(shape[-1]), jnp.bfloat16)
     bias = jnp.asarray(rng.standard_normal(features), jnp.bfloat16)
-    ours = np.asarray(jax.jit(matmul_native)(x, w, bias), np.float32)
-    xla_form = np.asarray(jax.jit(matmul_xla)(x, w, bias), np.float32)
+    ours = np.asarray(jax.jit(matmul_native, static_argnums=3)(x, w, bias, activation), np.float32)
+    xla_form = np.asarray(jax.jit(matmul_xla, static_argnums=3)(x, w, bias, activation), np.float32)
     # Both sum in float32 and round once: at most one bfloat16 step apart, almost always equal.
     np.testing.assert_allclose(ours, xla_form, rtol=2 ** -7, atol=1e-6)
     assert np.mean(ours == xla_form) > 0.99
-    theirs = torch_linear_bf16(x, w, bias)
-    np.testing.assert_allclose(ours, theirs, rtol=2 ** -7, atol=2 ** -7 * np.abs(theirs).max())
-    exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64) + np.asarray(bias, np.float64)
+    exact = torch_reference(x, w, bias, activation)
     assert np.abs(ours - exact).max() <= 2 ** -8 * np.abs(exact).max()
     # Gradients: the XLA form's pullback.
     dy = jnp.asarray(rng.standard_normal((*shape[:-1], features)), jnp.bfloat16)
-    for got, expected in zip(jax.vjp(matmul_native, x, w, bias)[1](dy), jax.vjp(matmul_xla, x, w, bias)[1](dy)):
+    native_vjp = jax.vjp(lambda *a: matmul_native(*a, activation), x, w, bias)[1](dy)
+    xla_vjp = jax.vjp(lambda *a: matmul_xla(*a, activation), x, w, bias)[1](dy)
+    for got, expected in zip(native_vjp, xla_vjp):
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(expected, np.float32))
 
 

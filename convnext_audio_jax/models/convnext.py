@@ -27,7 +27,6 @@ from convnext_audio_jax.models.layers import (
     LayerNorm,
     PatchConv,
     broadcast_channels,
-    gelu,
     normalised_log_mel,
 )
 
@@ -52,8 +51,8 @@ def _layer_norm(dtype, param_dtype, name):
     return LayerNorm(epsilon=LN_EPS, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
-def _dense(features, dtype, param_dtype, name, impl: MatmulImpl = "auto"):
-    return Dense(features, dtype=dtype, param_dtype=param_dtype, impl=impl, name=name)
+def _dense(features, dtype, param_dtype, name, impl: MatmulImpl = "auto", activation: str | None = None):
+    return Dense(features, dtype=dtype, param_dtype=param_dtype, impl=impl, activation=activation, name=name)
 
 
 class ConvNeXtBlock(nn.Module):
@@ -71,8 +70,7 @@ class ConvNeXtBlock(nn.Module):
         channels = x.shape[-1]
         y = DepthwiseConv((7, 7), impl=self.depthwise_impl, dtype=self.dtype, param_dtype=self.param_dtype, name="dwconv")(x)
         y = _layer_norm(self.dtype, self.param_dtype, "norm")(y)
-        y = _dense(4 * channels, self.dtype, self.param_dtype, "pwconv1", self.matmul_impl)(y)
-        y = gelu(y)
+        y = _dense(4 * channels, self.dtype, self.param_dtype, "pwconv1", self.matmul_impl, "gelu")(y)
         y = _dense(channels, self.dtype, self.param_dtype, "pwconv2", self.matmul_impl)(y)
         if self.layer_scale_init > 0:
             gamma = self.param("gamma", nn.initializers.constant(self.layer_scale_init), (channels,), self.param_dtype)

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from convnext_audio_jax import native
-from convnext_audio_jax.models.layers import Dtype, broadcast_channels, default_kernel_init
+from convnext_audio_jax.models.layers import Dtype, broadcast_channels, default_kernel_init, gelu
 
 MatmulImpl = Literal["auto", "xla", "native"]
+ACTIVATIONS = (None, "gelu")
 
 
 def resolve_matmul_impl(impl: MatmulImpl, dtype: Any = jnp.bfloat16, in_features: int = 32, features: int = 32) -> str:
@@ -40,55 +43,64 @@ def resolve_matmul_impl(impl: MatmulImpl, dtype: Any = jnp.bfloat16, in_features
     return "native" if fits else "xla"
 
 
-def matmul_xla(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    """``bias + x @ kernel`` over the last axis of ``x`` by XLA's dot, summed in float32, in ``x``'s dtype.
+def matmul_xla(x: jax.Array, kernel: jax.Array, bias: jax.Array, activation: str | None = None) -> jax.Array:
+    """``bias + x @ kernel`` over the last axis of ``x`` by XLA's dot, summed in float32, then ``activation``
+    ("gelu": exact GELU) in float32, in ``x``'s dtype.
 
     As a 2-D product: for a 4-D activation, autodiff's kernel gradient contracts three axes, and XLA:CPU then
     writes the output gradient transposed (channel-major) before the dot."""
     flat = x.reshape(-1, x.shape[-1])
     y = jnp.dot(flat, kernel, preferred_element_type=jnp.float32).reshape(*x.shape[:-1], kernel.shape[1])
-    return (y + broadcast_channels(bias.astype(jnp.float32), y.shape)).astype(x.dtype)
+    y = y + broadcast_channels(bias.astype(jnp.float32), y.shape)
+    return (gelu(y) if activation == "gelu" else y).astype(x.dtype)
 
 
-@jax.custom_vjp
-def matmul_native(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    """The same product in bfloat16 by the AMX tile kernel; its gradients are those of :func:`matmul_xla`."""
-    return native.bf16_matmul(x, kernel, bias)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def matmul_native(x: jax.Array, kernel: jax.Array, bias: jax.Array, activation: str | None = None) -> jax.Array:
+    """The same in bfloat16 by the AMX tile kernel (GELU in its epilogue); its gradients are those of
+    :func:`matmul_xla` (whose pullback recomputes the product when the activation needs it)."""
+    return native.bf16_matmul(x, kernel, bias, gelu=activation == "gelu")
 
 
-def _matmul_native_fwd(x, kernel, bias):
-    return native.bf16_matmul(x, kernel, bias), (x, kernel, bias)
+def _matmul_native_fwd(x, kernel, bias, activation):
+    return matmul_native(x, kernel, bias, activation), (x, kernel, bias)
 
 
-def _matmul_native_bwd(residuals, dy):
-    # The XLA form's pullback; its forward product is unused and removed by XLA.
-    return jax.vjp(matmul_xla, *residuals)[1](dy)
+def _matmul_native_bwd(activation, residuals, dy):
+    # The XLA form's pullback; its forward product is removed by XLA where the pullback does not need it.
+    return jax.vjp(functools.partial(matmul_xla, activation=activation), *residuals)[1](dy)
 
 
 matmul_native.defvjp(_matmul_native_fwd, _matmul_native_bwd)
 
 
-def matmul(x: jax.Array, kernel: jax.Array, bias: jax.Array, impl: MatmulImpl = "auto") -> jax.Array:
-    """``bias + x @ kernel`` (x (..., K), kernel (K, N), bias (N,), all of one dtype) by the chosen implementation."""
+def matmul(x: jax.Array, kernel: jax.Array, bias: jax.Array, impl: MatmulImpl = "auto",
+           activation: str | None = None) -> jax.Array:
+    """``activation(bias + x @ kernel)`` (x (..., K), kernel (K, N), bias (N,), all of one dtype; ``activation``
+    None or "gelu") by the chosen implementation."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if resolve_matmul_impl(impl, x.dtype, *kernel.shape) == "native":
-        return matmul_native(x, kernel, bias)
-    return matmul_xla(x, kernel, bias)
+        return matmul_native(x, kernel, bias, activation)
+    return matmul_xla(x, kernel, bias, activation)
 
 
 class Dense(nn.Module):
     """``nn.Dense`` (same parameters, initialisers and dtype rules) by :func:`matmul`: the product and bias summed
     in float32 and rounded once (``nn.Dense`` rounds a bfloat16 product before adding the bias), the bias gradient
-    by :func:`~convnext_audio_jax.models.layers.channel_sum`."""
+    by :func:`~convnext_audio_jax.models.layers.channel_sum`. ``activation="gelu"`` applies the exact GELU before
+    that rounding (one pass, and in the tile kernel's epilogue)."""
 
     features: int
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     kernel_init: Any = default_kernel_init
     impl: MatmulImpl = "auto"
+    activation: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
         dtype = self.dtype or jnp.result_type(x, kernel, bias)
-        return matmul(x.astype(dtype), kernel.astype(dtype), bias.astype(dtype), self.impl)
+        return matmul(x.astype(dtype), kernel.astype(dtype), bias.astype(dtype), self.impl, self.activation)

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from convnext_audio_jax.frontend import FrontendConfig
 from convnext_audio_jax.models.convnext import LogMelHook, _dense, _layer_norm
 from convnext_audio_jax.models.dense import MatmulImpl
-from convnext_audio_jax.models.layers import DepthwiseConv, DepthwiseImpl, Dtype, batch_norm, gelu, normalised_log_mel
+from convnext_audio_jax.models.layers import DepthwiseConv, DepthwiseImpl, Dtype, batch_norm, normalised_log_mel
 
 # PANNs initialise convolutions and dense layers with Xavier-uniform, biases with zeros.
 pann_kernel_init = nn.initializers.xavier_uniform()
@@ -111,7 +111,7 @@ class NextBlock(nn.Module):
             name="dwconv",
         )(x)
         x = _layer_norm(self.dtype, self.param_dtype, "norm")(x)
-        x = gelu(_dense(4 * self.features, self.dtype, self.param_dtype, "pwconv1", self.matmul_impl)(x))
+        x = _dense(4 * self.features, self.dtype, self.param_dtype, "pwconv1", self.matmul_impl, "gelu")(x)
         x = _dense(self.features, self.dtype, self.param_dtype, "pwconv2", self.matmul_impl)(x)
         return _avg_pool(x, self.pool)
 

@@ -175,9 +175,10 @@ def amx_available() -> bool:
     return bool(_state["library"].ConvnextAudioJaxAmxReady())
 
 
-def bf16_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+def bf16_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, gelu: bool = False) -> jax.Array:
     """``bias + x @ w`` in bfloat16 on the AMX tile unit: x (..., K), w (K, N), bias (N,); products and the bias
-    summed in float32, rounded to bfloat16 once. K and N must be multiples of 32.
+    summed in float32 (``gelu``: then the exact GELU in float32), rounded to bfloat16 once. K and N must be multiples
+    of 32.
 
     Under a mesh set for tracing each device multiplies its own rows (split along x's first axis)."""
     if not amx_available():
@@ -193,7 +194,7 @@ def bf16_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None) -> ja
     def call(x, w, bias):
         rows = x.reshape(-1, x.shape[-1])
         out = jax.ffi.ffi_call(MATMUL_TARGET, jax.ShapeDtypeStruct((rows.shape[0], features), jnp.bfloat16),
-                               vmap_method="sequential")(rows, w, bias)
+                               vmap_method="sequential")(rows, w, bias, gelu=bool(gelu))
         return out.reshape(*x.shape[:-1], features)
 
     x, w = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
