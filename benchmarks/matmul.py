@@ -6,7 +6,7 @@ float64 relative to the largest value.
 
     python benchmarks/matmul.py [--batch 8] [--rounds 5]
 
-"per step" weights the stages by their blocks (3, 3, 9, 3), both products of a block (C → 4C and 4C → C).
+"per forward" weights the stages by their blocks (3, 3, 9, 3), both products of a block (C → 4C and 4C → C).
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ def main() -> None:
             for name in names:
                 totals[name] += blocks * ms[name]
             flops_total += blocks * flops
-    print("| per step (3/3/9/3 blocks), ms | " + " | ".join(f"{totals[name]:.0f}" for name in names) + " | |")
-    print("| per step, GFLOP/s | " + " | ".join(f"{flops_total / totals[name] / 1e6:.0f}" for name in names) + " | |")
+    print("| per forward (3/3/9/3 blocks), ms | " + " | ".join(f"{totals[name]:.0f}" for name in names) + " | |")
+    print("| per forward, GFLOP/s | " + " | ".join(f"{flops_total / totals[name] / 1e6:.0f}" for name in names) + " | |")
 
 
 if __name__ == "__main__":

@@ -7,9 +7,8 @@ with XLA's dot (docs/benchmarks.md); the pointwise layers are most of its FLOPs.
 
 from __future__ import annotations
 
-from typing import Any, Literal
-
 import functools
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
@@ -63,7 +62,7 @@ def matmul_native(x: jax.Array, kernel: jax.Array, bias: jax.Array, activation: 
 
 
 def _matmul_native_fwd(x, kernel, bias, activation):
-    return matmul_native(x, kernel, bias, activation), (x, kernel, bias)
+    return native.bf16_matmul(x, kernel, bias, gelu=activation == "gelu"), (x, kernel, bias)
 
 
 def _matmul_native_bwd(activation, residuals, dy):

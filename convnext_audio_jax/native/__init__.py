@@ -199,11 +199,7 @@ def bf16_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, gelu:
 
     x, w = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
     bias = jnp.zeros((features,), jnp.float32) if bias is None else bias.astype(jnp.float32)
-    mesh = _batch_split_mesh(x.shape[0])
-    if mesh is None:
-        return call(x, w, bias)
-    rows, whole = PartitionSpec(mesh.axis_names), PartitionSpec()
-    return jax.shard_map(call, mesh=mesh, in_specs=(rows, whole, whole), out_specs=rows, check_vma=False)(x, w, bias)
+    return _per_device_rows(call, x, w, bias)
 
 
 def _batch_split_mesh(batch: int):
@@ -212,6 +208,17 @@ def _batch_split_mesh(batch: int):
     if mesh.empty or mesh.size == 1 or batch % mesh.size:
         return None
     return mesh
+
+
+def _per_device_rows(call, x: jax.Array, *whole: jax.Array) -> jax.Array:
+    """``call(x, *whole)``; under a mesh set for tracing, on each device's rows of ``x`` (split along its first axis)
+    with ``whole`` replicated, the output split the same way (no collective)."""
+    mesh = _batch_split_mesh(x.shape[0])
+    if mesh is None:
+        return call(x, *whole)
+    rows = PartitionSpec(mesh.axis_names)
+    return jax.shard_map(call, mesh=mesh, in_specs=(rows, *(PartitionSpec() for _ in whole)), out_specs=rows,
+                         check_vma=False)(x, *whole)
 
 
 def _output_size(size: int, pads: tuple[int, int], kernel: int) -> int:
@@ -243,11 +250,7 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, in
     use_bias = bias is not None
     x, kernel = x.astype(jnp.float32), kernel.astype(jnp.float32)
     bias = bias.astype(jnp.float32) if use_bias else jnp.zeros((channels,), jnp.float32)
-    mesh = _batch_split_mesh(x.shape[0])
-    if mesh is None:
-        return call(x, kernel, bias)
-    rows, whole = PartitionSpec(mesh.axis_names), PartitionSpec()
-    return jax.shard_map(call, mesh=mesh, in_specs=(rows, whole, whole), out_specs=rows, check_vma=False)(x, kernel, bias)
+    return _per_device_rows(call, x, kernel, bias)
 
 
 def depthwise_kernel_grad(x: jax.Array, dy: jax.Array, kernel_size: tuple[int, int],
