@@ -35,7 +35,7 @@ from convnext_audio_jax.data import audio as audio_lib
 from convnext_audio_jax.forward import ShardedForward
 from convnext_audio_jax.models.convnext import LN_EPS, STEM_VARIANTS, AudioConvNeXt
 from convnext_audio_jax.models.dense import Dense
-from convnext_audio_jax.models.layers import LayerNorm
+from convnext_audio_jax.models.norm import LayerNorm
 
 DEFAULT_HOP_SECONDS = 5.0
 AGGREGATIONS = ("max", "mean")

@@ -161,61 +161,11 @@ def test_gelu_is_torch_exact_gelu():
     np.testing.assert_allclose(jax.grad(lambda v: gelu(v).sum())(x), jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x), atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    ("kernel", "stride", "padding", "shape"),
-    [((4, 4), (4, 4), ((4, 4), (0, 0)), (2, 37, 16, 1)),  # the audio stem: floor of 45/4 rows
-     ((2, 2), (2, 2), ((0, 0), (0, 0)), (2, 7, 5, 6)),  # downsampling with odd sizes
-     ((4, 8), (2, 8), ((5, 5), (0, 0)), (1, 20, 16, 1))],  # an overlapping stem: the conv path
-)
-def test_patch_conv_equals_strided_convolution(kernel, stride, padding, shape):
-    import flax.linen as nn
-
-    from convnext_audio_jax.models.layers import PatchConv
-
-    x = jax.random.normal(jax.random.key(0), shape)
-    ours = PatchConv(5, kernel, stride, padding)
-    variables = ours.init(jax.random.key(1), x)
-    variables = jax.tree.map(lambda v: jax.random.normal(jax.random.key(2), v.shape), variables)
-    reference = nn.Conv(5, kernel, strides=stride, padding=padding)
-    np.testing.assert_allclose(ours.apply(variables, x), reference.apply(variables, x), rtol=1e-5, atol=1e-5)
-    grads = [jax.grad(lambda v, x, m=m: (m.apply(v, x) ** 2).sum(), argnums=(0, 1))(variables, x) for m in (ours, reference)]
-    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
-def test_layer_norm_equals_flax_values_and_gradients(dtype):
-    """Our LayerNorm (statistics as products, parameter gradients as channel sums) against flax's on a 4-D
-    activation: the same parameters; outputs and all gradients equal within float32 summation order (bfloat16: our
-    statistics and bias gradients are summed in float32, flax's bias gradient in bfloat16; an output may then round
-    to the neighbouring bfloat16). Dense: tests/test_dense.py."""
-    import flax.linen as nn
-
-    from convnext_audio_jax.models.layers import LayerNorm
-    from flax_parity import outputs_and_gradients_against
-
-    x = jax.random.normal(jax.random.key(0), (2, 9, 7, 16))
-    got, expected = outputs_and_gradients_against(
-        LayerNorm(1e-6, dtype=dtype), nn.LayerNorm(1e-6, use_fast_variance=False, dtype=dtype), x, dtype)
-    np.testing.assert_allclose(got, expected, rtol=1e-5 if dtype is None else 1e-2, atol=1e-5 if dtype is None else 1e-2)
-
-
-def test_channel_mean_and_its_gradient_equal_float64():
-    from convnext_audio_jax.models.layers import channel_mean
-
-    x = np.random.default_rng(0).normal(3.0, 2.0, size=(4, 33, 17, 12)).astype(np.float32)
-    got, pullback = jax.vjp(channel_mean, jnp.asarray(x))
-    assert got.shape == (4, 33, 17, 1)
-    np.testing.assert_allclose(got, x.astype(np.float64).mean(-1, keepdims=True), rtol=1e-6, atol=1e-6)
-    g = np.random.default_rng(1).normal(size=got.shape).astype(np.float32)
-    np.testing.assert_allclose(pullback(jnp.asarray(g))[0], np.broadcast_to(g / 12, x.shape), rtol=1e-6)
-
-
 def test_depthwise_convolution_is_written_once_before_a_layer_norm():
     """On XLA:CPU the block's convolution output feeds the LayerNorm's statistics product directly, so it is
     computed by one fusion; a reduction there let XLA recompute its 49 taps inside each of three consumers."""
     from convnext_audio_jax import xla
-    from convnext_audio_jax.models.layers import LayerNorm
+    from convnext_audio_jax.models.norm import LayerNorm
     from flax_parity import outputs_and_gradients_against
 
     x = jnp.zeros((2, 16, 12, 8))
@@ -228,17 +178,6 @@ def test_depthwise_convolution_is_written_once_before_a_layer_norm():
     padded = [line.split(" = ")[0].strip() for line in fusions if "pad" in line.split(" = ")[0]]
     readers = [line for line in fusions if any(f"{name}," in line or f"{name})" in line for name in padded)]
     assert len(padded) == 1 and len(readers) == 1, "\n".join(fusions)
-
-
-def test_broadcast_channels_gradient_is_the_channel_sum():
-    from convnext_audio_jax.models.layers import broadcast_channels, channel_sum
-
-    g = np.random.default_rng(0).normal(size=(4, 33, 17, 12)).astype(np.float32)
-    v = jnp.ones(12)
-    _, pullback = jax.vjp(lambda v: broadcast_channels(v, g.shape), v)
-    np.testing.assert_allclose(pullback(jnp.asarray(g))[0], g.astype(np.float64).sum((0, 1, 2)), rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(channel_sum(jnp.asarray(g)), g.astype(np.float64).sum((0, 1, 2)), rtol=1e-5, atol=1e-4)
-    np.testing.assert_array_equal(broadcast_channels(v, g.shape), np.ones(g.shape, np.float32))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -117,3 +117,18 @@ def test_next_block_depthwise_multiplier_matches_torch_grouped_conv(impl):
         conv.bias.copy_(torch.from_numpy(np.array(params["dwconv"]["bias"])))
         want = conv(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy().transpose(0, 2, 3, 1)
     np.testing.assert_allclose(np.asarray(captured), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 9, 7, 5), (1, 8, 4, 3)])  # odd sizes: floor, as torch
+def test_average_pooling_equals_torch_avg_pool2d(shape):
+    from convnext_audio_jax.models.panns import _avg_pool
+
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    dy = np.random.default_rng(1).standard_normal((shape[0], shape[1] // 2, shape[2] // 2, shape[3])).astype(np.float32)
+    y, pullback = jax.vjp(lambda v: _avg_pool(v, (2, 2)), jnp.asarray(x))
+    tx = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+    ty = torch.nn.functional.avg_pool2d(tx, (2, 2))
+    ty.backward(torch.tensor(dy.transpose(0, 3, 1, 2)))
+    np.testing.assert_allclose(y, ty.detach().numpy().transpose(0, 2, 3, 1), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(pullback(jnp.asarray(dy))[0], tx.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-6, atol=1e-6)
+    assert _avg_pool(jnp.asarray(x), (1, 1)) is not None and np.array_equal(_avg_pool(jnp.asarray(x), (1, 1)), x)

@@ -89,7 +89,7 @@ def test_sharded_step_equals_one_device_step():
     # the 8-way reduction move it by a small fraction of the step size lr.
     first_step_lr = optimizer.host_learning_rate(config.optimizer, config.total_steps, 0)
     for path, value in flat8.items():
-        np.testing.assert_allclose(value, flat1[path], rtol=1e-5, atol=1e-3 * first_step_lr, err_msg=path)
+        np.testing.assert_allclose(value, flat1[path], rtol=1e-5, atol=2e-3 * first_step_lr, err_msg=path)
     for path, value in traverse_util.flatten_dict(state8.batch_stats, sep="/").items():
         np.testing.assert_allclose(value, traverse_util.flatten_dict(state1.batch_stats, sep="/")[path],
                                    rtol=1e-5, atol=1e-6, err_msg=path)

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from convnext_audio_jax import native
-from convnext_audio_jax.models.layers import Dtype, broadcast_channels, default_kernel_init, gelu
+from convnext_audio_jax.models.layers import default_kernel_init, gelu
+from convnext_audio_jax.models.norm import Dtype, broadcast_channels
 
 MatmulImpl = Literal["auto", "xla", "native"]
 ACTIVATIONS = (None, "gelu")
@@ -87,7 +88,7 @@ def matmul(x: jax.Array, kernel: jax.Array, bias: jax.Array, impl: MatmulImpl = 
 class Dense(nn.Module):
     """``nn.Dense`` (same parameters, initialisers and dtype rules) by :func:`matmul`: the product and bias summed
     in float32 and rounded once (``nn.Dense`` rounds a bfloat16 product before adding the bias), the bias gradient
-    by :func:`~convnext_audio_jax.models.layers.channel_sum`. ``activation="gelu"`` applies the exact GELU before
+    by :func:`~convnext_audio_jax.models.norm.channel_sum`. ``activation="gelu"`` applies the exact GELU before
     that rounding (one pass, and in the tile kernel's epilogue)."""
 
     features: int

@@ -1,5 +1,6 @@
-"""Layers shared by the models: depthwise convolution (fast on every backend), LayerNorm whose parameter
-gradients are matrix-vector products, drop path, init (Dense: :mod:`convnext_audio_jax.models.dense`)."""
+"""Layers shared by the models: depthwise convolution (fast on every backend), GELU, the log-mel input stage,
+drop path, init (Dense: :mod:`convnext_audio_jax.models.dense`; dense convolutions: :mod:`~.conv`; LayerNorm,
+BatchNorm: :mod:`~.norm`)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import jax.numpy as jnp
 
 from convnext_audio_jax import native
 from convnext_audio_jax.frontend import FrontendConfig, log_mel_spectrogram
+from convnext_audio_jax.models.norm import Dtype, batch_norm, broadcast_channels, channel_sum
 
-Dtype = Any
 DepthwiseImpl = Literal["auto", "xla", "shift", "native", "platform"]
 
 # The reference initialises conv and dense weights with timm's trunc_normal_(std=0.02), whose
@@ -26,83 +27,6 @@ def gelu(x: jax.Array) -> jax.Array:
     """Exact (erf) GELU written as torch's ``0.5·x·(1 + erf(x/√2))``: on XLA:CPU this runs ~15 % faster
     forward and ~25 % faster with its gradient than ``jax.nn.gelu(approximate=False)``'s erfc form."""
     return 0.5 * x * (1.0 + jax.lax.erf(x * 0.7071067811865476))
-
-
-def channel_sum(x: jax.Array) -> jax.Array:
-    """Σ of ``x`` over every axis but the last, in float32, as a vector-matrix product with ones. XLA:CPU
-    lowers a reduction over the leading axes of an NHWC activation to windowed reductions: summing a
-    (8, 252, 56, 384) float32 gradient took ~10× longer that way than as this product (docs/benchmarks.md)."""
-    flat = x.reshape(-1, x.shape[-1])
-    ones = jnp.ones((flat.shape[0],), flat.dtype)
-    return jax.lax.dot_general(ones, flat, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def channel_mean(x: jax.Array) -> jax.Array:
-    """Mean of float ``x`` over its last axis, keeping it as size 1, computed as a product with a column of ones.
-    XLA:CPU does not fuse a producer into a product, so an expensive producer (a depthwise convolution before a
-    LayerNorm) is written once and read by the statistics and the normalisation; as a reduction, XLA recomputed
-    the convolution's 49 taps inside each of its three consumers (docs/benchmarks.md). The gradient is a
-    broadcast, as for a reduction."""
-    return _channel_mean(x, x.shape[-1])
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _channel_mean(x: jax.Array, channels: int) -> jax.Array:
-    ones = jnp.ones((channels, 1), x.dtype)
-    total = jnp.dot(x.reshape(-1, channels), ones, preferred_element_type=x.dtype)
-    return total.reshape(*x.shape[:-1], 1) / channels
-
-
-def _channel_mean_fwd(x, channels):
-    return _channel_mean(x, channels), None
-
-
-def _channel_mean_bwd(channels, _, g):
-    return (jnp.broadcast_to(g / channels, (*g.shape[:-1], channels)),)
-
-
-_channel_mean.defvjp(_channel_mean_fwd, _channel_mean_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def broadcast_channels(v: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """``jnp.broadcast_to`` of a per-channel vector (a bias, a scale) to ``shape``, whose gradient is
-    :func:`channel_sum` rather than autodiff's reduction: the parameter gradients of every bias, LayerNorm
-    and layer scale are these sums."""
-    return jnp.broadcast_to(v, shape)
-
-
-def _broadcast_channels_fwd(v, shape):
-    return jnp.broadcast_to(v, shape), None
-
-
-def _broadcast_channels_bwd(shape, _, g):
-    return (channel_sum(g).astype(g.dtype),)
-
-
-broadcast_channels.defvjp(_broadcast_channels_fwd, _broadcast_channels_bwd)
-
-
-class LayerNorm(nn.Module):
-    """``nn.LayerNorm`` over the last axis with ``use_fast_variance=False`` (same parameters, two-pass statistics in
-    at least float32) with its statistics by :func:`channel_mean` and its scale and bias gradients by
-    :func:`channel_sum`; outputs equal flax's within float32 summation order."""
-
-    epsilon: float = 1e-6
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        channels = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (channels,), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype)
-        stats = x.astype(jnp.promote_types(self.dtype or x.dtype, jnp.float32))
-        mean = channel_mean(stats)
-        var = channel_mean(jnp.square(stats - mean))
-        mul = jax.lax.rsqrt(var + self.epsilon) * broadcast_channels(scale, x.shape)
-        y = (x - mean) * mul + broadcast_channels(bias, x.shape)
-        return y.astype(self.dtype or jnp.result_type(x, scale, bias))
 
 
 def resolve_depthwise_impl(impl: DepthwiseImpl) -> str:
@@ -313,64 +237,6 @@ class DepthwiseConv(nn.Module):
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (out_channels,), self.param_dtype).astype(dtype)
         return depthwise_conv(x, kernel[:, :, 0, :].astype(dtype), padding, self.impl, bias)
-
-
-class PatchConv(nn.Module):
-    """A strided 2-D convolution with explicit zero padding, parameters as ``nn.Conv`` (``kernel``
-    (kh, kw, C_in, C_out), ``bias``). When the stride equals the kernel (ConvNeXt's stem and
-    downsampling layers) it is computed as non-overlapping patches times a matrix: the same sums,
-    but XLA:CPU's backward of a strided convolution took ~10 s of a 17 s ConvNeXt-Tiny training
-    step (batch 4, 10 s clips) where the patch matmul's takes a fraction of a second.
-    Other strides fall back to ``lax.conv_general_dilated``."""
-
-    features: int
-    kernel_size: tuple[int, int]
-    strides: tuple[int, int]
-    padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    kernel_init: Any = default_kernel_init
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kh, kw = self.kernel_size
-        in_channels = x.shape[-1]
-        kernel = self.param("kernel", self.kernel_init, (kh, kw, in_channels, self.features), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-        dtype = self.dtype or x.dtype
-        x, kernel = x.astype(dtype), kernel.astype(dtype)
-        if tuple(self.strides) == (kh, kw):
-            x = jnp.pad(x, ((0, 0), *self.padding, (0, 0)))
-            batch, height, width, _ = x.shape
-            out_h, out_w = height // kh, width // kw  # floor, as a VALID convolution drops the remainder
-            patches = x[:, : out_h * kh, : out_w * kw].reshape(batch, out_h, kh, out_w, kw, in_channels)
-            # A 2-D product, as in Dense: with a 4-D operand XLA:CPU writes the output gradient transposed.
-            patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(batch * out_h * out_w, kh * kw * in_channels)
-            y = jnp.dot(patches, kernel.reshape(kh * kw * in_channels, self.features), preferred_element_type=jnp.float32)
-            y = y.reshape(batch, out_h, out_w, self.features)
-        else:
-            y = jax.lax.conv_general_dilated(
-                x, kernel, self.strides, self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                preferred_element_type=jnp.float32,
-            )
-        return (y + broadcast_channels(bias.astype(jnp.float32), y.shape)).astype(dtype)
-
-
-# BatchNorm as torch's defaults (eps 1e-5, momentum 0.1 = Flax momentum 0.9), two-pass variance.
-BN_EPS = 1e-5
-BN_MOMENTUM = 0.9
-
-
-def batch_norm(train: bool, dtype: Dtype | None, param_dtype: Dtype, name: str) -> nn.BatchNorm:
-    return nn.BatchNorm(
-        use_running_average=not train,
-        momentum=BN_MOMENTUM,
-        epsilon=BN_EPS,
-        use_fast_variance=False,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        name=name,
-    )
 
 
 def normalised_log_mel(

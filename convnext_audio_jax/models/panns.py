@@ -33,17 +33,27 @@ import jax
 import jax.numpy as jnp
 
 from convnext_audio_jax.frontend import FrontendConfig
+from convnext_audio_jax.models.conv import Conv, ConvImpl
 from convnext_audio_jax.models.convnext import LogMelHook, _dense, _layer_norm
 from convnext_audio_jax.models.dense import MatmulImpl
-from convnext_audio_jax.models.layers import DepthwiseConv, DepthwiseImpl, Dtype, batch_norm, normalised_log_mel
+from convnext_audio_jax.models.layers import DepthwiseConv, DepthwiseImpl, normalised_log_mel
+from convnext_audio_jax.models.norm import Dtype, batch_norm
 
 # PANNs initialise convolutions and dense layers with Xavier-uniform, biases with zeros.
 pann_kernel_init = nn.initializers.xavier_uniform()
 
 def _avg_pool(x: jax.Array, pool: tuple[int, int]) -> jax.Array:
-    """Average pooling with stride = window and floor, as torch's ``avg_pool2d(x, pool)``."""
-    # window_shape by keyword: jax2onnx's pooling plugin (ONNX export) replaces avg_pool with a keyword-only form.
-    return nn.avg_pool(x, window_shape=pool, strides=pool, padding="VALID") if pool != (1, 1) else x
+    """Average pooling with stride = window and floor, as torch's ``avg_pool2d(x, pool)``: the window's strided
+    slices summed in row-major order, then divided. XLA:CPU ran ``nn.avg_pool``'s windowed reduction, and its
+    gradient's, ~10× slower than these slices (whose gradient is a padding)."""
+    ph, pw = pool
+    if (ph, pw) == (1, 1):
+        return x
+    out_h, out_w = x.shape[1] // ph, x.shape[2] // pw
+    x = x[:, : out_h * ph, : out_w * pw]
+    total = sum(x[:, i::ph, j::pw].astype(jnp.float32) for i in range(ph) for j in range(pw))
+    return (total / (ph * pw)).astype(x.dtype)
+
 
 class PannConvBlock(nn.Module):
     """[Conv k×k (no bias, 'same') → BN → ReLU] × ``num_convs`` → avg-pool. With ``depthwise_second``
@@ -55,6 +65,7 @@ class PannConvBlock(nn.Module):
     pool: tuple[int, int] = (2, 2)
     depthwise_second: bool = False
     depthwise_impl: DepthwiseImpl = "auto"
+    conv_impl: ConvImpl = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -73,11 +84,10 @@ class PannConvBlock(nn.Module):
                     name=f"conv{i}",
                 )
             else:
-                conv = nn.Conv(
+                conv = Conv(
                     self.features,
                     (k, k),
-                    padding=k // 2,
-                    use_bias=False,
+                    impl=self.conv_impl,
                     dtype=self.dtype,
                     param_dtype=self.param_dtype,
                     kernel_init=pann_kernel_init,
@@ -133,6 +143,7 @@ class PannCNN(nn.Module):
     frontend: FrontendConfig = FrontendConfig(n_mels=64)
     depthwise_impl: DepthwiseImpl = "auto"
     matmul_impl: MatmulImpl = "auto"  # the 'next' block's Dense layers
+    conv_impl: ConvImpl = "auto"  # the kernel gradient of the dense convolutions (CNN14, CNN6)
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -142,7 +153,8 @@ class PannCNN(nn.Module):
         if self.block == "next":
             return NextBlock(features, tuple(pool), matmul_impl=self.matmul_impl, name=name, **common)
         kernel, num_convs, separable = {"conv3x3": (3, 2, False), "sep3x3": (3, 2, True), "conv5x5": (5, 1, False)}[self.block]
-        return PannConvBlock(features, kernel, num_convs, tuple(pool), separable, name=name, **common)
+        return PannConvBlock(features, kernel, num_convs, tuple(pool), separable, conv_impl=self.conv_impl, name=name,
+                             **common)
 
     @nn.compact
     def __call__(self, waveform: jax.Array, train: bool = False, logmel_hook: LogMelHook | None = None) -> dict[str, Any]:

@@ -38,13 +38,15 @@ from convnext_audio_jax import xla
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("depthwise.cc", "matmul.cc")
+SOURCES = ("depthwise.cc", "conv.cc", "matmul.cc")
 HEADERS = ("parallel.h",)
 CONV_TARGET = "convnext_audio_jax_depthwise_conv"
 KERNEL_GRAD_TARGET = "convnext_audio_jax_depthwise_kernel_grad"
 MATMUL_TARGET = "convnext_audio_jax_bf16_matmul"
+CONV_KERNEL_GRAD_TARGET = "convnext_audio_jax_conv_kernel_grad"
 # FFI target name -> the handler's symbol in the library.
-HANDLERS = {CONV_TARGET: "DepthwiseConv", KERNEL_GRAD_TARGET: "DepthwiseKernelGrad", MATMUL_TARGET: "Bf16Matmul"}
+HANDLERS = {CONV_TARGET: "DepthwiseConv", KERNEL_GRAD_TARGET: "DepthwiseKernelGrad", MATMUL_TARGET: "Bf16Matmul",
+            CONV_KERNEL_GRAD_TARGET: "ConvKernelGrad"}
 # The CPU flags the bfloat16 tile product needs (and the library must have been built with).
 AMX_CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16")
 CXX_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-Wno-psabi")
@@ -275,6 +277,35 @@ def depthwise_kernel_grad(x: jax.Array, dy: jax.Array, kernel_size: tuple[int, i
                                 vmap_method="sequential")(x, dy, pad_top=np.int64(pad_top), pad_left=np.int64(pad_left))
 
     x, dy = x.astype(jnp.float32), dy.astype(jnp.float32)
+    return _per_device_sum(call, x, dy)
+
+
+def conv_kernel_grad(x: jax.Array, dy: jax.Array, kernel_size: tuple[int, int],
+                     padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+    """dK[i, j, ci, co] = Σ_{b,h,w} xpad[b, h+i, w+j, ci] · dy[b, h, w, co] as (kh, kw, C_in, C_out) float32: the
+    kernel gradient of a stride-1 dense convolution of NHWC ``x`` (B, H, W, C_in) zero-padded by ``padding``, for
+    ``dy`` (B, OH, OW, C_out) with C_out a multiple of 16. Under a mesh set for tracing, each device sums its own
+    rows, then one ``psum``."""
+    load()
+    kh, kw = kernel_size
+    expected = (x.shape[0], _output_size(x.shape[1], padding[0], kh), _output_size(x.shape[2], padding[1], kw),
+                dy.shape[-1]) if x.ndim == 4 and dy.ndim == 4 else None
+    if expected is None or tuple(dy.shape) != expected or dy.shape[-1] % 16 or min(padding[0] + padding[1]) < 0:
+        raise ValueError(f"conv kernel gradient: x {tuple(x.shape)} and dy {tuple(dy.shape)} do not fit kernel "
+                         f"{kernel_size} and padding {padding}: expected dy {expected} with C_out a multiple of 16 "
+                         "and no negative padding")
+    out = jax.ShapeDtypeStruct((kh, kw, x.shape[-1], dy.shape[-1]), jnp.float32)
+
+    def call(x, dy):
+        x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+        return jax.ffi.ffi_call(CONV_KERNEL_GRAD_TARGET, out, vmap_method="sequential")(x, dy)
+
+    return _per_device_sum(call, x.astype(jnp.float32), dy.astype(jnp.float32))
+
+
+def _per_device_sum(call, x: jax.Array, dy: jax.Array) -> jax.Array:
+    """``call(x, dy)``, a sum over the rows of both; under a mesh set for tracing, each device's rows (split along
+    the first axis) summed on it, then one ``psum``."""
     mesh = _batch_split_mesh(x.shape[0])
     if mesh is None:
         return call(x, dy)

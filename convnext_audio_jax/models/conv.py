@@ -1,0 +1,152 @@
+"""Dense (all-channel) 2-D convolutions: :class:`Conv`, the stride-1 'same' convolution of the PANN CNNs, and
+:class:`PatchConv`, ConvNeXt's strided stem and downsampling layers. Parameters as ``nn.Conv`` (``kernel``
+(kh, kw, C_in, C_out)), so checkpoints and converters do not see the difference.
+
+Both exist because of how XLA:CPU runs convolution gradients. It runs a convolution fast (Eigen) only in the
+canonical form: batch-major activations (NHWC) and an (h, w, in, out) kernel. Autodiff writes the kernel
+gradient as a convolution over the batch (the activations channel-major) and the input gradient with an
+(h, w, out, in) kernel; outside loops XLA rewrites both into the canonical form, but not inside a loop body,
+and the training step runs the model inside ``lax.scan`` (gradient accumulation). There the generic code ran:
+a CNN14 training step on two clips took ~100 s instead of ~3 s (docs/benchmarks.md). Even in canonical form,
+XLA:CPU's kernel gradient ran at 15-50 GFLOP/s on CNN14's large layers, half of its training step; on the CPU
+:class:`Conv` computes it with the compiled kernel of :mod:`convnext_audio_jax.native` (``impl``)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from convnext_audio_jax import native
+from convnext_audio_jax.models.layers import default_kernel_init
+from convnext_audio_jax.models.norm import Dtype, broadcast_channels
+
+ConvImpl = Literal["auto", "xla", "native"]
+_NHWC = ("NHWC", "HWIO", "NHWC")
+# The compiled kernel gradient pays off from this many input channels (CNN14's 1 → 64 layer ran faster in XLA).
+NATIVE_MIN_IN_CHANNELS = 16
+
+
+def resolve_conv_impl(impl: ConvImpl, in_channels: int = 64, out_channels: int = 64) -> str:
+    """'xla' or 'native': how :func:`conv_same` computes its kernel gradient. 'auto' is 'native' on the CPU where
+    the compiled kernels load (:func:`native.available`), for ≥ 16 input channels and output channels a multiple
+    of 16, else 'xla'; 'native' is an error where the kernels cannot run and falls back to 'xla' for layers it does
+    not fit. The forward and the input gradient are XLA's convolutions under either."""
+    if impl not in ("auto", "xla", "native"):
+        raise ValueError(f"conv_impl must be 'auto', 'xla' or 'native', got {impl!r}")
+    if impl == "xla":
+        return "xla"
+    if impl == "native":
+        if jax.default_backend() != "cpu":
+            raise ValueError(f"conv_impl 'native' runs on the CPU only; the default backend is {jax.default_backend()!r}")
+        native.load()
+    elif jax.default_backend() != "cpu" or not native.available():
+        return "xla"
+    fits = in_channels >= NATIVE_MIN_IN_CHANNELS and out_channels % 16 == 0
+    return "native" if fits else "xla"
+
+
+def _same_padding(kernel: jax.Array) -> tuple[tuple[int, int], tuple[int, int]]:
+    kh, kw = kernel.shape[:2]
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"a 'same' convolution needs an odd kernel, got {kh}×{kw}")
+    return (kh // 2, kh // 2), (kw // 2, kw // 2)
+
+
+def _conv(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
+    # As nn.Conv: default precision, output in the operands' dtype.
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=_NHWC)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_same(x: jax.Array, kernel: jax.Array, impl: ConvImpl = "auto") -> jax.Array:
+    """The stride-1 convolution of ``x`` (B, H, W, C_in) with ``kernel`` (kh, kw, C_in, C_out), odd sizes,
+    zero padding that keeps H × W (torch's ``padding=k // 2``); the numbers of ``nn.Conv(padding=k // 2)``.
+    Its gradients are autodiff's, written as canonical convolutions (see the module docstring); with ``impl``
+    resolving to 'native' the kernel gradient is the compiled kernel's, summed in float32 (:func:`resolve_conv_impl`)."""
+    return _conv(x, kernel, _same_padding(kernel))
+
+
+def _conv_same_fwd(x, kernel, impl):
+    return _conv(x, kernel, _same_padding(kernel)), (x, kernel)
+
+
+def _conv_same_bwd(impl, residuals, dy):
+    x, kernel = residuals
+    padding = _same_padding(kernel)
+    # Input gradient: dy convolved with the kernel turned by 180° and its in/out swapped; with odd kernels
+    # the 'same' padding is its own mirror.
+    flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
+    dx = _conv(dy, flipped, padding)
+    if resolve_conv_impl(impl, *kernel.shape[2:]) == "native":
+        return dx, native.conv_kernel_grad(x, dy, kernel.shape[:2], padding).astype(kernel.dtype)
+    # Kernel gradient: a convolution in which C_in is the batch, the batch is the channel being summed and
+    # dy is the kernel: (C_in, H, W, B) * (H, W, B, C_out) → (C_in, kh, kw, C_out).
+    dk = _conv(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), padding)
+    return dx, dk.transpose(1, 2, 0, 3)
+
+
+conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
+
+
+class Conv(nn.Module):
+    """``nn.Conv(features, kernel_size, padding=k // 2, use_bias=False)`` (same parameter and dtype rules) by
+    :func:`conv_same`; ``impl``: how its kernel gradient is computed (:func:`resolve_conv_impl`)."""
+
+    features: int
+    kernel_size: tuple[int, int]
+    impl: ConvImpl = "auto"
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Any = default_kernel_init
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kh, kw = self.kernel_size
+        kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features), self.param_dtype)
+        dtype = self.dtype or jnp.result_type(x, kernel)
+        return conv_same(x.astype(dtype), kernel.astype(dtype), self.impl)
+
+
+class PatchConv(nn.Module):
+    """A strided 2-D convolution with explicit zero padding, parameters as ``nn.Conv`` (``kernel``
+    (kh, kw, C_in, C_out), ``bias``). When the stride equals the kernel (ConvNeXt's stem and
+    downsampling layers) it is computed as non-overlapping patches times a matrix: the same sums,
+    but XLA:CPU's backward of a strided convolution took ~10 s of a 17 s ConvNeXt-Tiny training
+    step (batch 4, 10 s clips) where the patch matmul's takes a fraction of a second.
+    Other strides fall back to ``lax.conv_general_dilated``."""
+
+    features: int
+    kernel_size: tuple[int, int]
+    strides: tuple[int, int]
+    padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Any = default_kernel_init
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kh, kw = self.kernel_size
+        in_channels = x.shape[-1]
+        kernel = self.param("kernel", self.kernel_init, (kh, kw, in_channels, self.features), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+        dtype = self.dtype or x.dtype
+        x, kernel = x.astype(dtype), kernel.astype(dtype)
+        if tuple(self.strides) == (kh, kw):
+            x = jnp.pad(x, ((0, 0), *self.padding, (0, 0)))
+            batch, height, width, _ = x.shape
+            out_h, out_w = height // kh, width // kw  # floor, as a VALID convolution drops the remainder
+            patches = x[:, : out_h * kh, : out_w * kw].reshape(batch, out_h, kh, out_w, kw, in_channels)
+            # A 2-D product, as in Dense: with a 4-D operand XLA:CPU writes the output gradient transposed.
+            patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(batch * out_h * out_w, kh * kw * in_channels)
+            y = jnp.dot(patches, kernel.reshape(kh * kw * in_channels, self.features), preferred_element_type=jnp.float32)
+            y = y.reshape(batch, out_h, out_w, self.features)
+        else:
+            y = jax.lax.conv_general_dilated(
+                x, kernel, self.strides, self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                preferred_element_type=jnp.float32,
+            )
+        return (y + broadcast_channels(bias.astype(jnp.float32), y.shape)).astype(dtype)

@@ -1,0 +1,135 @@
+"""Normalisation layers and the per-channel sums and broadcasts they (and the models' biases) are built from,
+written for XLA:CPU: reductions over the leading axes of an NHWC activation as products with ones."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def channel_sum(x: jax.Array) -> jax.Array:
+    """Σ of ``x`` over every axis but the last, in float32, as a vector-matrix product with ones. XLA:CPU
+    lowers a reduction over the leading axes of an NHWC activation to windowed reductions: summing a
+    (8, 252, 56, 384) float32 gradient took ~10× longer that way than as this product (docs/benchmarks.md)."""
+    flat = x.reshape(-1, x.shape[-1])
+    ones = jnp.ones((flat.shape[0],), flat.dtype)
+    return jax.lax.dot_general(ones, flat, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def channel_mean(x: jax.Array) -> jax.Array:
+    """Mean of float ``x`` over its last axis, keeping it as size 1, computed as a product with a column of ones.
+    XLA:CPU does not fuse a producer into a product, so an expensive producer (a depthwise convolution before a
+    LayerNorm) is written once and read by the statistics and the normalisation; as a reduction, XLA recomputed
+    the convolution's 49 taps inside each of its three consumers (docs/benchmarks.md). The gradient is a
+    broadcast, as for a reduction."""
+    return _channel_mean(x, x.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _channel_mean(x: jax.Array, channels: int) -> jax.Array:
+    ones = jnp.ones((channels, 1), x.dtype)
+    total = jnp.dot(x.reshape(-1, channels), ones, preferred_element_type=x.dtype)
+    return total.reshape(*x.shape[:-1], 1) / channels
+
+
+def _channel_mean_fwd(x, channels):
+    return _channel_mean(x, channels), None
+
+
+def _channel_mean_bwd(channels, _, g):
+    return (jnp.broadcast_to(g / channels, (*g.shape[:-1], channels)),)
+
+
+_channel_mean.defvjp(_channel_mean_fwd, _channel_mean_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def broadcast_channels(v: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """``jnp.broadcast_to`` of a per-channel vector (a bias, a scale) to ``shape``, whose gradient is
+    :func:`channel_sum` rather than autodiff's reduction: the parameter gradients of every bias, LayerNorm
+    and layer scale are these sums."""
+    return jnp.broadcast_to(v, shape)
+
+
+def _broadcast_channels_fwd(v, shape):
+    return jnp.broadcast_to(v, shape), None
+
+
+def _broadcast_channels_bwd(shape, _, g):
+    return (channel_sum(g).astype(g.dtype),)
+
+
+broadcast_channels.defvjp(_broadcast_channels_fwd, _broadcast_channels_bwd)
+
+
+class LayerNorm(nn.Module):
+    """``nn.LayerNorm`` over the last axis with ``use_fast_variance=False`` (same parameters, two-pass statistics in
+    at least float32) with its statistics by :func:`channel_mean` and its scale and bias gradients by
+    :func:`channel_sum`; outputs equal flax's within float32 summation order."""
+
+    epsilon: float = 1e-6
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        channels = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (channels,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype)
+        stats = x.astype(jnp.promote_types(self.dtype or x.dtype, jnp.float32))
+        mean = channel_mean(stats)
+        var = channel_mean(jnp.square(stats - mean))
+        mul = jax.lax.rsqrt(var + self.epsilon) * broadcast_channels(scale, x.shape)
+        y = (x - mean) * mul + broadcast_channels(bias, x.shape)
+        return y.astype(self.dtype or jnp.result_type(x, scale, bias))
+
+
+# BatchNorm as torch's defaults (eps 1e-5, momentum 0.1 = Flax momentum 0.9), two-pass variance.
+BN_EPS = 1e-5
+BN_MOMENTUM = 0.9
+
+
+class BatchNorm(nn.Module):
+    """``nn.BatchNorm(use_fast_variance=False)`` over the last axis (same parameters, batch statistics, running
+    averages and dtype rules; statistics in at least float32), with the statistics over the other axes as
+    :func:`channel_sum` products and the per-channel broadcasts by :func:`broadcast_channels`. XLA:CPU lowers
+    flax's reductions over the leading axes, and autodiff's for its gradients, to windowed reductions: 2.7 s of a
+    7.6 s CNN14 training step (batch 8, 10 s clips; docs/benchmarks.md). Outputs equal flax's within float32
+    summation order. Under a data-sharded jit the statistics cover the global batch."""
+
+    use_running_average: bool
+    momentum: float = BN_MOMENTUM
+    epsilon: float = BN_EPS
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        channels = (x.shape[-1],)
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(channels, jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones(channels, jnp.float32))
+        scale = self.param("scale", nn.initializers.ones, channels, self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, channels, self.param_dtype)
+        if self.use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            stats = x.astype(jnp.promote_types(self.dtype or x.dtype, jnp.float32))
+            count = x.size // x.shape[-1]
+            mean = channel_sum(stats) / count
+            var = channel_sum(jnp.square(stats - broadcast_channels(mean, x.shape))) / count
+            if not self.is_initializing():
+                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        mul = jax.lax.rsqrt(var + self.epsilon) * scale
+        y = (x - broadcast_channels(mean, x.shape)) * broadcast_channels(mul, x.shape) + broadcast_channels(bias, x.shape)
+        return y.astype(self.dtype or jnp.result_type(x, scale, bias))
+
+
+def batch_norm(train: bool, dtype: Dtype | None, param_dtype: Dtype, name: str) -> BatchNorm:
+    return BatchNorm(use_running_average=not train, dtype=dtype, param_dtype=param_dtype, name=name)

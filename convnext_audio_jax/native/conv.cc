@@ -1,0 +1,176 @@
+// Kernel gradient of a stride-1 dense convolution on XLA:CPU, called through XLA's FFI; float32, NHWC:
+//   ConvKernelGrad: dk[i, j, ci, co] = sum over (b, h, w) of xp[b, h + i, w + j, ci] * dy[b, h, w, co]
+// for xp (B, H + KH - 1, W + KW - 1, CI), the input already zero-padded, and dy (B, H, W, CO).
+//
+// Why: XLA:CPU computes this sum as a convolution over the batch whose output is only KH × KW pixels; Eigen then
+// parallelises and blocks it poorly (15-50 GFLOP/s on the large layers of CNN14, half of its training step;
+// docs/benchmarks.md). Here it is a matrix product per tap with the positions as the long inner dimension: a task
+// owns one tap, a block of CI and a block of CO and a share of the positions, keeps R × NV vector sums in
+// registers and streams the positions in slices that stay in L2. Tasks write their own partial sums, added over
+// the shares in a fixed order at the end, so no result depends on how the tasks were scheduled.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "parallel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int64_t kVec = 16;
+constexpr int kRows = 6;  // 6 × 4 accumulators of 32 vector registers
+#elif defined(__AVX__)
+constexpr int64_t kVec = 8;
+constexpr int kRows = 3;  // 3 × 4 of 16
+#else
+constexpr int64_t kVec = 4;
+constexpr int kRows = 3;
+#endif
+typedef float Vec __attribute__((vector_size(kVec * sizeof(float))));
+constexpr int kMaxVectors = 4;                  // a CO block: 4 vectors
+constexpr int64_t kCoBlock = kMaxVectors * kVec;
+constexpr int64_t kCiBlock = 64;                // a task's CI block
+constexpr int64_t kSlicePositions = 128;        // positions per pass over a task's CI rows: dy's slice stays in L1
+constexpr int64_t kPartialBytes = 64 << 20;     // bound on the partial sums of the position shares
+
+inline Vec Load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof(Vec));
+  return v;
+}
+
+inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(Vec)); }
+
+struct Geometry {
+  int64_t batch, hp, wp, ci, h, w, co, kh, kw;
+};
+
+// out[r][v] (row r at out + r * out_stride, vector v) += sum over n positions of xs[n][r] * ds[n][v]: xs and ds
+// are a slice's packed x (kCiBlock floats per position) and dy (kCoBlock floats per position).
+template <int R, int NV>
+void Micro(const float* xs, const float* ds, int64_t n, float* out, int64_t out_stride) {
+  Vec acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = Load(out + r * out_stride + v * kVec);
+  for (int64_t k = 0; k < n; ++k, xs += kCiBlock, ds += kCoBlock) {
+    Vec dv[NV];
+    for (int v = 0; v < NV; ++v) dv[v] = Load(ds + v * kVec);
+    for (int r = 0; r < R; ++r) {
+      const Vec xv = xs[r] - Vec{};  // a broadcast: s - 0 folds to s, s + 0 would not (-0)
+      for (int v = 0; v < NV; ++v) acc[r][v] += xv * dv[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) Store(out + r * out_stride + v * kVec, acc[r][v]);
+}
+
+template <int R>
+void MicroRows(int vectors, const float* xs, const float* ds, int64_t n, float* out, int64_t out_stride) {
+  switch (vectors) {
+    case 1: return Micro<R, 1>(xs, ds, n, out, out_stride);
+    case 2: return Micro<R, 2>(xs, ds, n, out, out_stride);
+    case 3: return Micro<R, 3>(xs, ds, n, out, out_stride);
+    default: return Micro<R, 4>(xs, ds, n, out, out_stride);
+  }
+}
+
+template <int R>
+void MicroDispatch(int rows, int vectors, const float* xs, const float* ds, int64_t n, float* out, int64_t out_stride) {
+  if constexpr (R > 1) {
+    if (rows < R) return MicroDispatch<R - 1>(rows, vectors, xs, ds, n, out, out_stride);
+  }
+  MicroRows<R>(vectors, xs, ds, n, out, out_stride);
+}
+
+// Copies positions [p0, p1) (row-major (b, h, w)) of x shifted by tap (i, j), channels [ci0, ci1), and of dy,
+// channels [co0, co1), into the packed slices xs and ds: contiguous, so that wide layers, whose rows are a
+// power-of-two number of bytes apart, do not all fall into the same cache sets.
+void Pack(const float* xp, const float* dy, const Geometry& g, int64_t i, int64_t j, int64_t ci0, int64_t ci1,
+          int64_t co0, int64_t co1, int64_t p0, int64_t p1, float* xs, float* ds) {
+  for (int64_t p = p0; p < p1;) {
+    const int64_t row = p / g.w, col = p % g.w;
+    const int64_t end = std::min<int64_t>(p1 - p, g.w - col);
+    const int64_t b = row / g.h, h = row % g.h;
+    const float* x = xp + ((b * g.hp + h + i) * g.wp + col + j) * g.ci + ci0;
+    const float* d = dy + p * g.co + co0;
+    for (int64_t k = 0; k < end; ++k, x += g.ci, d += g.co, xs += kCiBlock, ds += kCoBlock) {
+      std::memcpy(xs, x, (ci1 - ci0) * sizeof(float));
+      std::memcpy(ds, d, (co1 - co0) * sizeof(float));
+    }
+    p += end;
+  }
+}
+
+ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                      ffi::ResultBuffer<ffi::F32> dk) {
+  const auto xd = x.dimensions(), dyd = dy.dimensions(), dkd = dk->dimensions();
+  if (xd.size() != 4 || dyd.size() != 4 || dkd.size() != 4 || xd[0] != dyd[0] || xd[1] < dyd[1] || xd[2] < dyd[2] ||
+      dkd[0] != xd[1] - dyd[1] + 1 || dkd[1] != xd[2] - dyd[2] + 1 || dkd[2] != xd[3] || dkd[3] != dyd[3] ||
+      dyd[3] % kVec != 0) {
+    return ffi::Error::InvalidArgument("conv_kernel_grad expects a padded x (B, H + KH - 1, W + KW - 1, CI), dy "
+                                       "(B, H, W, CO) with CO a multiple of the vector width and a (KH, KW, CI, CO) "
+                                       "result");
+  }
+  const Geometry g{xd[0], xd[1], xd[2], xd[3], dyd[1], dyd[2], dyd[3], dkd[0], dkd[1]};
+  const int64_t taps = g.kh * g.kw, out_size = taps * g.ci * g.co;
+  const int64_t positions = g.batch * g.h * g.w;
+  const int64_t ci_blocks = (g.ci + kCiBlock - 1) / kCiBlock, co_blocks = (g.co + kCoBlock - 1) / kCoBlock;
+  // Shares of the positions: enough tasks for every thread, each share long enough to pay for its partial sums.
+  const int64_t blocks = taps * ci_blocks * co_blocks;
+  const int64_t wanted = 8 * (pool.num_threads() + 1);
+  int64_t shares = std::max<int64_t>(1, (wanted + blocks - 1) / blocks);
+  shares = std::min<int64_t>({shares, std::max<int64_t>(1, positions / (4 * kSlicePositions)),
+                              std::max<int64_t>(1, kPartialBytes / (out_size * int64_t(sizeof(float))))});
+  const int64_t per_share = (positions + shares - 1) / shares;
+  float* result = dk->typed_data();
+  std::vector<float> partial(shares > 1 ? shares * out_size : 0);
+  float* sums = shares > 1 ? partial.data() : result;
+  std::fill(sums, sums + shares * out_size, 0.0f);
+  const float* xp = x.typed_data();
+  const float* dyp = dy.typed_data();
+  convnext_audio_jax::ParallelFor(pool, shares * blocks, [=, &g](int64_t task) {
+    const int64_t block = task % blocks, share = task / blocks;
+    const int64_t co_block = block % co_blocks, ci_block = (block / co_blocks) % ci_blocks, tap = block / (co_blocks * ci_blocks);
+    const int64_t i = tap / g.kw, j = tap % g.kw;
+    const int64_t ci0 = ci_block * kCiBlock, ci1 = std::min<int64_t>(g.ci, ci0 + kCiBlock);
+    const int64_t co0 = co_block * kCoBlock;
+    const int vectors = static_cast<int>(std::min<int64_t>(kCoBlock, g.co - co0) / kVec);
+    const int64_t p_begin = share * per_share, p_end = std::min<int64_t>(positions, p_begin + per_share);
+    float* out = sums + share * out_size + (tap * g.ci) * g.co;
+    alignas(64) float xs[kSlicePositions * kCiBlock];
+    alignas(64) float ds[kSlicePositions * kCoBlock];
+    for (int64_t p0 = p_begin; p0 < p_end; p0 += kSlicePositions) {
+      const int64_t p1 = std::min<int64_t>(p_end, p0 + kSlicePositions);
+      Pack(xp, dyp, g, i, j, ci0, ci1, co0, co0 + vectors * kVec, p0, p1, xs, ds);
+      for (int64_t c = ci0; c < ci1; c += kRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kRows, ci1 - c));
+        MicroDispatch<kRows>(rows, vectors, xs + (c - ci0), ds, p1 - p0, out + c * g.co + co0, g.co);
+      }
+    }
+  });
+  if (shares > 1) {  // the sum over shares, in share order
+    convnext_audio_jax::ParallelFor(pool, (out_size + 4095) / 4096, [=](int64_t task) {
+      const int64_t begin = task * 4096, end = std::min<int64_t>(out_size, begin + 4096);
+      for (int64_t n = begin; n < end; ++n) {
+        float sum = sums[n];
+        for (int64_t s = 1; s < shares; ++s) sum += sums[s * out_size + n];
+        result[n] = sum;
+      }
+    });
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvKernelGrad, KernelGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

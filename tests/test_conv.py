@@ -1,0 +1,173 @@
+"""Dense 2-D convolutions (models/conv.py): Conv equals nn.Conv and torch's conv2d in values and gradients, its
+gradients stay canonical convolutions inside a loop body, the compiled kernel gradient equals float64 sums;
+PatchConv equals a strided convolution."""
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from convnext_audio_jax import native
+from convnext_audio_jax.models.conv import Conv, PatchConv, conv_same, resolve_conv_impl
+
+
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+@pytest.mark.parametrize(("kernel", "shape"), [((3, 3), (2, 11, 8, 4)), ((5, 5), (3, 9, 12, 3)), ((5, 3), (1, 7, 6, 2))])
+def test_conv_equals_flax_conv_values_and_gradients(kernel, shape, dtype):
+    from flax_parity import outputs_and_gradients_against
+
+    x = jax.random.normal(jax.random.key(0), shape)
+    reference = nn.Conv(6, kernel, padding=(kernel[0] // 2, kernel[1] // 2), use_bias=False, dtype=dtype)
+    got, expected = outputs_and_gradients_against(Conv(6, kernel, dtype=dtype), reference, x, dtype)
+    np.testing.assert_array_equal(got, expected)  # the forward is the same XLA convolution
+
+
+def test_conv_gradients_equal_torch_conv2d_in_float64():
+    """Outside code: torch's conv2d (padding k // 2) and its autograd in float64 against ours in float32."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 10, 7, 5))
+    kernel = rng.standard_normal((3, 3, 5, 8)) * 0.2
+    dy = rng.standard_normal((2, 10, 7, 8))
+    y, pullback = jax.vjp(conv_same, jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32))
+    dx, dk = pullback(jnp.asarray(dy, jnp.float32))
+
+    tx = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+    tk = torch.tensor(kernel.transpose(3, 2, 0, 1), requires_grad=True)
+    ty = torch.nn.functional.conv2d(tx, tk, padding=1)
+    ty.backward(torch.tensor(dy.transpose(0, 3, 1, 2)))
+    np.testing.assert_allclose(y, ty.detach().numpy().transpose(0, 2, 3, 1), atol=1e-5)
+    np.testing.assert_allclose(dx, tx.grad.numpy().transpose(0, 2, 3, 1), atol=1e-5)
+    np.testing.assert_allclose(dk, tk.grad.numpy().transpose(2, 3, 1, 0), atol=1e-4)
+
+
+def test_gradients_inside_a_scan_are_canonical_convolutions():
+    """The training step runs the model inside lax.scan, where XLA:CPU does not rewrite autodiff's convolutions
+    into the batch-major, (h, w, in, out) form it runs fast; ours are written in that form, so every convolution
+    of the compiled loop is (and autodiff's of lax.conv are not: the check sees the difference)."""
+    x = jax.random.normal(jax.random.key(0), (2, 12, 8, 4))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 4, 6))
+
+    def scanned(conv):
+        def body(total, xs):
+            return total + jax.grad(lambda k: (conv(xs, k) ** 2).sum())(kernel), jax.grad(lambda v: (conv(v, kernel) ** 2).sum())(xs)
+        return jax.jit(lambda xs: jax.lax.scan(body, jnp.zeros_like(kernel), xs[None]))
+
+    def layouts(fn):
+        return set(re.findall(r"convolution\(.*dim_labels=(\S+?),", fn.lower(x).compile().as_text()))
+
+    autodiff = lambda v, k: jax.lax.conv_general_dilated(v, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    assert layouts(scanned(conv_same)) == {"b01f_01io->b01f"}
+    assert layouts(scanned(autodiff)) - {"b01f_01io->b01f"}, "XLA now canonicalises loop bodies: the workaround may go"
+    ours, theirs = scanned(conv_same)(x), scanned(autodiff)(x)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_even_kernel_is_an_error():
+    with pytest.raises(ValueError, match="odd kernel, got 2×2"):
+        conv_same(jnp.zeros((1, 4, 4, 1)), jnp.zeros((2, 2, 1, 1)))
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding", "shape"),
+    [((4, 4), (4, 4), ((4, 4), (0, 0)), (2, 37, 16, 1)),  # the audio stem: floor of 45/4 rows
+     ((2, 2), (2, 2), ((0, 0), (0, 0)), (2, 7, 5, 6)),  # downsampling with odd sizes
+     ((4, 8), (2, 8), ((5, 5), (0, 0)), (1, 20, 16, 1))],  # an overlapping stem: the conv path
+)
+def test_patch_conv_equals_strided_convolution(kernel, stride, padding, shape):
+    x = jax.random.normal(jax.random.key(0), shape)
+    ours = PatchConv(5, kernel, stride, padding)
+    variables = ours.init(jax.random.key(1), x)
+    variables = jax.tree.map(lambda v: jax.random.normal(jax.random.key(2), v.shape), variables)
+    reference = nn.Conv(5, kernel, strides=stride, padding=padding)
+    np.testing.assert_allclose(ours.apply(variables, x), reference.apply(variables, x), rtol=1e-5, atol=1e-5)
+    grads = [jax.grad(lambda v, x, m=m: (m.apply(v, x) ** 2).sum(), argnums=(0, 1))(variables, x) for m in (ours, reference)]
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+NEEDS_NATIVE = pytest.mark.skipif(native.find_compiler() is None,
+                                  reason="no C++ compiler ($CXX, c++, g++, clang++): the native kernels cannot be built")
+
+
+@NEEDS_NATIVE
+@pytest.mark.parametrize(("shape", "kernel", "out_channels"), [
+    ((2, 11, 7, 16), (3, 3), 16),     # one CI block, rows in a tail group of the register block
+    ((3, 9, 5, 70), (5, 5), 48),      # CI over one block with a tail; CO three vectors
+    ((1, 6, 3, 130), (3, 5), 80),     # CO one block and a one-vector tail; rectangular kernel
+    ((4, 64, 32, 32), (3, 3), 64),    # enough positions for several shares, summed in a fixed order
+])
+def test_native_kernel_gradient_equals_float64(shape, kernel, out_channels):
+    """The compiled kernel gradient against numpy in float64, and against the XLA form."""
+    from convnext_audio_jax.models.conv import _conv_same_bwd
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal((*kernel, shape[-1], out_channels)).astype(np.float32)
+    dy = rng.standard_normal((*shape[:3], out_channels)).astype(np.float32)
+    ph, pw = kernel[0] // 2, kernel[1] // 2
+    xpad = np.pad(x.astype(np.float64), ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    expected = np.stack([np.stack([np.einsum("bhwc,bhwo->co", xpad[:, i:i + shape[1], j:j + shape[2]], dy)
+                                   for j in range(kernel[1])]) for i in range(kernel[0])])
+    scale = np.abs(expected).max()
+    dx_native, dk_native = jax.jit(lambda x, w, dy: _conv_same_bwd("native", (x, w), dy))(x, w, dy)
+    dx_xla, dk_xla = jax.jit(lambda x, w, dy: _conv_same_bwd("xla", (x, w), dy))(x, w, dy)
+    np.testing.assert_allclose(dk_native, expected, atol=2e-6 * scale)
+    np.testing.assert_allclose(dk_xla, expected, atol=2e-5 * scale)
+    np.testing.assert_array_equal(dx_native, dx_xla)  # the input gradient is XLA's under both
+
+
+@NEEDS_NATIVE
+def test_native_kernel_gradient_sums_each_devices_rows_under_a_mesh():
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    devices = np.array(jax.devices()[:4])
+    mesh = Mesh(devices, ("data",))
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((8, 10, 6, 16)), jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((8, 10, 6, 32)), jnp.float32)
+    grad = lambda x, dy: native.conv_kernel_grad(x, dy, (3, 3), ((1, 1), (1, 1)))  # noqa: E731
+    single = jax.jit(grad)(x, dy)
+    rows = NamedSharding(mesh, PartitionSpec("data"))
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        sharded = jax.jit(grad, in_shardings=(rows, rows)).lower(x, dy).compile()
+    assert "all-gather" not in sharded.as_text()
+    np.testing.assert_allclose(sharded(jax.device_put(x, rows), jax.device_put(dy, rows)), single, rtol=1e-5, atol=1e-4)
+
+
+@NEEDS_NATIVE
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_conv_layer_gradients_equal_under_either_impl(dtype):
+    """A model's choice of ``conv_impl`` changes no number beyond float32 summation order (bfloat16: the native
+    kernel gradient is summed in float32, XLA's in bfloat16)."""
+    x = jax.random.normal(jax.random.key(0), (2, 12, 8, 32)).astype(dtype)
+    grads = []
+    for impl in ("native", "xla"):
+        layer = Conv(32, (3, 3), impl=impl, dtype=dtype)
+        variables = layer.init(jax.random.key(1), x)
+        grads.append(jax.grad(lambda v, x: (layer.apply(v, x).astype(jnp.float32) ** 2).sum(), argnums=(0, 1))(variables, x))
+    tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance * np.abs(b).max())
+
+
+def test_conv_impl_resolution(monkeypatch):
+    assert resolve_conv_impl("xla", 64, 64) == "xla"
+    with pytest.raises(ValueError, match="conv_impl must be"):
+        resolve_conv_impl("fast")
+    monkeypatch.setattr(native, "available", lambda: False)
+    assert resolve_conv_impl("auto", 64, 64) == "xla"
+    monkeypatch.setattr(native, "available", lambda: True)
+    assert resolve_conv_impl("auto", 64, 64) == "native"
+    assert resolve_conv_impl("auto", 1, 64) == "xla"     # CNN14's first layer: XLA's was faster
+    assert resolve_conv_impl("auto", 64, 40) == "xla"    # C_out not a multiple of the vector width
+
+
+def test_native_kernel_gradient_rejects_shapes_that_do_not_fit():
+    with pytest.raises(ValueError, match=r"dy \(2, 5, 5, 16\) do not fit kernel \(3, 3\).*expected dy \(2, 4, 4, 16\)"):
+        native.conv_kernel_grad(jnp.zeros((2, 4, 4, 8)), jnp.zeros((2, 5, 5, 16)), (3, 3), ((1, 1), (1, 1)))

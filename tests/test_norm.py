@@ -1,0 +1,99 @@
+"""Normalisation layers and per-channel sums (models/norm.py): LayerNorm and BatchNorm equal flax's in values,
+statistics and gradients, with no windowed reduction left for XLA:CPU."""
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from convnext_audio_jax.models.norm import BatchNorm, LayerNorm, broadcast_channels, channel_mean, channel_sum
+from flax_parity import outputs_and_gradients_against
+
+
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+def test_layer_norm_equals_flax_values_and_gradients(dtype):
+    """Our LayerNorm (statistics as products, parameter gradients as channel sums) against flax's on a 4-D
+    activation: the same parameters; outputs and all gradients equal within float32 summation order (bfloat16: our
+    statistics and bias gradients are summed in float32, flax's bias gradient in bfloat16; an output may then round
+    to the neighbouring bfloat16). Dense: tests/test_dense.py."""
+    x = jax.random.normal(jax.random.key(0), (2, 9, 7, 16))
+    got, expected = outputs_and_gradients_against(
+        LayerNorm(1e-6, dtype=dtype), nn.LayerNorm(1e-6, use_fast_variance=False, dtype=dtype), x, dtype)
+    np.testing.assert_allclose(got, expected, rtol=1e-5 if dtype is None else 1e-2, atol=1e-5 if dtype is None else 1e-2)
+
+
+@pytest.mark.parametrize("shape", [(4, 9, 7, 16), (3, 20, 64)])  # a conv activation; bn0's (B, T, mels)
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+def test_batch_norm_in_training_equals_flax(dtype, shape):
+    """Outputs, the updated running statistics and the gradients of parameters and input against
+    ``nn.BatchNorm(use_fast_variance=False)`` with the models' momentum and epsilon; then evaluation with the
+    running statistics."""
+    ours = BatchNorm(use_running_average=False, dtype=dtype)
+    reference = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5, use_fast_variance=False, dtype=dtype)
+    x = jax.random.normal(jax.random.key(0), shape) * 3.0 + 1.5
+    variables = reference.init(jax.random.key(1), x)
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, variables)
+    variables = jax.tree.map(lambda v: v + 0.1 * jax.random.normal(jax.random.key(2), v.shape), variables)
+    tolerance = 1e-5 if dtype is None else 2e-2
+    weights = jax.random.normal(jax.random.key(3), shape)  # a loss whose input gradient does not cancel
+
+    def loss(module, params, x):
+        y, updates = module.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+        return (y.astype(jnp.float32) * weights).sum(), (y, updates)
+
+    (_, (y, stats)), grads = jax.value_and_grad(loss, argnums=(1, 2), has_aux=True)(ours, variables["params"], x)
+    (_, (y_ref, stats_ref)), grads_ref = jax.value_and_grad(loss, argnums=(1, 2), has_aux=True)(
+        reference, variables["params"], x)
+    assert y.dtype == y_ref.dtype
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_ref, np.float32), rtol=tolerance, atol=tolerance)
+    for a, b in zip(jax.tree.leaves((stats, grads)), jax.tree.leaves((stats_ref, grads_ref))):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance * np.abs(b).max())
+    evaluated = {**variables, **stats}
+    got = BatchNorm(use_running_average=True, dtype=dtype).apply(evaluated, x)
+    expected = nn.BatchNorm(use_running_average=True, epsilon=1e-5, dtype=dtype).apply(evaluated, x)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32), rtol=tolerance, atol=tolerance)
+
+
+def test_batch_norm_training_gradient_has_no_reduction():
+    """Statistics and all gradients are products with ones: the compiled XLA:CPU program of a training-mode
+    BatchNorm's gradient, inside a scan as in the training step, has no reduce or reduce-window (flax's has
+    reductions, which XLA:CPU turned into windowed ones in the CNN14 training step: the check sees the difference)."""
+    x = jnp.ones((2, 40, 16, 32))
+
+    def reductions(module):
+        variables = module.init(jax.random.key(0), x)
+
+        def loss(params, x):
+            y, _ = module.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+            return (y ** 2).sum()
+
+        def scanned(params, x):
+            return jax.lax.scan(lambda c, xs: (c, jax.grad(loss, argnums=(0, 1))(params, xs)), 0.0, x[None])
+
+        hlo = jax.jit(scanned).lower(variables["params"], x).compile().as_text()
+        return len(re.findall(r" reduce(-window)?\(", hlo))
+
+    assert reductions(BatchNorm(use_running_average=False)) == 0
+    assert reductions(nn.BatchNorm(use_running_average=False, use_fast_variance=False)) > 0
+
+
+def test_channel_mean_and_its_gradient_equal_float64():
+    x = np.random.default_rng(0).normal(3.0, 2.0, size=(4, 33, 17, 12)).astype(np.float32)
+    got, pullback = jax.vjp(channel_mean, jnp.asarray(x))
+    assert got.shape == (4, 33, 17, 1)
+    np.testing.assert_allclose(got, x.astype(np.float64).mean(-1, keepdims=True), rtol=1e-6, atol=1e-6)
+    g = np.random.default_rng(1).normal(size=got.shape).astype(np.float32)
+    np.testing.assert_allclose(pullback(jnp.asarray(g))[0], np.broadcast_to(g / 12, x.shape), rtol=1e-6)
+
+
+def test_broadcast_channels_gradient_is_the_channel_sum():
+    g = np.random.default_rng(0).normal(size=(4, 33, 17, 12)).astype(np.float32)
+    v = jnp.ones(12)
+    _, pullback = jax.vjp(lambda v: broadcast_channels(v, g.shape), v)
+    np.testing.assert_allclose(pullback(jnp.asarray(g))[0], g.astype(np.float64).sum((0, 1, 2)), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(channel_sum(jnp.asarray(g)), g.astype(np.float64).sum((0, 1, 2)), rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(broadcast_channels(v, g.shape), np.ones(g.shape, np.float32))
