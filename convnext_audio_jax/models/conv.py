@@ -79,7 +79,10 @@ def _conv_same_bwd(impl, residuals, dy):
     padding = _same_padding(kernel)
     # Input gradient: dy convolved with the kernel turned by 180° and its in/out swapped; with odd kernels
     # the 'same' padding is its own mirror.
-    flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
+    if resolve_conv_impl(impl, *kernel.shape[2:]) == "native" and kernel.dtype == jnp.float32:
+        flipped = native.conv_kernel_flip(kernel)  # XLA's transpose was 0.3 s for a 3×3×2048×2048 kernel
+    else:
+        flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
     dx = _conv(dy, flipped, padding)
     if resolve_conv_impl(impl, *kernel.shape[2:]) == "native":
         return dx, native.conv_kernel_grad(x, dy, kernel.shape[:2], padding).astype(kernel.dtype)

@@ -44,9 +44,10 @@ CONV_TARGET = "convnext_audio_jax_depthwise_conv"
 KERNEL_GRAD_TARGET = "convnext_audio_jax_depthwise_kernel_grad"
 MATMUL_TARGET = "convnext_audio_jax_bf16_matmul"
 CONV_KERNEL_GRAD_TARGET = "convnext_audio_jax_conv_kernel_grad"
+CONV_KERNEL_FLIP_TARGET = "convnext_audio_jax_conv_kernel_flip"
 # FFI target name -> the handler's symbol in the library.
 HANDLERS = {CONV_TARGET: "DepthwiseConv", KERNEL_GRAD_TARGET: "DepthwiseKernelGrad", MATMUL_TARGET: "Bf16Matmul",
-            CONV_KERNEL_GRAD_TARGET: "ConvKernelGrad"}
+            CONV_KERNEL_GRAD_TARGET: "ConvKernelGrad", CONV_KERNEL_FLIP_TARGET: "ConvKernelFlip"}
 # The CPU flags the bfloat16 tile product needs (and the library must have been built with).
 AMX_CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16")
 CXX_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-Wno-psabi")
@@ -301,6 +302,17 @@ def conv_kernel_grad(x: jax.Array, dy: jax.Array, kernel_size: tuple[int, int],
         return jax.ffi.ffi_call(CONV_KERNEL_GRAD_TARGET, out, vmap_method="sequential")(x, dy)
 
     return _per_device_sum(call, x.astype(jnp.float32), dy.astype(jnp.float32))
+
+
+def conv_kernel_flip(kernel: jax.Array) -> jax.Array:
+    """``flip(kernel, (0, 1)).swapaxes(2, 3)`` of a (kh, kw, C_in, C_out) kernel, in float32: the kernel of a
+    convolution's input gradient."""
+    load()
+    if kernel.ndim != 4:
+        raise ValueError(f"conv kernel flip: kernel has shape {tuple(kernel.shape)}, expected (kh, kw, C_in, C_out)")
+    kh, kw, cin, cout = kernel.shape
+    return jax.ffi.ffi_call(CONV_KERNEL_FLIP_TARGET, jax.ShapeDtypeStruct((kh, kw, cout, cin), jnp.float32),
+                            vmap_method="sequential")(kernel.astype(jnp.float32))
 
 
 def _per_device_sum(call, x: jax.Array, dy: jax.Array) -> jax.Array:
