@@ -8,7 +8,7 @@
 // Why: XLA:CPU computes this sum as a convolution over the batch whose output is only KH × KW pixels; Eigen then
 // parallelises and blocks it poorly (15-50 GFLOP/s on the large layers of CNN14, half of its training step;
 // docs/benchmarks.md). Here it is a matrix product per tap with the positions as the long inner dimension: a task
-// owns one tap, a block of CI and a block of CO and a share of the positions, keeps R × NV vector sums in
+// owns a block of CI, a block of CO and a share of the positions, for all taps, keeps R × NV vector sums in
 // registers and streams the positions in slices that stay in L2. Tasks write their own partial sums, added over
 // the shares in a fixed order at the end, so no result depends on how the tasks were scheduled.
 
@@ -38,7 +38,7 @@ typedef float Vec __attribute__((vector_size(kVec * sizeof(float))));
 constexpr int kMaxVectors = 4;                  // a CO block: 4 vectors
 constexpr int64_t kCoBlock = kMaxVectors * kVec;
 constexpr int64_t kCiBlock = 64;                // a task's CI block
-constexpr int64_t kSlicePositions = 128;        // positions per pass over a task's CI rows: dy's slice stays in L1
+constexpr int64_t kSlicePositions = 64;        // positions per pass: the packed x and dy slices (32 KiB) stay in L1
 constexpr int64_t kPartialBytes = 64 << 20;     // bound on the partial sums of the position shares
 
 inline Vec Load(const float* p) {
@@ -90,21 +90,18 @@ void MicroDispatch(int rows, int vectors, const float* xs, const float* ds, int6
   MicroRows<R>(vectors, xs, ds, n, out, out_stride);
 }
 
-// Copies positions [p0, p1) (row-major (b, h, w)) of x shifted by tap (i, j), channels [ci0, ci1), and of dy,
-// channels [co0, co1), into the packed slices xs and ds: contiguous, so that wide layers, whose rows are a
-// power-of-two number of bytes apart, do not all fall into the same cache sets.
-void Pack(const float* xp, const float* dy, const Geometry& g, int64_t i, int64_t j, int64_t ci0, int64_t ci1,
-          int64_t co0, int64_t co1, int64_t p0, int64_t p1, float* xs, float* ds) {
+// Copies positions [p0, p1) (row-major (b, h, w)) of dy, channels [co0, co1), or (dy == nullptr) of x shifted by
+// tap (i, j), channels [ci0, ci1), into a packed slice (`stride` floats per position): contiguous, so that wide
+// layers, whose rows are a power-of-two number of bytes apart, do not all fall into the same cache sets.
+void Pack(const float* xp, const float* dy, const Geometry& g, int64_t i, int64_t j, int64_t c0, int64_t c1,
+          int64_t p0, int64_t p1, int64_t stride, float* out) {
   for (int64_t p = p0; p < p1;) {
     const int64_t row = p / g.w, col = p % g.w;
     const int64_t end = std::min<int64_t>(p1 - p, g.w - col);
     const int64_t b = row / g.h, h = row % g.h;
-    const float* x = xp + ((b * g.hp + h + i) * g.wp + col + j) * g.ci + ci0;
-    const float* d = dy + p * g.co + co0;
-    for (int64_t k = 0; k < end; ++k, x += g.ci, d += g.co, xs += kCiBlock, ds += kCoBlock) {
-      std::memcpy(xs, x, (ci1 - ci0) * sizeof(float));
-      std::memcpy(ds, d, (co1 - co0) * sizeof(float));
-    }
+    const float* src = dy ? dy + p * g.co + c0 : xp + ((b * g.hp + h + i) * g.wp + col + j) * g.ci + c0;
+    const int64_t step = dy ? g.co : g.ci;
+    for (int64_t k = 0; k < end; ++k, src += step, out += stride) std::memcpy(out, src, (c1 - c0) * sizeof(float));
     p += end;
   }
 }
@@ -124,7 +121,7 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const int64_t positions = g.batch * g.h * g.w;
   const int64_t ci_blocks = (g.ci + kCiBlock - 1) / kCiBlock, co_blocks = (g.co + kCoBlock - 1) / kCoBlock;
   // Shares of the positions: enough tasks for every thread, each share long enough to pay for its partial sums.
-  const int64_t blocks = taps * ci_blocks * co_blocks;
+  const int64_t blocks = ci_blocks * co_blocks;
   const int64_t wanted = 8 * (pool.num_threads() + 1);
   int64_t shares = std::max<int64_t>(1, (wanted + blocks - 1) / blocks);
   shares = std::min<int64_t>({shares, std::max<int64_t>(1, positions / (4 * kSlicePositions)),
@@ -136,23 +133,27 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   std::fill(sums, sums + shares * out_size, 0.0f);
   const float* xp = x.typed_data();
   const float* dyp = dy.typed_data();
+  // A task: one share of the positions, one CI block and one CO block, all taps: each slice of dy is packed once
+  // and x is read from memory once for the taps (their rows overlap), not once per tap.
   convnext_audio_jax::ParallelFor(pool, shares * blocks, [=, &g](int64_t task) {
     const int64_t block = task % blocks, share = task / blocks;
-    const int64_t co_block = block % co_blocks, ci_block = (block / co_blocks) % ci_blocks, tap = block / (co_blocks * ci_blocks);
-    const int64_t i = tap / g.kw, j = tap % g.kw;
+    const int64_t co_block = block % co_blocks, ci_block = block / co_blocks;
     const int64_t ci0 = ci_block * kCiBlock, ci1 = std::min<int64_t>(g.ci, ci0 + kCiBlock);
     const int64_t co0 = co_block * kCoBlock;
     const int vectors = static_cast<int>(std::min<int64_t>(kCoBlock, g.co - co0) / kVec);
     const int64_t p_begin = share * per_share, p_end = std::min<int64_t>(positions, p_begin + per_share);
-    float* out = sums + share * out_size + (tap * g.ci) * g.co;
     alignas(64) float xs[kSlicePositions * kCiBlock];
     alignas(64) float ds[kSlicePositions * kCoBlock];
     for (int64_t p0 = p_begin; p0 < p_end; p0 += kSlicePositions) {
       const int64_t p1 = std::min<int64_t>(p_end, p0 + kSlicePositions);
-      Pack(xp, dyp, g, i, j, ci0, ci1, co0, co0 + vectors * kVec, p0, p1, xs, ds);
-      for (int64_t c = ci0; c < ci1; c += kRows) {
-        const int rows = static_cast<int>(std::min<int64_t>(kRows, ci1 - c));
-        MicroDispatch<kRows>(rows, vectors, xs + (c - ci0), ds, p1 - p0, out + c * g.co + co0, g.co);
+      Pack(xp, dyp, g, 0, 0, co0, co0 + vectors * kVec, p0, p1, kCoBlock, ds);
+      for (int64_t tap = 0; tap < taps; ++tap) {
+        Pack(xp, nullptr, g, tap / g.kw, tap % g.kw, ci0, ci1, p0, p1, kCiBlock, xs);
+        float* out = sums + share * out_size + (tap * g.ci) * g.co;
+        for (int64_t c = ci0; c < ci1; c += kRows) {
+          const int rows = static_cast<int>(std::min<int64_t>(kRows, ci1 - c));
+          MicroDispatch<kRows>(rows, vectors, xs + (c - ci0), ds, p1 - p0, out + c * g.co + co0, g.co);
+        }
       }
     }
   });
