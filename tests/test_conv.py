@@ -23,7 +23,8 @@ def test_conv_equals_flax_conv_values_and_gradients(kernel, shape, dtype):
     x = jax.random.normal(jax.random.key(0), shape)
     reference = nn.Conv(6, kernel, padding=(kernel[0] // 2, kernel[1] // 2), use_bias=False, dtype=dtype)
     got, expected = outputs_and_gradients_against(Conv(6, kernel, dtype=dtype), reference, x, dtype)
-    np.testing.assert_array_equal(got, expected)  # the forward is the same XLA convolution
+    # The same XLA convolution where the layer is too narrow for the compiled one (fewer than 16 input channels).
+    np.testing.assert_array_equal(got, expected)
 
 
 def test_conv_gradients_equal_torch_conv2d_in_float64():
@@ -102,7 +103,8 @@ NEEDS_NATIVE = pytest.mark.skipif(native.find_compiler() is None,
     ((4, 64, 32, 32), (3, 3), 64),    # enough positions for several shares, summed in a fixed order
 ])
 def test_native_kernel_gradient_equals_float64(shape, kernel, out_channels):
-    """The compiled kernel gradient against numpy in float64, and against the XLA form."""
+    """The compiled kernel gradient against numpy in float64, and against the XLA form; the input gradients of
+    both forms agree."""
     from convnext_audio_jax.models.conv import _conv_same_bwd
 
     rng = np.random.default_rng(0)
@@ -118,7 +120,29 @@ def test_native_kernel_gradient_equals_float64(shape, kernel, out_channels):
     dx_xla, dk_xla = jax.jit(lambda x, w, dy: _conv_same_bwd("xla", (x, w), dy))(x, w, dy)
     np.testing.assert_allclose(dk_native, expected, atol=2e-6 * scale)
     np.testing.assert_allclose(dk_xla, expected, atol=2e-5 * scale)
-    np.testing.assert_array_equal(dx_native, dx_xla)  # the input gradient is XLA's under both
+    np.testing.assert_allclose(dx_native, dx_xla, atol=2e-6 * np.abs(dx_xla).max())
+
+
+@NEEDS_NATIVE
+@pytest.mark.parametrize(("shape", "kernel", "out_channels"), [
+    ((2, 11, 7, 16), (3, 3), 16),     # positions in a tail group; one vector
+    ((3, 9, 5, 70), (5, 5), 48),      # CI panels with a tail; CO three vectors
+    ((1, 6, 3, 130), (3, 5), 80),     # CO one block and a one-vector tail; rectangular kernel
+    ((2, 31, 2, 256), (3, 3), 128),   # CNN14's narrow last block: groups across rows
+])
+def test_native_convolution_equals_float64(shape, kernel, out_channels):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal((*kernel, shape[-1], out_channels)).astype(np.float32)
+    ph, pw = kernel[0] // 2, kernel[1] // 2
+    xpad = np.pad(x.astype(np.float64), ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    expected = sum(np.einsum("bhwc,co->bhwo", xpad[:, i:i + shape[1], j:j + shape[2]], w[i, j])
+                   for i in range(kernel[0]) for j in range(kernel[1]))
+    got = jax.jit(lambda x, w: native.conv_forward(x, w, ((ph, ph), (pw, pw))))(x, w)
+    np.testing.assert_allclose(got, expected, atol=2e-6 * np.abs(expected).max())
+    # The layer picks it for float32 where it fits, and its numbers are nn.Conv's within float32 summation order.
+    layer_out = conv_same(jnp.asarray(x), jnp.asarray(w), "native")
+    np.testing.assert_allclose(layer_out, expected, atol=2e-6 * np.abs(expected).max())
 
 
 @NEEDS_NATIVE

@@ -71,9 +71,9 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
 
 
 def with_xla_ops(model: nn.Module) -> nn.Module:
-    """``model`` with XLA's own grouped convolution and dot in place of the native CPU kernels, whose custom calls
+    """``model`` with XLA's own grouped and dense convolutions and dot in place of the native CPU kernels, whose custom calls
     hide their FLOPs from XLA's cost analysis (same parameters, same numbers within float32 summation order)."""
-    return model.clone(**{field: "xla" for field in ("depthwise_impl", "matmul_impl") if hasattr(model, field)})
+    return model.clone(**{field: "xla" for field in ("depthwise_impl", "matmul_impl", "conv_impl") if hasattr(model, field)})
 
 
 def example_input(model: nn.Module, batch: int = 1, seconds: float | None = None) -> jax.ShapeDtypeStruct:

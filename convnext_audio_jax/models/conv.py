@@ -8,8 +8,9 @@ gradient as a convolution over the batch (the activations channel-major) and the
 (h, w, out, in) kernel; outside loops XLA rewrites both into the canonical form, but not inside a loop body,
 and the training step runs the model inside ``lax.scan`` (gradient accumulation). There the generic code ran:
 a CNN14 training step on two clips took ~100 s instead of ~3 s (docs/benchmarks.md). Even in canonical form,
-XLA:CPU's kernel gradient ran at 15-50 GFLOP/s on CNN14's large layers, half of its training step; on the CPU
-:class:`Conv` computes it with the compiled kernel of :mod:`convnext_audio_jax.native` (``impl``)."""
+XLA:CPU's kernel gradient ran at 15-50 GFLOP/s on CNN14's large layers, half of its training step, and its
+float32 convolutions ~1.4× slower than torch's; on the CPU :class:`Conv` runs the compiled kernels of
+:mod:`convnext_audio_jax.native` instead (``impl``)."""
 
 from __future__ import annotations
 
@@ -31,10 +32,10 @@ NATIVE_MIN_IN_CHANNELS = 16
 
 
 def resolve_conv_impl(impl: ConvImpl, in_channels: int = 64, out_channels: int = 64) -> str:
-    """'xla' or 'native': how :func:`conv_same` computes its kernel gradient. 'auto' is 'native' on the CPU where
-    the compiled kernels load (:func:`native.available`), for ≥ 16 input channels and output channels a multiple
-    of 16, else 'xla'; 'native' is an error where the kernels cannot run and falls back to 'xla' for layers it does
-    not fit. The forward and the input gradient are XLA's convolutions under either."""
+    """'xla' or 'native' for a convolution of ``in_channels`` → ``out_channels`` (see :func:`conv_same`). 'auto' is
+    'native' on the CPU where the compiled kernels load (:func:`native.available`), for ≥ 16 input channels and
+    output channels a multiple of 16, else 'xla'; 'native' is an error where the kernels cannot run and falls back
+    to 'xla' for layers it does not fit."""
     if impl not in ("auto", "xla", "native"):
         raise ValueError(f"conv_impl must be 'auto', 'xla' or 'native', got {impl!r}")
     if impl == "xla":
@@ -61,30 +62,40 @@ def _conv(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=_NHWC)
 
 
+def _forward(x: jax.Array, kernel: jax.Array, impl: ConvImpl) -> jax.Array:
+    padding = _same_padding(kernel)
+    if x.dtype == jnp.float32 and resolve_conv_impl(impl, *kernel.shape[2:]) == "native":
+        return native.conv_forward(x, kernel, padding)
+    return _conv(x, kernel, padding)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def conv_same(x: jax.Array, kernel: jax.Array, impl: ConvImpl = "auto") -> jax.Array:
     """The stride-1 convolution of ``x`` (B, H, W, C_in) with ``kernel`` (kh, kw, C_in, C_out), odd sizes,
-    zero padding that keeps H × W (torch's ``padding=k // 2``); the numbers of ``nn.Conv(padding=k // 2)``.
-    Its gradients are autodiff's, written as canonical convolutions (see the module docstring); with ``impl``
-    resolving to 'native' the kernel gradient is the compiled kernel's, summed in float32 (:func:`resolve_conv_impl`)."""
-    return _conv(x, kernel, _same_padding(kernel))
+    zero padding that keeps H × W (torch's ``padding=k // 2``); the numbers of ``nn.Conv(padding=k // 2)`` up to
+    float32 summation order. Its gradients are autodiff's, written as canonical convolutions (see the module
+    docstring). Where ``impl`` resolves to 'native' (:func:`resolve_conv_impl`) the compiled kernels compute the
+    float32 convolutions (forward and input gradient) and the kernel gradient (summed in float32, also for
+    bfloat16)."""
+    return _forward(x, kernel, impl)
 
 
 def _conv_same_fwd(x, kernel, impl):
-    return _conv(x, kernel, _same_padding(kernel)), (x, kernel)
+    return _forward(x, kernel, impl), (x, kernel)
 
 
 def _conv_same_bwd(impl, residuals, dy):
     x, kernel = residuals
     padding = _same_padding(kernel)
+    native_layer = resolve_conv_impl(impl, *kernel.shape[2:]) == "native"
     # Input gradient: dy convolved with the kernel turned by 180° and its in/out swapped; with odd kernels
     # the 'same' padding is its own mirror.
-    if resolve_conv_impl(impl, *kernel.shape[2:]) == "native" and kernel.dtype == jnp.float32:
+    if native_layer and kernel.dtype == jnp.float32:
         flipped = native.conv_kernel_flip(kernel)  # XLA's transpose was 0.3 s for a 3×3×2048×2048 kernel
     else:
         flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
-    dx = _conv(dy, flipped, padding)
-    if resolve_conv_impl(impl, *kernel.shape[2:]) == "native":
+    dx = _forward(dy, flipped, impl)
+    if native_layer:
         return dx, native.conv_kernel_grad(x, dy, kernel.shape[:2], padding).astype(kernel.dtype)
     # Kernel gradient: a convolution in which C_in is the batch, the batch is the channel being summed and
     # dy is the kernel: (C_in, H, W, B) * (H, W, B, C_out) → (C_in, kh, kw, C_out).

@@ -45,9 +45,11 @@ KERNEL_GRAD_TARGET = "convnext_audio_jax_depthwise_kernel_grad"
 MATMUL_TARGET = "convnext_audio_jax_bf16_matmul"
 CONV_KERNEL_GRAD_TARGET = "convnext_audio_jax_conv_kernel_grad"
 CONV_KERNEL_FLIP_TARGET = "convnext_audio_jax_conv_kernel_flip"
+CONV_FORWARD_TARGET = "convnext_audio_jax_conv_forward"
 # FFI target name -> the handler's symbol in the library.
 HANDLERS = {CONV_TARGET: "DepthwiseConv", KERNEL_GRAD_TARGET: "DepthwiseKernelGrad", MATMUL_TARGET: "Bf16Matmul",
-            CONV_KERNEL_GRAD_TARGET: "ConvKernelGrad", CONV_KERNEL_FLIP_TARGET: "ConvKernelFlip"}
+            CONV_KERNEL_GRAD_TARGET: "ConvKernelGrad", CONV_KERNEL_FLIP_TARGET: "ConvKernelFlip",
+            CONV_FORWARD_TARGET: "ConvForward"}
 # The CPU flags the bfloat16 tile product needs (and the library must have been built with).
 AMX_CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16")
 CXX_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-Wno-psabi")
@@ -302,6 +304,27 @@ def conv_kernel_grad(x: jax.Array, dy: jax.Array, kernel_size: tuple[int, int],
         return jax.ffi.ffi_call(CONV_KERNEL_GRAD_TARGET, out, vmap_method="sequential")(x, dy)
 
     return _per_device_sum(call, x.astype(jnp.float32), dy.astype(jnp.float32))
+
+
+def conv_forward(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+    """y[b, h, w, co] = Σ_{i,j,ci} xpad[b, h+i, w+j, ci] · kernel[i, j, ci, co] in float32: the stride-1 dense
+    convolution of NHWC ``x`` zero-padded by ``padding`` (no negative pads) with a (kh, kw, C_in, C_out) kernel,
+    C_out a multiple of 16. Under a mesh set for tracing each device convolves its own rows."""
+    load()
+    kh, kw = kernel.shape[:2] if kernel.ndim == 4 else (0, 0)
+    if x.ndim != 4 or kernel.ndim != 4 or kernel.shape[2] != x.shape[-1] or kernel.shape[3] % 16 or min(
+            padding[0] + padding[1]) < 0:
+        raise ValueError(f"conv forward: x {tuple(x.shape)}, kernel {tuple(kernel.shape)} and padding {padding} do "
+                         "not fit: expected (B, H, W, C_in), (kh, kw, C_in, C_out) with C_out a multiple of 16 and "
+                         "no negative padding")
+
+    def call(x, kernel):
+        out = jax.ShapeDtypeStruct((x.shape[0], _output_size(x.shape[1], padding[0], kh),
+                                    _output_size(x.shape[2], padding[1], kw), kernel.shape[3]), jnp.float32)
+        return jax.ffi.ffi_call(CONV_FORWARD_TARGET, out, vmap_method="sequential")(
+            jnp.pad(x, ((0, 0), *padding, (0, 0))), kernel)
+
+    return _per_device_rows(call, x.astype(jnp.float32), kernel.astype(jnp.float32))
 
 
 def conv_kernel_flip(kernel: jax.Array) -> jax.Array:

@@ -170,6 +170,102 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   return ffi::Error::Success();
 }
 
+// ---- the convolution ----
+
+// y[p][v] (positions p of a group, vector v of a CO block) += sum over taps t and the panel's channels c of
+// x_p[offset[t] + c] * panel[t][c][v]: rows[r] points at position r's input pixel (tap (0, 0), first channel of
+// the CI block); panel is the packed weights (taps × cb × kCoBlock).
+template <int R, int NV>
+void ConvMicro(const float* const* rows, const int64_t* offsets, int64_t taps, int64_t cb, const float* panel,
+               bool accumulate, float* y, int64_t y_stride) {
+  Vec acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? Load(y + r * y_stride + v * kVec) : Vec{};
+  for (int64_t t = 0; t < taps; ++t) {
+    const int64_t offset = offsets[t];
+    for (int64_t c = 0; c < cb; ++c, panel += kCoBlock) {
+      Vec wv[NV];
+      for (int v = 0; v < NV; ++v) wv[v] = Load(panel + v * kVec);
+      for (int r = 0; r < R; ++r) {
+        const Vec xv = rows[r][offset + c] - Vec{};
+        for (int v = 0; v < NV; ++v) acc[r][v] += xv * wv[v];
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) Store(y + r * y_stride + v * kVec, acc[r][v]);
+}
+
+template <int R>
+void ConvMicroRows(int vectors, const float* const* rows, const int64_t* offsets, int64_t taps, int64_t cb,
+                   const float* panel, bool accumulate, float* y, int64_t y_stride) {
+  switch (vectors) {
+    case 1: return ConvMicro<R, 1>(rows, offsets, taps, cb, panel, accumulate, y, y_stride);
+    case 2: return ConvMicro<R, 2>(rows, offsets, taps, cb, panel, accumulate, y, y_stride);
+    case 3: return ConvMicro<R, 3>(rows, offsets, taps, cb, panel, accumulate, y, y_stride);
+    default: return ConvMicro<R, 4>(rows, offsets, taps, cb, panel, accumulate, y, y_stride);
+  }
+}
+
+template <int R>
+void ConvMicroDispatch(int count, int vectors, const float* const* rows, const int64_t* offsets, int64_t taps,
+                       int64_t cb, const float* panel, bool accumulate, float* y, int64_t y_stride) {
+  if constexpr (R > 1) {
+    if (count < R) return ConvMicroDispatch<R - 1>(count, vectors, rows, offsets, taps, cb, panel, accumulate, y, y_stride);
+  }
+  ConvMicroRows<R>(vectors, rows, offsets, taps, cb, panel, accumulate, y, y_stride);
+}
+
+// Positions per task of the convolution.
+constexpr int64_t kConvChunk = 32 * kRows;
+// Weights per panel: taps × channels × kCoBlock floats, ~36 KiB so that the panel stays in L1.
+constexpr int64_t kPanelSteps = 144;
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                   ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), kd = k.dimensions(), yd = y->dimensions();
+  if (xd.size() != 4 || kd.size() != 4 || yd.size() != 4 || xd[0] != yd[0] || kd[2] != xd[3] || kd[3] != yd[3] ||
+      yd[1] != xd[1] - kd[0] + 1 || yd[2] != xd[2] - kd[1] + 1 || yd[3] % kVec != 0) {
+    return ffi::Error::InvalidArgument("conv_forward expects a padded x (B, H + KH - 1, W + KW - 1, CI), k (KH, KW, "
+                                       "CI, CO) with CO a multiple of the vector width and a (B, H, W, CO) result");
+  }
+  const Geometry g{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], yd[3], kd[0], kd[1]};
+  const int64_t taps = g.kh * g.kw, positions = g.batch * g.h * g.w;
+  const int64_t cb_max = std::max<int64_t>(1, std::min<int64_t>(g.ci, kPanelSteps / taps));
+  const int64_t co_blocks = (g.co + kCoBlock - 1) / kCoBlock, chunks = (positions + kConvChunk - 1) / kConvChunk;
+  std::vector<int64_t> offsets(taps);
+  for (int64_t t = 0; t < taps; ++t) offsets[t] = ((t / g.kw) * g.wp + t % g.kw) * g.ci;
+  const float* xp = x.typed_data();
+  const float* kp = k.typed_data();
+  float* yp = y->typed_data();
+  const int64_t* off = offsets.data();
+  convnext_audio_jax::ParallelFor(pool, co_blocks * chunks, [=, &g](int64_t task) {
+    const int64_t co0 = (task % co_blocks) * kCoBlock, chunk = task / co_blocks;
+    const int vectors = static_cast<int>(std::min<int64_t>(kCoBlock, g.co - co0) / kVec);
+    const int64_t p_begin = chunk * kConvChunk, p_end = std::min<int64_t>(positions, p_begin + kConvChunk);
+    alignas(64) float panel[kPanelSteps * kCoBlock];
+    const float* rows[kRows];
+    for (int64_t c0 = 0; c0 < g.ci; c0 += cb_max) {
+      const int64_t cb = std::min<int64_t>(cb_max, g.ci - c0);
+      // Pack the weights of channels [c0, c0 + cb), all taps, this CO block: contiguous, reused by every group.
+      for (int64_t t = 0; t < taps; ++t)
+        for (int64_t c = 0; c < cb; ++c)
+          std::memcpy(panel + (t * cb + c) * kCoBlock, kp + (t * g.ci + c0 + c) * g.co + co0, vectors * kVec * sizeof(float));
+      for (int64_t p = p_begin; p < p_end; p += kRows) {
+        const int count = static_cast<int>(std::min<int64_t>(kRows, p_end - p));
+        for (int r = 0; r < count; ++r) {
+          const int64_t q = p + r, row = q / g.w, col = q % g.w, b = row / g.h, h = row % g.h;
+          rows[r] = xp + ((b * g.hp + h) * g.wp + col) * g.ci + c0;
+        }
+        ConvMicroDispatch<kRows>(count, vectors, rows, off, taps, cb, panel, c0 > 0, yp + p * g.co + co0, g.co);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// ---- the input gradient's kernel ----
+
 ffi::Error KernelFlip(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> t) {
   const auto kd = k.dimensions(), td = t->dimensions();
   if (kd.size() != 4 || td.size() != 4 || td[0] != kd[0] || td[1] != kd[1] || td[2] != kd[3] || td[3] != kd[2]) {
@@ -194,6 +290,13 @@ ffi::Error KernelFlip(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> k, ffi::Result
 }
 
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvKernelFlip, KernelFlip,
                               ffi::Ffi::Bind()
