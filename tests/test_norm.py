@@ -97,3 +97,28 @@ def test_broadcast_channels_gradient_is_the_channel_sum():
     np.testing.assert_allclose(pullback(jnp.asarray(g))[0], g.astype(np.float64).sum((0, 1, 2)), rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(channel_sum(jnp.asarray(g)), g.astype(np.float64).sum((0, 1, 2)), rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(broadcast_channels(v, g.shape), np.ones(g.shape, np.float32))
+
+
+def test_batch_norm_train_gradient_includes_the_statistics_cotangents():
+    """The closed-form gradient against autodiff of the plain formula, for a loss that also reads the batch mean and
+    variance outputs (their cotangents are zero in the models, where they only feed the running averages)."""
+    from convnext_audio_jax.models.norm import batch_norm_train
+
+    x = jax.random.normal(jax.random.key(0), (3, 7, 5, 6)) * 2.0 + 0.5
+    scale, bias = jax.random.normal(jax.random.key(1), (6,)), jax.random.normal(jax.random.key(2), (6,))
+    weights = jax.random.normal(jax.random.key(3), x.shape)
+
+    def plain(x, scale, bias):
+        mean = x.mean((0, 1, 2))
+        var = jnp.square(x - mean).mean((0, 1, 2))
+        return (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias, mean, var
+
+    def loss(fn, x, scale, bias):
+        y, mean, var = fn(x, scale, bias)
+        return (y * weights).sum() + (mean * jnp.arange(6.0)).sum() + (var ** 2).sum()
+
+    ours = jax.grad(lambda *a: loss(lambda x, s, b: batch_norm_train(x, s, b, 1e-5, jnp.float32, jnp.float32), *a),
+                    argnums=(0, 1, 2))(x, scale, bias)
+    expected = jax.grad(lambda *a: loss(plain, *a), argnums=(0, 1, 2))(x, scale, bias)
+    for a, b in zip(ours, expected):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))

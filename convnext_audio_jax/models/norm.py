@@ -95,13 +95,55 @@ BN_EPS = 1e-5
 BN_MOMENTUM = 0.9
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, stats_dtype: Any,
+                     out_dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Training-mode batch normalisation over every axis but the last: (y, batch mean, batch variance), statistics
+    in ``stats_dtype`` (two-pass variance), y in ``out_dtype``. Its gradient is the closed form
+    dx = s·(g − Σg/N − x̂·Σ(g·x̂)/N) (+ the terms of the mean's and variance's own cotangents), two channel sums
+    where autodiff of the forward took four, and the scale and bias gradients are those same two sums."""
+    return _batch_norm_train(x, scale, bias, epsilon, stats_dtype, out_dtype)[0]
+
+
+def _batch_norm_train(x, scale, bias, epsilon, stats_dtype, out_dtype):
+    stats = x.astype(stats_dtype)
+    count = x.size // x.shape[-1]
+    mean = channel_sum(stats) / count
+    centred = stats - mean
+    var = channel_sum(jnp.square(centred)) / count
+    inv = jax.lax.rsqrt(var + epsilon)
+    mul = inv * scale.astype(stats_dtype)
+    y = (centred * mul + bias.astype(stats_dtype)).astype(out_dtype)
+    return (y, mean, var), (x, mean, inv, scale, bias)
+
+
+def _batch_norm_train_fwd(x, scale, bias, epsilon, stats_dtype, out_dtype):
+    return _batch_norm_train(x, scale, bias, epsilon, stats_dtype, out_dtype)
+
+
+def _batch_norm_train_bwd(epsilon, stats_dtype, out_dtype, residuals, cotangents):
+    x, mean, inv, scale, bias = residuals
+    gy, gmean, gvar = cotangents
+    count = x.size // x.shape[-1]
+    g = gy.astype(stats_dtype)
+    centred = x.astype(stats_dtype) - mean
+    dbias = channel_sum(g)
+    dscale = channel_sum(g * (centred * inv))
+    mul = inv * scale.astype(stats_dtype)
+    dx = mul * (g - dbias / count - centred * (inv * dscale / count)) + gmean / count + centred * (2 * gvar / count)
+    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+
+
+batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
+
+
 class BatchNorm(nn.Module):
     """``nn.BatchNorm(use_fast_variance=False)`` over the last axis (same parameters, batch statistics, running
     averages and dtype rules; statistics in at least float32), with the statistics over the other axes as
-    :func:`channel_sum` products and the per-channel broadcasts by :func:`broadcast_channels`. XLA:CPU lowers
-    flax's reductions over the leading axes, and autodiff's for its gradients, to windowed reductions: 2.7 s of a
-    7.6 s CNN14 training step (batch 8, 10 s clips; docs/benchmarks.md). Outputs equal flax's within float32
-    summation order. Under a data-sharded jit the statistics cover the global batch."""
+    :func:`channel_sum` products and, in training, the gradient in closed form (:func:`batch_norm_train`). XLA:CPU
+    lowered flax's reductions over the leading axes, and autodiff's for its gradients, to windowed reductions: 2.7 s
+    of a 7.6 s CNN14 training step (batch 8, 10 s clips; docs/benchmarks.md). Outputs and gradients equal flax's
+    within float32 summation order. Under a data-sharded jit the statistics cover the global batch."""
 
     use_running_average: bool
     momentum: float = BN_MOMENTUM
@@ -119,13 +161,13 @@ class BatchNorm(nn.Module):
         if self.use_running_average:
             mean, var = ra_mean.value, ra_var.value
         else:
-            stats = x.astype(jnp.promote_types(self.dtype or x.dtype, jnp.float32))
-            count = x.size // x.shape[-1]
-            mean = channel_sum(stats) / count
-            var = channel_sum(jnp.square(stats - broadcast_channels(mean, x.shape))) / count
+            stats_dtype = jnp.promote_types(self.dtype or x.dtype, jnp.float32)
+            out_dtype = self.dtype or jnp.result_type(x, scale, bias)
+            y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, stats_dtype, out_dtype)
             if not self.is_initializing():
                 ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
                 ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+            return y
         mul = jax.lax.rsqrt(var + self.epsilon) * scale
         y = (x - broadcast_channels(mean, x.shape)) * broadcast_channels(mul, x.shape) + broadcast_channels(bias, x.shape)
         return y.astype(self.dtype or jnp.result_type(x, scale, bias))
