@@ -108,7 +108,7 @@ conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
 
 class Conv(nn.Module):
     """``nn.Conv(features, kernel_size, padding=k // 2, use_bias=False)`` (same parameter and dtype rules) by
-    :func:`conv_same`; ``impl``: how its kernel gradient is computed (:func:`resolve_conv_impl`)."""
+    :func:`conv_same`; ``impl``: XLA's convolutions or the compiled kernels (:func:`resolve_conv_impl`)."""
 
     features: int
     kernel_size: tuple[int, int]
