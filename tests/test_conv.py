@@ -13,6 +13,7 @@ import torch
 
 from convnext_audio_jax import native
 from convnext_audio_jax.models.conv import Conv, PatchConv, conv_same, resolve_conv_impl
+from native_marks import NEEDS_COMPILER
 
 
 @pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
@@ -91,11 +92,7 @@ def test_patch_conv_equals_strided_convolution(kernel, stride, padding, shape):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-NEEDS_NATIVE = pytest.mark.skipif(native.find_compiler() is None,
-                                  reason="no C++ compiler ($CXX, c++, g++, clang++): the native kernels cannot be built")
-
-
-@NEEDS_NATIVE
+@NEEDS_COMPILER
 @pytest.mark.parametrize(("shape", "kernel", "out_channels"), [
     ((2, 11, 7, 16), (3, 3), 16),     # one CI block, rows in a tail group of the register block
     ((3, 9, 5, 70), (5, 5), 48),      # CI over one block with a tail; CO three vectors
@@ -123,7 +120,7 @@ def test_native_kernel_gradient_equals_float64(shape, kernel, out_channels):
     np.testing.assert_allclose(dx_native, dx_xla, atol=2e-6 * np.abs(dx_xla).max())
 
 
-@NEEDS_NATIVE
+@NEEDS_COMPILER
 @pytest.mark.parametrize(("shape", "kernel", "out_channels"), [
     ((2, 11, 7, 16), (3, 3), 16),     # positions in a tail group; one vector
     ((3, 9, 5, 70), (5, 5), 48),      # CI panels with a tail; CO three vectors
@@ -145,7 +142,7 @@ def test_native_convolution_equals_float64(shape, kernel, out_channels):
     np.testing.assert_allclose(layer_out, expected, atol=2e-6 * np.abs(expected).max())
 
 
-@NEEDS_NATIVE
+@NEEDS_COMPILER
 def test_native_kernel_gradient_sums_each_devices_rows_under_a_mesh():
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -163,7 +160,7 @@ def test_native_kernel_gradient_sums_each_devices_rows_under_a_mesh():
     np.testing.assert_allclose(sharded(jax.device_put(x, rows), jax.device_put(dy, rows)), single, rtol=1e-5, atol=1e-4)
 
 
-@NEEDS_NATIVE
+@NEEDS_COMPILER
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_conv_layer_gradients_equal_under_either_impl(dtype):
     """A model's choice of ``conv_impl`` changes no number beyond float32 summation order (bfloat16: the native

@@ -15,10 +15,8 @@ from convnext_audio_jax.models.layers import (
     depthwise_conv_native,
     resolve_depthwise_impl,
 )
+from native_marks import NEEDS_COMPILER
 
-# The compiled kernels need a C++ compiler; tests/test_native.py says so when there is none.
-NEEDS_COMPILER = pytest.mark.skipif(native.find_compiler() is None,
-                                    reason="no C++ compiler ($CXX, c++, g++, clang++): the native kernels cannot be built")
 CONVS = [pytest.param(depthwise_conv_shift, id="shift"), pytest.param(depthwise_conv_native, id="native", marks=NEEDS_COMPILER)]
 
 CASES = [
@@ -166,7 +164,6 @@ def test_depthwise_convolution_is_written_once_before_a_layer_norm():
     computed by one fusion; a reduction there let XLA recompute its 49 taps inside each of three consumers."""
     from convnext_audio_jax import xla
     from convnext_audio_jax.models.norm import LayerNorm
-    from flax_parity import outputs_and_gradients_against
 
     x = jnp.zeros((2, 16, 12, 8))
     conv, norm = DepthwiseConv((7, 7), impl="shift"), LayerNorm()

@@ -160,7 +160,7 @@ class PatchConv(nn.Module):
             y = y.reshape(batch, out_h, out_w, self.features)
         else:
             y = jax.lax.conv_general_dilated(
-                x, kernel, self.strides, self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                x, kernel, self.strides, self.padding, dimension_numbers=_NHWC,
                 preferred_element_type=jnp.float32,
             )
         return (y + broadcast_channels(bias.astype(jnp.float32), y.shape)).astype(dtype)
