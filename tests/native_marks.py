@@ -1,5 +1,5 @@
-"""The pytest mark of tests that need the native kernels built: they need a C++ compiler (tests/test_native.py
-says so when there is none)."""
+"""The pytest marks of tests that need the native kernels built (a C++ compiler; tests/test_native.py says so when
+there is none) and of those that need the bfloat16 tile kernels (a CPU with AMX-BF16)."""
 
 import pytest
 
@@ -7,3 +7,8 @@ from convnext_audio_jax import native
 
 NEEDS_COMPILER = pytest.mark.skipif(native.find_compiler() is None,
                                     reason="no C++ compiler ($CXX, c++, g++, clang++): the native kernels cannot be built")
+
+# The tile kernels run only on a CPU with AMX-BF16 (e.g. Sapphire Rapids and later Xeons); elsewhere 'auto' is XLA's
+# form, which the other tests cover.
+NEEDS_AMX = pytest.mark.skipif(not native.amx_available(), reason="this CPU has no AMX-BF16 (or no C++ compiler): "
+                               "the bfloat16 tile kernels cannot run here")

@@ -1,6 +1,6 @@
 """Dense 2-D convolutions (models/conv.py): Conv equals nn.Conv and torch's conv2d in values and gradients, its
-gradients stay canonical convolutions inside a loop body, the compiled kernel gradient equals float64 sums;
-PatchConv equals a strided convolution."""
+gradients stay canonical convolutions inside a loop body, the compiled kernels (float32, and bfloat16 on the AMX
+tile unit) equal float64 sums; PatchConv equals a strided convolution."""
 
 import re
 
@@ -13,7 +13,7 @@ import torch
 
 from convnext_audio_jax import native
 from convnext_audio_jax.models.conv import Conv, PatchConv, conv_same, resolve_conv_impl
-from native_marks import NEEDS_COMPILER
+from native_marks import NEEDS_AMX, NEEDS_COMPILER
 
 
 @pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
@@ -140,6 +140,64 @@ def test_native_convolution_equals_float64(shape, kernel, out_channels):
     # The layer picks it for float32 where it fits, and its numbers are nn.Conv's within float32 summation order.
     layer_out = conv_same(jnp.asarray(x), jnp.asarray(w), "native")
     np.testing.assert_allclose(layer_out, expected, atol=2e-6 * np.abs(expected).max())
+
+
+def torch_conv_float64(x: np.ndarray, w: np.ndarray, padding: tuple[int, int]) -> np.ndarray:
+    """torch's conv2d in float64 on NHWC x and an HWIO kernel."""
+    out = torch.nn.functional.conv2d(torch.from_numpy(np.asarray(x, np.float64)).permute(0, 3, 1, 2),
+                                     torch.from_numpy(np.asarray(w, np.float64)).permute(3, 2, 0, 1), padding=padding)
+    return out.permute(0, 2, 3, 1).numpy()
+
+
+@NEEDS_AMX
+@pytest.mark.parametrize(("shape", "kernel", "out_channels"), [
+    ((2, 11, 7, 32), (3, 3), 32),      # blocks cross lines; an image's last block is partial
+    ((1, 3, 2, 64), (3, 3), 64),       # the whole image in one partial block (a short clip's last layers)
+    ((3, 9, 12, 96), (5, 5), 96),      # CNN6's kernel; three 32-channel blocks; one output step with a tail of 32
+    ((1, 6, 5, 64), (3, 5), 160),      # rectangular kernel
+    ((2, 5, 2, 2048), (3, 3), 64),     # packed kernel over 1 MiB per 32 columns: two column panels
+    ((2, 8, 4, 32), (1, 1), 32),       # a 1 x 1 kernel
+])
+def test_tile_convolution_equals_torch_float64(shape, kernel, out_channels):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((*kernel, shape[-1], out_channels)) / np.sqrt(shape[-1] * kernel[0] * kernel[1]),
+                    jnp.bfloat16)
+    padding = ((kernel[0] // 2, kernel[0] // 2), (kernel[1] // 2, kernel[1] // 2))
+    got = jax.jit(lambda x, w: native.conv_forward(x, w, padding))(x, w)
+    assert got.dtype == jnp.bfloat16 and got.shape == (*shape[:3], out_channels)
+    got = np.asarray(got, np.float64)
+    exact = torch_conv_float64(x.astype(jnp.float32), w.astype(jnp.float32), (kernel[0] // 2, kernel[1] // 2))
+    # Summed in float32, rounded to bfloat16 once: within one bfloat16 step (2^-8 relative) of the exact sum.
+    assert np.all(np.abs(got - exact) <= 2 ** -8 * np.abs(exact) + 1e-5 * np.abs(exact).max())
+    # A float32 kernel is rounded as XLA rounds it (to nearest even), so both give the same bits.
+    w32 = jnp.asarray(rng.standard_normal(w.shape), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(native.conv_forward(x, w32, padding), np.float32),
+                                  np.asarray(native.conv_forward(x, w32.astype(jnp.bfloat16), padding), np.float32))
+
+
+@NEEDS_AMX
+def test_bfloat16_conv_layer_uses_the_tile_kernel_and_equals_xla():
+    x = jax.random.normal(jax.random.key(0), (2, 20, 8, 64)).astype(jnp.bfloat16)
+    outputs = {}
+    for impl in ("native", "xla"):
+        layer = Conv(96, (3, 3), impl=impl, dtype=jnp.bfloat16)
+        variables = layer.init(jax.random.key(1), x)
+        text = jax.jit(layer.apply).lower(variables, x).as_text()
+        assert (native.BF16_CONV_FORWARD_TARGET in text) == (impl == "native")
+        outputs[impl] = np.asarray(layer.apply(variables, x), np.float32)
+    # Both sum in float32 and round once (XLA converts to float32 around its convolution).
+    np.testing.assert_allclose(outputs["native"], outputs["xla"], rtol=2 ** -7, atol=1e-5)
+    assert np.mean(outputs["native"] == outputs["xla"]) > 0.95
+
+
+def test_tile_convolution_rejects_channels_that_are_not_multiples_of_32():
+    if not native.amx_available():  # no tile unit (or no library): said before any shape is looked at
+        with pytest.raises(native.NativeUnavailable):
+            native.conv_forward(jnp.zeros((1, 4, 4, 48), jnp.bfloat16), jnp.zeros((3, 3, 48, 32)), ((1, 1), (1, 1)))
+        return
+    with pytest.raises(ValueError, match=r"kernel \(3, 3, 48, 32\) needs C_in and C_out multiples of 32"):
+        native.conv_forward(jnp.zeros((1, 4, 4, 48), jnp.bfloat16), jnp.zeros((3, 3, 48, 32)), ((1, 1), (1, 1)))
 
 
 @NEEDS_COMPILER

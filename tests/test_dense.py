@@ -14,11 +14,7 @@ from convnext_audio_jax import native
 from convnext_audio_jax.models import create_model, init_variables
 from convnext_audio_jax.models.dense import Dense, matmul, matmul_native, matmul_xla, resolve_matmul_impl
 from flax_parity import outputs_and_gradients_against
-
-# The tile kernel runs only on a CPU with AMX-BF16 (e.g. Sapphire Rapids and later Xeons); elsewhere 'auto' is XLA's
-# dot, which the other tests here cover.
-NEEDS_AMX = pytest.mark.skipif(not native.amx_available(), reason="this CPU has no AMX-BF16 (or no C++ compiler): "
-                               "the bfloat16 tile kernel cannot run here")
+from native_marks import NEEDS_AMX
 
 
 @pytest.mark.parametrize("dtype", [None, jnp.bfloat16])

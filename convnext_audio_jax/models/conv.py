@@ -62,21 +62,31 @@ def _conv(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=_NHWC)
 
 
+def _native_forward(x: jax.Array, kernel: jax.Array) -> bool:
+    """Whether the compiled kernel computes this convolution: float32, or bfloat16 on the AMX tile unit (XLA:CPU
+    runs bfloat16 convolutions in float32 between conversions, 7-13× slower) with channels in multiples of 32."""
+    if x.dtype == jnp.float32:
+        return True
+    return x.dtype == jnp.bfloat16 and kernel.shape[2] % 32 == 0 and kernel.shape[3] % 32 == 0 and native.amx_available()
+
+
 def _forward(x: jax.Array, kernel: jax.Array, impl: ConvImpl) -> jax.Array:
+    """The convolution in ``x``'s dtype (the kernel cast to it)."""
     padding = _same_padding(kernel)
-    if x.dtype == jnp.float32 and resolve_conv_impl(impl, *kernel.shape[2:]) == "native":
-        return native.conv_forward(x, kernel, padding)
-    return _conv(x, kernel, padding)
+    if resolve_conv_impl(impl, *kernel.shape[2:]) == "native" and _native_forward(x, kernel):
+        return native.conv_forward(x, kernel, padding)  # rounds a float32 kernel for bfloat16 x itself
+    return _conv(x, kernel.astype(x.dtype), padding)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def conv_same(x: jax.Array, kernel: jax.Array, impl: ConvImpl = "auto") -> jax.Array:
     """The stride-1 convolution of ``x`` (B, H, W, C_in) with ``kernel`` (kh, kw, C_in, C_out), odd sizes,
-    zero padding that keeps H × W (torch's ``padding=k // 2``); the numbers of ``nn.Conv(padding=k // 2)`` up to
-    float32 summation order. Its gradients are autodiff's, written as canonical convolutions (see the module
+    zero padding that keeps H × W (torch's ``padding=k // 2``), in ``x``'s dtype (the kernel cast to it; its
+    gradient in the kernel's dtype); the numbers of ``nn.Conv(padding=k // 2)`` up to float32 summation order. Its gradients are autodiff's, written as canonical convolutions (see the module
     docstring). Where ``impl`` resolves to 'native' (:func:`resolve_conv_impl`) the compiled kernels compute the
-    float32 convolutions (forward and input gradient) and the kernel gradient (summed in float32, also for
-    bfloat16)."""
+    float32 convolutions (forward and input gradient), the bfloat16 ones where the CPU has the AMX tile unit
+    (channels in multiples of 32; products summed in float32, one rounding), and the kernel gradient (summed in
+    float32, also for bfloat16)."""
     return _forward(x, kernel, impl)
 
 
@@ -100,7 +110,7 @@ def _conv_same_bwd(impl, residuals, dy):
     # Kernel gradient: a convolution in which C_in is the batch, the batch is the channel being summed and
     # dy is the kernel: (C_in, H, W, B) * (H, W, B, C_out) → (C_in, kh, kw, C_out).
     dk = _conv(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), padding)
-    return dx, dk.transpose(1, 2, 0, 3)
+    return dx, dk.transpose(1, 2, 0, 3).astype(kernel.dtype)
 
 
 conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
@@ -122,7 +132,7 @@ class Conv(nn.Module):
         kh, kw = self.kernel_size
         kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features), self.param_dtype)
         dtype = self.dtype or jnp.result_type(x, kernel)
-        return conv_same(x.astype(dtype), kernel.astype(dtype), self.impl)
+        return conv_same(x.astype(dtype), kernel, self.impl)  # the kernel cast inside (see _forward)
 
 
 class PatchConv(nn.Module):

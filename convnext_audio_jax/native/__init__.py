@@ -40,18 +40,19 @@ from convnext_audio_jax import xla
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("depthwise.cc", "conv.cc", "matmul.cc")
-HEADERS = ("parallel.h",)
+SOURCES = ("depthwise.cc", "conv.cc", "matmul.cc", "conv_bf16.cc")
+HEADERS = ("parallel.h", "amx.h")
 CONV_TARGET = "convnext_audio_jax_depthwise_conv"
 KERNEL_GRAD_TARGET = "convnext_audio_jax_depthwise_kernel_grad"
 MATMUL_TARGET = "convnext_audio_jax_bf16_matmul"
 CONV_KERNEL_GRAD_TARGET = "convnext_audio_jax_conv_kernel_grad"
 CONV_KERNEL_FLIP_TARGET = "convnext_audio_jax_conv_kernel_flip"
 CONV_FORWARD_TARGET = "convnext_audio_jax_conv_forward"
+BF16_CONV_FORWARD_TARGET = "convnext_audio_jax_bf16_conv_forward"
 # FFI target name -> the handler's symbol in the library.
 HANDLERS = {CONV_TARGET: "DepthwiseConv", KERNEL_GRAD_TARGET: "DepthwiseKernelGrad", MATMUL_TARGET: "Bf16Matmul",
             CONV_KERNEL_GRAD_TARGET: "ConvKernelGrad", CONV_KERNEL_FLIP_TARGET: "ConvKernelFlip",
-            CONV_FORWARD_TARGET: "ConvForward"}
+            CONV_FORWARD_TARGET: "ConvForward", BF16_CONV_FORWARD_TARGET: "Bf16ConvForward"}
 # The CPU flags the bfloat16 tile product needs (and the library must have been built with).
 AMX_CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16")
 CXX_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-Wno-psabi")
@@ -146,6 +147,7 @@ def load() -> None:
             try:
                 library = ctypes.cdll.LoadLibrary(str(path))
                 handlers = {target: getattr(library, symbol) for target, symbol in HANDLERS.items()}
+                library.ConvnextAudioJaxBf16ConvRows.restype = ctypes.c_int64
             except (OSError, AttributeError) as error:
                 raise NativeUnavailable(f"cannot load {path}: {error}") from None
             if not _registered:  # XLA keeps one handler per name for the life of the process
@@ -309,9 +311,11 @@ def conv_kernel_grad(x: jax.Array, dy: jax.Array, kernel_size: tuple[int, int],
 
 
 def conv_forward(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
-    """y[b, h, w, co] = Σ_{i,j,ci} xpad[b, h+i, w+j, ci] · kernel[i, j, ci, co] in float32: the stride-1 dense
-    convolution of NHWC ``x`` zero-padded by ``padding`` (no negative pads) with a (kh, kw, C_in, C_out) kernel,
-    C_out a multiple of 16. Under a mesh set for tracing each device convolves its own rows."""
+    """y[b, h, w, co] = Σ_{i,j,ci} xpad[b, h+i, w+j, ci] · kernel[i, j, ci, co]: the stride-1 dense convolution of
+    NHWC ``x`` zero-padded by ``padding`` (no negative pads) with a (kh, kw, C_in, C_out) kernel, C_out a multiple
+    of 16, in ``x``'s dtype: float32, or bfloat16 on the AMX tile unit (:func:`amx_available`; C_in and C_out
+    multiples of 32; a float32 kernel rounded to bfloat16 as the kernel packs it, products summed in float32 and
+    rounded to bfloat16 once). Under a mesh set for tracing each device convolves its own rows."""
     load()
     kh, kw = kernel.shape[:2] if kernel.ndim == 4 else (0, 0)
     if x.ndim != 4 or kernel.ndim != 4 or kernel.shape[2] != x.shape[-1] or kernel.shape[3] % 16 or min(
@@ -319,14 +323,28 @@ def conv_forward(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int]
         raise ValueError(f"conv forward: x {tuple(x.shape)}, kernel {tuple(kernel.shape)} and padding {padding} do "
                          "not fit: expected (B, H, W, C_in), (kh, kw, C_in, C_out) with C_out a multiple of 16 and "
                          "no negative padding")
+    tiles = x.dtype == jnp.bfloat16
+    if tiles and not amx_available():
+        raise NativeUnavailable("the bfloat16 convolution needs a CPU with " + ", ".join(AMX_CPU_FLAGS)
+                                + " and the native library built for it")
+    if tiles and (x.shape[-1] % 32 or kernel.shape[3] % 32):
+        raise ValueError(f"bf16 conv forward: kernel {tuple(kernel.shape)} needs C_in and C_out multiples of 32")
+    dtype = jnp.bfloat16 if tiles else jnp.float32
 
     def call(x, kernel):
-        out = jax.ShapeDtypeStruct((x.shape[0], _output_size(x.shape[1], padding[0], kh),
-                                    _output_size(x.shape[2], padding[1], kw), kernel.shape[3]), jnp.float32)
-        return jax.ffi.ffi_call(CONV_FORWARD_TARGET, out, vmap_method="sequential")(
-            jnp.pad(x, ((0, 0), *padding, (0, 0))), kernel)
+        height, width = (_output_size(x.shape[1], padding[0], kh), _output_size(x.shape[2], padding[1], kw))
+        out = jax.ShapeDtypeStruct((x.shape[0], height, width, kernel.shape[3]), dtype)
+        (top, bottom), (left, right) = padding
+        if tiles:  # the kernel reads whole padded lines past the image's last output line
+            lines = _state["library"].ConvnextAudioJaxBf16ConvRows(
+                ctypes.c_int64(height), ctypes.c_int64(kh), ctypes.c_int64(kw), ctypes.c_int64(x.shape[2] + left + right))
+            bottom = lines - x.shape[1] - top
+        target = BF16_CONV_FORWARD_TARGET if tiles else CONV_FORWARD_TARGET
+        return jax.ffi.ffi_call(target, out, vmap_method="sequential")(
+            jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0))), kernel)
 
-    return _per_device_rows(call, x.astype(jnp.float32), kernel.astype(jnp.float32))
+    kernel = kernel if tiles and kernel.dtype in (jnp.bfloat16, jnp.float32) else kernel.astype(dtype)
+    return _per_device_rows(call, x.astype(dtype), kernel)
 
 
 def conv_kernel_flip(kernel: jax.Array) -> jax.Array:

@@ -21,15 +21,9 @@
 #include <memory>
 #include <vector>
 
+#include "amx.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
-
-#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
-#define CONVNEXT_AUDIO_JAX_AMX 1
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
 
 namespace ffi = xla::ffi;
 
@@ -37,54 +31,11 @@ namespace {
 
 #ifdef CONVNEXT_AUDIO_JAX_AMX
 
+using namespace convnext_audio_jax::amx;
+
 constexpr int64_t kRows = 32;  // rows of y per task: two tiles of 16
 constexpr int64_t kCols = 32;  // columns of y per step: two tiles of 16
-constexpr int64_t kDepth = 32;  // bfloat16 values of K per tile row (64 bytes)
-constexpr int64_t kPanel = 16 * kDepth;  // bfloat16 values in one packed tile of w
 constexpr int64_t kPanelBytes = 1 << 20;  // packed w per column panel
-
-// Linux hands out the AMX tile data state only on request (once per process).
-bool RequestTiles() {
-  constexpr long kArchReqXcompPerm = 0x1023;
-  constexpr long kXfeatureXtiledata = 18;
-  static const bool granted = syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-  return granted;
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t bytes_per_row[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// Tiles 0-3: accumulators (16 × 16 float32), 4-5: x (16 × 32 bfloat16), 6-7: w (16 pairs × 16 columns × 2).
-void ConfigureTiles() {
-  TileConfig config;
-  for (int t = 0; t < 8; ++t) {
-    config.rows[t] = 16;
-    config.bytes_per_row[t] = 64;
-  }
-  _tile_loadconfig(&config);
-}
-
-// w (K, N) -> for each 16-column block nb and 32-deep block kb a 16 × 32 tile whose row p holds, for each column,
-// the pair w[kb*32 + 2p, n], w[kb*32 + 2p + 1, n] (the layout _tile_dpbf16ps reads its second operand in).
-void PackColumns(const uint16_t* w, int64_t depth, int64_t cols, int64_t nb, uint16_t* packed) {
-  const int64_t blocks = depth / kDepth;
-  for (int64_t kb = 0; kb < blocks; ++kb) {
-    uint16_t* tile = packed + (nb * blocks + kb) * kPanel;
-    for (int64_t p = 0; p < 16; ++p) {
-      const uint16_t* even = w + (kb * kDepth + 2 * p) * cols + nb * 16;
-      const uint16_t* odd = even + cols;
-      for (int64_t c = 0; c < 16; ++c) {
-        tile[p * 32 + 2 * c] = even[c];
-        tile[p * 32 + 2 * c + 1] = odd[c];
-      }
-    }
-  }
-}
 
 // Exact (erf) GELU, 0.5·v·(1 + erf(v/√2)), in float32: erf(z) = z·P(z²)/Q(z²) on z clamped to [-4, 4] (the
 // rational approximation Eigen uses for float; |error| < 5e-7, far below a bfloat16 step).
@@ -200,7 +151,7 @@ ffi::Error Matmul(ffi::ThreadPool, ffi::Buffer<ffi::BF16>, ffi::Buffer<ffi::BF16
 // 1 where this build has the AMX kernel and the kernel granted the tile state, else 0.
 extern "C" int ConvnextAudioJaxAmxReady() {
 #ifdef CONVNEXT_AUDIO_JAX_AMX
-  return RequestTiles() ? 1 : 0;
+  return convnext_audio_jax::amx::RequestTiles() ? 1 : 0;
 #else
   return 0;
 #endif
