@@ -184,11 +184,32 @@ def test_bfloat16_conv_layer_uses_the_tile_kernel_and_equals_xla():
         layer = Conv(96, (3, 3), impl=impl, dtype=jnp.bfloat16)
         variables = layer.init(jax.random.key(1), x)
         text = jax.jit(layer.apply).lower(variables, x).as_text()
-        assert (native.BF16_CONV_FORWARD_TARGET in text) == (impl == "native")
+        assert (f"@{native.BF16_CONV_FORWARD_TARGET}(" in text) == (impl == "native")
         outputs[impl] = np.asarray(layer.apply(variables, x), np.float32)
     # Both sum in float32 and round once (XLA converts to float32 around its convolution).
     np.testing.assert_allclose(outputs["native"], outputs["xla"], rtol=2 ** -7, atol=1e-5)
     assert np.mean(outputs["native"] == outputs["xla"]) > 0.95
+
+
+@NEEDS_COMPILER
+@pytest.mark.parametrize(("in_channels", "tile_unit"), [(64, False), (48, True)])
+def test_bfloat16_conv_without_the_tile_kernel_runs_the_float32_kernel(in_channels, tile_unit, monkeypatch):
+    """No AMX (or channels that do not fit its tiles): the compiled float32 convolution between conversions, which
+    is what XLA's bfloat16 convolution computes too."""
+    if not tile_unit:
+        monkeypatch.setattr(native, "amx_available", lambda: False)
+    x = jax.random.normal(jax.random.key(0), (2, 12, 8, in_channels)).astype(jnp.bfloat16)
+    outputs = {}
+    for impl in ("native", "xla"):
+        layer = Conv(32, (3, 3), impl=impl, dtype=jnp.bfloat16)
+        variables = layer.init(jax.random.key(1), x)
+        text = jax.jit(layer.apply).lower(variables, x).as_text()
+        assert native.BF16_CONV_FORWARD_TARGET not in text
+        assert (f"@{native.CONV_FORWARD_TARGET}(" in text) == (impl == "native")
+        outputs[impl] = np.asarray(layer.apply(variables, x), np.float32)
+    # The kernel rounded to bfloat16 as XLA rounds it; float32 sums in another order: equal almost everywhere.
+    np.testing.assert_allclose(outputs["native"], outputs["xla"], rtol=2 ** -7, atol=1e-5)
+    assert np.mean(outputs["native"] == outputs["xla"]) > 0.99
 
 
 def test_tile_convolution_rejects_channels_that_are_not_multiples_of_32():

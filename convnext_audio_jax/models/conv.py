@@ -62,20 +62,18 @@ def _conv(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=_NHWC)
 
 
-def _native_forward(x: jax.Array, kernel: jax.Array) -> bool:
-    """Whether the compiled kernel computes this convolution: float32, or bfloat16 on the AMX tile unit (XLA:CPU
-    runs bfloat16 convolutions in float32 between conversions, 7-13× slower) with channels in multiples of 32."""
-    if x.dtype == jnp.float32:
-        return True
-    return x.dtype == jnp.bfloat16 and kernel.shape[2] % 32 == 0 and kernel.shape[3] % 32 == 0 and native.amx_available()
-
-
 def _forward(x: jax.Array, kernel: jax.Array, impl: ConvImpl) -> jax.Array:
-    """The convolution in ``x``'s dtype (the kernel cast to it)."""
+    """The convolution in ``x``'s dtype (the kernel cast to it). A bfloat16 one runs on the AMX tile unit where the
+    channels fit (multiples of 32), else as the compiled float32 convolution between conversions: XLA:CPU also
+    computes a bfloat16 convolution in float32 between conversions (the same numbers up to summation order), with
+    its own float32 convolution, 7-13× slower than the tile kernel and slower than the compiled one."""
     padding = _same_padding(kernel)
-    if resolve_conv_impl(impl, *kernel.shape[2:]) == "native" and _native_forward(x, kernel):
-        return native.conv_forward(x, kernel, padding)  # rounds a float32 kernel for bfloat16 x itself
-    return _conv(x, kernel.astype(x.dtype), padding)
+    if resolve_conv_impl(impl, *kernel.shape[2:]) != "native" or x.dtype not in (jnp.float32, jnp.bfloat16):
+        return _conv(x, kernel.astype(x.dtype), padding)
+    tiles_fit = kernel.shape[2] % 32 == 0 and kernel.shape[3] % 32 == 0 and native.amx_available()
+    if x.dtype == jnp.bfloat16 and not tiles_fit:
+        return native.conv_forward(x.astype(jnp.float32), kernel.astype(jnp.bfloat16), padding).astype(jnp.bfloat16)
+    return native.conv_forward(x, kernel, padding)  # rounds a float32 kernel for bfloat16 x itself
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
