@@ -1,5 +1,5 @@
 """The pytest marks of tests that need the native kernels built (a C++ compiler; tests/test_native.py says so when
-there is none) and of those that need the bfloat16 tile kernels (a CPU with AMX-BF16)."""
+there is none) and of those that need a CPU's bfloat16 units (AMX-BF16 tiles, AVX512-BF16 dot products)."""
 
 import pytest
 
@@ -12,3 +12,5 @@ NEEDS_COMPILER = pytest.mark.skipif(native.find_compiler() is None,
 # form, which the other tests cover.
 NEEDS_AMX = pytest.mark.skipif(not native.amx_available(), reason="this CPU has no AMX-BF16 (or no C++ compiler): "
                                "the bfloat16 tile kernels cannot run here")
+NEEDS_BF16_DOT = pytest.mark.skipif(not native.bf16_dot_available(), reason="this CPU has no AVX512-BF16 (or no C++ "
+                                    "compiler): the bfloat16 dot-product convolution cannot run here")

@@ -1,6 +1,6 @@
 """Dense 2-D convolutions (models/conv.py): Conv equals nn.Conv and torch's conv2d in values and gradients, its
-gradients stay canonical convolutions inside a loop body, the compiled kernels (float32, and bfloat16 on the AMX
-tile unit) equal float64 sums; PatchConv equals a strided convolution."""
+gradients stay canonical convolutions inside a loop body, the compiled kernels (float32; bfloat16 on the AMX tile
+unit and with AVX512-BF16 dot products) equal float64 sums; PatchConv equals a strided convolution."""
 
 import re
 
@@ -13,7 +13,7 @@ import torch
 
 from convnext_audio_jax import native
 from convnext_audio_jax.models.conv import Conv, PatchConv, conv_same, resolve_conv_impl
-from native_marks import NEEDS_AMX, NEEDS_COMPILER
+from native_marks import NEEDS_AMX, NEEDS_BF16_DOT, NEEDS_COMPILER
 
 
 @pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
@@ -149,76 +149,91 @@ def torch_conv_float64(x: np.ndarray, w: np.ndarray, padding: tuple[int, int]) -
     return out.permute(0, 2, 3, 1).numpy()
 
 
-@NEEDS_AMX
-@pytest.mark.parametrize(("shape", "kernel", "out_channels"), [
-    ((2, 11, 7, 32), (3, 3), 32),      # blocks cross lines; an image's last block is partial
-    ((1, 3, 2, 64), (3, 3), 64),       # the whole image in one partial block (a short clip's last layers)
-    ((3, 9, 12, 96), (5, 5), 96),      # CNN6's kernel; three 32-channel blocks; one output step with a tail of 32
-    ((1, 6, 5, 64), (3, 5), 160),      # rectangular kernel
-    ((2, 5, 2, 2048), (3, 3), 64),     # packed kernel over 1 MiB per 32 columns: two column panels
-    ((2, 8, 4, 32), (1, 1), 32),       # a 1 x 1 kernel
-])
-def test_tile_convolution_equals_torch_float64(shape, kernel, out_channels):
+UNIT_MARKS = {"tiles": NEEDS_AMX, "dots": NEEDS_BF16_DOT}
+BFLOAT16_CASES = [  # (x shape, kernel, C_out, units)
+    ((2, 11, 7, 32), (3, 3), 32, "tiles dots"),    # blocks cross lines; an image's last block is partial
+    ((1, 3, 2, 64), (3, 3), 64, "tiles dots"),     # the whole image in one partial block (a short clip's end)
+    ((3, 9, 12, 96), (5, 5), 96, "tiles dots"),    # CNN6's kernel; dots: CO one 64 block and a tail of 32
+    ((1, 6, 5, 64), (3, 5), 160, "tiles dots"),    # rectangular kernel
+    ((2, 5, 2, 2048), (3, 3), 64, "tiles dots"),   # tiles: two column panels; dots: channel panels with a tail
+    ((2, 8, 4, 32), (1, 1), 32, "tiles dots"),     # a 1 x 1 kernel
+    ((2, 9, 7, 6), (3, 3), 48, "dots"),            # dots: few input channels, CO one 16-channel tail
+]
+
+
+@pytest.mark.parametrize(("shape", "kernel", "out_channels", "unit"), [
+    pytest.param(shape, kernel, out_channels, unit, marks=UNIT_MARKS[unit])
+    for shape, kernel, out_channels, units in BFLOAT16_CASES for unit in units.split()])
+def test_bfloat16_convolution_equals_torch_float64(shape, kernel, out_channels, unit):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((*kernel, shape[-1], out_channels)) / np.sqrt(shape[-1] * kernel[0] * kernel[1]),
                     jnp.bfloat16)
     padding = ((kernel[0] // 2, kernel[0] // 2), (kernel[1] // 2, kernel[1] // 2))
-    got = jax.jit(lambda x, w: native.conv_forward(x, w, padding))(x, w)
+    got = jax.jit(lambda x, w: native.conv_forward(x, w, padding, bf16_unit=unit))(x, w)
     assert got.dtype == jnp.bfloat16 and got.shape == (*shape[:3], out_channels)
     got = np.asarray(got, np.float64)
     exact = torch_conv_float64(x.astype(jnp.float32), w.astype(jnp.float32), (kernel[0] // 2, kernel[1] // 2))
     # Summed in float32, rounded to bfloat16 once: within one bfloat16 step (2^-8 relative) of the exact sum.
-    assert np.all(np.abs(got - exact) <= 2 ** -8 * np.abs(exact) + 1e-5 * np.abs(exact).max())
+    assert np.all(np.abs(got - exact) <= 2 ** -8 * np.abs(exact) + 1e-5 * np.abs(exact).max()), unit
     # A float32 kernel is rounded as XLA rounds it (to nearest even), so both give the same bits.
     w32 = jnp.asarray(rng.standard_normal(w.shape), jnp.float32)
-    np.testing.assert_array_equal(np.asarray(native.conv_forward(x, w32, padding), np.float32),
-                                  np.asarray(native.conv_forward(x, w32.astype(jnp.bfloat16), padding), np.float32))
+    np.testing.assert_array_equal(np.asarray(native.conv_forward(x, w32, padding, bf16_unit=unit), np.float32),
+                                  np.asarray(native.conv_forward(x, w32.astype(jnp.bfloat16), padding, bf16_unit=unit),
+                                             np.float32))
 
 
-@NEEDS_AMX
-def test_bfloat16_conv_layer_uses_the_tile_kernel_and_equals_xla():
-    x = jax.random.normal(jax.random.key(0), (2, 20, 8, 64)).astype(jnp.bfloat16)
-    outputs = {}
+def bfloat16_layer_outputs(in_channels: int) -> tuple[dict, dict]:
+    """A bfloat16 Conv's outputs and compiled programs under impl 'native' and 'xla'."""
+    x = jax.random.normal(jax.random.key(0), (2, 20, 8, in_channels)).astype(jnp.bfloat16)
+    outputs, texts = {}, {}
     for impl in ("native", "xla"):
         layer = Conv(96, (3, 3), impl=impl, dtype=jnp.bfloat16)
         variables = layer.init(jax.random.key(1), x)
-        text = jax.jit(layer.apply).lower(variables, x).as_text()
-        assert (f"@{native.BF16_CONV_FORWARD_TARGET}(" in text) == (impl == "native")
+        texts[impl] = jax.jit(layer.apply).lower(variables, x).as_text()
         outputs[impl] = np.asarray(layer.apply(variables, x), np.float32)
     # Both sum in float32 and round once (XLA converts to float32 around its convolution).
     np.testing.assert_allclose(outputs["native"], outputs["xla"], rtol=2 ** -7, atol=1e-5)
+    return outputs, texts
+
+
+@NEEDS_AMX
+def test_bfloat16_conv_layer_uses_the_tile_kernel():
+    outputs, texts = bfloat16_layer_outputs(64)
+    assert f"@{native.BF16_CONV_FORWARD_TARGET}(" in texts["native"]
+    assert np.mean(outputs["native"] == outputs["xla"]) > 0.95
+
+
+@NEEDS_BF16_DOT
+def test_bfloat16_conv_layer_without_tiles_uses_dot_products(monkeypatch):
+    monkeypatch.setattr(native, "amx_available", lambda: False)
+    outputs, texts = bfloat16_layer_outputs(64)
+    assert f"@{native.BF16_DOT_CONV_FORWARD_TARGET}(" in texts["native"]
+    assert native.BF16_CONV_FORWARD_TARGET not in texts["native"]
     assert np.mean(outputs["native"] == outputs["xla"]) > 0.95
 
 
 @NEEDS_COMPILER
-@pytest.mark.parametrize(("in_channels", "tile_unit"), [(64, False), (48, True)])
-def test_bfloat16_conv_without_the_tile_kernel_runs_the_float32_kernel(in_channels, tile_unit, monkeypatch):
-    """No AMX (or channels that do not fit its tiles): the compiled float32 convolution between conversions, which
+def test_bfloat16_conv_without_a_bfloat16_unit_runs_the_float32_kernel(monkeypatch):
+    """No AMX, no AVX512-BF16 (or channels neither fits): the compiled float32 convolution between conversions, which
     is what XLA's bfloat16 convolution computes too."""
-    if not tile_unit:
-        monkeypatch.setattr(native, "amx_available", lambda: False)
-    x = jax.random.normal(jax.random.key(0), (2, 12, 8, in_channels)).astype(jnp.bfloat16)
-    outputs = {}
-    for impl in ("native", "xla"):
-        layer = Conv(32, (3, 3), impl=impl, dtype=jnp.bfloat16)
-        variables = layer.init(jax.random.key(1), x)
-        text = jax.jit(layer.apply).lower(variables, x).as_text()
-        assert native.BF16_CONV_FORWARD_TARGET not in text
-        assert (f"@{native.CONV_FORWARD_TARGET}(" in text) == (impl == "native")
-        outputs[impl] = np.asarray(layer.apply(variables, x), np.float32)
+    monkeypatch.setattr(native, "bf16_conv_unit", lambda *channels: None)
+    outputs, texts = bfloat16_layer_outputs(64)
+    assert "bf16_" not in texts["native"] and f"@{native.CONV_FORWARD_TARGET}(" in texts["native"]
     # The kernel rounded to bfloat16 as XLA rounds it; float32 sums in another order: equal almost everywhere.
-    np.testing.assert_allclose(outputs["native"], outputs["xla"], rtol=2 ** -7, atol=1e-5)
     assert np.mean(outputs["native"] == outputs["xla"]) > 0.99
 
 
-def test_tile_convolution_rejects_channels_that_are_not_multiples_of_32():
+def test_bfloat16_convolution_rejects_channels_its_unit_cannot_take():
+    x, kernel = jnp.zeros((1, 4, 4, 48), jnp.bfloat16), jnp.zeros((3, 3, 48, 32))
     if not native.amx_available():  # no tile unit (or no library): said before any shape is looked at
         with pytest.raises(native.NativeUnavailable):
-            native.conv_forward(jnp.zeros((1, 4, 4, 48), jnp.bfloat16), jnp.zeros((3, 3, 48, 32)), ((1, 1), (1, 1)))
+            native.conv_forward(x, kernel, ((1, 1), (1, 1)), bf16_unit="tiles")
         return
-    with pytest.raises(ValueError, match=r"kernel \(3, 3, 48, 32\) needs C_in and C_out multiples of 32"):
-        native.conv_forward(jnp.zeros((1, 4, 4, 48), jnp.bfloat16), jnp.zeros((3, 3, 48, 32)), ((1, 1), (1, 1)))
+    with pytest.raises(ValueError, match=r"on 'tiles': kernel \(3, 3, 48, 32\) needs C_in and C_out multiples of 32"):
+        native.conv_forward(x, kernel, ((1, 1), (1, 1)), bf16_unit="tiles")
+    with pytest.raises(ValueError, match="bf16_unit must be 'tiles' or 'dots', got 'amx'"):
+        native.conv_forward(x, kernel, ((1, 1), (1, 1)), bf16_unit="amx")
 
 
 @NEEDS_COMPILER

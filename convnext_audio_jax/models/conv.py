@@ -63,17 +63,20 @@ def _conv(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
 
 
 def _forward(x: jax.Array, kernel: jax.Array, impl: ConvImpl) -> jax.Array:
-    """The convolution in ``x``'s dtype (the kernel cast to it). A bfloat16 one runs on the AMX tile unit where the
-    channels fit (multiples of 32), else as the compiled float32 convolution between conversions: XLA:CPU also
-    computes a bfloat16 convolution in float32 between conversions (the same numbers up to summation order), with
-    its own float32 convolution, 7-13× slower than the tile kernel and slower than the compiled one."""
+    """The convolution in ``x``'s dtype (the kernel cast to it). A bfloat16 one runs on the AMX tile unit or with
+    AVX512-BF16's dot products where the CPU has them and the channels fit (:func:`native.bf16_conv_unit`), else as
+    the compiled float32 convolution between conversions: XLA:CPU also computes a bfloat16 convolution in float32
+    between conversions (the same numbers up to summation order), with its own float32 convolution, 7-13× slower
+    than the tile kernel and slower than the compiled one."""
     padding = _same_padding(kernel)
     if resolve_conv_impl(impl, *kernel.shape[2:]) != "native" or x.dtype not in (jnp.float32, jnp.bfloat16):
         return _conv(x, kernel.astype(x.dtype), padding)
-    tiles_fit = kernel.shape[2] % 32 == 0 and kernel.shape[3] % 32 == 0 and native.amx_available()
-    if x.dtype == jnp.bfloat16 and not tiles_fit:
+    if x.dtype == jnp.float32:
+        return native.conv_forward(x, kernel, padding)
+    unit = native.bf16_conv_unit(*kernel.shape[2:])
+    if unit is None:
         return native.conv_forward(x.astype(jnp.float32), kernel.astype(jnp.bfloat16), padding).astype(jnp.bfloat16)
-    return native.conv_forward(x, kernel, padding)  # rounds a float32 kernel for bfloat16 x itself
+    return native.conv_forward(x, kernel, padding, bf16_unit=unit)  # rounds a float32 kernel itself
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -82,9 +85,9 @@ def conv_same(x: jax.Array, kernel: jax.Array, impl: ConvImpl = "auto") -> jax.A
     zero padding that keeps H × W (torch's ``padding=k // 2``), in ``x``'s dtype (the kernel cast to it; its
     gradient in the kernel's dtype); the numbers of ``nn.Conv(padding=k // 2)`` up to float32 summation order. Its gradients are autodiff's, written as canonical convolutions (see the module
     docstring). Where ``impl`` resolves to 'native' (:func:`resolve_conv_impl`) the compiled kernels compute the
-    float32 convolutions (forward and input gradient), the bfloat16 ones where the CPU has the AMX tile unit
-    (channels in multiples of 32; products summed in float32, one rounding), and the kernel gradient (summed in
-    float32, also for bfloat16)."""
+    float32 convolutions (forward and input gradient), the bfloat16 ones (on the AMX tile unit or with AVX512-BF16
+    dot products where the CPU has them; products summed in float32, one rounding), and the kernel gradient
+    (summed in float32, also for bfloat16)."""
     return _forward(x, kernel, impl)
 
 

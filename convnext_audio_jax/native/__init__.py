@@ -41,7 +41,7 @@ from convnext_audio_jax import xla
 logger = logging.getLogger(__name__)
 
 SOURCES = ("depthwise.cc", "conv.cc", "matmul.cc", "conv_bf16.cc")
-HEADERS = ("parallel.h", "amx.h")
+HEADERS = ("parallel.h", "bf16.h")
 CONV_TARGET = "convnext_audio_jax_depthwise_conv"
 KERNEL_GRAD_TARGET = "convnext_audio_jax_depthwise_kernel_grad"
 MATMUL_TARGET = "convnext_audio_jax_bf16_matmul"
@@ -49,12 +49,16 @@ CONV_KERNEL_GRAD_TARGET = "convnext_audio_jax_conv_kernel_grad"
 CONV_KERNEL_FLIP_TARGET = "convnext_audio_jax_conv_kernel_flip"
 CONV_FORWARD_TARGET = "convnext_audio_jax_conv_forward"
 BF16_CONV_FORWARD_TARGET = "convnext_audio_jax_bf16_conv_forward"
+BF16_DOT_CONV_FORWARD_TARGET = "convnext_audio_jax_bf16_dot_conv_forward"
 # FFI target name -> the handler's symbol in the library.
 HANDLERS = {CONV_TARGET: "DepthwiseConv", KERNEL_GRAD_TARGET: "DepthwiseKernelGrad", MATMUL_TARGET: "Bf16Matmul",
             CONV_KERNEL_GRAD_TARGET: "ConvKernelGrad", CONV_KERNEL_FLIP_TARGET: "ConvKernelFlip",
-            CONV_FORWARD_TARGET: "ConvForward", BF16_CONV_FORWARD_TARGET: "Bf16ConvForward"}
+            CONV_FORWARD_TARGET: "ConvForward", BF16_CONV_FORWARD_TARGET: "Bf16ConvForward",
+            BF16_DOT_CONV_FORWARD_TARGET: "Bf16DotConvForward"}
 # The CPU flags the bfloat16 tile product needs (and the library must have been built with).
 AMX_CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16")
+# The CPU flag of the bfloat16 dot-product convolution (vdpbf16ps), for CPUs without the tile unit.
+BF16_DOT_CPU_FLAG = "avx512_bf16"
 CXX_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-Wno-psabi")
 BUILD_TIMEOUT_S = 600
 
@@ -184,6 +188,30 @@ def amx_available() -> bool:
     return bool(_state["library"].ConvnextAudioJaxAmxReady())
 
 
+def bf16_dot_available() -> bool:
+    """Whether the AVX512-BF16 convolution runs here: the library loads, this CPU has ``BF16_DOT_CPU_FLAG`` and the
+    build has the kernel."""
+    if BF16_DOT_CPU_FLAG not in xla.cpu_flags() or not available():
+        return False
+    return bool(_state["library"].ConvnextAudioJaxBf16DotReady())
+
+
+# The bfloat16 convolutions: unit -> (FFI target, ready here, CPU flags, channels fit, what fits).
+_BF16_UNITS = {
+    "tiles": (BF16_CONV_FORWARD_TARGET, lambda: amx_available(), ", ".join(AMX_CPU_FLAGS),
+              lambda cin, cout: cin % 32 == 0 and cout % 32 == 0, "C_in and C_out multiples of 32"),
+    "dots": (BF16_DOT_CONV_FORWARD_TARGET, lambda: bf16_dot_available(), BF16_DOT_CPU_FLAG,
+             lambda cin, cout: cin % 2 == 0 and cout % 16 == 0, "an even C_in and C_out a multiple of 16"),
+}
+
+
+def bf16_conv_unit(in_channels: int, out_channels: int) -> str | None:
+    """Which compiled kernel computes a bfloat16 convolution of ``in_channels`` → ``out_channels`` here: 'tiles'
+    (AMX; channels multiples of 32), else 'dots' (AVX512-BF16; C_in even, C_out a multiple of 16), else None."""
+    return next((unit for unit, (_, ready, _, fits, _) in _BF16_UNITS.items() if fits(in_channels, out_channels)
+                 and ready()), None)
+
+
 def bf16_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, gelu: bool = False) -> jax.Array:
     """``bias + x @ w`` in bfloat16 on the AMX tile unit: x (..., K), w (K, N), bias (N,); products and the bias
     summed in float32 (``gelu``: then the exact GELU in float32), rounded to bfloat16 once. K and N must be multiples
@@ -310,12 +338,14 @@ def conv_kernel_grad(x: jax.Array, dy: jax.Array, kernel_size: tuple[int, int],
     return _per_device_sum(call, x.astype(jnp.float32), dy.astype(jnp.float32))
 
 
-def conv_forward(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+def conv_forward(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int], tuple[int, int]],
+                 bf16_unit: str | None = None) -> jax.Array:
     """y[b, h, w, co] = Σ_{i,j,ci} xpad[b, h+i, w+j, ci] · kernel[i, j, ci, co]: the stride-1 dense convolution of
     NHWC ``x`` zero-padded by ``padding`` (no negative pads) with a (kh, kw, C_in, C_out) kernel, C_out a multiple
-    of 16, in ``x``'s dtype: float32, or bfloat16 on the AMX tile unit (:func:`amx_available`; C_in and C_out
-    multiples of 32; a float32 kernel rounded to bfloat16 as the kernel packs it, products summed in float32 and
-    rounded to bfloat16 once). Under a mesh set for tracing each device convolves its own rows."""
+    of 16, in ``x``'s dtype: float32, or bfloat16 on ``bf16_unit`` (default :func:`bf16_conv_unit`): 'tiles', the
+    AMX tile unit, or 'dots', AVX512-BF16's dot products (a float32 kernel rounded to bfloat16 as it is packed,
+    products summed in float32, rounded to bfloat16 once). Under a mesh set for tracing each device convolves its
+    own rows."""
     load()
     kh, kw = kernel.shape[:2] if kernel.ndim == 4 else (0, 0)
     if x.ndim != 4 or kernel.ndim != 4 or kernel.shape[2] != x.shape[-1] or kernel.shape[3] % 16 or min(
@@ -323,27 +353,30 @@ def conv_forward(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int]
         raise ValueError(f"conv forward: x {tuple(x.shape)}, kernel {tuple(kernel.shape)} and padding {padding} do "
                          "not fit: expected (B, H, W, C_in), (kh, kw, C_in, C_out) with C_out a multiple of 16 and "
                          "no negative padding")
-    tiles = x.dtype == jnp.bfloat16
-    if tiles and not amx_available():
-        raise NativeUnavailable("the bfloat16 convolution needs a CPU with " + ", ".join(AMX_CPU_FLAGS)
-                                + " and the native library built for it")
-    if tiles and (x.shape[-1] % 32 or kernel.shape[3] % 32):
-        raise ValueError(f"bf16 conv forward: kernel {tuple(kernel.shape)} needs C_in and C_out multiples of 32")
-    dtype = jnp.bfloat16 if tiles else jnp.float32
+    half = x.dtype == jnp.bfloat16
+    unit = (bf16_unit or bf16_conv_unit(*kernel.shape[2:]) or ("tiles" if amx_available() else "dots")) if half else None
+    if half and unit not in _BF16_UNITS:
+        raise ValueError(f"bf16_unit must be 'tiles' or 'dots', got {unit!r}")
+    if half and not _BF16_UNITS[unit][1]():
+        raise NativeUnavailable(f"the bfloat16 convolution on {unit!r} needs a CPU with {_BF16_UNITS[unit][2]} and the "
+                                "native library built for it")
+    if half and not _BF16_UNITS[unit][3](*kernel.shape[2:]):
+        raise ValueError(f"bf16 conv forward on {unit!r}: kernel {tuple(kernel.shape)} needs {_BF16_UNITS[unit][4]}")
+    dtype = jnp.bfloat16 if half else jnp.float32
 
     def call(x, kernel):
         height, width = (_output_size(x.shape[1], padding[0], kh), _output_size(x.shape[2], padding[1], kw))
         out = jax.ShapeDtypeStruct((x.shape[0], height, width, kernel.shape[3]), dtype)
         (top, bottom), (left, right) = padding
-        if tiles:  # the kernel reads whole padded lines past the image's last output line
+        if half:  # the kernels read whole padded lines past the image's last output line
             lines = _state["library"].ConvnextAudioJaxBf16ConvRows(
                 ctypes.c_int64(height), ctypes.c_int64(kh), ctypes.c_int64(kw), ctypes.c_int64(x.shape[2] + left + right))
             bottom = lines - x.shape[1] - top
-        target = BF16_CONV_FORWARD_TARGET if tiles else CONV_FORWARD_TARGET
+        target = _BF16_UNITS[unit][0] if half else CONV_FORWARD_TARGET
         return jax.ffi.ffi_call(target, out, vmap_method="sequential")(
             jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0))), kernel)
 
-    kernel = kernel if tiles and kernel.dtype in (jnp.bfloat16, jnp.float32) else kernel.astype(dtype)
+    kernel = kernel if half and kernel.dtype in (jnp.bfloat16, jnp.float32) else kernel.astype(dtype)
     return _per_device_rows(call, x.astype(dtype), kernel)
 
 

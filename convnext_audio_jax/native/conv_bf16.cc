@@ -15,19 +15,36 @@
 // fits in ~1 MiB, so that consecutive tasks find it in cache), per 32 channels four 16 x 16 float32 accumulator
 // tiles over all taps and input channels. Each output is one fixed-order sum: results do not depend on
 // scheduling.
+//
+//   Bf16DotConvForward: the same convolution, operands and padding on a CPU with AVX512-BF16 but no tile unit
+// (AMD Zen 4, Intel Cooper Lake), CI even and CO a multiple of 16: each instruction adds the products of 16 output
+// channels with one pair of input channels (vdpbf16ps), 6 positions x 64 channels of float32 sums in registers,
+// the kernel packed once per call in pairs of input channels. A task: 96 output positions of one image, one
+// 64-channel block of y, panels of input channels accumulated in a float32 block, rounded once. vdpbf16ps does
+// twice the multiplications of a float32 FMA but, on Sapphire Rapids, issues at half its rate: there this kernel
+// runs at the float32 one's speed (the tile kernel is used there).
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <vector>
 
-#include "amx.h"
+#include "bf16.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+// A bfloat16 (its bits) as float32: exact.
+inline float Widen(uint16_t bits) {
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float value;
+  std::memcpy(&value, &wide, sizeof(value));
+  return value;
+}
 
 constexpr int64_t kBlock = 32;  // output positions per task, and output channels per step: two tiles of 16
 
@@ -144,14 +161,153 @@ ffi::Error Forward(ffi::ThreadPool, ffi::Buffer<ffi::BF16>, ffi::AnyBuffer, ffi:
 
 #endif
 
+#ifdef CONVNEXT_AUDIO_JAX_BF16_DOT
+
+constexpr int kDotRows = 6;                     // positions per register block
+constexpr int64_t kDotCols = 64;                // output channels per task: 4 vectors of 16
+constexpr int64_t kDotChunk = 16 * kDotRows;    // positions per task
+constexpr int64_t kDotPanelPairs = 144;         // (tap, channel pair) steps per panel: 36 KiB of packed kernel
+
+// acc[r][v] += sum over taps t and pairs q < pairs of the pair rows[r][offsets[t] + 2q, +1] · panel[t][q][v]
+// (rows[r]: position r's input at tap (0, 0) and the panel's first channel; panel: taps × pairs × 64 × 2 bfloat16).
+template <int R>
+void DotMicro(const uint16_t* const* rows, const int64_t* offsets, int64_t taps, int64_t pairs,
+              const uint16_t* panel, float* out) {
+  __m512 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_loadu_ps(out + r * kDotCols + v * 16);
+  for (int64_t t = 0; t < taps; ++t) {
+    const int64_t offset = offsets[t];
+    for (int64_t q = 0; q < pairs; ++q, panel += 2 * kDotCols) {
+      __m512bh w[4];
+      for (int v = 0; v < 4; ++v) w[v] = (__m512bh)_mm512_loadu_si512(panel + v * 32);
+      for (int r = 0; r < R; ++r) {
+        int32_t pair;
+        std::memcpy(&pair, rows[r] + offset + 2 * q, sizeof(pair));
+        const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
+        for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], xb, w[v]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(out + r * kDotCols + v * 16, acc[r][v]);
+}
+
+template <int R>
+void DotMicroDispatch(int count, const uint16_t* const* rows, const int64_t* offsets, int64_t taps, int64_t pairs,
+                      const uint16_t* panel, float* out) {
+  if constexpr (R > 1) {
+    if (count < R) return DotMicroDispatch<R - 1>(count, rows, offsets, taps, pairs, panel, out);
+  }
+  DotMicro<R>(rows, offsets, taps, pairs, panel, out);
+}
+
+ffi::Error DotForward(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::AnyBuffer k, ffi::ResultBuffer<ffi::BF16> y) {
+  const auto xd = x.dimensions(), kd = k.dimensions(), yd = y->dimensions();
+  if (xd.size() != 4 || kd.size() != 4 || yd.size() != 4 || xd[0] != yd[0] || kd[2] != xd[3] || kd[3] != yd[3] ||
+      yd[2] != xd[2] - kd[1] + 1 || xd[3] % 2 || yd[3] % 16 || xd[1] < RowsNeeded(yd[1], kd[0], kd[1], xd[2]) ||
+      (k.element_type() != ffi::DataType::BF16 && k.element_type() != ffi::DataType::F32)) {
+    return ffi::Error::InvalidArgument("bf16_dot_conv_forward expects a padded x (B, HP, W + KW - 1, CI) with HP "
+                                       "lines for the last block's reads, k (KH, KW, CI, CO) bfloat16 or float32 and "
+                                       "a (B, H, W, CO) result, CI even and CO a multiple of 16");
+  }
+  const int64_t batch = xd[0], hp = xd[1], wp = xd[2], ci = xd[3], h = yd[1], w = yd[2], co = yd[3];
+  const int64_t taps = kd[0] * kd[1], pairs_all = ci / 2;
+  std::vector<int64_t> offsets(taps);
+  for (int64_t t = 0; t < taps; ++t) offsets[t] = ((t / kd[1]) * wp + t % kd[1]) * ci;
+  const int64_t panel_pairs = std::max<int64_t>(1, std::min<int64_t>(pairs_all, kDotPanelPairs / taps));
+  const int64_t panels = (pairs_all + panel_pairs - 1) / panel_pairs;
+  const int64_t co_blocks = (co + kDotCols - 1) / kDotCols, per_block = taps * pairs_all * 2 * kDotCols;
+  // The kernel packed once: per 64-channel block of CO and panel of pairs, taps × pairs × 64 × 2 bfloat16 (zeros
+  // past CO), rounded to nearest even from float32.
+  std::unique_ptr<uint16_t[]> packed(new uint16_t[co_blocks * per_block]);
+  uint16_t* pk = packed.get();
+  const void* kp = k.untyped_data();
+  const bool wide = k.element_type() == ffi::DataType::F32;
+  convnext_audio_jax::ParallelFor(pool, co_blocks * panels, [=](int64_t task) {
+    const int64_t co0 = (task / panels) * kDotCols, q0 = (task % panels) * panel_pairs;
+    const int64_t pairs = std::min<int64_t>(panel_pairs, pairs_all - q0);
+    uint16_t* out = pk + (co0 / kDotCols) * per_block + q0 * taps * 2 * kDotCols;
+    alignas(64) float even[kDotCols], odd[kDotCols];
+    for (int64_t t = 0; t < taps; ++t) {
+      for (int64_t q = 0; q < pairs; ++q, out += 2 * kDotCols) {
+        const int64_t row = t * ci + 2 * (q0 + q);
+        for (int64_t c = 0; c < kDotCols; ++c) {
+          const bool inside = co0 + c < co;
+          const int64_t at = row * co + co0 + c;
+          even[c] = !inside ? 0.0f : wide ? static_cast<const float*>(kp)[at] : Widen(static_cast<const uint16_t*>(kp)[at]);
+          odd[c] = !inside ? 0.0f : wide ? static_cast<const float*>(kp)[at + co] : Widen(static_cast<const uint16_t*>(kp)[at + co]);
+        }
+        for (int v = 0; v < 4; ++v) _mm512_storeu_si512(out + 32 * v, convnext_audio_jax::bf16::Pairs(even + 16 * v, odd + 16 * v));
+      }
+    }
+  });
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.typed_data());
+  auto* yp = reinterpret_cast<uint16_t*>(y->typed_data());
+  // Only the H x W outputs are computed (each position's input found by its own pointer), none of the padding
+  // columns the tile kernel computes and drops: on CNN14's last blocks (W = 2, 4) those were a third to a half.
+  const int64_t valid = h * w, per_image = (valid + kDotChunk - 1) / kDotChunk;
+  const int64_t* off = offsets.data();
+  convnext_audio_jax::ParallelFor(pool, co_blocks * batch * per_image, [=](int64_t task) {
+    const int64_t co0 = (task % co_blocks) * kDotCols, block = task / co_blocks;
+    const int64_t b = block / per_image, p_begin = (block % per_image) * kDotChunk;
+    const int64_t p_end = std::min<int64_t>(valid, p_begin + kDotChunk);
+    const uint16_t* image = xp + b * hp * wp * ci;
+    alignas(64) float acc[kDotChunk * kDotCols] = {};
+    const uint16_t* rows[kDotRows];
+    for (int64_t panel = 0; panel < panels; ++panel) {
+      const int64_t q0 = panel * panel_pairs, pairs = std::min<int64_t>(panel_pairs, pairs_all - q0);
+      const uint16_t* weights = pk + (co0 / kDotCols) * per_block + q0 * taps * 2 * kDotCols;
+      for (int64_t p = p_begin; p < p_end; p += kDotRows) {
+        const int count = static_cast<int>(std::min<int64_t>(kDotRows, p_end - p));
+        for (int r = 0; r < count; ++r) rows[r] = image + (((p + r) / w) * wp + (p + r) % w) * ci + 2 * q0;
+        DotMicroDispatch<kDotRows>(count, rows, off, taps, pairs, weights, acc + (p - p_begin) * kDotCols);
+      }
+    }
+    const int64_t width = std::min<int64_t>(kDotCols, co - co0);
+    for (int64_t p = p_begin; p < p_end; ++p) {
+      uint16_t* out = yp + (b * valid + p) * co + co0;
+      for (int64_t c = 0; c < width; c += 16) {
+        const __m256bh v = _mm512_cvtneps_pbh(_mm512_load_ps(acc + (p - p_begin) * kDotCols + c));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c), (__m256i)v);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+#else  // no AVX512-BF16 in this build
+
+ffi::Error DotForward(ffi::ThreadPool, ffi::Buffer<ffi::BF16>, ffi::AnyBuffer, ffi::ResultBuffer<ffi::BF16>) {
+  return ffi::Error(ffi::ErrorCode::kUnimplemented, "bf16_dot_conv_forward: built for a CPU without AVX512-BF16");
+}
+
+#endif
+
 }  // namespace
 
-// The padded lines an image needs for Bf16ConvForward (the Python side pads to this).
+// 1 where this build has the AVX512-BF16 convolution, else 0.
+extern "C" int ConvnextAudioJaxBf16DotReady() {
+#ifdef CONVNEXT_AUDIO_JAX_BF16_DOT
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// The padded lines an image needs for Bf16ConvForward and Bf16DotConvForward (the Python side pads to this).
 extern "C" int64_t ConvnextAudioJaxBf16ConvRows(int64_t h, int64_t kh, int64_t kw, int64_t wp) {
   return RowsNeeded(h, kh, kw, wp);
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Bf16ConvForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Bf16DotConvForward, DotForward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()

@@ -21,7 +21,7 @@
 #include <memory>
 #include <vector>
 
-#include "amx.h"
+#include "bf16.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 

@@ -1,17 +1,45 @@
-// The AMX tile unit (Intel AMX-BF16), shared by the bfloat16 kernels of this folder (matmul.cc, conv_bf16.cc):
-// the operating system's permission, the tile layout they use and the packing of their second operand.
-#ifndef CONVNEXT_AUDIO_JAX_NATIVE_AMX_H_
-#define CONVNEXT_AUDIO_JAX_NATIVE_AMX_H_
+// Shared by the bfloat16 kernels of this folder (matmul.cc, conv_bf16.cc): pairs of bfloat16 values in the order
+// the AVX512-BF16 and AMX-BF16 dot products read them, and the AMX tile unit (the operating system's permission,
+// the tile layout and the packing of the second operand).
+#ifndef CONVNEXT_AUDIO_JAX_NATIVE_BF16_H_
+#define CONVNEXT_AUDIO_JAX_NATIVE_BF16_H_
 
-#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
-#define CONVNEXT_AUDIO_JAX_AMX 1
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#define CONVNEXT_AUDIO_JAX_BF16_DOT 1
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include <cstdint>
 
+namespace convnext_audio_jax::bf16 {
+
+// 16 pairs (even[c], odd[c]) from 16 bfloat16 evens followed by 16 odds.
+inline __m512i Pairs(__m512i evens_then_odds) {
+  const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                         23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  return _mm512_permutexvar_epi16(order, evens_then_odds);
+}
+// From bfloat16 rows, or float32 rows rounded to nearest even (as XLA's conversion rounds).
+inline __m512i Pairs(const uint16_t* even, const uint16_t* odd) {
+  const __m256i e = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(even));
+  const __m256i o = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(odd));
+  return Pairs(_mm512_inserti64x4(_mm512_castsi256_si512(e), o, 1));
+}
+inline __m512i Pairs(const float* even, const float* odd) {
+  return Pairs((__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(odd), _mm512_loadu_ps(even)));
+}
+
+}  // namespace convnext_audio_jax::bf16
+
+#endif  // AVX512-BF16
+
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
+#define CONVNEXT_AUDIO_JAX_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+
 namespace convnext_audio_jax::amx {
+
+using bf16::Pairs;
 
 constexpr int64_t kDepth = 32;           // bfloat16 values of the summed dimension per tile row (64 bytes)
 constexpr int64_t kPanel = 16 * kDepth;  // bfloat16 values in one packed 16-column tile
@@ -43,22 +71,6 @@ inline void ConfigureTiles() {
   _tile_loadconfig(&config);
 }
 
-// Row p of a packed tile: the pairs (even[c], odd[c]) for 16 columns c, from bfloat16 or (rounded to nearest
-// even, as XLA's conversion) float32 rows.
-inline __m512i Pairs(__m512i evens_then_odds) {
-  const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
-                                         23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  return _mm512_permutexvar_epi16(order, evens_then_odds);
-}
-inline __m512i Pairs(const uint16_t* even, const uint16_t* odd) {
-  const __m256i e = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(even));
-  const __m256i o = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(odd));
-  return Pairs(_mm512_inserti64x4(_mm512_castsi256_si512(e), o, 1));
-}
-inline __m512i Pairs(const float* even, const float* odd) {
-  return Pairs((__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(odd), _mm512_loadu_ps(even)));
-}
-
 // w (depth, cols), bfloat16 (as uint16_t) or float32 -> for column block nb (16 columns) and each 32-deep block kb
 // a 16 × 32 bfloat16 tile whose row p holds, for each column, the pair w[kb*32 + 2p, n], w[kb*32 + 2p + 1, n] (the
 // layout _tile_dpbf16ps reads its second operand in); tile (nb, kb) at packed + (nb * depth / 32 + kb) * kPanel.
@@ -77,4 +89,4 @@ void PackColumns(const T* w, int64_t depth, int64_t cols, int64_t nb, uint16_t* 
 }  // namespace convnext_audio_jax::amx
 
 #endif  // AMX
-#endif  // CONVNEXT_AUDIO_JAX_NATIVE_AMX_H_
+#endif  // CONVNEXT_AUDIO_JAX_NATIVE_BF16_H_
