@@ -1,12 +1,13 @@
 // bfloat16 stride-1 dense convolution on the CPU's AMX tile unit (Intel AMX-BF16), called through XLA's FFI:
 //   Bf16ConvForward: y[b, h, w, co] = bf16(sum over (i, j, ci) of xp[b, h + i, w + j, ci] * k[i, j, ci, co]),
 // xp (B, HP, WP, CI) the input already zero-padded (and HP at least H + KH - 1 plus the rows the last block
-// reads, see RowsNeeded), k (KH, KW, CI, CO) bfloat16 or float32 (rounded to bfloat16 as it is packed), y (B, H, W, CO) with W = WP - KW + 1; products summed in float32,
-// rounded to bfloat16 once. CI and CO multiples of 32.
+// reads, see RowsNeeded), k (KH, KW, CI, CO) bfloat16 or float32 (rounded to bfloat16 as it is packed), y
+// (B, H, W, CO) with W = WP - KW + 1; products summed in float32, rounded to bfloat16 once. CI and CO multiples
+// of 32.
 //
-// Why: XLA:CPU runs a bfloat16 convolution as a float32 one between conversions, slower than its float32
-// convolution; torch's oneDNN uses the tile unit, and CNN14's bfloat16 forward ran at 0.65-0.71x torch autocast
-// (docs/benchmarks.md).
+// Why: XLA:CPU runs a bfloat16 convolution as a float32 one between conversions (1.9 s for CNN14's convolutions
+// on 8 clips on a 2-core AMX Xeon, 1.5 s in float32); torch's oneDNN uses the tile unit, and CNN14's bfloat16
+// forward ran at 0.65-0.71x torch autocast. These tiles: 0.6 s (benchmarks/conv.py, docs/benchmarks.md).
 //
 // Each image is read as one long row of WP-wide padded lines: output position p = h * WP + w takes input position
 // p + i * WP + j for tap (i, j), so a tap is a constant offset and 16 consecutive positions are 16 rows of one
@@ -21,8 +22,9 @@
 // channels with one pair of input channels (vdpbf16ps), 6 positions x 64 channels of float32 sums in registers,
 // the kernel packed once per call in pairs of input channels. A task: 96 output positions of one image, one
 // 64-channel block of y, panels of input channels accumulated in a float32 block, rounded once. vdpbf16ps does
-// twice the multiplications of a float32 FMA but, on Sapphire Rapids, issues at half its rate: there this kernel
-// runs at the float32 one's speed (the tile kernel is used there).
+// twice the multiplications of a float32 FMA but, on a Sapphire Rapids Xeon, issues at half its rate: there it ran
+// at 0.8-1.0x the float32 kernel's speed (benchmarks/conv.py; the tile kernel is used there). Its speed on a CPU
+// it is meant for (Zen 4, which issues it at the float32 FMA's rate) has not been measured.
 
 #include <algorithm>
 #include <cstdint>
