@@ -1,12 +1,14 @@
 """Compiled CPU kernels, called from XLA through its FFI: the depthwise convolution and its kernel gradient
 (``depthwise.cc``), the PANNs' float32 dense convolution, its input gradient's kernel and its kernel gradient
-(``conv.cc``), and on CPUs with AMX-BF16 the bfloat16 matrix product of the Dense layers (``matmul.cc``).
+(``conv.cc``), their bfloat16 dense convolution on the AMX tile unit or with AVX512-BF16 dot products
+(``conv_bf16.cc``), and on CPUs with AMX-BF16 the bfloat16 matrix product of the Dense layers (``matmul.cc``).
 
 Written with XLA ops, the depthwise kernel gradient was a third of a ConvNeXt training step on XLA:CPU
 (docs/benchmarks.md); the C++ kernels compute it 14× and the convolution 1.4× faster (a 2-core AVX2 CPU;
 ConvNeXt-Tiny training 1.2× faster overall). XLA:CPU's bfloat16 dot runs at a fifth of the AMX tile unit's speed; the tile kernel
 makes the bfloat16 ConvNeXt-Tiny forward 2.6× faster on a 2-core AMX Xeon (GELU in its epilogue). XLA:CPU's dense
-convolution kernel gradient ran at 15-50 GFLOP/s on CNN14's large layers, the compiled one at 160-260. They are compiled on first use
+convolution kernel gradient ran at 15-50 GFLOP/s on CNN14's large layers, the compiled one at 160-260; its bfloat16
+convolutions took 1.9 s per CNN14 forward of 8 clips, the tile kernel 0.6 s. They are compiled on first use
 with the machine's C++ compiler (``$CXX``, else ``c++``, ``g++`` or ``clang++``) for this CPU
 (``-march=native``) against the FFI headers jaxlib ships, into one library kept in a cache folder
 (``$CONVNEXT_AUDIO_JAX_CACHE``, else ``$XDG_CACHE_HOME/convnext_audio_jax``, else
