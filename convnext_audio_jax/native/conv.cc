@@ -218,6 +218,7 @@ void ConvMicroDispatch(int count, int vectors, const float* const* rows, const i
 
 // Positions per task of the convolution.
 constexpr int64_t kConvChunk = 32 * kRows;
+constexpr int64_t kMaxConvChunk = 170 * kRows;  // its float32 output block ≤ 256 KiB (64 channels), in L2
 // Weights per panel: taps × channels × kCoBlock floats, ~144 KiB (64 channels of a 3 × 3 kernel; L2). Panels of
 // ~36 KiB (L1) took a 64-channel layer through its output in four passes: CNN14's float32 forward ran ~8 % slower
 // (A/B in alternating processes).
@@ -234,7 +235,13 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   const Geometry g{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], yd[3], kd[0], kd[1]};
   const int64_t taps = g.kh * g.kw, positions = g.batch * g.h * g.w;
   const int64_t cb_max = std::max<int64_t>(1, std::min<int64_t>(g.ci, kPanelSteps / taps));
-  const int64_t co_blocks = (g.co + kCoBlock - 1) / kCoBlock, chunks = (positions + kConvChunk - 1) / kConvChunk;
+  const int64_t co_blocks = (g.co + kCoBlock - 1) / kCoBlock;
+  // Positions per task: kConvChunk, or, where many CO blocks already make enough tasks (CNN14's last blocks: few
+  // positions, large kernels), up to kMaxConvChunk, so that fewer tasks each pack their block of the kernel.
+  const int64_t wanted = 8 * (pool.num_threads() + 1), chunks_wanted = (wanted + co_blocks - 1) / co_blocks;
+  const int64_t even = ((positions + chunks_wanted - 1) / chunks_wanted + kRows - 1) / kRows * kRows;
+  const int64_t chunk_size = std::clamp<int64_t>(even, kConvChunk, kMaxConvChunk);
+  const int64_t chunks = (positions + chunk_size - 1) / chunk_size;
   std::vector<int64_t> offsets(taps);
   for (int64_t t = 0; t < taps; ++t) offsets[t] = ((t / g.kw) * g.wp + t % g.kw) * g.ci;
   const float* xp = x.typed_data();
@@ -244,7 +251,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   convnext_audio_jax::ParallelFor(pool, co_blocks * chunks, [=, &g](int64_t task) {
     const int64_t co0 = (task % co_blocks) * kCoBlock, chunk = task / co_blocks;
     const int vectors = static_cast<int>(std::min<int64_t>(kCoBlock, g.co - co0) / kVec);
-    const int64_t p_begin = chunk * kConvChunk, p_end = std::min<int64_t>(positions, p_begin + kConvChunk);
+    const int64_t p_begin = chunk * chunk_size, p_end = std::min<int64_t>(positions, p_begin + chunk_size);
     alignas(64) float panel[kPanelSteps * kCoBlock];
     const float* rows[kRows];
     for (int64_t c0 = 0; c0 < g.ci; c0 += cb_max) {
