@@ -2,7 +2,7 @@
 float32 — the compiled kernel (``conv_impl="native"``), XLA's convolution, torch's ``conv2d``; bfloat16 — the AMX
 tile kernel ('tiles', needs AMX-BF16), the AVX512-BF16 dot-product kernel ('dots', needs AVX512-BF16), the float32
 kernel between conversions (what ``Conv`` runs where neither fits), XLA's bfloat16 convolution, torch's bfloat16
-``conv2d`` (channels-last, as autocast runs it). Run one after another in rounds (median); GFLOP/s count the
+``conv2d`` (on channels-last tensors, NHWC like ours). Run one after another in rounds (median); GFLOP/s count the
 H × W outputs only. Last column: each bfloat16 result's largest difference from float64 relative to the largest
 value.
 
