@@ -1,6 +1,6 @@
 // Shared by the bfloat16 kernels of this folder (matmul.cc, conv_bf16.cc): pairs of bfloat16 values in the order
 // the AVX512-BF16 and AMX-BF16 dot products read them, and the AMX tile unit (the operating system's permission,
-// the tile layout and the packing of the second operand).
+// the tile layout, the 32 x 32 block step and the packing of the second operand).
 #ifndef CONVNEXT_AUDIO_JAX_NATIVE_BF16_H_
 #define CONVNEXT_AUDIO_JAX_NATIVE_BF16_H_
 
@@ -69,6 +69,36 @@ inline void ConfigureTiles() {
     config.bytes_per_row[t] = 64;
   }
   _tile_loadconfig(&config);
+}
+
+// The 32 x 32 float32 block both tile kernels compute: accumulator tiles 0-3 hold rows 0-15 / 16-31 times columns
+// 0-15 / 16-31.
+inline void ZeroBlock() {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+}
+
+// Adds 32 rows of 32 bfloat16 values (`stride` bytes apart, read in place) times the two packed 16-column tiles
+// w0 and w1 to the block.
+inline void AccumulateBlock(const uint16_t* rows, int64_t stride, const uint16_t* w0, const uint16_t* w1) {
+  _tile_loadd(4, rows, stride);
+  _tile_loadd(5, rows + 16 * (stride / 2), stride);
+  _tile_loadd(6, w0, 64);
+  _tile_loadd(7, w1, 64);
+  _tile_dpbf16ps(0, 4, 6);
+  _tile_dpbf16ps(1, 4, 7);
+  _tile_dpbf16ps(2, 5, 6);
+  _tile_dpbf16ps(3, 5, 7);
+}
+
+// The block as float32 rows of 32 values.
+inline void StoreBlock(float (&block)[32][32]) {
+  _tile_stored(0, &block[0][0], 32 * 4);
+  _tile_stored(1, &block[0][16], 32 * 4);
+  _tile_stored(2, &block[16][0], 32 * 4);
+  _tile_stored(3, &block[16][16], 32 * 4);
 }
 
 // w (depth, cols), bfloat16 (as uint16_t) or float32 -> for column block nb (16 columns) and each 32-deep block kb

@@ -76,30 +76,17 @@ void Block(const uint16_t* x, const uint16_t* packed, const Geometry& g, int64_t
   const int64_t stride = g.ci * 2;
   alignas(64) float acc[kBlock][kBlock];
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kBlock) {
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
+    ZeroBlock();
     const uint16_t* w0 = packed + (n0 / 16) * blocks * kPanel;
     const uint16_t* w1 = w0 + blocks * kPanel;
     for (int64_t t = 0; t < g.taps; ++t) {
       const uint16_t* xt = x + (p0 + g.offsets[t]) * g.ci;
       for (int64_t c = 0; c < ci_blocks; ++c) {
         const int64_t kb = t * ci_blocks + c;
-        _tile_loadd(4, xt + c * kDepth, stride);
-        _tile_loadd(5, xt + 16 * g.ci + c * kDepth, stride);
-        _tile_loadd(6, w0 + kb * kPanel, 64);
-        _tile_loadd(7, w1 + kb * kPanel, 64);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
+        AccumulateBlock(xt + c * kDepth, stride, w0 + kb * kPanel, w1 + kb * kPanel);
       }
     }
-    _tile_stored(0, &acc[0][0], kBlock * 4);
-    _tile_stored(1, &acc[0][16], kBlock * 4);
-    _tile_stored(2, &acc[16][0], kBlock * 4);
-    _tile_stored(3, &acc[16][16], kBlock * 4);
+    StoreBlock(acc);
     for (int64_t r = 0; r < kBlock; ++r) {
       const int64_t p = p0 + r, h = p / g.wp, w = p % g.wp;
       if (h >= g.h) break;

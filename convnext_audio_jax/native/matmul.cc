@@ -66,26 +66,11 @@ void RowBlock(const uint16_t* x, const uint16_t* packed, const float* bias, int6
   const int64_t blocks = depth / kDepth;
   alignas(64) float acc[kRows][kCols];
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kCols) {
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
+    ZeroBlock();
     const uint16_t* w0 = packed + (n0 / 16) * blocks * kPanel;
     const uint16_t* w1 = w0 + blocks * kPanel;
-    for (int64_t kb = 0; kb < blocks; ++kb) {
-      _tile_loadd(4, x + kb * kDepth, depth * 2);
-      _tile_loadd(5, x + 16 * depth + kb * kDepth, depth * 2);
-      _tile_loadd(6, w0 + kb * kPanel, 64);
-      _tile_loadd(7, w1 + kb * kPanel, 64);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
-    }
-    _tile_stored(0, &acc[0][0], kCols * 4);
-    _tile_stored(1, &acc[0][16], kCols * 4);
-    _tile_stored(2, &acc[16][0], kCols * 4);
-    _tile_stored(3, &acc[16][16], kCols * 4);
+    for (int64_t kb = 0; kb < blocks; ++kb) AccumulateBlock(x + kb * kDepth, depth * 2, w0 + kb * kPanel, w1 + kb * kPanel);
+    StoreBlock(acc);
     const __m512 b_lo = _mm512_loadu_ps(bias + n0), b_hi = _mm512_loadu_ps(bias + n0 + 16);
     for (int64_t r = 0; r < valid; ++r) {
       __m512 lo = _mm512_add_ps(_mm512_load_ps(&acc[r][0]), b_lo);
