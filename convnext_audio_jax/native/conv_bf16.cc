@@ -127,7 +127,8 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::AnyBuffe
       PackColumns(static_cast<const uint16_t*>(kp), depth, cols, nb, pp);
     }
   });
-  const int64_t panel = std::min<int64_t>(cols, std::max<int64_t>(kBlock, (kPanelBytes / (2 * depth)) / kBlock * kBlock));
+  const int64_t fitting = (kPanelBytes / (2 * depth)) / kBlock * kBlock;
+  const int64_t panel = std::min<int64_t>(cols, std::max<int64_t>(kBlock, fitting));
   const int64_t panels = (cols + panel - 1) / panel;
   const int64_t per_image = (g.h * g.wp + kBlock - 1) / kBlock, blocks = batch * per_image;
   // Panel-major: consecutive tasks reuse one panel of the packed kernel.
@@ -191,7 +192,8 @@ void DotMicroDispatch(int count, const uint16_t* const* rows, const int64_t* off
   DotMicro<R>(rows, offsets, taps, pairs, panel, out);
 }
 
-ffi::Error DotForward(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::AnyBuffer k, ffi::ResultBuffer<ffi::BF16> y) {
+ffi::Error DotForward(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::AnyBuffer k,
+                      ffi::ResultBuffer<ffi::BF16> y) {
   const auto xd = x.dimensions(), kd = k.dimensions(), yd = y->dimensions();
   if (xd.size() != 4 || kd.size() != 4 || yd.size() != 4 || xd[0] != yd[0] || kd[2] != xd[3] || kd[3] != yd[3] ||
       yd[2] != xd[2] - kd[1] + 1 || xd[3] % 2 || yd[3] % 16 || xd[1] < RowsNeeded(yd[1], kd[0], kd[1], xd[2]) ||
@@ -213,6 +215,9 @@ ffi::Error DotForward(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::AnyBu
   uint16_t* pk = packed.get();
   const void* kp = k.untyped_data();
   const bool wide = k.element_type() == ffi::DataType::F32;
+  const auto weight = [=](int64_t at) {
+    return wide ? static_cast<const float*>(kp)[at] : Widen(static_cast<const uint16_t*>(kp)[at]);
+  };
   convnext_audio_jax::ParallelFor(pool, co_blocks * panels, [=](int64_t task) {
     const int64_t co0 = (task / panels) * kDotCols, q0 = (task % panels) * panel_pairs;
     const int64_t pairs = std::min<int64_t>(panel_pairs, pairs_all - q0);
@@ -224,10 +229,12 @@ ffi::Error DotForward(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::AnyBu
         for (int64_t c = 0; c < kDotCols; ++c) {
           const bool inside = co0 + c < co;
           const int64_t at = row * co + co0 + c;
-          even[c] = !inside ? 0.0f : wide ? static_cast<const float*>(kp)[at] : Widen(static_cast<const uint16_t*>(kp)[at]);
-          odd[c] = !inside ? 0.0f : wide ? static_cast<const float*>(kp)[at + co] : Widen(static_cast<const uint16_t*>(kp)[at + co]);
+          even[c] = inside ? weight(at) : 0.0f;
+          odd[c] = inside ? weight(at + co) : 0.0f;
         }
-        for (int v = 0; v < 4; ++v) _mm512_storeu_si512(out + 32 * v, convnext_audio_jax::bf16::Pairs(even + 16 * v, odd + 16 * v));
+        for (int v = 0; v < 4; ++v) {
+          _mm512_storeu_si512(out + 32 * v, convnext_audio_jax::bf16::Pairs(even + 16 * v, odd + 16 * v));
+        }
       }
     }
   });
@@ -289,16 +296,14 @@ extern "C" int64_t ConvnextAudioJaxBf16ConvRows(int64_t h, int64_t kh, int64_t k
   return RowsNeeded(h, kh, kw, wp);
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(Bf16ConvForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::BF16>>());
+// Both kernels take the same operands: x bfloat16, k bfloat16 or float32, y bfloat16.
+static auto ConvBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::BF16>>()
+      .Arg<ffi::AnyBuffer>()
+      .Ret<ffi::Buffer<ffi::BF16>>();
+}
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(Bf16DotConvForward, DotForward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::BF16>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Bf16ConvForward, Forward, ConvBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Bf16DotConvForward, DotForward, ConvBinding());
