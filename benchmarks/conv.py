@@ -54,14 +54,15 @@ def main() -> None:
         return xla.jit(lambda x, k: native.conv_forward(x, k, ((k.shape[0] // 2,) * 2, (k.shape[1] // 2,) * 2),
                                                         bf16_unit=unit))
 
-    float32 = {"native": xla.jit(lambda x, k: conv_same(x, k, "native")), "xla": xla.jit(lambda x, k: conv_same(x, k, "xla"))}
+    float32 = {impl: xla.jit(lambda x, k, impl=impl: conv_same(x, k, impl)) for impl in ("native", "xla")}
     bfloat16 = {**{unit: ours(unit) for unit in units},
                 "fp32 kernel": xla.jit(lambda x, k: conv_same(x.astype(jnp.float32), k.astype(jnp.bfloat16), "native")
                                        .astype(jnp.bfloat16)),
                 "xla": xla.jit(lambda x, k: conv_same(x, k, "xla"))}
     print(f"# {cpu_model_name()} ({', '.join(cpu_speed_flags())}), batch {args.batch}, GFLOP/s (median of "
           f"{args.rounds} rounds)")
-    columns = [f"fp32 {name}" for name in float32] + ["fp32 torch"] + [f"bf16 {name}" for name in bfloat16] + ["bf16 torch"]
+    columns = [*(f"fp32 {name}" for name in float32), "fp32 torch",
+               *(f"bf16 {name}" for name in bfloat16), "bf16 torch"]
     print("| model | layer (lines × mels, C_in → C_out, k) | " + " | ".join(columns) + " | bf16 max rel. error "
           + " / ".join([*bfloat16, "torch"]) + " |")
     print("|---|---|" + "---:|" * (len(columns) + 1))

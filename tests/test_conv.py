@@ -167,8 +167,8 @@ BFLOAT16_CASES = [  # (x shape, kernel, C_out, units)
 def test_bfloat16_convolution_equals_torch_float64(shape, kernel, out_channels, unit):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
-    w = jnp.asarray(rng.standard_normal((*kernel, shape[-1], out_channels)) / np.sqrt(shape[-1] * kernel[0] * kernel[1]),
-                    jnp.bfloat16)
+    fan_in = shape[-1] * kernel[0] * kernel[1]
+    w = jnp.asarray(rng.standard_normal((*kernel, shape[-1], out_channels)) / np.sqrt(fan_in), jnp.bfloat16)
     padding = ((kernel[0] // 2, kernel[0] // 2), (kernel[1] // 2, kernel[1] // 2))
     got = jax.jit(lambda x, w: native.conv_forward(x, w, padding, bf16_unit=unit))(x, w)
     assert got.dtype == jnp.bfloat16 and got.shape == (*shape[:3], out_channels)
@@ -178,9 +178,9 @@ def test_bfloat16_convolution_equals_torch_float64(shape, kernel, out_channels, 
     assert np.all(np.abs(got - exact) <= 2 ** -8 * np.abs(exact) + 1e-5 * np.abs(exact).max()), unit
     # A float32 kernel is rounded as XLA rounds it (to nearest even), so both give the same bits.
     w32 = jnp.asarray(rng.standard_normal(w.shape), jnp.float32)
-    np.testing.assert_array_equal(np.asarray(native.conv_forward(x, w32, padding, bf16_unit=unit), np.float32),
-                                  np.asarray(native.conv_forward(x, w32.astype(jnp.bfloat16), padding, bf16_unit=unit),
-                                             np.float32))
+    rounded = [np.asarray(native.conv_forward(x, kernel, padding, bf16_unit=unit), np.float32)
+               for kernel in (w32, w32.astype(jnp.bfloat16))]
+    np.testing.assert_array_equal(*rounded)
 
 
 def bfloat16_layer_outputs(in_channels: int) -> tuple[dict, dict]:

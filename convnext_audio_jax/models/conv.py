@@ -83,11 +83,12 @@ def _forward(x: jax.Array, kernel: jax.Array, impl: ConvImpl) -> jax.Array:
 def conv_same(x: jax.Array, kernel: jax.Array, impl: ConvImpl = "auto") -> jax.Array:
     """The stride-1 convolution of ``x`` (B, H, W, C_in) with ``kernel`` (kh, kw, C_in, C_out), odd sizes,
     zero padding that keeps H × W (torch's ``padding=k // 2``), in ``x``'s dtype (the kernel cast to it; its
-    gradient in the kernel's dtype); the numbers of ``nn.Conv(padding=k // 2)`` up to float32 summation order. Its gradients are autodiff's, written as canonical convolutions (see the module
-    docstring). Where ``impl`` resolves to 'native' (:func:`resolve_conv_impl`) the compiled kernels compute the
-    float32 convolutions (forward and input gradient), the bfloat16 ones (on the AMX tile unit or with AVX512-BF16
-    dot products where the CPU has them; products summed in float32, one rounding), and the kernel gradient
-    (summed in float32, also for bfloat16)."""
+    gradient in the kernel's dtype); the numbers of ``nn.Conv(padding=k // 2)`` up to float32 summation order.
+    Its gradients are autodiff's, written as canonical convolutions (see the module docstring). Where ``impl``
+    resolves to 'native' (:func:`resolve_conv_impl`) the compiled kernels compute the float32 convolutions (forward
+    and input gradient), the bfloat16 ones (on the AMX tile unit or with AVX512-BF16 dot products where the CPU has
+    them; products summed in float32, one rounding), and the kernel gradient (summed in float32, also for
+    bfloat16)."""
     return _forward(x, kernel, impl)
 
 

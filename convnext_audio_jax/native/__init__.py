@@ -198,7 +198,8 @@ def bf16_dot_available() -> bool:
     return bool(_state["library"].ConvnextAudioJaxBf16DotReady())
 
 
-# The bfloat16 convolutions: unit -> (FFI target, ready here, CPU flags, channels fit, what fits).
+# The bfloat16 convolutions: unit -> (FFI target, ready here (looked up when called), CPU flags, channels fit,
+# what fits).
 _BF16_UNITS = {
     "tiles": (BF16_CONV_FORWARD_TARGET, lambda: amx_available(), ", ".join(AMX_CPU_FLAGS),
               lambda cin, cout: cin % 32 == 0 and cout % 32 == 0, "C_in and C_out multiples of 32"),
@@ -356,7 +357,9 @@ def conv_forward(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int]
                          "not fit: expected (B, H, W, C_in), (kh, kw, C_in, C_out) with C_out a multiple of 16 and "
                          "no negative padding")
     half = x.dtype == jnp.bfloat16
-    unit = (bf16_unit or bf16_conv_unit(*kernel.shape[2:]) or ("tiles" if amx_available() else "dots")) if half else None
+    unit = None
+    if half:  # the unit asked for, else the one that fits here, else the CPU's (to say what does not fit)
+        unit = bf16_unit or bf16_conv_unit(*kernel.shape[2:]) or ("tiles" if amx_available() else "dots")
     if half and unit not in _BF16_UNITS:
         raise ValueError(f"bf16_unit must be 'tiles' or 'dots', got {unit!r}")
     if half and not _BF16_UNITS[unit][1]():
@@ -371,8 +374,8 @@ def conv_forward(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int]
         out = jax.ShapeDtypeStruct((x.shape[0], height, width, kernel.shape[3]), dtype)
         (top, bottom), (left, right) = padding
         if half:  # the kernels read whole padded lines past the image's last output line
-            lines = _state["library"].ConvnextAudioJaxBf16ConvRows(
-                ctypes.c_int64(height), ctypes.c_int64(kh), ctypes.c_int64(kw), ctypes.c_int64(x.shape[2] + left + right))
+            lines = _state["library"].ConvnextAudioJaxBf16ConvRows(*map(ctypes.c_int64, (
+                height, kh, kw, x.shape[2] + left + right)))
             bottom = lines - x.shape[1] - top
         target = _BF16_UNITS[unit][0] if half else CONV_FORWARD_TARGET
         return jax.ffi.ffi_call(target, out, vmap_method="sequential")(

@@ -69,7 +69,9 @@ void RowBlock(const uint16_t* x, const uint16_t* packed, const float* bias, int6
     ZeroBlock();
     const uint16_t* w0 = packed + (n0 / 16) * blocks * kPanel;
     const uint16_t* w1 = w0 + blocks * kPanel;
-    for (int64_t kb = 0; kb < blocks; ++kb) AccumulateBlock(x + kb * kDepth, depth * 2, w0 + kb * kPanel, w1 + kb * kPanel);
+    for (int64_t kb = 0; kb < blocks; ++kb) {
+      AccumulateBlock(x + kb * kDepth, depth * 2, w0 + kb * kPanel, w1 + kb * kPanel);
+    }
     StoreBlock(acc);
     const __m512 b_lo = _mm512_loadu_ps(bias + n0), b_hi = _mm512_loadu_ps(bias + n0 + 16);
     for (int64_t r = 0; r < valid; ++r) {
