@@ -117,10 +117,6 @@ def _batch_norm_train(x, scale, bias, epsilon, stats_dtype, out_dtype):
     return (y, mean, var), (x, mean, inv, scale, bias)
 
 
-def _batch_norm_train_fwd(x, scale, bias, epsilon, stats_dtype, out_dtype):
-    return _batch_norm_train(x, scale, bias, epsilon, stats_dtype, out_dtype)
-
-
 def _batch_norm_train_bwd(epsilon, stats_dtype, out_dtype, residuals, cotangents):
     x, mean, inv, scale, bias = residuals
     gy, gmean, gvar = cotangents
@@ -134,7 +130,7 @@ def _batch_norm_train_bwd(epsilon, stats_dtype, out_dtype, residuals, cotangents
     return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
 
 
-batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
+batch_norm_train.defvjp(_batch_norm_train, _batch_norm_train_bwd)
 
 
 class BatchNorm(nn.Module):

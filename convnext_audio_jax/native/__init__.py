@@ -32,6 +32,8 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -198,21 +200,30 @@ def bf16_dot_available() -> bool:
     return bool(_state["library"].ConvnextAudioJaxBf16DotReady())
 
 
-# The bfloat16 convolutions: unit -> (FFI target, ready here (looked up when called), CPU flags, channels fit,
-# what fits).
+class _Bf16Unit(NamedTuple):
+    """One bfloat16 convolution kernel: its FFI target, whether it runs here (looked up when called), the CPU flags
+    it needs, which channel counts it takes and how to say so."""
+
+    target: str
+    ready: Callable[[], bool]
+    flags: str
+    fits: Callable[[int, int], bool]
+    fitting: str
+
+
 _BF16_UNITS = {
-    "tiles": (BF16_CONV_FORWARD_TARGET, lambda: amx_available(), ", ".join(AMX_CPU_FLAGS),
-              lambda cin, cout: cin % 32 == 0 and cout % 32 == 0, "C_in and C_out multiples of 32"),
-    "dots": (BF16_DOT_CONV_FORWARD_TARGET, lambda: bf16_dot_available(), BF16_DOT_CPU_FLAG,
-             lambda cin, cout: cin % 2 == 0 and cout % 16 == 0, "an even C_in and C_out a multiple of 16"),
+    "tiles": _Bf16Unit(BF16_CONV_FORWARD_TARGET, lambda: amx_available(), ", ".join(AMX_CPU_FLAGS),
+                       lambda cin, cout: cin % 32 == 0 and cout % 32 == 0, "C_in and C_out multiples of 32"),
+    "dots": _Bf16Unit(BF16_DOT_CONV_FORWARD_TARGET, lambda: bf16_dot_available(), BF16_DOT_CPU_FLAG,
+                      lambda cin, cout: cin % 2 == 0 and cout % 16 == 0, "an even C_in and C_out a multiple of 16"),
 }
 
 
 def bf16_conv_unit(in_channels: int, out_channels: int) -> str | None:
     """Which compiled kernel computes a bfloat16 convolution of ``in_channels`` → ``out_channels`` here: 'tiles'
     (AMX; channels multiples of 32), else 'dots' (AVX512-BF16; C_in even, C_out a multiple of 16), else None."""
-    return next((unit for unit, (_, ready, _, fits, _) in _BF16_UNITS.items() if fits(in_channels, out_channels)
-                 and ready()), None)
+    return next((name for name, unit in _BF16_UNITS.items() if unit.fits(in_channels, out_channels) and unit.ready()),
+                None)
 
 
 def bf16_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, gelu: bool = False) -> jax.Array:
@@ -362,11 +373,11 @@ def conv_forward(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int]
         unit = bf16_unit or bf16_conv_unit(*kernel.shape[2:]) or ("tiles" if amx_available() else "dots")
     if half and unit not in _BF16_UNITS:
         raise ValueError(f"bf16_unit must be 'tiles' or 'dots', got {unit!r}")
-    if half and not _BF16_UNITS[unit][1]():
-        raise NativeUnavailable(f"the bfloat16 convolution on {unit!r} needs a CPU with {_BF16_UNITS[unit][2]} and the "
-                                "native library built for it")
-    if half and not _BF16_UNITS[unit][3](*kernel.shape[2:]):
-        raise ValueError(f"bf16 conv forward on {unit!r}: kernel {tuple(kernel.shape)} needs {_BF16_UNITS[unit][4]}")
+    if half and not _BF16_UNITS[unit].ready():
+        raise NativeUnavailable(f"the bfloat16 convolution on {unit!r} needs a CPU with {_BF16_UNITS[unit].flags} and "
+                                "the native library built for it")
+    if half and not _BF16_UNITS[unit].fits(*kernel.shape[2:]):
+        raise ValueError(f"bf16 conv forward on {unit!r}: kernel {tuple(kernel.shape)} needs {_BF16_UNITS[unit].fitting}")
     dtype = jnp.bfloat16 if half else jnp.float32
 
     def call(x, kernel):
@@ -377,7 +388,7 @@ def conv_forward(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int]
             lines = _state["library"].ConvnextAudioJaxBf16ConvRows(*map(ctypes.c_int64, (
                 height, kh, kw, x.shape[2] + left + right)))
             bottom = lines - x.shape[1] - top
-        target = _BF16_UNITS[unit][0] if half else CONV_FORWARD_TARGET
+        target = _BF16_UNITS[unit].target if half else CONV_FORWARD_TARGET
         return jax.ffi.ffi_call(target, out, vmap_method="sequential")(
             jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0))), kernel)
 
