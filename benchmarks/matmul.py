@@ -1,12 +1,13 @@
-"""GFLOP/s of ConvNeXt-Tiny's pointwise (Dense) products in bfloat16 at its four stage shapes (batch 8 of 10 s
-clips): the AMX tile kernel (``matmul_impl="native"``, needs a CPU with AMX-BF16), XLA's dot as the models compile
-it (``matmul_impl="xla"``), XLA's dot with YNNPACK's dot fusions on, and torch's bfloat16 ``F.linear``; each with
-the bias, rounded to bfloat16; run one after another in rounds (median), plus each one's largest difference from
-float64 relative to the largest value.
+"""GFLOP/s of ConvNeXt-Tiny's pointwise (Dense) products at its four stage shapes (batch 8 of 10 s clips), as the
+model runs them (C → 4C with the exact GELU, 4C → C without), in float32 and in bfloat16: the compiled kernels
+(``matmul_impl="native"``: float32 on any CPU with a C++ compiler, bfloat16 on a CPU with AMX-BF16), XLA's dot as
+the models compile it (``matmul_impl="xla"``), in bfloat16 also XLA's dot with YNNPACK's dot fusions on, and
+torch's ``F.linear`` (+ ``F.gelu``); run one after another in rounds (median), plus each one's largest difference
+from float64 relative to the largest value.
 
-    python benchmarks/matmul.py [--batch 8] [--rounds 5]
+    python benchmarks/matmul.py [--batch 8] [--rounds 5] [--dtypes float32 bfloat16]
 
-"per forward" weights the stages by their blocks (3, 3, 9, 3), both products of a block (C → 4C and 4C → C).
+"per forward" weights the stages by their blocks (3, 3, 9, 3), both products of a block.
 """
 
 from __future__ import annotations
@@ -26,27 +27,41 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16"), default=["float32", "bfloat16"])
     args = parser.parse_args()
 
+    from benchmarks.common import cpu_model_name, cpu_speed_flags
+    from convnext_audio_jax import native
+
+    print(f"# {cpu_model_name()} ({', '.join(cpu_speed_flags())}), batch {args.batch}")
+    for dtype in args.dtypes:
+        if dtype == "bfloat16" and not native.amx_available():
+            print("\nbfloat16: this CPU has no AMX-BF16 (flags " + ", ".join(native.AMX_CPU_FLAGS) + "): no native row")
+            continue
+        table(dtype, args.batch, args.rounds)
+
+
+def table(dtype_name: str, batch: int, rounds: int) -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
     import torch
     import torch.nn.functional as F
 
-    from benchmarks.common import cpu_model_name, cpu_speed_flags
-    from convnext_audio_jax import native, xla
-    from convnext_audio_jax.models.dense import matmul_xla
+    from convnext_audio_jax import xla
+    from convnext_audio_jax.models.dense import matmul_native, matmul_xla
 
-    if not native.amx_available():
-        raise SystemExit("this CPU has no AMX-BF16 (flags " + ", ".join(native.AMX_CPU_FLAGS) + "): nothing to compare")
-    products = {
-        "native": xla.jit(native.bf16_matmul),
-        "xla": xla.jit(matmul_xla),
-        "xla + ynnpack dot": jax.jit(matmul_xla, compiler_options=YNN_DOT),
-    }
-    print(f"# {cpu_model_name()} ({', '.join(cpu_speed_flags())}), batch {args.batch}, bfloat16, GFLOP/s "
-          f"(median of {args.rounds} rounds)")
+    dtype = jnp.dtype(dtype_name)
+    products = {"native": xla.jit(matmul_native, static_argnums=3), "xla": xla.jit(matmul_xla, static_argnums=3)}
+    if dtype == jnp.bfloat16:
+        products["xla + ynnpack dot"] = jax.jit(matmul_xla, static_argnums=3, compiler_options=YNN_DOT)
+    torch_dtype = torch.bfloat16 if dtype == jnp.bfloat16 else torch.float32
+
+    def torch_product(x, w, b, activation):
+        y = F.linear(x, w, b)
+        return F.gelu(y) if activation == "gelu" else y
+
+    print(f"\n{dtype_name}, GFLOP/s (median of {rounds} rounds)")
     names = [*products, "torch"]
     print("| product (rows × K → N) | " + " | ".join(names) + " | max rel. error native / xla / torch |")
     print("|---|" + "---:|" * (len(names) + 1))
@@ -54,22 +69,24 @@ def main() -> None:
     totals = dict.fromkeys(names, 0.0)
     flops_total = 0.0
     for height, width, channels, blocks in STAGES:
-        rows = args.batch * height * width
-        for k, n in ((channels, 4 * channels), (4 * channels, channels)):
-            x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
-            w = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), jnp.bfloat16)
-            b = jnp.asarray(rng.standard_normal(n), jnp.bfloat16)
-            tx, tw, tb = (torch.from_numpy(np.asarray(a, np.float32)).bfloat16() for a in (x, w.T, b))
-            runs = {name: (lambda f=f: f(x, w, b).block_until_ready()) for name, f in products.items()}
-            runs["torch"] = lambda: F.linear(tx, tw, tb)
-            ms = timed(runs, args.rounds)
+        rows = batch * height * width
+        for k, n, activation in ((channels, 4 * channels, "gelu"), (4 * channels, channels, None)):
+            x = jnp.asarray(rng.standard_normal((rows, k)), dtype)
+            w = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), dtype)
+            b = jnp.asarray(rng.standard_normal(n), dtype)
+            tx, tw, tb = (torch.from_numpy(np.asarray(a, np.float32)).to(torch_dtype) for a in (x, w.T, b))
+            runs = {name: (lambda f=f: f(x, w, b, activation).block_until_ready()) for name, f in products.items()}
+            runs["torch"] = lambda: torch_product(tx, tw, tb, activation)
+            ms = timed(runs, rounds)
             flops = 2.0 * rows * k * n
-            exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64) + np.asarray(b, np.float64)
+            exact = torch_product(*(torch.from_numpy(np.asarray(a, np.float64)) for a in (x, w.T, b)), activation).numpy()
             scale = np.abs(exact).max()
             errors = [np.abs(np.asarray(out, np.float64) - exact).max() / scale for out in (
-                products["native"](x, w, b).astype(jnp.float32), products["xla"](x, w, b).astype(jnp.float32),
-                F.linear(tx, tw, tb).float().numpy())]
-            print(f"| {rows} × {k} → {n} | " + " | ".join(f"{flops / ms[name] / 1e6:.0f}" for name in names)
+                np.asarray(products["native"](x, w, b, activation), np.float32),
+                np.asarray(products["xla"](x, w, b, activation), np.float32),
+                torch_product(tx, tw, tb, activation).float().numpy())]
+            print(f"| {rows} × {k} → {n}{' + GELU' if activation else ''} | "
+                  + " | ".join(f"{flops / ms[name] / 1e6:.0f}" for name in names)
                   + " | " + " / ".join(f"{e:.1e}" for e in errors) + " |", flush=True)
             for name in names:
                 totals[name] += blocks * ms[name]

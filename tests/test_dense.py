@@ -1,5 +1,6 @@
-"""Dense: flax's parameters and values; its product by XLA's dot and by the AMX tile kernel give the same numbers
-(values and gradients), equal to torch's bfloat16 linear layer; the choice of implementation."""
+"""Dense: flax's parameters and values; its product by XLA's dot, by the compiled float32 kernel and by the AMX tile
+kernel give the same numbers (values and gradients), equal to torch's linear layer in float64; the choice of
+implementation."""
 
 import flax.linen as nn
 import jax
@@ -14,7 +15,7 @@ from convnext_audio_jax import native
 from convnext_audio_jax.models import create_model, init_variables
 from convnext_audio_jax.models.dense import Dense, matmul, matmul_native, matmul_xla, resolve_matmul_impl
 from flax_parity import outputs_and_gradients_against
-from native_marks import NEEDS_AMX
+from native_marks import NEEDS_AMX, NEEDS_COMPILER
 
 
 @pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
@@ -35,7 +36,8 @@ def test_fused_gelu_is_gelu_of_the_float32_sum():
 
     x = jax.random.normal(jax.random.key(0), (2, 9, 64))
     variables = nn.Dense(96).init(jax.random.key(1), x)
-    np.testing.assert_array_equal(Dense(96, activation="gelu").apply(variables, x), gelu(nn.Dense(96).apply(variables, x)))
+    np.testing.assert_array_equal(Dense(96, activation="gelu", impl="xla").apply(variables, x),
+                                  gelu(nn.Dense(96).apply(variables, x)))
     got = Dense(96, activation="gelu", dtype=jnp.bfloat16, impl="xla").apply(variables, x)
     bf16 = jax.tree.map(lambda v: v.astype(jnp.bfloat16).astype(jnp.float32), variables)
     expected = gelu(nn.Dense(96).apply(bf16, x.astype(jnp.bfloat16).astype(jnp.float32)))
@@ -45,10 +47,42 @@ def test_fused_gelu_is_gelu_of_the_float32_sum():
 
 
 def torch_reference(x, w, bias, activation):
-    """torch's linear layer (and exact GELU) on the same bfloat16 values, in float64."""
+    """torch's linear layer (and exact GELU) on the same values, in float64."""
     with torch.no_grad():
         out = torch.nn.functional.linear(*(torch.from_numpy(np.asarray(a, np.float64)) for a in (x, np.asarray(w, np.float32).T, bias)))
         return (torch.nn.functional.gelu(out) if activation == "gelu" else out).numpy()
+
+
+@NEEDS_COMPILER
+@pytest.mark.parametrize("activation", [None, "gelu"])
+# Row tails (37, 35 rows: not multiples of the 6- or 3-row register block), a partial column panel (48, 80
+# features), 4-D, K = 1 and odd, and K = 2048 (one 64-column panel per task group) with 384 features.
+@pytest.mark.parametrize("shape,features", [((3, 37, 96), 384), ((1, 5, 64), 48), ((2, 5, 7, 192), 80),
+                                            ((35, 1), 16), ((4, 9, 7), 32), ((2, 19, 2048), 384)])
+def test_float32_kernel_equals_torch_and_xla_values_and_gradients(shape, features, activation):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((shape[-1], features)) / np.sqrt(shape[-1]), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(features), jnp.float32)
+    ours = np.asarray(jax.jit(matmul_native, static_argnums=3)(x, w, bias, activation))
+    exact = torch_reference(x, w, bias, activation)
+    # float32 summation of K products: within K float32 steps of the sum of magnitudes (the GELU's slope is < 1.13).
+    magnitude = np.abs(np.asarray(x, np.float64)) @ np.abs(np.asarray(w, np.float64)) + np.abs(np.asarray(bias))
+    assert np.all(np.abs(ours - exact) <= 1.13 * shape[-1] * 2 ** -24 * magnitude + 1e-6)
+    xla_form = np.asarray(jax.jit(matmul_xla, static_argnums=3)(x, w, bias, activation))
+    np.testing.assert_allclose(ours, xla_form, rtol=1e-5, atol=1e-5 * np.abs(xla_form).max())
+    # Gradients: the XLA form's pullback, at the kernel's own product before the GELU.
+    dy = jnp.asarray(rng.standard_normal((*shape[:-1], features)), jnp.float32)
+    native_vjp = jax.vjp(lambda *a: matmul_native(*a, activation), x, w, bias)[1](dy)
+    xla_vjp = jax.vjp(lambda *a: matmul_xla(*a, activation), x, w, bias)[1](dy)
+    for got, expected in zip(native_vjp, xla_vjp):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(np.asarray(expected)).max())
+
+
+@NEEDS_COMPILER
+def test_float32_kernel_rejects_columns_off_the_vector_width():
+    with pytest.raises(ValueError, match=r"x \(4, 48\), w \(48, 527\) and bias None do not fit: .*multiple of 16"):
+        native.f32_matmul(jnp.zeros((4, 48)), jnp.zeros((48, 527)))
 
 
 @NEEDS_AMX
@@ -82,31 +116,34 @@ def test_tile_kernel_rejects_sizes_it_cannot_tile():
         native.bf16_matmul(jnp.zeros((4, 48), jnp.bfloat16), jnp.zeros((48, 64), jnp.bfloat16))
 
 
-@NEEDS_AMX
-def test_tile_kernel_under_a_mesh_multiplies_each_devices_rows_without_gathering():
+@pytest.mark.parametrize("dtype", [pytest.param(jnp.float32, marks=NEEDS_COMPILER),
+                                   pytest.param(jnp.bfloat16, marks=NEEDS_AMX)])
+def test_kernels_under_a_mesh_multiply_each_devices_rows_without_gathering(dtype):
     mesh = Mesh(np.array(jax.devices()), ("data",))
     rows = NamedSharding(mesh, P("data"))
     rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.standard_normal((16, 9, 64)), jnp.bfloat16)
-    w = jnp.asarray(rng.standard_normal((64, 96)), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((16, 9, 64)), dtype)
+    w = jnp.asarray(rng.standard_normal((64, 96)), dtype)
+    product = native.f32_matmul if dtype == jnp.float32 else native.bf16_matmul
 
     def under_mesh(x, w):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return native.bf16_matmul(x, w)
+            return product(x, w)
 
     step = jax.jit(under_mesh, in_shardings=(rows, None))
     out = step(x, w)
     assert out.sharding.spec == P("data")
-    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(jax.jit(native.bf16_matmul)(x, w), np.float32))
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(jax.jit(product)(x, w), np.float32))
     compiled = step.lower(x, w).compile().as_text()
     assert not any(op in compiled for op in ("all-gather", "all-reduce", "all-to-all"))
 
 
-@NEEDS_AMX
-def test_a_bfloat16_convnext_gives_the_same_numbers_with_either_product():
-    """A small ConvNeXt in bfloat16: outputs and parameter gradients with the tile kernel ('auto' here) and with
-    XLA's dot."""
-    tiny = dict(depths=(1, 1, 1, 1), dims=(32, 64, 96, 128), num_classes=5, dtype=jnp.bfloat16)
+@pytest.mark.parametrize("dtype", [pytest.param(jnp.float32, marks=NEEDS_COMPILER),
+                                   pytest.param(jnp.bfloat16, marks=NEEDS_AMX)])
+def test_a_convnext_gives_the_same_numbers_with_either_product(dtype):
+    """A small ConvNeXt: outputs and parameter gradients with the compiled kernel ('auto' here) and with XLA's
+    dot."""
+    tiny = dict(depths=(1, 1, 1, 1), dims=(32, 64, 96, 128), num_classes=5, dtype=dtype)
     waveform = (0.1 * np.random.default_rng(3).standard_normal((2, 16_000))).astype(np.float32)
     variables = init_variables(create_model("convnext_tiny", **{**tiny, "dtype": None}), jax.random.key(0))
     results = {}
@@ -117,11 +154,12 @@ def test_a_bfloat16_convnext_gives_the_same_numbers_with_either_product():
             return jnp.sum(model.apply({**variables, "params": params}, waveform)["probs"])
 
         results[impl] = jax.jit(jax.value_and_grad(loss))(variables["params"])
-    assert resolve_matmul_impl("auto", jnp.bfloat16, 32, 128) == "native"
-    np.testing.assert_allclose(results["auto"][0], results["xla"][0], rtol=1e-3)
+    assert resolve_matmul_impl("auto", dtype, 32, 128) == "native"
+    tolerance = 1e-5 if dtype == jnp.float32 else 5e-2
+    np.testing.assert_allclose(results["auto"][0], results["xla"][0], rtol=tolerance / 50)
     for (path, ours), theirs in zip(jax.tree_util.tree_leaves_with_path(results["auto"][1]), jax.tree.leaves(results["xla"][1])):
         scale = float(np.abs(np.asarray(theirs, np.float32)).max()) or 1.0
-        np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(theirs, np.float32), atol=5e-2 * scale,
+        np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(theirs, np.float32), atol=tolerance * scale,
                                    err_msg=jax.tree_util.keystr(path))
 
 
@@ -129,19 +167,27 @@ def test_implementation_choice(monkeypatch):
     with pytest.raises(ValueError, match="matmul_impl must be 'auto', 'xla' or 'native', got 'fast'"):
         resolve_matmul_impl("fast")
     assert resolve_matmul_impl("xla", jnp.bfloat16, 64, 64) == "xla"
-    for amx in (True, False):
-        monkeypatch.setattr(native, "amx_available", lambda amx=amx: amx)
-        expected = "native" if amx else "xla"
-        assert resolve_matmul_impl("auto", jnp.bfloat16, 96, 384) == expected
-        # float32 products and sizes the tiles do not divide (a 527-class head) stay with XLA's dot.
-        assert resolve_matmul_impl("auto", jnp.float32, 96, 384) == "xla"
-        assert resolve_matmul_impl("auto", jnp.bfloat16, 768, 527) == "xla"
+    assert resolve_matmul_impl("xla", jnp.float32, 64, 64) == "xla"
+    for library in (True, False):
+        monkeypatch.setattr(native, "available", lambda library=library: library)
+        for amx in (True, False):
+            monkeypatch.setattr(native, "amx_available", lambda amx=amx: amx)
+            assert resolve_matmul_impl("auto", jnp.bfloat16, 96, 384) == ("native" if amx else "xla")
+            assert resolve_matmul_impl("auto", jnp.float32, 96, 384) == ("native" if library else "xla")
+            # Sizes the kernels do not divide (a 527-class head) and float16 stay with XLA's dot.
+            assert resolve_matmul_impl("auto", jnp.bfloat16, 768, 527) == "xla"
+            assert resolve_matmul_impl("auto", jnp.float32, 768, 527) == "xla"
+            assert resolve_matmul_impl("auto", jnp.float16, 96, 384) == "xla"
     with pytest.raises(native.NativeUnavailable, match="matmul_impl 'native' needs a CPU with amx_tile, amx_bf16"):
         resolve_matmul_impl("native", jnp.bfloat16, 96, 384)
-    # Without the kernel a bfloat16 Dense still computes (XLA's dot).
-    x = jnp.ones((2, 64), jnp.bfloat16)
-    np.testing.assert_array_equal(np.asarray(matmul(x, jnp.ones((64, 32), jnp.bfloat16), jnp.ones(32, jnp.bfloat16)),
-                                             np.float32), np.full((2, 32), 65.0))
+    with pytest.raises(native.NativeUnavailable, match="matmul_impl 'native' needs the native library"):
+        resolve_matmul_impl("native", jnp.float32, 96, 384)
+    assert resolve_matmul_impl("native", jnp.float32, 768, 527) == "xla"
+    # Without the kernels a Dense still computes (XLA's dot).
+    for dtype in (jnp.bfloat16, jnp.float32):
+        x = jnp.ones((2, 64), dtype)
+        np.testing.assert_array_equal(np.asarray(matmul(x, jnp.ones((64, 32), dtype), jnp.ones(32, dtype)), np.float32),
+                                      np.full((2, 32), 65.0))
 
 
 def test_exports_and_flop_counts_use_xla_dot():

@@ -1,9 +1,11 @@
-"""The Dense layer and the implementations of its product: XLA's dot everywhere, and on a CPU with AMX-BF16 the
-tile kernel of :mod:`convnext_audio_jax.native` for bfloat16 layers.
+"""The Dense layer and the implementations of its product: XLA's dot everywhere, and on the CPU the compiled
+kernels of :mod:`convnext_audio_jax.native` — float32 products, and bfloat16 ones on a CPU with AMX-BF16 (the tile
+kernel) — with the bias and GELU in their epilogue.
 
-Both sum the products and the bias in float32 and round once to the layer's dtype, so they give the same numbers
+All sum the products and the bias in float32 and round once to the layer's dtype, so they give the same numbers
 up to float32 summation order. On a 2-core AMX Xeon the bfloat16 ConvNeXt-Tiny forward was ~0.4× torch autocast
-with XLA's dot (docs/benchmarks.md); the pointwise layers are most of its FLOPs."""
+with XLA's dot; XLA's float32 dot (Eigen) ran ConvNeXt-Tiny's pointwise products at 90–330 GFLOP/s, the compiled
+one at 110–390 with the GELU pass saved (docs/benchmarks.md). The pointwise layers are most of the model's FLOPs."""
 
 from __future__ import annotations
 
@@ -24,22 +26,29 @@ ACTIVATIONS = (None, "gelu")
 
 def resolve_matmul_impl(impl: MatmulImpl, dtype: Any = jnp.bfloat16, in_features: int = 32, features: int = 32) -> str:
     """'xla' or 'native' for a Dense product of ``dtype`` with ``in_features`` → ``features``. 'auto' is 'native'
-    on a CPU whose tile kernel runs (:func:`native.amx_available`) for a bfloat16 product with both sizes multiples
-    of 32, else 'xla'. 'native' asks for the tile kernel where it applies (bfloat16, those sizes) and is an error
-    where it cannot run; other products (float32, a 527-class head) use XLA's dot under either."""
+    on the CPU where the compiled kernel takes the product — float32 with ``features`` a multiple of 16 (the
+    library loads: :func:`native.available`), bfloat16 with both sizes multiples of 32 on a CPU whose tile kernel
+    runs (:func:`native.amx_available`) — else 'xla'. 'native' asks for the compiled kernel where one takes the
+    product and is an error where it cannot run; other products (a 527-class head, float16) use XLA's dot under
+    either."""
     if impl not in ("auto", "xla", "native"):
         raise ValueError(f"matmul_impl must be 'auto', 'xla' or 'native', got {impl!r}")
     if impl == "xla":
         return "xla"
+    dtype = jnp.dtype(dtype)
+    bf16 = dtype == jnp.bfloat16
+    fits = features % 32 == 0 and in_features % 32 == 0 if bf16 else dtype == jnp.float32 and features % 16 == 0
     if impl == "native":
         if jax.default_backend() != "cpu":
             raise ValueError(f"matmul_impl 'native' runs on the CPU only; the default backend is {jax.default_backend()!r}")
-        if not native.amx_available():
+        if bf16 and not native.amx_available():
             raise native.NativeUnavailable("matmul_impl 'native' needs a CPU with " + ", ".join(native.AMX_CPU_FLAGS)
-                                           + " and the native library built for it")
-    elif jax.default_backend() != "cpu" or not native.amx_available():
+                                           + " and the native library built for it for a bfloat16 product")
+        if not bf16 and fits and not native.available():
+            raise native.NativeUnavailable("matmul_impl 'native' needs the native library (a C++ compiler; "
+                                           "CONVNEXT_AUDIO_JAX_NATIVE not 0)")
+    elif jax.default_backend() != "cpu" or not (native.amx_available() if bf16 else native.available()):
         return "xla"
-    fits = jnp.dtype(dtype) == jnp.bfloat16 and in_features % 32 == 0 and features % 32 == 0
     return "native" if fits else "xla"
 
 
@@ -57,18 +66,31 @@ def matmul_xla(x: jax.Array, kernel: jax.Array, bias: jax.Array, activation: str
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def matmul_native(x: jax.Array, kernel: jax.Array, bias: jax.Array, activation: str | None = None) -> jax.Array:
-    """The same in bfloat16 by the AMX tile kernel (GELU in its epilogue); its gradients are those of
-    :func:`matmul_xla` (whose pullback recomputes the product when the activation needs it)."""
-    return native.bf16_matmul(x, kernel, bias, gelu=activation == "gelu")
+    """The same by the compiled kernel of x's dtype (float32, or bfloat16 on the AMX tile unit), GELU in its
+    epilogue; its gradients are those of :func:`matmul_xla`."""
+    return _native_product(x, kernel, bias, activation == "gelu")
+
+
+def _native_product(x, kernel, bias, gelu):
+    product = native.f32_matmul if x.dtype == jnp.float32 else native.bf16_matmul
+    return product(x, kernel, bias, gelu=gelu)
 
 
 def _matmul_native_fwd(x, kernel, bias, activation):
-    return native.bf16_matmul(x, kernel, bias, gelu=activation == "gelu"), (x, kernel, bias)
+    if activation == "gelu" and x.dtype == jnp.float32:
+        # The product before the GELU is the pullback's residual, as in XLA's form (not recomputed).
+        pre = _native_product(x, kernel, bias, False)
+        return gelu(pre), (x, kernel, bias, pre)
+    return _native_product(x, kernel, bias, activation == "gelu"), (x, kernel, bias, None)
 
 
 def _matmul_native_bwd(activation, residuals, dy):
-    # The XLA form's pullback; its forward product is removed by XLA where the pullback does not need it.
-    return jax.vjp(functools.partial(matmul_xla, activation=activation), *residuals)[1](dy)
+    x, kernel, bias, pre = residuals
+    if pre is not None:
+        dy, activation = jax.vjp(gelu, pre)[1](dy)[0], None
+    # The XLA form's pullback; its forward product is removed by XLA where the pullback does not need it (for a
+    # bfloat16 GELU it is recomputed).
+    return jax.vjp(functools.partial(matmul_xla, activation=activation), x, kernel, bias)[1](dy)
 
 
 matmul_native.defvjp(_matmul_native_fwd, _matmul_native_bwd)

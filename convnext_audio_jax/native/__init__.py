@@ -1,7 +1,8 @@
 """Compiled CPU kernels, called from XLA through its FFI: the depthwise convolution and its kernel gradient
 (``depthwise.cc``), the PANNs' float32 dense convolution, its input gradient's kernel and its kernel gradient
 (``conv.cc``), their bfloat16 dense convolution on the AMX tile unit or with AVX512-BF16 dot products
-(``conv_bf16.cc``), and on CPUs with AMX-BF16 the bfloat16 matrix product of the Dense layers (``matmul.cc``).
+(``conv_bf16.cc``), and the matrix product of the Dense layers with bias and GELU in its epilogue: float32, and on
+CPUs with AMX-BF16 bfloat16 (``matmul.cc``).
 
 Written with XLA ops, the depthwise kernel gradient was a third of a ConvNeXt training step on XLA:CPU
 (docs/benchmarks.md); the C++ kernels compute it 14× and the convolution 1.4× faster (a 2-core AVX2 CPU;
@@ -45,10 +46,11 @@ from convnext_audio_jax import xla
 logger = logging.getLogger(__name__)
 
 SOURCES = ("depthwise.cc", "conv.cc", "matmul.cc", "conv_bf16.cc")
-HEADERS = ("parallel.h", "bf16.h")
+HEADERS = ("parallel.h", "bf16.h", "vec.h")
 CONV_TARGET = "convnext_audio_jax_depthwise_conv"
 KERNEL_GRAD_TARGET = "convnext_audio_jax_depthwise_kernel_grad"
 MATMUL_TARGET = "convnext_audio_jax_bf16_matmul"
+F32_MATMUL_TARGET = "convnext_audio_jax_f32_matmul"
 CONV_KERNEL_GRAD_TARGET = "convnext_audio_jax_conv_kernel_grad"
 CONV_KERNEL_FLIP_TARGET = "convnext_audio_jax_conv_kernel_flip"
 CONV_FORWARD_TARGET = "convnext_audio_jax_conv_forward"
@@ -56,6 +58,7 @@ BF16_CONV_FORWARD_TARGET = "convnext_audio_jax_bf16_conv_forward"
 BF16_DOT_CONV_FORWARD_TARGET = "convnext_audio_jax_bf16_dot_conv_forward"
 # FFI target name -> the handler's symbol in the library.
 HANDLERS = {CONV_TARGET: "DepthwiseConv", KERNEL_GRAD_TARGET: "DepthwiseKernelGrad", MATMUL_TARGET: "Bf16Matmul",
+            F32_MATMUL_TARGET: "F32Matmul",
             CONV_KERNEL_GRAD_TARGET: "ConvKernelGrad", CONV_KERNEL_FLIP_TARGET: "ConvKernelFlip",
             CONV_FORWARD_TARGET: "ConvForward", BF16_CONV_FORWARD_TARGET: "Bf16ConvForward",
             BF16_DOT_CONV_FORWARD_TARGET: "Bf16DotConvForward"}
@@ -226,6 +229,20 @@ def bf16_conv_unit(in_channels: int, out_channels: int) -> str | None:
                 None)
 
 
+def f32_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, gelu: bool = False) -> jax.Array:
+    """``bias + x @ w`` in float32 by the compiled kernel: x (..., K), w (K, N), bias (N,); each output one
+    fixed-order sum, the bias added last (``gelu``: then the exact GELU). N must be a multiple of 16.
+
+    Under a mesh set for tracing each device multiplies its own rows (split along x's first axis)."""
+    load()
+    if x.ndim < 2 or w.ndim != 2 or x.shape[-1] != w.shape[0] or w.shape[1] % 16 or (
+            bias is not None and bias.shape != (w.shape[1],)):
+        raise ValueError(f"f32 matmul: x {tuple(x.shape)}, w {tuple(w.shape)} and bias "
+                         f"{None if bias is None else tuple(bias.shape)} do not fit: expected (..., K), (K, N) and "
+                         "(N,) with N a multiple of 16")
+    return _matmul(F32_MATMUL_TARGET, jnp.float32, x, w, bias, gelu)
+
+
 def bf16_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, gelu: bool = False) -> jax.Array:
     """``bias + x @ w`` in bfloat16 on the AMX tile unit: x (..., K), w (K, N), bias (N,); products and the bias
     summed in float32 (``gelu``: then the exact GELU in float32), rounded to bfloat16 once. K and N must be multiples
@@ -240,15 +257,19 @@ def bf16_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, gelu:
         raise ValueError(f"bf16 matmul: x {tuple(x.shape)}, w {tuple(w.shape)} and bias "
                          f"{None if bias is None else tuple(bias.shape)} do not fit: expected (..., K), (K, N) and "
                          "(N,) with K and N multiples of 32")
+    return _matmul(MATMUL_TARGET, jnp.bfloat16, x, w, bias, gelu)
+
+
+def _matmul(target: str, dtype, x: jax.Array, w: jax.Array, bias: jax.Array | None, gelu: bool) -> jax.Array:
     features = w.shape[1]
 
     def call(x, w, bias):
         rows = x.reshape(-1, x.shape[-1])
-        out = jax.ffi.ffi_call(MATMUL_TARGET, jax.ShapeDtypeStruct((rows.shape[0], features), jnp.bfloat16),
+        out = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows.shape[0], features), dtype),
                                vmap_method="sequential")(rows, w, bias, gelu=bool(gelu))
         return out.reshape(*x.shape[:-1], features)
 
-    x, w = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    x, w = x.astype(dtype), w.astype(dtype)
     bias = jnp.zeros((features,), jnp.float32) if bias is None else bias.astype(jnp.float32)
     return _per_device_rows(call, x, w, bias)
 

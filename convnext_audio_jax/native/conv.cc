@@ -18,36 +18,24 @@
 #include <vector>
 
 #include "parallel.h"
+#include "vec.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int64_t kVec = 16;
-constexpr int kRows = 6;  // 6 × 4 accumulators of 32 vector registers
-#elif defined(__AVX__)
-constexpr int64_t kVec = 8;
-constexpr int kRows = 3;  // 3 × 4 of 16
-#else
-constexpr int64_t kVec = 4;
-constexpr int kRows = 3;
-#endif
-typedef float Vec __attribute__((vector_size(kVec * sizeof(float))));
+using convnext_audio_jax::kRows;
+using convnext_audio_jax::kVec;
+using convnext_audio_jax::Load;
+using convnext_audio_jax::Store;
+using convnext_audio_jax::Vec;
+
 constexpr int kMaxVectors = 4;                  // a CO block: 4 vectors
 constexpr int64_t kCoBlock = kMaxVectors * kVec;
 constexpr int64_t kCiBlock = 64;                // a task's CI block
 constexpr int64_t kSlicePositions = 64;        // positions per pass: the packed x and dy slices (32 KiB) stay in L1
 constexpr int64_t kPartialBytes = 64 << 20;     // bound on the partial sums of the position shares
-
-inline Vec Load(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof(Vec));
-  return v;
-}
-
-inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(Vec)); }
 
 struct Geometry {
   int64_t batch, hp, wp, ci, h, w, co, kh, kw;

@@ -19,32 +19,20 @@
 #include <vector>
 
 #include "parallel.h"
+#include "vec.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-// One vector register of floats for the CPU this is compiled for (-march=native): wider generic vectors make GCC
-// split them through memory.
-#if defined(__AVX512F__)
-constexpr int64_t kVec = 16;
-#elif defined(__AVX__)
-constexpr int64_t kVec = 8;
-#else
-constexpr int64_t kVec = 4;
-#endif
-typedef float Vec __attribute__((vector_size(kVec * sizeof(float))));
+using convnext_audio_jax::kVec;
+using convnext_audio_jax::Load;
+using convnext_audio_jax::Store;
+using convnext_audio_jax::Vec;
+
 // A task's channels: two registers (a 64-byte cache line of an NHWC pixel with AVX/AVX2).
 constexpr int64_t kBlock = 2 * kVec;
-
-inline Vec Load(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof(Vec));
-  return v;
-}
-
-inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(Vec)); }
 
 struct Geometry {
   int64_t batch, height, width, channels, out_h, out_w, kh, kw, pad_top, pad_left;

@@ -1,19 +1,27 @@
-// bfloat16 matrix product on the CPU's AMX tile unit (Intel AMX-BF16), called through XLA's FFI:
-//   Bf16Matmul: y[m, n] = bf16(bias[n] + sum over k of x[m, k] * w[k, n]),  x (M, K) and w (K, N) bfloat16,
-//   bias float32, products summed in float32, one rounding to bfloat16 at the end; with the attribute gelu, the
-//   exact GELU of that sum (the first Dense of a ConvNeXt block), saving XLA a pass over the widest activation.
+// The Dense layers' matrix product, called through XLA's FFI: y[m, n] = bias[n] + sum over k of x[m, k] * w[k, n]
+// (with the attribute gelu, the exact GELU of that sum: the first Dense of a ConvNeXt block, saving XLA a pass over
+// the widest activation), products and bias summed in float32.
+//   Bf16Matmul: on the CPU's AMX tile unit (Intel AMX-BF16), x (M, K) and w (K, N) bfloat16, bias float32, one
+//   rounding to bfloat16 at the end.
+//   F32Matmul: float32, any CPU (vector registers of the -march=native build).
 //
 // Why: over ConvNeXt-Tiny's pointwise products XLA:CPU computes bfloat16 dots at ~130 GFLOP/s on a 2-core AMX
-// Xeon (~260 with YNNPACK's dots), torch's oneDNN at ~650 on the AMX tile unit; these tiles reach ~640
-// (benchmarks/matmul.py, docs/benchmarks.md). The pointwise layers are most of a ConvNeXt block's FLOPs.
+// Xeon (~260 with YNNPACK's dots), torch's oneDNN at ~650 on the AMX tile unit; these tiles reach ~640. XLA's
+// float32 dot (Eigen's contraction) allocates its packing buffers per call (174 MB for ConvNeXt-Tiny's first C -> 4C
+// product, batch 8: new pages every call) and leaves the GELU to another pass; the float32 kernel ran the
+// whole forward's products ~5 % faster (benchmarks/matmul.py, docs/benchmarks.md). The pointwise layers are most
+// of a ConvNeXt block's FLOPs.
 //
-// w is repacked once per call into the pairs-of-rows layout the tile instruction reads. A task computes 32 rows of
-// one column panel of y (the columns whose packed w fits in 1 MiB, so that consecutive tasks find it in cache): per
-// 32 columns, four 16 × 16 float32 accumulator tiles and two 16-row tiles of x read in place. Each output element is
-// one fixed-order sum, so results do not depend on scheduling.
-//
-// Built without AMX (another CPU, or a compiler without it) the handler reports an error and
+// Tile kernel: w is repacked once per call into the pairs-of-rows layout the tile instruction reads. A task
+// computes 32 rows of one column panel of y (the columns whose packed w fits in 1 MiB, so that consecutive tasks
+// find it in cache): per 32 columns, four 16 × 16 float32 accumulator tiles and two 16-row tiles of x read in
+// place. Built without AMX (another CPU, or a compiler without it) its handler reports an error and
 // ConvnextAudioJaxAmxReady() returns 0; the Python side checks that before using it.
+//
+// float32 kernel: w is packed once per call into panels of 4 vectors of columns; a task takes a block of rows
+// (~256 KiB of x) through a group of panels (~512 KiB), kRows rows × one panel in registers over all of K.
+//
+// Each output element is one fixed-order sum in both, so results do not depend on scheduling.
 
 #include <algorithm>
 #include <cstdint>
@@ -23,6 +31,7 @@
 
 #include "bf16.h"
 #include "parallel.h"
+#include "vec.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -33,39 +42,17 @@ namespace {
 
 using namespace convnext_audio_jax::amx;
 
-constexpr int64_t kRows = 32;  // rows of y per task: two tiles of 16
-constexpr int64_t kCols = 32;  // columns of y per step: two tiles of 16
+constexpr int64_t kBlockRows = 32;  // rows of y per task: two tiles of 16
+constexpr int64_t kBlockCols = 32;  // columns of y per step: two tiles of 16
 constexpr int64_t kPanelBytes = 1 << 20;  // packed w per column panel
 
-// Exact (erf) GELU, 0.5·v·(1 + erf(v/√2)), in float32: erf(z) = z·P(z²)/Q(z²) on z clamped to [-4, 4] (the
-// rational approximation Eigen uses for float; |error| < 5e-7, far below a bfloat16 step).
-inline __m512 Gelu(__m512 v) {
-  const __m512 z = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, _mm512_set1_ps(0.7071067811865476f)),
-                                               _mm512_set1_ps(-4.0f)), _mm512_set1_ps(4.0f));
-  const __m512 z2 = _mm512_mul_ps(z, z);
-  __m512 p = _mm512_set1_ps(-2.72614225801306e-10f);
-  p = _mm512_fmadd_ps(p, z2, _mm512_set1_ps(2.77068142495902e-08f));
-  p = _mm512_fmadd_ps(p, z2, _mm512_set1_ps(-2.10102402082508e-06f));
-  p = _mm512_fmadd_ps(p, z2, _mm512_set1_ps(-5.69250639462346e-05f));
-  p = _mm512_fmadd_ps(p, z2, _mm512_set1_ps(-7.34990630326855e-04f));
-  p = _mm512_fmadd_ps(p, z2, _mm512_set1_ps(-2.95459980854025e-03f));
-  p = _mm512_fmadd_ps(p, z2, _mm512_set1_ps(-1.60960333262415e-02f));
-  __m512 q = _mm512_set1_ps(-1.45660718464996e-05f);
-  q = _mm512_fmadd_ps(q, z2, _mm512_set1_ps(-2.13374055278905e-04f));
-  q = _mm512_fmadd_ps(q, z2, _mm512_set1_ps(-1.68282697438203e-03f));
-  q = _mm512_fmadd_ps(q, z2, _mm512_set1_ps(-7.37332916720468e-03f));
-  q = _mm512_fmadd_ps(q, z2, _mm512_set1_ps(-1.42647390514189e-02f));
-  const __m512 erf = _mm512_div_ps(_mm512_mul_ps(z, p), q);
-  return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), _mm512_add_ps(_mm512_set1_ps(1.0f), erf));
-}
-
-// Columns [n_begin, n_end) of y rows [m0, m0 + kRows), from x rows read with stride `depth` (x and y point at
+// Columns [n_begin, n_end) of y rows [m0, m0 + kBlockRows), from x rows read with stride `depth` (x and y point at
 // row m0), `valid` rows written.
 void RowBlock(const uint16_t* x, const uint16_t* packed, const float* bias, int64_t depth, int64_t cols,
               int64_t n_begin, int64_t n_end, int64_t valid, bool gelu, uint16_t* y) {
   const int64_t blocks = depth / kDepth;
-  alignas(64) float acc[kRows][kCols];
-  for (int64_t n0 = n_begin; n0 < n_end; n0 += kCols) {
+  alignas(64) float acc[kBlockRows][kBlockCols];
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kBlockCols) {
     ZeroBlock();
     const uint16_t* w0 = packed + (n0 / 16) * blocks * kPanel;
     const uint16_t* w1 = w0 + blocks * kPanel;
@@ -78,8 +65,8 @@ void RowBlock(const uint16_t* x, const uint16_t* packed, const float* bias, int6
       __m512 lo = _mm512_add_ps(_mm512_load_ps(&acc[r][0]), b_lo);
       __m512 hi = _mm512_add_ps(_mm512_load_ps(&acc[r][16]), b_hi);
       if (gelu) {
-        lo = Gelu(lo);
-        hi = Gelu(hi);
+        lo = convnext_audio_jax::Gelu(lo);
+        hi = convnext_audio_jax::Gelu(hi);
       }
       _mm512_storeu_si512(y + r * cols + n0, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));  // round to nearest even
     }
@@ -90,7 +77,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ff
                   ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::BF16> y, bool gelu) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2 || bias.dimensions().size() != 1 || xd[1] != wd[0] ||
-      yd[0] != xd[0] || yd[1] != wd[1] || bias.dimensions()[0] != wd[1] || wd[0] % kDepth || wd[1] % kCols) {
+      yd[0] != xd[0] || yd[1] != wd[1] || bias.dimensions()[0] != wd[1] || wd[0] % kDepth || wd[1] % kBlockCols) {
     return ffi::Error::InvalidArgument("bf16_matmul expects x (M, K), w (K, N), bias (N,) and an (M, N) result "
                                        "with K and N multiples of 32");
   }
@@ -105,17 +92,17 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ff
   convnext_audio_jax::ParallelFor(pool, cols / 16, [=](int64_t nb) { PackColumns(wp, depth, cols, nb, pp); });
   // Tasks go through y panel by panel (columns whose packed w fits in ~1 MiB, a core's L2), row blocks within a
   // panel: consecutive tasks reuse the panel from cache instead of each streaming all of w.
-  const int64_t panel = std::min<int64_t>(cols, std::max<int64_t>(kCols, (kPanelBytes / (2 * depth)) / kCols * kCols));
+  const int64_t panel = std::min<int64_t>(cols, std::max<int64_t>(kBlockCols, (kPanelBytes / (2 * depth)) / kBlockCols * kBlockCols));
   const int64_t panels = (cols + panel - 1) / panel;
-  const int64_t full = rows / kRows, tail = rows % kRows, blocks = full + (tail ? 1 : 0);
+  const int64_t full = rows / kBlockRows, tail = rows % kBlockRows, blocks = full + (tail ? 1 : 0);
   convnext_audio_jax::ParallelFor(pool, panels * blocks, [=](int64_t task) {
     ConfigureTiles();
     const int64_t block = task % blocks, n_begin = (task / blocks) * panel;
-    const int64_t n_end = std::min<int64_t>(cols, n_begin + panel), m0 = block * kRows;
+    const int64_t n_end = std::min<int64_t>(cols, n_begin + panel), m0 = block * kBlockRows;
     if (block < full) {
-      RowBlock(xp + m0 * depth, pp, bp, depth, cols, n_begin, n_end, kRows, gelu, yp + m0 * cols);
+      RowBlock(xp + m0 * depth, pp, bp, depth, cols, n_begin, n_end, kBlockRows, gelu, yp + m0 * cols);
     } else {  // the last rows, read from a zero-padded copy
-      std::vector<uint16_t> rest(kRows * depth, 0);
+      std::vector<uint16_t> rest(kBlockRows * depth, 0);
       std::memcpy(rest.data(), xp + m0 * depth, tail * depth * sizeof(uint16_t));
       RowBlock(rest.data(), pp, bp, depth, cols, n_begin, n_end, tail, gelu, yp + m0 * cols);
     }
@@ -132,6 +119,109 @@ ffi::Error Matmul(ffi::ThreadPool, ffi::Buffer<ffi::BF16>, ffi::Buffer<ffi::BF16
 }
 
 #endif
+
+// ---- float32 ----
+
+using convnext_audio_jax::Gelu;
+using convnext_audio_jax::kRows;
+using convnext_audio_jax::kVec;
+using convnext_audio_jax::Load;
+using convnext_audio_jax::Store;
+using convnext_audio_jax::Vec;
+
+constexpr int kVectors = 4;                        // a column panel: 4 vectors
+constexpr int64_t kPanelCols = kVectors * kVec;
+constexpr int64_t kGroupBytes = 512 << 10;         // packed w of the panels a task cycles through (L2)
+constexpr int64_t kTaskBytes = 256 << 10;          // x rows of a task (L2)
+constexpr int64_t kMaxTaskRows = 32 * kRows;
+
+// y rows [0, R) × one panel's NV vectors of columns = bias + x rows · panel (then GELU): x rows `depth` apart,
+// panel depth × kPanelCols, y rows `cols` apart. Sums start at zero and the bias is added last, as XLA's dot + add.
+template <int R, int NV>
+void F32Micro(const float* x, int64_t depth, const float* panel, const float* bias, bool gelu, float* y, int64_t cols) {
+  Vec acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = Vec{};
+  for (int64_t k = 0; k < depth; ++k, panel += kPanelCols) {
+    Vec wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = Load(panel + v * kVec);
+    for (int r = 0; r < R; ++r) {
+      const Vec xv = x[r * depth + k] - Vec{};  // a broadcast: s - 0 folds to s, s + 0 would not (-0)
+      for (int v = 0; v < NV; ++v) acc[r][v] += xv * wv[v];
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    const Vec b = Load(bias + v * kVec);
+    for (int r = 0; r < R; ++r) Store(y + r * cols + v * kVec, gelu ? Gelu(acc[r][v] + b) : acc[r][v] + b);
+  }
+}
+
+template <int R>
+void F32MicroRows(int vectors, const float* x, int64_t depth, const float* panel, const float* bias, bool gelu,
+                  float* y, int64_t cols) {
+  switch (vectors) {
+    case 1: return F32Micro<R, 1>(x, depth, panel, bias, gelu, y, cols);
+    case 2: return F32Micro<R, 2>(x, depth, panel, bias, gelu, y, cols);
+    case 3: return F32Micro<R, 3>(x, depth, panel, bias, gelu, y, cols);
+    default: return F32Micro<R, 4>(x, depth, panel, bias, gelu, y, cols);
+  }
+}
+
+template <int R>
+void F32MicroDispatch(int count, int vectors, const float* x, int64_t depth, const float* panel, const float* bias,
+                      bool gelu, float* y, int64_t cols) {
+  if constexpr (R > 1) {
+    if (count < R) return F32MicroDispatch<R - 1>(count, vectors, x, depth, panel, bias, gelu, y, cols);
+  }
+  F32MicroRows<R>(vectors, x, depth, panel, bias, gelu, y, cols);
+}
+
+ffi::Error F32Product(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                     ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y, bool gelu) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2 || bias.dimensions().size() != 1 || xd[1] != wd[0] ||
+      yd[0] != xd[0] || yd[1] != wd[1] || bias.dimensions()[0] != wd[1] || wd[1] % kVec) {
+    return ffi::Error::InvalidArgument("f32_matmul expects x (M, K), w (K, N), bias (N,) and an (M, N) result "
+                                       "with N a multiple of the vector width");
+  }
+  const int64_t rows = xd[0], depth = wd[0], cols = wd[1];
+  const int64_t panels = (cols + kPanelCols - 1) / kPanelCols;
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  const float* bp = bias.typed_data();
+  float* yp = y->typed_data();
+  // w packed once per call: panel p is depth rows of its kPanelCols columns, contiguous.
+  std::unique_ptr<float[]> packed(new float[panels * depth * kPanelCols]);
+  float* pp = packed.get();
+  convnext_audio_jax::ParallelFor(pool, panels, [=](int64_t p) {
+    const int64_t width = std::min<int64_t>(kPanelCols, cols - p * kPanelCols);
+    for (int64_t k = 0; k < depth; ++k)
+      std::memcpy(pp + (p * depth + k) * kPanelCols, wp + k * cols + p * kPanelCols, width * sizeof(float));
+  });
+  // A task: a block of rows (its x in L2) times a group of panels (their packed w in L2); within it, kRows rows at
+  // a time through every panel of the group, so that each task writes whole stretches of rows.
+  const int64_t group = std::max<int64_t>(1, kGroupBytes / (depth * kPanelCols * int64_t(sizeof(float))));
+  const int64_t groups = (panels + group - 1) / group;
+  const int64_t wanted = 8 * (pool.num_threads() + 1), blocks_wanted = (wanted + groups - 1) / groups;
+  const int64_t fit = std::clamp<int64_t>(kTaskBytes / (depth * int64_t(sizeof(float))) / kRows * kRows, kRows,
+                                          kMaxTaskRows);
+  const int64_t even = ((rows + blocks_wanted - 1) / blocks_wanted + kRows - 1) / kRows * kRows;
+  const int64_t task_rows = std::clamp<int64_t>(even, kRows, fit);
+  const int64_t blocks = (rows + task_rows - 1) / task_rows;
+  convnext_audio_jax::ParallelFor(pool, groups * blocks, [=](int64_t task) {
+    const int64_t p0 = (task / blocks) * group, p1 = std::min<int64_t>(panels, p0 + group);
+    const int64_t m0 = (task % blocks) * task_rows, m1 = std::min<int64_t>(rows, m0 + task_rows);
+    for (int64_t m = m0; m < m1; m += kRows) {
+      const int count = static_cast<int>(std::min<int64_t>(kRows, m1 - m));
+      for (int64_t p = p0; p < p1; ++p) {
+        const int vectors = static_cast<int>(std::min<int64_t>(kPanelCols, cols - p * kPanelCols) / kVec);
+        F32MicroDispatch<kRows>(count, vectors, xp + m * depth, depth, pp + p * depth * kPanelCols,
+                                bp + p * kPanelCols, gelu, yp + m * cols + p * kPanelCols, cols);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
 
 }  // namespace
 
@@ -151,4 +241,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Bf16Matmul, Matmul,
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Attr<bool>("gelu"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(F32Matmul, F32Product,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("gelu"));

@@ -1,0 +1,58 @@
+// One vector register of floats for the CPU the library is compiled for (-march=native), shared by the float32
+// kernels of this folder, and the exact GELU on it. Wider generic vectors than the register make GCC split them
+// through memory.
+#ifndef CONVNEXT_AUDIO_JAX_NATIVE_VEC_H_
+#define CONVNEXT_AUDIO_JAX_NATIVE_VEC_H_
+
+#include <cstdint>
+#include <cstring>
+
+namespace convnext_audio_jax {
+
+#if defined(__AVX512F__)
+constexpr int64_t kVec = 16;
+constexpr int kRows = 6;  // rows of a 4-vector register block: 6 × 4 accumulators of 32 vector registers
+#elif defined(__AVX__)
+constexpr int64_t kVec = 8;
+constexpr int kRows = 3;  // 3 × 4 of 16
+#else
+constexpr int64_t kVec = 4;
+constexpr int kRows = 3;
+#endif
+typedef float Vec __attribute__((vector_size(kVec * sizeof(float))));
+
+inline Vec Load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof(Vec));
+  return v;
+}
+
+inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(Vec)); }
+
+// Exact (erf) GELU, 0.5·v·(1 + erf(v/√2)), in float32: erf(z) = z·P(z²)/Q(z²) on z clamped to [-4, 4] (the
+// rational approximation Eigen and XLA use for float; |error| < 5e-7). The products and sums contract to FMAs.
+template <typename V>
+inline V Gelu(V v) {
+  V z = v * 0.7071067811865476f;
+  z = z < -4.0f ? V{} - 4.0f : z;
+  z = z > 4.0f ? V{} + 4.0f : z;
+  const V z2 = z * z;
+  V p = V{} - 2.72614225801306e-10f;
+  p = p * z2 + 2.77068142495902e-08f;
+  p = p * z2 - 2.10102402082508e-06f;
+  p = p * z2 - 5.69250639462346e-05f;
+  p = p * z2 - 7.34990630326855e-04f;
+  p = p * z2 - 2.95459980854025e-03f;
+  p = p * z2 - 1.60960333262415e-02f;
+  V q = V{} - 1.45660718464996e-05f;
+  q = q * z2 - 2.13374055278905e-04f;
+  q = q * z2 - 1.68282697438203e-03f;
+  q = q * z2 - 7.37332916720468e-03f;
+  q = q * z2 - 1.42647390514189e-02f;
+  const V erf = (z * p) / q;
+  return (0.5f * v) * (1.0f + erf);
+}
+
+}  // namespace convnext_audio_jax
+
+#endif  // CONVNEXT_AUDIO_JAX_NATIVE_VEC_H_
