@@ -165,11 +165,11 @@ def test_model_gradients_are_the_same_with_each_depthwise_variant():
 @pytest.fixture
 def fresh_native(monkeypatch, tmp_path):
     """The module as in a new process, building into an empty cache folder."""
-    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native.library, "_state", {})
     monkeypatch.setenv("CONVNEXT_AUDIO_JAX_CACHE", str(tmp_path / "cache"))
-    native._log_unavailable.cache_clear()
+    native.library._log_unavailable.cache_clear()
     yield tmp_path / "cache"
-    native._log_unavailable.cache_clear()
+    native.library._log_unavailable.cache_clear()
 
 
 def test_the_library_is_built_once_and_then_loaded_from_the_cache(fresh_native):
@@ -180,7 +180,7 @@ def test_the_library_is_built_once_and_then_loaded_from_the_cache(fresh_native):
     assert path.exists()
     built = path.stat().st_mtime_ns
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no build folder left behind
-    native._state.clear()
+    native.library._state.clear()
     native.load()
     assert path.stat().st_mtime_ns == built
     x = np.ones((1, 4, 4, 16), np.float32)
@@ -192,10 +192,10 @@ def test_the_library_is_built_once_and_then_loaded_from_the_cache(fresh_native):
 def test_the_cache_name_changes_with_the_source_and_the_cpu(fresh_native, monkeypatch):
     compiler = native.find_compiler()
     path = native.library_path(compiler)
-    monkeypatch.setattr(native.xla, "cpu_flags", lambda: frozenset({"avx2", "made_up_flag"}))
+    monkeypatch.setattr(native.library.xla, "cpu_flags", lambda: frozenset({"avx2", "made_up_flag"}))
     assert native.library_path(compiler) != path
     monkeypatch.undo()
-    monkeypatch.setattr(native, "_sources", lambda: {"depthwise.cc": b"// another version\n"})
+    monkeypatch.setattr(native.library, "_sources", lambda: {"depthwise.cc": b"// another version\n"})
     assert native.library_path(compiler) != path
 
 
@@ -238,7 +238,7 @@ def test_the_library_builds_for_cpus_without_avx512_or_amx(monkeypatch, tmp_path
     import ctypes
 
     flags = tuple("-march=x86-64-v3" if flag == "-march=native" else flag for flag in native.CXX_FLAGS)
-    monkeypatch.setattr(native, "CXX_FLAGS", flags)
+    monkeypatch.setattr(native.library, "CXX_FLAGS", flags)
     path = tmp_path / "kernels-avx2.so"
     native.build(native.find_compiler(), path)
     library = ctypes.cdll.LoadLibrary(str(path))

@@ -6,33 +6,18 @@ CPUs with AMX-BF16 bfloat16 (``matmul.cc``).
 
 Written with XLA ops, the depthwise kernel gradient was a third of a ConvNeXt training step on XLA:CPU
 (docs/benchmarks.md); the C++ kernels compute it 14× and the convolution 1.4× faster (a 2-core AVX2 CPU;
-ConvNeXt-Tiny training 1.2× faster overall). XLA:CPU's bfloat16 dot runs at a fifth of the AMX tile unit's speed; the tile kernel
-makes the bfloat16 ConvNeXt-Tiny forward 2.6× faster on a 2-core AMX Xeon (GELU in its epilogue). XLA:CPU's dense
-convolution kernel gradient ran at 15-50 GFLOP/s on CNN14's large layers, the compiled one at 160-260; its bfloat16
-convolutions took 1.9 s per CNN14 forward of 8 clips, the tile kernel 0.6 s. They are compiled on first use
-with the machine's C++ compiler (``$CXX``, else ``c++``, ``g++`` or ``clang++``) for this CPU
-(``-march=native``) against the FFI headers jaxlib ships, into one library kept in a cache folder
-(``$CONVNEXT_AUDIO_JAX_CACHE``, else ``$XDG_CACHE_HOME/convnext_audio_jax``, else
-``~/.cache/convnext_audio_jax``) under a name that hashes the sources, jaxlib's version, the compiler and the CPU's
-flags, so a later process, or another CPU kind sharing the folder, loads or builds its own. Where no compiler
-is found, or ``CONVNEXT_AUDIO_JAX_NATIVE=0`` is set, :func:`available` is False and the models use the XLA forms.
+ConvNeXt-Tiny training 1.2× faster overall). XLA:CPU's bfloat16 dot runs at a fifth of the AMX tile unit's speed;
+the tile kernel makes the bfloat16 ConvNeXt-Tiny forward 2.6× faster on a 2-core AMX Xeon (GELU in its epilogue).
+XLA:CPU's dense convolution kernel gradient ran at 15-50 GFLOP/s on CNN14's large layers, the compiled one at
+160-260; its bfloat16 convolutions took 1.9 s per CNN14 forward of 8 clips, the tile kernel 0.6 s.
+
+The library is compiled on first use (:mod:`.library` says where and how); where no compiler is found, or
+``CONVNEXT_AUDIO_JAX_NATIVE=0`` is set, :func:`available` is False and the models use the XLA forms.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
-import hashlib
-import importlib.metadata
-import importlib.resources
-import logging
-import os
-import pathlib
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -42,157 +27,24 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from convnext_audio_jax import xla
+from convnext_audio_jax.native import library
+# Re-exported: the targets, the build and load API of the package.
+from convnext_audio_jax.native.library import (BF16_CONV_FORWARD_TARGET, BF16_DOT_CONV_FORWARD_TARGET,  # noqa: F401
+                                               CONV_FORWARD_TARGET, CONV_KERNEL_FLIP_TARGET, CONV_KERNEL_GRAD_TARGET,
+                                               CONV_TARGET, CXX_FLAGS, F32_MATMUL_TARGET, HANDLERS, HEADERS,
+                                               KERNEL_GRAD_TARGET, MATMUL_TARGET, SOURCES, NativeUnavailable,
+                                               available, build, cache_dir, find_compiler, library_path, load)
 
-logger = logging.getLogger(__name__)
-
-SOURCES = ("depthwise.cc", "conv.cc", "matmul.cc", "conv_bf16.cc")
-HEADERS = ("parallel.h", "bf16.h", "vec.h")
-CONV_TARGET = "convnext_audio_jax_depthwise_conv"
-KERNEL_GRAD_TARGET = "convnext_audio_jax_depthwise_kernel_grad"
-MATMUL_TARGET = "convnext_audio_jax_bf16_matmul"
-F32_MATMUL_TARGET = "convnext_audio_jax_f32_matmul"
-CONV_KERNEL_GRAD_TARGET = "convnext_audio_jax_conv_kernel_grad"
-CONV_KERNEL_FLIP_TARGET = "convnext_audio_jax_conv_kernel_flip"
-CONV_FORWARD_TARGET = "convnext_audio_jax_conv_forward"
-BF16_CONV_FORWARD_TARGET = "convnext_audio_jax_bf16_conv_forward"
-BF16_DOT_CONV_FORWARD_TARGET = "convnext_audio_jax_bf16_dot_conv_forward"
-# FFI target name -> the handler's symbol in the library.
-HANDLERS = {CONV_TARGET: "DepthwiseConv", KERNEL_GRAD_TARGET: "DepthwiseKernelGrad", MATMUL_TARGET: "Bf16Matmul",
-            F32_MATMUL_TARGET: "F32Matmul",
-            CONV_KERNEL_GRAD_TARGET: "ConvKernelGrad", CONV_KERNEL_FLIP_TARGET: "ConvKernelFlip",
-            CONV_FORWARD_TARGET: "ConvForward", BF16_CONV_FORWARD_TARGET: "Bf16ConvForward",
-            BF16_DOT_CONV_FORWARD_TARGET: "Bf16DotConvForward"}
 # The CPU flags the bfloat16 tile product needs (and the library must have been built with).
 AMX_CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16")
 # The CPU flag of the bfloat16 dot-product convolution (vdpbf16ps), for CPUs without the tile unit.
 BF16_DOT_CPU_FLAG = "avx512_bf16"
-CXX_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-Wno-psabi")
-BUILD_TIMEOUT_S = 600
-
-
-class NativeUnavailable(RuntimeError):
-    """The compiled kernel cannot be used here (no compiler, a failed build, disabled, not a CPU)."""
-
-
-def cache_dir() -> pathlib.Path:
-    """Where built libraries are kept (see the module docstring)."""
-    if os.environ.get("CONVNEXT_AUDIO_JAX_CACHE"):
-        return pathlib.Path(os.environ["CONVNEXT_AUDIO_JAX_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
-    return pathlib.Path(base) / "convnext_audio_jax"
-
-
-def find_compiler() -> str | None:
-    """``$CXX`` (as given), else the first of c++, g++, clang++ on the PATH."""
-    if os.environ.get("CXX"):
-        return os.environ["CXX"]
-    return next((path for name in ("c++", "g++", "clang++") if (path := shutil.which(name))), None)
-
-
-def _sources() -> dict[str, bytes]:
-    files = importlib.resources.files(__package__)
-    return {name: files.joinpath(name).read_bytes() for name in (*SOURCES, *HEADERS)}
-
-
-def library_path(compiler: str) -> pathlib.Path:
-    """The cached library for this source, jaxlib, compiler and CPU."""
-    try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.SubprocessError) as error:
-        raise NativeUnavailable(f"the C++ compiler {compiler!r} does not run: {error}") from None
-    key = hashlib.sha256()
-    for part in (*_sources().values(), importlib.metadata.version("jaxlib").encode(), version.encode(), " ".join(CXX_FLAGS).encode(),
-                 platform.machine().encode(), " ".join(sorted(xla.cpu_flags())).encode()):
-        key.update(part + b"\0")
-    return cache_dir() / "native" / f"kernels-{key.hexdigest()[:16]}.so"
-
-
-def build(compiler: str, destination: pathlib.Path) -> None:
-    """Compiles the kernels into ``destination`` (written under a temporary name, then renamed: a concurrent build
-    or a reader never sees a partial file)."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=destination.parent, prefix=".build-") as scratch:
-        for name, text in _sources().items():
-            (pathlib.Path(scratch) / name).write_bytes(text)
-        output = pathlib.Path(scratch) / destination.name
-        command = [compiler, *CXX_FLAGS, "-I", jax.ffi.include_dir(), *(str(pathlib.Path(scratch) / name) for name in SOURCES),
-                   "-o", str(output)]
-        try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
-        except (OSError, subprocess.SubprocessError) as error:
-            raise NativeUnavailable(f"building {', '.join(SOURCES)} with {compiler!r} failed: {error}") from None
-        if result.returncode != 0:
-            errors = [line for line in result.stderr.splitlines() if "error" in line] or result.stderr.splitlines()
-            raise NativeUnavailable(f"building {', '.join(SOURCES)} with {compiler!r} failed (exit {result.returncode}): "
-                                    f"{errors[0].strip() if errors else 'no message'}")
-        os.replace(output, destination)
-
-
-_lock = threading.Lock()
-_state: dict = {}
-_registered: list = []  # the library whose handler XLA holds, kept loaded
-
-
-def load() -> None:
-    """Builds (if needed), loads and registers the kernel once per process; raises :class:`NativeUnavailable`
-    with the reason when it cannot (the reason is remembered: a process tries once)."""
-    with _lock:
-        if "error" in _state:
-            raise NativeUnavailable(_state["error"])
-        if "library" in _state:
-            return
-        try:
-            if os.environ.get("CONVNEXT_AUDIO_JAX_NATIVE", "1") == "0":
-                raise NativeUnavailable("disabled by CONVNEXT_AUDIO_JAX_NATIVE=0")
-            compiler = find_compiler()
-            if compiler is None:
-                raise NativeUnavailable("no C++ compiler found ($CXX, c++, g++, clang++)")
-            path = library_path(compiler)
-            if not path.exists():
-                logger.info("building the native CPU kernels into %s", path)
-                try:
-                    build(compiler, path)
-                except OSError as error:  # the cache folder cannot be created or written
-                    raise NativeUnavailable(f"cannot build into {path.parent} ({error}); set "
-                                            "CONVNEXT_AUDIO_JAX_CACHE to a writable folder") from None
-            try:
-                library = ctypes.cdll.LoadLibrary(str(path))
-                handlers = {target: getattr(library, symbol) for target, symbol in HANDLERS.items()}
-                library.ConvnextAudioJaxBf16ConvRows.restype = ctypes.c_int64
-            except (OSError, AttributeError) as error:
-                raise NativeUnavailable(f"cannot load {path}: {error}") from None
-            if not _registered:  # XLA keeps one handler per name for the life of the process
-                for target, handler in handlers.items():
-                    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
-                _registered.append(library)
-            _state["library"] = library
-        except NativeUnavailable as error:
-            _state["error"] = str(error)
-            raise
-
-
-def available() -> bool:
-    """Whether the kernel is loaded or can be (building it on the first call); logs why not, once."""
-    try:
-        load()
-        return True
-    except NativeUnavailable as error:
-        _log_unavailable(str(error))
-        return False
-
-
-@functools.cache
-def _log_unavailable(reason: str) -> None:
-    logger.warning("native CPU kernels unavailable (%s): the models use the XLA forms, slower on the CPU "
-                   "(ConvNeXt-Tiny training ~1.2x)", reason)
-
-
 def amx_available() -> bool:
     """Whether :func:`bf16_matmul` runs here: the library loads, this CPU has ``AMX_CPU_FLAGS`` and the build has
     the tile kernel (and the operating system granted the tile state)."""
     if not all(flag in xla.cpu_flags() for flag in AMX_CPU_FLAGS) or not available():
         return False
-    return bool(_state["library"].ConvnextAudioJaxAmxReady())
+    return bool(library.loaded().ConvnextAudioJaxAmxReady())
 
 
 def bf16_dot_available() -> bool:
@@ -200,7 +52,7 @@ def bf16_dot_available() -> bool:
     build has the kernel."""
     if BF16_DOT_CPU_FLAG not in xla.cpu_flags() or not available():
         return False
-    return bool(_state["library"].ConvnextAudioJaxBf16DotReady())
+    return bool(library.loaded().ConvnextAudioJaxBf16DotReady())
 
 
 class _Bf16Unit(NamedTuple):
@@ -406,7 +258,7 @@ def conv_forward(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int]
         out = jax.ShapeDtypeStruct((x.shape[0], height, width, kernel.shape[3]), dtype)
         (top, bottom), (left, right) = padding
         if half:  # the kernels read whole padded lines past the image's last output line
-            lines = _state["library"].ConvnextAudioJaxBf16ConvRows(*map(ctypes.c_int64, (
+            lines = library.loaded().ConvnextAudioJaxBf16ConvRows(*map(ctypes.c_int64, (
                 height, kh, kw, x.shape[2] + left + right)))
             bottom = lines - x.shape[1] - top
         target = _BF16_UNITS[unit].target if half else CONV_FORWARD_TARGET
