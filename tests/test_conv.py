@@ -121,6 +121,28 @@ def test_native_kernel_gradient_equals_float64(shape, kernel, out_channels):
 
 
 @NEEDS_COMPILER
+@pytest.mark.parametrize(("shape", "kernel", "padding"), [
+    ((2, 5, 100, 16), (3, 3), ((1, 1), (1, 1))),   # lines longer than a slice of positions
+    ((2, 7, 6, 8), (5, 3), ((4, 0), (0, 2))),      # all the padding on one side of each axis
+    ((1, 4, 5, 20), (3, 3), ((0, 0), (0, 0))),     # none: a 'valid' convolution's gradient
+    ((3, 3, 2, 16), (5, 5), ((2, 2), (2, 2))),     # lines shorter than the kernel: most columns padding
+])
+def test_native_kernel_gradient_reads_x_unpadded(shape, kernel, padding):
+    """The kernel gradient reads x as it is and supplies the padding's zeros itself, on either side and for lines
+    that span slices of positions; against numpy in float64 on the padded input."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(shape).astype(np.float32)
+    (top, bottom), (left, right) = padding
+    out_h, out_w = shape[1] + top + bottom - kernel[0] + 1, shape[2] + left + right - kernel[1] + 1
+    dy = rng.standard_normal((shape[0], out_h, out_w, 32)).astype(np.float32)
+    xpad = np.pad(x.astype(np.float64), ((0, 0), (top, bottom), (left, right), (0, 0)))
+    expected = np.stack([np.stack([np.einsum("bhwc,bhwo->co", xpad[:, i:i + out_h, j:j + out_w], dy)
+                                   for j in range(kernel[1])]) for i in range(kernel[0])])
+    got = jax.jit(lambda x, dy: native.conv_kernel_grad(x, dy, kernel, padding))(x, dy)
+    np.testing.assert_allclose(got, expected, atol=2e-6 * np.abs(expected).max())
+
+
+@NEEDS_COMPILER
 @pytest.mark.parametrize(("shape", "kernel", "out_channels"), [
     ((2, 11, 7, 16), (3, 3), 16),     # positions in a tail group; one vector
     ((3, 9, 5, 70), (5, 5), 48),      # CI panels with a tail; CO three vectors
@@ -252,6 +274,29 @@ def test_native_kernel_gradient_sums_each_devices_rows_under_a_mesh():
         sharded = jax.jit(grad, in_shardings=(rows, rows)).lower(x, dy).compile()
     assert "all-gather" not in sharded.as_text()
     np.testing.assert_allclose(sharded(jax.device_put(x, rows), jax.device_put(dy, rows)), single, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize(("in_channels", "kernel"), [(1, (5, 5)), (1, (3, 3)), (3, (3, 5))])
+def test_input_gradient_of_few_channels_by_taps_equals_float64(in_channels, kernel):
+    """A first layer's input gradient (fewer than 16 input channels: one product and the taps' shifted sums)
+    against numpy in float64, through ``conv_same``'s VJP under 'auto'; 'xla' keeps XLA's convolution."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 9, 7, in_channels)).astype(np.float32)
+    w = rng.standard_normal((*kernel, in_channels, 32)).astype(np.float32)
+    dy = rng.standard_normal((2, 9, 7, 32)).astype(np.float64)
+    ph, pw = kernel[0] // 2, kernel[1] // 2
+    # y[h, w] = Σ xpad[h + i, w + j] k[i, j], so dxpad[h + i, w + j] += dy[h, w] k[i, j]; then drop the padding.
+    dxpad = np.zeros((2, 9 + 2 * ph, 7 + 2 * pw, in_channels))
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            dxpad[:, i:i + 9, j:j + 7] += np.einsum("bhwo,co->bhwc", dy, w[i, j].astype(np.float64))
+    expected = dxpad[:, ph:ph + 9, pw:pw + 7]
+    for impl in ("auto", "xla"):
+        _, pullback = jax.vjp(lambda x: conv_same(x, jnp.asarray(w), impl), jnp.asarray(x))
+        (dx,) = pullback(jnp.asarray(dy, jnp.float32))
+        np.testing.assert_allclose(dx, expected, atol=2e-6 * np.abs(expected).max())
+    text = jax.jit(jax.grad(lambda x: conv_same(x, jnp.asarray(w), "auto").sum())).lower(x).as_text()
+    assert "convolution" not in text  # the product and slices, not XLA's one-channel convolution
 
 
 @NEEDS_COMPILER

@@ -79,6 +79,23 @@ def _forward(x: jax.Array, kernel: jax.Array, impl: ConvImpl) -> jax.Array:
     return native.conv_forward(x, kernel, padding, bf16_unit=unit)  # rounds a float32 kernel itself
 
 
+def _input_grad_by_taps(dy: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The input gradient of a 'same' convolution with few input channels (a model's first layer, 1 → 64): one
+    product z = dy · kernelᵀ per position for all taps at once, then the sum of the taps' shifted slices of z.
+    XLA:CPU ran it as a convolution with one output channel at ~15 GFLOP/s: 132 → 46 ms for CNN6's first layer,
+    batch 8 (docs/benchmarks.md)."""
+    kh, kw, cin, cout = kernel.shape
+    (top, bottom), (left, right) = _same_padding(kernel)
+    batch, height, width = dy.shape[:3]
+    z = jnp.dot(dy.reshape(-1, cout), kernel.reshape(kh * kw * cin, cout).astype(dy.dtype).T,
+                preferred_element_type=jnp.float32).reshape(batch, height, width, kh, kw, cin)
+    z = jnp.pad(z, ((0, 0), (top, bottom), (left, right), (0, 0), (0, 0), (0, 0)))
+    # dx[h, w] = Σ_{i,j} z[h - i + top, w - j + left, i, j]: tap (i, j)'s slice starts at line kh - 1 - i.
+    dx = sum(z[:, kh - 1 - i:kh - 1 - i + height, kw - 1 - j:kw - 1 - j + width, i, j]
+             for i in range(kh) for j in range(kw))
+    return dx.astype(dy.dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def conv_same(x: jax.Array, kernel: jax.Array, impl: ConvImpl = "auto") -> jax.Array:
     """The stride-1 convolution of ``x`` (B, H, W, C_in) with ``kernel`` (kh, kw, C_in, C_out), odd sizes,
@@ -88,7 +105,8 @@ def conv_same(x: jax.Array, kernel: jax.Array, impl: ConvImpl = "auto") -> jax.A
     resolves to 'native' (:func:`resolve_conv_impl`) the compiled kernels compute the float32 convolutions (forward
     and input gradient), the bfloat16 ones (on the AMX tile unit or with AVX512-BF16 dot products where the CPU has
     them; products summed in float32, one rounding), and the kernel gradient (summed in float32, also for
-    bfloat16)."""
+    bfloat16). On the CPU, unless ``impl`` is 'xla', a layer with fewer than 16 input channels gets its input
+    gradient as one product and shifted sums (:func:`_input_grad_by_taps`, summed in float32)."""
     return _forward(x, kernel, impl)
 
 
@@ -102,11 +120,12 @@ def _conv_same_bwd(impl, residuals, dy):
     native_layer = resolve_conv_impl(impl, *kernel.shape[2:]) == "native"
     # Input gradient: dy convolved with the kernel turned by 180° and its in/out swapped; with odd kernels
     # the 'same' padding is its own mirror.
-    if native_layer and kernel.dtype == jnp.float32:
-        flipped = native.conv_kernel_flip(kernel)  # XLA's transpose was 0.3 s for a 3×3×2048×2048 kernel
+    if impl != "xla" and jax.default_backend() == "cpu" and kernel.shape[2] < NATIVE_MIN_IN_CHANNELS:
+        dx = _input_grad_by_taps(dy, kernel)
+    elif native_layer and kernel.dtype == jnp.float32:
+        dx = _forward(dy, native.conv_kernel_flip(kernel), impl)  # XLA's transpose: 0.3 s for 3×3×2048×2048
     else:
-        flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
-    dx = _forward(dy, flipped, impl)
+        dx = _forward(dy, jnp.flip(kernel, (0, 1)).swapaxes(2, 3), impl)
     if native_layer:
         return dx, native.conv_kernel_grad(x, dy, kernel.shape[:2], padding).astype(kernel.dtype)
     # Kernel gradient: a convolution in which C_in is the batch, the batch is the channel being summed and

@@ -218,9 +218,9 @@ def conv_kernel_grad(x: jax.Array, dy: jax.Array, kernel_size: tuple[int, int],
                          "and no negative padding")
     out = jax.ShapeDtypeStruct((kh, kw, x.shape[-1], dy.shape[-1]), jnp.float32)
 
-    def call(x, dy):
-        x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-        return jax.ffi.ffi_call(CONV_KERNEL_GRAD_TARGET, out, vmap_method="sequential")(x, dy)
+    def call(x, dy):  # the kernel reads x unpadded (a pad here was a copy of x per call)
+        return jax.ffi.ffi_call(CONV_KERNEL_GRAD_TARGET, out, vmap_method="sequential")(
+            x, dy, pad_top=np.int64(padding[0][0]), pad_left=np.int64(padding[1][0]))
 
     return _per_device_sum(call, x.astype(jnp.float32), dy.astype(jnp.float32))
 

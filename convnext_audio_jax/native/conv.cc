@@ -1,6 +1,7 @@
 // Gradients of a stride-1 dense convolution on XLA:CPU, called through XLA's FFI; float32, NHWC:
 //   ConvKernelGrad: dk[i, j, ci, co] = sum over (b, h, w) of xp[b, h + i, w + j, ci] * dy[b, h, w, co]
-// for xp (B, H + KH - 1, W + KW - 1, CI), the input already zero-padded, and dy (B, H, W, CO);
+// for xp the input x (B, HX, WX, CI) zero-padded by pad_top / pad_left lines / columns before and as many after as
+// dy (B, H, W, CO) and the kernel need; the padding is never written out (XLA's pad was a copy of x per call);
 //   ConvKernelFlip: t[i, j, co, ci] = k[KH - 1 - i, KW - 1 - j, ci, co], the kernel of the input gradient's
 // convolution. XLA wrote this transpose element by element: 0.3 s for CNN14's 3x3x2048x2048 kernel, 9 % of its
 // training step; here in 32 x 32 tiles.
@@ -37,23 +38,36 @@ constexpr int64_t kCiBlock = 64;                // a task's CI block
 constexpr int64_t kSlicePositions = 64;        // positions per pass: the packed x and dy slices (32 KiB) stay in L1
 constexpr int64_t kPartialBytes = 64 << 20;     // bound on the partial sums of the position shares
 
+// x (batch, hx, wx, ci): padded for the forward (top = left = 0), unpadded for the kernel gradient; y or dy
+// (batch, h, w, co); the kernel kh × kw.
 struct Geometry {
-  int64_t batch, hp, wp, ci, h, w, co, kh, kw;
+  int64_t batch, hx, wx, ci, h, w, co, kh, kw, top = 0, left = 0;
 };
 
-// out[r][v] (row r at out + r * out_stride, vector v) += sum over n positions of xs[n][r] * ds[n][v]: xs and ds
-// are a slice's packed x (kCiBlock floats per position) and dy (kCoBlock floats per position).
+// A slice's positions as runs along image lines: run r is positions [start, start + length) of the slice, one
+// line of one image, whose packed x begins at x offset `packed` (kCiBlock floats per column, the line's padding
+// columns included, so that tap column j of position k is column k + j).
+struct Run {
+  int64_t start, length, packed;
+};
+
+// out[r][v] (row r at out + r * out_stride, vector v) += sum over the runs' positions of x[k][r] * ds[k][v]: xs is
+// the slice's packed x for one tap (runs at their `packed` offsets), ds its packed dy (kCoBlock floats per position).
 template <int R, int NV>
-void Micro(const float* xs, const float* ds, int64_t n, float* out, int64_t out_stride) {
+void Micro(const float* xs, const Run* runs, int run_count, const float* ds, float* out, int64_t out_stride) {
   Vec acc[R][NV];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = Load(out + r * out_stride + v * kVec);
-  for (int64_t k = 0; k < n; ++k, xs += kCiBlock, ds += kCoBlock) {
-    Vec dv[NV];
-    for (int v = 0; v < NV; ++v) dv[v] = Load(ds + v * kVec);
-    for (int r = 0; r < R; ++r) {
-      const Vec xv = xs[r] - Vec{};  // a broadcast: s - 0 folds to s, s + 0 would not (-0)
-      for (int v = 0; v < NV; ++v) acc[r][v] += xv * dv[v];
+  for (int run = 0; run < run_count; ++run) {
+    const float* x = xs + runs[run].packed;
+    const float* d = ds + runs[run].start * kCoBlock;
+    for (int64_t k = 0; k < runs[run].length; ++k, x += kCiBlock, d += kCoBlock) {
+      Vec dv[NV];
+      for (int v = 0; v < NV; ++v) dv[v] = Load(d + v * kVec);
+      for (int r = 0; r < R; ++r) {
+        const Vec xv = x[r] - Vec{};  // a broadcast: s - 0 folds to s, s + 0 would not (-0)
+        for (int v = 0; v < NV; ++v) acc[r][v] += xv * dv[v];
+      }
     }
   }
   for (int r = 0; r < R; ++r)
@@ -61,50 +75,76 @@ void Micro(const float* xs, const float* ds, int64_t n, float* out, int64_t out_
 }
 
 template <int R>
-void MicroRows(int vectors, const float* xs, const float* ds, int64_t n, float* out, int64_t out_stride) {
+void MicroRows(int vectors, const float* xs, const Run* runs, int run_count, const float* ds, float* out,
+               int64_t out_stride) {
   switch (vectors) {
-    case 1: return Micro<R, 1>(xs, ds, n, out, out_stride);
-    case 2: return Micro<R, 2>(xs, ds, n, out, out_stride);
-    case 3: return Micro<R, 3>(xs, ds, n, out, out_stride);
-    default: return Micro<R, 4>(xs, ds, n, out, out_stride);
+    case 1: return Micro<R, 1>(xs, runs, run_count, ds, out, out_stride);
+    case 2: return Micro<R, 2>(xs, runs, run_count, ds, out, out_stride);
+    case 3: return Micro<R, 3>(xs, runs, run_count, ds, out, out_stride);
+    default: return Micro<R, 4>(xs, runs, run_count, ds, out, out_stride);
   }
 }
 
 template <int R>
-void MicroDispatch(int rows, int vectors, const float* xs, const float* ds, int64_t n, float* out, int64_t out_stride) {
+void MicroDispatch(int rows, int vectors, const float* xs, const Run* runs, int run_count, const float* ds,
+                   float* out, int64_t out_stride) {
   if constexpr (R > 1) {
-    if (rows < R) return MicroDispatch<R - 1>(rows, vectors, xs, ds, n, out, out_stride);
+    if (rows < R) return MicroDispatch<R - 1>(rows, vectors, xs, runs, run_count, ds, out, out_stride);
   }
-  MicroRows<R>(vectors, xs, ds, n, out, out_stride);
+  MicroRows<R>(vectors, xs, runs, run_count, ds, out, out_stride);
 }
 
-// Copies positions [p0, p1) (row-major (b, h, w)) of dy, channels [co0, co1), or (dy == nullptr) of x shifted by
-// tap (i, j), channels [ci0, ci1), into a packed slice (`stride` floats per position): contiguous, so that wide
-// layers, whose rows are a power-of-two number of bytes apart, do not all fall into the same cache sets.
-void Pack(const float* xp, const float* dy, const Geometry& g, int64_t i, int64_t j, int64_t c0, int64_t c1,
-          int64_t p0, int64_t p1, int64_t stride, float* out) {
-  for (int64_t p = p0; p < p1;) {
-    const int64_t row = p / g.w, col = p % g.w;
-    const int64_t end = std::min<int64_t>(p1 - p, g.w - col);
-    const int64_t b = row / g.h, h = row % g.h;
-    const float* src = dy ? dy + p * g.co + c0 : xp + ((b * g.hp + h + i) * g.wp + col + j) * g.ci + c0;
-    const int64_t step = dy ? g.co : g.ci;
-    for (int64_t k = 0; k < end; ++k, src += step, out += stride) std::memcpy(out, src, (c1 - c0) * sizeof(float));
-    p += end;
+// Packs positions [p0, p1) (row-major (b, h, w)) of dy, channels [c0, c1), contiguously (kCoBlock floats per
+// position), and splits them into runs along image lines.
+int PackDy(const float* dy, const Geometry& g, int64_t c0, int64_t c1, int64_t p0, int64_t p1, float* out,
+           Run* runs) {
+  int count = 0;
+  int64_t packed = 0;
+  for (int64_t p = p0; p < p1; ++count) {
+    const int64_t length = std::min<int64_t>(p1 - p, g.w - p % g.w);
+    runs[count] = {p - p0, length, packed};
+    packed += (length + g.kw - 1) * kCiBlock;
+    for (int64_t k = 0; k < length; ++k) std::memcpy(out + (p - p0 + k) * kCoBlock, dy + (p + k) * g.co + c0,
+                                                     (c1 - c0) * sizeof(float));
+    p += length;
+  }
+  return count;
+}
+
+// Packs, for tap row i, each run's padded input line (its length + KW - 1 columns, channels [c0, c1), zeros where
+// the line or column lies in the padding) at the run's `packed` offset: the KW taps of the row read it at column
+// offsets 0 .. KW - 1. Contiguous, so that wide layers, whose columns are a power-of-two number of bytes apart, do
+// not all fall into the same cache sets; once per tap row instead of once per tap.
+void PackX(const float* x, const Geometry& g, int64_t i, int64_t c0, int64_t c1, int64_t p0, const Run* runs,
+           int run_count, float* out) {
+  const int64_t bytes = (c1 - c0) * sizeof(float);
+  for (int run = 0; run < run_count; ++run) {
+    const int64_t p = p0 + runs[run].start, row = p / g.w;
+    const int64_t b = row / g.h, line = row % g.h + i - g.top, first = p % g.w - g.left;
+    const bool inside = line >= 0 && line < g.hx;
+    const float* src = x + ((b * g.hx + line) * g.wx) * g.ci + c0;
+    float* dst = out + runs[run].packed;
+    for (int64_t col = first; col < first + runs[run].length + g.kw - 1; ++col, dst += kCiBlock) {
+      if (inside && col >= 0 && col < g.wx) {
+        std::memcpy(dst, src + col * g.ci, bytes);
+      } else {
+        std::memset(dst, 0, bytes);
+      }
+    }
   }
 }
 
 ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                      ffi::ResultBuffer<ffi::F32> dk) {
+                      ffi::ResultBuffer<ffi::F32> dk, int64_t top, int64_t left) {
   const auto xd = x.dimensions(), dyd = dy.dimensions(), dkd = dk->dimensions();
-  if (xd.size() != 4 || dyd.size() != 4 || dkd.size() != 4 || xd[0] != dyd[0] || xd[1] < dyd[1] || xd[2] < dyd[2] ||
-      dkd[0] != xd[1] - dyd[1] + 1 || dkd[1] != xd[2] - dyd[2] + 1 || dkd[2] != xd[3] || dkd[3] != dyd[3] ||
-      dyd[3] % kVec != 0) {
-    return ffi::Error::InvalidArgument("conv_kernel_grad expects a padded x (B, H + KH - 1, W + KW - 1, CI), dy "
-                                       "(B, H, W, CO) with CO a multiple of the vector width and a (KH, KW, CI, CO) "
-                                       "result");
+  if (xd.size() != 4 || dyd.size() != 4 || dkd.size() != 4 || xd[0] != dyd[0] || dkd[2] != xd[3] ||
+      dkd[3] != dyd[3] || dyd[3] % kVec != 0 || top < 0 || left < 0 || top > dkd[0] - 1 || left > dkd[1] - 1 ||
+      dyd[1] + dkd[0] - 1 - top < xd[1] || dyd[2] + dkd[1] - 1 - left < xd[2]) {
+    return ffi::Error::InvalidArgument("conv_kernel_grad expects x (B, HX, WX, CI), dy (B, H, W, CO) with CO a "
+                                       "multiple of the vector width, a (KH, KW, CI, CO) result and padding within "
+                                       "the kernel that covers x");
   }
-  const Geometry g{xd[0], xd[1], xd[2], xd[3], dyd[1], dyd[2], dyd[3], dkd[0], dkd[1]};
+  const Geometry g{xd[0], xd[1], xd[2], xd[3], dyd[1], dyd[2], dyd[3], dkd[0], dkd[1], top, left};
   const int64_t taps = g.kh * g.kw, out_size = taps * g.ci * g.co;
   const int64_t positions = g.batch * g.h * g.w;
   const int64_t ci_blocks = (g.ci + kCiBlock - 1) / kCiBlock, co_blocks = (g.co + kCoBlock - 1) / kCoBlock;
@@ -119,7 +159,7 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   std::vector<float> partial(shares > 1 ? shares * out_size : 0);
   float* sums = shares > 1 ? partial.data() : result;
   std::fill(sums, sums + shares * out_size, 0.0f);
-  const float* xp = x.typed_data();
+  const float* xp = x.typed_data();  // unpadded: PackX writes the padding's zeros
   const float* dyp = dy.typed_data();
   // A task: one share of the positions, one CI block and one CO block, all taps: each slice of dy is packed once
   // and x is read from memory once for the taps (their rows overlap), not once per tap.
@@ -130,17 +170,22 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     const int64_t co0 = co_block * kCoBlock;
     const int vectors = static_cast<int>(std::min<int64_t>(kCoBlock, g.co - co0) / kVec);
     const int64_t p_begin = share * per_share, p_end = std::min<int64_t>(positions, p_begin + per_share);
-    alignas(64) float xs[kSlicePositions * kCiBlock];
+    // A slice has at most kSlicePositions runs (lines of one position), each packed with KW - 1 extra columns.
+    std::vector<float> xs((kSlicePositions * g.kw) * kCiBlock);
     alignas(64) float ds[kSlicePositions * kCoBlock];
+    Run runs[kSlicePositions];
     for (int64_t p0 = p_begin; p0 < p_end; p0 += kSlicePositions) {
       const int64_t p1 = std::min<int64_t>(p_end, p0 + kSlicePositions);
-      Pack(xp, dyp, g, 0, 0, co0, co0 + vectors * kVec, p0, p1, kCoBlock, ds);
-      for (int64_t tap = 0; tap < taps; ++tap) {
-        Pack(xp, nullptr, g, tap / g.kw, tap % g.kw, ci0, ci1, p0, p1, kCiBlock, xs);
-        float* out = sums + share * out_size + (tap * g.ci) * g.co;
-        for (int64_t c = ci0; c < ci1; c += kRows) {
-          const int rows = static_cast<int>(std::min<int64_t>(kRows, ci1 - c));
-          MicroDispatch<kRows>(rows, vectors, xs + (c - ci0), ds, p1 - p0, out + c * g.co + co0, g.co);
+      const int run_count = PackDy(dyp, g, co0, co0 + vectors * kVec, p0, p1, ds, runs);
+      for (int64_t i = 0; i < g.kh; ++i) {
+        PackX(xp, g, i, ci0, ci1, p0, runs, run_count, xs.data());
+        for (int64_t j = 0; j < g.kw; ++j) {
+          float* out = sums + share * out_size + ((i * g.kw + j) * g.ci) * g.co;
+          for (int64_t c = ci0; c < ci1; c += kRows) {
+            const int rows = static_cast<int>(std::min<int64_t>(kRows, ci1 - c));
+            MicroDispatch<kRows>(rows, vectors, xs.data() + j * kCiBlock + (c - ci0), runs, run_count, ds,
+                                 out + c * g.co + co0, g.co);
+          }
         }
       }
     }
@@ -231,7 +276,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   const int64_t chunk_size = std::clamp<int64_t>(even, kConvChunk, kMaxConvChunk);
   const int64_t chunks = (positions + chunk_size - 1) / chunk_size;
   std::vector<int64_t> offsets(taps);
-  for (int64_t t = 0; t < taps; ++t) offsets[t] = ((t / g.kw) * g.wp + t % g.kw) * g.ci;
+  for (int64_t t = 0; t < taps; ++t) offsets[t] = ((t / g.kw) * g.wx + t % g.kw) * g.ci;
   const float* xp = x.typed_data();
   const float* kp = k.typed_data();
   float* yp = y->typed_data();
@@ -252,7 +297,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
         const int count = static_cast<int>(std::min<int64_t>(kRows, p_end - p));
         for (int r = 0; r < count; ++r) {
           const int64_t q = p + r, row = q / g.w, col = q % g.w, b = row / g.h, h = row % g.h;
-          rows[r] = xp + ((b * g.hp + h) * g.wp + col) * g.ci + c0;
+          rows[r] = xp + ((b * g.hx + h) * g.wx + col) * g.ci + c0;
         }
         ConvMicroDispatch<kRows>(count, vectors, rows, off, taps, cb, panel, c0 > 0, yp + p * g.co + co0, g.co);
       }
@@ -306,4 +351,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvKernelGrad, KernelGrad,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_left"));
