@@ -201,7 +201,7 @@ def test_the_cache_name_changes_with_the_source_and_the_cpu(fresh_native, monkey
 
 @pytest.mark.parametrize(("env", "reason"), [
     ({"CONVNEXT_AUDIO_JAX_NATIVE": "0"}, "disabled by CONVNEXT_AUDIO_JAX_NATIVE=0"),
-    ({"CXX": "/bin/false"}, "building depthwise.cc, conv.cc, matmul.cc, conv_bf16.cc with '/bin/false' failed (exit 1)"),
+    ({"CXX": "/bin/false"}, "building depthwise.cc, conv.cc, matmul.cc, conv_bf16.cc, reduce.cc with '/bin/false' failed (exit 1)"),
     ({"CXX": "/nonexistent/c++"}, "the C++ compiler '/nonexistent/c++' does not run"),
     ({"CONVNEXT_AUDIO_JAX_CACHE": "/proc/convnext-audio-jax-cache"}, "cannot build into /proc/convnext-audio-jax-cache/native"),
 ])

@@ -9,8 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from convnext_audio_jax.models.norm import BatchNorm, LayerNorm, broadcast_channels, channel_mean, channel_sum
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from convnext_audio_jax import native
+from convnext_audio_jax.models.norm import (BatchNorm, LayerNorm, broadcast_channels, channel_mean, channel_sum,
+                                            resolve_sums_impl)
 from flax_parity import outputs_and_gradients_against
+from native_marks import NEEDS_COMPILER
+
+SUMS_IMPLS = ["xla", pytest.param("native", marks=NEEDS_COMPILER)]
 
 
 @pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
@@ -25,13 +32,14 @@ def test_layer_norm_equals_flax_values_and_gradients(dtype):
     np.testing.assert_allclose(got, expected, rtol=1e-5 if dtype is None else 1e-2, atol=1e-5 if dtype is None else 1e-2)
 
 
+@pytest.mark.parametrize("sums_impl", SUMS_IMPLS)
 @pytest.mark.parametrize("shape", [(4, 9, 7, 16), (3, 20, 64)])  # a conv activation; bn0's (B, T, mels)
 @pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
-def test_batch_norm_in_training_equals_flax(dtype, shape):
+def test_batch_norm_in_training_equals_flax(dtype, shape, sums_impl):
     """Outputs, the updated running statistics and the gradients of parameters and input against
-    ``nn.BatchNorm(use_fast_variance=False)`` with the models' momentum and epsilon; then evaluation with the
-    running statistics."""
-    ours = BatchNorm(use_running_average=False, dtype=dtype)
+    ``nn.BatchNorm(use_fast_variance=False)`` with the models' momentum and epsilon, with the statistics by either
+    implementation of the channel sums; then evaluation with the running statistics."""
+    ours = BatchNorm(use_running_average=False, dtype=dtype, sums_impl=sums_impl)
     reference = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5, use_fast_variance=False, dtype=dtype)
     x = jax.random.normal(jax.random.key(0), shape) * 3.0 + 1.5
     variables = reference.init(jax.random.key(1), x)
@@ -122,3 +130,54 @@ def test_batch_norm_train_gradient_includes_the_statistics_cotangents():
     expected = jax.grad(lambda *a: loss(plain, *a), argnums=(0, 1, 2))(x, scale, bias)
     for a, b in zip(ours, expected):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
+
+
+@NEEDS_COMPILER
+@pytest.mark.parametrize("shape", [(4, 33, 17, 48), (3, 20, 37), (5, 300), (2, 3, 4, 200)])
+def test_compiled_channel_sums_equal_float64(shape):
+    """Σa and Σ(a − ma)(b − mb) over every axis but the last against numpy in float64: whole vectors of channels,
+    a tail past the last vector (37), more channels than one register group (200), a 2-D array."""
+    rng = np.random.default_rng(5)
+    a = rng.normal(2.0, 1.5, size=shape).astype(np.float32)
+    b = rng.normal(-1.0, 3.0, size=shape).astype(np.float32)
+    ma, mb = (rng.normal(size=shape[-1]).astype(np.float32) for _ in range(2))
+    s1, s2 = jax.jit(native.channel_sums)(a, b, ma, mb)
+    axes = tuple(range(len(shape) - 1))
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    expected1, expected2 = a64.sum(axes), ((a64 - ma) * (b64 - mb)).sum(axes)
+    np.testing.assert_allclose(s1, expected1, rtol=1e-6, atol=1e-6 * np.abs(expected1).max())
+    np.testing.assert_allclose(s2, expected2, rtol=1e-6, atol=1e-6 * np.abs(expected2).max())
+    # b and the means default to a and zeros: Σa and Σa²; channel_sum gives the same Σa either way.
+    s1, s2 = native.channel_sums(jnp.asarray(a))
+    np.testing.assert_allclose(s2, (a64 ** 2).sum(axes), rtol=1e-6)
+    np.testing.assert_allclose(channel_sum(jnp.asarray(a), "native"), channel_sum(jnp.asarray(a), "xla"),
+                               rtol=1e-5, atol=1e-5 * np.abs(expected1).max())
+
+
+@NEEDS_COMPILER
+def test_compiled_channel_sums_under_a_mesh_sum_each_devices_rows_then_all_reduce():
+    mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+    rows = NamedSharding(mesh, PartitionSpec("data"))
+    rng = np.random.default_rng(6)
+    a, b = (rng.standard_normal((8, 10, 6, 32)).astype(np.float32) for _ in range(2))
+    mean = rng.standard_normal(32).astype(np.float32)
+
+    def sums(a, b):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return native.channel_sums(a, b, None, mean)
+
+    step = jax.jit(sums, in_shardings=(rows, rows))
+    for got, want in zip(step(jax.device_put(a, rows), jax.device_put(b, rows)), jax.jit(native.channel_sums)(a, b, None, mean)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    compiled = step.lower(a, b).compile().as_text()
+    assert "all-gather" not in compiled and "all-reduce" in compiled
+
+
+def test_channel_sums_reject_what_does_not_fit_and_resolve_per_dtype():
+    with pytest.raises(ValueError, match=r"channel sums: a \(4, 8\), b \(4, 9\) .* expected b shaped as a and means \(8,\)"):
+        native.channel_sums(jnp.zeros((4, 8)), jnp.zeros((4, 9)))
+    with pytest.raises(ValueError, match="sums impl must be 'auto', 'xla' or 'native', got 'fast'"):
+        resolve_sums_impl("fast", jnp.float32)
+    assert resolve_sums_impl("xla", jnp.float32) == "xla"
+    assert resolve_sums_impl("auto", jnp.bfloat16) == "xla"  # the compiled sums read float32 only
+    assert resolve_sums_impl("auto", jnp.float32) == ("native" if native.available() else "xla")

@@ -1,22 +1,46 @@
 """Normalisation layers and the per-channel sums and broadcasts they (and the models' biases) are built from,
-written for XLA:CPU: reductions over the leading axes of an NHWC activation as products with ones."""
+written for XLA:CPU: reductions over the leading axes of an NHWC activation by the compiled kernel
+(:func:`convnext_audio_jax.native.channel_sums`) or as products with ones."""
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from convnext_audio_jax import native
+
 Dtype = Any
+SumsImpl = Literal["auto", "xla", "native"]
 
 
-def channel_sum(x: jax.Array) -> jax.Array:
-    """Σ of ``x`` over every axis but the last, in float32, as a vector-matrix product with ones. XLA:CPU
-    lowers a reduction over the leading axes of an NHWC activation to windowed reductions: summing a
-    (8, 252, 56, 384) float32 gradient took ~10× longer that way than as this product (docs/benchmarks.md)."""
+def resolve_sums_impl(impl: SumsImpl, dtype: Any) -> str:
+    """'native' or 'xla' for per-channel sums of a ``dtype`` array: 'auto' is 'native' for float32 on the CPU where
+    the compiled kernels load (:func:`native.available`), else 'xla'; 'native' is an error where they cannot run
+    and falls back to 'xla' for other dtypes."""
+    if impl not in ("auto", "xla", "native"):
+        raise ValueError(f"sums impl must be 'auto', 'xla' or 'native', got {impl!r}")
+    if impl == "xla":
+        return "xla"
+    if impl == "native":
+        if jax.default_backend() != "cpu":
+            raise ValueError(f"sums impl 'native' runs on the CPU only; the default backend is {jax.default_backend()!r}")
+        native.load()
+    elif jax.default_backend() != "cpu" or not native.available():
+        return "xla"
+    return "native" if jnp.dtype(dtype) == jnp.float32 else "xla"
+
+
+def channel_sum(x: jax.Array, impl: SumsImpl = "auto") -> jax.Array:
+    """Σ of ``x`` over every axis but the last, in float32: by the compiled kernel (:func:`resolve_sums_impl`) or
+    as a vector-matrix product with ones. XLA:CPU lowers a reduction over the leading axes of an NHWC activation
+    to windowed reductions inside the training step (~60 ms for one sum over CNN6's first activation, 131 MB); the
+    product with ones took ~26 ms, the compiled kernel ~6 (docs/benchmarks.md)."""
+    if resolve_sums_impl(impl, x.dtype) == "native":
+        return native.channel_sums(x)[0]
     flat = x.reshape(-1, x.shape[-1])
     ones = jnp.ones((flat.shape[0],), flat.dtype)
     return jax.lax.dot_general(ones, flat, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
@@ -95,36 +119,45 @@ BN_EPS = 1e-5
 BN_MOMENTUM = 0.9
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, stats_dtype: Any,
-                     out_dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+                     out_dtype: Any, impl: SumsImpl = "auto") -> tuple[jax.Array, jax.Array, jax.Array]:
     """Training-mode batch normalisation over every axis but the last: (y, batch mean, batch variance), statistics
     in ``stats_dtype`` (two-pass variance), y in ``out_dtype``. Its gradient is the closed form
     dx = s·(g − Σg/N − x̂·Σ(g·x̂)/N) (+ the terms of the mean's and variance's own cotangents), two channel sums
-    where autodiff of the forward took four, and the scale and bias gradients are those same two sums."""
-    return _batch_norm_train(x, scale, bias, epsilon, stats_dtype, out_dtype)[0]
+    where autodiff of the forward took four, and the scale and bias gradients are those same two sums. With the
+    compiled sums (``impl``, :func:`resolve_sums_impl`) each pair of sums is one pass that writes no product."""
+    return _batch_norm_train(x, scale, bias, epsilon, stats_dtype, out_dtype, impl)[0]
 
 
-def _batch_norm_train(x, scale, bias, epsilon, stats_dtype, out_dtype):
+def _batch_norm_train(x, scale, bias, epsilon, stats_dtype, out_dtype, impl):
     stats = x.astype(stats_dtype)
     count = x.size // x.shape[-1]
-    mean = channel_sum(stats) / count
+    compiled = resolve_sums_impl(impl, stats_dtype) == "native"
+    mean = channel_sum(stats, impl) / count
     centred = stats - mean
-    var = channel_sum(jnp.square(centred)) / count
+    if compiled:  # Σ (x − mean)², the square not written out
+        var = native.channel_sums(stats, None, mean, mean)[1] / count
+    else:
+        var = channel_sum(jnp.square(centred), impl) / count
     inv = jax.lax.rsqrt(var + epsilon)
     mul = inv * scale.astype(stats_dtype)
     y = (centred * mul + bias.astype(stats_dtype)).astype(out_dtype)
     return (y, mean, var), (x, mean, inv, scale, bias)
 
 
-def _batch_norm_train_bwd(epsilon, stats_dtype, out_dtype, residuals, cotangents):
+def _batch_norm_train_bwd(epsilon, stats_dtype, out_dtype, impl, residuals, cotangents):
     x, mean, inv, scale, bias = residuals
     gy, gmean, gvar = cotangents
     count = x.size // x.shape[-1]
     g = gy.astype(stats_dtype)
     centred = x.astype(stats_dtype) - mean
-    dbias = channel_sum(g)
-    dscale = channel_sum(g * (centred * inv))
+    if resolve_sums_impl(impl, stats_dtype) == "native":  # Σg and Σ g·(x − mean) in one pass
+        dbias, cross = native.channel_sums(g, x.astype(stats_dtype), None, mean)
+        dscale = cross * inv
+    else:
+        dbias = channel_sum(g, impl)
+        dscale = channel_sum(g * (centred * inv), impl)
     mul = inv * scale.astype(stats_dtype)
     dx = mul * (g - dbias / count - centred * (inv * dscale / count)) + gmean / count + centred * (2 * gvar / count)
     return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
@@ -135,8 +168,9 @@ batch_norm_train.defvjp(_batch_norm_train, _batch_norm_train_bwd)
 
 class BatchNorm(nn.Module):
     """``nn.BatchNorm(use_fast_variance=False)`` over the last axis (same parameters, batch statistics, running
-    averages and dtype rules; statistics in at least float32), with the statistics over the other axes as
-    :func:`channel_sum` products and, in training, the gradient in closed form (:func:`batch_norm_train`). XLA:CPU
+    averages and dtype rules; statistics in at least float32), with the statistics over the other axes by the
+    compiled sums or as products with ones (``sums_impl``, :func:`resolve_sums_impl`) and, in training, the gradient
+    in closed form (:func:`batch_norm_train`). XLA:CPU
     lowered flax's reductions over the leading axes, and autodiff's for its gradients, to windowed reductions: 2.7 s
     of a 7.6 s CNN14 training step (batch 8, 10 s clips; docs/benchmarks.md). Outputs and gradients equal flax's
     within float32 summation order. Under a data-sharded jit the statistics cover the global batch."""
@@ -146,6 +180,7 @@ class BatchNorm(nn.Module):
     epsilon: float = BN_EPS
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    sums_impl: SumsImpl = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -159,7 +194,7 @@ class BatchNorm(nn.Module):
         else:
             stats_dtype = jnp.promote_types(self.dtype or x.dtype, jnp.float32)
             out_dtype = self.dtype or jnp.result_type(x, scale, bias)
-            y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, stats_dtype, out_dtype)
+            y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, stats_dtype, out_dtype, self.sums_impl)
             if not self.is_initializing():
                 ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
                 ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var

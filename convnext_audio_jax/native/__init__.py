@@ -1,8 +1,9 @@
 """Compiled CPU kernels, called from XLA through its FFI: the depthwise convolution and its kernel gradient
 (``depthwise.cc``), the PANNs' float32 dense convolution, its input gradient's kernel and its kernel gradient
 (``conv.cc``), their bfloat16 dense convolution on the AMX tile unit or with AVX512-BF16 dot products
-(``conv_bf16.cc``), and the matrix product of the Dense layers with bias and GELU in its epilogue: float32, and on
-CPUs with AMX-BF16 bfloat16 (``matmul.cc``).
+(``conv_bf16.cc``), the matrix product of the Dense layers with bias and GELU in its epilogue: float32, and on
+CPUs with AMX-BF16 bfloat16 (``matmul.cc``), and the per-channel sums of biases' and BatchNorm's gradients and
+statistics (``reduce.cc``).
 
 Written with XLA ops, the depthwise kernel gradient was a third of a ConvNeXt training step on XLA:CPU
 (docs/benchmarks.md); the C++ kernels compute it 14× and the convolution 1.4× faster (a 2-core AVX2 CPU;
@@ -31,7 +32,8 @@ from convnext_audio_jax.native import library
 # Re-exported: the targets, the build and load API of the package.
 from convnext_audio_jax.native.library import (BF16_CONV_FORWARD_TARGET, BF16_DOT_CONV_FORWARD_TARGET,  # noqa: F401
                                                CONV_FORWARD_TARGET, CONV_KERNEL_FLIP_TARGET, CONV_KERNEL_GRAD_TARGET,
-                                               CONV_TARGET, CXX_FLAGS, F32_MATMUL_TARGET, HANDLERS, HEADERS,
+                                               CHANNEL_SUMS_TARGET, CONV_TARGET, CXX_FLAGS, F32_MATMUL_TARGET,
+                                               HANDLERS, HEADERS,
                                                KERNEL_GRAD_TARGET, MATMUL_TARGET, SOURCES, NativeUnavailable,
                                                available, build, cache_dir, find_compiler, library_path, load)
 
@@ -280,15 +282,40 @@ def conv_kernel_flip(kernel: jax.Array) -> jax.Array:
                             vmap_method="sequential")(kernel.astype(jnp.float32))
 
 
-def _per_device_sum(call, x: jax.Array, dy: jax.Array) -> jax.Array:
-    """``call(x, dy)``, a sum over the rows of both; under a mesh set for tracing, each device's rows (split along
-    the first axis) summed on it, then one ``psum``."""
-    mesh = _batch_split_mesh(x.shape[0])
+def channel_sums(a: jax.Array, b: jax.Array | None = None, mean_a: jax.Array | None = None,
+                 mean_b: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(Σ a, Σ (a − mean_a)·(b − mean_b)) over every axis but the last, float32 (C,) each: one pass over ``a`` and
+    ``b`` (default: ``a``; means default to 0), summed in float32 per block of rows and in float64 over the blocks,
+    in a fixed order. Under a mesh set for tracing, each device sums its own rows, then one ``psum``."""
+    load()
+    b = a if b is None else b
+    channels = a.shape[-1]
+    if a.ndim < 1 or b.shape != a.shape or any(m is not None and m.shape != (channels,) for m in (mean_a, mean_b)):
+        raise ValueError(f"channel sums: a {tuple(a.shape)}, b {tuple(b.shape)} and means "
+                         f"{[None if m is None else tuple(m.shape) for m in (mean_a, mean_b)]} do not fit: expected "
+                         f"b shaped as a and means ({channels},)")
+    zeros = jnp.zeros((channels,), jnp.float32)
+    mean_a = zeros if mean_a is None else mean_a.astype(jnp.float32)
+    mean_b = zeros if mean_b is None else mean_b.astype(jnp.float32)
+    out = jax.ShapeDtypeStruct((channels,), jnp.float32)
+
+    def call(a, b, mean_a, mean_b):
+        return tuple(jax.ffi.ffi_call(CHANNEL_SUMS_TARGET, (out, out), vmap_method="sequential")(
+            a.reshape(-1, channels), b.reshape(-1, channels), mean_a, mean_b))
+
+    return _per_device_sum(call, a.astype(jnp.float32), b.astype(jnp.float32), mean_a, mean_b)
+
+
+def _per_device_sum(call, x: jax.Array, dy: jax.Array, *whole: jax.Array):
+    """``call(x, dy, *whole)``, a sum over the rows of ``x`` and ``dy``; under a mesh set for tracing, each device's
+    rows (split along the first axis) summed on it with ``whole`` replicated, then one ``psum``."""
+    mesh = _batch_split_mesh(x.shape[0]) if x.ndim > 1 else None
     if mesh is None:
-        return call(x, dy)
+        return call(x, dy, *whole)
     rows = PartitionSpec(mesh.axis_names)
 
-    def local(x, dy):
-        return jax.lax.psum(call(x, dy), mesh.axis_names)
+    def local(*args):
+        return jax.lax.psum(call(*args), mesh.axis_names)
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows), out_specs=PartitionSpec(), check_vma=False)(x, dy)
+    return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, *(PartitionSpec() for _ in whole)),
+                         out_specs=PartitionSpec(), check_vma=False)(x, dy, *whole)

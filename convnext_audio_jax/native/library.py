@@ -29,7 +29,7 @@ from convnext_audio_jax import xla
 
 logger = logging.getLogger("convnext_audio_jax.native")
 
-SOURCES = ("depthwise.cc", "conv.cc", "matmul.cc", "conv_bf16.cc")
+SOURCES = ("depthwise.cc", "conv.cc", "matmul.cc", "conv_bf16.cc", "reduce.cc")
 HEADERS = ("parallel.h", "bf16.h", "vec.h")
 CONV_TARGET = "convnext_audio_jax_depthwise_conv"
 KERNEL_GRAD_TARGET = "convnext_audio_jax_depthwise_kernel_grad"
@@ -40,12 +40,13 @@ CONV_KERNEL_FLIP_TARGET = "convnext_audio_jax_conv_kernel_flip"
 CONV_FORWARD_TARGET = "convnext_audio_jax_conv_forward"
 BF16_CONV_FORWARD_TARGET = "convnext_audio_jax_bf16_conv_forward"
 BF16_DOT_CONV_FORWARD_TARGET = "convnext_audio_jax_bf16_dot_conv_forward"
+CHANNEL_SUMS_TARGET = "convnext_audio_jax_channel_sums"
 # FFI target name -> the handler's symbol in the library.
 HANDLERS = {CONV_TARGET: "DepthwiseConv", KERNEL_GRAD_TARGET: "DepthwiseKernelGrad", MATMUL_TARGET: "Bf16Matmul",
             F32_MATMUL_TARGET: "F32Matmul",
             CONV_KERNEL_GRAD_TARGET: "ConvKernelGrad", CONV_KERNEL_FLIP_TARGET: "ConvKernelFlip",
             CONV_FORWARD_TARGET: "ConvForward", BF16_CONV_FORWARD_TARGET: "Bf16ConvForward",
-            BF16_DOT_CONV_FORWARD_TARGET: "Bf16DotConvForward"}
+            BF16_DOT_CONV_FORWARD_TARGET: "Bf16DotConvForward", CHANNEL_SUMS_TARGET: "ChannelSums"}
 CXX_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-Wno-psabi")
 BUILD_TIMEOUT_S = 600
 
