@@ -67,8 +67,8 @@ def test_batch_norm_in_training_equals_flax(dtype, shape, sums_impl):
 
 
 def test_batch_norm_training_gradient_has_no_reduction():
-    """Statistics and all gradients are products with ones: the compiled XLA:CPU program of a training-mode
-    BatchNorm's gradient, inside a scan as in the training step, has no reduce or reduce-window (flax's has
+    """Statistics and all gradients are compiled sums or products with ones: the compiled XLA:CPU program of a
+    training-mode BatchNorm's gradient, inside a scan as in the training step, has no reduce or reduce-window (flax's has
     reductions, which XLA:CPU turned into windowed ones in the CNN14 training step: the check sees the difference)."""
     x = jnp.ones((2, 40, 16, 32))
 
@@ -86,6 +86,7 @@ def test_batch_norm_training_gradient_has_no_reduction():
         return len(re.findall(r" reduce(-window)?\(", hlo))
 
     assert reductions(BatchNorm(use_running_average=False)) == 0
+    assert reductions(BatchNorm(use_running_average=False, sums_impl="xla")) == 0
     assert reductions(nn.BatchNorm(use_running_average=False, use_fast_variance=False)) > 0
 
 

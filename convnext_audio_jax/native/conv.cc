@@ -122,7 +122,7 @@ void PackX(const float* x, const Geometry& g, int64_t i, int64_t c0, int64_t c1,
     const int64_t p = p0 + runs[run].start, row = p / g.w;
     const int64_t b = row / g.h, line = row % g.h + i - g.top, first = p % g.w - g.left;
     const bool inside = line >= 0 && line < g.hx;
-    const float* src = x + ((b * g.hx + line) * g.wx) * g.ci + c0;
+    const float* src = inside ? x + ((b * g.hx + line) * g.wx) * g.ci + c0 : nullptr;
     float* dst = out + runs[run].packed;
     for (int64_t col = first; col < first + runs[run].length + g.kw - 1; ++col, dst += kCiBlock) {
       if (inside && col >= 0 && col < g.wx) {
