@@ -177,7 +177,7 @@ def test_compiled_channel_sums_under_a_mesh_sum_each_devices_rows_then_all_reduc
 def test_channel_sums_reject_what_does_not_fit_and_resolve_per_dtype():
     with pytest.raises(ValueError, match=r"channel sums: a \(4, 8\), b \(4, 9\) .* expected b shaped as a and means \(8,\)"):
         native.channel_sums(jnp.zeros((4, 8)), jnp.zeros((4, 9)))
-    with pytest.raises(ValueError, match="sums impl must be 'auto', 'xla' or 'native', got 'fast'"):
+    with pytest.raises(ValueError, match="sums_impl must be 'auto', 'xla' or 'native', got 'fast'"):
         resolve_sums_impl("fast", jnp.float32)
     assert resolve_sums_impl("xla", jnp.float32) == "xla"
     assert resolve_sums_impl("auto", jnp.bfloat16) == "xla"  # the compiled sums read float32 only

@@ -36,15 +36,7 @@ def resolve_conv_impl(impl: ConvImpl, in_channels: int = 64, out_channels: int =
     'native' on the CPU where the compiled kernels load (:func:`native.available`), for ≥ 16 input channels and
     output channels a multiple of 16, else 'xla'; 'native' is an error where the kernels cannot run and falls back
     to 'xla' for layers it does not fit."""
-    if impl not in ("auto", "xla", "native"):
-        raise ValueError(f"conv_impl must be 'auto', 'xla' or 'native', got {impl!r}")
-    if impl == "xla":
-        return "xla"
-    if impl == "native":
-        if jax.default_backend() != "cpu":
-            raise ValueError(f"conv_impl 'native' runs on the CPU only; the default backend is {jax.default_backend()!r}")
-        native.load()
-    elif jax.default_backend() != "cpu" or not native.available():
+    if native.resolve(impl, "conv_impl") == "xla":
         return "xla"
     fits = in_channels >= NATIVE_MIN_IN_CHANNELS and out_channels % 16 == 0
     return "native" if fits else "xla"

@@ -21,15 +21,7 @@ def resolve_sums_impl(impl: SumsImpl, dtype: Any) -> str:
     """'native' or 'xla' for per-channel sums of a ``dtype`` array: 'auto' is 'native' for float32 on the CPU where
     the compiled kernels load (:func:`native.available`), else 'xla'; 'native' is an error where they cannot run
     and falls back to 'xla' for other dtypes."""
-    if impl not in ("auto", "xla", "native"):
-        raise ValueError(f"sums impl must be 'auto', 'xla' or 'native', got {impl!r}")
-    if impl == "xla":
-        return "xla"
-    if impl == "native":
-        if jax.default_backend() != "cpu":
-            raise ValueError(f"sums impl 'native' runs on the CPU only; the default backend is {jax.default_backend()!r}")
-        native.load()
-    elif jax.default_backend() != "cpu" or not native.available():
+    if native.resolve(impl, "sums_impl") == "xla":
         return "xla"
     return "native" if jnp.dtype(dtype) == jnp.float32 else "xla"
 

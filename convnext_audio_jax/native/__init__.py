@@ -128,6 +128,21 @@ def _matmul(target: str, dtype, x: jax.Array, w: jax.Array, bias: jax.Array | No
     return _per_device_rows(call, x, w, bias)
 
 
+def resolve(impl: str, field: str) -> str:
+    """The models' common rule for an ``impl`` of 'auto', 'xla' or 'native' (``field`` names it in errors): 'xla'
+    stays 'xla'; 'native' is an error off the CPU or where the library cannot be built, else 'native'; 'auto' is
+    'native' on the CPU where the library loads (:func:`available`, which logs why not once), else 'xla'. Callers
+    then fall back to 'xla' for the shapes and dtypes their kernel does not take."""
+    if impl not in ("auto", "xla", "native"):
+        raise ValueError(f"{field} must be 'auto', 'xla' or 'native', got {impl!r}")
+    if impl == "native":
+        if jax.default_backend() != "cpu":
+            raise ValueError(f"{field} 'native' runs on the CPU only; the default backend is {jax.default_backend()!r}")
+        load()
+        return "native"
+    return "native" if impl == "auto" and jax.default_backend() == "cpu" and available() else "xla"
+
+
 def _batch_split_mesh(batch: int):
     """The mesh set for tracing when the batch splits evenly over all of it, else None."""
     mesh = jax.sharding.get_abstract_mesh()
