@@ -304,7 +304,7 @@ def channel_sums(a: jax.Array, b: jax.Array | None = None, mean_a: jax.Array | N
     in a fixed order. Under a mesh set for tracing, each device sums its own rows, then one ``psum``."""
     load()
     b = a if b is None else b
-    channels = a.shape[-1]
+    channels = a.shape[-1] if a.ndim else 0
     if a.ndim < 1 or b.shape != a.shape or any(m is not None and m.shape != (channels,) for m in (mean_a, mean_b)):
         raise ValueError(f"channel sums: a {tuple(a.shape)}, b {tuple(b.shape)} and means "
                          f"{[None if m is None else tuple(m.shape) for m in (mean_a, mean_b)]} do not fit: expected "

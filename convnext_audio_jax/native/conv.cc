@@ -35,7 +35,9 @@ using convnext_audio_jax::Vec;
 constexpr int kMaxVectors = 4;                  // a CO block: 4 vectors
 constexpr int64_t kCoBlock = kMaxVectors * kVec;
 constexpr int64_t kCiBlock = 64;                // a task's CI block
-constexpr int64_t kSlicePositions = 64;        // positions per pass: the packed x and dy slices (32 KiB) stay in L1
+// Positions per pass: the packed dy (16 KiB) and one tap row's packed x (16 KiB plus KW - 1 columns per image line
+// of the slice) stay in L1 where the lines are long.
+constexpr int64_t kSlicePositions = 64;
 constexpr int64_t kPartialBytes = 64 << 20;     // bound on the partial sums of the position shares
 
 // x (batch, hx, wx, ci): padded for the forward (top = left = 0), unpadded for the kernel gradient; y or dy
@@ -162,7 +164,7 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const float* xp = x.typed_data();  // unpadded: PackX writes the padding's zeros
   const float* dyp = dy.typed_data();
   // A task: one share of the positions, one CI block and one CO block, all taps: each slice of dy is packed once
-  // and x is read from memory once for the taps (their rows overlap), not once per tap.
+  // and x once per tap row (the row's taps read the same padded lines), not once per tap.
   convnext_audio_jax::ParallelFor(pool, shares * blocks, [=, &g](int64_t task) {
     const int64_t block = task % blocks, share = task / blocks;
     const int64_t co_block = block % co_blocks, ci_block = block / co_blocks;
