@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -53,14 +54,21 @@ def jit(fun: Callable | None = None, *, mesh: jax.sharding.Mesh | None = None, *
     return jax.jit(fun, compiler_options=options or None, **jit_kwargs)
 
 
+# Flags to treat as absent (space- or comma-separated), e.g. "amx_tile amx_bf16": the choices made for a CPU
+# without them can then be run and measured on one that has them.
+CPU_FLAGS_OFF_ENV = "CONVNEXT_AUDIO_JAX_CPU_FLAGS_OFF"
+
+
 @functools.cache
 def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (Linux: /proc/cpuinfo; empty where that cannot be read)."""
+    """The CPU's feature flags (Linux: /proc/cpuinfo; empty where that cannot be read), less those named in
+    ``$CONVNEXT_AUDIO_JAX_CPU_FLAGS_OFF``."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            return frozenset(next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), []))
+            flags = frozenset(next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), []))
     except OSError:
         return frozenset()
+    return flags - frozenset(os.environ.get(CPU_FLAGS_OFF_ENV, "").replace(",", " ").split())
 
 
 def native_bfloat16(backend: str | None = None) -> bool:

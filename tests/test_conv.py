@@ -228,7 +228,9 @@ def test_bfloat16_conv_layer_uses_the_tile_kernel():
 
 @NEEDS_BF16_DOT
 def test_bfloat16_conv_layer_without_tiles_uses_dot_products(monkeypatch):
+    # As on a Zen 4: no tile unit, and vdpbf16ps at full rate.
     monkeypatch.setattr(native, "amx_available", lambda: False)
+    monkeypatch.setattr(native, "bf16_dot_preferred", native.bf16_dot_available)
     outputs, texts = bfloat16_layer_outputs(64)
     assert f"@{native.BF16_DOT_CONV_FORWARD_TARGET}(" in texts["native"]
     assert native.BF16_CONV_FORWARD_TARGET not in texts["native"]
@@ -239,7 +241,7 @@ def test_bfloat16_conv_layer_without_tiles_uses_dot_products(monkeypatch):
 def test_bfloat16_conv_without_a_bfloat16_unit_runs_the_float32_kernel(monkeypatch):
     """No AMX, no AVX512-BF16 (or channels neither fits): the compiled float32 convolution between conversions, which
     is what XLA's bfloat16 convolution computes too."""
-    monkeypatch.setattr(native, "bf16_conv_unit", lambda *channels: None)
+    monkeypatch.setattr(native, "bf16_unit", lambda *channels: None)
     outputs, texts = bfloat16_layer_outputs(64)
     assert "bf16_" not in texts["native"] and f"@{native.CONV_FORWARD_TARGET}(" in texts["native"]
     # The kernel rounded to bfloat16 as XLA rounds it; float32 sums in another order: equal almost everywhere.
@@ -252,7 +254,7 @@ def test_bfloat16_convolution_rejects_channels_its_unit_cannot_take():
         with pytest.raises(native.NativeUnavailable):
             native.conv_forward(x, kernel, ((1, 1), (1, 1)), bf16_unit="tiles")
         return
-    with pytest.raises(ValueError, match=r"on 'tiles': kernel \(3, 3, 48, 32\) needs C_in and C_out multiples of 32"):
+    with pytest.raises(ValueError, match=r"convolution on 'tiles': kernel \(3, 3, 48, 32\) needs inputs and outputs multiples of 32"):
         native.conv_forward(x, kernel, ((1, 1), (1, 1)), bf16_unit="tiles")
     with pytest.raises(ValueError, match="bf16_unit must be 'tiles' or 'dots', got 'amx'"):
         native.conv_forward(x, kernel, ((1, 1), (1, 1)), bf16_unit="amx")

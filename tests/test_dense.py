@@ -1,6 +1,8 @@
-"""Dense: flax's parameters and values; its product by XLA's dot, by the compiled float32 kernel and by the AMX tile
-kernel give the same numbers (values and gradients), equal to torch's linear layer in float64; the choice of
-implementation."""
+"""Dense: flax's parameters and values; its product by XLA's dot, by the compiled float32 kernel and by the bfloat16
+kernels (AMX tiles, AVX512-BF16 dot products) give the same numbers (values and gradients), equal to torch's linear
+layer in float64; the choice of implementation."""
+import functools
+
 
 import flax.linen as nn
 import jax
@@ -15,7 +17,9 @@ from convnext_audio_jax import native
 from convnext_audio_jax.models import create_model, init_variables
 from convnext_audio_jax.models.dense import Dense, matmul, matmul_native, matmul_xla, resolve_matmul_impl
 from flax_parity import outputs_and_gradients_against
-from native_marks import NEEDS_AMX, NEEDS_COMPILER
+from native_marks import NEEDS_AMX, NEEDS_BF16_DOT, NEEDS_COMPILER
+
+BF16_UNITS = [pytest.param("tiles", marks=NEEDS_AMX), pytest.param("dots", marks=NEEDS_BF16_DOT)]
 
 
 @pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
@@ -85,17 +89,24 @@ def test_float32_kernel_rejects_columns_off_the_vector_width():
         native.f32_matmul(jnp.zeros((4, 48)), jnp.zeros((48, 527)))
 
 
-@NEEDS_AMX
+@pytest.mark.parametrize("unit", BF16_UNITS)
 @pytest.mark.parametrize("activation", [None, "gelu"])
-# Row tails, one full block, 4-D; K = 2048 splits 384 columns into panels of 256 and 128 (a panel's packed w ≤ 1 MiB).
+# Row tails (of 32-row tile blocks and 6-row register blocks), one full block, 4-D; K = 2048 splits 384 columns into
+# panels of 256 and 128 (a panel's packed w ≤ 1 MiB) and, for the dot products, 384 into six 64-column panels, and
+# 32 features are a partial panel there.
 @pytest.mark.parametrize("shape", [(3, 37, 96), (1, 32, 64), (2, 5, 7, 192), (2, 19, 2048)])
 @pytest.mark.parametrize("features", [32, 384])
-def test_tile_kernel_equals_xla_and_torch_values_and_gradients(shape, features, activation):
+def test_bfloat16_kernels_equal_xla_and_torch_values_and_gradients(shape, features, activation, unit, monkeypatch):
+    # matmul_native takes the unit native.bf16_matmul chooses: the tiles where AMX runs, else the dot products.
+    monkeypatch.setattr(native, "bf16_matmul", functools.partial(native.bf16_matmul, bf16_unit=unit))
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((shape[-1], features)) / np.sqrt(shape[-1]), jnp.bfloat16)
     bias = jnp.asarray(rng.standard_normal(features), jnp.bfloat16)
-    ours = np.asarray(jax.jit(matmul_native, static_argnums=3)(x, w, bias, activation), np.float32)
+    product = jax.jit(lambda *operands: matmul_native(*operands, activation))  # traced here, not from a cache
+    ours = np.asarray(product(x, w, bias), np.float32)
+    text = product.lower(x, w, bias).as_text()
+    assert f"@{native.MATMUL_TARGET if unit == 'tiles' else native.BF16_DOT_MATMUL_TARGET}(" in text
     xla_form = np.asarray(jax.jit(matmul_xla, static_argnums=3)(x, w, bias, activation), np.float32)
     # Both sum in float32 and round once: at most one bfloat16 step apart, almost always equal.
     np.testing.assert_allclose(ours, xla_form, rtol=2 ** -7, atol=1e-6)
@@ -112,19 +123,40 @@ def test_tile_kernel_equals_xla_and_torch_values_and_gradients(shape, features, 
 
 @NEEDS_AMX
 def test_tile_kernel_rejects_sizes_it_cannot_tile():
-    with pytest.raises(ValueError, match=r"x \(4, 48\), w \(48, 64\) and bias None do not fit: .*multiples of 32"):
-        native.bf16_matmul(jnp.zeros((4, 48), jnp.bfloat16), jnp.zeros((48, 64), jnp.bfloat16))
+    with pytest.raises(ValueError, match=r"on 'tiles': x \(4, 48\), w \(48, 64\) and bias None needs inputs and "
+                                         "outputs multiples of 32"):
+        native.bf16_matmul(jnp.zeros((4, 48), jnp.bfloat16), jnp.zeros((48, 64), jnp.bfloat16), bf16_unit="tiles")
 
 
-@pytest.mark.parametrize("dtype", [pytest.param(jnp.float32, marks=NEEDS_COMPILER),
-                                   pytest.param(jnp.bfloat16, marks=NEEDS_AMX)])
-def test_kernels_under_a_mesh_multiply_each_devices_rows_without_gathering(dtype):
+@NEEDS_BF16_DOT
+def test_dot_product_kernel_rejects_sizes_it_cannot_take_and_takes_what_tiles_cannot():
+    for k, n in ((47, 64), (48, 40)):
+        with pytest.raises(ValueError, match=rf"on 'dots': x \(4, {k}\), w \({k}, {n}\) and bias None needs an "
+                                             "even number of inputs and outputs a multiple of 16"):
+            native.bf16_matmul(jnp.zeros((4, k), jnp.bfloat16), jnp.zeros((k, n), jnp.bfloat16), bf16_unit="dots")
+    with pytest.raises(ValueError, match=r"x \(4, 48\), w \(40, 64\) and bias None do not fit: expected"):
+        native.bf16_matmul(jnp.zeros((4, 48), jnp.bfloat16), jnp.zeros((40, 64), jnp.bfloat16))
+    with pytest.raises(ValueError, match="bf16_unit must be 'tiles' or 'dots', got 'amx'"):
+        native.bf16_matmul(jnp.zeros((4, 48), jnp.bfloat16), jnp.zeros((48, 64), jnp.bfloat16), bf16_unit="amx")
+    # K = 50, N = 80 (a partial 64-column panel), which the tiles do not take: equal to XLA's dot within one
+    # bfloat16 rounding.
+    assert native.bf16_unit(50, 80) == ("dots" if native.bf16_dot_preferred() else None)
+    rng = np.random.default_rng(2)
+    x, w, bias = (jnp.asarray(rng.standard_normal(shape), jnp.bfloat16) for shape in ((3, 13, 50), (50, 80), (80,)))
+    ours = np.asarray(native.bf16_matmul(x, w, bias, gelu=True, bf16_unit="dots"), np.float32)
+    np.testing.assert_allclose(ours, np.asarray(matmul_xla(x, w, bias, "gelu"), np.float32), rtol=2 ** -7, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,unit", [pytest.param(jnp.float32, None, marks=NEEDS_COMPILER),
+                                        pytest.param(jnp.bfloat16, "tiles", marks=NEEDS_AMX),
+                                        pytest.param(jnp.bfloat16, "dots", marks=NEEDS_BF16_DOT)])
+def test_kernels_under_a_mesh_multiply_each_devices_rows_without_gathering(dtype, unit):
     mesh = Mesh(np.array(jax.devices()), ("data",))
     rows = NamedSharding(mesh, P("data"))
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((16, 9, 64)), dtype)
     w = jnp.asarray(rng.standard_normal((64, 96)), dtype)
-    product = native.f32_matmul if dtype == jnp.float32 else native.bf16_matmul
+    product = native.f32_matmul if dtype == jnp.float32 else functools.partial(native.bf16_matmul, bf16_unit=unit)
 
     def under_mesh(x, w):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
@@ -138,11 +170,15 @@ def test_kernels_under_a_mesh_multiply_each_devices_rows_without_gathering(dtype
     assert not any(op in compiled for op in ("all-gather", "all-reduce", "all-to-all"))
 
 
-@pytest.mark.parametrize("dtype", [pytest.param(jnp.float32, marks=NEEDS_COMPILER),
-                                   pytest.param(jnp.bfloat16, marks=NEEDS_AMX)])
-def test_a_convnext_gives_the_same_numbers_with_either_product(dtype):
-    """A small ConvNeXt: outputs and parameter gradients with the compiled kernel ('auto' here) and with XLA's
-    dot."""
+@pytest.mark.parametrize("dtype,unit", [pytest.param(jnp.float32, None, marks=NEEDS_COMPILER),
+                                        pytest.param(jnp.bfloat16, "tiles", marks=NEEDS_AMX),
+                                        pytest.param(jnp.bfloat16, "dots", marks=NEEDS_BF16_DOT)])
+def test_a_convnext_gives_the_same_numbers_with_either_product(dtype, unit, monkeypatch):
+    """A small ConvNeXt: outputs and parameter gradients with the compiled kernel ('auto' here; for the dot products
+    as on a CPU without the tile unit) and with XLA's dot."""
+    if unit == "dots":  # as on a Zen 4
+        monkeypatch.setattr(native, "amx_available", lambda: False)
+        monkeypatch.setattr(native, "bf16_dot_preferred", native.bf16_dot_available)
     tiny = dict(depths=(1, 1, 1, 1), dims=(32, 64, 96, 128), num_classes=5, dtype=dtype)
     waveform = (0.1 * np.random.default_rng(3).standard_normal((2, 16_000))).astype(np.float32)
     variables = init_variables(create_model("convnext_tiny", **{**tiny, "dtype": None}), jax.random.key(0))
@@ -170,15 +206,22 @@ def test_implementation_choice(monkeypatch):
     assert resolve_matmul_impl("xla", jnp.float32, 64, 64) == "xla"
     for library in (True, False):
         monkeypatch.setattr(native, "available", lambda library=library: library)
-        for amx in (True, False):
+        for amx, dots in ((True, True), (False, True), (False, False)):
             monkeypatch.setattr(native, "amx_available", lambda amx=amx: amx)
-            assert resolve_matmul_impl("auto", jnp.bfloat16, 96, 384) == ("native" if amx else "xla")
+            monkeypatch.setattr(native, "bf16_dot_available", lambda dots=dots: dots)
+            monkeypatch.setattr(native, "bf16_dot_preferred", lambda dots=dots: dots)
+            assert resolve_matmul_impl("auto", jnp.bfloat16, 96, 384) == ("native" if dots else "xla")
+            expected = "tiles" if amx else "dots" if dots else None
+            assert native.bf16_unit(96, 384) == expected
+            # 48 → 80: the dot products take it, the tiles do not.
+            assert native.bf16_unit(48, 80) == ("dots" if dots else None)
             assert resolve_matmul_impl("auto", jnp.float32, 96, 384) == ("native" if library else "xla")
             # Sizes the kernels do not divide (a 527-class head) and float16 stay with XLA's dot.
             assert resolve_matmul_impl("auto", jnp.bfloat16, 768, 527) == "xla"
             assert resolve_matmul_impl("auto", jnp.float32, 768, 527) == "xla"
             assert resolve_matmul_impl("auto", jnp.float16, 96, 384) == "xla"
-    with pytest.raises(native.NativeUnavailable, match="matmul_impl 'native' needs a CPU with amx_tile, amx_bf16"):
+    with pytest.raises(native.NativeUnavailable, match=r"matmul_impl 'native' needs a CPU with AMX-BF16 \(amx_tile, "
+                                                       r"amx_bf16, avx512_bf16\) or AVX512-BF16 \(avx512_bf16\)"):
         resolve_matmul_impl("native", jnp.bfloat16, 96, 384)
     with pytest.raises(native.NativeUnavailable, match="matmul_impl 'native' needs the native library"):
         resolve_matmul_impl("native", jnp.float32, 96, 384)
@@ -188,6 +231,21 @@ def test_implementation_choice(monkeypatch):
         x = jnp.ones((2, 64), dtype)
         np.testing.assert_array_equal(np.asarray(matmul(x, jnp.ones((64, 32), dtype), jnp.ones(32, dtype)), np.float32),
                                       np.full((2, 32), 65.0))
+
+
+@NEEDS_BF16_DOT
+def test_dot_products_are_a_default_only_off_cores_that_run_them_at_half_rate(monkeypatch):
+    """Without the tile unit: on an AVX512-FP16 core (a Sapphire Rapids with AMX hidden) bfloat16 products stay with
+    XLA's dot; without AVX512-FP16 (Zen 4) they take the dot products."""
+    flags = native.xla.cpu_flags() - {"amx_tile", "amx_bf16"}
+    monkeypatch.setattr(native.xla, "cpu_flags", lambda: flags | {native.BF16_DOT_SLOW_CPU_FLAG})
+    assert not native.bf16_dot_preferred() and native.bf16_unit(96, 384) is None
+    assert resolve_matmul_impl("auto", jnp.bfloat16, 96, 384) == "xla"
+    assert resolve_matmul_impl("native", jnp.bfloat16, 96, 384) == "native"  # asked for: they run
+    assert native.bf16_unit(96, 384, default=False) == "dots"
+    monkeypatch.setattr(native.xla, "cpu_flags", lambda: flags - {native.BF16_DOT_SLOW_CPU_FLAG})
+    assert native.bf16_dot_preferred() and native.bf16_unit(96, 384) == "dots"
+    assert resolve_matmul_impl("auto", jnp.bfloat16, 96, 384) == "native"
 
 
 def test_exports_and_flop_counts_use_xla_dot():

@@ -41,3 +41,25 @@ def test_decorator_forms_and_override():
         return factor * x
 
     assert float(double(1.5)) == 3.0 and float(scale(1.5, 3)) == 4.5
+
+
+def test_cpu_flags_named_off_are_treated_as_absent(monkeypatch):
+    """$CONVNEXT_AUDIO_JAX_CPU_FLAGS_OFF (spaces or commas) removes flags from what the per-CPU choices see."""
+    import pathlib
+
+    real = set(next((line.split(":", 1)[1].split() for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("flags")), []))
+    try:
+        xla.cpu_flags.cache_clear()
+        assert xla.cpu_flags() == real
+        present = sorted(real)[:2]
+        monkeypatch.setenv(xla.CPU_FLAGS_OFF_ENV, ",".join(present) + " made_up_flag")
+        xla.cpu_flags.cache_clear()
+        assert xla.cpu_flags() == real - set(present)
+        if "avx512_bf16" in real:
+            monkeypatch.setenv(xla.CPU_FLAGS_OFF_ENV, "avx512_bf16 amx_bf16")
+            xla.cpu_flags.cache_clear()
+            assert not xla.native_bfloat16()
+    finally:
+        monkeypatch.delenv(xla.CPU_FLAGS_OFF_ENV, raising=False)
+        xla.cpu_flags.cache_clear()

@@ -1,6 +1,6 @@
 """The Dense layer and the implementations of its product: XLA's dot everywhere, and on the CPU the compiled
 kernels of :mod:`convnext_audio_jax.native` — float32 products, and bfloat16 ones on a CPU with AMX-BF16 (the tile
-kernel) — with the bias and GELU in their epilogue.
+kernel) or AVX512-BF16 (dot products) — with the bias and GELU in their epilogue.
 
 All sum the products and the bias in float32 and round once to the layer's dtype, so they give the same numbers
 up to float32 summation order. On a 2-core AMX Xeon the bfloat16 ConvNeXt-Tiny forward was ~0.4× torch autocast
@@ -26,30 +26,33 @@ ACTIVATIONS = (None, "gelu")
 
 def resolve_matmul_impl(impl: MatmulImpl, dtype: Any = jnp.bfloat16, in_features: int = 32, features: int = 32) -> str:
     """'xla' or 'native' for a Dense product of ``dtype`` with ``in_features`` → ``features``. 'auto' is 'native'
-    on the CPU where the compiled kernel takes the product — float32 with ``features`` a multiple of 16 (the
-    library loads: :func:`native.available`), bfloat16 with both sizes multiples of 32 on a CPU whose tile kernel
-    runs (:func:`native.amx_available`) — else 'xla'. 'native' asks for the compiled kernel where one takes the
-    product and is an error where it cannot run; other products (a 527-class head, float16) use XLA's dot under
-    either."""
+    on the CPU where a compiled kernel takes the product — float32 with ``features`` a multiple of 16 (the library
+    loads: :func:`native.available`), bfloat16 where one of the CPU's bfloat16 units runs and fits the sizes
+    (:func:`native.bf16_unit`: the AMX tile unit, both multiples of 32; else AVX512-BF16's dot products,
+    ``in_features`` even and ``features`` a multiple of 16) — else 'xla'. 'native' asks for the compiled kernel
+    where one takes the product (for bfloat16 also the dot products where they are not a default) and is an error
+    where none can run; other products (a 527-class head, float16) use XLA's dot under either."""
     if impl not in ("auto", "xla", "native"):
         raise ValueError(f"matmul_impl must be 'auto', 'xla' or 'native', got {impl!r}")
     if impl == "xla":
         return "xla"
     dtype = jnp.dtype(dtype)
     bf16 = dtype == jnp.bfloat16
-    fits = features % 32 == 0 and in_features % 32 == 0 if bf16 else dtype == jnp.float32 and features % 16 == 0
+    on_cpu = jax.default_backend() == "cpu"
     if impl == "native":
-        if jax.default_backend() != "cpu":
+        if not on_cpu:
             raise ValueError(f"matmul_impl 'native' runs on the CPU only; the default backend is {jax.default_backend()!r}")
-        if bf16 and not native.amx_available():
-            raise native.NativeUnavailable("matmul_impl 'native' needs a CPU with " + ", ".join(native.AMX_CPU_FLAGS)
-                                           + " and the native library built for it for a bfloat16 product")
-        if not bf16 and fits and not native.available():
-            raise native.NativeUnavailable("matmul_impl 'native' needs the native library (a C++ compiler; "
-                                           "CONVNEXT_AUDIO_JAX_NATIVE not 0)")
-    elif jax.default_backend() != "cpu" or not (native.amx_available() if bf16 else native.available()):
-        return "xla"
-    return "native" if fits else "xla"
+        if bf16 and not (native.amx_available() or native.bf16_dot_available()):
+            raise native.NativeUnavailable(
+                f"matmul_impl 'native' needs a CPU with AMX-BF16 ({', '.join(native.AMX_CPU_FLAGS)}) or AVX512-BF16 "
+                f"({native.BF16_DOT_CPU_FLAG}) and the native library built for it for a bfloat16 product")
+    if bf16:  # 'native': also a unit that runs here but is not a default (the dot products on an AVX512-FP16 core)
+        return "native" if on_cpu and native.bf16_unit(in_features, features, default=impl == "auto") else "xla"
+    fits = dtype == jnp.float32 and features % 16 == 0
+    if impl == "native" and fits and not native.available():
+        raise native.NativeUnavailable("matmul_impl 'native' needs the native library (a C++ compiler; "
+                                       "CONVNEXT_AUDIO_JAX_NATIVE not 0)")
+    return "native" if fits and on_cpu and native.available() else "xla"
 
 
 def matmul_xla(x: jax.Array, kernel: jax.Array, bias: jax.Array, activation: str | None = None) -> jax.Array:
@@ -66,7 +69,7 @@ def matmul_xla(x: jax.Array, kernel: jax.Array, bias: jax.Array, activation: str
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def matmul_native(x: jax.Array, kernel: jax.Array, bias: jax.Array, activation: str | None = None) -> jax.Array:
-    """The same by the compiled kernel of x's dtype (float32, or bfloat16 on the AMX tile unit), GELU in its
+    """The same by the compiled kernel of x's dtype (float32, or bfloat16 on the CPU's bfloat16 unit), GELU in its
     epilogue; its gradients are those of :func:`matmul_xla`."""
     return _native_product(x, kernel, bias, activation == "gelu")
 

@@ -31,6 +31,7 @@ from convnext_audio_jax import xla
 from convnext_audio_jax.native import library
 # Re-exported: the targets, the build and load API of the package.
 from convnext_audio_jax.native.library import (BF16_CONV_FORWARD_TARGET, BF16_DOT_CONV_FORWARD_TARGET,  # noqa: F401
+                                               BF16_DOT_MATMUL_TARGET,
                                                CONV_FORWARD_TARGET, CONV_KERNEL_FLIP_TARGET, CONV_KERNEL_GRAD_TARGET,
                                                CHANNEL_SUMS_TARGET, CONV_TARGET, CXX_FLAGS, F32_MATMUL_TARGET,
                                                HANDLERS, HEADERS,
@@ -39,8 +40,14 @@ from convnext_audio_jax.native.library import (BF16_CONV_FORWARD_TARGET, BF16_DO
 
 # The CPU flags the bfloat16 tile product needs (and the library must have been built with).
 AMX_CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16")
-# The CPU flag of the bfloat16 dot-product convolution (vdpbf16ps), for CPUs without the tile unit.
+# The CPU flag of the bfloat16 dot-product kernels (vdpbf16ps), for CPUs without the tile unit.
 BF16_DOT_CPU_FLAG = "avx512_bf16"
+# Cores with AVX512-FP16 (Sapphire Rapids and later Xeons, all with the tile unit) run vdpbf16ps at half their
+# float32 FMAs' multiplications per cycle: with the tile unit hidden (a VM) the dot products lose to float32 there.
+# AVX512-BF16 CPUs without it (Zen 4 and 5, Cooper Lake) are the ones the dot products are for.
+BF16_DOT_SLOW_CPU_FLAG = "avx512_fp16"
+
+
 def amx_available() -> bool:
     """Whether :func:`bf16_matmul` runs here: the library loads, this CPU has ``AMX_CPU_FLAGS`` and the build has
     the tile kernel (and the operating system granted the tile state)."""
@@ -50,37 +57,66 @@ def amx_available() -> bool:
 
 
 def bf16_dot_available() -> bool:
-    """Whether the AVX512-BF16 convolution runs here: the library loads, this CPU has ``BF16_DOT_CPU_FLAG`` and the
-    build has the kernel."""
+    """Whether the AVX512-BF16 kernels (convolution, Dense product) run here: the library loads, this CPU has
+    ``BF16_DOT_CPU_FLAG`` and the build has them."""
     if BF16_DOT_CPU_FLAG not in xla.cpu_flags() or not available():
         return False
     return bool(library.loaded().ConvnextAudioJaxBf16DotReady())
 
 
-class _Bf16Unit(NamedTuple):
-    """One bfloat16 convolution kernel: its FFI target, whether it runs here (looked up when called), the CPU flags
-    it needs, which channel counts it takes and how to say so."""
+def bf16_dot_preferred() -> bool:
+    """Whether the dot products are a default bfloat16 unit here (:func:`bf16_unit`): they run, and the CPU has no
+    ``BF16_DOT_SLOW_CPU_FLAG``. Asked for by name (``bf16_unit="dots"``) they run wherever they are available."""
+    return BF16_DOT_SLOW_CPU_FLAG not in xla.cpu_flags() and bf16_dot_available()
 
-    target: str
+
+class _Bf16Unit(NamedTuple):
+    """One bfloat16 unit of the CPU: its convolution's and its matrix product's FFI targets, whether it runs here and
+    whether it is a default (looked up when called), the CPU flags it needs, which input → output channel counts
+    (product: K → N) it takes and how to say so."""
+
+    conv_target: str
+    matmul_target: str
     ready: Callable[[], bool]
+    preferred: Callable[[], bool]
     flags: str
     fits: Callable[[int, int], bool]
     fitting: str
 
 
 _BF16_UNITS = {
-    "tiles": _Bf16Unit(BF16_CONV_FORWARD_TARGET, lambda: amx_available(), ", ".join(AMX_CPU_FLAGS),
-                       lambda cin, cout: cin % 32 == 0 and cout % 32 == 0, "C_in and C_out multiples of 32"),
-    "dots": _Bf16Unit(BF16_DOT_CONV_FORWARD_TARGET, lambda: bf16_dot_available(), BF16_DOT_CPU_FLAG,
-                      lambda cin, cout: cin % 2 == 0 and cout % 16 == 0, "an even C_in and C_out a multiple of 16"),
+    "tiles": _Bf16Unit(BF16_CONV_FORWARD_TARGET, MATMUL_TARGET, lambda: amx_available(), lambda: amx_available(),
+                       ", ".join(AMX_CPU_FLAGS), lambda cin, cout: cin % 32 == 0 and cout % 32 == 0,
+                       "inputs and outputs multiples of 32"),
+    "dots": _Bf16Unit(BF16_DOT_CONV_FORWARD_TARGET, BF16_DOT_MATMUL_TARGET, lambda: bf16_dot_available(),
+                      lambda: bf16_dot_preferred(), BF16_DOT_CPU_FLAG, lambda cin, cout: cin % 2 == 0 and cout % 16 == 0,
+                      "an even number of inputs and outputs a multiple of 16"),
 }
 
 
-def bf16_conv_unit(in_channels: int, out_channels: int) -> str | None:
-    """Which compiled kernel computes a bfloat16 convolution of ``in_channels`` → ``out_channels`` here: 'tiles'
-    (AMX; channels multiples of 32), else 'dots' (AVX512-BF16; C_in even, C_out a multiple of 16), else None."""
-    return next((name for name, unit in _BF16_UNITS.items() if unit.fits(in_channels, out_channels) and unit.ready()),
-                None)
+def bf16_unit(inputs: int, outputs: int, default: bool = True) -> str | None:
+    """Which compiled kernel computes a bfloat16 convolution (``inputs`` = C_in → ``outputs`` = C_out channels) or
+    Dense product (K → N) here by default: 'tiles' (AMX; both multiples of 32), else 'dots' (AVX512-BF16 where
+    :func:`bf16_dot_preferred`; ``inputs`` even, ``outputs`` a multiple of 16), else None (the models then compute
+    in float32 between conversions, as XLA does). ``default=False``: the first unit that runs here and fits."""
+    return next((name for name, unit in _BF16_UNITS.items()
+                 if unit.fits(inputs, outputs) and (unit.preferred() if default else unit.ready())), None)
+
+
+def _checked_bf16_unit(what: str, unit: str | None, inputs: int, outputs: int, shapes: str) -> _Bf16Unit:
+    """The unit ``unit`` (default: :func:`bf16_unit`, else the CPU's, to say what does not fit) for a bfloat16
+    ``what`` of ``inputs`` → ``outputs``; a clear error where it cannot run or does not fit (``shapes``: the
+    operands, for the message)."""
+    unit = unit or bf16_unit(inputs, outputs) or bf16_unit(inputs, outputs, default=False) or (
+        "tiles" if amx_available() else "dots")
+    if unit not in _BF16_UNITS:
+        raise ValueError(f"bf16_unit must be 'tiles' or 'dots', got {unit!r}")
+    if not _BF16_UNITS[unit].ready():
+        raise NativeUnavailable(f"the bfloat16 {what} on {unit!r} needs a CPU with {_BF16_UNITS[unit].flags} and "
+                                "the native library built for it")
+    if not _BF16_UNITS[unit].fits(inputs, outputs):
+        raise ValueError(f"bf16 {what} on {unit!r}: {shapes} needs {_BF16_UNITS[unit].fitting}")
+    return _BF16_UNITS[unit]
 
 
 def f32_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, gelu: bool = False) -> jax.Array:
@@ -97,21 +133,19 @@ def f32_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, gelu: 
     return _matmul(F32_MATMUL_TARGET, jnp.float32, x, w, bias, gelu)
 
 
-def bf16_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, gelu: bool = False) -> jax.Array:
-    """``bias + x @ w`` in bfloat16 on the AMX tile unit: x (..., K), w (K, N), bias (N,); products and the bias
-    summed in float32 (``gelu``: then the exact GELU in float32), rounded to bfloat16 once. K and N must be multiples
-    of 32.
+def bf16_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, gelu: bool = False,
+                bf16_unit: str | None = None) -> jax.Array:
+    """``bias + x @ w`` in bfloat16: x (..., K), w (K, N), bias (N,); products and the bias summed in float32
+    (``gelu``: then the exact GELU in float32), rounded to bfloat16 once, on ``bf16_unit`` (default
+    :func:`bf16_unit`): 'tiles', the AMX tile unit (K and N multiples of 32), or 'dots', AVX512-BF16's dot products
+    (K even, N a multiple of 16).
 
     Under a mesh set for tracing each device multiplies its own rows (split along x's first axis)."""
-    if not amx_available():
-        raise NativeUnavailable("the bfloat16 tile product needs a CPU with " + ", ".join(AMX_CPU_FLAGS)
-                                + " and the native library built for it")
-    if x.ndim < 2 or w.ndim != 2 or x.shape[-1] != w.shape[0] or w.shape[0] % 32 or w.shape[1] % 32 or (
-            bias is not None and bias.shape != (w.shape[1],)):
-        raise ValueError(f"bf16 matmul: x {tuple(x.shape)}, w {tuple(w.shape)} and bias "
-                         f"{None if bias is None else tuple(bias.shape)} do not fit: expected (..., K), (K, N) and "
-                         "(N,) with K and N multiples of 32")
-    return _matmul(MATMUL_TARGET, jnp.bfloat16, x, w, bias, gelu)
+    shapes = f"x {tuple(x.shape)}, w {tuple(w.shape)} and bias {None if bias is None else tuple(bias.shape)}"
+    if x.ndim < 2 or w.ndim != 2 or x.shape[-1] != w.shape[0] or (bias is not None and bias.shape != (w.shape[1],)):
+        raise ValueError(f"bf16 matmul: {shapes} do not fit: expected (..., K), (K, N) and (N,)")
+    unit = _checked_bf16_unit("matmul", bf16_unit, *w.shape, shapes)
+    return _matmul(unit.matmul_target, jnp.bfloat16, x, w, bias, gelu)
 
 
 def _matmul(target: str, dtype, x: jax.Array, w: jax.Array, bias: jax.Array | None, gelu: bool) -> jax.Array:
@@ -258,16 +292,7 @@ def conv_forward(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int]
                          "not fit: expected (B, H, W, C_in), (kh, kw, C_in, C_out) with C_out a multiple of 16 and "
                          "no negative padding")
     half = x.dtype == jnp.bfloat16
-    unit = None
-    if half:  # the unit asked for, else the one that fits here, else the CPU's (to say what does not fit)
-        unit = bf16_unit or bf16_conv_unit(*kernel.shape[2:]) or ("tiles" if amx_available() else "dots")
-    if half and unit not in _BF16_UNITS:
-        raise ValueError(f"bf16_unit must be 'tiles' or 'dots', got {unit!r}")
-    if half and not _BF16_UNITS[unit].ready():
-        raise NativeUnavailable(f"the bfloat16 convolution on {unit!r} needs a CPU with {_BF16_UNITS[unit].flags} and "
-                                "the native library built for it")
-    if half and not _BF16_UNITS[unit].fits(*kernel.shape[2:]):
-        raise ValueError(f"bf16 conv forward on {unit!r}: kernel {tuple(kernel.shape)} needs {_BF16_UNITS[unit].fitting}")
+    unit = _checked_bf16_unit("convolution", bf16_unit, *kernel.shape[2:], f"kernel {tuple(kernel.shape)}") if half else None
     dtype = jnp.bfloat16 if half else jnp.float32
 
     def call(x, kernel):
@@ -278,7 +303,7 @@ def conv_forward(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int]
             lines = library.loaded().ConvnextAudioJaxBf16ConvRows(*map(ctypes.c_int64, (
                 height, kh, kw, x.shape[2] + left + right)))
             bottom = lines - x.shape[1] - top
-        target = _BF16_UNITS[unit].target if half else CONV_FORWARD_TARGET
+        target = unit.conv_target if half else CONV_FORWARD_TARGET
         return jax.ffi.ffi_call(target, out, vmap_method="sequential")(
             jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0))), kernel)
 

@@ -34,6 +34,7 @@ HEADERS = ("parallel.h", "bf16.h", "vec.h")
 CONV_TARGET = "convnext_audio_jax_depthwise_conv"
 KERNEL_GRAD_TARGET = "convnext_audio_jax_depthwise_kernel_grad"
 MATMUL_TARGET = "convnext_audio_jax_bf16_matmul"
+BF16_DOT_MATMUL_TARGET = "convnext_audio_jax_bf16_dot_matmul"
 F32_MATMUL_TARGET = "convnext_audio_jax_f32_matmul"
 CONV_KERNEL_GRAD_TARGET = "convnext_audio_jax_conv_kernel_grad"
 CONV_KERNEL_FLIP_TARGET = "convnext_audio_jax_conv_kernel_flip"
@@ -43,7 +44,7 @@ BF16_DOT_CONV_FORWARD_TARGET = "convnext_audio_jax_bf16_dot_conv_forward"
 CHANNEL_SUMS_TARGET = "convnext_audio_jax_channel_sums"
 # FFI target name -> the handler's symbol in the library.
 HANDLERS = {CONV_TARGET: "DepthwiseConv", KERNEL_GRAD_TARGET: "DepthwiseKernelGrad", MATMUL_TARGET: "Bf16Matmul",
-            F32_MATMUL_TARGET: "F32Matmul",
+            BF16_DOT_MATMUL_TARGET: "Bf16DotMatmul", F32_MATMUL_TARGET: "F32Matmul",
             CONV_KERNEL_GRAD_TARGET: "ConvKernelGrad", CONV_KERNEL_FLIP_TARGET: "ConvKernelFlip",
             CONV_FORWARD_TARGET: "ConvForward", BF16_CONV_FORWARD_TARGET: "Bf16ConvForward",
             BF16_DOT_CONV_FORWARD_TARGET: "Bf16DotConvForward", CHANNEL_SUMS_TARGET: "ChannelSums"}
