@@ -59,16 +59,20 @@ def jit(fun: Callable | None = None, *, mesh: jax.sharding.Mesh | None = None, *
 CPU_FLAGS_OFF_ENV = "CONVNEXT_AUDIO_JAX_CPU_FLAGS_OFF"
 
 
+def cpu_flags_off() -> frozenset[str]:
+    """The flags named in ``$CONVNEXT_AUDIO_JAX_CPU_FLAGS_OFF``."""
+    return frozenset(os.environ.get(CPU_FLAGS_OFF_ENV, "").replace(",", " ").split())
+
+
 @functools.cache
 def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (Linux: /proc/cpuinfo; empty where that cannot be read), less those named in
-    ``$CONVNEXT_AUDIO_JAX_CPU_FLAGS_OFF``."""
+    """The CPU's feature flags (Linux: /proc/cpuinfo; empty where that cannot be read), less :func:`cpu_flags_off`."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             flags = frozenset(next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), []))
     except OSError:
         return frozenset()
-    return flags - frozenset(os.environ.get(CPU_FLAGS_OFF_ENV, "").replace(",", " ").split())
+    return flags - cpu_flags_off()
 
 
 def native_bfloat16(backend: str | None = None) -> bool:

@@ -231,17 +231,26 @@ def test_the_source_ships_with_the_package():
         assert os.path.exists(pathlib.Path(native.__file__).with_name(name)), name
 
 
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the -march targets below are x86-64 ones")
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the instruction sets below are x86-64 ones")
 def test_the_library_builds_for_cpus_without_avx512_or_amx(monkeypatch, tmp_path):
-    """The kernels are compiled for the machine they run on; the AMX code must stay out of builds for other CPUs
-    (AVX2 only here), whose library reports the tile kernel as absent."""
+    """The kernels are compiled for the machine they run on; the AVX-512 and AMX code must stay out of builds for
+    other CPUs (AVX2 here: this CPU less the flags named off), whose library reports those kernels as absent."""
     import ctypes
 
-    flags = tuple("-march=x86-64-v3" if flag == "-march=native" else flag for flag in native.CXX_FLAGS)
-    monkeypatch.setattr(native.library, "CXX_FLAGS", flags)
+    from convnext_audio_jax import xla
+
+    monkeypatch.setenv(xla.CPU_FLAGS_OFF_ENV, "avx512f, amx_tile amx_bf16 amx_int8 sse4_2")
+    flags = native.library.compiler_flags()
+    assert flags[:len(native.CXX_FLAGS)] == native.CXX_FLAGS
+    assert set(flags[len(native.CXX_FLAGS):]) == {"-mno-avx512f", "-mno-amx-tile", "-mno-amx-bf16", "-mno-amx-int8"}
     path = tmp_path / "kernels-avx2.so"
     native.build(native.find_compiler(), path)
     library = ctypes.cdll.LoadLibrary(str(path))
-    assert library.ConvnextAudioJaxAmxReady() == 0
+    assert library.ConvnextAudioJaxAmxReady() == 0 and library.ConvnextAudioJaxBf16DotReady() == 0
     for symbol in native.HANDLERS.values():
         assert getattr(library, symbol)
+    # The cached library's name changes with what was named off: another build, not this CPU's.
+    compiler = native.find_compiler()
+    named_off = native.library_path(compiler)
+    monkeypatch.delenv(xla.CPU_FLAGS_OFF_ENV)
+    assert native.library_path(compiler) != named_off

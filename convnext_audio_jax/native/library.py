@@ -1,5 +1,6 @@
 """Building and loading the compiled kernels of this folder. They are compiled on first use with the machine's C++
-compiler (``$CXX``, else ``c++``, ``g++`` or ``clang++``) for this CPU (``-march=native``) against the FFI headers
+compiler (``$CXX``, else ``c++``, ``g++`` or ``clang++``) for this CPU (``-march=native``, less the instruction sets of
+flags named in ``$CONVNEXT_AUDIO_JAX_CPU_FLAGS_OFF``) against the FFI headers
 jaxlib ships, into one library kept in a cache folder (``$CONVNEXT_AUDIO_JAX_CACHE``, else
 ``$XDG_CACHE_HOME/convnext_audio_jax``, else ``~/.cache/convnext_audio_jax``) under a name that hashes the sources,
 jaxlib's version, the compiler and the CPU's flags, so a later process, or another CPU kind sharing the folder, loads
@@ -49,6 +50,13 @@ HANDLERS = {CONV_TARGET: "DepthwiseConv", KERNEL_GRAD_TARGET: "DepthwiseKernelGr
             CONV_FORWARD_TARGET: "ConvForward", BF16_CONV_FORWARD_TARGET: "Bf16ConvForward",
             BF16_DOT_CONV_FORWARD_TARGET: "Bf16DotConvForward", CHANNEL_SUMS_TARGET: "ChannelSums"}
 CXX_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-Wno-psabi")
+# The compiler options (gcc and clang) that keep an instruction set out of the -march=native build, for the CPU flags
+# named in $CONVNEXT_AUDIO_JAX_CPU_FLAGS_OFF (xla.cpu_flags_off): the library is then the one a CPU without them
+# would build. Other flags named there change only the choices made from xla.cpu_flags.
+WITHOUT_FLAG_OPTIONS = {"avx": "-mno-avx", "avx2": "-mno-avx2", "fma": "-mno-fma", "avx512f": "-mno-avx512f",
+                        "avx512_bf16": "-mno-avx512bf16", "avx512_fp16": "-mno-avx512fp16",
+                        "avx512_vnni": "-mno-avx512vnni", "avx_vnni": "-mno-avxvnni", "amx_tile": "-mno-amx-tile",
+                        "amx_bf16": "-mno-amx-bf16", "amx_int8": "-mno-amx-int8"}
 BUILD_TIMEOUT_S = 600
 
 
@@ -71,6 +79,12 @@ def find_compiler() -> str | None:
     return next((path for name in ("c++", "g++", "clang++") if (path := shutil.which(name))), None)
 
 
+def compiler_flags() -> tuple[str, ...]:
+    """``CXX_FLAGS`` and, for each CPU flag named off (:func:`xla.cpu_flags_off`), its ``WITHOUT_FLAG_OPTIONS``."""
+    off = xla.cpu_flags_off()
+    return (*CXX_FLAGS, *(option for flag, option in WITHOUT_FLAG_OPTIONS.items() if flag in off))
+
+
 def _sources() -> dict[str, bytes]:
     files = importlib.resources.files(__package__)
     return {name: files.joinpath(name).read_bytes() for name in (*SOURCES, *HEADERS)}
@@ -83,7 +97,7 @@ def library_path(compiler: str) -> pathlib.Path:
     except (OSError, subprocess.SubprocessError) as error:
         raise NativeUnavailable(f"the C++ compiler {compiler!r} does not run: {error}") from None
     key = hashlib.sha256()
-    for part in (*_sources().values(), importlib.metadata.version("jaxlib").encode(), version.encode(), " ".join(CXX_FLAGS).encode(),
+    for part in (*_sources().values(), importlib.metadata.version("jaxlib").encode(), version.encode(), " ".join(compiler_flags()).encode(),
                  platform.machine().encode(), " ".join(sorted(xla.cpu_flags())).encode()):
         key.update(part + b"\0")
     return cache_dir() / "native" / f"kernels-{key.hexdigest()[:16]}.so"
@@ -97,7 +111,7 @@ def build(compiler: str, destination: pathlib.Path) -> None:
         for name, text in _sources().items():
             (pathlib.Path(scratch) / name).write_bytes(text)
         output = pathlib.Path(scratch) / destination.name
-        command = [compiler, *CXX_FLAGS, "-I", jax.ffi.include_dir(), *(str(pathlib.Path(scratch) / name) for name in SOURCES),
+        command = [compiler, *compiler_flags(), "-I", jax.ffi.include_dir(), *(str(pathlib.Path(scratch) / name) for name in SOURCES),
                    "-o", str(output)]
         try:
             result = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
