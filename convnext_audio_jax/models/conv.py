@@ -56,7 +56,8 @@ def _conv(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
 
 def _forward(x: jax.Array, kernel: jax.Array, impl: ConvImpl) -> jax.Array:
     """The convolution in ``x``'s dtype (the kernel cast to it). A bfloat16 one runs on the AMX tile unit or with
-    AVX512-BF16's dot products where the CPU has them and the channels fit (:func:`native.bf16_unit`; on a
+    AVX512-BF16's dot products where the CPU has them, is not an AVX512-FP16 core (where they run at half rate) and
+    the channels fit (:func:`native.bf16_unit`; on a
     2-core AMX Xeon the tile kernel took CNN14's convolutions from 1.9 s to 0.6 s per batch of 8 clips,
     benchmarks/conv.py), else as the compiled float32 convolution between conversions, which is what XLA:CPU's
     bfloat16 convolution computes too (the same numbers up to summation order)."""

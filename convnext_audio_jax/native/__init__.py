@@ -49,8 +49,8 @@ BF16_DOT_SLOW_CPU_FLAG = "avx512_fp16"
 
 
 def amx_available() -> bool:
-    """Whether :func:`bf16_matmul` runs here: the library loads, this CPU has ``AMX_CPU_FLAGS`` and the build has
-    the tile kernel (and the operating system granted the tile state)."""
+    """Whether the tile kernels (bfloat16 convolution, Dense product) run here: the library loads, this CPU has
+    ``AMX_CPU_FLAGS`` and the build has them (and the operating system granted the tile state)."""
     if not all(flag in xla.cpu_flags() for flag in AMX_CPU_FLAGS) or not available():
         return False
     return bool(library.loaded().ConvnextAudioJaxAmxReady())
