@@ -254,3 +254,59 @@ def test_the_library_builds_for_cpus_without_avx512_or_amx(monkeypatch, tmp_path
     named_off = native.library_path(compiler)
     monkeypatch.delenv(xla.CPU_FLAGS_OFF_ENV)
     assert native.library_path(compiler) != named_off
+
+
+# Run in a fresh process with AVX-512 and AMX named off (see test_the_library_builds_for_cpus_without_avx512_or_amx):
+# each float32 kernel of the AVX2 build against XLA's form of the same operation, with tails of rows, channels and
+# register blocks. A CPU kind met in another session (an AVX2-only EPYC) runs exactly these code paths.
+AVX2_KERNELS_SCRIPT = r"""
+import jax, jax.numpy as jnp, numpy as np
+from convnext_audio_jax import native, xla
+assert "avx512f" not in xla.cpu_flags() and native.available() and not native.bf16_dot_available()
+rng = np.random.default_rng(0)
+def close(name, got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    error = np.abs(got - want).max() / np.abs(want).max()
+    assert error < 2e-5, (name, error)
+    print(name, f"{error:.1e}")
+dn = ("NHWC", "HWIO", "NHWC")
+x = jnp.asarray(rng.standard_normal((37, 72)), jnp.float32)
+w = jnp.asarray(rng.standard_normal((72, 48)), jnp.float32)
+b = jnp.asarray(rng.standard_normal(48), jnp.float32)
+close("f32_matmul", native.f32_matmul(x, w, b, gelu=True), jax.nn.gelu(x @ w + b, approximate=False))
+xi = jnp.asarray(rng.standard_normal((2, 11, 9, 20)), jnp.float32)
+k = jnp.asarray(rng.standard_normal((3, 3, 20, 48)), jnp.float32)
+pad = ((1, 1), (1, 1))
+close("conv_forward", native.conv_forward(xi, k, pad), jax.lax.conv_general_dilated(xi, k, (1, 1), pad, dimension_numbers=dn))
+dy = jnp.asarray(rng.standard_normal((2, 11, 9, 48)), jnp.float32)
+grad = jax.vjp(lambda k: jax.lax.conv_general_dilated(xi, k, (1, 1), pad, dimension_numbers=dn), k)[1](dy)[0]
+close("conv_kernel_grad", native.conv_kernel_grad(xi, dy, (3, 3), pad), grad)
+c = jnp.asarray(rng.standard_normal((2, 13, 10, 24)), jnp.float32)
+dk = jnp.asarray(rng.standard_normal((7, 7, 24)), jnp.float32)
+pad7 = ((3, 3), (3, 3))
+grouped = lambda c, dk: jax.lax.conv_general_dilated(c, dk[:, :, None, :], (1, 1), pad7, dimension_numbers=dn,
+                                                     feature_group_count=24)
+close("depthwise_conv", native.depthwise_conv(c, dk, pad7), grouped(c, dk))
+dyd = jnp.asarray(rng.standard_normal((2, 13, 10, 24)), jnp.float32)
+close("depthwise_kernel_grad", native.depthwise_kernel_grad(c, dyd, (7, 7), pad7),
+      jax.vjp(lambda dk: grouped(c, dk), dk)[1](dyd)[0])
+sums = native.channel_sums(c, dyd, jnp.mean(c, (0, 1, 2)), jnp.mean(dyd, (0, 1, 2)))
+c64, d64 = np.asarray(c, np.float64), np.asarray(dyd, np.float64)
+close("channel_sums", sums[0], c64.sum((0, 1, 2)))
+close("channel_sums products", sums[1], ((c64 - c64.mean((0, 1, 2))) * (d64 - d64.mean((0, 1, 2)))).sum((0, 1, 2)))
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the instruction sets named off are x86-64 ones")
+def test_the_avx2_build_of_each_float32_kernel_gives_xlas_numbers():
+    import subprocess
+    import sys
+
+    from convnext_audio_jax import xla
+
+    env = {**os.environ, xla.CPU_FLAGS_OFF_ENV: "avx512f avx512_bf16 avx512_fp16 amx_tile amx_bf16 amx_int8",
+           "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", AVX2_KERNELS_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=600, cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("e-") == 7, result.stdout  # every comparison ran
