@@ -13,4 +13,4 @@ NEEDS_COMPILER = pytest.mark.skipif(native.find_compiler() is None,
 NEEDS_AMX = pytest.mark.skipif(not native.amx_available(), reason="this CPU has no AMX-BF16 (or no C++ compiler): "
                                "the bfloat16 tile kernels cannot run here")
 NEEDS_BF16_DOT = pytest.mark.skipif(not native.bf16_dot_available(), reason="this CPU has no AVX512-BF16 (or no C++ "
-                                    "compiler): the bfloat16 dot-product convolution cannot run here")
+                                    "compiler): the bfloat16 dot-product kernels cannot run here")

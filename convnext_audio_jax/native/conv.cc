@@ -76,25 +76,10 @@ void Micro(const float* xs, const Run* runs, int run_count, const float* ds, flo
     for (int v = 0; v < NV; ++v) Store(out + r * out_stride + v * kVec, acc[r][v]);
 }
 
-template <int R>
-void MicroRows(int vectors, const float* xs, const Run* runs, int run_count, const float* ds, float* out,
-               int64_t out_stride) {
-  switch (vectors) {
-    case 1: return Micro<R, 1>(xs, runs, run_count, ds, out, out_stride);
-    case 2: return Micro<R, 2>(xs, runs, run_count, ds, out, out_stride);
-    case 3: return Micro<R, 3>(xs, runs, run_count, ds, out, out_stride);
-    default: return Micro<R, 4>(xs, runs, run_count, ds, out, out_stride);
-  }
-}
-
-template <int R>
-void MicroDispatch(int rows, int vectors, const float* xs, const Run* runs, int run_count, const float* ds,
-                   float* out, int64_t out_stride) {
-  if constexpr (R > 1) {
-    if (rows < R) return MicroDispatch<R - 1>(rows, vectors, xs, runs, run_count, ds, out, out_stride);
-  }
-  MicroRows<R>(vectors, xs, runs, run_count, ds, out, out_stride);
-}
+struct KernelGradBlock {
+  template <int R, int NV, typename... Args>
+  static void Run(Args... args) { Micro<R, NV>(args...); }
+};
 
 // Packs positions [p0, p1) (row-major (b, h, w)) of dy, channels [c0, c1), contiguously (kCoBlock floats per
 // position), and splits them into runs along image lines.
@@ -185,8 +170,8 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
           float* out = sums + share * out_size + ((i * g.kw + j) * g.ci) * g.co;
           for (int64_t c = ci0; c < ci1; c += kRows) {
             const int rows = static_cast<int>(std::min<int64_t>(kRows, ci1 - c));
-            MicroDispatch<kRows>(rows, vectors, xs.data() + j * kCiBlock + (c - ci0), runs, run_count, ds,
-                                 out + c * g.co + co0, g.co);
+            convnext_audio_jax::Dispatch<KernelGradBlock, kRows, kMaxVectors>(
+                rows, vectors, xs.data() + j * kCiBlock + (c - ci0), runs, run_count, ds, out + c * g.co + co0, g.co);
           }
         }
       }
@@ -231,25 +216,10 @@ void ConvMicro(const float* const* rows, const int64_t* offsets, int64_t taps, i
     for (int v = 0; v < NV; ++v) Store(y + r * y_stride + v * kVec, acc[r][v]);
 }
 
-template <int R>
-void ConvMicroRows(int vectors, const float* const* rows, const int64_t* offsets, int64_t taps, int64_t cb,
-                   const float* panel, bool accumulate, float* y, int64_t y_stride) {
-  switch (vectors) {
-    case 1: return ConvMicro<R, 1>(rows, offsets, taps, cb, panel, accumulate, y, y_stride);
-    case 2: return ConvMicro<R, 2>(rows, offsets, taps, cb, panel, accumulate, y, y_stride);
-    case 3: return ConvMicro<R, 3>(rows, offsets, taps, cb, panel, accumulate, y, y_stride);
-    default: return ConvMicro<R, 4>(rows, offsets, taps, cb, panel, accumulate, y, y_stride);
-  }
-}
-
-template <int R>
-void ConvMicroDispatch(int count, int vectors, const float* const* rows, const int64_t* offsets, int64_t taps,
-                       int64_t cb, const float* panel, bool accumulate, float* y, int64_t y_stride) {
-  if constexpr (R > 1) {
-    if (count < R) return ConvMicroDispatch<R - 1>(count, vectors, rows, offsets, taps, cb, panel, accumulate, y, y_stride);
-  }
-  ConvMicroRows<R>(vectors, rows, offsets, taps, cb, panel, accumulate, y, y_stride);
-}
+struct ConvBlock {
+  template <int R, int NV, typename... Args>
+  static void Run(Args... args) { ConvMicro<R, NV>(args...); }
+};
 
 // Positions per task of the convolution.
 constexpr int64_t kConvChunk = 32 * kRows;
@@ -301,7 +271,8 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
           const int64_t q = p + r, row = q / g.w, col = q % g.w, b = row / g.h, h = row % g.h;
           rows[r] = xp + ((b * g.hx + h) * g.wx + col) * g.ci + c0;
         }
-        ConvMicroDispatch<kRows>(count, vectors, rows, off, taps, cb, panel, c0 > 0, yp + p * g.co + co0, g.co);
+        convnext_audio_jax::Dispatch<ConvBlock, kRows, kMaxVectors>(count, vectors, rows, off, taps, cb, panel, c0 > 0,
+                                                                   yp + p * g.co + co0, g.co);
       }
     }
   });

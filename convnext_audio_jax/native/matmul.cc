@@ -181,25 +181,10 @@ void DotMicro(const uint16_t* x, int64_t depth, const uint16_t* panel, const flo
   }
 }
 
-template <int R>
-void DotMicroRows(int vectors, const uint16_t* x, int64_t depth, const uint16_t* panel, const float* bias, bool gelu,
-                  uint16_t* y, int64_t cols) {
-  switch (vectors) {
-    case 1: return DotMicro<R, 1>(x, depth, panel, bias, gelu, y, cols);
-    case 2: return DotMicro<R, 2>(x, depth, panel, bias, gelu, y, cols);
-    case 3: return DotMicro<R, 3>(x, depth, panel, bias, gelu, y, cols);
-    default: return DotMicro<R, 4>(x, depth, panel, bias, gelu, y, cols);
-  }
-}
-
-template <int R>
-void DotMicroDispatch(int count, int vectors, const uint16_t* x, int64_t depth, const uint16_t* panel,
-                      const float* bias, bool gelu, uint16_t* y, int64_t cols) {
-  if constexpr (R > 1) {
-    if (count < R) return DotMicroDispatch<R - 1>(count, vectors, x, depth, panel, bias, gelu, y, cols);
-  }
-  DotMicroRows<R>(vectors, x, depth, panel, bias, gelu, y, cols);
-}
+struct DotBlock {
+  template <int R, int NV, typename... Args>
+  static void Run(Args... args) { DotMicro<R, NV>(args...); }
+};
 
 ffi::Error DotProduct(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
                       ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::BF16> y, bool gelu) {
@@ -239,8 +224,9 @@ ffi::Error DotProduct(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffe
       const int count = static_cast<int>(std::min<int64_t>(kDotRows, m1 - m));
       for (int64_t p = p0; p < p1; ++p) {
         const int vectors = static_cast<int>(std::min<int64_t>(kDotCols, cols - p * kDotCols) / 16);
-        DotMicroDispatch<kDotRows>(count, vectors, xp + m * depth, depth, pp + p * panel_size, bp + p * kDotCols,
-                                   gelu, yp + m * cols + p * kDotCols, cols);
+        convnext_audio_jax::Dispatch<DotBlock, kDotRows, kDotCols / 16>(count, vectors, xp + m * depth, depth,
+                                                            pp + p * panel_size, bp + p * kDotCols, gelu,
+                                                            yp + m * cols + p * kDotCols, cols);
       }
     }
   });
@@ -289,25 +275,10 @@ void F32Micro(const float* x, int64_t depth, const float* panel, const float* bi
   }
 }
 
-template <int R>
-void F32MicroRows(int vectors, const float* x, int64_t depth, const float* panel, const float* bias, bool gelu,
-                  float* y, int64_t cols) {
-  switch (vectors) {
-    case 1: return F32Micro<R, 1>(x, depth, panel, bias, gelu, y, cols);
-    case 2: return F32Micro<R, 2>(x, depth, panel, bias, gelu, y, cols);
-    case 3: return F32Micro<R, 3>(x, depth, panel, bias, gelu, y, cols);
-    default: return F32Micro<R, 4>(x, depth, panel, bias, gelu, y, cols);
-  }
-}
-
-template <int R>
-void F32MicroDispatch(int count, int vectors, const float* x, int64_t depth, const float* panel, const float* bias,
-                      bool gelu, float* y, int64_t cols) {
-  if constexpr (R > 1) {
-    if (count < R) return F32MicroDispatch<R - 1>(count, vectors, x, depth, panel, bias, gelu, y, cols);
-  }
-  F32MicroRows<R>(vectors, x, depth, panel, bias, gelu, y, cols);
-}
+struct F32Block {
+  template <int R, int NV, typename... Args>
+  static void Run(Args... args) { F32Micro<R, NV>(args...); }
+};
 
 ffi::Error F32Product(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                      ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y, bool gelu) {
@@ -342,8 +313,9 @@ ffi::Error F32Product(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
       const int count = static_cast<int>(std::min<int64_t>(kRows, m1 - m));
       for (int64_t p = p0; p < p1; ++p) {
         const int vectors = static_cast<int>(std::min<int64_t>(kPanelCols, cols - p * kPanelCols) / kVec);
-        F32MicroDispatch<kRows>(count, vectors, xp + m * depth, depth, pp + p * depth * kPanelCols,
-                                bp + p * kPanelCols, gelu, yp + m * cols + p * kPanelCols, cols);
+        convnext_audio_jax::Dispatch<F32Block, kRows, kVectors>(count, vectors, xp + m * depth, depth,
+                                                                pp + p * depth * kPanelCols, bp + p * kPanelCols,
+                                                                gelu, yp + m * cols + p * kPanelCols, cols);
       }
     }
   });
@@ -361,29 +333,18 @@ extern "C" int ConvnextAudioJaxAmxReady() {
 #endif
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(Bf16Matmul, Matmul,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::BF16>>()
-                                  .Attr<bool>("gelu"));
+// The three products' operands: x and w of one type, the bias float32, a result of x's type, the GELU flag.
+template <ffi::DataType T>
+auto MatmulBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<T>>()
+      .template Arg<ffi::Buffer<T>>()  // the binding's type depends on T from here on
+      .template Arg<ffi::Buffer<ffi::F32>>()
+      .template Ret<ffi::Buffer<T>>()
+      .template Attr<bool>("gelu");
+}
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(Bf16DotMatmul, DotProduct,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::BF16>>()
-                                  .Attr<bool>("gelu"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(F32Matmul, F32Product,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("gelu"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Bf16Matmul, Matmul, MatmulBinding<ffi::DataType::BF16>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Bf16DotMatmul, DotProduct, MatmulBinding<ffi::DataType::BF16>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(F32Matmul, F32Product, MatmulBinding<ffi::DataType::F32>());

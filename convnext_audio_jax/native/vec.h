@@ -29,6 +29,19 @@ inline Vec Load(const float* p) {
 
 inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(Vec)); }
 
+// Block::Run<R, NV>(args...) with R = rows (1..KR) and NV = vectors (1..KNV) as compile-time constants: how the
+// register-blocked kernels take their tails of rows and of column vectors (each size its own unrolled code).
+template <typename Block, int KR, int KNV, typename... Args>
+inline void Dispatch(int rows, int vectors, Args... args) {
+  if constexpr (KR > 1) {
+    if (rows < KR) return Dispatch<Block, KR - 1, KNV>(rows, vectors, args...);
+  }
+  if constexpr (KNV > 1) {
+    if (vectors < KNV) return Dispatch<Block, KR, KNV - 1>(rows, vectors, args...);
+  }
+  Block::template Run<KR, KNV>(args...);
+}
+
 // Exact (erf) GELU, 0.5·v·(1 + erf(v/√2)), in float32: erf(z) = z·P(z²)/Q(z²) on z clamped to [-4, 4] (the
 // rational approximation Eigen and XLA use for float; |error| < 5e-7). The products and sums contract to FMAs.
 template <typename V>
