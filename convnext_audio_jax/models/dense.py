@@ -29,9 +29,9 @@ def resolve_matmul_impl(impl: MatmulImpl, dtype: Any = jnp.bfloat16, in_features
     on the CPU where a compiled kernel takes the product — float32 with ``features`` a multiple of 16 (the library
     loads: :func:`native.available`), bfloat16 where one of the CPU's bfloat16 units runs and fits the sizes
     (:func:`native.bf16_unit`: the AMX tile unit, both multiples of 32; else AVX512-BF16's dot products off
-    AVX512-FP16 cores, ``in_features`` even and ``features`` a multiple of 16) — else 'xla'. 'native' asks for the compiled kernel
-    where one takes the product (for bfloat16 also the dot products where they are not a default) and is an error
-    where none can run; other products (a 527-class head, float16) use XLA's dot under either."""
+    AVX512-FP16 cores, ``in_features`` even and ``features`` a multiple of 16) — else 'xla'. 'native' asks for the
+    compiled kernel where one takes the product (for bfloat16 also the dot products where they are not a default)
+    and is an error where none can run; other products (a 527-class head, float16) use XLA's dot under either."""
     if impl not in ("auto", "xla", "native"):
         raise ValueError(f"matmul_impl must be 'auto', 'xla' or 'native', got {impl!r}")
     if impl == "xla":
