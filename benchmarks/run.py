@@ -3,6 +3,7 @@
     python benchmarks/run.py                      # every audio model, fp32 + bf16, batch 64 and 8
     python benchmarks/run.py --quick              # convnext_tiny + cnn6, fp32, batch 2, 2 repeats (< 5 min on 2 CPU cores)
     python benchmarks/run.py --models convnext_tiny --dtypes bfloat16 --batch 64
+    python benchmarks/run.py --dtypes float32 bfloat16 --torch-dtypes float32   # no torch autocast rows
 
 Per model, dtype and batch, waveform → probabilities:
 - **ours** (every registered audio model): parameters, GFLOPs per clip (XLA cost analysis of the
@@ -91,14 +92,18 @@ PUBLISHED = {
 
 
 def benchmark(cases: list[Case], batches: list[int], dtypes: list[str], repeats: int, *, with_torch: bool,
-              train_dtypes: list[str] | None = None,
+              train_dtypes: list[str] | None = None, torch_dtypes: list[str] | None = None,
               compile_timeout: int | None, with_audax: bool, with_train: bool, with_onnx: bool = True, log=print,
               on_progress=None) -> dict:
     """The measured part of the result; ``on_progress(partial)`` gets it after every (model, batch) and every
-    model's training rows, so a long run that is stopped keeps what it measured."""
+    model's training rows, so a long run that is stopped keeps what it measured. Torch's forward rows are run for
+    ``torch_dtypes`` (default: ``dtypes``)."""
     rows: list[dict] = []
     notes: dict[str, str] = {}
     parity: dict[str, dict] = {}
+    torch_dtypes = dtypes if torch_dtypes is None else torch_dtypes
+    for dtype in sorted(set(dtypes) - set(torch_dtypes)):
+        notes[f"torch/{dtype}"] = "forward rows skipped (--torch-dtypes)"
 
     def measured() -> dict:
         return {"rows": rows, "ratios": ratios(rows), "parity_max_abs_probs": parity, "notes": notes}
@@ -129,7 +134,7 @@ def benchmark(cases: list[Case], batches: list[int], dtypes: list[str], repeats:
                 except Exception as error:  # noqa: BLE001 — e.g. out of memory at batch 64: recorded, the run goes on
                     ours, ours_probs = {"implementation": "ours", "error": error_summary(error)}, None
                 added = [ours]
-                if reference is not None:
+                if reference is not None and dtype in torch_dtypes:
                     torch_measured, torch_probs = torch_rows(reference, dtype, waveform, repeats, compile_timeout)
                     added += torch_measured
                     if dtype == "float32":
@@ -196,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-train", action="store_true", help="skip the training-step benchmark")
     parser.add_argument("--train-dtypes", nargs="+", choices=["float32", "bfloat16"],
                         help="dtypes of the training-step rows (default: --dtypes)")
+    parser.add_argument("--torch-dtypes", nargs="+", choices=["float32", "bfloat16"],
+                        help="dtypes of torch's forward rows (default: --dtypes; e.g. float32 alone on a CPU without "
+                             "native bf16, where torch's autocast forward takes minutes per batch)")
     parser.add_argument("--out-dir", type=pathlib.Path, default=pathlib.Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
 
@@ -208,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     # float32 first: the torch fp32 output it leaves is what the bf16 rows' parity is measured against.
     dtypes = sorted(args.dtypes or (["float32"] if args.quick else ["float32", "bfloat16"]), key=lambda d: d != "float32")
     repeats = args.repeats or (2 if args.quick else 5)
+    if args.torch_dtypes and not set(args.torch_dtypes) <= set(dtypes):
+        parser.error(f"--torch-dtypes {args.torch_dtypes} must be among the run's dtypes {dtypes}")
     cases = [Case(n, args.seconds, tuple(TINY_CONVNEXT.items()) if args.tiny and get_spec(n).module is AudioConvNeXt else ())
              for n in names]
 
@@ -227,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             "complete": complete,  # false in the copies written while the run is going
             "machine": machine,
             "settings": {"quick": args.quick, "models": names, "batches": batches, "dtypes": dtypes,
-                         "train_dtypes": args.train_dtypes or dtypes, "repeats": repeats,
+                         "train_dtypes": args.train_dtypes or dtypes, "torch_dtypes": args.torch_dtypes or dtypes,
+                         "repeats": repeats,
                          "clip_seconds": args.seconds, "tiny": args.tiny, "parity_clips": PARITY_CLIPS},
             **measured,
             "published": PUBLISHED,
@@ -240,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         temporary.replace(json_path)
 
     measured = benchmark(cases, batches, dtypes, repeats, with_torch=not args.no_torch, train_dtypes=args.train_dtypes,
+                         torch_dtypes=args.torch_dtypes,
                          compile_timeout=None if args.quick or args.no_compile or args.no_torch else args.compile_timeout,
                          with_audax=not args.no_audax, with_train=not (args.quick or args.no_train),
                          with_onnx=not args.no_onnx,

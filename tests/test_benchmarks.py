@@ -98,3 +98,17 @@ def test_onnxruntime_row(result):
     assert row["max_abs_diff_vs_ours"] < 1e-4 and row["max_abs_diff_vs_torch_fp32"] < 1e-4
     (entry,) = result["ratios"]
     assert entry["ours_over_onnxruntime"] > 0
+
+
+def test_torch_dtypes_leave_out_torch_rows():
+    """--torch-dtypes float32 on a float32 + bfloat16 run: ours in both, torch's forward in float32 only, the
+    bfloat16 parity still measured against torch's float32 output, and the skip named in the notes."""
+    case = run.Case("convnext_tiny", 0.5, tuple(run.TINY_CONVNEXT.items()))
+    measured = run.benchmark([case], [2], ["float32", "bfloat16"], 1, with_torch=True, torch_dtypes=["float32"],
+                             compile_timeout=None, with_audax=False, with_train=False, with_onnx=False, log=lambda _: None)
+    rows = {(row["implementation"], row["dtype"]) for row in measured["rows"]}
+    assert rows == {("ours", "float32"), ("ours", "bfloat16"), ("torch-eager", "float32")}
+    assert set(measured["parity_max_abs_probs"]["convnext_tiny"]) == {"float32/batch2", "bfloat16/batch2"}
+    assert measured["notes"]["torch/bfloat16"] == "forward rows skipped (--torch-dtypes)"
+    with pytest.raises(SystemExit):  # a torch dtype the run does not measure
+        run.main(["--dtypes", "float32", "--torch-dtypes", "bfloat16", "--no-torch"])
