@@ -27,13 +27,20 @@ namespace ffi = xla::ffi;
 namespace {
 
 using convnext_audio_jax::kRows;
+using convnext_audio_jax::kVectors;
 using convnext_audio_jax::kVec;
 using convnext_audio_jax::Load;
 using convnext_audio_jax::Store;
 using convnext_audio_jax::Vec;
 
-constexpr int kMaxVectors = 4;                  // a CO block: 4 vectors
-constexpr int64_t kCoBlock = kMaxVectors * kVec;
+// The kernel gradient's register block, CI rows × CO vectors: the products' block (vec.h) with AVX-512; 3 × 4 on
+// AVX2, where 6 × 2 was no faster over CNN14's layers (+15 % at 128 → 256 channels, −7 % at 512 → 512).
+#if defined(__AVX512F__)
+constexpr int kGradRows = kRows, kGradVectors = kVectors;
+#else
+constexpr int kGradRows = 3, kGradVectors = 4;
+#endif
+constexpr int64_t kGradCoBlock = kGradVectors * kVec;  // a CO block
 constexpr int64_t kCiBlock = 64;                // a task's CI block
 // Positions per pass: the packed dy (16 KiB) and one tap row's packed x (16 KiB plus KW - 1 columns per image line
 // of the slice) stay in L1 where the lines are long.
@@ -54,7 +61,8 @@ struct Run {
 };
 
 // out[r][v] (row r at out + r * out_stride, vector v) += sum over the runs' positions of x[k][r] * ds[k][v]: xs is
-// the slice's packed x for one tap (runs at their `packed` offsets), ds its packed dy (kCoBlock floats per position).
+// the slice's packed x for one tap (runs at their `packed` offsets), ds its packed dy (kGradCoBlock floats per
+// position).
 template <int R, int NV>
 void Micro(const float* xs, const Run* runs, int run_count, const float* ds, float* out, int64_t out_stride) {
   Vec acc[R][NV];
@@ -62,8 +70,8 @@ void Micro(const float* xs, const Run* runs, int run_count, const float* ds, flo
     for (int v = 0; v < NV; ++v) acc[r][v] = Load(out + r * out_stride + v * kVec);
   for (int run = 0; run < run_count; ++run) {
     const float* x = xs + runs[run].packed;
-    const float* d = ds + runs[run].start * kCoBlock;
-    for (int64_t k = 0; k < runs[run].length; ++k, x += kCiBlock, d += kCoBlock) {
+    const float* d = ds + runs[run].start * kGradCoBlock;
+    for (int64_t k = 0; k < runs[run].length; ++k, x += kCiBlock, d += kGradCoBlock) {
       Vec dv[NV];
       for (int v = 0; v < NV; ++v) dv[v] = Load(d + v * kVec);
       for (int r = 0; r < R; ++r) {
@@ -81,7 +89,7 @@ struct KernelGradBlock {
   static void Run(Args... args) { Micro<R, NV>(args...); }
 };
 
-// Packs positions [p0, p1) (row-major (b, h, w)) of dy, channels [c0, c1), contiguously (kCoBlock floats per
+// Packs positions [p0, p1) (row-major (b, h, w)) of dy, channels [c0, c1), contiguously (kGradCoBlock floats per
 // position), and splits them into runs along image lines.
 int PackDy(const float* dy, const Geometry& g, int64_t c0, int64_t c1, int64_t p0, int64_t p1, float* out,
            Run* runs) {
@@ -91,7 +99,7 @@ int PackDy(const float* dy, const Geometry& g, int64_t c0, int64_t c1, int64_t p
     const int64_t length = std::min<int64_t>(p1 - p, g.w - p % g.w);
     runs[count] = {p - p0, length, packed};
     packed += (length + g.kw - 1) * kCiBlock;
-    for (int64_t k = 0; k < length; ++k) std::memcpy(out + (p - p0 + k) * kCoBlock, dy + (p + k) * g.co + c0,
+    for (int64_t k = 0; k < length; ++k) std::memcpy(out + (p - p0 + k) * kGradCoBlock, dy + (p + k) * g.co + c0,
                                                      (c1 - c0) * sizeof(float));
     p += length;
   }
@@ -134,7 +142,7 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const Geometry g{xd[0], xd[1], xd[2], xd[3], dyd[1], dyd[2], dyd[3], dkd[0], dkd[1], top, left};
   const int64_t taps = g.kh * g.kw, out_size = taps * g.ci * g.co;
   const int64_t positions = g.batch * g.h * g.w;
-  const int64_t ci_blocks = (g.ci + kCiBlock - 1) / kCiBlock, co_blocks = (g.co + kCoBlock - 1) / kCoBlock;
+  const int64_t ci_blocks = (g.ci + kCiBlock - 1) / kCiBlock, co_blocks = (g.co + kGradCoBlock - 1) / kGradCoBlock;
   // Shares of the positions: enough tasks for every thread, each share long enough to pay for its partial sums.
   const int64_t blocks = ci_blocks * co_blocks;
   const int64_t wanted = 8 * (pool.num_threads() + 1);
@@ -154,12 +162,12 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     const int64_t block = task % blocks, share = task / blocks;
     const int64_t co_block = block % co_blocks, ci_block = block / co_blocks;
     const int64_t ci0 = ci_block * kCiBlock, ci1 = std::min<int64_t>(g.ci, ci0 + kCiBlock);
-    const int64_t co0 = co_block * kCoBlock;
-    const int vectors = static_cast<int>(std::min<int64_t>(kCoBlock, g.co - co0) / kVec);
+    const int64_t co0 = co_block * kGradCoBlock;
+    const int vectors = static_cast<int>(std::min<int64_t>(kGradCoBlock, g.co - co0) / kVec);
     const int64_t p_begin = share * per_share, p_end = std::min<int64_t>(positions, p_begin + per_share);
     // A slice has at most kSlicePositions runs (lines of one position), each packed with KW - 1 extra columns.
     std::vector<float> xs((kSlicePositions * g.kw) * kCiBlock);
-    alignas(64) float ds[kSlicePositions * kCoBlock];
+    alignas(64) float ds[kSlicePositions * kGradCoBlock];
     Run runs[kSlicePositions];
     for (int64_t p0 = p_begin; p0 < p_end; p0 += kSlicePositions) {
       const int64_t p1 = std::min<int64_t>(p_end, p0 + kSlicePositions);
@@ -168,9 +176,9 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
         PackX(xp, g, i, ci0, ci1, p0, runs, run_count, xs.data());
         for (int64_t j = 0; j < g.kw; ++j) {
           float* out = sums + share * out_size + ((i * g.kw + j) * g.ci) * g.co;
-          for (int64_t c = ci0; c < ci1; c += kRows) {
-            const int rows = static_cast<int>(std::min<int64_t>(kRows, ci1 - c));
-            convnext_audio_jax::Dispatch<KernelGradBlock, kRows, kMaxVectors>(
+          for (int64_t c = ci0; c < ci1; c += kGradRows) {
+            const int rows = static_cast<int>(std::min<int64_t>(kGradRows, ci1 - c));
+            convnext_audio_jax::Dispatch<KernelGradBlock, kGradRows, kGradVectors>(
                 rows, vectors, xs.data() + j * kCiBlock + (c - ci0), runs, run_count, ds, out + c * g.co + co0, g.co);
           }
         }
@@ -191,6 +199,8 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 }
 
 // ---- the convolution ----
+
+constexpr int64_t kCoBlock = kVectors * kVec;  // a CO block: the register block's vectors
 
 // y[p][v] (positions p of a group, vector v of a CO block) += sum over taps t and the panel's channels c of
 // x_p[offset[t] + c] * panel[t][c][v]: rows[r] points at position r's input pixel (tap (0, 0), first channel of
@@ -223,10 +233,10 @@ struct ConvBlock {
 
 // Positions per task of the convolution.
 constexpr int64_t kConvChunk = 32 * kRows;
-constexpr int64_t kMaxConvChunk = 170 * kRows;  // its float32 output block ≤ 256 KiB (64 channels), in L2
-// Weights per panel: taps × channels × kCoBlock floats, ~144 KiB (64 channels of a 3 × 3 kernel; L2). Panels of
-// ~36 KiB (L1) took a 64-channel layer through its output in four passes: CNN14's float32 forward ran ~8 % slower
-// (A/B in alternating processes).
+constexpr int64_t kMaxConvChunk = 170 * kRows;  // AVX-512: its float32 output block ≤ 256 KiB (64 channels), in L2
+// Weights per panel: taps × channels × kCoBlock floats, ~144 KiB with AVX-512 (64 channels of a 3 × 3 kernel; L2),
+// ~36 KiB with AVX2. With AVX-512, panels of ~36 KiB (L1) took a 64-channel layer through its output in four passes:
+// CNN14's float32 forward ran ~8 % slower (A/B in alternating processes).
 constexpr int64_t kPanelSteps = 576;
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
@@ -271,7 +281,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
           const int64_t q = p + r, row = q / g.w, col = q % g.w, b = row / g.h, h = row % g.h;
           rows[r] = xp + ((b * g.hx + h) * g.wx + col) * g.ci + c0;
         }
-        convnext_audio_jax::Dispatch<ConvBlock, kRows, kMaxVectors>(count, vectors, rows, off, taps, cb, panel, c0 > 0,
+        convnext_audio_jax::Dispatch<ConvBlock, kRows, kVectors>(count, vectors, rows, off, taps, cb, panel, c0 > 0,
                                                                    yp + p * g.co + co0, g.co);
       }
     }

@@ -20,8 +20,8 @@
 // place. Built without AMX (another CPU, or a compiler without it) its handler reports an error and
 // ConvnextAudioJaxAmxReady() returns 0; the Python side checks that before using it.
 //
-// float32 and AVX512-BF16 kernels: w is packed once per call into panels of 4 vectors of columns (the bfloat16
-// one in pairs of k, the layout vdpbf16ps reads); a task takes a block of rows (~256 KiB of x) through a group of
+// float32 and AVX512-BF16 kernels: w is packed once per call into panels of 4 vectors of columns (float32 on AVX2:
+// 2; the bfloat16 one in pairs of k, the layout vdpbf16ps reads); a task takes a block of rows (~256 KiB of x) through a group of
 // panels (~512 KiB), a few rows × one panel in registers over all of K. On a Sapphire
 // Rapids Xeon vdpbf16ps does half the multiplications per cycle of float32 FMAs, so there (AMX hidden) the bfloat16
 // kernel loses to the float32 one and is not a default (native.bf16_dot_preferred); on the AVX512-BF16 EPYC of
@@ -247,12 +247,12 @@ ffi::Error DotProduct(ffi::ThreadPool, ffi::Buffer<ffi::BF16>, ffi::Buffer<ffi::
 using convnext_audio_jax::Gelu;
 using convnext_audio_jax::kRows;
 using convnext_audio_jax::kVec;
+using convnext_audio_jax::kVectors;
 using convnext_audio_jax::Load;
 using convnext_audio_jax::Store;
 using convnext_audio_jax::Vec;
 
-constexpr int kVectors = 4;                        // a column panel: 4 vectors
-constexpr int64_t kPanelCols = kVectors * kVec;
+constexpr int64_t kPanelCols = kVectors * kVec;  // a column panel: the register block's vectors
 
 // y rows [0, R) × one panel's NV vectors of columns = bias + x rows · panel (then GELU): x rows `depth` apart,
 // panel depth × kPanelCols, y rows `cols` apart. Sums start at zero and the bias is added last, as XLA's dot + add.

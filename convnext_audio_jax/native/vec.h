@@ -9,15 +9,18 @@
 
 namespace convnext_audio_jax {
 
+// The register block of the float32 Dense product and convolution: kRows rows (or positions) × kVectors vectors of
+// sums. AVX-512 (32 registers): 6 × 4. AVX2 (16): 6 × 2, a step's weights in two registers; 3 × 4, which read one
+// of them from memory per row, ran the Dense products ~6 % and CNN14's convolutions ~15 % slower (docs/benchmarks.md).
 #if defined(__AVX512F__)
 constexpr int64_t kVec = 16;
-constexpr int kRows = 6;  // rows of a 4-vector register block: 6 × 4 accumulators of 32 vector registers
+constexpr int kRows = 6, kVectors = 4;
 #elif defined(__AVX__)
 constexpr int64_t kVec = 8;
-constexpr int kRows = 3;  // 3 × 4 of 16
+constexpr int kRows = 6, kVectors = 2;
 #else
 constexpr int64_t kVec = 4;
-constexpr int kRows = 3;
+constexpr int kRows = 6, kVectors = 2;
 #endif
 typedef float Vec __attribute__((vector_size(kVec * sizeof(float))));
 
