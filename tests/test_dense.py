@@ -59,7 +59,7 @@ def torch_reference(x, w, bias, activation):
 
 @NEEDS_COMPILER
 @pytest.mark.parametrize("activation", [None, "gelu"])
-# Row tails (37, 35 rows: not multiples of the 6- or 3-row register block), a partial column panel (48, 80
+# Row tails (37, 35 rows: not multiples of the 6-row register block), a partial column panel (48, 80
 # features), 4-D, K = 1 and odd, and K = 2048 (one 64-column panel per task group) with 384 features.
 @pytest.mark.parametrize("shape,features", [((3, 37, 96), 384), ((1, 5, 64), 48), ((2, 5, 7, 192), 80),
                                             ((35, 1), 16), ((4, 9, 7), 32), ((2, 19, 2048), 384)])

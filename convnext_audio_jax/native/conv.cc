@@ -282,7 +282,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
           rows[r] = xp + ((b * g.hx + h) * g.wx + col) * g.ci + c0;
         }
         convnext_audio_jax::Dispatch<ConvBlock, kRows, kVectors>(count, vectors, rows, off, taps, cb, panel, c0 > 0,
-                                                                   yp + p * g.co + co0, g.co);
+                                                                yp + p * g.co + co0, g.co);
       }
     }
   });

@@ -21,8 +21,8 @@
 // ConvnextAudioJaxAmxReady() returns 0; the Python side checks that before using it.
 //
 // float32 and AVX512-BF16 kernels: w is packed once per call into panels of 4 vectors of columns (float32 on AVX2:
-// 2; the bfloat16 one in pairs of k, the layout vdpbf16ps reads); a task takes a block of rows (~256 KiB of x) through a group of
-// panels (~512 KiB), a few rows × one panel in registers over all of K. On a Sapphire
+// 2; the bfloat16 one in pairs of k, the layout vdpbf16ps reads); a task takes a block of rows (~256 KiB of x)
+// through a group of panels (~512 KiB), a few rows × one panel in registers over all of K. On a Sapphire
 // Rapids Xeon vdpbf16ps does half the multiplications per cycle of float32 FMAs, so there (AMX hidden) the bfloat16
 // kernel loses to the float32 one and is not a default (native.bf16_dot_preferred); on the AVX512-BF16 EPYC of
 // issue 15 torch's bfloat16 ConvNeXt-Tiny forward, on oneDNN kernels of this kind, ran 2.7x its float32 one.
