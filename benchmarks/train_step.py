@@ -2,7 +2,7 @@
 backward, AdamW) for an audio model at the paper's input (10 s at 32 kHz; ConvNeXt: 224 mels, PANNs: 64).
 
     python benchmarks/train_step.py [--model convnext_tiny] [--batch 8] [--steps 3] [--devices 1,2,4,8] [--dtype float32]
-                                    [--depthwise-impls auto,shift]
+                                    [--depthwise-impls auto,shift] [--keep-freed-memory]
 
 Rows: ours (JAX, one jitted step on a 'data' mesh of 1, 2, ... devices; on a CPU the devices are
 simulated and share its cores, so the scaling rows measure the cost of sharding, not a speed-up) and the
@@ -33,6 +33,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--seconds", type=float, default=10.0, help="clip length (paper: 10)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="as train.py does (convnext_audio_jax.host_memory): glibc keeps freed memory, JAX's CPU "
+                             "dispatch is synchronous; torch's rows then run under the same allocator")
     parser.add_argument("--depthwise-impls", default="auto",
                         help="model.depthwise_impl values to time, comma-separated (e.g. native,shift: the compiled "
                              "kernel gradient against the XLA form)")
@@ -179,6 +182,10 @@ def benchmark_train_step(model: str, *, batch: int, dtype: str, repeats: int, ov
 
 def main() -> None:
     args = parse_args()
+    if args.keep_freed_memory:
+        from convnext_audio_jax import host_memory
+
+        host_memory.keep_freed_memory()
     import jax
 
     clips, targets = random_batch(args.batch, args.seconds)

@@ -1,0 +1,54 @@
+"""Keep freed host memory in the process during CPU training, so that XLA:CPU's temporaries are not mapped afresh on
+every step.
+
+XLA:CPU allocates an executable's temporaries on each call (5.2 GB for ConvNeXt-Tiny's training step at batch 8).
+glibc serves a block that large with ``mmap`` and unmaps it when it is freed, so every step page-faults and zeroes all
+of it again: 1.3 million faults and ~17 % of the step's CPU time on a 2-core Xeon (docs/benchmarks.md). With glibc's
+``mmap`` use off and its trim threshold above any block (:data:`TUNABLES`, which glibc reads only when a process
+starts) and JAX's CPU dispatch synchronous (the calling thread then allocates the temporaries, in glibc's main
+arena), the same memory serves every step.
+
+``python train.py`` calls :func:`keep_freed_memory` first: on Linux with glibc it runs the same command again, once,
+with :data:`TUNABLES` added to ``GLIBC_TUNABLES``. ``CONVNEXT_AUDIO_JAX_KEEP_FREED_MEMORY=0`` leaves the allocator and
+the dispatch alone. The process then keeps its peak of host memory until it exits.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+TUNABLES = ("glibc.malloc.mmap_max=0", "glibc.malloc.trim_threshold=1099511627776")  # no mmap; trim above 1 TiB only
+ENV = "CONVNEXT_AUDIO_JAX_KEEP_FREED_MEMORY"
+
+
+def wanted() -> bool:
+    """Linux with glibc, and not turned off by ``CONVNEXT_AUDIO_JAX_KEEP_FREED_MEMORY=0``."""
+    return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc" and os.environ.get(ENV, "1") != "0"
+
+
+def with_tunables(existing: str) -> str:
+    """``existing`` (a ``GLIBC_TUNABLES`` value) with each of :data:`TUNABLES` it does not set yet appended: a value
+    already there wins."""
+    named = {item.split("=", 1)[0] for item in existing.split(":") if item}
+    added = [tunable for tunable in TUNABLES if tunable.split("=", 1)[0] not in named]
+    return ":".join([existing] * bool(existing) + added)
+
+
+def keep_freed_memory() -> None:
+    """Where :func:`wanted`: run this command again with :data:`TUNABLES` in ``GLIBC_TUNABLES`` unless they are set
+    (``os.execv``: same process id, arguments and interpreter options; call it before anything else), then make JAX's
+    CPU dispatch synchronous."""
+    if not wanted():
+        return
+    current = os.environ.get("GLIBC_TUNABLES", "")
+    updated = with_tunables(current)
+    if updated != current:
+        os.environ["GLIBC_TUNABLES"] = updated
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+    import jax
+
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
