@@ -10,7 +10,8 @@ arena), the same memory serves every step.
 
 ``python train.py`` calls :func:`keep_freed_memory` first: on Linux with glibc it runs the same command again, once,
 with :data:`TUNABLES` added to ``GLIBC_TUNABLES``. ``CONVNEXT_AUDIO_JAX_KEEP_FREED_MEMORY=0`` leaves the allocator and
-the dispatch alone. The process then keeps its peak of host memory until it exits.
+the dispatch alone. The process then keeps its peak of host memory until it exits, as do the processes it starts
+(they inherit ``GLIBC_TUNABLES``).
 """
 
 from __future__ import annotations
