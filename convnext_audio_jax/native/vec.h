@@ -14,14 +14,15 @@ namespace convnext_audio_jax {
 // of them from memory per row, ran the Dense products ~6 % and CNN14's convolutions ~15 % slower (docs/benchmarks.md).
 #if defined(__AVX512F__)
 constexpr int64_t kVec = 16;
-constexpr int kRows = 6, kVectors = 4;
+constexpr int kVectors = 4;
 #elif defined(__AVX__)
 constexpr int64_t kVec = 8;
-constexpr int kRows = 6, kVectors = 2;
+constexpr int kVectors = 2;
 #else
 constexpr int64_t kVec = 4;
-constexpr int kRows = 6, kVectors = 2;
+constexpr int kVectors = 2;
 #endif
+constexpr int kRows = 6;
 typedef float Vec __attribute__((vector_size(kVec * sizeof(float))));
 
 inline Vec Load(const float* p) {
