@@ -1,6 +1,7 @@
 """Dense 2-D convolutions (models/conv.py): Conv equals nn.Conv and torch's conv2d in values and gradients, its
 gradients stay canonical convolutions inside a loop body, the compiled kernels (float32; bfloat16 on the AMX tile
-unit and with AVX512-BF16 dot products) equal float64 sums; PatchConv equals a strided convolution."""
+unit and with AVX512-BF16 dot products; float32 by Winograd's F(2 × 2, 3 × 3)) equal float64 sums, and which one
+a layer runs follows the CPU and its shapes; PatchConv equals a strided convolution."""
 
 import re
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from convnext_audio_jax import native
+from convnext_audio_jax import native, xla
 from convnext_audio_jax.models.conv import Conv, PatchConv, conv_same, resolve_conv_impl
 from native_marks import NEEDS_AMX, NEEDS_BF16_DOT, NEEDS_COMPILER
 
@@ -164,6 +165,85 @@ def test_native_convolution_equals_float64(shape, kernel, out_channels):
     np.testing.assert_allclose(layer_out, expected, atol=2e-6 * np.abs(expected).max())
 
 
+WINOGRAD_CASES = [  # (x shape, C_out, padding)
+    ((2, 11, 7, 16), 16, ((1, 1), (1, 1))),     # odd H and W: the last tiles half outside; one vector
+    ((3, 9, 5, 70), 48, ((1, 1), (1, 1))),      # CI with a vector tail; CO narrower than one AVX-512 block
+    ((1, 1, 1, 16), 32, ((1, 1), (1, 1))),      # one pixel: one tile, three outputs of it dropped
+    ((2, 30, 20, 24), 144, ((1, 1), (1, 1))),   # 300 tiles: several chunks; CO groups with a tail block
+    ((2, 31, 2, 256), 128, ((1, 1), (1, 1))),   # CNN14's narrow last block
+    ((1, 8, 6, 32), 16, ((0, 2), (2, 0))),      # one-sided padding
+]
+
+
+@NEEDS_COMPILER
+@pytest.mark.parametrize(("shape", "out_channels", "padding"), WINOGRAD_CASES)
+def test_winograd_convolution_equals_float64(shape, out_channels, padding):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal((3, 3, shape[-1], out_channels)).astype(np.float32)
+    xpad = np.pad(x.astype(np.float64), ((0, 0), *padding, (0, 0)))
+    height, width = xpad.shape[1] - 2, xpad.shape[2] - 2
+    expected = sum(np.einsum("bhwc,co->bhwo", xpad[:, i:i + height, j:j + width], w[i, j])
+                   for i in range(3) for j in range(3))
+    got = jax.jit(lambda x, w: native.conv_winograd(x, w, padding))(x, w)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=2e-6 * np.abs(expected).max())
+    if padding == ((1, 1), (1, 1)):  # the layer under 'winograd' and 'direct': the same numbers within 2e-6
+        for impl in ("winograd", "direct"):
+            layer_out = conv_same(jnp.asarray(x), jnp.asarray(w), impl)
+            np.testing.assert_allclose(layer_out, expected, atol=2e-6 * np.abs(expected).max())
+
+
+@NEEDS_COMPILER
+def test_winograd_convolves_each_devices_rows_under_a_mesh():
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.standard_normal((8, 10, 6, 16)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 16, 32)), jnp.float32)
+    conv = lambda x, w: native.conv_winograd(x, w, ((1, 1), (1, 1)))  # noqa: E731
+    single = jax.jit(conv)(x, w)
+    rows = NamedSharding(mesh, PartitionSpec("data"))
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        sharded = jax.jit(conv, in_shardings=(rows, None)).lower(x, w).compile()
+    assert "all-gather" not in sharded.as_text()
+    np.testing.assert_allclose(sharded(jax.device_put(x, rows), w), single, rtol=1e-6, atol=1e-5)
+
+
+def test_winograd_rejects_other_kernels():
+    with pytest.raises(ValueError, match=r"kernel \(5, 5, 8, 16\).*expected.*\(3, 3, C_in, C_out\)"):
+        native.conv_winograd(jnp.zeros((1, 6, 6, 8)), jnp.zeros((5, 5, 8, 16)), ((2, 2), (2, 2)))
+
+
+def test_conv_algorithm_follows_tiles_per_input_channel(monkeypatch):
+    """'auto' / 'native': Winograd for 3 × 3 kernels where a device has enough 2 × 2 tiles per input channel (the
+    instruction set's threshold); 'direct' / 'winograd' fix it; other kernels stay direct."""
+    from convnext_audio_jax.models.conv import WINOGRAD_MIN_TILES_PER_IN_CHANNEL, conv_algorithm
+
+    monkeypatch.setattr(xla, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    need = WINOGRAD_MIN_TILES_PER_IN_CHANNEL["avx2"]
+    # 8 × 500 × 32 positions: 8 × 250 × 16 = 32 000 tiles.
+    assert conv_algorithm("auto", (8, 500, 32, 64), (3, 3, 64, 64)) == "winograd"
+    assert conv_algorithm("native", (8, 500, 32, 64), (3, 3, 64, 64)) == "winograd"
+    assert conv_algorithm("auto", (8, 499, 32, 64), (3, 3, 32_000 // need + 1, 64)) == "direct"
+    assert conv_algorithm("auto", (8, 500, 32, 64), (3, 3, 32_000 // need, 64)) == "winograd"
+    assert conv_algorithm("direct", (8, 500, 32, 64), (3, 3, 64, 64)) == "direct"
+    assert conv_algorithm("winograd", (1, 2, 2, 2048), (3, 3, 2048, 64)) == "winograd"
+    assert conv_algorithm("winograd", (8, 500, 32, 64), (5, 5, 64, 64)) == "direct"
+    assert conv_algorithm("auto", (8, 500, 32, 64), (5, 5, 64, 64)) == "direct"
+    monkeypatch.setattr(xla, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f"}))
+    assert conv_algorithm("auto", (8, 500, 32, 64), (3, 3, 32_000 // need, 64)) == "direct"
+    # Under a mesh each device has its share of the tiles.
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("data",))
+    shape = (8, 500, 32, 64)
+    threshold = 32_000 // WINOGRAD_MIN_TILES_PER_IN_CHANNEL["avx512f"]
+    assert conv_algorithm("auto", shape, (3, 3, threshold, 64)) == "winograd"
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        assert conv_algorithm("auto", shape, (3, 3, threshold, 64)) == "direct"
+        assert conv_algorithm("auto", shape, (3, 3, threshold // 4, 64)) == "winograd"
+
+
 def torch_conv_float64(x: np.ndarray, w: np.ndarray, padding: tuple[int, int]) -> np.ndarray:
     """torch's conv2d in float64 on NHWC x and an HWIO kernel."""
     out = torch.nn.functional.conv2d(torch.from_numpy(np.asarray(x, np.float64)).permute(0, 3, 1, 2),
@@ -304,11 +384,11 @@ def test_input_gradient_of_few_channels_by_taps_equals_float64(in_channels, kern
 @NEEDS_COMPILER
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_conv_layer_gradients_equal_under_either_impl(dtype):
-    """A model's choice of ``conv_impl`` changes no number beyond float32 summation order (bfloat16: the native
-    kernel gradient is summed in float32, XLA's in bfloat16)."""
+    """A model's choice of ``conv_impl`` changes no number beyond float32 rounding (summation order; Winograd's
+    transforms) (bfloat16: the native kernel gradient is summed in float32, XLA's in bfloat16)."""
     x = jax.random.normal(jax.random.key(0), (2, 12, 8, 32)).astype(dtype)
     grads = []
-    for impl in ("native", "xla"):
+    for impl in ("native", "direct", "winograd", "xla"):
         layer = Conv(32, (3, 3), impl=impl, dtype=dtype)
         variables = layer.init(jax.random.key(1), x)
         grads.append(jax.grad(lambda v, x: (layer.apply(v, x).astype(jnp.float32) ** 2).sum(), argnums=(0, 1))(variables, x))
@@ -328,6 +408,10 @@ def test_conv_impl_resolution(monkeypatch):
     assert resolve_conv_impl("auto", 64, 64) == "native"
     assert resolve_conv_impl("auto", 1, 64) == "xla"     # CNN14's first layer: XLA's was faster
     assert resolve_conv_impl("auto", 64, 40) == "xla"    # C_out not a multiple of the vector width
+    assert resolve_conv_impl("direct", 64, 64) == resolve_conv_impl("winograd", 64, 64) == "native"
+    assert resolve_conv_impl("winograd", 1, 64) == "xla"
+    with pytest.raises(ValueError, match="'direct', 'winograd'"):
+        resolve_conv_impl("native-winograd")
 
 
 def test_native_kernel_gradient_rejects_shapes_that_do_not_fit():

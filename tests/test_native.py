@@ -201,7 +201,7 @@ def test_the_cache_name_changes_with_the_source_and_the_cpu(fresh_native, monkey
 
 @pytest.mark.parametrize(("env", "reason"), [
     ({"CONVNEXT_AUDIO_JAX_NATIVE": "0"}, "disabled by CONVNEXT_AUDIO_JAX_NATIVE=0"),
-    ({"CXX": "/bin/false"}, "building depthwise.cc, conv.cc, matmul.cc, conv_bf16.cc, reduce.cc with '/bin/false' failed (exit 1)"),
+    ({"CXX": "/bin/false"}, "building depthwise.cc, conv.cc, winograd.cc, matmul.cc, conv_bf16.cc, reduce.cc with '/bin/false' failed (exit 1)"),
     ({"CXX": "/nonexistent/c++"}, "the C++ compiler '/nonexistent/c++' does not run"),
     ({"CONVNEXT_AUDIO_JAX_CACHE": "/proc/convnext-audio-jax-cache"}, "cannot build into /proc/convnext-audio-jax-cache/native"),
 ])
@@ -280,6 +280,9 @@ xi = jnp.asarray(rng.standard_normal((2, 11, 7, 20)), jnp.float32)
 k = jnp.asarray(rng.standard_normal((3, 3, 20, 48)), jnp.float32)
 pad = ((1, 1), (1, 1))
 close("conv_forward", native.conv_forward(xi, k, pad), jax.lax.conv_general_dilated(xi, k, (1, 1), pad, dimension_numbers=dn))
+# Winograd: CI with a vector tail (20), CO 48 (three 16-channel blocks: a group of 64 with a tail), 300 tiles.
+xw = jnp.asarray(rng.standard_normal((2, 30, 20, 20)), jnp.float32)
+close("conv_winograd", native.conv_winograd(xw, k, pad), jax.lax.conv_general_dilated(xw, k, (1, 1), pad, dimension_numbers=dn))
 dy = jnp.asarray(rng.standard_normal((2, 11, 7, 48)), jnp.float32)
 grad = jax.vjp(lambda k: jax.lax.conv_general_dilated(xi, k, (1, 1), pad, dimension_numbers=dn), k)[1](dy)[0]
 close("conv_kernel_grad", native.conv_kernel_grad(xi, dy, (3, 3), pad), grad)
@@ -311,4 +314,4 @@ def test_the_avx2_build_of_each_float32_kernel_gives_xlas_numbers():
     result = subprocess.run([sys.executable, "-c", AVX2_KERNELS_SCRIPT], env=env, capture_output=True, text=True,
                             timeout=600, cwd=pathlib.Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("e-") == 7, result.stdout  # every comparison ran
+    assert result.stdout.count("e-") == 8, result.stdout  # every comparison ran

@@ -21,25 +21,59 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from convnext_audio_jax import native
+from convnext_audio_jax import native, xla
 from convnext_audio_jax.models.layers import default_kernel_init
 from convnext_audio_jax.models.norm import Dtype, broadcast_channels
 
-ConvImpl = Literal["auto", "xla", "native"]
+ConvImpl = Literal["auto", "xla", "native", "direct", "winograd"]
+CONV_IMPLS = ("auto", "xla", "native", "direct", "winograd")
 _NHWC = ("NHWC", "HWIO", "NHWC")
 # The compiled kernel gradient pays off from this many input channels (CNN14's 1 → 64 layer ran faster in XLA).
 NATIVE_MIN_IN_CHANNELS = 16
+# A float32 3 × 3 forward runs Winograd's F(2 × 2, 3 × 3) under 'auto' / 'native' where a device has at least this
+# many 2 × 2 output tiles per input channel; with fewer, reading the transformed kernel (16/9 of the kernel) for
+# few tiles costs more than the multiplications saved. Measured per CNN14 layer, batch 8 (docs/benchmarks.md):
+# with AVX-512 Winograd ran 1.3-1.4× the direct kernel from 8 000 tiles at 128 channels, 0.93× at 2 000 tiles and
+# 512 channels; with AVX2 (half the direct kernel's FMA rate) 1.2× still at 2 000 tiles and 512 channels.
+WINOGRAD_MIN_TILES_PER_IN_CHANNEL = {"avx512f": 8, "avx2": 2}
 
 
 def resolve_conv_impl(impl: ConvImpl, in_channels: int = 64, out_channels: int = 64) -> str:
     """'xla' or 'native' for a convolution of ``in_channels`` → ``out_channels`` (see :func:`conv_same`). 'auto' is
     'native' on the CPU where the compiled kernels load (:func:`native.available`), for ≥ 16 input channels and
-    output channels a multiple of 16, else 'xla'; 'native' is an error where the kernels cannot run and falls back
-    to 'xla' for layers it does not fit."""
-    if native.resolve(impl, "conv_impl") == "xla":
+    output channels a multiple of 16, else 'xla'; 'native', 'direct' and 'winograd' (the compiled kernels with the
+    forward's algorithm fixed, :func:`conv_algorithm`) are an error where the kernels cannot run and fall back to
+    'xla' for layers they do not fit."""
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"conv_impl must be one of {', '.join(map(repr, CONV_IMPLS))}, got {impl!r}")
+    if native.resolve("native" if impl in ("direct", "winograd") else impl, "conv_impl") == "xla":
         return "xla"
     fits = in_channels >= NATIVE_MIN_IN_CHANNELS and out_channels % 16 == 0
     return "native" if fits else "xla"
+
+
+def conv_algorithm(impl: ConvImpl, x_shape: tuple[int, ...], kernel_shape: tuple[int, ...]) -> str:
+    """How the compiled kernels compute a float32 forward of NHWC ``x_shape`` with ``kernel_shape`` (a layer
+    :func:`resolve_conv_impl` made 'native'): 'winograd' (:func:`native.conv_winograd`) or 'direct'
+    (:func:`native.conv_forward`). 'direct' and 'winograd' choose so (Winograd for 3 × 3 kernels only); 'auto' and
+    'native' choose Winograd for a 3 × 3 kernel where a device has ≥ ``WINOGRAD_MIN_TILES_PER_IN_CHANNEL`` tiles
+    (of the instruction set the library was built for) per input channel."""
+    kh, kw, in_channels = kernel_shape[:3]
+    if (kh, kw) != (3, 3) or impl == "direct":
+        return "direct"
+    if impl == "winograd":
+        return "winograd"
+    batch, height, width = x_shape[:3]
+    tiles = native.rows_per_device(batch) * -(-height // 2) * -(-width // 2)
+    isa = "avx512f" if "avx512f" in xla.cpu_flags() else "avx2"  # the library is built for these flags
+    return "winograd" if tiles >= WINOGRAD_MIN_TILES_PER_IN_CHANNEL[isa] * in_channels else "direct"
+
+
+def _forward_f32(x: jax.Array, kernel: jax.Array, impl: ConvImpl) -> jax.Array:
+    padding = _same_padding(kernel)
+    if conv_algorithm(impl, x.shape, kernel.shape) == "winograd":
+        return native.conv_winograd(x, kernel, padding)
+    return native.conv_forward(x, kernel, padding)
 
 
 def _same_padding(kernel: jax.Array) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -65,10 +99,11 @@ def _forward(x: jax.Array, kernel: jax.Array, impl: ConvImpl) -> jax.Array:
     if resolve_conv_impl(impl, *kernel.shape[2:]) != "native" or x.dtype not in (jnp.float32, jnp.bfloat16):
         return _conv(x, kernel.astype(x.dtype), padding)
     if x.dtype == jnp.float32:
-        return native.conv_forward(x, kernel, padding)
+        return _forward_f32(x, kernel, impl)
     unit = native.bf16_unit(*kernel.shape[2:])
     if unit is None:
-        return native.conv_forward(x.astype(jnp.float32), kernel.astype(jnp.bfloat16), padding).astype(jnp.bfloat16)
+        return _forward_f32(x.astype(jnp.float32), kernel.astype(jnp.bfloat16).astype(jnp.float32),
+                            impl).astype(jnp.bfloat16)
     return native.conv_forward(x, kernel, padding, bf16_unit=unit)  # rounds a float32 kernel itself
 
 

@@ -30,8 +30,8 @@ from convnext_audio_jax import xla
 
 logger = logging.getLogger("convnext_audio_jax.native")
 
-SOURCES = ("depthwise.cc", "conv.cc", "matmul.cc", "conv_bf16.cc", "reduce.cc")
-HEADERS = ("parallel.h", "bf16.h", "vec.h")
+SOURCES = ("depthwise.cc", "conv.cc", "winograd.cc", "matmul.cc", "conv_bf16.cc", "reduce.cc")
+HEADERS = ("parallel.h", "bf16.h", "vec.h", "conv_micro.h")
 CONV_TARGET = "convnext_audio_jax_depthwise_conv"
 KERNEL_GRAD_TARGET = "convnext_audio_jax_depthwise_kernel_grad"
 MATMUL_TARGET = "convnext_audio_jax_bf16_matmul"
@@ -40,6 +40,7 @@ F32_MATMUL_TARGET = "convnext_audio_jax_f32_matmul"
 CONV_KERNEL_GRAD_TARGET = "convnext_audio_jax_conv_kernel_grad"
 CONV_KERNEL_FLIP_TARGET = "convnext_audio_jax_conv_kernel_flip"
 CONV_FORWARD_TARGET = "convnext_audio_jax_conv_forward"
+CONV_WINOGRAD_TARGET = "convnext_audio_jax_conv_winograd"
 BF16_CONV_FORWARD_TARGET = "convnext_audio_jax_bf16_conv_forward"
 BF16_DOT_CONV_FORWARD_TARGET = "convnext_audio_jax_bf16_dot_conv_forward"
 CHANNEL_SUMS_TARGET = "convnext_audio_jax_channel_sums"
@@ -47,7 +48,8 @@ CHANNEL_SUMS_TARGET = "convnext_audio_jax_channel_sums"
 HANDLERS = {CONV_TARGET: "DepthwiseConv", KERNEL_GRAD_TARGET: "DepthwiseKernelGrad", MATMUL_TARGET: "Bf16Matmul",
             BF16_DOT_MATMUL_TARGET: "Bf16DotMatmul", F32_MATMUL_TARGET: "F32Matmul",
             CONV_KERNEL_GRAD_TARGET: "ConvKernelGrad", CONV_KERNEL_FLIP_TARGET: "ConvKernelFlip",
-            CONV_FORWARD_TARGET: "ConvForward", BF16_CONV_FORWARD_TARGET: "Bf16ConvForward",
+            CONV_FORWARD_TARGET: "ConvForward", CONV_WINOGRAD_TARGET: "ConvWinogradForward",
+            BF16_CONV_FORWARD_TARGET: "Bf16ConvForward",
             BF16_DOT_CONV_FORWARD_TARGET: "Bf16DotConvForward", CHANNEL_SUMS_TARGET: "ChannelSums"}
 CXX_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-Wno-psabi")
 # The compiler options (gcc and clang) that keep an instruction set out of the -march=native build, for the CPU flags
@@ -155,6 +157,7 @@ def load() -> None:
                 library = ctypes.cdll.LoadLibrary(str(path))
                 handlers = {target: getattr(library, symbol) for target, symbol in HANDLERS.items()}
                 library.ConvnextAudioJaxBf16ConvRows.restype = ctypes.c_int64
+                library.ConvnextAudioJaxWinogradCoBlock.restype = ctypes.c_int64
             except (OSError, AttributeError) as error:
                 raise NativeUnavailable(f"cannot load {path}: {error}") from None
             if not _registered:  # XLA keeps one handler per name for the life of the process
