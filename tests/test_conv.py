@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from convnext_audio_jax import native, xla
+from convnext_audio_jax import native
 from convnext_audio_jax.models.conv import Conv, PatchConv, conv_same, resolve_conv_impl
 from native_marks import NEEDS_AMX, NEEDS_BF16_DOT, NEEDS_COMPILER
 
@@ -216,32 +216,26 @@ def test_winograd_rejects_other_kernels():
         native.conv_winograd(jnp.zeros((1, 6, 6, 8)), jnp.zeros((5, 5, 8, 16)), ((2, 2), (2, 2)))
 
 
-def test_conv_algorithm_follows_tiles_per_input_channel(monkeypatch):
-    """'auto' / 'native': Winograd for 3 × 3 kernels where a device has enough 2 × 2 tiles per input channel (the
-    instruction set's threshold); 'direct' / 'winograd' fix it; other kernels stay direct."""
-    from convnext_audio_jax.models.conv import WINOGRAD_MIN_TILES_PER_IN_CHANNEL, conv_algorithm
+def test_conv_algorithm_follows_tiles_per_input_channel():
+    """'auto' / 'native': Winograd for 3 × 3 kernels where a device has enough 2 × 2 tiles per input channel;
+    'direct' / 'winograd' fix it; other kernels stay direct."""
+    from convnext_audio_jax.models.conv import WINOGRAD_MIN_TILES_PER_IN_CHANNEL as need, conv_algorithm
 
-    monkeypatch.setattr(xla, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
-    need = WINOGRAD_MIN_TILES_PER_IN_CHANNEL["avx2"]
-    # 8 × 500 × 32 positions: 8 × 250 × 16 = 32 000 tiles.
-    assert conv_algorithm("auto", (8, 500, 32, 64), (3, 3, 64, 64)) == "winograd"
-    assert conv_algorithm("native", (8, 500, 32, 64), (3, 3, 64, 64)) == "winograd"
-    assert conv_algorithm("auto", (8, 499, 32, 64), (3, 3, 32_000 // need + 1, 64)) == "direct"
-    assert conv_algorithm("auto", (8, 500, 32, 64), (3, 3, 32_000 // need, 64)) == "winograd"
-    assert conv_algorithm("direct", (8, 500, 32, 64), (3, 3, 64, 64)) == "direct"
+    shape = (8, 500, 32, 64)  # 8 × 250 × 16 = 32 000 tiles
+    most = int(32_000 / need)  # the most input channels that still get Winograd
+    assert conv_algorithm("auto", shape, (3, 3, 64, 64)) == "winograd"
+    assert conv_algorithm("native", shape, (3, 3, most, 64)) == "winograd"
+    assert conv_algorithm("auto", shape, (3, 3, most + 1, 64)) == "direct"
+    assert conv_algorithm("auto", (8, 499, 31, 64), (3, 3, most, 64)) == "winograd"  # odd sizes: whole tiles
+    assert conv_algorithm("direct", shape, (3, 3, 64, 64)) == "direct"
     assert conv_algorithm("winograd", (1, 2, 2, 2048), (3, 3, 2048, 64)) == "winograd"
-    assert conv_algorithm("winograd", (8, 500, 32, 64), (5, 5, 64, 64)) == "direct"
-    assert conv_algorithm("auto", (8, 500, 32, 64), (5, 5, 64, 64)) == "direct"
-    monkeypatch.setattr(xla, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f"}))
-    assert conv_algorithm("auto", (8, 500, 32, 64), (3, 3, 32_000 // need, 64)) == "direct"
+    assert conv_algorithm("winograd", shape, (5, 5, 64, 64)) == "direct"
+    assert conv_algorithm("auto", shape, (5, 5, 64, 64)) == "direct"
     # Under a mesh each device has its share of the tiles.
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("data",))
-    shape = (8, 500, 32, 64)
-    threshold = 32_000 // WINOGRAD_MIN_TILES_PER_IN_CHANNEL["avx512f"]
-    assert conv_algorithm("auto", shape, (3, 3, threshold, 64)) == "winograd"
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-        assert conv_algorithm("auto", shape, (3, 3, threshold, 64)) == "direct"
-        assert conv_algorithm("auto", shape, (3, 3, threshold // 4, 64)) == "winograd"
+        assert conv_algorithm("auto", shape, (3, 3, most, 64)) == "direct"
+        assert conv_algorithm("auto", shape, (3, 3, most // 4, 64)) == "winograd"
 
 
 def torch_conv_float64(x: np.ndarray, w: np.ndarray, padding: tuple[int, int]) -> np.ndarray:
@@ -285,17 +279,17 @@ def test_bfloat16_convolution_equals_torch_float64(shape, kernel, out_channels, 
     np.testing.assert_array_equal(*rounded)
 
 
-def bfloat16_layer_outputs(in_channels: int) -> tuple[dict, dict]:
-    """A bfloat16 Conv's outputs and compiled programs under impl 'native' and 'xla'."""
+def bfloat16_layer_outputs(in_channels: int, impls=("native", "xla")) -> tuple[dict, dict]:
+    """A bfloat16 Conv's outputs and compiled programs under each of ``impls`` (the first compared with 'xla')."""
     x = jax.random.normal(jax.random.key(0), (2, 20, 8, in_channels)).astype(jnp.bfloat16)
     outputs, texts = {}, {}
-    for impl in ("native", "xla"):
+    for impl in (*impls, "xla") if "xla" not in impls else impls:
         layer = Conv(96, (3, 3), impl=impl, dtype=jnp.bfloat16)
         variables = layer.init(jax.random.key(1), x)
         texts[impl] = jax.jit(layer.apply).lower(variables, x).as_text()
         outputs[impl] = np.asarray(layer.apply(variables, x), np.float32)
     # Both sum in float32 and round once (XLA converts to float32 around its convolution).
-    np.testing.assert_allclose(outputs["native"], outputs["xla"], rtol=2 ** -7, atol=1e-5)
+    np.testing.assert_allclose(outputs[impls[0]], outputs["xla"], rtol=2 ** -7, atol=1e-5)
     return outputs, texts
 
 
@@ -322,10 +316,11 @@ def test_bfloat16_conv_without_a_bfloat16_unit_runs_the_float32_kernel(monkeypat
     """No AMX, no AVX512-BF16 (or channels neither fits): the compiled float32 convolution between conversions, which
     is what XLA's bfloat16 convolution computes too."""
     monkeypatch.setattr(native, "bf16_unit", lambda *channels: None)
-    outputs, texts = bfloat16_layer_outputs(64)
-    assert "bf16_" not in texts["native"] and f"@{native.CONV_FORWARD_TARGET}(" in texts["native"]
-    # The kernel rounded to bfloat16 as XLA rounds it; float32 sums in another order: equal almost everywhere.
-    assert np.mean(outputs["native"] == outputs["xla"]) > 0.99
+    outputs, texts = bfloat16_layer_outputs(64, ("direct", "winograd", "xla"))
+    for impl, target in (("direct", native.CONV_FORWARD_TARGET), ("winograd", native.CONV_WINOGRAD_TARGET)):
+        assert "bf16_" not in texts[impl] and f"@{target}(" in texts[impl]
+        # The kernel rounded to bfloat16 as XLA rounds it; float32 sums in another order: equal almost everywhere.
+        assert np.mean(outputs[impl] == outputs["xla"]) > 0.99, impl
 
 
 def test_bfloat16_convolution_rejects_channels_its_unit_cannot_take():

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from convnext_audio_jax import native, xla
+from convnext_audio_jax import native
 from convnext_audio_jax.models.layers import default_kernel_init
 from convnext_audio_jax.models.norm import Dtype, broadcast_channels
 
@@ -31,11 +31,11 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 # The compiled kernel gradient pays off from this many input channels (CNN14's 1 → 64 layer ran faster in XLA).
 NATIVE_MIN_IN_CHANNELS = 16
 # A float32 3 × 3 forward runs Winograd's F(2 × 2, 3 × 3) under 'auto' / 'native' where a device has at least this
-# many 2 × 2 output tiles per input channel; with fewer, reading the transformed kernel (16/9 of the kernel) for
-# few tiles costs more than the multiplications saved. Measured per CNN14 layer, batch 8 (docs/benchmarks.md):
-# with AVX-512 Winograd ran 1.3-1.4× the direct kernel from 8 000 tiles at 128 channels, 0.93× at 2 000 tiles and
-# 512 channels; with AVX2 (half the direct kernel's FMA rate) 1.2× still at 2 000 tiles and 512 channels.
-WINOGRAD_MIN_TILES_PER_IN_CHANNEL = {"avx512f": 8, "avx2": 2}
+# many 2 × 2 output tiles per input channel; with fewer, reading the transformed kernel (16/9 of the kernel) for few
+# tiles costs more than the multiplications saved. Per CNN14 layer, batch 8 (benchmarks/conv.py, docs/benchmarks.md):
+# Winograd ran 1.1-1.7× the direct kernel (AVX-512) and 1.4-1.8× (AVX2) down to 0.5 tiles per channel (62 × 4,
+# 1024 channels), 0.6-0.7× (AVX-512) and 1.0× (AVX2) at 0.125 (31 × 2, 1024 and 2048 channels).
+WINOGRAD_MIN_TILES_PER_IN_CHANNEL = 0.25
 
 
 def resolve_conv_impl(impl: ConvImpl, in_channels: int = 64, out_channels: int = 64) -> str:
@@ -56,8 +56,8 @@ def conv_algorithm(impl: ConvImpl, x_shape: tuple[int, ...], kernel_shape: tuple
     """How the compiled kernels compute a float32 forward of NHWC ``x_shape`` with ``kernel_shape`` (a layer
     :func:`resolve_conv_impl` made 'native'): 'winograd' (:func:`native.conv_winograd`) or 'direct'
     (:func:`native.conv_forward`). 'direct' and 'winograd' choose so (Winograd for 3 × 3 kernels only); 'auto' and
-    'native' choose Winograd for a 3 × 3 kernel where a device has ≥ ``WINOGRAD_MIN_TILES_PER_IN_CHANNEL`` tiles
-    (of the instruction set the library was built for) per input channel."""
+    'native' choose Winograd for a 3 × 3 kernel where a device has ≥ ``WINOGRAD_MIN_TILES_PER_IN_CHANNEL`` 2 × 2
+    output tiles per input channel."""
     kh, kw, in_channels = kernel_shape[:3]
     if (kh, kw) != (3, 3) or impl == "direct":
         return "direct"
@@ -65,8 +65,7 @@ def conv_algorithm(impl: ConvImpl, x_shape: tuple[int, ...], kernel_shape: tuple
         return "winograd"
     batch, height, width = x_shape[:3]
     tiles = native.rows_per_device(batch) * -(-height // 2) * -(-width // 2)
-    isa = "avx512f" if "avx512f" in xla.cpu_flags() else "avx2"  # the library is built for these flags
-    return "winograd" if tiles >= WINOGRAD_MIN_TILES_PER_IN_CHANNEL[isa] * in_channels else "direct"
+    return "winograd" if tiles >= WINOGRAD_MIN_TILES_PER_IN_CHANNEL * in_channels else "direct"
 
 
 def _forward_f32(x: jax.Array, kernel: jax.Array, impl: ConvImpl) -> jax.Array:

@@ -33,7 +33,7 @@ from convnext_audio_jax.native import library
 from convnext_audio_jax.native.library import (BF16_CONV_FORWARD_TARGET, BF16_DOT_CONV_FORWARD_TARGET,  # noqa: F401
                                                BF16_DOT_MATMUL_TARGET,
                                                CONV_FORWARD_TARGET, CONV_KERNEL_FLIP_TARGET, CONV_KERNEL_GRAD_TARGET,
-                                               CONV_WINOGRAD_TARGET,
+                                               CONV_WINOGRAD_KERNEL_TARGET, CONV_WINOGRAD_TARGET,
                                                CHANNEL_SUMS_TARGET, CONV_TARGET, CXX_FLAGS, F32_MATMUL_TARGET,
                                                HANDLERS, HEADERS,
                                                KERNEL_GRAD_TARGET, MATMUL_TARGET, SOURCES, NativeUnavailable,
@@ -319,15 +319,11 @@ def conv_forward(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int]
     return _per_device_rows(call, x.astype(dtype), kernel)
 
 
-# Winograd F(2 × 2, 3 × 3): the kernel transform G (u = G k Gᵀ); winograd.cc holds Bᵀ and Aᵀ.
-WINOGRAD_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]], np.float32)
-
-
 def conv_winograd(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
     """:func:`conv_forward` of float32 ``x`` with a 3 × 3 ``kernel`` by Winograd's F(2 × 2, 3 × 3) (``winograd.cc``):
-    16 multiplications per 2 × 2 outputs and channel pair instead of 36; rounding differs from the direct sum by
-    ~1e-6 relative to the largest output. The kernel is transformed here (u = G k Gᵀ, float32) into the kernel's
-    packed layout. Under a mesh set for tracing each device convolves its own rows."""
+    16 multiplications per 2 × 2 outputs and channel pair instead of 36, within 2e-6 of the largest output of the
+    exact sum as the direct kernel is. Two calls: the kernel transform (u = G k Gᵀ in the forward's packed layout),
+    then the convolution. Under a mesh set for tracing each device convolves its own rows."""
     load()
     if x.ndim != 4 or kernel.ndim != 4 or kernel.shape[:2] != (3, 3) or kernel.shape[2] != x.shape[-1] or (
             kernel.shape[3] % 16 or min(padding[0] + padding[1]) < 0):
@@ -336,11 +332,8 @@ def conv_winograd(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int
                          "negative padding")
     cin, cout = kernel.shape[2:]
     block = library.loaded().ConvnextAudioJaxWinogradCoBlock()
-    blocks = -(-cout // block)
-    g = jnp.asarray(WINOGRAD_G)
-    u = jnp.einsum("ai,ijcd,bj->abcd", g, kernel.astype(jnp.float32), g, precision=jax.lax.Precision.HIGHEST)
-    u = jnp.pad(u.reshape(16, cin, cout), ((0, 0), (0, 0), (0, blocks * block - cout)))
-    u = u.reshape(16, cin, blocks, block).transpose(2, 0, 1, 3)
+    u = jax.ffi.ffi_call(CONV_WINOGRAD_KERNEL_TARGET, jax.ShapeDtypeStruct((-(-cout // block), 16, cin, block), jnp.float32),
+                         vmap_method="sequential")(kernel.astype(jnp.float32))
 
     def call(x, u):
         (top, bottom), (left, right) = padding
