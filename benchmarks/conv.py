@@ -1,10 +1,13 @@
 """GFLOP/s of the PANNs' dense 'same' convolutions at CNN14's and CNN6's layer shapes (batch 8 of 10 s clips):
-float32 — the compiled kernel (``conv_impl="native"``), XLA's convolution, torch's ``conv2d``; bfloat16 — the AMX
+float32 — the compiled direct kernel (``conv_impl="direct"``), the compiled Winograd F(2 × 2, 3 × 3) one ("winograd";
+3 × 3 kernels, else the direct one), what ``conv_impl="native"`` (and "auto" on the CPU) picks per layer, XLA's
+convolution, torch's ``conv2d``; bfloat16 — the AMX
 tile kernel ('tiles', needs AMX-BF16), the AVX512-BF16 dot-product kernel ('dots', needs AVX512-BF16), the float32
 kernel between conversions (what ``Conv`` runs where neither fits), XLA's bfloat16 convolution, torch's bfloat16
 ``conv2d`` (on channels-last tensors, NHWC like ours). Run one after another in rounds (median); GFLOP/s count the
 H × W outputs only. Last column: each bfloat16 result's largest difference from float64 relative to the largest
-value.
+value; then the float32 direct and Winograd results' (against torch's float64 ``conv2d``). GFLOP/s are the direct
+convolution's multiply-adds × 2 per second for every column (Winograd's count as the same work).
 
     python benchmarks/conv.py [--batch 8] [--rounds 5] [--models cnn14 cnn6]
 
@@ -54,7 +57,7 @@ def main() -> None:
         return xla.jit(lambda x, k: native.conv_forward(x, k, ((k.shape[0] // 2,) * 2, (k.shape[1] // 2,) * 2),
                                                         bf16_unit=unit))
 
-    float32 = {impl: xla.jit(lambda x, k, impl=impl: conv_same(x, k, impl)) for impl in ("native", "xla")}
+    float32 = {impl: xla.jit(lambda x, k, impl=impl: conv_same(x, k, impl)) for impl in ("direct", "winograd", "native", "xla")}
     bfloat16 = {**{unit: ours(unit) for unit in units},
                 "fp32 kernel": xla.jit(lambda x, k: conv_same(x.astype(jnp.float32), k.astype(jnp.bfloat16), "native")
                                        .astype(jnp.bfloat16)),
@@ -64,8 +67,8 @@ def main() -> None:
     columns = [*(f"fp32 {name}" for name in float32), "fp32 torch",
                *(f"bf16 {name}" for name in bfloat16), "bf16 torch"]
     print("| model | layer (lines × mels, C_in → C_out, k) | " + " | ".join(columns) + " | bf16 max rel. error "
-          + " / ".join([*bfloat16, "torch"]) + " |")
-    print("|---|---|" + "---:|" * (len(columns) + 1))
+          + " / ".join([*bfloat16, "torch"]) + " | fp32 max rel. error direct / winograd |")
+    print("|---|---|" + "---:|" * (len(columns) + 2))
     rng = np.random.default_rng(0)
     for model in args.models:
         totals, flops_total = dict.fromkeys(columns, 0.0), 0.0
@@ -90,13 +93,19 @@ def main() -> None:
             scale = np.abs(exact).max()
             errors = [np.abs(np.asarray(f(x16, k32), np.float64) - exact).max() / scale for f in bfloat16.values()]
             errors.append(np.abs(torch_out - exact).max() / scale)
+            with torch.no_grad():  # torch's float64 convolution
+                exact32 = F.conv2d(tx.double(), tk.double(), padding=k // 2).permute(0, 2, 3, 1).numpy()
+            scale32 = np.abs(exact32).max()
+            errors32 = [np.abs(np.asarray(float32[impl](x32, k32), np.float64) - exact32).max() / scale32
+                        for impl in ("direct", "winograd")]
             print(f"| {model} | {lines} × {mels}, {cin} → {cout}, {k} | "
                   + " | ".join(f"{flops / ms[name] / 1e6:.0f}" for name in columns)
-                  + " | " + " / ".join(f"{e:.1e}" for e in errors) + " |", flush=True)
+                  + " | " + " / ".join(f"{e:.1e}" for e in errors)
+                  + " | " + " / ".join(f"{e:.1e}" for e in errors32) + " |", flush=True)
             for name in columns:
                 totals[name] += ms[name]
             flops_total += flops
-        print(f"| {model} | per forward, ms | " + " | ".join(f"{totals[name]:.0f}" for name in columns) + " | |")
+        print(f"| {model} | per forward, ms | " + " | ".join(f"{totals[name]:.0f}" for name in columns) + " | | |")
 
 
 if __name__ == "__main__":

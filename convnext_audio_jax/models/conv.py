@@ -127,10 +127,10 @@ def _input_grad_by_taps(dy: jax.Array, kernel: jax.Array) -> jax.Array:
 def conv_same(x: jax.Array, kernel: jax.Array, impl: ConvImpl = "auto") -> jax.Array:
     """The stride-1 convolution of ``x`` (B, H, W, C_in) with ``kernel`` (kh, kw, C_in, C_out), odd sizes,
     zero padding that keeps H × W (torch's ``padding=k // 2``), in ``x``'s dtype (the kernel cast to it; its
-    gradient in the kernel's dtype); the numbers of ``nn.Conv(padding=k // 2)`` up to float32 summation order.
-    Its gradients are autodiff's, written as canonical convolutions (see the module docstring). Where ``impl``
+    gradient in the kernel's dtype); the numbers of ``nn.Conv(padding=k // 2)`` up to float32 rounding (summation
+    order; Winograd's transforms). Its gradients are autodiff's, written as canonical convolutions (see the module docstring). Where ``impl``
     resolves to 'native' (:func:`resolve_conv_impl`) the compiled kernels compute the float32 convolutions (forward
-    and input gradient), the bfloat16 ones (on the AMX tile unit or with AVX512-BF16 dot products where the CPU has
+    and input gradient; direct or, for 3 × 3 kernels, Winograd's F(2 × 2, 3 × 3): :func:`conv_algorithm`), the bfloat16 ones (on the AMX tile unit or with AVX512-BF16 dot products where the CPU has
     them; products summed in float32, one rounding), and the kernel gradient (summed in float32, also for
     bfloat16). On the CPU, unless ``impl`` is 'xla', a layer with fewer than 16 input channels gets its input
     gradient as one product and shifted sums (:func:`_input_grad_by_taps`, summed in float32)."""

@@ -143,7 +143,7 @@ class PannCNN(nn.Module):
     frontend: FrontendConfig = FrontendConfig(n_mels=64)
     depthwise_impl: DepthwiseImpl = "auto"
     matmul_impl: MatmulImpl = "auto"  # the 'next' block's Dense layers
-    conv_impl: ConvImpl = "auto"  # the dense convolutions (CNN14, CNN6): XLA's or the compiled kernels
+    conv_impl: ConvImpl = "auto"  # the dense convolutions (CNN14, CNN6): XLA's or the compiled kernels (direct, Winograd)
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
