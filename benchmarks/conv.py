@@ -1,6 +1,6 @@
 """GFLOP/s of the PANNs' dense 'same' convolutions at CNN14's and CNN6's layer shapes (batch 8 of 10 s clips):
-float32 — the compiled direct kernel (``conv_impl="direct"``), the compiled Winograd F(2 × 2, 3 × 3) one ("winograd";
-3 × 3 kernels, else the direct one), what ``conv_impl="native"`` (and "auto" on the CPU) picks per layer, XLA's
+float32 — the compiled direct kernel (``conv_impl="direct"``), the compiled Winograd one ("winograd": F(2 × 2, 3 × 3)
+or F(2 × 2, 5 × 5)), what ``conv_impl="native"`` (and "auto" on the CPU) picks per layer, XLA's
 convolution, torch's ``conv2d``; bfloat16 — the AMX
 tile kernel ('tiles', needs AMX-BF16), the AVX512-BF16 dot-product kernel ('dots', needs AVX512-BF16), the float32
 kernel between conversions (what ``Conv`` runs where neither fits), XLA's bfloat16 convolution, torch's bfloat16

@@ -30,11 +30,13 @@ CONV_IMPLS = ("auto", "xla", "native", "direct", "winograd")
 _NHWC = ("NHWC", "HWIO", "NHWC")
 # The compiled kernel gradient pays off from this many input channels (CNN14's 1 → 64 layer ran faster in XLA).
 NATIVE_MIN_IN_CHANNELS = 16
-# A float32 3 × 3 forward runs Winograd's F(2 × 2, 3 × 3) under 'auto' / 'native' where a device has at least this
-# many 2 × 2 output tiles per input channel; with fewer, reading the transformed kernel (16/9 of the kernel) for few
-# tiles costs more than the multiplications saved. Per CNN14 layer, batch 8 (benchmarks/conv.py, docs/benchmarks.md):
-# Winograd ran 1.1-1.7× the direct kernel (AVX-512) and 1.4-1.8× (AVX2) down to 0.5 tiles per channel (62 × 4,
-# 1024 channels), 0.6-0.7× (AVX-512) and 1.0× (AVX2) at 0.125 (31 × 2, 1024 and 2048 channels).
+# A float32 3 × 3 or 5 × 5 forward runs Winograd's F(2 × 2, 3 × 3) or F(2 × 2, 5 × 5) under 'auto' / 'native' where
+# a device has at least this many 2 × 2 output tiles per input channel; with fewer, reading the transformed kernel
+# (16/9 or 36/25 of the kernel) for few tiles costs more than the multiplications saved. Per layer, batch 8
+# (benchmarks/conv.py, docs/benchmarks.md), Winograd / direct kernel: 3 × 3 (CNN14) 1.1-1.7× (AVX-512) and 1.4-1.8×
+# (AVX2) down to 0.5 tiles per channel (62 × 4, 1024 channels), 0.6-0.7× and 1.0× at 0.125 (31 × 2, 1024 and 2048
+# channels); 5 × 5 (CNN6's layers, wider ones) 1.5-1.9× and 1.8-2.1×, 1.07× and 1.64× at 0.5, 0.78× and 1.39× at
+# 0.125.
 WINOGRAD_MIN_TILES_PER_IN_CHANNEL = 0.25
 
 
@@ -55,11 +57,11 @@ def resolve_conv_impl(impl: ConvImpl, in_channels: int = 64, out_channels: int =
 def conv_algorithm(impl: ConvImpl, x_shape: tuple[int, ...], kernel_shape: tuple[int, ...]) -> str:
     """How the compiled kernels compute a float32 forward of NHWC ``x_shape`` with ``kernel_shape`` (a layer
     :func:`resolve_conv_impl` made 'native'): 'winograd' (:func:`native.conv_winograd`) or 'direct'
-    (:func:`native.conv_forward`). 'direct' and 'winograd' choose so (Winograd for 3 × 3 kernels only); 'auto' and
-    'native' choose Winograd for a 3 × 3 kernel where a device has ≥ ``WINOGRAD_MIN_TILES_PER_IN_CHANNEL`` 2 × 2
-    output tiles per input channel."""
+    (:func:`native.conv_forward`). 'direct' and 'winograd' choose so (Winograd for 3 × 3 and 5 × 5 kernels only);
+    'auto' and 'native' choose Winograd for such a kernel where a device has ≥ ``WINOGRAD_MIN_TILES_PER_IN_CHANNEL``
+    2 × 2 output tiles per input channel."""
     kh, kw, in_channels = kernel_shape[:3]
-    if (kh, kw) != (3, 3) or impl == "direct":
+    if kh != kw or kh not in (3, 5) or impl == "direct":
         return "direct"
     if impl == "winograd":
         return "winograd"
@@ -128,10 +130,11 @@ def conv_same(x: jax.Array, kernel: jax.Array, impl: ConvImpl = "auto") -> jax.A
     """The stride-1 convolution of ``x`` (B, H, W, C_in) with ``kernel`` (kh, kw, C_in, C_out), odd sizes,
     zero padding that keeps H × W (torch's ``padding=k // 2``), in ``x``'s dtype (the kernel cast to it; its
     gradient in the kernel's dtype); the numbers of ``nn.Conv(padding=k // 2)`` up to float32 rounding (summation
-    order; Winograd's transforms). Its gradients are autodiff's, written as canonical convolutions (see the module docstring). Where ``impl``
-    resolves to 'native' (:func:`resolve_conv_impl`) the compiled kernels compute the float32 convolutions (forward
-    and input gradient; direct or, for 3 × 3 kernels, Winograd's F(2 × 2, 3 × 3): :func:`conv_algorithm`), the bfloat16 ones (on the AMX tile unit or with AVX512-BF16 dot products where the CPU has
-    them; products summed in float32, one rounding), and the kernel gradient (summed in float32, also for
+    order; Winograd's transforms). Its gradients are autodiff's, written as canonical convolutions (see the module
+    docstring). Where ``impl`` resolves to 'native' (:func:`resolve_conv_impl`) the compiled kernels compute the
+    float32 convolutions (forward and input gradient; direct or, for 3 × 3 and 5 × 5 kernels, Winograd's:
+    :func:`conv_algorithm`), the bfloat16 ones (on the AMX tile unit or with AVX512-BF16 dot products where the CPU
+    has them; products summed in float32, one rounding), and the kernel gradient (summed in float32, also for
     bfloat16). On the CPU, unless ``impl`` is 'xla', a layer with fewer than 16 input channels gets its input
     gradient as one product and shifted sums (:func:`_input_grad_by_taps`, summed in float32)."""
     return _forward(x, kernel, impl)

@@ -1,6 +1,7 @@
 """Compiled CPU kernels, called from XLA through its FFI: the depthwise convolution and its kernel gradient
 (``depthwise.cc``), the PANNs' float32 dense convolution, its input gradient's kernel and its kernel gradient
-(``conv.cc``), their float32 3 × 3 convolution by Winograd's F(2 × 2, 3 × 3) (``winograd.cc``), their bfloat16 dense convolution on the AMX tile unit or with AVX512-BF16 dot products
+(``conv.cc``), their float32 3 × 3 and 5 × 5 convolutions by Winograd's F(2 × 2, 3 × 3) and F(2 × 2, 5 × 5)
+(``winograd.cc``), their bfloat16 dense convolution on the AMX tile unit or with AVX512-BF16 dot products
 (``conv_bf16.cc``), the matrix product of the Dense layers with bias and GELU in its epilogue: float32, and on
 CPUs with AMX-BF16 bfloat16 (``matmul.cc``), and the per-channel sums of biases' and BatchNorm's gradients and
 statistics (``reduce.cc``).
@@ -322,24 +323,26 @@ def conv_forward(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int]
 
 
 def conv_winograd(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
-    """:func:`conv_forward` of float32 ``x`` with a 3 × 3 ``kernel`` by Winograd's F(2 × 2, 3 × 3) (``winograd.cc``):
-    16 multiplications per 2 × 2 outputs and channel pair instead of 36, within 2e-6 of the largest output of the
-    exact sum as the direct kernel is. Two calls: the kernel transform (u = G k Gᵀ in the forward's packed layout),
-    then the convolution. Under a mesh set for tracing each device convolves its own rows."""
+    """:func:`conv_forward` of float32 ``x`` with a 3 × 3 or 5 × 5 ``kernel`` by Winograd's F(2 × 2, 3 × 3) or
+    F(2 × 2, 5 × 5) (``winograd.cc``): 16 multiplications per 2 × 2 outputs and channel pair instead of 36, or 36
+    instead of 100. 3 × 3 results are closer to the exact sums than the direct kernel's, 5 × 5 ones ~2× further
+    (``winograd.cc``). Two calls: the kernel transform (u = G k Gᵀ in the forward's packed layout), then the
+    convolution. Under a mesh set for tracing each device convolves its own rows."""
     load()
-    if x.ndim != 4 or kernel.ndim != 4 or kernel.shape[:2] != (3, 3) or kernel.shape[2] != x.shape[-1] or (
-            kernel.shape[3] % 16 or min(padding[0] + padding[1]) < 0):
+    if x.ndim != 4 or kernel.ndim != 4 or kernel.shape[:2] not in ((3, 3), (5, 5)) or (
+            kernel.shape[2] != x.shape[-1] or kernel.shape[3] % 16 or min(padding[0] + padding[1]) < 0):
         raise ValueError(f"conv winograd: x {tuple(x.shape)}, kernel {tuple(kernel.shape)} and padding {padding} do "
-                         "not fit: expected (B, H, W, C_in), (3, 3, C_in, C_out) with C_out a multiple of 16 and no "
-                         "negative padding")
-    cin, cout = kernel.shape[2:]
+                         "not fit: expected (B, H, W, C_in), (k, k, C_in, C_out) with k 3 or 5, C_out a multiple of 16 "
+                         "and no negative padding")
+    size, cin, cout = kernel.shape[1:]
     block = library.loaded().ConvnextAudioJaxWinogradCoBlock()
-    u = jax.ffi.ffi_call(CONV_WINOGRAD_KERNEL_TARGET, jax.ShapeDtypeStruct((-(-cout // block), 16, cin, block), jnp.float32),
+    u = jax.ffi.ffi_call(CONV_WINOGRAD_KERNEL_TARGET,
+                         jax.ShapeDtypeStruct((-(-cout // block), (size + 1) ** 2, cin, block), jnp.float32),
                          vmap_method="sequential")(kernel.astype(jnp.float32))
 
     def call(x, u):
         (top, bottom), (left, right) = padding
-        height, width = _output_size(x.shape[1], padding[0], 3), _output_size(x.shape[2], padding[1], 3)
+        height, width = _output_size(x.shape[1], padding[0], size), _output_size(x.shape[2], padding[1], size)
         # Whole 2 × 2 tiles: one more zero line / column where the output's size is odd.
         x = jnp.pad(x, ((0, 0), (top, bottom + height % 2), (left, right + width % 2), (0, 0)))
         out = jax.ShapeDtypeStruct((x.shape[0], height, width, cout), jnp.float32)

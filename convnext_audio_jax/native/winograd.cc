@@ -1,20 +1,22 @@
-// The float32 forward of a stride-1 3 × 3 convolution by Winograd's minimal filtering F(2 × 2, 3 × 3) (Lavin and
-// Gray, "Fast Algorithms for Convolutional Neural Networks", 2016), called through XLA's FFI:
+// The float32 forward of a stride-1 3 × 3 or 5 × 5 convolution by Winograd's minimal filtering F(2 × 2, 3 × 3) or
+// F(2 × 2, 5 × 5) (Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks", 2016), through XLA's FFI:
 //   y[tile] = Aᵀ [ sum over ci of (Bᵀ d[tile, ci] B) ⊙ u[ci] ] A
-// for each 2 × 2 tile of outputs, d its 4 × 4 input patch (x padded), u = G k Gᵀ the transformed kernel
-// (ConvWinogradKernel, a call of its own) in the packed layout read here: (⌈CO / kCoBlock⌉, 16, CI, kCoBlock), one
-// contiguous CI × kCoBlock panel per CO block and transform point.
-//   Bᵀ = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1],  G = [1 0 0; ½ ½ ½; ½ -½ ½; 0 0 1],  Aᵀ = [1 1 1 0; 0 1 -1 -1]
+// for each 2 × 2 tile of outputs, d its α × α input patch (x padded; α = 4 for 3 × 3 kernels, 6 for 5 × 5), u = G k Gᵀ
+// the transformed kernel (ConvWinogradKernel, a call of its own) in the packed layout read here:
+// (⌈CO / kCoBlock⌉, α², CI, kCoBlock), one contiguous CI × kCoBlock panel per CO block and transform point.
+// The matrices (Winograd<α> below) are those of the interpolation points 0, 1, -1 (α = 4) and 0, 1, -1, 2, -2
+// (α = 6), and ∞.
 //
-// Why: the direct kernel (conv.cc) runs near the FMA units' peak, so only fewer multiplications make a 3 × 3 layer
-// faster: 16 per 4 outputs and channel pair instead of 36. The sums over CI are the same register-blocked products
-// as the direct kernel's (conv_micro.h), one per transform point; the transforms cost O(CI + CO) per tile against
-// O(CI × CO) for the products. Rounding differs from the direct sum (the transforms add and subtract inputs before
-// the products), within 2e-6 of the largest output as the direct sum is (tests/test_conv.py).
+// Why: the direct kernel (conv.cc) runs near the FMA units' peak, so only fewer multiplications make these layers
+// faster: α² per 4 outputs and channel pair instead of 4 · k² (16 instead of 36; 36 instead of 100). The sums over CI
+// are the same register-blocked products as the direct kernel's (conv_micro.h), one per transform point; the
+// transforms cost O(CI + CO) per tile against O(CI × CO) for the products. Rounding differs from the direct sum's:
+// for 3 × 3 kernels the results are closer to float64 (sums of CI products per point instead of 9 · CI), for 5 × 5
+// ~2× further (the transforms scale by up to 5 and 1/24); tests/test_conv.py bounds both.
 //
 // A task owns a chunk of tiles and a group of CO: it transforms its tiles' input patches (all CI) into v
-// (16 × tiles × CI), then per transform point and CO block one product v[point] (tiles × CI) · u[block, point]
-// (CI × kCoBlock) into m, then transforms m's 4 × 4 sums of each tile into its 2 × 2 outputs. Each output is one
+// (α² × tiles × CI), then per transform point and CO block one product v[point] (tiles × CI) · u[block, point]
+// (CI × kCoBlock) into m, then transforms m's α × α sums of each tile into its 2 × 2 outputs. Each output is one
 // fixed-order computation, independent of scheduling.
 
 #include <algorithm>
@@ -39,43 +41,100 @@ using convnext_audio_jax::Load;
 using convnext_audio_jax::Store;
 using convnext_audio_jax::Vec;
 
-constexpr int64_t kPoints = 16;                 // the 4 × 4 transform points
 constexpr int64_t kGroupChannels = 64;          // CO per task: the input transform is shared by its CO blocks
 constexpr int64_t kMaxChunk = 16 * kRows;       // tiles per task
-constexpr int64_t kInputBytes = 4 << 20;        // bound on a task's v (16 slices of tiles × CI; one slice ≤ 256 KiB)
+constexpr int64_t kInputBytes = 4 << 20;        // bound on a task's v (α² slices of tiles × CI)
 constexpr int64_t kNoOffset[1] = {0};           // the products' one "tap"
 
-// Bᵀ d B for one tile and one vector (or, for a CI tail, one float) of channels: d[a][b] at src + a * line + b * ci.
-template <typename V, typename LoadFn, typename StoreFn>
+// A thread's v and m, kept across tasks and calls (one pair for both kernel sizes): fresh blocks of this size
+// (~1 MiB) were mapped and zeroed per task (page faults, memset: ~10 % of the time).
+struct Scratch {
+  std::vector<float> v, m;
+};
+
+Scratch& ThreadScratch() {
+  thread_local Scratch scratch;
+  return scratch;
+}
+
+// The one-dimensional transforms of F(2, α - 1): v = Bᵀ d (α → α), y = Aᵀ m (α → 2), u = G g (α - 1 → α).
+template <int Alpha>
+struct Winograd;
+
+template <>
+struct Winograd<4> {  // points 0, 1, -1, ∞
+  template <typename V>
+  static void B(const V* d, V* v) {
+    v[0] = d[0] - d[2];
+    v[1] = d[1] + d[2];
+    v[2] = d[2] - d[1];
+    v[3] = d[1] - d[3];
+  }
+  template <typename V>
+  static void A(const V* m, V* y) {
+    y[0] = m[0] + m[1] + m[2];
+    y[1] = m[1] - m[2] - m[3];
+  }
+  template <typename V>
+  static void G(const V* g, V* u) {
+    u[0] = g[0];
+    u[1] = 0.5f * (g[0] + g[1] + g[2]);
+    u[2] = 0.5f * (g[0] - g[1] + g[2]);
+    u[3] = g[2];
+  }
+};
+
+template <>
+struct Winograd<6> {  // points 0, 1, -1, 2, -2, ∞
+  template <typename V>
+  static void B(const V* d, V* v) {
+    v[0] = 4.0f * d[0] - 5.0f * d[2] + d[4];
+    v[1] = d[3] + d[4] - 4.0f * (d[1] + d[2]);
+    v[2] = d[4] - d[3] + 4.0f * (d[1] - d[2]);
+    v[3] = d[4] - d[2] + 2.0f * (d[3] - d[1]);
+    v[4] = d[4] - d[2] + 2.0f * (d[1] - d[3]);
+    v[5] = 4.0f * d[1] - 5.0f * d[3] + d[5];
+  }
+  template <typename V>
+  static void A(const V* m, V* y) {
+    y[0] = m[0] + m[1] + m[2] + m[3] + m[4];
+    y[1] = m[1] - m[2] + 2.0f * (m[3] - m[4]) + m[5];
+  }
+  template <typename V>
+  static void G(const V* g, V* u) {
+    u[0] = 0.25f * g[0];
+    u[1] = (-1.0f / 6) * (g[0] + g[1] + g[2] + g[3] + g[4]);
+    u[2] = (-1.0f / 6) * (g[0] - g[1] + g[2] - g[3] + g[4]);
+    u[3] = (1.0f / 24) * (g[0] + 2.0f * g[1] + 4.0f * g[2] + 8.0f * g[3] + 16.0f * g[4]);
+    u[4] = (1.0f / 24) * (g[0] - 2.0f * g[1] + 4.0f * g[2] - 8.0f * g[3] + 16.0f * g[4]);
+    u[5] = g[4];
+  }
+};
+
+// Bᵀ d B for one tile and one vector (or, for a CI tail, one float) of channels: d[a][b] at src + a * line + b * pixel,
+// point (a, b) stored at dst + (a * α + b) * point_stride.
+template <int Alpha, typename V, typename LoadFn, typename StoreFn>
 inline void InputTransform(const float* src, int64_t line, int64_t pixel, float* dst, int64_t point_stride,
                            LoadFn load, StoreFn store) {
-  V d[4][4], t[4][4];
-  for (int a = 0; a < 4; ++a)
-    for (int b = 0; b < 4; ++b) d[a][b] = load(src + a * line + b * pixel);
-  for (int b = 0; b < 4; ++b) {  // t = Bᵀ d
-    t[0][b] = d[0][b] - d[2][b];
-    t[1][b] = d[1][b] + d[2][b];
-    t[2][b] = d[2][b] - d[1][b];
-    t[3][b] = d[1][b] - d[3][b];
+  V d[Alpha][Alpha], t[Alpha][Alpha], column[Alpha], out[Alpha];
+  for (int a = 0; a < Alpha; ++a)
+    for (int b = 0; b < Alpha; ++b) d[a][b] = load(src + a * line + b * pixel);
+  for (int b = 0; b < Alpha; ++b) {  // t = Bᵀ d, column by column
+    for (int a = 0; a < Alpha; ++a) column[a] = d[a][b];
+    Winograd<Alpha>::B(column, out);
+    for (int a = 0; a < Alpha; ++a) t[a][b] = out[a];
   }
-  for (int a = 0; a < 4; ++a) {  // v = t B
-    store(dst + (a * 4 + 0) * point_stride, t[a][0] - t[a][2]);
-    store(dst + (a * 4 + 1) * point_stride, t[a][1] + t[a][2]);
-    store(dst + (a * 4 + 2) * point_stride, t[a][2] - t[a][1]);
-    store(dst + (a * 4 + 3) * point_stride, t[a][1] - t[a][3]);
+  for (int a = 0; a < Alpha; ++a) {  // v = t B, row by row
+    Winograd<Alpha>::B(t[a], out);
+    for (int b = 0; b < Alpha; ++b) store(dst + (a * Alpha + b) * point_stride, out[b]);
   }
 }
 
+template <int Alpha>
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> u,
                    ffi::ResultBuffer<ffi::F32> y) {
-  const auto xd = x.dimensions(), ud = u.dimensions(), yd = y->dimensions();
-  if (xd.size() != 4 || ud.size() != 4 || yd.size() != 4 || xd[0] != yd[0] || ud[1] != kPoints || ud[2] != xd[3] ||
-      ud[3] != kCoBlock || ud[0] * kCoBlock < yd[3] || yd[3] % kVec != 0 || xd[1] < (yd[1] + 1) / 2 * 2 + 2 ||
-      xd[2] < (yd[2] + 1) / 2 * 2 + 2) {
-    return ffi::Error::InvalidArgument("conv_winograd expects x (B, HX, WX, CI) padded to cover 2 × 2 tiles of the "
-                                       "(B, H, W, CO) result (HX ≥ 2⌈H/2⌉ + 2, WX ≥ 2⌈W/2⌉ + 2), u (⌈CO / block⌉, "
-                                       "16, CI, block) and CO a multiple of the vector width");
-  }
+  constexpr int64_t kPoints = Alpha * Alpha;
+  const auto xd = x.dimensions(), yd = y->dimensions();
   const int64_t batch = xd[0], hx = xd[1], wx = xd[2], ci = xd[3], h = yd[1], w = yd[2], co = yd[3];
   const int64_t tiles_h = (h + 1) / 2, tiles_w = (w + 1) / 2, tiles = batch * tiles_h * tiles_w;
   const int64_t co_blocks = (co + kCoBlock - 1) / kCoBlock;
@@ -94,11 +153,10 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
     const int64_t group = task % groups, chunk = task / groups;
     const int64_t t_begin = chunk * chunk_size, count = std::min<int64_t>(tiles, t_begin + chunk_size) - t_begin;
     const int64_t b_begin = group * group_blocks, b_end = std::min<int64_t>(co_blocks, b_begin + group_blocks);
-    // Kept per thread across tasks and calls: fresh blocks of this size (~1 MiB) were mapped and zeroed per task
-    // (page faults, memset: ~10 % of the time).
-    thread_local std::vector<float> v, m;
     // Each point's slice one cache line longer than its tiles need: slices a power of two bytes apart would put the
-    // 16 points of a tile in the same cache sets.
+    // points of a tile in the same cache sets.
+    std::vector<float>& v = ThreadScratch().v;
+    std::vector<float>& m = ThreadScratch().m;
     const int64_t v_point = chunk_size * ci + 16, m_stride = group_blocks * kCoBlock;
     const int64_t m_point = chunk_size * m_stride + 16;
     v.resize(std::max<size_t>(v.size(), kPoints * v_point));
@@ -111,11 +169,11 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
       float* dst = v.data() + t * ci;
       int64_t c = 0;
       for (; c + kVec <= ci; c += kVec)
-        InputTransform<Vec>(src + c, wx * ci, ci, dst + c, v_point, [](const float* p) { return Load(p); },
-                            [](float* p, Vec s) { Store(p, s); });
+        InputTransform<Alpha, Vec>(src + c, wx * ci, ci, dst + c, v_point, [](const float* p) { return Load(p); },
+                                   [](float* p, Vec s) { Store(p, s); });
       for (; c < ci; ++c)
-        InputTransform<float>(src + c, wx * ci, ci, dst + c, v_point, [](const float* p) { return *p; },
-                              [](float* p, float s) { *p = s; });
+        InputTransform<Alpha, float>(src + c, wx * ci, ci, dst + c, v_point, [](const float* p) { return *p; },
+                                     [](float* p, float s) { *p = s; });
     }
     // m[point][tile][block channel] = v[point] · u[block, point], per point and CO block of the group.
     const float* rows[kRows];
@@ -141,18 +199,17 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
       float* dst = yp + ((b * h + 2 * th) * w + 2 * tw) * co;
       for (int64_t c = c_begin; c < c_end; c += kVec) {
         const float* src = m.data() + t * m_stride + (c - c_begin);
-        Vec s[2][4];
-        for (int b2 = 0; b2 < 4; ++b2) {  // s = Aᵀ m
-          const Vec m0 = Load(src + (0 * 4 + b2) * m_point);
-          const Vec m1 = Load(src + (1 * 4 + b2) * m_point);
-          const Vec m2 = Load(src + (2 * 4 + b2) * m_point);
-          const Vec m3 = Load(src + (3 * 4 + b2) * m_point);
-          s[0][b2] = m0 + m1 + m2;
-          s[1][b2] = m1 - m2 - m3;
+        Vec s[2][Alpha], column[Alpha], out[2];
+        for (int b2 = 0; b2 < Alpha; ++b2) {  // s = Aᵀ m, column by column
+          for (int a = 0; a < Alpha; ++a) column[a] = Load(src + (a * Alpha + b2) * m_point);
+          Winograd<Alpha>::A(column, out);
+          s[0][b2] = out[0];
+          s[1][b2] = out[1];
         }
         for (int64_t a = 0; a < rows_out; ++a) {  // y = s A
-          Store(dst + (a * w + 0) * co + c, s[a][0] + s[a][1] + s[a][2]);
-          if (cols_out > 1) Store(dst + (a * w + 1) * co + c, s[a][1] - s[a][2] - s[a][3]);
+          Winograd<Alpha>::A(s[a], out);
+          Store(dst + (a * w + 0) * co + c, out[0]);
+          if (cols_out > 1) Store(dst + (a * w + 1) * co + c, out[1]);
         }
       }
     }
@@ -160,21 +217,29 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   return ffi::Error::Success();
 }
 
+ffi::Error ForwardAny(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> u,
+                      ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), ud = u.dimensions(), yd = y->dimensions();
+  const int64_t alpha = ud.size() == 4 && ud[1] == 36 ? 6 : 4;
+  if (xd.size() != 4 || ud.size() != 4 || yd.size() != 4 || xd[0] != yd[0] || (ud[1] != 16 && ud[1] != 36) ||
+      ud[2] != xd[3] || ud[3] != kCoBlock || ud[0] * kCoBlock < yd[3] || yd[3] % kVec != 0 ||
+      xd[1] < (yd[1] + 1) / 2 * 2 + alpha - 2 || xd[2] < (yd[2] + 1) / 2 * 2 + alpha - 2) {
+    return ffi::Error::InvalidArgument("conv_winograd expects x (B, HX, WX, CI) padded to cover 2 × 2 tiles of the "
+                                       "(B, H, W, CO) result (HX ≥ 2⌈H/2⌉ + k - 1, WX ≥ 2⌈W/2⌉ + k - 1 for a k × k "
+                                       "kernel), u (⌈CO / block⌉, (k + 1)², CI, block) with k 3 or 5 and CO a "
+                                       "multiple of the vector width");
+  }
+  return alpha == 6 ? Forward<6>(pool, x, u, y) : Forward<4>(pool, x, u, y);
+}
+
 // u[block, point, c, :] = (G k[:, :, c, block's channels] Gᵀ)[point], zero past CO: the kernel transform, in the
 // packed layout Forward reads. XLA computed it as two small dots and two transposes: 31 ms for a 3 × 3 × 512 × 512
 // kernel, a fifth of the convolution it serves.
-ffi::Error Kernel(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> u) {
-  const auto kd = k.dimensions(), ud = u->dimensions();
-  if (kd.size() != 4 || ud.size() != 4 || kd[0] != 3 || kd[1] != 3 || kd[3] % kVec != 0 ||
-      ud[0] != (kd[3] + kCoBlock - 1) / kCoBlock || ud[1] != kPoints || ud[2] != kd[2] || ud[3] != kCoBlock) {
-    return ffi::Error::InvalidArgument("conv_winograd_kernel expects k (3, 3, CI, CO) with CO a multiple of the "
-                                       "vector width and a (⌈CO / block⌉, 16, CI, block) result");
-  }
-  const int64_t ci = kd[2], co = kd[3], blocks = ud[0];
+template <int Alpha>
+void KernelTransform(ffi::ThreadPool& pool, const float* kp, int64_t ci, int64_t co, int64_t blocks, float* up) {
+  constexpr int kTaps = Alpha - 1, kPoints = Alpha * Alpha;
   constexpr int64_t kChannels = 64;  // CI per task
   const int64_t ci_chunks = (ci + kChannels - 1) / kChannels;
-  const float* kp = k.typed_data();
-  float* up = u->typed_data();
   convnext_audio_jax::ParallelFor(pool, blocks * ci_chunks, [=](int64_t task) {
     const int64_t block = task / ci_chunks, c0 = (task % ci_chunks) * kChannels;
     const int64_t c1 = std::min<int64_t>(ci, c0 + kChannels), co0 = block * kCoBlock;
@@ -185,24 +250,37 @@ ffi::Error Kernel(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> k, ffi::ResultBuff
           for (int64_t point = 0; point < kPoints; ++point) Store(dst + point * ci * kCoBlock + o, Vec{});
           continue;
         }
-        Vec g[3][3], t[4][3];
-        for (int i = 0; i < 3; ++i)
-          for (int j = 0; j < 3; ++j) g[i][j] = Load(kp + ((i * 3 + j) * ci + c) * co + co0 + o);
-        for (int j = 0; j < 3; ++j) {  // t = G g
-          t[0][j] = g[0][j];
-          t[1][j] = 0.5f * (g[0][j] + g[1][j] + g[2][j]);
-          t[2][j] = 0.5f * (g[0][j] - g[1][j] + g[2][j]);
-          t[3][j] = g[2][j];
+        Vec g[kTaps][kTaps], t[Alpha][kTaps], column[kTaps], out[Alpha];
+        for (int i = 0; i < kTaps; ++i)
+          for (int j = 0; j < kTaps; ++j) g[i][j] = Load(kp + ((i * kTaps + j) * ci + c) * co + co0 + o);
+        for (int j = 0; j < kTaps; ++j) {  // t = G g, column by column
+          for (int i = 0; i < kTaps; ++i) column[i] = g[i][j];
+          Winograd<Alpha>::G(column, out);
+          for (int a = 0; a < Alpha; ++a) t[a][j] = out[a];
         }
-        for (int a = 0; a < 4; ++a) {  // u = t Gᵀ
-          Store(dst + (a * 4 + 0) * ci * kCoBlock + o, t[a][0]);
-          Store(dst + (a * 4 + 1) * ci * kCoBlock + o, 0.5f * (t[a][0] + t[a][1] + t[a][2]));
-          Store(dst + (a * 4 + 2) * ci * kCoBlock + o, 0.5f * (t[a][0] - t[a][1] + t[a][2]));
-          Store(dst + (a * 4 + 3) * ci * kCoBlock + o, t[a][2]);
+        for (int a = 0; a < Alpha; ++a) {  // u = t Gᵀ, row by row
+          Winograd<Alpha>::G(t[a], out);
+          for (int b = 0; b < Alpha; ++b) Store(dst + (a * Alpha + b) * ci * kCoBlock + o, out[b]);
         }
       }
     }
   });
+}
+
+ffi::Error Kernel(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> u) {
+  const auto kd = k.dimensions(), ud = u->dimensions();
+  if (kd.size() != 4 || ud.size() != 4 || kd[0] != kd[1] || (kd[0] != 3 && kd[0] != 5) || kd[3] % kVec != 0 ||
+      ud[0] != (kd[3] + kCoBlock - 1) / kCoBlock || ud[1] != (kd[0] + 1) * (kd[0] + 1) || ud[2] != kd[2] ||
+      ud[3] != kCoBlock) {
+    return ffi::Error::InvalidArgument("conv_winograd_kernel expects k (k, k, CI, CO) with k 3 or 5 and CO a "
+                                       "multiple of the vector width, and a (⌈CO / block⌉, (k + 1)², CI, block) "
+                                       "result");
+  }
+  if (kd[0] == 5) {
+    KernelTransform<6>(pool, k.typed_data(), kd[2], kd[3], ud[0], u->typed_data());
+  } else {
+    KernelTransform<4>(pool, k.typed_data(), kd[2], kd[3], ud[0], u->typed_data());
+  }
   return ffi::Error::Success();
 }
 
@@ -211,7 +289,7 @@ ffi::Error Kernel(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> k, ffi::ResultBuff
 // The CO block of u's packed layout (the register block's width: 64 with AVX-512, 16 with AVX2).
 extern "C" int64_t ConvnextAudioJaxWinogradCoBlock() { return kCoBlock; }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvWinogradForward, Forward,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvWinogradForward, ForwardAny,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
