@@ -12,8 +12,9 @@ ConvNeXt-Tiny training 1.2× faster overall). XLA:CPU's bfloat16 dot runs at a f
 the tile kernel makes the bfloat16 ConvNeXt-Tiny forward 2.6× faster on a 2-core AMX Xeon (GELU in its epilogue).
 XLA:CPU's dense convolution kernel gradient ran at 15-50 GFLOP/s on CNN14's large layers, the compiled one at
 160-260; its bfloat16 convolutions took 1.9 s per CNN14 forward of 8 clips, the tile kernel 0.6 s. Winograd's
-F(2 × 2, 3 × 3) does 16 multiplications where the direct kernel, near the FMA units' peak, does 36: CNN14's float32
-3 × 3 convolutions 1.3 → 1.0 s per forward of 8 clips with AVX-512, 1.9 → 1.1 s with AVX2.
+F(2 × 2, 3 × 3) and F(2 × 2, 5 × 5) do 16 and 36 multiplications where the direct kernel, near the FMA units' peak,
+does 36 and 100: CNN14's float32 convolutions 1.3 → 1.0 s per forward of 8 clips with AVX-512, 2.0 → 1.3 s with
+AVX2; CNN6's 0.51 → 0.29 s and 0.83 → 0.42 s.
 
 The library is compiled on first use (:mod:`.library` says where and how); where no compiler is found, or
 ``CONVNEXT_AUDIO_JAX_NATIVE=0`` is set, :func:`available` is False and the models use the XLA forms.
