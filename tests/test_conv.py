@@ -174,7 +174,7 @@ WINOGRAD_CASES = [  # (x shape, C_out, padding); each with 3 × 3 and 5 × 5 ker
     ((1, 8, 6, 32), 16, ((0, 2), (2, 0))),      # one-sided padding (for 3 × 3; 5 × 5 pads 2 more each side)
 ]
 # Largest error relative to the largest output: F(2 × 2, 3 × 3) is closer to float64 than the direct sum, whose
-# bound (2e-6) it shares; F(2 × 2, 5 × 5)'s transforms (entries up to 5 and 1/24) make it 2-4× further.
+# bound (2e-6) it shares; F(2 × 2, 5 × 5)'s transforms (entries up to 5 and 1/24) make it ~3× further.
 WINOGRAD_TOLERANCE = {3: 2e-6, 5: 1e-5}
 
 

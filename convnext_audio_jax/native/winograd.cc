@@ -12,7 +12,7 @@
 // are the same register-blocked products as the direct kernel's (conv_micro.h), one per transform point; the
 // transforms cost O(CI + CO) per tile against O(CI × CO) for the products. Rounding differs from the direct sum's:
 // for 3 × 3 kernels the results are closer to float64 (sums of CI products per point instead of 9 · CI), for 5 × 5
-// ~2× further (the transforms scale by up to 5 and 1/24); tests/test_conv.py bounds both.
+// ~3× further (the transforms scale by up to 5 and 1/24; benchmarks/conv.py); tests/test_conv.py bounds both.
 //
 // A task owns a chunk of tiles and a group of CO: it transforms its tiles' input patches (all CI) into v
 // (α² × tiles × CI), then per transform point and CO block one product v[point] (tiles × CI) · u[block, point]
