@@ -1,7 +1,7 @@
 """Dense 2-D convolutions (models/conv.py): Conv equals nn.Conv and torch's conv2d in values and gradients, its
 gradients stay canonical convolutions inside a loop body, the compiled kernels (float32; bfloat16 on the AMX tile
-unit and with AVX512-BF16 dot products; float32 by Winograd's F(2 × 2, 3 × 3)) equal float64 sums, and which one
-a layer runs follows the CPU and its shapes; PatchConv equals a strided convolution."""
+unit and with AVX512-BF16 dot products; float32 by Winograd's F(2 × 2, 3 × 3) and F(2 × 2, 5 × 5)) equal float64
+sums, and which one a layer runs follows the CPU and its shapes; PatchConv equals a strided convolution."""
 
 import re
 
@@ -224,7 +224,7 @@ def test_winograd_rejects_other_kernels():
 
 
 def test_conv_algorithm_follows_tiles_per_input_channel():
-    """'auto' / 'native': Winograd for 3 × 3 kernels where a device has enough 2 × 2 tiles per input channel;
+    """'auto' / 'native': Winograd for 3 × 3 and 5 × 5 kernels where a device has enough 2 × 2 tiles per input channel;
     'direct' / 'winograd' fix it; kernels other than 3 × 3 and 5 × 5 stay direct."""
     from convnext_audio_jax.models.conv import WINOGRAD_MIN_TILES_PER_IN_CHANNEL as need, conv_algorithm
 
@@ -292,7 +292,7 @@ def bfloat16_layer_outputs(in_channels: int, impls=("native", "xla")) -> tuple[d
     """A bfloat16 Conv's outputs and compiled programs under each of ``impls`` (the first compared with 'xla')."""
     x = jax.random.normal(jax.random.key(0), (2, 20, 8, in_channels)).astype(jnp.bfloat16)
     outputs, texts = {}, {}
-    for impl in (*impls, "xla") if "xla" not in impls else impls:
+    for impl in dict.fromkeys((*impls, "xla")):
         layer = Conv(96, (3, 3), impl=impl, dtype=jnp.bfloat16)
         variables = layer.init(jax.random.key(1), x)
         texts[impl] = jax.jit(layer.apply).lower(variables, x).as_text()

@@ -15,7 +15,7 @@ float32 convolutions ~1.4× slower than torch's; on the CPU :class:`Conv` runs t
 from __future__ import annotations
 
 import functools
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import flax.linen as nn
 import jax
@@ -26,7 +26,7 @@ from convnext_audio_jax.models.layers import default_kernel_init
 from convnext_audio_jax.models.norm import Dtype, broadcast_channels
 
 ConvImpl = Literal["auto", "xla", "native", "direct", "winograd"]
-CONV_IMPLS = ("auto", "xla", "native", "direct", "winograd")
+CONV_IMPLS = get_args(ConvImpl)
 _NHWC = ("NHWC", "HWIO", "NHWC")
 # The compiled kernel gradient pays off from this many input channels (CNN14's 1 → 64 layer ran faster in XLA).
 NATIVE_MIN_IN_CHANNELS = 16
@@ -70,8 +70,8 @@ def conv_algorithm(impl: ConvImpl, x_shape: tuple[int, ...], kernel_shape: tuple
     return "winograd" if tiles >= WINOGRAD_MIN_TILES_PER_IN_CHANNEL * in_channels else "direct"
 
 
-def _forward_f32(x: jax.Array, kernel: jax.Array, impl: ConvImpl) -> jax.Array:
-    padding = _same_padding(kernel)
+def _forward_f32(x: jax.Array, kernel: jax.Array, padding, impl: ConvImpl) -> jax.Array:
+    """A float32 'same' convolution on the compiled kernels, by :func:`conv_algorithm`'s choice."""
     if conv_algorithm(impl, x.shape, kernel.shape) == "winograd":
         return native.conv_winograd(x, kernel, padding)
     return native.conv_forward(x, kernel, padding)
@@ -100,10 +100,10 @@ def _forward(x: jax.Array, kernel: jax.Array, impl: ConvImpl) -> jax.Array:
     if resolve_conv_impl(impl, *kernel.shape[2:]) != "native" or x.dtype not in (jnp.float32, jnp.bfloat16):
         return _conv(x, kernel.astype(x.dtype), padding)
     if x.dtype == jnp.float32:
-        return _forward_f32(x, kernel, impl)
+        return _forward_f32(x, kernel, padding, impl)
     unit = native.bf16_unit(*kernel.shape[2:])
     if unit is None:
-        return _forward_f32(x.astype(jnp.float32), kernel.astype(jnp.bfloat16).astype(jnp.float32),
+        return _forward_f32(x.astype(jnp.float32), kernel.astype(jnp.bfloat16).astype(jnp.float32), padding,
                             impl).astype(jnp.bfloat16)
     return native.conv_forward(x, kernel, padding, bf16_unit=unit)  # rounds a float32 kernel itself
 

@@ -326,7 +326,7 @@ def conv_forward(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int]
 def conv_winograd(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
     """:func:`conv_forward` of float32 ``x`` with a 3 × 3 or 5 × 5 ``kernel`` by Winograd's F(2 × 2, 3 × 3) or
     F(2 × 2, 5 × 5) (``winograd.cc``): 16 multiplications per 2 × 2 outputs and channel pair instead of 36, or 36
-    instead of 100. 3 × 3 results are closer to the exact sums than the direct kernel's, 5 × 5 ones ~2× further
+    instead of 100. 3 × 3 results are closer to the exact sums than the direct kernel's, 5 × 5 ones ~3× further
     (``winograd.cc``). Two calls: the kernel transform (u = G k Gᵀ in the forward's packed layout), then the
     convolution. Under a mesh set for tracing each device convolves its own rows."""
     load()

@@ -50,7 +50,7 @@ HANDLERS = {CONV_TARGET: "DepthwiseConv", KERNEL_GRAD_TARGET: "DepthwiseKernelGr
             BF16_DOT_MATMUL_TARGET: "Bf16DotMatmul", F32_MATMUL_TARGET: "F32Matmul",
             CONV_KERNEL_GRAD_TARGET: "ConvKernelGrad", CONV_KERNEL_FLIP_TARGET: "ConvKernelFlip",
             CONV_FORWARD_TARGET: "ConvForward", CONV_WINOGRAD_TARGET: "ConvWinogradForward",
-            CONV_WINOGRAD_KERNEL_TARGET: "ConvWinogradKernel",             BF16_CONV_FORWARD_TARGET: "Bf16ConvForward",
+            CONV_WINOGRAD_KERNEL_TARGET: "ConvWinogradKernel", BF16_CONV_FORWARD_TARGET: "Bf16ConvForward",
             BF16_DOT_CONV_FORWARD_TARGET: "Bf16DotConvForward", CHANNEL_SUMS_TARGET: "ChannelSums"}
 CXX_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-Wno-psabi")
 # The compiler options (gcc and clang) that keep an instruction set out of the -march=native build, for the CPU flags
