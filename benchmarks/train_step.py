@@ -58,7 +58,7 @@ def time_steps(run_step, steps: int) -> tuple[float, float]:
 def jax_rows(args, clips, targets) -> list[tuple[str, float, float]]:
     import jax
 
-    from convnext_audio_jax.forward import data_mesh
+    from convnext_audio_jax.sharding import data_mesh
     from convnext_audio_jax.models import get_spec, init_variables
     from convnext_audio_jax.training import config as config_lib, optimizer, step as step_lib
 

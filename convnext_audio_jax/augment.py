@@ -1,8 +1,8 @@
 """On-device training augmentations of the paper (section 6.1): SpecAugment, mixup and speed perturbation.
 
-Every function is jittable with static shapes, draws its randomness per example (one draw of shape (B, …)
-from the given key, so each row, and hence each device's shard of a data-parallel batch, gets its own
-values), and works on a batch sharded over a mesh. The train step calls them in the paper's order:
+Every function is jittable with static shapes and draws its randomness per example (one draw of shape (B, …)
+from the given key, so each row gets its own values); run per device (``sharding.per_device``) it takes its
+rows of the draw for the whole global batch, so an example's values do not depend on the device holding it. The train step calls them in the paper's order:
 
     waveform --speed_perturb--> log-mel (+ bn0) --spec_augment--> mixup --> model
 
@@ -18,14 +18,20 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from convnext_audio_jax import sharding
+
 
 def _stripe_mask(rng: jax.Array, batch: int, size: int, stripes: int, max_width: int) -> jax.Array:
     """(batch, size) bool mask of ``stripes`` stripes per example, as torchlibrosa's ``DropStripes`` draws
     them: width uniform in [0, max_width), start uniform in [0, size - width) (both bounds exclusive, as
     ``torch.randint``'s ``high``), so a stripe may have width 0 and never touches the last position."""
     width_key, start_key = jax.random.split(rng)
-    widths = jax.random.randint(width_key, (batch, stripes), 0, max_width)
-    starts = jax.random.randint(start_key, (batch, stripes), 0, size - widths)
+
+    def draw(rows):
+        widths = jax.random.randint(width_key, (rows, stripes), 0, max_width)
+        return widths, jax.random.randint(start_key, (rows, stripes), 0, size - widths)
+
+    widths, starts = sharding.rows_of_global_draw(draw, batch)
     positions = jnp.arange(size)[None, None, :]
     inside = (positions >= starts[..., None]) & (positions < (starts + widths)[..., None])
     return inside.any(axis=1)
@@ -127,12 +133,15 @@ def speed_perturb(
         raise ValueError(f"p must be a probability in [0, 1]; got {p}")
     batch, length = waveform.shape
     rate_key, offset_key, apply_key = jax.random.split(rng, 3)
-    rates = jax.random.uniform(rate_key, (batch,), jnp.float32, min_rate, max_rate)
-    rates = jnp.where(jax.random.uniform(apply_key, (batch,)) < p, rates, 1.0)
 
+    def draw(rows):
+        rates = jax.random.uniform(rate_key, (rows,), jnp.float32, min_rate, max_rate)
+        rates = jnp.where(jax.random.uniform(apply_key, (rows,)) < p, rates, 1.0)
+        surplus = jnp.ceil(length / rates).astype(jnp.int32) - length  # > 0: crop that many samples, < 0: pad
+        return rates, jax.random.randint(offset_key, (rows,), jnp.minimum(surplus, 0), jnp.maximum(surplus, 0) + 1)
+
+    rates, offsets = sharding.rows_of_global_draw(draw, batch)
     stretched_length = jnp.ceil(length / rates).astype(jnp.int32)
-    surplus = stretched_length - length  # > 0: crop that many samples, < 0: pad that many zeros
-    offsets = jax.random.randint(offset_key, (batch,), jnp.minimum(surplus, 0), jnp.maximum(surplus, 0) + 1)
 
     # Output sample i is stretched sample i + offset, i.e. source sample floor((i + offset)·rate).
     stretched_index = jnp.arange(length, dtype=jnp.int32)[None, :] + offsets[:, None]
@@ -188,7 +197,8 @@ def logmel_augmentation_with_lambdas(rng: jax.Array, targets: jax.Array, config:
     ``lambdas`` (R/2,) float32, or None with mixup off. Knowledge distillation mixes the teacher's targets
     with them (``distill.mixed_teacher_targets``): the same λ and pairing as the inputs and the labels."""
     spec_key, mixup_key = jax.random.split(rng)
-    lambdas = mixup_lambdas(mixup_key, targets.shape[0] // 2, config.mixup_alpha) if config.mixup else None
+    lambdas = sharding.rows_of_global_draw(lambda pairs: mixup_lambdas(mixup_key, pairs, config.mixup_alpha),
+                                           targets.shape[0] // 2) if config.mixup else None
 
     def hook(logmel):
         if config.spec_augment:

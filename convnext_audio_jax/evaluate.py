@@ -40,7 +40,7 @@ from convnext_audio_jax import metrics as metrics_lib
 from convnext_audio_jax import xla
 from convnext_audio_jax.data import audio, spec as spec_lib
 from convnext_audio_jax.data.pipeline import LoaderConfig, jax_shard_options, make_loader
-from convnext_audio_jax.forward import data_mesh
+from convnext_audio_jax.sharding import batch_spec, data_mesh, per_device
 
 logger = logging.getLogger(__name__)
 
@@ -73,14 +73,15 @@ class Scorer:
     def __init__(self, model: nn.Module, mesh: Mesh):
         self.mesh = mesh
         replicated = NamedSharding(mesh, PartitionSpec())
-        sharded = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
+        sharded = NamedSharding(mesh, batch_spec(mesh))
 
-        def score(variables, waveforms):
+        def score(variables, waveforms):  # per device: no collective
             if waveforms.dtype == np.int16:
                 waveforms = waveforms.astype(np.float32) / audio.INT16_SCALE
             return model.apply(variables, waveforms, train=False)["probs"]
 
-        self._score = xla.jit(score, mesh=mesh, in_shardings=(replicated, sharded), out_shardings=sharded)
+        self._score = xla.jit(per_device(score, mesh, (PartitionSpec(), batch_spec(mesh)), batch_spec(mesh)),
+                              in_shardings=(replicated, sharded), out_shardings=sharded)
 
     def __call__(self, variables, waveforms: jax.Array) -> jax.Array:
         return self._score(variables, waveforms)

@@ -1,8 +1,9 @@
 """A jitted forward pass sharded over every device, for evaluation, tagging and embeddings.
 
-The batch is split over a one-axis ``("data",)`` mesh and the variables are replicated: classic data
-parallelism through jit's sharding propagation. Every call runs a fixed batch size (short batches are
-zero-padded and the padding is dropped from the results), so a given waveform length compiles once.
+The batch is split over a one-axis ``("data",)`` mesh and the variables are replicated: each device runs the
+model on its own rows (``sharding.per_device``), so the program has no collective at all. Every call runs a
+fixed batch size (short batches are zero-padded and the padding is dropped from the results), so a given
+waveform length compiles once.
 """
 
 from __future__ import annotations
@@ -17,20 +18,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from convnext_audio_jax import xla
+from convnext_audio_jax.sharding import batch_spec, data_mesh, per_device  # noqa: F401  (data_mesh re-exported)
 
 # Picks (and may derive) the arrays a forward returns: (variables, model outputs) → dict of arrays.
 OutputSelector = Callable[[Mapping[str, Any], Mapping[str, jax.Array]], dict[str, jax.Array]]
-
-
-def data_mesh(devices: list | None = None) -> Mesh:
-    """The one-axis mesh named "data" over ``devices`` (default: all, of every process) that training,
-    evaluation and inference share, with Auto axis types so jit propagates the batch sharding.
-
-    The devices are listed in process order (then by id), so ``jax.make_array_from_process_local_data`` puts
-    process p's rows in the p-th contiguous block of a global batch: the order the loader's process blocks
-    (data/pipeline.py) assume, which makes a multi-process batch the single-process one row for row."""
-    devices = sorted(devices or jax.devices(), key=lambda device: (device.process_index, device.id))
-    return Mesh(np.array(devices), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def select_probs(variables: Mapping[str, Any], outputs: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
@@ -53,15 +44,14 @@ class ShardedForward:
         self.num_devices = mesh.devices.size
         self.batch_size = -(-batch_size // self.num_devices) * self.num_devices
         replicated = NamedSharding(mesh, PartitionSpec())
-        # The batch axis is split over every mesh axis, so a caller's multi-axis mesh works too.
-        self._batch_sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
+        self._batch_sharding = NamedSharding(mesh, batch_spec(mesh))
         self._variables = jax.device_put(variables, replicated)
 
         def forward(variables, waveforms):
             return select(variables, model.apply(variables, waveforms, train=False))
 
-        self._forward = xla.jit(forward, mesh=mesh, in_shardings=(replicated, self._batch_sharding),
-                                out_shardings=self._batch_sharding)
+        self._forward = xla.jit(per_device(forward, mesh, (PartitionSpec(), batch_spec(mesh)), batch_spec(mesh)),
+                                in_shardings=(replicated, self._batch_sharding), out_shardings=self._batch_sharding)
 
     def __call__(self, waveforms: np.ndarray) -> dict[str, np.ndarray]:
         waveforms = np.asarray(waveforms, dtype=np.float32)

@@ -89,7 +89,7 @@ def predict_teacher(members: Sequence[tuple[str, Any, Any]], source, output: str
     this run: ``complete`` is False while other processes' chunks are missing (this process did its share)."""
     import jax
 
-    from convnext_audio_jax.forward import data_mesh
+    from convnext_audio_jax.sharding import data_mesh
 
     if not members:
         raise ValueError("predict needs at least one model")

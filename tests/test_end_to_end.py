@@ -210,7 +210,7 @@ def test_every_consumer_takes_a_model_dir_a_workdir_and_a_pretrained_name(form, 
     import jax
 
     from convnext_audio_jax import export, hear, predict
-    from convnext_audio_jax.forward import data_mesh
+    from convnext_audio_jax.sharding import data_mesh
     from convnext_audio_jax.models import init_variables
     from convnext_audio_jax.training import checkpointing, step as step_lib
 

@@ -7,7 +7,7 @@ from flax import traverse_util
 
 from convnext_audio_jax import checkpoint
 from convnext_audio_jax.data import demo
-from convnext_audio_jax.forward import data_mesh
+from convnext_audio_jax.sharding import data_mesh
 from convnext_audio_jax.models import create_model, init_variables
 from convnext_audio_jax.training import checkpointing, config as config_lib, step as step_lib
 from training_helpers import tiny_config

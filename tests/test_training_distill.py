@@ -20,7 +20,7 @@ from convnext_audio_jax.checkpoint import load_model
 from convnext_audio_jax.augment import augment_waveform, logmel_augmentation_with_lambdas
 from convnext_audio_jax.data import audio, demo
 from convnext_audio_jax.distill import Distillation
-from convnext_audio_jax.forward import data_mesh
+from convnext_audio_jax.sharding import data_mesh
 from convnext_audio_jax.models import init_variables
 from convnext_audio_jax.training import config as config_lib, optimizer, step as step_lib
 from training_helpers import tiny_config

@@ -11,7 +11,7 @@ from flax import traverse_util
 from convnext_audio_jax import xla
 from convnext_audio_jax.augment import AugmentConfig
 from convnext_audio_jax.data import demo
-from convnext_audio_jax.forward import data_mesh
+from convnext_audio_jax.sharding import data_mesh
 from convnext_audio_jax.models import init_variables
 from convnext_audio_jax.training import config as config_lib, optimizer, step as step_lib
 from training_helpers import tiny_config

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from convnext_audio_jax import native
+from convnext_audio_jax import native, sharding
 from convnext_audio_jax.frontend import FrontendConfig, log_mel_spectrogram
 from convnext_audio_jax.models.norm import Dtype, batch_norm, broadcast_channels, channel_sum
 
@@ -269,5 +269,7 @@ class DropPath(nn.Module):
         if deterministic or self.rate == 0.0:
             return x
         keep = 1.0 - self.rate
-        mask = jax.random.bernoulli(self.make_rng("drop_path"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        key = self.make_rng("drop_path")
+        mask = sharding.rows_of_global_draw(lambda rows: jax.random.bernoulli(key, keep, (rows,)), x.shape[0])
+        mask = mask.reshape((x.shape[0],) + (1,) * (x.ndim - 1))
         return jnp.where(mask, x / keep, jnp.zeros_like(x)).astype(x.dtype)

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from convnext_audio_jax import native
+from convnext_audio_jax import native, sharding
 
 Dtype = Any
 SumsImpl = Literal["auto", "xla", "native"]
@@ -124,14 +124,14 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: f
 
 def _batch_norm_train(x, scale, bias, epsilon, stats_dtype, out_dtype, impl):
     stats = x.astype(stats_dtype)
-    count = x.size // x.shape[-1]
+    count = x.size // x.shape[-1] * sharding.device_count()
     compiled = resolve_sums_impl(impl, stats_dtype) == "native"
-    mean = channel_sum(stats, impl) / count
+    mean = sharding.global_sum(channel_sum(stats, impl)) / count
     centred = stats - mean
     if compiled:  # Σ (x − mean)², the square not written out
-        var = native.channel_sums(stats, None, mean, mean)[1] / count
+        var = sharding.global_sum(native.channel_sums(stats, None, mean, mean)[1]) / count
     else:
-        var = channel_sum(jnp.square(centred), impl) / count
+        var = sharding.global_sum(channel_sum(jnp.square(centred), impl)) / count
     inv = jax.lax.rsqrt(var + epsilon)
     mul = inv * scale.astype(stats_dtype)
     y = (centred * mul + bias.astype(stats_dtype)).astype(out_dtype)
@@ -141,7 +141,7 @@ def _batch_norm_train(x, scale, bias, epsilon, stats_dtype, out_dtype, impl):
 def _batch_norm_train_bwd(epsilon, stats_dtype, out_dtype, impl, residuals, cotangents):
     x, mean, inv, scale, bias = residuals
     gy, gmean, gvar = cotangents
-    count = x.size // x.shape[-1]
+    count = x.size // x.shape[-1] * sharding.device_count()
     g = gy.astype(stats_dtype)
     centred = x.astype(stats_dtype) - mean
     if resolve_sums_impl(impl, stats_dtype) == "native":  # Σg and Σ g·(x − mean) in one pass
@@ -150,8 +150,12 @@ def _batch_norm_train_bwd(epsilon, stats_dtype, out_dtype, impl, residuals, cota
     else:
         dbias = channel_sum(g, impl)
         dscale = channel_sum(g * (centred * inv), impl)
+    # Per device (sharding.per_device) the input's gradient needs the sums over the whole batch; the scale's and
+    # bias's gradients stay this device's part, summed over the devices with all the other gradients.
+    total_dbias, total_dscale = sharding.global_sum((dbias, dscale))
     mul = inv * scale.astype(stats_dtype)
-    dx = mul * (g - dbias / count - centred * (inv * dscale / count)) + gmean / count + centred * (2 * gvar / count)
+    dx = (mul * (g - total_dbias / count - centred * (inv * total_dscale / count)) + gmean / count
+          + centred * (2 * gvar / count))
     return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
 
 
@@ -165,7 +169,7 @@ class BatchNorm(nn.Module):
     in closed form (:func:`batch_norm_train`). XLA:CPU
     lowered flax's reductions over the leading axes, and autodiff's for its gradients, to windowed reductions: 2.7 s
     of a 7.6 s CNN14 training step (batch 8, 10 s clips; docs/benchmarks.md). Outputs and gradients equal flax's
-    within float32 summation order. Under a data-sharded jit the statistics cover the global batch."""
+    within float32 summation order. Per device (``sharding.per_device``) the statistics cover the global batch."""
 
     use_running_average: bool
     momentum: float = BN_MOMENTUM

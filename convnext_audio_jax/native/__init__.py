@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from convnext_audio_jax import xla
+from convnext_audio_jax import sharding, xla
 from convnext_audio_jax.native import library
 # Re-exported: the targets, the build and load API of the package.
 from convnext_audio_jax.native.library import (BF16_CONV_FORWARD_TARGET, BF16_DOT_CONV_FORWARD_TARGET,  # noqa: F401
@@ -183,9 +183,10 @@ def resolve(impl: str, field: str) -> str:
 
 
 def _batch_split_mesh(batch: int):
-    """The mesh set for tracing when the batch splits evenly over all of it, else None."""
+    """The mesh set for tracing when the batch splits evenly over all of it, else None; None too inside a
+    per-device program (``sharding.per_device``), whose rows are already this device's own."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1 or batch % mesh.size:
+    if mesh.empty or mesh.size == 1 or batch % mesh.size or sharding.manual_axes():
         return None
     return mesh
 

@@ -1,6 +1,6 @@
 """The training loop: ``train(config, workdir)`` ties config, data, step, evaluation, checkpoints and
 logging together. One process per host drives every local device over a one-axis ``data`` mesh spanning
-all devices of all hosts (``forward.data_mesh``); the state is replicated and each global batch is
+all devices of all hosts (``sharding.data_mesh``); the state is replicated and each global batch is
 assembled from the hosts' local batches, each host's rows one contiguous block (data/pipeline.py,
 ``ProcessBlocks``), so a global batch is the single-process one. Logging and printing come from process 0."""
 
@@ -21,7 +21,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from convnext_audio_jax import evaluate as evaluate_lib
-from convnext_audio_jax.forward import data_mesh
+from convnext_audio_jax.sharding import data_mesh
 from convnext_audio_jax.models import init_variables
 from convnext_audio_jax.training import (checkpointing, config as config_lib, data as data_lib, lock as lock_lib,
                                          optimizer, step as step_lib)

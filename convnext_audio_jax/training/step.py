@@ -6,9 +6,14 @@ With knowledge distillation the batch also carries the teacher's logits of each 
 with the same λ and pairing as the labels and the loss is ``distill.distillation_loss``.
 When devices × ``per_device_batch_size`` is below ``batch_size`` the step scans over micro-batches and
 averages their gradients. Randomness: a base key in the state, folded with the step and the micro-batch
-index; each augmentation draws per example, so every example (hence every device) gets its own values.
-Under ``jax.jit`` every batch reduction is global, so bn0/BatchNorm statistics, the loss and the gradients
-are those of the whole batch (one device computes the same step: see the tests).
+index; each augmentation (and drop path) draws per example for the whole batch, so an example gets the same
+values whichever device holds it (dropout masks, drawn per element, are drawn per device).
+
+Each device runs the step on its own rows (``sharding.per_device``): the front end's FFT and the CPU kernels
+never see another device's rows, bn0/BatchNorm statistics are summed over the devices (a few floats per
+channel), and the summed gradients of all micro-batches leave the device in one all-reduce, so the loss, the
+statistics and the gradients are those of the whole batch (one device computes the same step: see the tests)
+and the only communication of a step is about the size of the gradients, whatever the batch.
 """
 
 from __future__ import annotations
@@ -25,11 +30,12 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from convnext_audio_jax import xla
+from convnext_audio_jax import sharding, xla
 from convnext_audio_jax.augment import AugmentConfig, augment_waveform, logmel_augmentation_with_lambdas
 from convnext_audio_jax.data.audio import INT16_SCALE
 from convnext_audio_jax.distill import Distillation
 from convnext_audio_jax.models import init_variables
+from convnext_audio_jax.sharding import batch_spec
 
 
 @flax.struct.dataclass
@@ -102,23 +108,16 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment:
     if distillation is not None and loss_fn is not None:
         raise ValueError("make_train_step takes loss_fn or distillation, not both")
     loss_fn = loss_fn or classification_loss
-    num_devices = mesh.size
     replicated = NamedSharding(mesh, P())
-    micro_sharding = NamedSharding(mesh, P(None, "data"))
+    rows = batch_spec(mesh)
 
-    def split_micro_batches(x):
-        rows = x.shape[0]
-        local = x.reshape((num_devices, accumulation_steps, rows // (num_devices * accumulation_steps)) + x.shape[1:])
-        micro = jnp.swapaxes(local, 0, 1).reshape((accumulation_steps, rows // accumulation_steps) + x.shape[1:])
-        return jax.lax.with_sharding_constraint(micro, micro_sharding)
+    def local_gradients(params, batch_stats, rng, step_number, waveform, target, teacher):
+        """Per device, on its rows: the micro-batches' summed gradients of their local mean losses, then one
+        all-reduce of everything the host or the update needs."""
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(rng), step_number)
 
-    def step(state: TrainState, batch: dict):
-        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        waveforms = split_micro_batches(waveform_to_float(batch["waveform"]))
-        targets = split_micro_batches(batch["target"].astype(jnp.float32))
-        # Without distillation a placeholder of one value per row keeps the scan's inputs uniform.
-        teachers = split_micro_batches(batch["teacher"] if distillation is not None else
-                                       jnp.zeros(batch["target"].shape[:1], jnp.float32))
+        def split(x):  # this device's rows → (K, rows / K, ...): micro-batch k is its k-th block
+            return x.reshape((accumulation_steps, x.shape[0] // accumulation_steps) + x.shape[1:])
 
         def micro_step(carry, inputs):
             grad_sum, batch_stats = carry
@@ -130,7 +129,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment:
             def objective(params):
                 outputs, updates = model.apply(
                     {"params": params, "batch_stats": batch_stats}, waveform, train=True, logmel_hook=hook,
-                    mutable=["batch_stats"], rngs={"drop_path": drop_path_key, "dropout": dropout_key},
+                    mutable=["batch_stats"],
+                    rngs={"drop_path": drop_path_key, "dropout": sharding.fold_in_device(dropout_key)},
                 )
                 if distillation is None:
                     loss, parts = loss_fn(outputs["logits"], target), {}
@@ -138,17 +138,29 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment:
                     loss, parts = distillation.loss(outputs["logits"], target, teacher, lambdas)
                 return loss, (updates.get("batch_stats", {}), parts)
 
-            (loss, (batch_stats, parts)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+            (loss, (batch_stats, parts)), grads = jax.value_and_grad(objective, has_aux=True)(params)
             return (jax.tree.map(jnp.add, grad_sum, grads), batch_stats), {"loss": loss, **parts}
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        zeros = jax.tree.map(jnp.zeros_like, params)
         (grad_sum, batch_stats), losses = jax.lax.scan(
-            micro_step, (zeros, state.batch_stats), (waveforms, targets, teachers, jnp.arange(accumulation_steps))
-        )
-        grads = jax.tree.map(lambda g: g / accumulation_steps, grad_sum)
+            micro_step, (zeros, batch_stats),
+            (split(waveform_to_float(waveform)), split(target.astype(jnp.float32)), split(teacher),
+             jnp.arange(accumulation_steps)))
+        # Every device's rows are as many, so the global mean is the mean of the devices' means.
+        scale = 1.0 / (accumulation_steps * sharding.device_count())
+        grad_sum, losses = sharding.global_sum((grad_sum, jax.tree.map(jnp.sum, losses)))
+        return jax.tree.map(lambda g: g * scale, grad_sum), batch_stats, jax.tree.map(lambda v: v * scale, losses)
+
+    per_device_gradients = sharding.per_device(local_gradients, mesh, (P(), P(), P(), P(), rows, rows, rows),
+                                               (P(), P(), P()))
+
+    def step(state: TrainState, batch: dict):
+        # Without distillation a placeholder of one value per row keeps the scan's inputs uniform.
+        teacher = batch["teacher"] if distillation is not None else jnp.zeros(batch["target"].shape[:1], jnp.float32)
+        grads, batch_stats, metrics = per_device_gradients(state.params, state.batch_stats, state.rng, state.step,
+                                                           batch["waveform"], batch["target"], teacher)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         grad_norm = optax.global_norm(grads)
-        metrics = {name: jnp.mean(values) for name, values in losses.items()}
         updated = {"params": optax.apply_updates(state.params, updates), "batch_stats": batch_stats,
                    "opt_state": opt_state}
         if skip_nonfinite:
@@ -157,13 +169,13 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment:
             updated = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, previous)
         return state.replace(step=state.step + 1, **updated), {**metrics, "grad_norm": grad_norm}
 
-    batch_sharding = NamedSharding(mesh, P("data"))
-    return xla.jit(step, mesh=mesh, in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
+    batch_sharding = NamedSharding(mesh, rows)
+    return xla.jit(step, in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
                    donate_argnums=(0,))
 
 
 def global_batch(local_batch: dict, mesh, keys=("waveform", "target", "teacher")) -> dict:
     """This host's rows of each array among ``keys`` (those it has) → one global array sharded on 'data'."""
-    sharding = NamedSharding(mesh, P("data"))
-    return {key: jax.make_array_from_process_local_data(sharding, np.asarray(local_batch[key]))
+    batch_sharding = NamedSharding(mesh, batch_spec(mesh))
+    return {key: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local_batch[key]))
             for key in keys if key in local_batch}
