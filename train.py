@@ -3,7 +3,7 @@
 Runs under absl.app, so flags are parsed before grain starts worker processes. A multi-process job joins
 its cluster first (convnext_audio_jax.distributed): ``--coordinator HOST:PORT --num_processes N --process_id I``,
 the JAX_* variables, or SLURM / Open MPI / Kubernetes / Cloud TPU detection (docs/train.md, "Multi-host
-training"). On Linux with glibc it first runs itself again, once, with glibc set to keep freed memory and JAX's CPU
+training"). On Linux with glibc, computing on the CPU, it first runs itself again, once, with glibc set to keep freed memory and JAX's CPU
 dispatch synchronous, so that XLA:CPU's per-step temporaries are not page-faulted afresh each step
 (convnext_audio_jax.host_memory; CONVNEXT_AUDIO_JAX_KEEP_FREED_MEMORY=0 turns that off).
 """

@@ -239,8 +239,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--remap-by-name", action="store_true",
                         help="the model and the data list the same class names in different orders: score each data "
                         "class with the model output of the same name")
-    parser.add_argument("--batch-size", type=int, default=32,
-                        help="clips per step, rounded up to a multiple of the device count (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="clips per step over all devices, rounded up to a multiple of the device count (default: "
+                        "32 per device)")
+    parser.add_argument("--compilation-cache", default="auto", metavar="DIR",
+                        help="persistent XLA compilation cache: 'auto' (default) is <cache root>/xla, '' none")
     parser.add_argument("--output", default="evaluation", help="folder for the reports (default %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     job = parser.add_argument_group(
@@ -314,6 +317,11 @@ def run(args: argparse.Namespace) -> int:
     from convnext_audio_jax.checkpoint import load_model
 
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)  # a no-op for one process
+    if args.compilation_cache:
+        from convnext_audio_jax import pretrained
+
+        xla.enable_compilation_cache(pretrained.cache_dir() / "xla" if args.compilation_cache == "auto"
+                                     else args.compilation_cache)
     first = jax.process_index() == 0
     model, variables, metadata = load_model(args.checkpoint)
     frontend = model.frontend
@@ -327,7 +335,8 @@ def run(args: argparse.Namespace) -> int:
         if first:
             print(f"evaluate: {moved} of {len(order)} classes matched by name at another index", file=sys.stderr)
     class_names = data_names or model_names
-    result = evaluate(model, variables, source, args.batch_size, class_names=class_names, output_dir=args.output,
+    batch_size = args.batch_size or 32 * jax.device_count()
+    result = evaluate(model, variables, source, batch_size, class_names=class_names, output_dir=args.output,
                       progress=not args.no_progress)
     if not first:
         return 0

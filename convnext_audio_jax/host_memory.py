@@ -24,9 +24,29 @@ TUNABLES = ("glibc.malloc.mmap_max=0", "glibc.malloc.trim_threshold=109951162777
 ENV = "CONVNEXT_AUDIO_JAX_KEEP_FREED_MEMORY"
 
 
+# Accelerator plugins of jaxlib and the device nodes their drivers make: both present, JAX will run on them.
+ACCELERATOR_PLUGINS = ("jax_cuda13_plugin", "jax_cuda12_plugin", "jax_rocm7_plugin", "jax_rocm60_plugin", "libtpu")
+ACCELERATOR_DEVICES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/kfd", "/dev/accel0", "/dev/vfio/0")
+
+
+def cpu_backend_expected() -> bool:
+    """Whether JAX will compute on the CPU, decided before JAX starts (a multi-process job must join its cluster
+    first): ``JAX_PLATFORMS`` when set, else whether an accelerator plugin is installed and its device exists. On a GPU
+    host the allocator setting would only pin host memory, in every process the run starts (grain's workers too)."""
+    platforms = os.environ.get("JAX_PLATFORMS", "").strip()
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    import importlib.util
+
+    plugin = any(importlib.util.find_spec(name) is not None for name in ACCELERATOR_PLUGINS)
+    return not (plugin and any(os.path.exists(path) for path in ACCELERATOR_DEVICES))
+
+
 def wanted() -> bool:
-    """Linux with glibc, and not turned off by ``CONVNEXT_AUDIO_JAX_KEEP_FREED_MEMORY=0``."""
-    return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc" and os.environ.get(ENV, "1") != "0"
+    """Linux with glibc, JAX computing on the CPU (:func:`cpu_backend_expected`), and not turned off by
+    ``CONVNEXT_AUDIO_JAX_KEEP_FREED_MEMORY=0``."""
+    return (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc" and os.environ.get(ENV, "1") != "0"
+            and cpu_backend_expected())
 
 
 def with_tunables(existing: str) -> str:

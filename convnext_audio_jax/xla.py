@@ -83,6 +83,25 @@ def native_bfloat16(backend: str | None = None) -> bool:
     return any(flag in cpu_flags() for flag in NATIVE_BFLOAT16_CPU_FLAGS)
 
 
+def resolve_dtype(requested: str, backend: str | None = None) -> str:
+    """``requested`` with "auto" resolved: "bfloat16" on a GPU or TPU (what their matrix units are for), "float32"
+    on the CPU."""
+    if requested != "auto":
+        return requested
+    return "float32" if (backend or jax.default_backend()) == "cpu" else "bfloat16"
+
+
+def enable_compilation_cache(directory: str | os.PathLike | None) -> str | None:
+    """JAX's persistent compilation cache in ``directory``: programs that took over
+    ``jax_persistent_cache_min_compile_time_secs`` (1 s) to compile are stored, and a restarted run loads them
+    instead of compiling again. A cache already set (``JAX_COMPILATION_CACHE_DIR``, or by the caller) wins, and
+    None leaves it as it is. Returns the folder in use."""
+    if directory and not jax.config.jax_compilation_cache_dir:
+        os.makedirs(directory, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", str(directory))
+    return jax.config.jax_compilation_cache_dir or None
+
+
 def compute_dtype(requested: str, policy: str = "fallback", backend: str | None = None) -> str:
     """The dtype the models compute in when ``requested`` ("float32" or "bfloat16") is asked for. ``policy``
     "fallback": bfloat16 on a CPU without native bfloat16 becomes float32 (faster there; logged), "keep":

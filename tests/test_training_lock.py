@@ -32,6 +32,34 @@ def test_second_holder_is_refused_with_the_pid_and_can_take_it_after_release(tmp
     assert (tmp_path / ".lock").is_file()  # left in place: its presence alone blocks nothing
 
 
+def test_without_flock_an_exclusive_file_locks_and_a_dead_holder_is_replaced(tmp_path, monkeypatch):
+    """On a file system without flock (Lustre without -o flock: ENOSYS) the lock is an O_EXCL file: a second run is
+    refused naming the holder, release removes the file, and a file left by a process of this host that no
+    longer runs is taken over; one from another host is not."""
+    import errno
+    import socket
+
+    def no_flock(descriptor, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(lock_lib.fcntl, "flock", no_flock)
+    first = lock_lib.WorkdirLock(tmp_path)
+    first.acquire()
+    assert first.exclusive_path.read_text() == f"pid {os.getpid()} on {socket.gethostname()}\n"
+    with pytest.raises(lock_lib.WorkdirLockedError, match=rf"\(pid {os.getpid()} on .*no flock.*remove "):
+        lock_lib.WorkdirLock(tmp_path).acquire()
+    first.release()
+    assert not first.exclusive_path.exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    first.exclusive_path.write_text(f"pid {dead.stdout.strip()} on {socket.gethostname()}\n")
+    with lock_lib.WorkdirLock(tmp_path) as taken:
+        assert taken.exclusive_path.read_text().startswith(f"pid {os.getpid()} ")
+    first.exclusive_path.write_text("pid 1 on another-host\n")
+    with pytest.raises(lock_lib.WorkdirLockedError, match="another-host"):
+        lock_lib.WorkdirLock(tmp_path).acquire()
+    assert first.exclusive_path.read_text() == "pid 1 on another-host\n"  # not ours to remove
+
+
 def test_lock_dies_with_its_process(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from convnext_audio_jax.training.lock import WorkdirLock; "

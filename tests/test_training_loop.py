@@ -353,6 +353,32 @@ def test_nan_loss_stops_the_run_and_a_skip_batch_resume_skips_then_stops(uninter
     assert all(line["learning_rate"] == lr_24 for line in regular)
 
 
+def test_steady_state_never_waits_on_the_device(tmp_path, monkeypatch):
+    """The metrics of the steps come back in one ``device_get`` every ``log_every`` steps (and before a
+    checkpoint), each step's values kept; the step loop dispatches under ``jax.transfer_guard("disallow")`` (as
+    big_vision runs its loop), so a batch that was not put on the devices ahead raises instead of being copied
+    on the training thread. (XLA:CPU's arrays live in host memory, so the guard cannot see a device-to-host read
+    here; the fetch count is the proof of that side.)"""
+    config = tiny_config()
+    config.total_steps, config.log_every, config.checkpoint_every, config.eval_every = 12, 5, 12, 12
+    fetches = []
+    real_device_get = jax.device_get
+
+    def counting_device_get(tree):
+        if isinstance(tree, list) and tree and isinstance(tree[0], dict) and "grad_norm" in tree[0]:
+            fetches.append(len(tree))
+        return real_device_get(tree)
+
+    monkeypatch.setattr(jax, "device_get", counting_device_get)
+    training.train(config, tmp_path / "run")
+    assert fetches == [5, 5, 2]  # steps 1-5, 6-10, 11-12 (the checkpoint at 12)
+    assert [line["step"] for line in metrics_lines(tmp_path / "run") if "train_loss" in line] == [5, 10, 12]
+
+    monkeypatch.setattr(step_lib, "global_batch", lambda local, mesh: {key: local[key] for key in ("waveform", "target")})
+    with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
+        training.train(config, tmp_path / "host_batches")
+
+
 def test_metrics_log_starts_a_new_line_after_one_cut_short_by_a_kill(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 3, "train_loss": 0.5}\n{"step": 4, "train_lo')
     log = loop.MetricsLog(tmp_path)

@@ -27,7 +27,8 @@ CONFIG_FILE = "config.json"
 # schedule, seed, augmentation), and a resume that changes it is refused unless allow_config_change is set.
 RESULT_NEUTRAL_KEYS = frozenset({
     "allow_config_change", "checkpoint_every", "keep_checkpoints", "async_checkpointing", "eval_every",
-    "log_every", "progress_bar", "eval_batch_size", "data.worker_count", "data.read_threads",
+    "log_every", "progress_bar", "eval_batch_size", "per_device_eval_batch_size", "data.worker_count",
+    "data.read_threads", "prefetch_to_device", "compilation_cache",
     "data.max_skip_fraction", "data.eval",
     # Only decide whether a run stops at a NaN/Inf step: a run that meets none computes the same either way.
     "on_nonfinite", "max_nonfinite_in_a_row",
@@ -47,7 +48,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict()
     config.model.name = "convnext_tiny"
     config.model.drop_path_rate = 0.4
-    config.model.dtype = "float32"  # "bfloat16": bf16 compute, fp32 params and optimizer state
+    # "bfloat16": bf16 compute, fp32 params, optimizer state and front end; "auto": bfloat16 on a GPU or TPU,
+    # float32 on the CPU.
+    config.model.dtype = "float32"
     # "fallback": on a CPU without native bf16 (no AVX512_BF16 / AMX-BF16) model.dtype "bfloat16" computes in
     # float32, which is faster there (logged); "keep": bfloat16 anyway (convnext_audio_jax/xla.py).
     config.model.cpu_bfloat16 = "fallback"
@@ -72,7 +75,13 @@ def default_config() -> ml_collections.ConfigDict:
 
     config.batch_size = 512  # effective (global) examples per optimizer step
     config.per_device_batch_size = 64  # 0: batch_size / devices (no accumulation)
-    config.eval_batch_size = 64  # global
+    config.eval_batch_size = 0  # global; 0: per_device_eval_batch_size × devices
+    config.per_device_eval_batch_size = 64
+    # Device batches the loader thread keeps ready ahead of the step (training/prefetch.py).
+    config.prefetch_to_device = 2
+    # Persistent XLA compilation cache: "auto" is <cache root>/xla (docs/pretrained.md's cache), "" none, or a folder.
+    # A restart or a preemption then skips recompiling the step in every process.
+    config.compilation_cache = "auto"
     config.total_steps = 75_000
 
     config.optimizer = ml_collections.ConfigDict()
@@ -152,8 +161,8 @@ def validate_config(config, num_devices: int) -> None:
         raise ConfigError(f"data.sampling must be 'balanced' or 'shuffle'; got {data.sampling!r}")
     if not 0.0 <= data.max_skip_fraction <= 1.0:
         raise ConfigError(f"data.max_skip_fraction must be in [0, 1]; got {data.max_skip_fraction}")
-    if config.model.dtype not in MODEL_DTYPES:
-        raise ConfigError(f"model.dtype must be one of {sorted(MODEL_DTYPES)}; got {config.model.dtype!r}")
+    if config.model.dtype not in (*MODEL_DTYPES, "auto"):
+        raise ConfigError(f"model.dtype must be one of {sorted(MODEL_DTYPES) + ['auto']}; got {config.model.dtype!r}")
     if config.total_steps < 1:
         raise ConfigError(f"total_steps must be >= 1; got {config.total_steps}")
     if config.on_nonfinite not in NONFINITE_POLICIES:
@@ -161,8 +170,13 @@ def validate_config(config, num_devices: int) -> None:
     for key in ("checkpoint_every", "eval_every", "log_every", "keep_checkpoints", "max_nonfinite_in_a_row"):
         if config[key] < 1:
             raise ConfigError(f"{key} must be >= 1; got {config[key]}")
-    if config.eval_batch_size < 1 or config.eval_batch_size % num_devices:
-        raise ConfigError(f"eval_batch_size {config.eval_batch_size} must be a positive multiple of the {num_devices} devices")
+    if config.eval_batch_size < 0 or config.eval_batch_size % num_devices:
+        raise ConfigError(f"eval_batch_size {config.eval_batch_size} must be 0 (per device) or a positive multiple of "
+                          f"the {num_devices} devices")
+    if config.get("per_device_eval_batch_size", 1) < 1:
+        raise ConfigError(f"per_device_eval_batch_size must be >= 1; got {config.per_device_eval_batch_size}")
+    if config.get("prefetch_to_device", 1) < 1:
+        raise ConfigError(f"prefetch_to_device must be >= 1; got {config.prefetch_to_device}")
     if config.optimizer.schedule not in ("one_cycle", "constant"):
         raise ConfigError(f"optimizer.schedule must be 'one_cycle' or 'constant'; got {config.optimizer.schedule!r}")
     if not 0.0 < config.optimizer.warmup_fraction < 1.0:
@@ -210,11 +224,12 @@ def model_overrides(config, num_classes: int) -> dict:
         overrides["drop_path_rate"] = float(config.model.drop_path_rate)
     elif config.model.drop_path_rate:
         raise ConfigError(f"model {config.model.name!r} has no drop path; set model.drop_path_rate = 0")
-    if config.model.dtype != "float32":
+    dtype = xla.resolve_dtype(config.model.dtype)
+    if dtype != "float32":
         if "dtype" not in fields:
             raise ConfigError(f"model {config.model.name!r} has no dtype field; use model.dtype = 'float32'")
         try:
-            overrides["dtype"] = MODEL_DTYPES[xla.compute_dtype(config.model.dtype, config.model.get("cpu_bfloat16", "fallback"))]
+            overrides["dtype"] = MODEL_DTYPES[xla.compute_dtype(dtype, config.model.get("cpu_bfloat16", "fallback"))]
         except ValueError as error:
             raise ConfigError(f"model.cpu_bfloat16: {error}") from None
     if config.model.frontend:
@@ -303,3 +318,18 @@ def check_and_record_config(config, workdir: pathlib.Path, resuming: bool) -> di
         temporary.replace(path)
         fsync_path(workdir)
     return differences
+
+
+def eval_batch_size(config, num_devices: int) -> int:
+    """The global evaluation batch: ``eval_batch_size``, or ``per_device_eval_batch_size`` on each device."""
+    return int(config.eval_batch_size) or int(config.get("per_device_eval_batch_size", 64)) * num_devices
+
+
+def compilation_cache_dir(config) -> str | None:
+    """The persistent compilation cache folder ``config.compilation_cache`` names ("auto": under the cache root)."""
+    setting = str(config.get("compilation_cache", ""))
+    if setting == "auto":
+        from convnext_audio_jax import pretrained
+
+        return str(pretrained.cache_dir() / "xla")
+    return setting or None

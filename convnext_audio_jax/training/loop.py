@@ -20,12 +20,13 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from convnext_audio_jax import evaluate as evaluate_lib
+from convnext_audio_jax import evaluate as evaluate_lib, xla
 from convnext_audio_jax.sharding import data_mesh
 from convnext_audio_jax.models import init_variables
 from convnext_audio_jax.training import (checkpointing, config as config_lib, data as data_lib, lock as lock_lib,
                                          optimizer, step as step_lib)
 from convnext_audio_jax.training.checkpointing import BEST_METRIC
+from convnext_audio_jax.training.prefetch import DevicePrefetcher
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def global_count(value: int) -> int:
 @dataclasses.dataclass
 class _PendingMetrics:
     step: int
-    values: dict  # device arrays, fetched one step later
+    values: dict  # device arrays, fetched together every log_every steps (and before a checkpoint)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
@@ -143,6 +144,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
 def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
     mesh = data_mesh()
     config_lib.validate_config(config, mesh.size)
+    xla.enable_compilation_cache(config_lib.compilation_cache_dir(config))
     accumulation_steps, examples_per_host = config_lib.batch_layout(config, mesh.size, jax.process_count())
     augment = config_lib.augment_config(config)
 
@@ -213,48 +215,57 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str
         raise NonFiniteLossError(f"{message}; stopped; last good checkpoint: step {checkpointer.latest_step()} "
                                  f"in {checkpointer.directory}{hint}")
 
-    def report(pending: _PendingMetrics) -> None:
-        values = {key: float(value) for key, value in jax.device_get(pending.values).items()}
+    def report_all(pendings: list[_PendingMetrics]) -> None:
+        """The steps since the last report, fetched from the devices in one transfer: the only time the host
+        waits on the device in the steady state."""
+        if not pendings:
+            return
+        fetched = jax.device_get([pending.values for pending in pendings])
+        now = time.perf_counter()
+        rate = ((pendings[-1].step - last_report["step"]) * config.batch_size / max(now - last_report["time"], 1e-9))
+        last_report.update(time=now, step=pendings[-1].step)
+        for pending, values in zip(pendings, fetched):
+            report(pending.step, {key: float(value) for key, value in values.items()}, rate)
+        pendings.clear()
+
+    def report(step: int, values: dict, clips_per_second: float) -> None:
         # The step's own test (loss and gradient norm finite) is the one the jitted step applied.
         finite = math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])
-        applied_before = pending.step - 1 - nonfinite["skipped"]  # optimizer updates before this step
+        applied_before = step - 1 - nonfinite["skipped"]  # optimizer updates before this step
         if not finite:
             seen = f"loss {values['loss']}, grad norm {values['grad_norm']}"
             if not skip_nonfinite:
-                stop(f"non-finite training loss at step {pending.step} ({seen})",
+                stop(f"non-finite training loss at step {step} ({seen})",
                      "; to skip such steps, resume with --config.on_nonfinite=skip_batch")
             nonfinite["skipped"] += 1
             nonfinite["in_a_row"] += 1
-            logger.warning("step %d: %s; update skipped (%d in a row, %d in all)", pending.step, seen,
+            logger.warning("step %d: %s; update skipped (%d in a row, %d in all)", step, seen,
                            nonfinite["in_a_row"], nonfinite["skipped"])
-            log.write(pending.step, {"nonfinite_skipped": nonfinite["skipped"],
+            log.write(step, {"nonfinite_skipped": nonfinite["skipped"],
                                      "nonfinite_in_a_row": nonfinite["in_a_row"]})
             if nonfinite["in_a_row"] >= config.max_nonfinite_in_a_row:
-                stop(f"{nonfinite['in_a_row']} steps in a row (steps {pending.step - nonfinite['in_a_row'] + 1} to "
-                     f"{pending.step}) had a non-finite loss or gradient norm (last: {seen}); their updates were "
+                stop(f"{nonfinite['in_a_row']} steps in a row (steps {step - nonfinite['in_a_row'] + 1} to "
+                     f"{step}) had a non-finite loss or gradient norm (last: {seen}); their updates were "
                      f"skipped (on_nonfinite = 'skip_batch', max_nonfinite_in_a_row = {config.max_nonfinite_in_a_row})")
         else:
             nonfinite["in_a_row"] = 0
-        now = time.perf_counter()
-        clips_per_second = (pending.step - last_report["step"]) * config.batch_size / max(now - last_report["time"], 1e-9)
-        last_report.update(time=now, step=pending.step)
         # The rate the update of this step used (skipped updates do not advance the schedule), computed on
         # the host (no device call).
         lr = optimizer.host_learning_rate(config.optimizer, config.total_steps, applied_before)
-        progress.update(pending.step - progress.n)
+        progress.update(step - progress.n)
         progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", clips_s=f"{clips_per_second:.1f}", refresh=False)
-        if pending.step % config.log_every == 0 or pending.step == config.total_steps:
+        if step % config.log_every == 0 or step == config.total_steps:
             # NaN is no JSON number: a skipped step's line has no loss, its count was written above.
             losses = ({"train_loss": values["loss"], "grad_norm": values["grad_norm"],
                        **{f"train_{key}": values[key] for key in ("label_loss", "distillation_loss") if key in values}}
                       if finite else {})
-            log.write(pending.step, {**losses, "learning_rate": lr, "clips_per_second": clips_per_second,
-                                     "train_skipped": global_count(loader.num_skipped),
+            log.write(step, {**losses, "learning_rate": lr, "clips_per_second": clips_per_second,
+                                     "train_skipped": global_count(skipped_by_loader["count"]),
                                      "nonfinite_skipped": nonfinite["skipped"]})
 
     def evaluate_split(name: str, source, step: int) -> dict[str, float]:
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        evaluation = evaluate_lib.evaluate(model, variables, source, config.eval_batch_size, mesh,
+        evaluation = evaluate_lib.evaluate(model, variables, source, config_lib.eval_batch_size(config, mesh.size), mesh,
                                            progress=False, scorer=scorer)
         metrics = {f"{name}_mAP": float(evaluation["mAP"]), f"{name}_AUC": float(evaluation["AUC"]),
                    f"{name}_d_prime": float(evaluation["d_prime"]), f"{name}_skipped": int(evaluation["num_skipped"])}
@@ -265,29 +276,39 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str
             raise
         return metrics
 
-    pending = None
+    pending: list[_PendingMetrics] = []
+    skipped_by_loader = {"count": loader.num_skipped}
+
+    def needs_checkpoint(step: int) -> bool:
+        return step % config.checkpoint_every == 0 or step % config.eval_every == 0 or step == config.total_steps
+
+    prefetcher = DevicePrefetcher(loader, lambda: data_lib.add_teacher_logits(next(loader), teacher),
+                                  lambda local: step_lib.global_batch(local, mesh), start_step + 1, config.total_steps,
+                                  needs_checkpoint, ahead=config.get("prefetch_to_device", 2))
     try:
-        for step in range(start_step + 1, config.total_steps + 1):
-            local = data_lib.add_teacher_logits(next(loader), teacher)
+        for batch in prefetcher:
+            step = batch.step
+            skipped_by_loader["count"] = batch.num_skipped
             if clip_log is not None:
-                clip_log.write(json.dumps({"step": step, "ids": local["id"].tolist()}) + "\n")
+                clip_log.write(json.dumps({"step": step, "ids": batch.ids.tolist()}) + "\n")
                 clip_log.flush()
             evaluating = step % config.eval_every == 0 or step == config.total_steps
-            saving = step % config.checkpoint_every == 0 or evaluating
-            loader_checkpoint = checkpointing.LoaderCheckpoint(loader, loader.get_state()) if saving else None
-            state, step_metrics = train_step(state, step_lib.global_batch(local, mesh))
-            if pending is not None:
-                report(pending)  # the previous step: finished by now or about to, so this does not stall
-            pending = _PendingMetrics(step, step_metrics)
+            saving = needs_checkpoint(step)
+            # The steady state moves nothing between host and device implicitly (a stray float() of a metric
+            # would make every step wait for the device): tests/test_training_loop.py runs under this guard.
+            with jax.transfer_guard("disallow"):
+                state, step_metrics = train_step(state, batch.arrays)
+                pending.append(_PendingMetrics(step, step_metrics))
+            if step % config.log_every == 0 or saving:
+                report_all(pending)  # a checkpoint must hold a state whose own step was finite
             if not saving:
                 continue
-            report(pending)  # a checkpoint must hold a state whose own step was finite
-            pending = None
+            loader_checkpoint = checkpointing.LoaderCheckpoint(loader, batch.loader_state)
             val_metrics = None
             if evaluating:
                 # Summed over the processes, so that every process takes the same decision.
-                check_skips("training", global_count(loader.num_skipped), step * rows_per_host * jax.process_count(), max_skip,
-                            getattr(data.train, "description", "data.train"))
+                check_skips("training", global_count(batch.num_skipped), step * rows_per_host * jax.process_count(),
+                            max_skip, getattr(data.train, "description", "data.train"))
                 val_metrics = evaluate_split("val", data.validation, step)
                 is_best = val_metrics[BEST_METRIC] > best
                 best = max(best, val_metrics[BEST_METRIC])
@@ -308,11 +329,11 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str
                 if jax.process_index() == 0:  # tqdm.write prints even when the bar is disabled
                     progress.write(message)
             last_report.update(time=time.perf_counter(), step=step)  # clips/s measures training only
-        if pending is not None:
-            report(pending)
+        report_all(pending)
         writer.wait()
         checkpointer.wait()
     finally:
+        prefetcher.close()
         try:
             writer.wait()
         except Exception:  # already failing: the first error is the one to report
