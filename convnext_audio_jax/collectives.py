@@ -19,7 +19,7 @@ _SHAPE = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s([a-z\-]+)\((.*)$")
 _CALLED = re.compile(r"\b(body|condition|to_apply|calls|branch_computations|true_computation|false_computation)="
-                     r"\{?%?([\w.\-, %]+)\}?")
+                     r"(?:\{([^}]*)\}|%?([\w.\-]+))")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +57,8 @@ def collectives(hlo_text: str) -> list[Collective]:
         if not instruction:
             continue
         result, op, rest = instruction.groups()
-        for kind, names in _CALLED.findall(rest):
+        for kind, listed, single in _CALLED.findall(rest):
+            names = listed or single
             targets = {name.strip().lstrip("%") for name in names.split(",") if name.strip()}
             calls[current].update(targets)
             if kind == "body":
