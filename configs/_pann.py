@@ -20,6 +20,7 @@ def pann_config(model_name: str):
     config = default_config()
     config.model.name = model_name
     config.model.drop_path_rate = 0.0
+    config.model.dtype = "auto"  # bfloat16 compute on a GPU/TPU (float32 parameters and front end), float32 on the CPU
     config.model.frontend.n_mels = 64
     config.optimizer.schedule = "constant"
     config.optimizer.peak_learning_rate = 1e-3

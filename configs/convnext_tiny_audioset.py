@@ -38,6 +38,7 @@ def get_config():
     config = default_config()
     config.model.name = "convnext_tiny"
     config.model.drop_path_rate = 0.4
+    config.model.dtype = "auto"  # bfloat16 compute on a GPU/TPU (float32 parameters and front end), float32 on the CPU
     config.optimizer.cycle_beta1 = True
     config.data.train = "data/audioset@balanced_train+data/audioset@unbalanced_train"
     config.data.validation = "holdout:1%"
