@@ -4,6 +4,8 @@
     python benchmarks/gpu_suite.py --quick          # tiny models, 1 s clips, batch 2: a smoke run (any backend)
 
 Rows, all in one process with the same random weights on both sides (``benchmarks/run.py``'s machinery):
+- communication: the collectives of the train step, the eval step and the sharded forward per step, from their
+  compiled HLO, beside the gradient's bytes (on two or more devices);
 - forward, waveform → probabilities: ours and torch eager (``--torch-compile``: also torch.compile, whose
   compile alone may take minutes per model), fp32 and bf16 (torch: autocast), batch 64, with parity
   against torch fp32;
@@ -37,7 +39,7 @@ from benchmarks.common import machine_description  # noqa: E402
 MODELS = ("convnext_tiny", "cnn14")
 QUICK_OVERRIDES = {"convnext_tiny": tuple(run.TINY_CONVNEXT.items()), "cnn14": (("channels", (8, 8, 16, 16, 16, 16)),)}
 SCALING_MODEL = "convnext_tiny"
-PARTS = ("forward", "train", "scaling")
+PARTS = ("communication", "forward", "train", "scaling")
 
 
 def device_counts(available: int) -> list[int]:
@@ -63,6 +65,23 @@ def suite(cases: list[implementations.Case], batch: int, dtypes: list[str], repe
     rows: list[dict] = []
     notes: dict[str, str] = {}
     parity: dict[str, dict] = {}
+    communication: list[dict] = []
+    for case in cases if "communication" in parts else []:
+        # What the train step sends between the devices per step, from its compiled HLO (benchmarks/collectives.py).
+        if over_budget(f"communication/{case.model}") or jax.device_count() < 2:
+            continue
+        from benchmarks.collectives import programs
+        from convnext_audio_jax import collectives
+        from convnext_audio_jax.models import create_model
+        from convnext_audio_jax.sharding import data_mesh
+
+        texts, grad_bytes = programs(create_model(case.model, **dict(case.config)), batch, 1, data_mesh(),
+                                     case.seconds)
+        for program, text in texts.items():
+            for op, row in collectives.summary(collectives.collectives(text)).items():
+                communication.append({"model": case.model, "program": program, "op": op, **row,
+                                      "grad_bytes": grad_bytes})
+                log(f"# communication: {communication[-1]}")
     for case in cases if "forward" in parts else []:
         if over_budget(f"forward/{case.model}"):
             continue
@@ -108,7 +127,7 @@ def suite(cases: list[implementations.Case], batch: int, dtypes: list[str], repe
         scaling.append(row)
         log(f"# scaling: {row}")
     return {"rows": rows, "ratios": run.ratios(rows), "parity_max_abs_probs": parity, "scaling": scaling,
-            "notes": {**notes, **skipped}}
+            "communication": communication, "notes": {**notes, **skipped}}
 
 
 def format_tables(result: dict) -> str:
@@ -126,6 +145,10 @@ def format_tables(result: dict) -> str:
         else:
             lines.append(f"| {row['devices']} | {row['batch']} | {row['clips_per_s']:.1f} | {row['clips_per_s_per_device']:.1f} "
                          f"| {row.get('efficiency', 1.0):.2f} |")
+    lines += ["", "| model | program | op | count | MiB per step | / gradient |", "|---|---|---|---:|---:|---:|"]
+    for row in result.get("communication", []):
+        lines.append(f"| {row['model']} | {row['program']} | {row['op']} | {row['count']} | {row['bytes'] / 2**20:.1f} "
+                     f"| {row['bytes'] / row['grad_bytes']:.3f} |")
     # The docs' GPU table: ours and torch in bf16 at the suite's batch, beside the paper's V100 figure.
     lines += ["", "| model | ours (bf16) | torch eager / compile (bf16) | ours train (bf16) | V100 (paper) |", "|---|---:|---:|---:|---:|"]
 
@@ -161,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = sorted(args.dtypes, key=lambda d: d != "float32")  # torch fp32 first: bf16 parity is against it
     seconds = 1.0 if args.quick else 10.0
     cases = [implementations.Case(m, seconds, QUICK_OVERRIDES[m] if args.quick else ()) for m in MODELS]
+    # Restarts of the suite load its compiled programs instead of compiling them again.
+    from convnext_audio_jax import pretrained, xla
+
+    xla.enable_compilation_cache(pretrained.cache_dir() / "xla")
     machine = machine_description()
     print(f"# {machine['slug']}: gpu suite, models {list(MODELS)}, batch {batch}, dtypes {dtypes}, {repeats} repeats", flush=True)
     print(report.TABLE_HEADER, flush=True)
