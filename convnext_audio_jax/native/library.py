@@ -19,6 +19,7 @@ import logging
 import os
 import pathlib
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -61,6 +62,7 @@ WITHOUT_FLAG_OPTIONS = {"avx": "-mno-avx", "avx2": "-mno-avx2", "fma": "-mno-fma
                         "avx512_vnni": "-mno-avx512vnni", "avx_vnni": "-mno-avxvnni", "amx_tile": "-mno-amx-tile",
                         "amx_bf16": "-mno-amx-bf16", "amx_int8": "-mno-amx-int8"}
 BUILD_TIMEOUT_S = 600
+EXTRA_FLAGS_ENV = "CONVNEXT_AUDIO_JAX_CXXFLAGS"
 
 
 class NativeUnavailable(RuntimeError):
@@ -83,9 +85,12 @@ def find_compiler() -> str | None:
 
 
 def compiler_flags() -> tuple[str, ...]:
-    """``CXX_FLAGS`` and, for each CPU flag named off (:func:`xla.cpu_flags_off`), its ``WITHOUT_FLAG_OPTIONS``."""
+    """``CXX_FLAGS``, for each CPU flag named off (:func:`xla.cpu_flags_off`) its ``WITHOUT_FLAG_OPTIONS``, then
+    the options in ``$CONVNEXT_AUDIO_JAX_CXXFLAGS`` (split as a shell would; later options win, e.g.
+    ``-fsanitize=address,undefined -O1`` for a sanitizer build)."""
     off = xla.cpu_flags_off()
-    return (*CXX_FLAGS, *(option for flag, option in WITHOUT_FLAG_OPTIONS.items() if flag in off))
+    return (*CXX_FLAGS, *(option for flag, option in WITHOUT_FLAG_OPTIONS.items() if flag in off),
+            *shlex.split(os.environ.get(EXTRA_FLAGS_ENV, "")))
 
 
 def _sources() -> dict[str, bytes]:
