@@ -41,7 +41,8 @@ from convnext_audio_jax.native.library import (BF16_CONV_FORWARD_TARGET, BF16_DO
                                                CHANNEL_SUMS_TARGET, CONV_TARGET, CXX_FLAGS, F32_MATMUL_TARGET,
                                                HANDLERS, HEADERS,
                                                KERNEL_GRAD_TARGET, MATMUL_TARGET, SOURCES, NativeUnavailable,
-                                               available, build, cache_dir, find_compiler, library_path, load)
+                                               available, build, cache_dir, find_compiler, library_path, load,
+                                               prepare)
 
 # The CPU flags the bfloat16 tile product needs (and the library must have been built with).
 AMX_CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16")
