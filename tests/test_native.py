@@ -223,3 +223,27 @@ def test_the_avx2_build_of_each_float32_kernel_gives_xlas_numbers():
                             timeout=600, cwd=pathlib.Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(result.stdout.splitlines()) == 9, result.stdout  # every comparison ran
+
+
+# A kernel gradient whose partial sums (one per image: 10⁶ × 10⁴ taps × 16 floats, 640 GB) cannot be allocated.
+OUT_OF_MEMORY_SCRIPT = r"""
+import jax.numpy as jnp
+from convnext_audio_jax import native
+x = jnp.ones((1_000_000, 1, 1, 1))
+try:
+    native.depthwise_kernel_grad(x, x, (100, 100), ((50, 49), (50, 49))).block_until_ready()
+except Exception as error:
+    print(type(error).__name__, str(error).splitlines()[0])
+"""
+
+
+def test_a_kernel_out_of_memory_is_an_error_not_the_end_of_the_process():
+    """std::bad_alloc inside a handler comes back to Python as XLA's RESOURCE_EXHAUSTED (its own process: before the
+    handlers caught it, it terminated the process)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", OUT_OF_MEMORY_SCRIPT], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "RESOURCE_EXHAUSTED: convnext_audio_jax native kernel: out of memory" in result.stdout, result.stdout
