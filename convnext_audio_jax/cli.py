@@ -52,6 +52,19 @@ def _models_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_native(args: argparse.Namespace) -> int:
+    from convnext_audio_jax import native
+
+    try:
+        path, seconds = native.prepare()
+    except native.NativeUnavailable as error:
+        print(f"convnext-audio build-native: the native CPU kernels cannot be built here ({error}); the models use "
+              "the XLA forms", file=sys.stderr)
+        return 1
+    print(f"{path}: {'already built' if seconds is None else f'built in {seconds:.1f} s'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="convnext-audio", description=__doc__)
     parser.add_argument("--offline", action="store_true",
@@ -63,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--no-flops", action="store_true", help="skip the XLA cost analysis (faster)")
     models.add_argument("--pretrained", action="store_true", help="list the released checkpoints loadable by name instead")
     models.set_defaults(func=_models_table)
+
+    build_native = sub.add_parser("build-native", help="build the native CPU kernels for this CPU now (once, cached; "
+                                  "otherwise when a model is first created)")
+    build_native.set_defaults(func=_build_native)
 
     from convnext_audio_jax.convert import cli as convert_cli
     from convnext_audio_jax import evaluate, export, inference, predict, pretrained

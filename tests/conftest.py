@@ -16,6 +16,15 @@ import soundfile  # noqa: E402
 
 FREEDESKTOP_SOUNDS = pathlib.Path("/usr/share/sounds/freedesktop/stereo")
 
+
+def pytest_configure(config):
+    """Builds the native CPU kernels before any test traces one (a jit trace does not build them; concurrent test
+    processes build them once); where they cannot be built the native tests skip or test the fall-back."""
+    from convnext_audio_jax import native
+
+    native.available()
+
+
 # Stand-ins for the Debian recordings, under some of their names, with their kinds of rates, channel counts and
 # lengths: (name, sample rate, channels, seconds, sound).
 SYNTHETIC_RECORDINGS = [

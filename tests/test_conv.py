@@ -425,3 +425,17 @@ def test_conv_impl_resolution(monkeypatch):
 def test_native_kernel_gradient_rejects_shapes_that_do_not_fit():
     with pytest.raises(ValueError, match=r"dy \(2, 5, 5, 16\) do not fit kernel \(3, 3\).*expected dy \(2, 4, 4, 16\)"):
         native.conv_kernel_grad(jnp.zeros((2, 4, 4, 8)), jnp.zeros((2, 5, 5, 16)), (3, 3), ((1, 1), (1, 1)))
+
+
+@NEEDS_COMPILER
+@pytest.mark.parametrize(("module", "shape"), [
+    ("Conv(16, (1, 601), impl={impl})", (2, 3, 40, 16)),  # more taps than the direct kernel's weight panel (576)
+    ("Conv(16, (3, 3), impl={impl})", (2, 5, 6, 0)),      # no input channels
+    ("Conv(0, (3, 3), impl={impl})", (1, 4, 4, 16)),      # no output channels
+])
+def test_native_conv_equals_xla_on_shapes_that_crashed_it(module, shape):
+    """Shapes the module accepts on which the kernels once crashed the process (issue 33), each in its own process:
+    outputs and gradients equal XLA's form."""
+    from native_marks import native_equals_xla_in_a_subprocess
+
+    assert native_equals_xla_in_a_subprocess(module, shape).count("compared") == 3

@@ -185,3 +185,17 @@ def test_channels_first_is_an_exact_transpose(dtype):
     got = jax.jit(_channels_first)(x)
     assert got.dtype == x.dtype
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(jnp.transpose(x, (3, 0, 1, 2)), np.float32))
+
+
+@NEEDS_COMPILER
+@pytest.mark.parametrize(("module", "shape"), [
+    ("DepthwiseConv((3, 3), padding=((0, 0), (-1, 1)), impl={impl})", (2, 7, 9, 20)),  # a cropping (negative) pad
+    ("DepthwiseConv((3, 3), padding=((-1, 0), (-2, -1)), impl={impl})", (1, 6, 8, 16)),
+    ("DepthwiseConv((3, 3), impl={impl})", (2, 5, 6, 0)),  # no channels
+])
+def test_native_depthwise_equals_xla_on_shapes_that_crashed_it(module, shape):
+    """Shapes the module accepts on which the kernel gradient read outside dy (issue 33), each in its own process:
+    outputs and gradients equal XLA's form."""
+    from native_marks import native_equals_xla_in_a_subprocess
+
+    assert native_equals_xla_in_a_subprocess(module, shape).count("compared") == 4

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from convnext_audio_jax import native
 from convnext_audio_jax.frontend import FrontendConfig
 from convnext_audio_jax.models.convnext import AudioConvNeXt, ImageNetConvNeXt
 from convnext_audio_jax.models.panns import CNN6, CNN6_NEXT, CNN14, CNN14_SEP, PannCNN
@@ -67,7 +68,23 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     if unknown:
         allowed = sorted(k for k in fields if k not in ("parent", "name"))
         raise ValueError(f"model {name!r} has no field(s) {unknown}; its fields are {allowed}")
-    return spec.module(**{**spec.defaults, **overrides})
+    model = spec.module(**{**spec.defaults, **overrides})
+    _prepare_native(model)
+    return model
+
+
+# The impl values that may run a compiled CPU kernel.
+_NATIVE_IMPLS = ("auto", "native", "direct", "winograd")
+
+
+def _prepare_native(model: nn.Module) -> None:
+    """Builds (once, cached) and loads the native CPU kernels now where the model may run them, so that no jit
+    trace pays for the build (a trace does not build them: :mod:`convnext_audio_jax.native.library`); where they
+    cannot be, one WARNING line says why and the model uses the XLA forms."""
+    impls = [getattr(model, field) for field in ("depthwise_impl", "matmul_impl", "conv_impl", "sums_impl")
+             if hasattr(model, field)]
+    if any(impl in _NATIVE_IMPLS for impl in impls) and jax.default_backend() == "cpu":
+        native.available()
 
 
 def with_xla_ops(model: nn.Module) -> nn.Module:

@@ -10,6 +10,7 @@ one at 110–390 with the GELU pass saved (docs/benchmarks.md). The pointwise la
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Literal
 
 import flax.linen as nn
@@ -26,8 +27,8 @@ ACTIVATIONS = (None, "gelu")
 
 def resolve_matmul_impl(impl: MatmulImpl, dtype: Any = jnp.bfloat16, in_features: int = 32, features: int = 32) -> str:
     """'xla' or 'native' for a Dense product of ``dtype`` with ``in_features`` → ``features``. 'auto' is 'native'
-    on the CPU where a compiled kernel takes the product — float32 with ``features`` a multiple of 16 (the library
-    loads: :func:`native.available`), bfloat16 where one of the CPU's bfloat16 units runs and fits the sizes
+    on the CPU where a compiled kernel takes the product — float32 with ``in_features`` positive and ``features`` a
+    multiple of 16 (the library loads: :func:`native.available`), bfloat16 where one of the CPU's bfloat16 units runs and fits the sizes
     (:func:`native.bf16_unit`: the AMX tile unit, both multiples of 32; else AVX512-BF16's dot products off
     AVX512-FP16 cores, ``in_features`` even and ``features`` a multiple of 16) — else 'xla'. 'native' asks for the
     compiled kernel where one takes the product (for bfloat16 also the dot products where they are not a default)
@@ -48,7 +49,7 @@ def resolve_matmul_impl(impl: MatmulImpl, dtype: Any = jnp.bfloat16, in_features
                 f"({native.BF16_DOT_CPU_FLAG}) and the native library built for it for a bfloat16 product")
     if bf16:  # 'native': also a unit that runs here but is not a default (the dot products on an AVX512-FP16 core)
         return "native" if on_cpu and native.bf16_unit(in_features, features, default=impl == "auto") else "xla"
-    fits = dtype == jnp.float32 and features % 16 == 0
+    fits = dtype == jnp.float32 and in_features > 0 and features % 16 == 0
     if impl == "native" and fits and not native.available():
         raise native.NativeUnavailable("matmul_impl 'native' needs the native library (a C++ compiler; "
                                        "CONVNEXT_AUDIO_JAX_NATIVE not 0)")
@@ -61,7 +62,7 @@ def matmul_xla(x: jax.Array, kernel: jax.Array, bias: jax.Array, activation: str
 
     As a 2-D product: for a 4-D activation, autodiff's kernel gradient contracts three axes, and XLA:CPU then
     writes the output gradient transposed (channel-major) before the dot."""
-    flat = x.reshape(-1, x.shape[-1])
+    flat = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: K may be 0
     y = jnp.dot(flat, kernel, preferred_element_type=jnp.float32).reshape(*x.shape[:-1], kernel.shape[1])
     y = y + broadcast_channels(bias.astype(jnp.float32), y.shape)
     return (gelu(y) if activation == "gelu" else y).astype(x.dtype)

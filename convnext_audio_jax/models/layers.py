@@ -5,6 +5,7 @@ BatchNorm: :mod:`~.norm`)."""
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -65,7 +66,8 @@ def _shift_sum(xp: jax.Array, kernel: jax.Array, out_h: int, out_w: int, bias: j
     for term in terms[1:-1]:
         acc = acc + term
     channels = acc.shape[-1]
-    return (acc.reshape(-1, channels) + terms[-1].reshape(-1, channels)).reshape(acc.shape)
+    rows = math.prod(acc.shape[:-1])  # not -1: C may be 0
+    return (acc.reshape(rows, channels) + terms[-1].reshape(rows, channels)).reshape(acc.shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -116,7 +118,7 @@ def _channels_first(x: jax.Array) -> jax.Array:
     product (whose operand is materialised first) and 20 ms for the bare transpose."""
     channels = x.shape[-1]
     eye = jnp.eye(channels, dtype=x.dtype)
-    flat = jax.lax.dot_general(eye, x.reshape(-1, channels), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    flat = jax.lax.dot_general(eye, x.reshape(math.prod(x.shape[:-1]), channels), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return flat.astype(x.dtype).reshape(channels, *x.shape[:-1])
 
 
@@ -175,8 +177,11 @@ depthwise_conv_native.defvjp(_depthwise_native_fwd, _depthwise_native_bwd)
 
 
 def depthwise_conv_xla(x: jax.Array, kernel: jax.Array, padding, bias: jax.Array | None = None) -> jax.Array:
-    """The same convolution as XLA's grouped convolution (``feature_group_count = C``)."""
+    """The same convolution as XLA's grouped convolution (``feature_group_count = C``; for no channels, whose group
+    count XLA refuses, the empty result by the shifted sums)."""
     channels = kernel.shape[-1]
+    if channels == 0:
+        return depthwise_conv_shift(x, kernel, padding, bias)
     y = jax.lax.conv_general_dilated(
         x,
         kernel.reshape(kernel.shape[0], kernel.shape[1], 1, channels),

@@ -5,6 +5,7 @@ written for XLA:CPU: reductions over the leading axes of an NHWC activation by t
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Literal
 
 import flax.linen as nn
@@ -33,7 +34,7 @@ def channel_sum(x: jax.Array, impl: SumsImpl = "auto") -> jax.Array:
     product with ones took ~26 ms, the compiled kernel ~6 (docs/benchmarks.md)."""
     if resolve_sums_impl(impl, x.dtype) == "native":
         return native.channel_sums(x)[0]
-    flat = x.reshape(-1, x.shape[-1])
+    flat = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: C may be 0
     ones = jnp.ones((flat.shape[0],), flat.dtype)
     return jax.lax.dot_general(ones, flat, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 

@@ -41,7 +41,8 @@ from convnext_audio_jax.native.library import (BF16_CONV_FORWARD_TARGET, BF16_DO
                                                CHANNEL_SUMS_TARGET, CONV_TARGET, CXX_FLAGS, F32_MATMUL_TARGET,
                                                HANDLERS, HEADERS,
                                                KERNEL_GRAD_TARGET, MATMUL_TARGET, SOURCES, NativeUnavailable,
-                                               available, build, cache_dir, find_compiler, library_path, load)
+                                               available, build, cache_dir, find_compiler, library_path, load,
+                                               prepare)
 
 # The CPU flags the bfloat16 tile product needs (and the library must have been built with).
 AMX_CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16")
@@ -91,11 +92,11 @@ class _Bf16Unit(NamedTuple):
 
 _BF16_UNITS = {
     "tiles": _Bf16Unit(BF16_CONV_FORWARD_TARGET, MATMUL_TARGET, lambda: amx_available(), lambda: amx_available(),
-                       ", ".join(AMX_CPU_FLAGS), lambda cin, cout: cin % 32 == 0 and cout % 32 == 0,
-                       "inputs and outputs multiples of 32"),
+                       ", ".join(AMX_CPU_FLAGS), lambda cin, cout: cin > 0 and cin % 32 == 0 and cout % 32 == 0,
+                       "inputs a positive multiple of 32 and outputs a multiple of 32"),
     "dots": _Bf16Unit(BF16_DOT_CONV_FORWARD_TARGET, BF16_DOT_MATMUL_TARGET, lambda: bf16_dot_available(),
-                      lambda: bf16_dot_preferred(), BF16_DOT_CPU_FLAG, lambda cin, cout: cin % 2 == 0 and cout % 16 == 0,
-                      "an even number of inputs and outputs a multiple of 16"),
+                      lambda: bf16_dot_preferred(), BF16_DOT_CPU_FLAG, lambda cin, cout: cin > 0 and cin % 2 == 0 and cout % 16 == 0,
+                      "an even, positive number of inputs and outputs a multiple of 16"),
 }
 
 
@@ -126,15 +127,15 @@ def _checked_bf16_unit(what: str, unit: str | None, inputs: int, outputs: int, s
 
 def f32_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, gelu: bool = False) -> jax.Array:
     """``bias + x @ w`` in float32 by the compiled kernel: x (..., K), w (K, N), bias (N,); each output one
-    fixed-order sum, the bias added last (``gelu``: then the exact GELU). N must be a multiple of 16.
+    fixed-order sum, the bias added last (``gelu``: then the exact GELU). K must be positive, N a multiple of 16.
 
     Under a mesh set for tracing each device multiplies its own rows (split along x's first axis)."""
     load()
-    if x.ndim < 2 or w.ndim != 2 or x.shape[-1] != w.shape[0] or w.shape[1] % 16 or (
+    if x.ndim < 2 or w.ndim != 2 or x.shape[-1] != w.shape[0] or w.shape[0] < 1 or w.shape[1] % 16 or (
             bias is not None and bias.shape != (w.shape[1],)):
         raise ValueError(f"f32 matmul: x {tuple(x.shape)}, w {tuple(w.shape)} and bias "
                          f"{None if bias is None else tuple(bias.shape)} do not fit: expected (..., K), (K, N) and "
-                         "(N,) with N a multiple of 16")
+                         "(N,) with K positive and N a multiple of 16")
     return _matmul(F32_MATMUL_TARGET, jnp.float32, x, w, bias, gelu)
 
 
@@ -276,10 +277,11 @@ def conv_kernel_grad(x: jax.Array, dy: jax.Array, kernel_size: tuple[int, int],
     kh, kw = kernel_size
     expected = (x.shape[0], _output_size(x.shape[1], padding[0], kh), _output_size(x.shape[2], padding[1], kw),
                 dy.shape[-1]) if x.ndim == 4 and dy.ndim == 4 else None
-    if expected is None or tuple(dy.shape) != expected or dy.shape[-1] % 16 or min(padding[0] + padding[1]) < 0:
+    if (expected is None or tuple(dy.shape) != expected or dy.shape[-1] % 16 or min(padding[0] + padding[1]) < 0
+            or padding[0][0] > kh - 1 or padding[1][0] > kw - 1):
         raise ValueError(f"conv kernel gradient: x {tuple(x.shape)} and dy {tuple(dy.shape)} do not fit kernel "
-                         f"{kernel_size} and padding {padding}: expected dy {expected} with C_out a multiple of 16 "
-                         "and no negative padding")
+                         f"{kernel_size} and padding {padding}: expected dy {expected} with C_out a multiple of 16, "
+                         "no negative padding and top and left pads below the kernel's size")
     out = jax.ShapeDtypeStruct((kh, kw, x.shape[-1], dy.shape[-1]), jnp.float32)
 
     def call(x, dy):  # the kernel reads x unpadded (a pad here was a copy of x per call)
@@ -377,6 +379,8 @@ def channel_sums(a: jax.Array, b: jax.Array | None = None, mean_a: jax.Array | N
                          f"{[None if m is None else tuple(m.shape) for m in (mean_a, mean_b)]} do not fit: expected "
                          f"b shaped as a and means ({channels},)")
     zeros = jnp.zeros((channels,), jnp.float32)
+    if channels == 0:  # nothing to sum (and no rows to reshape into)
+        return zeros, zeros
     mean_a = zeros if mean_a is None else mean_a.astype(jnp.float32)
     mean_b = zeros if mean_b is None else mean_b.astype(jnp.float32)
     out = jax.ShapeDtypeStruct((channels,), jnp.float32)

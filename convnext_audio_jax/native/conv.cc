@@ -140,6 +140,7 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
                                        "multiple of the vector width, a (KH, KW, CI, CO) result and padding within "
                                        "the kernel that covers x");
   }
+  if (dk->element_count() == 0) return ffi::Error::Success();  // no CI or CO: nothing to sum (and no blocks)
   const Geometry g{xd[0], xd[1], xd[2], xd[3], dyd[1], dyd[2], dyd[3], dkd[0], dkd[1], top, left};
   const int64_t taps = g.kh * g.kw, out_size = taps * g.ci * g.co;
   const int64_t positions = g.batch * g.h * g.w;
@@ -216,13 +217,22 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
                    ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), kd = k.dimensions(), yd = y->dimensions();
   if (xd.size() != 4 || kd.size() != 4 || yd.size() != 4 || xd[0] != yd[0] || kd[2] != xd[3] || kd[3] != yd[3] ||
-      yd[1] != xd[1] - kd[0] + 1 || yd[2] != xd[2] - kd[1] + 1 || yd[3] % kVec != 0) {
+      kd[0] < 1 || kd[1] < 1 || yd[1] != xd[1] - kd[0] + 1 || yd[2] != xd[2] - kd[1] + 1 || yd[3] % kVec != 0) {
     return ffi::Error::InvalidArgument("conv_forward expects a padded x (B, H + KH - 1, W + KW - 1, CI), k (KH, KW, "
-                                       "CI, CO) with CO a multiple of the vector width and a (B, H, W, CO) result");
+                                       "CI, CO) with KH, KW >= 1 and CO a multiple of the vector width and a "
+                                       "(B, H, W, CO) result");
+  }
+  if (y->element_count() == 0) return ffi::Error::Success();
+  if (xd[3] == 0) {  // no input channels: every sum is empty
+    std::fill(y->typed_data(), y->typed_data() + y->element_count(), 0.0f);
+    return ffi::Error::Success();
   }
   const Geometry g{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], yd[3], kd[0], kd[1]};
   const int64_t taps = g.kh * g.kw, positions = g.batch * g.h * g.w;
-  const int64_t cb_max = std::max<int64_t>(1, std::min<int64_t>(g.ci, kPanelSteps / taps));
+  // A panel holds at most kPanelSteps (tap, channel) steps: kernels of more taps (1 x 601) go through their taps in
+  // blocks of kPanelSteps, one channel at a time, the sums accumulated in y.
+  const int64_t tap_block = std::min<int64_t>(taps, kPanelSteps);
+  const int64_t cb_max = std::max<int64_t>(1, std::min<int64_t>(g.ci, kPanelSteps / tap_block));
   const int64_t co_blocks = (g.co + kCoBlock - 1) / kCoBlock;
   // Positions per task: kConvChunk, or, where many CO blocks already make enough tasks (CNN14's last blocks: few
   // positions, large kernels), up to kMaxConvChunk, so that fewer tasks each pack their block of the kernel.
@@ -244,18 +254,23 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
     const float* rows[kRows];
     for (int64_t c0 = 0; c0 < g.ci; c0 += cb_max) {
       const int64_t cb = std::min<int64_t>(cb_max, g.ci - c0);
-      // Pack the weights of channels [c0, c0 + cb), all taps, this CO block: contiguous, reused by every group.
-      for (int64_t t = 0; t < taps; ++t)
-        for (int64_t c = 0; c < cb; ++c)
-          std::memcpy(panel + (t * cb + c) * kCoBlock, kp + (t * g.ci + c0 + c) * g.co + co0, vectors * kVec * sizeof(float));
-      for (int64_t p = p_begin; p < p_end; p += kRows) {
-        const int count = static_cast<int>(std::min<int64_t>(kRows, p_end - p));
-        for (int r = 0; r < count; ++r) {
-          const int64_t q = p + r, row = q / g.w, col = q % g.w, b = row / g.h, h = row % g.h;
-          rows[r] = xp + ((b * g.hx + h) * g.wx + col) * g.ci + c0;
+      for (int64_t t0 = 0; t0 < taps; t0 += tap_block) {
+        const int64_t nt = std::min<int64_t>(tap_block, taps - t0);
+        // Pack the weights of channels [c0, c0 + cb), taps [t0, t0 + nt), this CO block: contiguous, reused by
+        // every group.
+        for (int64_t t = 0; t < nt; ++t)
+          for (int64_t c = 0; c < cb; ++c)
+            std::memcpy(panel + (t * cb + c) * kCoBlock, kp + ((t0 + t) * g.ci + c0 + c) * g.co + co0,
+                        vectors * kVec * sizeof(float));
+        for (int64_t p = p_begin; p < p_end; p += kRows) {
+          const int count = static_cast<int>(std::min<int64_t>(kRows, p_end - p));
+          for (int r = 0; r < count; ++r) {
+            const int64_t q = p + r, row = q / g.w, col = q % g.w, b = row / g.h, h = row % g.h;
+            rows[r] = xp + ((b * g.hx + h) * g.wx + col) * g.ci + c0;
+          }
+          convnext_audio_jax::Dispatch<ConvBlock, kRows, kVectors>(count, vectors, rows, off + t0, nt, cb, panel,
+                                                                  c0 > 0 || t0 > 0, yp + p * g.co + co0, g.co);
         }
-        convnext_audio_jax::Dispatch<ConvBlock, kRows, kVectors>(count, vectors, rows, off, taps, cb, panel, c0 > 0,
-                                                                yp + p * g.co + co0, g.co);
       }
     }
   });
@@ -289,20 +304,20 @@ ffi::Error KernelFlip(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> k, ffi::Result
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvForward, Forward,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvForward, convnext_audio_jax::Guarded<Forward>::Call,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvKernelFlip, KernelFlip,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvKernelFlip, convnext_audio_jax::Guarded<KernelFlip>::Call,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvKernelGrad, KernelGrad,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvKernelGrad, convnext_audio_jax::Guarded<KernelGrad>::Call,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

@@ -53,6 +53,7 @@ constexpr int64_t kBlock = 32;  // output positions per task, and output channel
 // Padded lines (of WP positions) an image of H output lines must have: the last 32-position block reads up to
 // KH - 1 lines and KW - 1 positions past its last position.
 int64_t RowsNeeded(int64_t h, int64_t kh, int64_t kw, int64_t wp) {
+  if (wp < 1) return 0;  // an empty image: no lines
   const int64_t positions = ((h * wp + kBlock - 1) / kBlock) * kBlock;
   const int64_t last_read = positions - 1 + (kh - 1) * wp + (kw - 1);
   return last_read / wp + 1;
@@ -100,13 +101,14 @@ void Block(const uint16_t* x, const uint16_t* packed, const Geometry& g, int64_t
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::AnyBuffer k, ffi::ResultBuffer<ffi::BF16> y) {
   const auto xd = x.dimensions(), kd = k.dimensions(), yd = y->dimensions();
   if (xd.size() != 4 || kd.size() != 4 || yd.size() != 4 || xd[0] != yd[0] || kd[2] != xd[3] || kd[3] != yd[3] ||
-      yd[2] != xd[2] - kd[1] + 1 || xd[3] % kDepth || yd[3] % kBlock ||
+      kd[0] < 1 || kd[1] < 1 || yd[2] != xd[2] - kd[1] + 1 || xd[3] < kDepth || xd[3] % kDepth || yd[3] % kBlock ||
       xd[1] < RowsNeeded(yd[1], kd[0], kd[1], xd[2]) ||
       (k.element_type() != ffi::DataType::BF16 && k.element_type() != ffi::DataType::F32)) {
     return ffi::Error::InvalidArgument("bf16_conv_forward expects a padded x (B, HP, W + KW - 1, CI) with HP lines "
                                        "for the last block's reads, k (KH, KW, CI, CO) bfloat16 or float32 and a "
-                                       "(B, H, W, CO) result, CI and CO multiples of 32");
+                                       "(B, H, W, CO) result, CI a positive multiple of 32 and CO a multiple of 32");
   }
+  if (y->element_count() == 0) return ffi::Error::Success();
   if (!RequestTiles()) return ffi::Error::Internal("bf16_conv_forward: the kernel refused the AMX tile state");
   const int64_t batch = xd[0], taps = kd[0] * kd[1], depth = taps * kd[2], cols = kd[3];
   std::vector<int64_t> offsets(taps);
@@ -196,12 +198,14 @@ ffi::Error DotForward(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::AnyBu
                       ffi::ResultBuffer<ffi::BF16> y) {
   const auto xd = x.dimensions(), kd = k.dimensions(), yd = y->dimensions();
   if (xd.size() != 4 || kd.size() != 4 || yd.size() != 4 || xd[0] != yd[0] || kd[2] != xd[3] || kd[3] != yd[3] ||
-      yd[2] != xd[2] - kd[1] + 1 || xd[3] % 2 || yd[3] % 16 || xd[1] < RowsNeeded(yd[1], kd[0], kd[1], xd[2]) ||
+      kd[0] < 1 || kd[1] < 1 || yd[2] != xd[2] - kd[1] + 1 || xd[3] < 2 || xd[3] % 2 || yd[3] % 16 ||
+      xd[1] < RowsNeeded(yd[1], kd[0], kd[1], xd[2]) ||
       (k.element_type() != ffi::DataType::BF16 && k.element_type() != ffi::DataType::F32)) {
     return ffi::Error::InvalidArgument("bf16_dot_conv_forward expects a padded x (B, HP, W + KW - 1, CI) with HP "
                                        "lines for the last block's reads, k (KH, KW, CI, CO) bfloat16 or float32 and "
-                                       "a (B, H, W, CO) result, CI even and CO a multiple of 16");
+                                       "a (B, H, W, CO) result, CI even and positive and CO a multiple of 16");
   }
+  if (y->element_count() == 0) return ffi::Error::Success();
   const int64_t batch = xd[0], hp = xd[1], wp = xd[2], ci = xd[3], h = yd[1], w = yd[2], co = yd[3];
   const int64_t taps = kd[0] * kd[1], pairs_all = ci / 2;
   std::vector<int64_t> offsets(taps);
@@ -305,5 +309,5 @@ static auto ConvBinding() {
       .Ret<ffi::Buffer<ffi::BF16>>();
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(Bf16ConvForward, Forward, ConvBinding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(Bf16DotConvForward, DotForward, ConvBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Bf16ConvForward, convnext_audio_jax::Guarded<Forward>::Call, ConvBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Bf16DotConvForward, convnext_audio_jax::Guarded<DotForward>::Call, ConvBinding());

@@ -38,13 +38,20 @@ struct Geometry {
   int64_t batch, height, width, channels, out_h, out_w, kh, kw, pad_top, pad_left;
 };
 
+// Pads any image could have (either sign: a negative pad crops); the column and row arithmetic stays far from
+// int64 overflow.
+bool PadsFit(int64_t top, int64_t left) {
+  constexpr int64_t kMaxPad = int64_t{1} << 30;
+  return top > -kMaxPad && top < kMaxPad && left > -kMaxPad && left < kMaxPad;
+}
+
 // Partial sums of one batch element `b` for channels [c0, c0 + NV * kVec) into out (KH, KW, kBlock): for each
 // kernel row i and output row h, the KW × NV sums over the row's output columns stay in registers.
 template <int KW, int NV>
 void VectorBlock(const float* x, const float* dy, const Geometry& g, int64_t b, int64_t c0, float* out) {
   const int64_t C = g.channels;
-  // Output columns whose KW taps all fall inside x: no bounds checks there.
-  const int64_t w_lo = std::min<int64_t>(g.pad_left, g.out_w);
+  // Output columns whose KW taps all fall inside x: no bounds checks there (a negative pad crops: from column 0).
+  const int64_t w_lo = std::clamp<int64_t>(g.pad_left, 0, g.out_w);
   const int64_t w_hi = std::max<int64_t>(w_lo, std::min<int64_t>(g.out_w, g.width - KW + 1 + g.pad_left));
   for (int64_t i = 0; i < g.kh; ++i) {
     Vec total[KW][NV];
@@ -193,8 +200,8 @@ template <int KW, int NV>
 void ConvRows(const float* x, const float* k, const float* bias, const Geometry& g, int64_t b, int64_t h0,
               int64_t h1, int64_t c0, float* y) {
   constexpr int T = 4;
-  // Output columns whose taps all fall inside x.
-  const int64_t w_lo = std::min<int64_t>(g.pad_left, g.out_w);
+  // Output columns whose taps all fall inside x (a negative pad crops: from column 0).
+  const int64_t w_lo = std::clamp<int64_t>(g.pad_left, 0, g.out_w);
   const int64_t w_hi = std::max<int64_t>(w_lo, std::min<int64_t>(g.out_w, g.width - KW + 1 + g.pad_left));
   for (int64_t h = h0; h < h1; ++h) {
     const int64_t i_lo = std::max<int64_t>(0, g.pad_top - h), i_hi = std::min<int64_t>(g.kh, g.height + g.pad_top - h);
@@ -249,9 +256,9 @@ ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
                 ffi::ResultBuffer<ffi::F32> y, int64_t pad_top, int64_t pad_left, bool use_bias) {
   const auto xd = x.dimensions(), kd = k.dimensions(), yd = y->dimensions();
   if (xd.size() != 4 || kd.size() != 3 || yd.size() != 4 || xd[0] != yd[0] || xd[3] != yd[3] || kd[2] != xd[3] ||
-      (use_bias && (bias.dimensions().size() != 1 || bias.dimensions()[0] != xd[3]))) {
-    return ffi::Error::InvalidArgument("depthwise_conv expects x (B, H, W, C), k (KH, KW, C), bias (C,) and a "
-                                       "(B, OH, OW, C) result");
+      (use_bias && (bias.dimensions().size() != 1 || bias.dimensions()[0] != xd[3])) || !PadsFit(pad_top, pad_left)) {
+    return ffi::Error::InvalidArgument("depthwise_conv expects x (B, H, W, C), k (KH, KW, C), bias (C,), a "
+                                       "(B, OH, OW, C) result and pads of magnitude below 2^30");
   }
   const Geometry g{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], kd[0], kd[1], pad_top, pad_left};
   const auto groups = ChannelGroups(g.channels);
@@ -283,9 +290,10 @@ ffi::Error Conv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
 ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                       ffi::ResultBuffer<ffi::F32> dk, int64_t pad_top, int64_t pad_left) {
   const auto xd = x.dimensions(), dyd = dy.dimensions(), dkd = dk->dimensions();
-  if (xd.size() != 4 || dyd.size() != 4 || dkd.size() != 3 || xd[0] != dyd[0] || xd[3] != dyd[3] || dkd[2] != xd[3]) {
-    return ffi::Error::InvalidArgument(
-        "depthwise_kernel_grad expects x (B, H, W, C), dy (B, OH, OW, C) and a (KH, KW, C) result");
+  if (xd.size() != 4 || dyd.size() != 4 || dkd.size() != 3 || xd[0] != dyd[0] || xd[3] != dyd[3] || dkd[2] != xd[3] ||
+      !PadsFit(pad_top, pad_left)) {
+    return ffi::Error::InvalidArgument("depthwise_kernel_grad expects x (B, H, W, C), dy (B, OH, OW, C), a (KH, KW, C) "
+                                       "result and pads of magnitude below 2^30");
   }
   const Geometry g{xd[0], xd[1], xd[2], xd[3], dyd[1], dyd[2], dkd[0], dkd[1], pad_top, pad_left};
   const auto groups = ChannelGroups(g.channels);
@@ -314,7 +322,7 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseConv, Conv,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseConv, convnext_audio_jax::Guarded<Conv>::Call,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -325,7 +333,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseConv, Conv,
                                   .Attr<int64_t>("pad_left")
                                   .Attr<bool>("use_bias"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseKernelGrad, KernelGrad,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseKernelGrad, convnext_audio_jax::Guarded<KernelGrad>::Call,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

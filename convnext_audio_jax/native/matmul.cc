@@ -83,10 +83,12 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ff
                   ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::BF16> y, bool gelu) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2 || bias.dimensions().size() != 1 || xd[1] != wd[0] ||
-      yd[0] != xd[0] || yd[1] != wd[1] || bias.dimensions()[0] != wd[1] || wd[0] % kDepth || wd[1] % kBlockCols) {
+      yd[0] != xd[0] || yd[1] != wd[1] || bias.dimensions()[0] != wd[1] || wd[0] < kDepth || wd[0] % kDepth ||
+      wd[1] % kBlockCols) {
     return ffi::Error::InvalidArgument("bf16_matmul expects x (M, K), w (K, N), bias (N,) and an (M, N) result "
-                                       "with K and N multiples of 32");
+                                       "with K a positive multiple of 32 and N a multiple of 32");
   }
+  if (y->element_count() == 0) return ffi::Error::Success();
   if (!RequestTiles()) return ffi::Error::Internal("bf16_matmul: the kernel refused the AMX tile state");
   const int64_t rows = xd[0], depth = wd[0], cols = wd[1];
   const auto* xp = reinterpret_cast<const uint16_t*>(x.typed_data());
@@ -190,10 +192,11 @@ ffi::Error DotProduct(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffe
                       ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::BF16> y, bool gelu) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2 || bias.dimensions().size() != 1 || xd[1] != wd[0] ||
-      yd[0] != xd[0] || yd[1] != wd[1] || bias.dimensions()[0] != wd[1] || wd[0] % 2 || wd[1] % 16) {
+      yd[0] != xd[0] || yd[1] != wd[1] || bias.dimensions()[0] != wd[1] || wd[0] < 2 || wd[0] % 2 || wd[1] % 16) {
     return ffi::Error::InvalidArgument("bf16_dot_matmul expects x (M, K), w (K, N), bias (N,) and an (M, N) result "
-                                       "with K even and N a multiple of 16");
+                                       "with K even and positive and N a multiple of 16");
   }
+  if (y->element_count() == 0) return ffi::Error::Success();
   const int64_t rows = xd[0], depth = wd[0], cols = wd[1];
   const int64_t panels = (cols + kDotCols - 1) / kDotCols, panel_size = depth * kDotCols;
   const auto* xp = reinterpret_cast<const uint16_t*>(x.typed_data());
@@ -284,10 +287,11 @@ ffi::Error F32Product(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
                      ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y, bool gelu) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2 || bias.dimensions().size() != 1 || xd[1] != wd[0] ||
-      yd[0] != xd[0] || yd[1] != wd[1] || bias.dimensions()[0] != wd[1] || wd[1] % kVec) {
+      yd[0] != xd[0] || yd[1] != wd[1] || bias.dimensions()[0] != wd[1] || wd[0] < 1 || wd[1] % kVec) {
     return ffi::Error::InvalidArgument("f32_matmul expects x (M, K), w (K, N), bias (N,) and an (M, N) result "
-                                       "with N a multiple of the vector width");
+                                       "with K positive and N a multiple of the vector width");
   }
+  if (y->element_count() == 0) return ffi::Error::Success();  // the tiling divides by the panels
   const int64_t rows = xd[0], depth = wd[0], cols = wd[1];
   const int64_t panels = (cols + kPanelCols - 1) / kPanelCols;
   const float* xp = x.typed_data();
@@ -345,6 +349,6 @@ auto MatmulBinding() {
       .template Attr<bool>("gelu");
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(Bf16Matmul, Matmul, MatmulBinding<ffi::DataType::BF16>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(Bf16DotMatmul, DotProduct, MatmulBinding<ffi::DataType::BF16>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(F32Matmul, F32Product, MatmulBinding<ffi::DataType::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Bf16Matmul, convnext_audio_jax::Guarded<Matmul>::Call, MatmulBinding<ffi::DataType::BF16>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Bf16DotMatmul, convnext_audio_jax::Guarded<DotProduct>::Call, MatmulBinding<ffi::DataType::BF16>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(F32Matmul, convnext_audio_jax::Guarded<F32Product>::Call, MatmulBinding<ffi::DataType::F32>());

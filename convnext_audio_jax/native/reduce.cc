@@ -70,6 +70,7 @@ ffi::Error Sums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::
       mb.element_count() != ad[1] || s1->element_count() != ad[1] || s2->element_count() != ad[1]) {
     return ffi::Error::InvalidArgument("channel_sums expects a and b (N, C), means and results (C,)");
   }
+  if (ad[1] == 0) return ffi::Error::Success();  // no channels: nothing to sum (and the blocking divides by C)
   const int64_t rows = ad[0], channels = ad[1];
   const int64_t per_block = std::max<int64_t>(1, kBlockBytes / (channels * int64_t(sizeof(float))));
   const int64_t blocks = (rows + per_block - 1) / per_block;
@@ -119,7 +120,7 @@ ffi::Error Sums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ChannelSums, Sums,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ChannelSums, convnext_audio_jax::Guarded<Sums>::Call,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

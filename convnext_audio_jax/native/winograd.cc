@@ -229,6 +229,11 @@ ffi::Error ForwardAny(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
                                        "kernel), u (⌈CO / block⌉, (k + 1)², CI, block) with k 3 or 5 and CO a "
                                        "multiple of the vector width");
   }
+  if (y->element_count() == 0) return ffi::Error::Success();
+  if (xd[3] == 0) {  // no input channels: every sum is empty (and the tiling divides by CI)
+    std::fill(y->typed_data(), y->typed_data() + y->element_count(), 0.0f);
+    return ffi::Error::Success();
+  }
   return alpha == 6 ? Forward<6>(pool, x, u, y) : Forward<4>(pool, x, u, y);
 }
 
@@ -289,14 +294,14 @@ ffi::Error Kernel(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> k, ffi::ResultBuff
 // The CO block of u's packed layout (the register block's width: 64 with AVX-512, 16 with AVX2).
 extern "C" int64_t ConvnextAudioJaxWinogradCoBlock() { return kCoBlock; }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvWinogradForward, ForwardAny,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvWinogradForward, convnext_audio_jax::Guarded<ForwardAny>::Call,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvWinogradKernel, Kernel,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvWinogradKernel, convnext_audio_jax::Guarded<Kernel>::Call,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
