@@ -16,8 +16,11 @@ F(2 × 2, 3 × 3) and F(2 × 2, 5 × 5) do 16 and 36 multiplications where the d
 does 36 and 100: CNN14's float32 convolutions 1.3 → 1.0 s per forward of 8 clips with AVX-512, 2.0 → 1.3 s with
 AVX2; CNN6's 0.51 → 0.29 s and 0.83 → 0.42 s.
 
-The library is compiled on first use (:mod:`.library` says where and how); where no compiler is found, or
-``CONVNEXT_AUDIO_JAX_NATIVE=0`` is set, :func:`available` is False and the models use the XLA forms.
+The library is built once per CPU, compiler and jaxlib, never inside a jit trace (:mod:`.library` says where, how
+and when); where it cannot be built, or ``CONVNEXT_AUDIO_JAX_NATIVE=0`` is set, :func:`available` is False and the
+models use the XLA forms. Each kernel's call lowers to its XLA form (:mod:`.xla_forms`) for any platform but the CPU,
+so a model traced on a CPU host runs, or is exported, for a GPU as plain XLA. A kernel checks its operands and
+returns an error to XLA for what it does not take, C++ exceptions included, instead of ending the process.
 """
 
 from __future__ import annotations
