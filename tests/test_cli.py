@@ -1,4 +1,4 @@
-"""The convnext-audio command: models table and subcommand wiring."""
+"""The convnext-audio command: models table, subcommand wiring, build-native."""
 
 import pytest
 
@@ -35,3 +35,19 @@ def test_subcommands_are_wired(command, capsys):
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert "usage: convnext-audio " + command in capsys.readouterr().out
+
+
+def test_build_native_builds_or_says_why_not(capsys, monkeypatch):
+    """The library is there after the command (built now, or earlier: the test session builds it first); where it
+    cannot be built the command says why in one line and fails."""
+    from convnext_audio_jax import native
+
+    if native.available():
+        assert main(["build-native"]) == 0
+        out = capsys.readouterr().out.strip()
+        assert out.endswith(("already built", " s")) and native.library._state["path"].exists()
+    monkeypatch.setattr(native.library, "_state", {})
+    monkeypatch.setenv("CONVNEXT_AUDIO_JAX_NATIVE", "0")
+    assert main(["build-native"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "disabled by CONVNEXT_AUDIO_JAX_NATIVE=0" in err

@@ -5,6 +5,7 @@ same numbers sharded over devices (without gathering the activations); each floa
 import os
 import pathlib
 import platform
+import re
 
 import jax
 import jax.numpy as jnp
@@ -247,3 +248,41 @@ def test_a_kernel_out_of_memory_is_an_error_not_the_end_of_the_process():
                             env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=pathlib.Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "RESOURCE_EXHAUSTED: convnext_audio_jax native kernel: out of memory" in result.stdout, result.stdout
+
+
+def _our_custom_calls(text: str) -> set[str]:
+    return set(re.findall(r"custom_call @(convnext_audio_jax_\w+)", text))
+
+
+def test_a_model_and_its_training_step_lowered_for_cuda_hold_no_custom_call_of_ours():
+    """Traced on this CPU host, where 'auto' picks the compiled kernels, a ConvNeXt's and a CNN6's forward and the
+    sharded training step exported for CUDA (jax.export needs no GPU) are plain XLA: each kernel's call lowers to its
+    XLA form off the CPU (native.xla_forms). Lowered for the CPU, the kernels are there."""
+    from convnext_audio_jax.data import demo
+    from convnext_audio_jax.forward import data_mesh
+    from convnext_audio_jax.training import config as config_lib, optimizer, step as step_lib
+    from training_helpers import tiny_config
+
+    waveform = jax.ShapeDtypeStruct((2, 16_000), jnp.float32)
+    for model in (create_model("convnext_tiny", depths=(1, 1, 1, 1), dims=(16, 32, 48, 64), num_classes=5),
+                  create_model("cnn6", num_classes=5)):
+        variables = jax.eval_shape(lambda model=model: init_variables(model, jax.random.key(0)))
+        forward = jax.jit(lambda v, x, model=model: model.apply(v, x)["logits"])
+        exported = jax.export.export(forward, platforms=("cuda",))(variables, waveform)
+        assert not _our_custom_calls(exported.mlir_module()), type(model).__name__
+        assert not _our_custom_calls(jax.export.deserialize(exported.serialize()).mlir_module())
+        assert _our_custom_calls(forward.lower(variables, waveform).as_text())  # the CPU's lowering keeps them
+
+    config = tiny_config()
+    model = config_lib.build_model(config, num_classes=demo.NUM_CLASSES)
+    mesh = data_mesh()
+    params = jax.eval_shape(lambda: init_variables(model, jax.random.key(0))["params"])
+    tx = optimizer.make_optimizer(config.optimizer, config.total_steps, params)
+    state = jax.eval_shape(lambda: step_lib.init_train_state(model, tx, 0, mesh))
+    step = step_lib.make_train_step(model, tx, config_lib.augment_config(config), 1, mesh)
+    rows = 2 * mesh.size
+    batch = {"waveform": jax.ShapeDtypeStruct((rows, 16_000), jnp.float32),
+             "target": jax.ShapeDtypeStruct((rows, demo.NUM_CLASSES), jnp.float32)}
+    exported = jax.export.export(step, platforms=("cuda",))(state, batch)
+    assert not _our_custom_calls(exported.mlir_module())
+    assert _our_custom_calls(step.lower(state, batch).as_text())

@@ -16,8 +16,11 @@ F(2 × 2, 3 × 3) and F(2 × 2, 5 × 5) do 16 and 36 multiplications where the d
 does 36 and 100: CNN14's float32 convolutions 1.3 → 1.0 s per forward of 8 clips with AVX-512, 2.0 → 1.3 s with
 AVX2; CNN6's 0.51 → 0.29 s and 0.83 → 0.42 s.
 
-The library is compiled on first use (:mod:`.library` says where and how); where no compiler is found, or
-``CONVNEXT_AUDIO_JAX_NATIVE=0`` is set, :func:`available` is False and the models use the XLA forms.
+The library is built once per CPU, compiler and jaxlib, never inside a jit trace (:mod:`.library` says where, how
+and when); where it cannot be built, or ``CONVNEXT_AUDIO_JAX_NATIVE=0`` is set, :func:`available` is False and the
+models use the XLA forms. Each kernel's call lowers to its XLA form (:mod:`.xla_forms`) for any platform but the CPU,
+so a model traced on a CPU host runs, or is exported, for a GPU as plain XLA. A kernel checks its operands and
+returns an error to XLA for what it does not take, C++ exceptions included, instead of ending the process.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from convnext_audio_jax import sharding, xla
-from convnext_audio_jax.native import library
+from convnext_audio_jax.native import library, xla_forms
 # Re-exported: the targets, the build and load API of the package.
 from convnext_audio_jax.native.library import (BF16_CONV_FORWARD_TARGET, BF16_DOT_CONV_FORWARD_TARGET,  # noqa: F401
                                                BF16_DOT_MATMUL_TARGET,
@@ -136,7 +139,8 @@ def f32_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, gelu: 
         raise ValueError(f"f32 matmul: x {tuple(x.shape)}, w {tuple(w.shape)} and bias "
                          f"{None if bias is None else tuple(bias.shape)} do not fit: expected (..., K), (K, N) and "
                          "(N,) with K positive and N a multiple of 16")
-    return _matmul(F32_MATMUL_TARGET, jnp.float32, x, w, bias, gelu)
+    return _cpu_or_xla(lambda x, w, bias: _matmul(F32_MATMUL_TARGET, jnp.float32, x, w, bias, gelu),
+                       lambda x, w, bias: xla_forms.f32_matmul(x, w, bias, gelu), x, w, bias)
 
 
 def bf16_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, gelu: bool = False,
@@ -151,7 +155,8 @@ def bf16_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, gelu:
     if x.ndim < 2 or w.ndim != 2 or x.shape[-1] != w.shape[0] or (bias is not None and bias.shape != (w.shape[1],)):
         raise ValueError(f"bf16 matmul: {shapes} do not fit: expected (..., K), (K, N) and (N,)")
     unit = _checked_bf16_unit("matmul", bf16_unit, *w.shape, shapes)
-    return _matmul(unit.matmul_target, jnp.bfloat16, x, w, bias, gelu)
+    return _cpu_or_xla(lambda x, w, bias: _matmul(unit.matmul_target, jnp.bfloat16, x, w, bias, gelu),
+                       lambda x, w, bias: xla_forms.bf16_matmul(x, w, bias, gelu), x, w, bias)
 
 
 def _matmul(target: str, dtype, x: jax.Array, w: jax.Array, bias: jax.Array | None, gelu: bool) -> jax.Array:
@@ -166,6 +171,13 @@ def _matmul(target: str, dtype, x: jax.Array, w: jax.Array, bias: jax.Array | No
     x, w = x.astype(dtype), w.astype(dtype)
     bias = jnp.zeros((features,), jnp.float32) if bias is None else bias.astype(jnp.float32)
     return _per_device_rows(call, x, w, bias)
+
+
+def _cpu_or_xla(kernel: Callable, xla_form: Callable, *operands: jax.Array):
+    """``kernel(*operands)`` (the compiled kernel's call) where the computation is lowered for the CPU, its XLA form
+    (:mod:`.xla_forms`) where it is lowered for another platform: a model traced on a CPU host and exported for, or
+    run on, a GPU holds no custom call of ours. Lowered for the CPU alone, only the kernel's branch is lowered."""
+    return jax.lax.platform_dependent(*operands, cpu=kernel, default=xla_form)
 
 
 def resolve(impl: str, field: str) -> str:
@@ -239,7 +251,9 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, in
     use_bias = bias is not None
     x, kernel = x.astype(jnp.float32), kernel.astype(jnp.float32)
     bias = bias.astype(jnp.float32) if use_bias else jnp.zeros((channels,), jnp.float32)
-    return _per_device_rows(call, x, kernel, bias)
+    return _cpu_or_xla(lambda *operands: _per_device_rows(call, *operands),
+                       lambda x, kernel, bias: xla_forms.depthwise_conv(x, kernel, padding, bias if use_bias else None),
+                       x, kernel, bias)
 
 
 def depthwise_kernel_grad(x: jax.Array, dy: jax.Array, kernel_size: tuple[int, int],
@@ -264,7 +278,8 @@ def depthwise_kernel_grad(x: jax.Array, dy: jax.Array, kernel_size: tuple[int, i
                                 vmap_method="sequential")(x, dy, pad_top=np.int64(pad_top), pad_left=np.int64(pad_left))
 
     x, dy = x.astype(jnp.float32), dy.astype(jnp.float32)
-    return _per_device_sum(call, x, dy)
+    return _cpu_or_xla(lambda x, dy: _per_device_sum(call, x, dy),
+                       lambda x, dy: xla_forms.depthwise_kernel_grad(x, dy, kernel_size, padding), x, dy)
 
 
 def conv_kernel_grad(x: jax.Array, dy: jax.Array, kernel_size: tuple[int, int],
@@ -288,7 +303,9 @@ def conv_kernel_grad(x: jax.Array, dy: jax.Array, kernel_size: tuple[int, int],
         return jax.ffi.ffi_call(CONV_KERNEL_GRAD_TARGET, out, vmap_method="sequential")(
             x, dy, pad_top=np.int64(padding[0][0]), pad_left=np.int64(padding[1][0]))
 
-    return _per_device_sum(call, x.astype(jnp.float32), dy.astype(jnp.float32))
+    return _cpu_or_xla(lambda x, dy: _per_device_sum(call, x, dy),
+                       lambda x, dy: xla_forms.conv_kernel_grad(x, dy, kernel_size, padding),
+                       x.astype(jnp.float32), dy.astype(jnp.float32))
 
 
 def conv_forward(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int], tuple[int, int]],
@@ -323,7 +340,8 @@ def conv_forward(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int]
             jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0))), kernel)
 
     kernel = kernel if half and kernel.dtype in (jnp.bfloat16, jnp.float32) else kernel.astype(dtype)
-    return _per_device_rows(call, x.astype(dtype), kernel)
+    return _cpu_or_xla(lambda x, kernel: _per_device_rows(call, x, kernel),
+                       lambda x, kernel: xla_forms.conv_forward(x, kernel, padding), x.astype(dtype), kernel)
 
 
 def conv_winograd(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
@@ -340,9 +358,9 @@ def conv_winograd(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int
                          "and no negative padding")
     size, cin, cout = kernel.shape[1:]
     block = library.loaded().ConvnextAudioJaxWinogradCoBlock()
-    u = jax.ffi.ffi_call(CONV_WINOGRAD_KERNEL_TARGET,
-                         jax.ShapeDtypeStruct((-(-cout // block), (size + 1) ** 2, cin, block), jnp.float32),
-                         vmap_method="sequential")(kernel.astype(jnp.float32))
+    transform = jax.ffi.ffi_call(CONV_WINOGRAD_KERNEL_TARGET,
+                                 jax.ShapeDtypeStruct((-(-cout // block), (size + 1) ** 2, cin, block), jnp.float32),
+                                 vmap_method="sequential")
 
     def call(x, u):
         (top, bottom), (left, right) = padding
@@ -352,7 +370,9 @@ def conv_winograd(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int
         out = jax.ShapeDtypeStruct((x.shape[0], height, width, cout), jnp.float32)
         return jax.ffi.ffi_call(CONV_WINOGRAD_TARGET, out, vmap_method="sequential")(x, u)
 
-    return _per_device_rows(call, x.astype(jnp.float32), u)
+    return _cpu_or_xla(lambda x, kernel: _per_device_rows(call, x, transform(kernel)),
+                       lambda x, kernel: xla_forms.conv_winograd(x, kernel, padding), x.astype(jnp.float32),
+                       kernel.astype(jnp.float32))
 
 
 def conv_kernel_flip(kernel: jax.Array) -> jax.Array:
@@ -362,8 +382,9 @@ def conv_kernel_flip(kernel: jax.Array) -> jax.Array:
     if kernel.ndim != 4:
         raise ValueError(f"conv kernel flip: kernel has shape {tuple(kernel.shape)}, expected (kh, kw, C_in, C_out)")
     kh, kw, cin, cout = kernel.shape
-    return jax.ffi.ffi_call(CONV_KERNEL_FLIP_TARGET, jax.ShapeDtypeStruct((kh, kw, cout, cin), jnp.float32),
-                            vmap_method="sequential")(kernel.astype(jnp.float32))
+    flip = jax.ffi.ffi_call(CONV_KERNEL_FLIP_TARGET, jax.ShapeDtypeStruct((kh, kw, cout, cin), jnp.float32),
+                            vmap_method="sequential")
+    return _cpu_or_xla(flip, xla_forms.conv_kernel_flip, kernel.astype(jnp.float32))
 
 
 def channel_sums(a: jax.Array, b: jax.Array | None = None, mean_a: jax.Array | None = None,
@@ -389,7 +410,8 @@ def channel_sums(a: jax.Array, b: jax.Array | None = None, mean_a: jax.Array | N
         return tuple(jax.ffi.ffi_call(CHANNEL_SUMS_TARGET, (out, out), vmap_method="sequential")(
             a.reshape(-1, channels), b.reshape(-1, channels), mean_a, mean_b))
 
-    return _per_device_sum(call, a.astype(jnp.float32), b.astype(jnp.float32), mean_a, mean_b)
+    return _cpu_or_xla(lambda *operands: _per_device_sum(call, *operands), xla_forms.channel_sums,
+                       a.astype(jnp.float32), b.astype(jnp.float32), mean_a, mean_b)
 
 
 def _per_device_sum(call, x: jax.Array, dy: jax.Array, *whole: jax.Array):
