@@ -10,7 +10,8 @@ Rows, all in one process with the same random weights on both sides (``benchmark
   compile alone may take minutes per model), fp32 and bf16 (torch: autocast), batch 64, with parity
   against torch fp32;
 - training step (all augmentations, AdamW; ``benchmarks/train_step.py``): ours in fp32 and bf16, and the
-  PyTorch reference's step for ConvNeXt-Tiny in fp32;
+  PyTorch reference's step for ConvNeXt-Tiny in fp32, on the GPU where torch has CUDA (no ONNX rows: ONNX
+  Runtime's CPU provider says nothing about the GPU);
 - scaling of ours' ConvNeXt-Tiny bf16 training step over 1, 2, 4, … devices at a fixed batch per device
   (weak scaling: clips/s and efficiency against the 1-device row).
 
@@ -85,8 +86,9 @@ def suite(cases: list[implementations.Case], batch: int, dtypes: list[str], repe
     for case in cases if "forward" in parts else []:
         if over_budget(f"forward/{case.model}"):
             continue
+        # No ONNX rows: ONNX Runtime's CPU provider says nothing about the GPU.
         measured = run.benchmark([case], [batch], dtypes, repeats, with_torch=True, compile_timeout=compile_timeout,
-                                 with_audax=False, with_train=False, log=log)
+                                 with_audax=False, with_train=False, with_onnx=False, log=log)
         rows += measured["rows"]
         notes.update(measured["notes"])
         parity.update(measured["parity_max_abs_probs"])

@@ -107,12 +107,15 @@ def torch_row(args, clips, targets) -> tuple[str, float, float]:
     from convnext_audio_jax.torch_reference import build_reference, normalised_log_mel
     from convnext_audio_jax.data.audio import INT16_SCALE
 
+    from benchmarks.implementations import torch_device
+
     name = args.model
-    model = build_reference(name, **({"drop_path_rate": 0.4} if name.startswith("convnext") else {})).train()
+    device = torch_device()  # the GPU where torch has one, so a GPU run compares GPU with GPU
+    model = build_reference(name, **({"drop_path_rate": 0.4} if name.startswith("convnext") else {})).train().to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     spec_augment = SpecAugmentation(time_drop_width=64, time_stripes_num=2, freq_drop_width=28, freq_stripes_num=2)
-    waveform = torch.from_numpy(clips.astype(np.float32) / INT16_SCALE)
-    target = torch.from_numpy(targets)
+    waveform = torch.from_numpy(clips.astype(np.float32) / INT16_SCALE).to(device)
+    target = torch.from_numpy(targets).to(device)
     generator = torch.Generator().manual_seed(0)
 
     def speed_perturb(x):
@@ -121,7 +124,7 @@ def torch_row(args, clips, targets) -> tuple[str, float, float]:
         rates = 0.5 + torch.rand(x.shape[0], generator=generator)
         out = torch.zeros_like(x)
         for row, rate in enumerate(rates.tolist()):
-            stretched = x[row, (torch.arange(int(np.ceil(length / rate))) * rate).long().clamp(max=length - 1)]
+            stretched = x[row, (torch.arange(int(np.ceil(length / rate)), device=x.device) * rate).long().clamp(max=length - 1)]
             surplus = stretched.shape[0] - length
             offset = int(torch.randint(0, abs(surplus) + 1, (1,), generator=generator))
             if surplus >= 0:
@@ -132,7 +135,7 @@ def torch_row(args, clips, targets) -> tuple[str, float, float]:
 
     def run_step():
         logmel = spec_augment(normalised_log_mel(model, speed_perturb(waveform)))
-        lambdas = torch.rand(logmel.shape[0] // 2, generator=generator)
+        lambdas = torch.rand(logmel.shape[0] // 2, generator=generator).to(device)
         mixed = logmel[0::2] * lambdas[:, None, None, None] + logmel[1::2] * (1 - lambdas[:, None, None, None])
         mixed_target = target[0::2] * lambdas[:, None] + target[1::2] * (1 - lambdas[:, None])
         logits = model.from_log_mel(mixed)["clipwise_logits"]
@@ -140,9 +143,12 @@ def torch_row(args, clips, targets) -> tuple[str, float, float]:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     first, median = time_steps(run_step, args.steps)
-    return (f"PyTorch {torch.__version__} float32 {name} (torch_reference), {torch.get_num_threads()} threads",
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    return (f"PyTorch {torch.__version__} float32 {name} (torch_reference), {where}",
             args.batch / median, first, None)
 
 
