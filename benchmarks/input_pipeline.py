@@ -1,8 +1,10 @@
-"""Input-pipeline throughput: clips/s from a packed dataset through the grain loader.
+"""Input-pipeline throughput: clips/s from a packed dataset through the loader, per worker process.
 
-Writes a packed dataset of --clips synthetic 10 s clips (PANN HDF5 and/or ArrayRecord via the same layout
-`prepare` writes) into --workdir (a temporary folder by default), then times the loader for each setting and
-prints a table. Run: python benchmarks/input_pipeline.py [--clips 2000] [--batch-size 64] [--steps 60]
+Writes a packed dataset of --clips synthetic 10 s clips (PANN HDF5, and ArrayRecord shards of raw int16 and of
+FLAC via the same layout `prepare` writes) into --workdir (a temporary folder by default), then times the loader
+for each format and setting: reader threads in the training process (workers 0) and 1, 2, … --max-workers worker
+processes (data/parallel_read.py), and prints a table with clips/s and clips/s per worker.
+Run: python benchmarks/input_pipeline.py [--clips 2000] [--batch-size 64] [--steps 60] [--max-workers 2]
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ def write_datasets(folder: pathlib.Path, clips: int) -> None:
     base = rng.integers(-8000, 8000, size=(audio.CLIP_SAMPLES,), dtype=np.int16)
     ids = [f"Y{i:07d}" for i in range(clips)]
     writer = array_record_module.ArrayRecordWriter(str(folder / "bench-00000-of-00001.array_record"), "group_size:1")
+    flac_writer = array_record_module.ArrayRecordWriter(str(folder / "flac-00000-of-00001.array_record"),
+                                                        "group_size:1")
     with h5py.File(folder / "bench.h5", "w") as f:
         f.create_dataset("audio_name", data=np.array([i.encode() for i in ids], dtype="S20"))
         waveforms = f.create_dataset("waveform", (clips, audio.CLIP_SAMPLES), dtype=np.int16)
@@ -39,11 +43,15 @@ def write_datasets(folder: pathlib.Path, clips: int) -> None:
             waveform = np.roll(base, i)  # distinct clips without paying for random generation
             waveforms[i] = waveform
             writer.write(records.encode_record(ids[i], np.flatnonzero(targets[i]), waveform))
+            flac_writer.write(records.encode_record(ids[i], np.flatnonzero(targets[i]), waveform, "flac"))
     writer.close()
-    np.savez(folder / "bench-00000-of-00001.index.npz", ids=np.array(ids), targets=targets)
+    flac_writer.close()
+    for split in ("bench", "flac"):
+        np.savez(folder / f"{split}-00000-of-00001.index.npz", ids=np.array(ids), targets=targets)
     (folder / "manifest.json").write_text(json.dumps({
-        "format": "array_record", "num_classes": NUM_CLASSES, "splits": {"bench": {"shards": [
-            {"data": "bench-00000-of-00001.array_record", "index": "bench-00000-of-00001.index.npz"}]}}}))
+        "format": "array_record", "num_classes": NUM_CLASSES, "splits": {split: {"shards": [
+            {"data": f"{split}-00000-of-00001.array_record", "index": f"{split}-00000-of-00001.index.npz"}]}
+            for split in ("bench", "flac")}}))
 
 
 def measure(source, config: pipeline.LoaderConfig, steps: int, warmup: int = 5) -> float:
@@ -63,6 +71,7 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--max-workers", type=int, default=2, help="time 1 … N worker processes (default 2)")
     parser.add_argument("--workdir", default=None, help="where to write the packed data (default: a temporary folder)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as temporary:
@@ -73,21 +82,22 @@ def main() -> None:
         print(f"wrote {args.clips} clips ({args.clips * audio.CLIP_SAMPLES * 2 / 1e9:.2f} GB per format) "
               f"in {time.perf_counter() - start:.1f} s")
         formats = {
-            "hdf5": sources.PackedHdf5Source.from_files([folder / "bench.h5"]),
-            "array_record": sources.ArrayRecordSource(folder, "bench"),
+            "hdf5 int16": sources.PackedHdf5Source.from_files([folder / "bench.h5"]),
+            "array_record int16": sources.ArrayRecordSource(folder, "bench"),
+            "array_record flac": sources.ArrayRecordSource(folder, "flac"),
         }
-        settings = [
-            ("shuffle", "int16", 0), ("balanced", "int16", 0), ("shuffle", "float32", 0), ("shuffle", "int16", 2),
-        ]
-        print(f"\n| format | sampling | waveform | workers | clips/s (batch {args.batch_size}) |")
-        print("|---|---|---|---|---|")
+        settings = [("shuffle", "int16", workers) for workers in range(args.max_workers + 1)]
+        settings.insert(1, ("balanced", "int16", 0))
+        print(f"\n| format | sampling | waveform | workers | clips/s (batch {args.batch_size}) | per worker |")
+        print("|---|---|---|---|---:|---:|")
         for name, source in formats.items():
             for sampling, dtype, workers in settings:
                 config = pipeline.LoaderConfig(batch_size=args.batch_size, sampling=sampling, seed=0,
                                                waveform_dtype=dtype, worker_count=workers)
                 rate = measure(source, config, args.steps)
-                print(f"| {name} | {sampling} | {dtype} | {workers} | {rate:,.0f} |", flush=True)
-
+                per_worker = f"{rate / workers:,.0f}" if workers else "–"
+                print(f"| {name} | {sampling} | {dtype} | {workers or '0 (threads)'} | {rate:,.0f} | {per_worker} |",
+                      flush=True)
 
 if __name__ == "__main__":
     main()

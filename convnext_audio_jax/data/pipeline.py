@@ -174,12 +174,15 @@ class _ValidClipBatchIterator(grain.DatasetIterator):
         self._failures_in_a_row = 0
 
     def __next__(self) -> dict:
-        clips, skipped = [], []
-        while len(clips) < self._rows:
+        # Each clip is written into the batch's arrays as it comes (no list of clips stacked afterwards: that
+        # was a second copy of the batch under the training process's GIL).
+        waveform = target = None
+        ids, skipped = [], []
+        while len(ids) < self._rows:
             try:
                 element = next(self._parent)
             except StopIteration:
-                if clips and not self._drop_remainder:
+                if ids and not self._drop_remainder:
                     break
                 raise
             if "error" in element:
@@ -192,16 +195,17 @@ class _ValidClipBatchIterator(grain.DatasetIterator):
                         f"first failures: {first}")
             else:
                 self._failures_in_a_row = 0
-                clips.append(element)
-        waveform = np.stack([c["waveform"] for c in clips])
-        if self._waveform_dtype == "float32":
-            waveform = audio.int16_to_float(waveform)
-        return {
-            "waveform": waveform,
-            "target": np.stack([c["target"] for c in clips]).astype(np.float32, copy=False),
-            "id": np.array([c["id"] for c in clips]),
-            "skipped": skipped,
-        }
+                if waveform is None:
+                    waveform = np.empty((self._rows, element["waveform"].shape[0]), self._waveform_dtype)
+                    target = np.empty((self._rows, element["target"].shape[0]), np.float32)
+                row = len(ids)
+                if self._waveform_dtype == "float32":
+                    waveform[row] = audio.int16_to_float(element["waveform"])
+                else:
+                    waveform[row] = element["waveform"]
+                target[row] = element["target"]
+                ids.append(element["id"])
+        return {"waveform": waveform[:len(ids)], "target": target[:len(ids)], "id": np.array(ids), "skipped": skipped}
 
     # A batch boundary holds nothing back, so the parent's position is the whole state.
     def get_state(self):
@@ -263,25 +267,20 @@ def make_loader(source: ClipSource, config: LoaderConfig,
     """The loader for this host; `shard_options` defaults to this JAX process's shard."""
     shard_options = shard_options or jax_shard_options()
     indices = index_stream(len(source), source.targets, config, shard_options)
+    description = getattr(source, "description", type(source).__name__)
+    if config.worker_count > 0:
+        # Worker processes read into shared memory (data/parallel_read.py); the same clips, batches and state.
+        from convnext_audio_jax.data.parallel_read import WorkerClipReader
+
+        reader = WorkerClipReader(source, indices, config.worker_count)
+        return ClipLoader(_ValidClipBatchIterator(reader, config.rows_per_batch, config.waveform_dtype,
+                                                  config.drop_remainder, description), config)
     read_options = grain.ReadOptions(num_threads=config.read_threads,
                                      prefetch_buffer_size=config.prefetch_buffer_size)
     clips = indices.map(ReadClip(source)).to_iter_dataset(read_options)
-    batches = ValidClipBatches(clips, config.rows_per_batch, config.waveform_dtype, config.drop_remainder,
-                               getattr(source, "description", type(source).__name__))
-    if config.worker_count > 0:
-        _allow_absl_flags_in_workers()
-        batches = batches.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=config.worker_count, per_worker_buffer_size=config.worker_buffer_size))
-    return ClipLoader(batches, config)
+    return ClipLoader(ValidClipBatches(clips, config.rows_per_batch, config.waveform_dtype, config.drop_remainder,
+                                       description), config)
 
-
-def _allow_absl_flags_in_workers() -> None:
-    # grain's worker processes read absl flags; outside absl.app they are unparsed and grain raises
-    # UnparsedFlagAccessError, so mark them parsed (keeping their defaults).
-    from absl import flags
-
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
 
 
 def mixup_pairs(batch: dict) -> tuple[dict, dict]:

@@ -10,6 +10,7 @@ are opened lazily in each process (grain worker processes receive a pickled copy
 from __future__ import annotations
 
 import abc
+import copy
 import io
 import json
 import os
@@ -51,7 +52,8 @@ class ClipSource(abc.ABC):
         """Where the clips come from, for messages (a folder, files)."""
         return type(self).__name__
 
-    def __getitem__(self, index: int) -> dict:
+    def read_waveform(self, index: int) -> np.ndarray:
+        """The checked int16 waveform of clip ``index``, without its labels; raises ClipError naming the reason."""
         index = int(index)
         if not 0 <= index < len(self):
             raise IndexError(f"clip index {index} out of range for a source of {len(self)} clips")
@@ -64,7 +66,16 @@ class ClipSource(abc.ABC):
             # A truncated HDF5 chunk, a damaged record, ...: the clip is unreadable, the run goes on.
             raise audio.ClipError(clip_id, audio.UNREADABLE, f"{type(error).__name__}: {error}") from None
         audio.check_waveform(waveform, clip_id)
-        return {"waveform": waveform, "target": self.targets[index].astype(np.float32), "id": clip_id}
+        return waveform
+
+    def __getitem__(self, index: int) -> dict:
+        waveform = self.read_waveform(index)
+        return {"waveform": waveform, "target": self.targets[int(index)].astype(np.float32), "id": self.clip_id(index)}
+
+    def without_labels(self) -> ClipSource:
+        """A copy that reads waveforms (:meth:`read_waveform`) but holds no label matrix: what worker processes
+        are sent (an AudioSet label matrix is ~1 GB). Sources whose audio depends on their labels keep them."""
+        return self
 
 
 class IndexedClipSource(ClipSource):
@@ -82,6 +93,11 @@ class IndexedClipSource(ClipSource):
 
     def clip_id(self, index: int) -> str:
         return self._clip_ids[index]
+
+    def without_labels(self) -> ClipSource:
+        reader = copy.copy(self)
+        reader._targets = np.zeros((len(self._clip_ids), 0), dtype=bool)  # shape-only: no bytes per clip
+        return reader
 
 
 def decode_names(names: np.ndarray) -> list[str]:
@@ -348,3 +364,16 @@ def open_prepared(output: str | os.PathLike, split: str) -> ClipSource:
     if manifest["format"] == "hdf5":
         return PackedHdf5Source.from_index(pathlib.Path(output) / manifest["splits"][split]["pann_index"])
     return ArrayRecordSource(output, split)
+
+
+def read_waveform(source, index: int) -> np.ndarray:
+    """Clip ``index``'s int16 waveform from any source: its ``read_waveform`` (no labels touched), else the
+    waveform of ``source[index]`` (the demo's clips are made from their labels)."""
+    reader = getattr(source, "read_waveform", None)
+    return reader(index) if reader is not None else source[index]["waveform"]
+
+
+def without_labels(source):
+    """``source.without_labels()`` where the source has it (a copy without its label matrix), else ``source``."""
+    strip = getattr(source, "without_labels", None)
+    return strip() if strip is not None else source

@@ -17,6 +17,7 @@ exists (splits, files, datasets found).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -287,6 +288,18 @@ class _SourceView:
             raise IndexError(f"clip index {index} out of range for a source of {len(self)} clips")
         return index
 
+    def read_waveform(self, index: int) -> np.ndarray:
+        """Clip ``index``'s waveform alone, read by its parent (``sources.read_waveform``)."""
+        source, local = self._locate(index)
+        return sources.read_waveform(source, local)
+
+    def without_labels(self):
+        """A copy for worker processes: the parents without their label matrices, and no label matrix here."""
+        view = copy.copy(self)
+        view._targets = np.zeros((len(self), 0), dtype=bool)
+        view._replace_parents([sources.without_labels(parent) for parent in self._parents()])
+        return view
+
 
 class ConcatSource(_SourceView):
     """Several sources as one: clip ``i`` of part k is clip ``offset_k + i``; targets concatenated, so the
@@ -309,6 +322,12 @@ class ConcatSource(_SourceView):
         index = self._checked(index)
         k = int(np.searchsorted(self._offsets, index, side="right")) - 1
         return self._parts[k], index - int(self._offsets[k])
+
+    def _parents(self) -> list:
+        return self._parts
+
+    def _replace_parents(self, parents: list) -> None:
+        self._parts = parents
 
     def clip_id(self, index: int) -> str:
         part, local = self._locate(index)
@@ -333,6 +352,15 @@ class SubsetSource(_SourceView):
 
     def clip_id(self, index: int) -> str:
         return self._parent.clip_id(int(self.indices[index]))
+
+    def _locate(self, index: int) -> tuple[object, int]:
+        return self._parent, int(self.indices[self._checked(index)])
+
+    def _parents(self) -> list:
+        return [self._parent]
+
+    def _replace_parents(self, parents: list) -> None:
+        (self._parent,) = parents
 
     def __getitem__(self, index: int) -> dict:
         return self._parent[int(self.indices[self._checked(index)])]

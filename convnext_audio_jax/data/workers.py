@@ -31,9 +31,12 @@ class WorkerError(Exception):
     """`fn` raised in a worker; the message holds the worker's traceback."""
 
 
-def _serve(conn) -> None:
-    """A worker's loop: receive (chunk id, fn, items), send back (chunk id, ok, results or traceback)."""
+def _serve(conn, initializer: Callable[..., None] | None = None, initargs: tuple = ()) -> None:
+    """A worker's loop: ``initializer(*initargs)`` once, then receive (chunk id, fn, items), send back (chunk id,
+    ok, results or traceback)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which ends the workers
+    if initializer is not None:
+        initializer(*initargs)
     while True:
         try:
             message = conn.recv()
@@ -60,9 +63,12 @@ def _describe_exit(exitcode: int | None) -> str:
 
 class WorkerPool:
     """`workers` spawned processes (spawn, not fork: the parent may hold JAX or grain threads, and forking a
-    threaded process can deadlock). Use as a context manager; leaving it on an exception kills the workers."""
+    threaded process can deadlock), each running ``initializer(*initargs)`` first (what every item needs, sent
+    once per worker rather than with each chunk). Use as a context manager; leaving it on an exception kills the
+    workers."""
 
-    def __init__(self, workers: int, *, chunksize: int = 4, max_pending: int = 2, name: str = "worker"):
+    def __init__(self, workers: int, *, chunksize: int = 4, max_pending: int = 2, name: str = "worker",
+                 initializer: Callable[..., None] | None = None, initargs: tuple = ()):
         if workers < 1 or chunksize < 1 or max_pending < 1:
             raise ValueError(f"workers, chunksize and max_pending must be ≥ 1, got {workers}, {chunksize}, "
                              f"{max_pending}")
@@ -76,7 +82,7 @@ class WorkerPool:
         try:
             for _ in range(workers):
                 parent_end, child_end = context.Pipe(duplex=True)
-                process = context.Process(target=_serve, args=(child_end,), daemon=True)
+                process = context.Process(target=_serve, args=(child_end, initializer, initargs), daemon=True)
                 process.start()
                 child_end.close()  # the parent keeps only its end, so a dead worker reads as EOF
                 self._processes.append(process)
@@ -84,6 +90,11 @@ class WorkerPool:
         except OSError as error:  # e.g. a worker killed while it was being started (broken pipe)
             self._kill_all()
             raise WorkerDied(f"a {name} could not be started ({error})") from None
+
+    @property
+    def window(self) -> int:
+        """Items sent to the workers and not yet yielded by :meth:`map`, at most."""
+        return self._max_pending * len(self._processes) * self._chunksize
 
     @property
     def pids(self) -> list[int]:
