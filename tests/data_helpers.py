@@ -84,3 +84,15 @@ def write_generated_clips(folder: pathlib.Path, count: int, seed: int = 0) -> li
         soundfile.write(segment_file(folder, ytid, 30.0, 40.0, ext), signal, sample_rate)
         rows.append((ytid, 30.0, 40.0, mids))
     return rows
+
+
+def damage_hdf5_clips(path: pathlib.Path, clips) -> pathlib.Path:
+    """Overwrite the gzip chunks of ``clips`` in a packed file written with compression: those rows become
+    unreadable (h5py's filter fails), as a truncated or corrupted download would leave them."""
+    with h5py.File(path, "r") as f:
+        offsets = [f["waveform"].id.get_chunk_info(i).byte_offset for i in clips]
+    with open(path, "r+b") as f:
+        for offset in offsets:
+            f.seek(offset + 10)
+            f.write(b"\xff" * 200)
+    return path

@@ -7,11 +7,10 @@ import pathlib
 import pickle
 
 import grain
-import h5py
 import numpy as np
 
 from convnext_audio_jax.data import pipeline, sources
-from data_helpers import random_waveforms, write_packed_hdf5
+from data_helpers import damage_hdf5_clips, random_waveforms, write_packed_hdf5
 
 CLIPS = 40
 DAMAGED = (3, 17)  # gzip chunks overwritten: unreadable
@@ -24,13 +23,7 @@ def _damaged_hdf5(path: pathlib.Path) -> pathlib.Path:
     targets = np.zeros((CLIPS, 4), bool)
     targets[np.arange(CLIPS), np.arange(CLIPS) % 4] = True
     write_packed_hdf5(path, waveforms, targets, [f"Y{i:02d}" for i in range(CLIPS)], compression="gzip")
-    with h5py.File(path, "r") as f:
-        offsets = [f["waveform"].id.get_chunk_info(i).byte_offset for i in DAMAGED]
-    with open(path, "r+b") as f:
-        for offset in offsets:
-            f.seek(offset + 10)
-            f.write(b"\xff" * 200)
-    return path
+    return damage_hdf5_clips(path, DAMAGED)
 
 
 def _batches(source, workers: int, count: int, state=None):

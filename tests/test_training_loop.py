@@ -22,7 +22,7 @@ from flax import traverse_util
 from convnext_audio_jax import checkpoint, training
 from convnext_audio_jax.data import demo
 from convnext_audio_jax.training import config as config_lib, loop, optimizer, step as step_lib
-from data_helpers import random_waveforms, write_packed_hdf5
+from data_helpers import damage_hdf5_clips, random_waveforms, write_packed_hdf5
 from training_helpers import TINY_CONFIG, tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -228,8 +228,6 @@ def get_config():
 
 
 def write_damaged_hdf5(path: pathlib.Path) -> pathlib.Path:
-    import h5py
-
     rng = np.random.default_rng(3)
     waveforms = (random_waveforms(HDF5_CLIPS, seed=3) // 8).astype(np.int16)
     waveforms[list(EMPTY_CLIPS)] = 0
@@ -237,13 +235,7 @@ def write_damaged_hdf5(path: pathlib.Path) -> pathlib.Path:
     targets[np.arange(HDF5_CLIPS), rng.integers(0, 5, HDF5_CLIPS)] = True
     targets[::7, 4] = True
     write_packed_hdf5(path, waveforms, targets, [f"Y{i:02d}" for i in range(HDF5_CLIPS)], compression="gzip")
-    with h5py.File(path, "r") as f:
-        offsets = [f["waveform"].id.get_chunk_info(i).byte_offset for i in UNREADABLE_CLIPS]
-    with open(path, "r+b") as f:
-        for offset in offsets:
-            f.seek(offset + 10)
-            f.write(b"\xff" * 200)
-    return path
+    return damage_hdf5_clips(path, UNREADABLE_CLIPS)
 
 
 def test_kill_and_resume_on_hdf5_with_corrupt_clips_balanced_sampler_and_read_threads(compilation_cache, tmp_path):
