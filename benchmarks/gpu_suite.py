@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     # Restarts of the suite load its compiled programs instead of compiling them again.
     from convnext_audio_jax import pretrained, xla
 
-    xla.enable_compilation_cache(pretrained.cache_dir() / "xla")
+    xla.enable_compilation_cache("auto", pretrained.cache_dir())
     machine = machine_description()
     print(f"# {machine['slug']}: gpu suite, models {list(MODELS)}, batch {batch}, dtypes {dtypes}, {repeats} repeats", flush=True)
     print(report.TABLE_HEADER, flush=True)

@@ -37,7 +37,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from convnext_audio_jax import metrics as metrics_lib
-from convnext_audio_jax import xla
+from convnext_audio_jax import pretrained, xla
 from convnext_audio_jax.data import audio, spec as spec_lib
 from convnext_audio_jax.data.pipeline import LoaderConfig, jax_shard_options, make_loader
 from convnext_audio_jax.sharding import batch_spec, data_mesh, per_device
@@ -317,11 +317,7 @@ def run(args: argparse.Namespace) -> int:
     from convnext_audio_jax.checkpoint import load_model
 
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)  # a no-op for one process
-    if args.compilation_cache:
-        from convnext_audio_jax import pretrained
-
-        xla.enable_compilation_cache(pretrained.cache_dir() / "xla" if args.compilation_cache == "auto"
-                                     else args.compilation_cache)
+    xla.enable_compilation_cache(args.compilation_cache, pretrained.cache_dir())
     first = jax.process_index() == 0
     model, variables, metadata = load_model(args.checkpoint)
     frontend = model.frontend

@@ -91,11 +91,12 @@ def resolve_dtype(requested: str, backend: str | None = None) -> str:
     return "float32" if (backend or jax.default_backend()) == "cpu" else "bfloat16"
 
 
-def enable_compilation_cache(directory: str | os.PathLike | None) -> str | None:
-    """JAX's persistent compilation cache in ``directory``: programs that took over
-    ``jax_persistent_cache_min_compile_time_secs`` (1 s) to compile are stored, and a restarted run loads them
-    instead of compiling again. A cache already set (``JAX_COMPILATION_CACHE_DIR``, or by the caller) wins, and
-    None leaves it as it is. Returns the folder in use."""
+def enable_compilation_cache(setting: str | os.PathLike, cache_root: str | os.PathLike) -> str | None:
+    """JAX's persistent compilation cache in the folder ``setting`` names: "auto" is ``cache_root/xla``, "" none, else
+    the folder itself. Programs that took over ``jax_persistent_cache_min_compile_time_secs`` (1 s) to compile are
+    stored, and a restarted run loads them instead of compiling again. A cache already set
+    (``JAX_COMPILATION_CACHE_DIR``, or by the caller) wins. Returns the folder in use."""
+    directory = os.path.join(cache_root, "xla") if str(setting) == "auto" else str(setting)
     if directory and not jax.config.jax_compilation_cache_dir:
         os.makedirs(directory, exist_ok=True)
         jax.config.update("jax_compilation_cache_dir", str(directory))

@@ -19,7 +19,8 @@ FREEDESKTOP_SOUNDS = pathlib.Path("/usr/share/sounds/freedesktop/stereo")
 
 def pytest_configure(config):
     """Builds the native CPU kernels before any test traces one (a jit trace does not build them; concurrent test
-    processes build them once); where they cannot be built the native tests skip or test the fall-back."""
+    processes build them once); without a compiler the native proofs fail on Linux (tests/native_marks.py) and skip
+    elsewhere, and the fall-back tests test the fall-back."""
     from convnext_audio_jax import native
 
     native.available()

@@ -16,10 +16,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from convnext_audio_jax import native
 from convnext_audio_jax.models import create_model, init_variables
 from convnext_audio_jax.models.layers import _depthwise_kernel_grad
+from native_marks import require_compiler
 
-if native.find_compiler() is None:
-    pytest.skip("no C++ compiler on this machine ($CXX, c++, g++, clang++): the native kernels cannot be built",
-                allow_module_level=True)
+require_compiler()
 
 CASES = [
     # (x shape NHWC, kernel size, padding): the vector paths (kernel width 7, 5, 3 with 16-channel blocks), channel

@@ -18,10 +18,9 @@ import pytest
 
 from convnext_audio_jax import native
 from convnext_audio_jax.models.layers import depthwise_conv, resolve_depthwise_impl
+from native_marks import require_compiler
 
-if native.find_compiler() is None:
-    pytest.skip("no C++ compiler on this machine ($CXX, c++, g++, clang++): the native kernels cannot be built",
-                allow_module_level=True)
+require_compiler()
 
 
 @pytest.fixture

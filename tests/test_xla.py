@@ -1,4 +1,4 @@
-"""xla.jit: same results as plain jax.jit, options only on the CPU backend."""
+"""xla.jit: same results as plain jax.jit, options only on the CPU backend; the compilation cache setting."""
 
 import jax
 import numpy as np
@@ -63,3 +63,17 @@ def test_cpu_flags_named_off_are_treated_as_absent(monkeypatch):
     finally:
         monkeypatch.delenv(xla.CPU_FLAGS_OFF_ENV, raising=False)
         xla.cpu_flags.cache_clear()
+
+
+def test_compilation_cache_setting(tmp_path):
+    """"auto" is <cache root>/xla, "" leaves no cache, a folder is used as it is, and a cache already set wins."""
+    saved = jax.config.jax_compilation_cache_dir
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        assert xla.enable_compilation_cache("", tmp_path) is None
+        assert xla.enable_compilation_cache("auto", tmp_path) == str(tmp_path / "xla") and (tmp_path / "xla").is_dir()
+        assert xla.enable_compilation_cache(tmp_path / "other", tmp_path) == str(tmp_path / "xla")
+        jax.config.update("jax_compilation_cache_dir", None)
+        assert xla.enable_compilation_cache(tmp_path / "other", tmp_path) == str(tmp_path / "other")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", saved)

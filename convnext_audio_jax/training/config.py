@@ -323,13 +323,3 @@ def check_and_record_config(config, workdir: pathlib.Path, resuming: bool) -> di
 def eval_batch_size(config, num_devices: int) -> int:
     """The global evaluation batch: ``eval_batch_size``, or ``per_device_eval_batch_size`` on each device."""
     return int(config.eval_batch_size) or int(config.get("per_device_eval_batch_size", 64)) * num_devices
-
-
-def compilation_cache_dir(config) -> str | None:
-    """The persistent compilation cache folder ``config.compilation_cache`` names ("auto": under the cache root)."""
-    setting = str(config.get("compilation_cache", ""))
-    if setting == "auto":
-        from convnext_audio_jax import pretrained
-
-        return str(pretrained.cache_dir() / "xla")
-    return setting or None

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from convnext_audio_jax import evaluate as evaluate_lib, xla
+from convnext_audio_jax import evaluate as evaluate_lib, pretrained, xla
 from convnext_audio_jax.sharding import data_mesh
 from convnext_audio_jax.models import init_variables
 from convnext_audio_jax.training import (checkpointing, config as config_lib, data as data_lib, lock as lock_lib,
@@ -144,7 +144,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
 def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
     mesh = data_mesh()
     config_lib.validate_config(config, mesh.size)
-    xla.enable_compilation_cache(config_lib.compilation_cache_dir(config))
+    xla.enable_compilation_cache(config.get("compilation_cache", ""), pretrained.cache_dir())
     accumulation_steps, examples_per_host = config_lib.batch_layout(config, mesh.size, jax.process_count())
     augment = config_lib.augment_config(config)
 
