@@ -215,9 +215,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str
         raise NonFiniteLossError(f"{message}; stopped; last good checkpoint: step {checkpointer.latest_step()} "
                                  f"in {checkpointer.directory}{hint}")
 
-    def report_all(pendings: list[_PendingMetrics]) -> None:
+    def report_all(pendings: list[_PendingMetrics], loader_skipped: int) -> None:
         """The steps since the last report, fetched from the devices in one transfer: the only time the host
-        waits on the device in the steady state."""
+        waits on the device in the steady state. ``loader_skipped``: the clips the loader skipped by the last one."""
         if not pendings:
             return
         fetched = jax.device_get([pending.values for pending in pendings])
@@ -225,10 +225,10 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str
         rate = ((pendings[-1].step - last_report["step"]) * config.batch_size / max(now - last_report["time"], 1e-9))
         last_report.update(time=now, step=pendings[-1].step)
         for pending, values in zip(pendings, fetched):
-            report(pending.step, {key: float(value) for key, value in values.items()}, rate)
+            report(pending.step, {key: float(value) for key, value in values.items()}, rate, loader_skipped)
         pendings.clear()
 
-    def report(step: int, values: dict, clips_per_second: float) -> None:
+    def report(step: int, values: dict, clips_per_second: float, loader_skipped: int) -> None:
         # The step's own test (loss and gradient norm finite) is the one the jitted step applied.
         finite = math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])
         applied_before = step - 1 - nonfinite["skipped"]  # optimizer updates before this step
@@ -260,7 +260,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str
                        **{f"train_{key}": values[key] for key in ("label_loss", "distillation_loss") if key in values}}
                       if finite else {})
             log.write(step, {**losses, "learning_rate": lr, "clips_per_second": clips_per_second,
-                                     "train_skipped": global_count(skipped_by_loader["count"]),
+                                     "train_skipped": global_count(loader_skipped),
                                      "nonfinite_skipped": nonfinite["skipped"]})
 
     def evaluate_split(name: str, source, step: int) -> dict[str, float]:
@@ -277,7 +277,6 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str
         return metrics
 
     pending: list[_PendingMetrics] = []
-    skipped_by_loader = {"count": loader.num_skipped}
 
     def needs_checkpoint(step: int) -> bool:
         return step % config.checkpoint_every == 0 or step % config.eval_every == 0 or step == config.total_steps
@@ -288,7 +287,6 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str
     try:
         for batch in prefetcher:
             step = batch.step
-            skipped_by_loader["count"] = batch.num_skipped
             if clip_log is not None:
                 clip_log.write(json.dumps({"step": step, "ids": batch.ids.tolist()}) + "\n")
                 clip_log.flush()
@@ -300,7 +298,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str
                 state, step_metrics = train_step(state, batch.arrays)
                 pending.append(_PendingMetrics(step, step_metrics))
             if step % config.log_every == 0 or saving:
-                report_all(pending)  # a checkpoint must hold a state whose own step was finite
+                report_all(pending, batch.num_skipped)  # a checkpoint must hold a state whose own step was finite
             if not saving:
                 continue
             loader_checkpoint = checkpointing.LoaderCheckpoint(loader, batch.loader_state)
@@ -329,7 +327,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str
                 if jax.process_index() == 0:  # tqdm.write prints even when the bar is disabled
                     progress.write(message)
             last_report.update(time=time.perf_counter(), step=step)  # clips/s measures training only
-        report_all(pending)
+        if pending:
+            report_all(pending, batch.num_skipped)
         writer.wait()
         checkpointer.wait()
     finally:
