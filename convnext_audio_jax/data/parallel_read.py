@@ -15,7 +15,7 @@ batches; its state is grain's (``{"next_index": N}``, the index-stream items con
 
 from __future__ import annotations
 
-import itertools
+import collections
 import uuid
 from multiprocessing import shared_memory
 
@@ -66,6 +66,7 @@ class WorkerClipReader(grain.DatasetIterator):
         self._memory = self._ring = None
         self._pool: WorkerPool | None = None
         self._statuses = None
+        self._sent: collections.deque[int] = collections.deque()  # indices sent to the workers, oldest first
         self._position = 0
 
     def _clip_samples(self) -> int:
@@ -88,10 +89,15 @@ class WorkerClipReader(grain.DatasetIterator):
             self._pool = WorkerPool(self._workers, chunksize=CHUNKSIZE, max_pending=MAX_PENDING, name="clip reader",
                                     initializer=_attach, initargs=(sources.without_labels(self._source),
                                                                    self._memory.name, *self._ring.shape))
-        positions = itertools.count(self._position) if len(self._indices) >= 2**62 else range(
-            self._position, len(self._indices))
-        self._statuses = self._pool.map(_read_into_slot,
-                                        ((int(self._indices[p]), p % self._slots) for p in positions))
+        self._sent.clear()
+
+        def items():  # an endless stream's length is sys.maxsize: the range is lazy
+            for position in range(self._position, len(self._indices)):
+                index = int(self._indices[position])
+                self._sent.append(index)  # taken back in order by __next__, which reads each status in order
+                yield index, position % self._slots
+
+        self._statuses = self._pool.map(_read_into_slot, items())
 
     def __next__(self) -> dict:
         self._assert_not_closed()
@@ -100,7 +106,7 @@ class WorkerClipReader(grain.DatasetIterator):
         status = next(self._statuses)  # StopIteration at the end of a finite stream
         position = self._position
         self._position += 1
-        index = int(self._indices[position])
+        index = self._sent.popleft()
         clip_id = self._source.clip_id(index)
         if status is not None:
             return {"error": status[0], "id": clip_id, "detail": status[1]}
