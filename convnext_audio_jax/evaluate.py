@@ -40,7 +40,7 @@ from convnext_audio_jax import metrics as metrics_lib
 from convnext_audio_jax import pretrained, xla
 from convnext_audio_jax.data import audio, spec as spec_lib
 from convnext_audio_jax.data.pipeline import LoaderConfig, jax_shard_options, make_loader
-from convnext_audio_jax.sharding import batch_spec, data_mesh, per_device
+from convnext_audio_jax.sharding import batch_spec, data_mesh, jit_forward
 
 logger = logging.getLogger(__name__)
 
@@ -72,16 +72,13 @@ class Scorer:
 
     def __init__(self, model: nn.Module, mesh: Mesh):
         self.mesh = mesh
-        replicated = NamedSharding(mesh, PartitionSpec())
-        sharded = NamedSharding(mesh, batch_spec(mesh))
 
-        def score(variables, waveforms):  # per device: no collective
+        def score(variables, waveforms):
             if waveforms.dtype == np.int16:
                 waveforms = waveforms.astype(np.float32) / audio.INT16_SCALE
             return model.apply(variables, waveforms, train=False)["probs"]
 
-        self._score = xla.jit(per_device(score, mesh, (PartitionSpec(), batch_spec(mesh)), batch_spec(mesh)),
-                              in_shardings=(replicated, sharded), out_shardings=sharded)
+        self._score = jit_forward(score, mesh)
 
     def __call__(self, variables, waveforms: jax.Array) -> jax.Array:
         return self._score(variables, waveforms)
@@ -109,7 +106,7 @@ def predict(model: nn.Module, variables: Mapping[str, Any], source, batch_size: 
                                               read_threads=read_threads), jax_shard_options())
     # Every process runs as many batches as the largest share needs; skipped clips only shorten a share.
     num_batches = math.ceil(math.ceil(len(source) / hosts) / local_batch)
-    sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
+    sharding = NamedSharding(mesh, batch_spec(mesh))
     replicated = NamedSharding(mesh, PartitionSpec())
     variables = jax.device_put(dict(variables), replicated)
     position = {source.clip_id(i): i for i in range(len(source))}

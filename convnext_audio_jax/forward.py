@@ -17,8 +17,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from convnext_audio_jax import xla
-from convnext_audio_jax.sharding import batch_spec, data_mesh, per_device  # noqa: F401  (data_mesh re-exported)
+from convnext_audio_jax.sharding import batch_spec, data_mesh, jit_forward  # noqa: F401  (data_mesh re-exported)
 
 # Picks (and may derive) the arrays a forward returns: (variables, model outputs) → dict of arrays.
 OutputSelector = Callable[[Mapping[str, Any], Mapping[str, jax.Array]], dict[str, jax.Array]]
@@ -50,8 +49,7 @@ class ShardedForward:
         def forward(variables, waveforms):
             return select(variables, model.apply(variables, waveforms, train=False))
 
-        self._forward = xla.jit(per_device(forward, mesh, (PartitionSpec(), batch_spec(mesh)), batch_spec(mesh)),
-                                in_shardings=(replicated, self._batch_sharding), out_shardings=self._batch_sharding)
+        self._forward = jit_forward(forward, mesh)
 
     def __call__(self, waveforms: np.ndarray) -> dict[str, np.ndarray]:
         waveforms = np.asarray(waveforms, dtype=np.float32)

@@ -16,7 +16,9 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from convnext_audio_jax import xla
 
 AXIS = "data"
 
@@ -41,6 +43,15 @@ def per_device(fun: Callable, mesh: Mesh, in_specs, out_specs) -> Callable:
     """``fun`` run on each device's block of its batch-sharded arguments (``jax.shard_map``): inside it, the
     functions below see the mesh's axes as the devices of one global batch."""
     return jax.shard_map(fun, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
+def jit_forward(forward: Callable, mesh: Mesh) -> Callable:
+    """``forward(variables, batch)`` jitted (``xla.jit``) as a per-device program: the variables replicated, the batch
+    and every output split by rows over ``mesh``; no collective (the sharded forward and the eval step)."""
+    rows = batch_spec(mesh)
+    return xla.jit(per_device(forward, mesh, (PartitionSpec(), rows), rows),
+                   in_shardings=(NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, rows)),
+                   out_shardings=NamedSharding(mesh, rows))
 
 
 def manual_axes() -> tuple[str, ...]:

@@ -34,23 +34,14 @@ def compiler_options(backend: str | None = None) -> dict[str, Any]:
     return dict(CPU_COMPILER_OPTIONS) if (backend or jax.default_backend()) == "cpu" else {}
 
 
-def jit(fun: Callable | None = None, *, mesh: jax.sharding.Mesh | None = None, **jit_kwargs: Any):
+def jit(fun: Callable | None = None, **jit_kwargs: Any):
     """``jax.jit`` plus :func:`compiler_options`; usable as ``@jit`` or ``@jit(donate_argnums=…)``.
 
-    Explicit ``compiler_options`` in ``jit_kwargs`` override the defaults. With ``mesh`` the function is traced
-    with that mesh as context (``jax.sharding.use_abstract_mesh``), so that layers which shard by hand (the native
-    depthwise kernels) split the batch over it instead of letting XLA gather their operands."""
+    Explicit ``compiler_options`` in ``jit_kwargs`` override the defaults. (A data-parallel program runs per
+    device: ``sharding.per_device``.)"""
     if fun is None:
-        return functools.partial(jit, mesh=mesh, **jit_kwargs)
+        return functools.partial(jit, **jit_kwargs)
     options = {**compiler_options(), **jit_kwargs.pop("compiler_options", {})}
-    if mesh is not None:
-        traced = fun
-
-        @functools.wraps(traced)
-        def fun(*args, **kwargs):
-            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-                return traced(*args, **kwargs)
-
     return jax.jit(fun, compiler_options=options or None, **jit_kwargs)
 
 

@@ -261,7 +261,7 @@ def depthwise_kernel_grad(x: jax.Array, dy: jax.Array, kernel_size: tuple[int, i
     """dK[i, j, c] = Σ_{b,h,w} xpad[b, h+i, w+j, c] · dy[b, h, w, c] as (kh, kw, C) float32, for NHWC ``x``
     (B, H, W, C) zero-padded by ``padding`` and ``dy`` (B, OH, OW, C) of a stride-1 convolution.
 
-    Under a mesh set for tracing (``jax.sharding.use_abstract_mesh``, as the train step does), the batch is split
+    Under a mesh set for tracing (``jax.sharding.use_abstract_mesh``), the batch is split
     over every mesh axis and each device sums its own rows, then one ``psum``; otherwise XLA gathers sharded
     operands to each device before the call (correct, but each device computes the whole sum)."""
     load()
