@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from convnext_audio_jax import native, sharding
+from convnext_audio_jax.native.xla_forms import gelu  # noqa: F401  (the models' GELU; re-exported for dense.py)
 from convnext_audio_jax.frontend import FrontendConfig, log_mel_spectrogram
 from convnext_audio_jax.models.norm import Dtype, batch_norm, broadcast_channels, channel_sum
 
@@ -22,12 +23,6 @@ DepthwiseImpl = Literal["auto", "xla", "shift", "native", "platform"]
 # The reference initialises conv and dense weights with timm's trunc_normal_(std=0.02), whose
 # truncation bounds are ±2 in absolute value (100 std): effectively a plain normal.
 default_kernel_init = nn.initializers.normal(stddev=0.02)
-
-
-def gelu(x: jax.Array) -> jax.Array:
-    """Exact (erf) GELU written as torch's ``0.5·x·(1 + erf(x/√2))``: on XLA:CPU this runs ~15 % faster
-    forward and ~25 % faster with its gradient than ``jax.nn.gelu(approximate=False)``'s erfc form."""
-    return 0.5 * x * (1.0 + jax.lax.erf(x * 0.7071067811865476))
 
 
 def resolve_depthwise_impl(impl: DepthwiseImpl) -> str:
