@@ -40,7 +40,7 @@ from convnext_audio_jax import metrics as metrics_lib
 from convnext_audio_jax import pretrained, xla
 from convnext_audio_jax.data import audio, spec as spec_lib
 from convnext_audio_jax.data.pipeline import LoaderConfig, jax_shard_options, make_loader
-from convnext_audio_jax.sharding import batch_spec, data_mesh, jit_forward
+from convnext_audio_jax.sharding import barrier, batch_spec, data_mesh, jit_forward
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +112,7 @@ def predict(model: nn.Module, variables: Mapping[str, Any], source, batch_size: 
     position = {source.clip_id(i): i for i in range(len(source))}
     zeros = np.zeros((local_batch, clip_samples), np.int16)
     scorer(variables, jax.make_array_from_process_local_data(sharding, zeros)).block_until_ready()  # compile
+    barrier("eval step compiled")  # before the first gather: a process may compile for longer than gloo waits
     indices, scores = [], []
     start = time.perf_counter()
     with tqdm.tqdm(total=len(source), unit="clip", desc="evaluate", file=sys.stderr,

@@ -17,7 +17,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from convnext_audio_jax.sharding import batch_spec, data_mesh, jit_forward  # noqa: F401  (data_mesh re-exported)
+from convnext_audio_jax.sharding import barrier, batch_spec, data_mesh, jit_forward  # noqa: F401  (data_mesh re-exported)
 
 # Picks (and may derive) the arrays a forward returns: (variables, model outputs) → dict of arrays.
 OutputSelector = Callable[[Mapping[str, Any], Mapping[str, jax.Array]], dict[str, jax.Array]]
@@ -63,5 +63,6 @@ class ShardedForward:
             waveforms = np.concatenate([waveforms, padding])
         outputs = self._forward(self._variables, jax.device_put(waveforms, self._batch_sharding))
         if jax.process_count() > 1:  # each process holds only its devices' rows: gather every row
+            barrier("sharded forward")  # the first call compiles, for longer in one process than gloo waits
             outputs = multihost_utils.process_allgather(outputs, tiled=True)
         return {name: np.asarray(value)[:rows] for name, value in outputs.items()}

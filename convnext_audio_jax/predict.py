@@ -89,7 +89,7 @@ def predict_teacher(members: Sequence[tuple[str, Any, Any]], source, output: str
     this run: ``complete`` is False while other processes' chunks are missing (this process did its share)."""
     import jax
 
-    from convnext_audio_jax.sharding import data_mesh
+    from convnext_audio_jax.sharding import barrier, data_mesh
 
     if not members:
         raise ValueError("predict needs at least one model")
@@ -125,10 +125,8 @@ def predict_teacher(members: Sequence[tuple[str, Any, Any]], source, output: str
                 writer.write_chunk(k, ids, logits, chunk_skips)
                 skipped.update(reason for _, reason, _ in chunk_skips)
                 skipped_ids.extend(chunk_skips)
-    if process_count > 1 and jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("convnext-audio predict: all chunks written")
+    if process_count > 1:
+        barrier("predict: all chunks written")
     complete = len(writer.done_chunks()) == num_chunks
     if complete and (process_index == 0 or jax.process_count() == 1):
         writer.finish()

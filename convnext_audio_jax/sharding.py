@@ -10,17 +10,23 @@ all-reduce of the gradients (plus BatchNorm's per-channel statistics), whatever 
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
+from jax._src import distributed as jax_distributed  # the client has no public accessor; orbax reads it too
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from convnext_audio_jax import xla
 
 AXIS = "data"
+# How long a process waits at a barrier for the slowest one (compiling a full-size train step on a loaded host
+# takes minutes).
+BARRIER_TIMEOUT_S = 1800
+_barriers_passed: collections.Counter = collections.Counter()
 
 
 def data_mesh(devices: list | None = None) -> Mesh:
@@ -98,3 +104,17 @@ def fold_in_device(key: jax.Array) -> jax.Array:
     """``key`` made distinct per device (for element-wise randomness such as dropout masks, too large to draw
     for the whole batch on every device); ``key`` itself outside :func:`per_device`."""
     return jax.random.fold_in(key, device_index()) if manual_axes() else key
+
+
+def barrier(name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
+    """Wait until every process has reached the barrier ``name``; a no-op in a single-process run.
+
+    Called after host work whose length differs between processes (compiling, reading, writing) and before
+    the next cross-process collective. On CPU devices that collective is gloo's, and gloo gives a late process
+    only 30 s to join; this barrier goes through the coordinator's key-value service and waits ``timeout_s``.
+    Every process passes the same barriers in the same order (a name may repeat)."""
+    if jax.process_count() == 1:
+        return
+    _barriers_passed[name] += 1
+    jax_distributed.global_state.client.wait_at_barrier(f"{name}#{_barriers_passed[name]}",
+                                                        timeout_in_ms=int(timeout_s * 1000))

@@ -62,6 +62,16 @@ def main(argv) -> int:
     options = dict(arg[2:].split("=", 1) for arg in argv[1:])
     spec = distributed.initialize(options.get("coordinator"), options.get("num_processes"), options.get("process_id"),
                                   options.get("local_device_ids"), options.get("layout"))
+    if "late" in options:  # the last process comes this many seconds late to the first collective
+        import time
+
+        import jax
+
+        from convnext_audio_jax import sharding
+
+        if jax.process_index() == jax.process_count() - 1:
+            time.sleep(float(options["late"]))
+        sharding.barrier("late process")
     result = compute()
     result["spec"] = None if spec is None else {"layout": spec.layout, "cluster": spec.cluster,
                                                 "local_device_ids": spec.local_device_ids}

@@ -251,6 +251,14 @@ def test_two_processes_equal_one(use_flags):
     np.testing.assert_allclose(first["float_square_sum"], float((floats.astype(np.float64) ** 2).sum()), rtol=1e-5)
 
 
+def test_barrier_outwaits_a_late_process():
+    """A process 40 s late (a slower compile on a loaded host) still meets the others: gloo alone gives a late
+    process 30 s before the first collective fails, so the train loop and evaluation meet at sharding.barrier."""
+    first, second = results(run_jax_processes(["tests/distributed_worker.py", "--late=40"], 2, 1, timeout=180,
+                                              use_flags=True))
+    assert first["int_sum"] == second["int_sum"] == int(distributed_worker.global_data()[0].sum())
+
+
 def test_one_device_per_process():
     """per_device layout: 2 processes, each pinned to one of its CPU devices, form a 2-device mesh."""
     first, second = results(run_jax_processes(["tests/distributed_worker.py"], 2, 1, timeout=120,

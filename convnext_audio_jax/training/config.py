@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from convnext_audio_jax import xla
+from convnext_audio_jax import sharding, xla
 from convnext_audio_jax.augment import AugmentConfig
 from convnext_audio_jax.checkpoint import fsync_path
 from convnext_audio_jax.data import spec as spec_lib
@@ -304,10 +304,7 @@ def check_and_record_config(config, workdir: pathlib.Path, resuming: bool) -> di
             listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in differences.items())
             raise ConfigError(f"the config differs from {path} in keys that change the result ({listed}); resume "
                               "with the saved config, or pass --config.allow_config_change=True to accept it")
-    if jax.process_count() > 1:  # every process has compared with the same file before process 0 replaces it
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("config.json checked")
+    sharding.barrier("config.json checked")  # every process compared with the same file before process 0 replaces it
     if jax.process_index() == 0:
         # On disk before the rename publishes it, and the rename itself: a power cut leaves the old or the new.
         temporary = path.with_name(f".{path.name}.{jax.process_index()}.tmp")

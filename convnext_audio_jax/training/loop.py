@@ -21,6 +21,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from convnext_audio_jax import evaluate as evaluate_lib, pretrained, xla
+from convnext_audio_jax import sharding
 from convnext_audio_jax.sharding import data_mesh
 from convnext_audio_jax.models import init_variables
 from convnext_audio_jax.training import (checkpointing, config as config_lib, data as data_lib, lock as lock_lib,
@@ -292,6 +293,11 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str
                 clip_log.flush()
             evaluating = step % config.eval_every == 0 or step == config.total_steps
             saving = needs_checkpoint(step)
+            if step == start_step + 1:
+                # Compiled ahead of its first run, then the processes meet: the step's first all-reduce must not
+                # wait on a process still compiling (on CPU devices, gloo waits for a late one only 30 s).
+                train_step.lower(state, batch.arrays).compile()
+                sharding.barrier("train step compiled")
             # The steady state moves nothing between host and device implicitly (a stray float() of a metric
             # would make every step wait for the device): tests/test_training_loop.py runs under this guard.
             with jax.transfer_guard("disallow"):
