@@ -1,18 +1,18 @@
 """Train a model: ``python train.py --config configs/<name>.py --workdir DIR [--config.key=value ...]``.
 
 Runs under absl.app, so flags are parsed before grain starts worker processes. A multi-process job joins
-its cluster first (convnext_audio_jax.distributed): ``--coordinator HOST:PORT --num_processes N --process_id I``,
+its cluster first (convnext_audio_jax.runtime.distributed): ``--coordinator HOST:PORT --num_processes N --process_id I``,
 the JAX_* variables, or SLURM / Open MPI / Kubernetes / Cloud TPU detection (docs/train.md, "Multi-host
 training"). On Linux with glibc, computing on the CPU, it first runs itself again, once, with glibc set to keep freed memory and JAX's CPU
 dispatch synchronous, so that XLA:CPU's per-step temporaries are not page-faulted afresh each step
-(convnext_audio_jax.host_memory; CONVNEXT_AUDIO_JAX_KEEP_FREED_MEMORY=0 turns that off).
+(convnext_audio_jax.runtime.host_memory; CONVNEXT_AUDIO_JAX_KEEP_FREED_MEMORY=0 turns that off).
 """
 
 import logging
 import sys
 
 if __name__ == "__main__":  # first: it may run this command again with glibc's allocator set (host_memory)
-    from convnext_audio_jax import host_memory
+    from convnext_audio_jax.runtime import host_memory
 
     host_memory.keep_freed_memory()
 
@@ -21,8 +21,9 @@ from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from convnext_audio_jax import distributed, training  # noqa: E402
+from convnext_audio_jax import training
 from convnext_audio_jax.data.pipeline import UnreadableSourceError  # noqa: E402
+from convnext_audio_jax.runtime import distributed  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "folder for config.json, checkpoints, model/{best,last}, metrics.jsonl and TensorBoard events")

@@ -25,13 +25,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from convnext_audio_jax import collectives  # noqa: E402
-from convnext_audio_jax.augment import AugmentConfig  # noqa: E402
-from convnext_audio_jax.evaluate import Scorer  # noqa: E402
-from convnext_audio_jax.forward import ShardedForward  # noqa: E402
-from convnext_audio_jax.sharding import data_mesh  # noqa: E402
+from convnext_audio_jax.evaluation.evaluate import Scorer  # noqa: E402
 from convnext_audio_jax.models import create_model, init_variables, with_xla_ops  # noqa: E402
+from convnext_audio_jax.runtime import collectives  # noqa: E402
+from convnext_audio_jax.runtime.forward import ShardedForward  # noqa: E402
+from convnext_audio_jax.runtime.sharding import data_mesh  # noqa: E402
 from convnext_audio_jax.training import step as step_lib  # noqa: E402
+from convnext_audio_jax.training.augment import AugmentConfig  # noqa: E402
 
 
 def programs(model, per_device: int, accumulation: int, mesh, seconds: float | None = None):

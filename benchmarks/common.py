@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import jax
 
-from convnext_audio_jax import xla
+from convnext_audio_jax.runtime import xla
 
 
 def timed_runs(run: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:

@@ -47,8 +47,9 @@ def main() -> None:
     import torch.nn.functional as F
 
     from benchmarks.common import cpu_model_name, cpu_speed_flags
-    from convnext_audio_jax import native, xla
+    from convnext_audio_jax import native
     from convnext_audio_jax.models.conv import conv_same
+    from convnext_audio_jax.runtime import xla
 
     native.load()
     units = [unit for unit, ready in (("tiles", native.amx_available), ("dots", native.bf16_dot_available)) if ready()]

@@ -51,8 +51,12 @@ def main() -> None:
     import torch.nn.functional as F
 
     from benchmarks.common import cpu_model_name, cpu_speed_flags
-    from convnext_audio_jax import native, xla
-    from convnext_audio_jax.models.layers import _depthwise_kernel_grad, _depthwise_shift_fwd
+    from convnext_audio_jax import native
+    from convnext_audio_jax.models.layers import (
+        _depthwise_kernel_grad,
+        _depthwise_shift_fwd,
+    )
+    from convnext_audio_jax.runtime import xla
 
     native.load()
     forward = {

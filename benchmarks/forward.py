@@ -24,8 +24,14 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import median_seconds  # noqa: E402
-from convnext_audio_jax import xla  # noqa: E402
-from convnext_audio_jax.models import count_params, create_model, get_spec, init_variables, list_models  # noqa: E402
+from convnext_audio_jax.models import (  # noqa: E402
+    count_params,
+    create_model,
+    get_spec,
+    init_variables,
+    list_models,
+)
+from convnext_audio_jax.runtime import xla  # noqa: E402
 
 
 def bench_ours(name: str, waveform: np.ndarray, repeats: int, dtype) -> dict:
@@ -44,7 +50,7 @@ def bench_torch(name: str, waveform: np.ndarray, repeats: int) -> float | None:
     try:
         import torch
 
-        from convnext_audio_jax.torch_reference import build_reference
+        from convnext_audio_jax.convert.torch_reference import build_reference
     except ImportError:
         return None
     try:

@@ -33,8 +33,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 
-from benchmarks import run  # noqa: E402  (sets XLA_PYTHON_CLIENT_PREALLOCATE before JAX starts a GPU)
-from benchmarks import implementations, report  # noqa: E402
+from benchmarks import (  # noqa: E402
+    implementations,
+    report,
+    run,  # noqa: E402  (sets XLA_PYTHON_CLIENT_PREALLOCATE before JAX starts a GPU)
+)
 from benchmarks.common import machine_description  # noqa: E402
 
 MODELS = ("convnext_tiny", "cnn14")
@@ -72,9 +75,9 @@ def suite(cases: list[implementations.Case], batch: int, dtypes: list[str], repe
         if over_budget(f"communication/{case.model}") or jax.device_count() < 2:
             continue
         from benchmarks.collectives import programs
-        from convnext_audio_jax import collectives
         from convnext_audio_jax.models import create_model
-        from convnext_audio_jax.sharding import data_mesh
+        from convnext_audio_jax.runtime import collectives
+        from convnext_audio_jax.runtime.sharding import data_mesh
 
         texts, grad_bytes = programs(create_model(case.model, **dict(case.config)), batch, 1, data_mesh(),
                                      case.seconds)
@@ -187,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds = 1.0 if args.quick else 10.0
     cases = [implementations.Case(m, seconds, QUICK_OVERRIDES[m] if args.quick else ()) for m in MODELS]
     # Restarts of the suite load its compiled programs instead of compiling them again.
-    from convnext_audio_jax import pretrained, xla
+    from convnext_audio_jax.hub import pretrained
+    from convnext_audio_jax.runtime import xla
 
     xla.enable_compilation_cache("auto", pretrained.cache_dir())
     machine = machine_description()

@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import RssPeak, timed_runs
-from convnext_audio_jax import xla
-from convnext_audio_jax.frontend import log_mel_spectrogram
 from convnext_audio_jax.models import count_params, create_model, with_xla_ops
+from convnext_audio_jax.models.frontend import log_mel_spectrogram
+from convnext_audio_jax.runtime import xla
 
 # Audax's AudioSet setting (its configs): 16 kHz, n_fft 1024, window 400, hop 160, 64 mels in 60–7800 Hz.
 AUDAX_AUDIO = {"sample_rate": 16_000, "n_fft": 1024, "win_length": 400, "hop_length": 160, "n_mels": 64,
@@ -83,7 +83,7 @@ def measure_jax(forward: Callable, args: tuple, batch: int, repeats: int,
     """Lowers, cost-analyses, compiles and times ``forward(*args)``; returns the row figures and its output.
     FLOPs are counted on ``counted`` (the same function in XLA's own ops) where given.
 
-    Ours and Audax are compiled alike, with the project's XLA options (``convnext_audio_jax.xla``), so the
+    Ours and Audax are compiled alike, with the project's XLA options (``convnext_audio_jax.runtime.xla``), so the
     ratio between them measures the implementations, not the compiler settings."""
     lowered = xla.jit(forward).lower(*args)
     flops = ((xla.jit(counted).lower(*args) if counted else lowered).cost_analysis() or {}).get("flops")
@@ -181,7 +181,10 @@ def torch_reference(case: Case):
     or (None, reason) where there is no reference or torch is missing."""
     try:
         from convnext_audio_jax.convert.conversion import convert_state_dict
-        from convnext_audio_jax.torch_reference import build_reference, randomize_
+        from convnext_audio_jax.convert.torch_reference import (
+            build_reference,
+            randomize_,
+        )
     except ImportError as error:
         return None, None, f"torch reference unavailable: {error}"
     try:

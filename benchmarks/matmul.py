@@ -52,8 +52,9 @@ def table(dtype_name: str, batch: int, rounds: int, units: list) -> None:
     import torch
     import torch.nn.functional as F
 
-    from convnext_audio_jax import native, xla
+    from convnext_audio_jax import native
     from convnext_audio_jax.models.dense import matmul_xla
+    from convnext_audio_jax.runtime import xla
 
     dtype = jnp.dtype(dtype_name)
 

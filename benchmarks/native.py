@@ -96,7 +96,8 @@ def main() -> None:
     import jax
 
     from benchmarks.common import cpu_model_name, cpu_speed_flags
-    from convnext_audio_jax import native, xla
+    from convnext_audio_jax import native
+    from convnext_audio_jax.runtime import xla
 
     native.prepare()
     bf16 = native.amx_available() or native.bf16_dot_available()

@@ -30,7 +30,8 @@ import json, resource, sys, time
 import jax, numpy as np, psutil
 sys.path.insert(0, sys.argv[1])
 from benchmarks.common import RssPeak
-from convnext_audio_jax import tag_output, tagging
+from convnext_audio_jax.inference import tag_output
+from convnext_audio_jax.inference import tagging
 from convnext_audio_jax.models import create_model, init_variables
 
 options = json.loads(sys.argv[2])

@@ -17,7 +17,7 @@ import time
 import h5py
 import numpy as np
 
-from convnext_audio_jax import teacher as teacher_lib
+from convnext_audio_jax.data import teacher as teacher_lib
 
 NUM_CLASSES = 527
 ALPHABET = np.array(list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_"))

@@ -6,7 +6,7 @@ backward, AdamW) for an audio model at the paper's input (10 s at 32 kHz; ConvNe
 
 Rows: ours (JAX, one jitted step on a 'data' mesh of 1, 2, ... devices; on a CPU the devices are
 simulated and share its cores, so the scaling rows measure the cost of sharding, not a speed-up) and the
-PyTorch reference (convnext_audio_jax/torch_reference.py: the authors' ConvNeXt from timm blocks +
+PyTorch reference (convnext_audio_jax/convert/torch_reference.py: the authors' ConvNeXt from timm blocks +
 torchlibrosa, PANNs' CNN14 / CNN6) with the same augmentations and torch.optim.AdamW. A step trains on ``batch`` mixed examples, i.e. 2 x batch clips
 drawn; clips/s counts the ``batch`` examples. Median over ``steps`` timed steps after one warm-up step. "first step
 s": the first call (ours: compile included); "compile s": ours' ``lower(...).compile()`` alone.
@@ -34,7 +34,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=10.0, help="clip length (paper: 10)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     parser.add_argument("--keep-freed-memory", action="store_true",
-                        help="as train.py does (convnext_audio_jax.host_memory): glibc keeps freed memory, JAX's CPU "
+                        help="as train.py does (convnext_audio_jax.runtime.host_memory): glibc keeps freed memory, JAX's CPU "
                              "dispatch is synchronous; torch's rows then run under the same allocator")
     parser.add_argument("--depthwise-impls", default="auto",
                         help="model.depthwise_impl values to time, comma-separated (e.g. native,shift: the compiled "
@@ -58,9 +58,11 @@ def time_steps(run_step, steps: int) -> tuple[float, float]:
 def jax_rows(args, clips, targets) -> list[tuple[str, float, float]]:
     import jax
 
-    from convnext_audio_jax.sharding import data_mesh
     from convnext_audio_jax.models import get_spec, init_variables
-    from convnext_audio_jax.training import config as config_lib, optimizer, step as step_lib
+    from convnext_audio_jax.runtime.sharding import data_mesh
+    from convnext_audio_jax.training import config as config_lib
+    from convnext_audio_jax.training import optimizer
+    from convnext_audio_jax.training import step as step_lib
 
     config = config_lib.default_config()
     config.model.name = args.model
@@ -104,10 +106,12 @@ def torch_row(args, clips, targets) -> tuple[str, float, float]:
     import torch
     from torchlibrosa.augmentation import SpecAugmentation
 
-    from convnext_audio_jax.torch_reference import build_reference, normalised_log_mel
-    from convnext_audio_jax.data.audio import INT16_SCALE
-
     from benchmarks.implementations import torch_device
+    from convnext_audio_jax.convert.torch_reference import (
+        build_reference,
+        normalised_log_mel,
+    )
+    from convnext_audio_jax.data.audio import INT16_SCALE
 
     name = args.model
     device = torch_device()  # the GPU where torch has one, so a GPU run compares GPU with GPU
@@ -189,7 +193,7 @@ def benchmark_train_step(model: str, *, batch: int, dtype: str, repeats: int, ov
 def main() -> None:
     args = parse_args()
     if args.keep_freed_memory:
-        from convnext_audio_jax import host_memory
+        from convnext_audio_jax.runtime import host_memory
 
         host_memory.keep_freed_memory()
     import jax

@@ -1,5 +1,5 @@
 import sys
 
-from convnext_audio_jax.convert.cli import main
+from convnext_audio_jax.hub.convert_command import main
 
 sys.exit(main())

@@ -10,13 +10,21 @@ from collections.abc import Sequence
 
 def _models_table(args: argparse.Namespace) -> int:
     if args.pretrained:
-        from convnext_audio_jax import pretrained
+        from convnext_audio_jax.hub import pretrained
 
         pretrained.print_table()
         return 0
     import jax
 
-    from convnext_audio_jax.models import count_params, create_model, example_input, get_spec, init_variables, list_models, with_xla_ops
+    from convnext_audio_jax.models import (
+        count_params,
+        create_model,
+        example_input,
+        get_spec,
+        init_variables,
+        list_models,
+        with_xla_ops,
+    )
 
     names = args.names or list_models()
     rows = []
@@ -81,9 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
                                   "otherwise when a model is first created)")
     build_native.set_defaults(func=_build_native)
 
+    from convnext_audio_jax import export
     from convnext_audio_jax.convert import cli as convert_cli
-    from convnext_audio_jax import evaluate, export, inference, predict, pretrained
     from convnext_audio_jax.data import prepare
+    from convnext_audio_jax.evaluation import evaluate, predict
+    from convnext_audio_jax.hub import pretrained
+    from convnext_audio_jax.inference import commands as inference
 
     for name, add_arguments, run, help_text in [
         ("convert", convert_cli.add_arguments, convert_cli.run,

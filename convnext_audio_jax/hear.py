@@ -38,8 +38,8 @@ import numpy as np
 import soxr
 import torch
 
-from convnext_audio_jax.forward import ShardedForward
-from convnext_audio_jax.inference import frame_grid, sequence_of, window_starts
+from convnext_audio_jax.inference.commands import frame_grid, sequence_of, window_starts
+from convnext_audio_jax.runtime.forward import ShardedForward
 
 SAMPLE_RATE = 48_000
 MAX_HOP_MS = 50.0
@@ -130,9 +130,9 @@ class HearModel(torch.nn.Module):
 def load_model(model_file_path: str = "", batch_size: int = 8) -> HearModel:
     """HEAR ``load_model``: a model directory written by ``convnext-audio convert`` or training, a training
     workdir (its model/best, else model/last) or a registered pretrained name (all that
-    ``convnext_audio_jax.checkpoint.load_model`` reads). There is no default: an empty path raises a
+    ``convnext_audio_jax.artifacts.model_dir.load_model`` reads). There is no default: an empty path raises a
     ``ValueError`` naming how to get weights."""
-    from convnext_audio_jax.checkpoint import load_model as load_checkpoint
+    from convnext_audio_jax.hub.resolve import load_model as load_checkpoint
 
     if not model_file_path:
         raise ValueError(NO_DEFAULT_WEIGHTS)

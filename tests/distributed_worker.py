@@ -22,7 +22,8 @@ def compute() -> dict:
     import jax
     import jax.numpy as jnp
     from jax.experimental import multihost_utils
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     mesh = jax.make_mesh((jax.device_count(),), ("data",), devices=jax.devices())
     sharded, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
@@ -57,7 +58,7 @@ def compute() -> dict:
 
 
 def main(argv) -> int:
-    from convnext_audio_jax import distributed
+    from convnext_audio_jax.runtime import distributed
 
     options = dict(arg[2:].split("=", 1) for arg in argv[1:])
     spec = distributed.initialize(options.get("coordinator"), options.get("num_processes"), options.get("process_id"),
@@ -67,7 +68,7 @@ def main(argv) -> int:
 
         import jax
 
-        from convnext_audio_jax import sharding
+        from convnext_audio_jax.runtime import sharding
 
         if jax.process_index() == jax.process_count() - 1:
             time.sleep(float(options["late"]))

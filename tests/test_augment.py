@@ -10,10 +10,10 @@ import torch
 from jax.sharding import NamedSharding, PartitionSpec
 from torchlibrosa.augmentation import SpecAugmentation
 
-from convnext_audio_jax.augment import (
+from convnext_audio_jax.training.augment import (
     AugmentConfig,
-    logmel_augmentation,
     augment_waveform,
+    logmel_augmentation,
     mix_pairs,
     mixup_lambdas,
     spec_augment,

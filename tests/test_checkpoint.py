@@ -8,8 +8,13 @@ import jax
 import numpy as np
 import pytest
 
-from convnext_audio_jax import checkpoint
-from convnext_audio_jax.checkpoint import CheckpointError, load_model, resolve_model_dir, save_model
+from convnext_audio_jax.artifacts import model_dir as checkpoint
+from convnext_audio_jax.artifacts.model_dir import (
+    CheckpointError,
+    load_model,
+    resolve_model_dir,
+    save_model,
+)
 from convnext_audio_jax.models import create_model, init_variables
 
 TINY = dict(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), num_classes=3)

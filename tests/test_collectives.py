@@ -10,14 +10,14 @@ import numpy as np
 import optax
 import pytest
 
-from convnext_audio_jax import collectives
-from convnext_audio_jax.augment import AugmentConfig
-from convnext_audio_jax.evaluate import Scorer
-from convnext_audio_jax.forward import ShardedForward
-from convnext_audio_jax.frontend import FrontendConfig
+from convnext_audio_jax.evaluation.evaluate import Scorer
 from convnext_audio_jax.models import create_model, init_variables, with_xla_ops
-from convnext_audio_jax.sharding import data_mesh
+from convnext_audio_jax.models.frontend import FrontendConfig
+from convnext_audio_jax.runtime import collectives
+from convnext_audio_jax.runtime.forward import ShardedForward
+from convnext_audio_jax.runtime.sharding import data_mesh
 from convnext_audio_jax.training import step as step_lib
+from convnext_audio_jax.training.augment import AugmentConfig
 
 FRONTEND = FrontendConfig(sample_rate=16_000, n_mels=64, fmax=8_000.0, clip_seconds=1.0)
 MODELS = {

@@ -18,10 +18,10 @@ import timm
 import torch
 from safetensors.numpy import save_file
 
-from convnext_audio_jax.convert import cli, load_torch_state_dict
-from convnext_audio_jax.torch_reference import build_reference, randomize_
-from convnext_audio_jax.checkpoint import load_model
+from convnext_audio_jax.artifacts.model_dir import load_model
 from convnext_audio_jax.cli import main as main_cli
+from convnext_audio_jax.convert import cli, load_torch_state_dict
+from convnext_audio_jax.convert.torch_reference import build_reference, randomize_
 from convnext_audio_jax.models import create_model
 
 TOLERANCE = 1e-4
@@ -212,7 +212,7 @@ def _import_panns_inference_models():
 
 
 def test_reference_cnn14_is_panns_inference_cnn14():
-    """The CNN14 port in convnext_audio_jax/torch_reference.py has PANNs' keys and computes what PyPI's does."""
+    """The CNN14 port in convnext_audio_jax/convert/torch_reference.py has PANNs' keys and computes what PyPI's does."""
     panns_models = _import_panns_inference_models()
     ours = randomize_(build_reference("cnn14"), seed=8)
     theirs = panns_models.Cnn14(sample_rate=32000, window_size=1024, hop_size=320, mel_bins=64, fmin=50, fmax=14000, classes_num=527)
@@ -485,4 +485,4 @@ def test_the_wheel_ships_the_package_and_class_names_but_no_top_level_convert(tm
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"convnext_audio_jax"}
     assert "convnext_audio_jax/data/audioset_classes/class_labels_indices.csv" in names
-    assert "convnext_audio_jax/convert/cli.py" in names
+    assert "convnext_audio_jax/hub/convert_command.py" in names

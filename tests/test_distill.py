@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from convnext_audio_jax import augment, distill
 from convnext_audio_jax.data import pipeline
+from convnext_audio_jax.training import augment, distill
 
 
 def np_sigmoid(x):

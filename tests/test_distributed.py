@@ -1,4 +1,4 @@
-"""convnext_audio_jax.distributed: flags/env/cluster parsing (every error), SLURM and Open MPI simulated, and
+"""convnext_audio_jax.runtime.distributed: flags/env/cluster parsing (every error), SLURM and Open MPI simulated, and
 real 2-process jobs on localhost (gloo collectives between simulated CPU devices)."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from jax._src import clusters
 
-from convnext_audio_jax import distributed
-from convnext_audio_jax.distributed import DistributedConfigError, resolve
+from convnext_audio_jax.runtime import distributed
+from convnext_audio_jax.runtime.distributed import DistributedConfigError, resolve
 
 sys.path.insert(0, os.path.dirname(__file__))
 import distributed_worker  # noqa: E402

@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from convnext_audio_jax.embed_output import EmbeddingStore
+from convnext_audio_jax.inference.embed_output import EmbeddingStore
 
 
 def embed(store, path, rows, seed):

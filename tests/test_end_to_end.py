@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-
-from convnext_audio_jax import checkpoint, cli
-from convnext_audio_jax.convert import load_torch_state_dict
-from convnext_audio_jax.data import audio as audio_lib, demo
-from convnext_audio_jax.torch_reference import build_reference
 from data_helpers import write_class_labels
+
+from convnext_audio_jax import cli
+from convnext_audio_jax.artifacts import model_dir as checkpoint
+from convnext_audio_jax.convert import load_torch_state_dict
+from convnext_audio_jax.convert.torch_reference import build_reference
+from convnext_audio_jax.data import audio as audio_lib
+from convnext_audio_jax.data import demo
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = {"depths": (1, 1, 1, 1), "dims": (8, 16, 32, 64)}
@@ -194,7 +196,7 @@ FAKE_NAME = "e2e_registered_name"  # not a path: checkpoint.resolve_model_dir as
 def pretrained_name(demo_workdir, monkeypatch) -> str:
     """A registered pretrained name, faked at the hook every consumer goes through: ``pretrained.resolve`` (which
     would download and convert) gives the demo's model/best for it."""
-    from convnext_audio_jax import pretrained
+    from convnext_audio_jax.hub import pretrained
 
     real = pretrained.resolve
     target = demo_workdir / "model" / "best"
@@ -209,10 +211,12 @@ def test_every_consumer_takes_a_model_dir_a_workdir_and_a_pretrained_name(form, 
                                                                           tmp_path, capsys, monkeypatch):
     import jax
 
-    from convnext_audio_jax import export, hear, predict
-    from convnext_audio_jax.sharding import data_mesh
+    from convnext_audio_jax import export, hear
+    from convnext_audio_jax.evaluation import predict
     from convnext_audio_jax.models import init_variables
-    from convnext_audio_jax.training import checkpointing, step as step_lib
+    from convnext_audio_jax.runtime.sharding import data_mesh
+    from convnext_audio_jax.training import checkpointing
+    from convnext_audio_jax.training import step as step_lib
 
     given = {"model_dir": demo_workdir / "model" / "last", "workdir": demo_workdir, "pretrained": pretrained_name}[form]
     directory = demo_workdir / "model" / ("last" if form == "model_dir" else "best")

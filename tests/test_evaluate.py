@@ -3,17 +3,18 @@
 import csv
 import json
 
+import data_helpers
 import jax
 import numpy as np
 import pytest
 
-from convnext_audio_jax import cli, evaluate as evaluate_lib
-from convnext_audio_jax.checkpoint import save_model
+from convnext_audio_jax import cli
+from convnext_audio_jax.artifacts.model_dir import save_model
 from convnext_audio_jax.data import audio
 from convnext_audio_jax.data.sources import PackedHdf5Source
-from convnext_audio_jax.metrics import compute_metrics
+from convnext_audio_jax.evaluation import evaluate as evaluate_lib
+from convnext_audio_jax.evaluation.metrics import compute_metrics
 from convnext_audio_jax.models import create_model, init_variables
-import data_helpers
 
 NUM_CLASSES = len(data_helpers.CLASSES)
 TINY = dict(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), num_classes=NUM_CLASSES)
@@ -122,7 +123,7 @@ def test_data_specs(packed, tmp_path):
 
 def test_data_at_another_rate_or_length_than_the_model_is_refused(packed):
     """A model trained at 16 kHz on 1 s clips (the demo) must not read 10 s clips at 32 kHz as 20 s of its audio."""
-    from convnext_audio_jax.frontend import FrontendConfig
+    from convnext_audio_jax.models.frontend import FrontendConfig
 
     demo_frontend = FrontendConfig(sample_rate=16_000, n_mels=64, fmax=8_000.0, clip_seconds=1.0)
     with pytest.raises(ValueError, match=r"320000-sample clips at 32000 Hz; the model takes 16000-sample clips at "

@@ -12,19 +12,20 @@ import json
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import jax2onnx  # noqa: E402,F401  (README test command: pip install --no-deps jax2onnx==0.17.1)
 import numpy as np
+
+# Part of the [test] extra: a missing runtime fails the parity proof instead of skipping it.
+import onnxruntime as ort  # noqa: E402
 import pytest
 
 from convnext_audio_jax import cli
 from convnext_audio_jax import export as export_lib
-from convnext_audio_jax.checkpoint import save_model
+from convnext_audio_jax.artifacts.model_dir import save_model
 from convnext_audio_jax.data import audio as audio_lib
-from convnext_audio_jax.frontend import FrontendConfig
 from convnext_audio_jax.models import create_model, init_variables
+from convnext_audio_jax.models.frontend import FrontendConfig
 
-# Part of the [test] extra: a missing runtime fails the parity proof instead of skipping it.
-import onnxruntime as ort  # noqa: E402
-import jax2onnx  # noqa: E402,F401  (README test command: pip install --no-deps jax2onnx==0.17.1)
 SR = audio_lib.SAMPLE_RATE
 TOLERANCE = 1e-4
 REDUCED = {

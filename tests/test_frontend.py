@@ -7,7 +7,13 @@ import pytest
 import torch  # the [test] extra: a missing reference fails the parity proof
 import torchlibrosa.stft as torchlibrosa_stft
 
-from convnext_audio_jax.frontend import FrontendConfig, hann_window, log_mel_spectrogram, mel_filterbank, power_spectrogram
+from convnext_audio_jax.models.frontend import (
+    FrontendConfig,
+    hann_window,
+    log_mel_spectrogram,
+    mel_filterbank,
+    power_spectrogram,
+)
 
 TOL_DB = 1e-3
 

@@ -7,11 +7,10 @@ import jax
 import numpy as np
 import pytest
 import soxr
-
 import torch  # noqa: E402  ([test] extra: a missing torch fails, not skips)
 
 from convnext_audio_jax import hear  # noqa: E402
-from convnext_audio_jax.checkpoint import save_model  # noqa: E402
+from convnext_audio_jax.artifacts.model_dir import save_model  # noqa: E402
 from convnext_audio_jax.models import create_model, init_variables  # noqa: E402
 
 TINY = dict(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), num_classes=4)

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from convnext_audio_jax import host_memory
+from convnext_audio_jax.runtime import host_memory
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GLIBC_LINUX = sys.platform.startswith("linux") and __import__("platform").libc_ver()[0] == "glibc"
@@ -21,7 +21,7 @@ GLIBC_LINUX = sys.platform.startswith("linux") and __import__("platform").libc_v
 SCRIPT = r"""
 import ctypes, os, resource
 print("run", flush=True)
-from convnext_audio_jax import host_memory
+from convnext_audio_jax.runtime import host_memory
 host_memory.keep_freed_memory()
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p

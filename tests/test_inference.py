@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import soundfile
 
-from convnext_audio_jax import cli, inference
-from convnext_audio_jax.checkpoint import save_model
+from convnext_audio_jax import cli
+from convnext_audio_jax.artifacts.model_dir import save_model
 from convnext_audio_jax.data import audio
+from convnext_audio_jax.inference import commands as inference
 from convnext_audio_jax.models import create_model, init_variables
 from convnext_audio_jax.models.convnext import LN_EPS
 

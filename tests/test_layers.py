@@ -4,18 +4,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from native_marks import NEEDS_COMPILER
 
 from convnext_audio_jax import native
 from convnext_audio_jax.models.layers import (
     DepthwiseConv,
     DropPath,
     depthwise_conv,
+    depthwise_conv_native,
     depthwise_conv_shift,
     depthwise_conv_xla,
-    depthwise_conv_native,
     resolve_depthwise_impl,
 )
-from native_marks import NEEDS_COMPILER
 
 CONVS = [pytest.param(depthwise_conv_shift, id="shift"), pytest.param(depthwise_conv_native, id="native", marks=NEEDS_COMPILER)]
 
@@ -152,6 +152,7 @@ def test_drop_path_drops_whole_samples_and_rescales():
 
 def test_gelu_is_torch_exact_gelu():
     import torch
+
     from convnext_audio_jax.models.layers import gelu
 
     x = np.linspace(-8, 8, 4001, dtype=np.float32)
@@ -162,8 +163,8 @@ def test_gelu_is_torch_exact_gelu():
 def test_depthwise_convolution_is_written_once_before_a_layer_norm():
     """On XLA:CPU the block's convolution output feeds the LayerNorm's statistics product directly, so it is
     computed by one fusion; a reduction there let XLA recompute its 49 taps inside each of three consumers."""
-    from convnext_audio_jax import xla
     from convnext_audio_jax.models.norm import LayerNorm
+    from convnext_audio_jax.runtime import xla
 
     x = jnp.zeros((2, 16, 12, 8))
     conv, norm = DepthwiseConv((7, 7), impl="shift"), LayerNorm()

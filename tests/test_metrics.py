@@ -10,7 +10,7 @@ import pytest
 from scipy.stats import norm
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from convnext_audio_jax.metrics import compute_metrics, d_prime_from_auc
+from convnext_audio_jax.evaluation.metrics import compute_metrics, d_prime_from_auc
 
 
 def per_class_values(result, key):
@@ -188,5 +188,5 @@ def test_audioset_eval_size_runs_and_matches_sklearn_on_sampled_classes():
 def test_module_imports_without_torch_or_sklearn():
     blocked = "import sys; sys.modules['torch'] = None; sys.modules['sklearn'] = None; "
     subprocess.run(
-        [sys.executable, "-c", blocked + "import convnext_audio_jax.metrics"], check=True, capture_output=True
+        [sys.executable, "-c", blocked + "import convnext_audio_jax.evaluation.metrics"], check=True, capture_output=True
     )

@@ -11,12 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from native_marks import require_compiler
 
 from convnext_audio_jax import native
 from convnext_audio_jax.models import create_model, init_variables
 from convnext_audio_jax.models.layers import _depthwise_kernel_grad
-from native_marks import require_compiler
 
 require_compiler()
 
@@ -165,7 +166,8 @@ def test_model_gradients_are_the_same_with_each_depthwise_variant():
 # register blocks. A CPU kind met in another session (an AVX2-only EPYC) runs exactly these code paths.
 AVX2_KERNELS_SCRIPT = r"""
 import jax, jax.numpy as jnp, numpy as np
-from convnext_audio_jax import native, xla
+from convnext_audio_jax import native
+from convnext_audio_jax.runtime import xla
 assert "avx512f" not in xla.cpu_flags() and native.available() and not native.bf16_dot_available()
 rng = np.random.default_rng(0)
 def close(name, got, want):
@@ -215,7 +217,7 @@ def test_the_avx2_build_of_each_float32_kernel_gives_xlas_numbers():
     import subprocess
     import sys
 
-    from convnext_audio_jax import xla
+    from convnext_audio_jax.runtime import xla
 
     env = {**os.environ, xla.CPU_FLAGS_OFF_ENV: "avx512f avx512_bf16 avx512_fp16 amx_tile amx_bf16 amx_int8",
            "JAX_PLATFORMS": "cpu"}
@@ -257,10 +259,13 @@ def test_a_model_and_its_training_step_lowered_for_cuda_hold_no_custom_call_of_o
     """Traced on this CPU host, where 'auto' picks the compiled kernels, a ConvNeXt's and a CNN6's forward and the
     sharded training step exported for CUDA (jax.export needs no GPU) are plain XLA: each kernel's call lowers to its
     XLA form off the CPU (native.xla_forms). Lowered for the CPU, the kernels are there."""
-    from convnext_audio_jax.data import demo
-    from convnext_audio_jax.forward import data_mesh
-    from convnext_audio_jax.training import config as config_lib, optimizer, step as step_lib
     from training_helpers import tiny_config
+
+    from convnext_audio_jax.data import demo
+    from convnext_audio_jax.runtime.forward import data_mesh
+    from convnext_audio_jax.training import config as config_lib
+    from convnext_audio_jax.training import optimizer
+    from convnext_audio_jax.training import step as step_lib
 
     waveform = jax.ShapeDtypeStruct((2, 16_000), jnp.float32)
     for model in (create_model("convnext_tiny", depths=(1, 1, 1, 1), dims=(16, 32, 48, 64), num_classes=5),

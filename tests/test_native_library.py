@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from native_marks import require_compiler
 
 from convnext_audio_jax import native
 from convnext_audio_jax.models.layers import depthwise_conv, resolve_depthwise_impl
-from native_marks import require_compiler
 
 require_compiler()
 
@@ -112,7 +112,7 @@ def test_the_library_builds_for_cpus_without_avx512_or_amx(monkeypatch, tmp_path
     other CPUs (AVX2 here: this CPU less the flags named off), whose library reports those kernels as absent."""
     import ctypes
 
-    from convnext_audio_jax import xla
+    from convnext_audio_jax.runtime import xla
 
     monkeypatch.setenv(xla.CPU_FLAGS_OFF_ENV, "avx512f, amx_tile amx_bf16 amx_int8 sse4_2")
     flags = native.library.compiler_flags()

@@ -13,7 +13,8 @@ import sys
 
 import pytest
 
-from convnext_audio_jax import native, xla
+from convnext_audio_jax import native
+from convnext_audio_jax.runtime import xla
 
 COMPILER = native.find_compiler()
 SANITIZE = "-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -O1"

@@ -6,20 +6,19 @@ from __future__ import annotations
 import json
 
 import jax
+import jax2onnx  # noqa: E402,F401  (README test command: pip install --no-deps jax2onnx==0.17.1)
 import numpy as np
+
+# Part of the [test] set-up: a missing runtime fails the parity proof instead of skipping it.
+import onnxruntime  # noqa: E402,F401
 import pytest
 import soundfile
 
 from convnext_audio_jax import cli
 from convnext_audio_jax import export as export_lib
-from convnext_audio_jax.checkpoint import save_model
+from convnext_audio_jax.artifacts.model_dir import save_model
+from convnext_audio_jax.inference.onnx_backend import OnnxRuntimeForward  # noqa: E402
 from convnext_audio_jax.models import create_model, init_variables
-
-# Part of the [test] set-up: a missing runtime fails the parity proof instead of skipping it.
-import onnxruntime  # noqa: E402,F401
-import jax2onnx  # noqa: E402,F401  (README test command: pip install --no-deps jax2onnx==0.17.1)
-
-from convnext_audio_jax.onnx_backend import OnnxRuntimeForward  # noqa: E402
 
 TINY = dict(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), num_classes=4)
 NAMES = ["Burst", "Hum", "Speech", "Bell"]
@@ -84,7 +83,7 @@ def test_embed_matches_the_jax_backend(exported, tmp_path, capsys):
 
 def test_forward_returns_the_jax_outputs(exported):
     checkpoint, path, _ = exported
-    from convnext_audio_jax.checkpoint import load_model
+    from convnext_audio_jax.artifacts.model_dir import load_model
 
     model, variables, _ = load_model(checkpoint)
     forward = OnnxRuntimeForward(path, batch_size=2)

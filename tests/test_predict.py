@@ -1,17 +1,19 @@
 """`convnext-audio predict`: ensemble-mean logits per clip id, sharded, chunked and resumable; skipped clips."""
 
+import data_helpers
 import h5py
 import jax
 import numpy as np
 import pytest
 
-from convnext_audio_jax import cli, predict as predict_lib, teacher as teacher_lib
-from convnext_audio_jax.checkpoint import save_model
+from convnext_audio_jax import cli
+from convnext_audio_jax.artifacts.model_dir import save_model
 from convnext_audio_jax.data import audio
+from convnext_audio_jax.data import teacher as teacher_lib
 from convnext_audio_jax.data.demo import SyntheticAudioSet
-from convnext_audio_jax.frontend import FrontendConfig
+from convnext_audio_jax.evaluation import predict as predict_lib
 from convnext_audio_jax.models import create_model, init_variables
-import data_helpers
+from convnext_audio_jax.models.frontend import FrontendConfig
 
 # 1 s clips at 16 kHz (the demo set) keep the models cheap; the CLI test runs the 10 s AudioSet layout.
 DEMO_FRONTEND = FrontendConfig(sample_rate=16_000, n_fft=512, hop_length=160, n_mels=64, fmax=8_000.0, clip_seconds=1.0)

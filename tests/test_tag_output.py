@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from convnext_audio_jax import tag_output, tagging
+from convnext_audio_jax.inference import tag_output, tagging
 
 NAMES = ["a", "b", "c"]
 BOUNDS = np.array([[0.0, 5.0], [5.0, 10.0]])

@@ -14,8 +14,13 @@ import h5py
 import numpy as np
 import pytest
 
-from convnext_audio_jax import teacher as teacher_lib
-from convnext_audio_jax.teacher import MissingTeacherError, TeacherFileError, TeacherPredictions, TeacherWriter
+from convnext_audio_jax.data import teacher as teacher_lib
+from convnext_audio_jax.data.teacher import (
+    MissingTeacherError,
+    TeacherFileError,
+    TeacherPredictions,
+    TeacherWriter,
+)
 
 CLASSES = 9
 
@@ -163,7 +168,7 @@ def _assert_same_file(path, reference):
 WRITER_SCRIPT = textwrap.dedent("""
     import sys, time
     import numpy as np
-    from convnext_audio_jax import teacher
+    from convnext_audio_jax.data import teacher
     ids = [f"clip{i:05d}" for i in range(4000)]
     logits = np.arange(4000 * 3, dtype=np.float32).reshape(4000, 3) / 7
     original = teacher.TeacherWriter.write_chunk

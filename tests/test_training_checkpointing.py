@@ -4,13 +4,15 @@ import jax
 import numpy as np
 import optax
 from flax import traverse_util
-
-from convnext_audio_jax import checkpoint
-from convnext_audio_jax.data import demo
-from convnext_audio_jax.sharding import data_mesh
-from convnext_audio_jax.models import create_model, init_variables
-from convnext_audio_jax.training import checkpointing, config as config_lib, step as step_lib
 from training_helpers import tiny_config
+
+from convnext_audio_jax.artifacts import model_dir as checkpoint
+from convnext_audio_jax.data import demo
+from convnext_audio_jax.models import create_model, init_variables
+from convnext_audio_jax.runtime.sharding import data_mesh
+from convnext_audio_jax.training import checkpointing
+from convnext_audio_jax.training import config as config_lib
+from convnext_audio_jax.training import step as step_lib
 
 
 def test_transplant_params_takes_matching_names_and_shapes():

@@ -14,16 +14,22 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import traverse_util
-
-from convnext_audio_jax import cli, teacher as teacher_lib, training
-from convnext_audio_jax.checkpoint import load_model
-from convnext_audio_jax.augment import augment_waveform, logmel_augmentation_with_lambdas
-from convnext_audio_jax.data import audio, demo
-from convnext_audio_jax.distill import Distillation
-from convnext_audio_jax.sharding import data_mesh
-from convnext_audio_jax.models import init_variables
-from convnext_audio_jax.training import config as config_lib, optimizer, step as step_lib
 from training_helpers import tiny_config
+
+from convnext_audio_jax import cli, training
+from convnext_audio_jax.artifacts.model_dir import load_model
+from convnext_audio_jax.data import audio, demo
+from convnext_audio_jax.data import teacher as teacher_lib
+from convnext_audio_jax.models import init_variables
+from convnext_audio_jax.runtime.sharding import data_mesh
+from convnext_audio_jax.training import config as config_lib
+from convnext_audio_jax.training import optimizer
+from convnext_audio_jax.training import step as step_lib
+from convnext_audio_jax.training.augment import (
+    augment_waveform,
+    logmel_augmentation_with_lambdas,
+)
+from convnext_audio_jax.training.distill import Distillation
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -251,7 +257,7 @@ def test_demo_distillation_experiment(demo_run, tmp_path, monkeypatch):
     and beats label-only training. Measured (Intel Xeon @ 2.80GHz, 2 cores, 8 simulated devices): teacher 0.9814,
     distilled student 0.9208 (93.8 %), label-only 0.7649; 448 s for both students. With a 480-step teacher of 0.9070 the same student
     reached 0.8529 (94.0 %) and label-only 0.7745; at 240 steps the distilled student stays at 0.7798 (79.5 %)."""
-    from convnext_audio_jax import predict
+    from convnext_audio_jax.evaluation import predict
     from convnext_audio_jax.training import data as data_lib
 
     start = time.perf_counter()

@@ -9,9 +9,9 @@ import sys
 import time
 
 import pytest
-
-from convnext_audio_jax.training import lock as lock_lib
 from training_helpers import TINY_CONFIG
+
+from convnext_audio_jax.artifacts import lock as lock_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -62,7 +62,7 @@ def test_without_flock_an_exclusive_file_locks_and_a_dead_holder_is_replaced(tmp
 
 def test_lock_dies_with_its_process(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from convnext_audio_jax.training.lock import WorkdirLock; "
+        [sys.executable, "-c", "import sys, time; from convnext_audio_jax.artifacts.lock import WorkdirLock; "
          "WorkdirLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)", str(tmp_path)],
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True)
     try:

@@ -17,13 +17,16 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from flax import traverse_util
-
-from convnext_audio_jax import checkpoint, training
-from convnext_audio_jax.data import demo
-from convnext_audio_jax.training import config as config_lib, loop, optimizer, step as step_lib
 from data_helpers import damage_hdf5_clips, random_waveforms, write_packed_hdf5
+from flax import traverse_util
 from training_helpers import TINY_CONFIG, tiny_config
+
+from convnext_audio_jax import training
+from convnext_audio_jax.artifacts import model_dir as checkpoint
+from convnext_audio_jax.data import demo
+from convnext_audio_jax.training import config as config_lib
+from convnext_audio_jax.training import loop, optimizer
+from convnext_audio_jax.training import step as step_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

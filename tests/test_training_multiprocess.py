@@ -20,8 +20,9 @@ import jax
 import numpy as np
 import pytest
 
-from convnext_audio_jax import checkpoint, evaluate
+from convnext_audio_jax.artifacts import model_dir as checkpoint
 from convnext_audio_jax.data import spec as spec_lib
+from convnext_audio_jax.evaluation import evaluate
 from convnext_audio_jax.training import checkpointing, loop
 from convnext_audio_jax.training.config import ConfigError
 

@@ -7,14 +7,16 @@ import numpy as np
 import optax
 import pytest
 from flax import traverse_util
-
-from convnext_audio_jax import xla
-from convnext_audio_jax.augment import AugmentConfig
-from convnext_audio_jax.data import demo
-from convnext_audio_jax.sharding import data_mesh
-from convnext_audio_jax.models import init_variables
-from convnext_audio_jax.training import config as config_lib, optimizer, step as step_lib
 from training_helpers import tiny_config
+
+from convnext_audio_jax.data import demo
+from convnext_audio_jax.models import init_variables
+from convnext_audio_jax.runtime import xla
+from convnext_audio_jax.runtime.sharding import data_mesh
+from convnext_audio_jax.training import config as config_lib
+from convnext_audio_jax.training import optimizer
+from convnext_audio_jax.training import step as step_lib
+from convnext_audio_jax.training.augment import AugmentConfig
 
 
 def test_cpu_bfloat16_policy(monkeypatch, caplog):

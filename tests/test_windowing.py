@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from convnext_audio_jax import windowing
+from convnext_audio_jax.inference import windowing
 
 
 @pytest.mark.parametrize("length", [3, 10, 11, 23, 57, 100])

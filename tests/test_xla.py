@@ -3,8 +3,8 @@
 import jax
 import numpy as np
 
-from convnext_audio_jax import xla
 from convnext_audio_jax.models import create_model, init_variables
+from convnext_audio_jax.runtime import xla
 
 
 def test_cpu_options_only_on_cpu():

@@ -33,9 +33,13 @@ from convnext_audio_jax.convert.layouts import (
     torch_key,
     torch_shape,
 )
-from convnext_audio_jax.frontend import FrontendConfig, mel_filterbank
 from convnext_audio_jax.models import create_model, get_spec, init_variables
-from convnext_audio_jax.models.convnext import STEM_VARIANTS, AudioConvNeXt, ImageNetConvNeXt
+from convnext_audio_jax.models.convnext import (
+    STEM_VARIANTS,
+    AudioConvNeXt,
+    ImageNetConvNeXt,
+)
+from convnext_audio_jax.models.frontend import FrontendConfig, mel_filterbank
 
 # Front-end tensors are float32 copies of float64 constants: they agree to rounding.
 FRONTEND_TOLERANCE = 1e-5

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from convnext_audio_jax.checkpoint import fsync_path
+from convnext_audio_jax.artifacts.model_dir import fsync_path
 from convnext_audio_jax.data import labels as labels_lib
 
 

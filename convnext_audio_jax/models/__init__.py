@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from convnext_audio_jax import native
-from convnext_audio_jax.frontend import FrontendConfig
 from convnext_audio_jax.models.convnext import AudioConvNeXt, ImageNetConvNeXt
+from convnext_audio_jax.models.frontend import FrontendConfig
 from convnext_audio_jax.models.panns import CNN6, CNN6_NEXT, CNN14, CNN14_SEP, PannCNN
 
 

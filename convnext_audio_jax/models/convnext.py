@@ -17,10 +17,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convnext_audio_jax.frontend import FrontendConfig
 from convnext_audio_jax.models.conv import PatchConv
 from convnext_audio_jax.models.dense import Dense, MatmulImpl
-from convnext_audio_jax.models.layers import DepthwiseConv, DepthwiseImpl, DropPath, normalised_log_mel
+from convnext_audio_jax.models.frontend import FrontendConfig
+from convnext_audio_jax.models.layers import (
+    DepthwiseConv,
+    DepthwiseImpl,
+    DropPath,
+    normalised_log_mel,
+)
 from convnext_audio_jax.models.norm import Dtype, LayerNorm, broadcast_channels
 
 LN_EPS = 1e-6

@@ -13,10 +13,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from convnext_audio_jax import native, sharding
+from convnext_audio_jax import native
+from convnext_audio_jax.models.frontend import FrontendConfig, log_mel_spectrogram
+from convnext_audio_jax.models.norm import (
+    Dtype,
+    batch_norm,
+    broadcast_channels,
+    channel_sum,
+)
 from convnext_audio_jax.native.xla_forms import gelu  # noqa: F401  (the models' GELU; re-exported for dense.py)
-from convnext_audio_jax.frontend import FrontendConfig, log_mel_spectrogram
-from convnext_audio_jax.models.norm import Dtype, batch_norm, broadcast_channels, channel_sum
+from convnext_audio_jax.runtime import sharding
 
 DepthwiseImpl = Literal["auto", "xla", "shift", "native", "platform"]
 

@@ -12,7 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from convnext_audio_jax import native, sharding
+from convnext_audio_jax import native
+from convnext_audio_jax.runtime import sharding
 
 Dtype = Any
 SumsImpl = Literal["auto", "xla", "native"]

@@ -32,11 +32,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from convnext_audio_jax.frontend import FrontendConfig
 from convnext_audio_jax.models.conv import Conv, ConvImpl
 from convnext_audio_jax.models.convnext import LogMelHook, _dense, _layer_norm
 from convnext_audio_jax.models.dense import MatmulImpl
-from convnext_audio_jax.models.layers import DepthwiseConv, DepthwiseImpl, normalised_log_mel
+from convnext_audio_jax.models.frontend import FrontendConfig
+from convnext_audio_jax.models.layers import (
+    DepthwiseConv,
+    DepthwiseImpl,
+    normalised_log_mel,
+)
 from convnext_audio_jax.models.norm import Dtype, batch_norm
 
 # PANNs initialise convolutions and dense layers with Xavier-uniform, biases with zeros.

@@ -34,18 +34,37 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from convnext_audio_jax import sharding, xla
 from convnext_audio_jax.native import library, xla_forms
+
 # Re-exported: the targets, the build and load API of the package.
-from convnext_audio_jax.native.library import (BF16_CONV_FORWARD_TARGET, BF16_DOT_CONV_FORWARD_TARGET,  # noqa: F401
-                                               BF16_DOT_MATMUL_TARGET,
-                                               CONV_FORWARD_TARGET, CONV_KERNEL_FLIP_TARGET, CONV_KERNEL_GRAD_TARGET,
-                                               CONV_WINOGRAD_KERNEL_TARGET, CONV_WINOGRAD_TARGET,
-                                               CHANNEL_SUMS_TARGET, CONV_TARGET, CXX_FLAGS, F32_MATMUL_TARGET,
-                                               HANDLERS, HEADERS,
-                                               KERNEL_GRAD_TARGET, MATMUL_TARGET, SOURCES, NativeUnavailable,
-                                               available, build, cache_dir, find_compiler, library_path, load,
-                                               prepare)
+from convnext_audio_jax.native.library import (  # noqa: F401
+    BF16_CONV_FORWARD_TARGET,
+    BF16_DOT_CONV_FORWARD_TARGET,
+    BF16_DOT_MATMUL_TARGET,
+    CHANNEL_SUMS_TARGET,
+    CONV_FORWARD_TARGET,
+    CONV_KERNEL_FLIP_TARGET,
+    CONV_KERNEL_GRAD_TARGET,
+    CONV_TARGET,
+    CONV_WINOGRAD_KERNEL_TARGET,
+    CONV_WINOGRAD_TARGET,
+    CXX_FLAGS,
+    F32_MATMUL_TARGET,
+    HANDLERS,
+    HEADERS,
+    KERNEL_GRAD_TARGET,
+    MATMUL_TARGET,
+    SOURCES,
+    NativeUnavailable,
+    available,
+    build,
+    cache_dir,
+    find_compiler,
+    library_path,
+    load,
+    prepare,
+)
+from convnext_audio_jax.runtime import sharding, xla
 
 # The CPU flags the bfloat16 tile product needs (and the library must have been built with).
 AMX_CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16")

@@ -42,7 +42,7 @@ import time
 
 import jax
 
-from convnext_audio_jax import xla
+from convnext_audio_jax.runtime import xla
 
 logger = logging.getLogger("convnext_audio_jax.native")
 

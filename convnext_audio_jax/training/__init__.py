@@ -10,12 +10,16 @@ One module per concern:
 - ``lock``: one run per workdir (``WorkdirLock``, ``WorkdirLockedError``)
 - ``loop``: ``train(config, workdir)``
 
-Evaluation is ``convnext_audio_jax.evaluate.evaluate`` (the engine ``convnext-audio evaluate`` uses too).
+Evaluation is ``convnext_audio_jax.evaluation.evaluate.evaluate`` (the engine ``convnext-audio evaluate`` uses too).
 """
 
+from convnext_audio_jax.artifacts.lock import WorkdirLockedError
 from convnext_audio_jax.training.config import ConfigError, default_config
-from convnext_audio_jax.training.lock import WorkdirLockedError
-from convnext_audio_jax.training.loop import NonFiniteLossError, TooManySkippedError, train
+from convnext_audio_jax.training.loop import (
+           NonFiniteLossError,
+           TooManySkippedError,
+           train,
+)
 
 __all__ = ["ConfigError", "NonFiniteLossError", "TooManySkippedError", "WorkdirLockedError", "default_config",
            "train"]

@@ -4,7 +4,7 @@ model directories ``WORKDIR/model/best`` and ``WORKDIR/model/last`` that every t
 Orbax checkpoints (``CheckpointManager``, asynchronous) hold the state (params, batch_stats, opt_state, step,
 rng) and the loader's iterator state together, so a resumed run repeats an uninterrupted run bit for bit;
 kept: the last ``keep_checkpoints`` plus the best by validation mAP. The model directories are written by
-``convnext_audio_jax.checkpoint.save_model`` on process 0, in a background thread after the variables were
+``convnext_audio_jax.artifacts.model_dir.save_model`` on process 0, in a background thread after the variables were
 fetched to the host, after the train-state save in flight has finished (orbax saves must not overlap), so
 the step loop waits no longer than for a train-state save.
 """
@@ -26,9 +26,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from convnext_audio_jax.data import pipeline
+from convnext_audio_jax.hub import resolve as hub_resolve
 from convnext_audio_jax.training.config import ConfigError
 from convnext_audio_jax.training.step import TrainState
 
@@ -166,7 +168,7 @@ class ModelWriter:
         self._thread.start()
 
     def _save(self, variables, metadata, names) -> None:
-        from convnext_audio_jax import checkpoint
+        from convnext_audio_jax.artifacts import model_dir as checkpoint
 
         try:
             if self._before_save is not None:
@@ -212,9 +214,7 @@ def load_init(state: TrainState, directory: str, exclude, mesh) -> TrainState:
     """``state`` with params and batch_stats taken from a model directory (ImageNet or AudioSet) where
     names and shapes match: e.g. everything but the stem conv, bn0 and the classifier from ImageNet, or
     everything but a new-sized head for fine-tuning."""
-    from convnext_audio_jax import checkpoint
-
-    _, variables, metadata = checkpoint.load_model(directory)
+    _, variables, metadata = hub_resolve.load_model(directory)
     params, loaded, kept = transplant_params(jax.device_get(state.params), variables.get("params", {}), exclude)
     if not loaded:
         raise ConfigError(f"init_from {directory}: no parameter of the model matches the checkpoint's names and shapes")

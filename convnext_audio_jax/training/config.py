@@ -14,12 +14,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from convnext_audio_jax import sharding, xla
-from convnext_audio_jax.augment import AugmentConfig
-from convnext_audio_jax.checkpoint import fsync_path
+from convnext_audio_jax.artifacts.model_dir import fsync_path
 from convnext_audio_jax.data import spec as spec_lib
-from convnext_audio_jax.distill import Distillation
 from convnext_audio_jax.models import create_model, get_spec
+from convnext_audio_jax.runtime import sharding, xla
+from convnext_audio_jax.training.augment import AugmentConfig
+from convnext_audio_jax.training.distill import Distillation
 
 MODEL_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 CONFIG_FILE = "config.json"
@@ -52,7 +52,7 @@ def default_config() -> ml_collections.ConfigDict:
     # float32 on the CPU.
     config.model.dtype = "float32"
     # "fallback": on a CPU without native bf16 (no AVX512_BF16 / AMX-BF16) model.dtype "bfloat16" computes in
-    # float32, which is faster there (logged); "keep": bfloat16 anyway (convnext_audio_jax/xla.py).
+    # float32, which is faster there (logged); "keep": bfloat16 anyway (convnext_audio_jax/runtime/xla.py).
     config.model.cpu_bfloat16 = "fallback"
     config.model.overrides = ml_collections.ConfigDict()  # any other model field (depths, dims, stem, ...)
     config.model.frontend = ml_collections.ConfigDict()  # FrontendConfig fields to override
@@ -104,7 +104,7 @@ def default_config() -> ml_collections.ConfigDict:
     # Knowledge distillation (Schmid et al. 2023): loss λ·BCE(labels) + (1 − λ)·BCE(σ(s/T), σ(t/T)) with the
     # teacher's logits t of each training clip read by clip id from a teacher file (convnext-audio predict).
     config.distill = ml_collections.ConfigDict()
-    config.distill.teacher = ""  # teacher file (convnext_audio_jax/teacher.py); "" trains on labels only
+    config.distill.teacher = ""  # teacher file (convnext_audio_jax/data/teacher.py); "" trains on labels only
     config.distill.label_weight = 0.1  # λ
     config.distill.temperature = 1.0  # T
     config.distill.allow_missing = False  # True: train only on the clips with a teacher row (counted, logged)
@@ -114,7 +114,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.async_checkpointing = True
     config.eval_every = 5000
     config.log_every = 100
-    config.init_from = ""  # a model directory (convnext_audio_jax.checkpoint.save_model: convert, training)
+    config.init_from = ""  # a model directory (convnext_audio_jax.artifacts.model_dir.save_model: convert, training)
     config.init_exclude = ()  # parameter path prefixes never taken from init_from (e.g. "head")
     config.allow_config_change = False  # resume although a result-changing key differs from config.json
     config.progress_bar = True

@@ -10,9 +10,10 @@ import logging
 
 import numpy as np
 
-from convnext_audio_jax import teacher as teacher_lib
-from convnext_audio_jax.data import pipeline, spec as spec_lib
-from convnext_audio_jax.frontend import FrontendConfig
+from convnext_audio_jax.data import pipeline
+from convnext_audio_jax.data import spec as spec_lib
+from convnext_audio_jax.data import teacher as teacher_lib
+from convnext_audio_jax.models.frontend import FrontendConfig
 from convnext_audio_jax.training.config import ConfigError
 
 logger = logging.getLogger(__name__)

@@ -20,12 +20,16 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from convnext_audio_jax import evaluate as evaluate_lib, pretrained, xla
-from convnext_audio_jax import sharding
-from convnext_audio_jax.sharding import data_mesh
+from convnext_audio_jax.artifacts import lock as lock_lib
+from convnext_audio_jax.evaluation import evaluate as evaluate_lib
+from convnext_audio_jax.hub import pretrained
 from convnext_audio_jax.models import init_variables
-from convnext_audio_jax.training import (checkpointing, config as config_lib, data as data_lib, lock as lock_lib,
-                                         optimizer, step as step_lib)
+from convnext_audio_jax.runtime import sharding, xla
+from convnext_audio_jax.runtime.sharding import data_mesh
+from convnext_audio_jax.training import checkpointing, optimizer
+from convnext_audio_jax.training import config as config_lib
+from convnext_audio_jax.training import data as data_lib
+from convnext_audio_jax.training import step as step_lib
 from convnext_audio_jax.training.checkpointing import BEST_METRIC
 from convnext_audio_jax.training.prefetch import DevicePrefetcher
 

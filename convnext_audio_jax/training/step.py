@@ -28,14 +28,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from convnext_audio_jax import sharding, xla
-from convnext_audio_jax.augment import AugmentConfig, augment_waveform, logmel_augmentation_with_lambdas
 from convnext_audio_jax.data.audio import INT16_SCALE
-from convnext_audio_jax.distill import Distillation
 from convnext_audio_jax.models import init_variables
-from convnext_audio_jax.sharding import batch_spec
+from convnext_audio_jax.runtime import sharding, xla
+from convnext_audio_jax.runtime.sharding import batch_spec
+from convnext_audio_jax.training.augment import (
+    AugmentConfig,
+    augment_waveform,
+    logmel_augmentation_with_lambdas,
+)
+from convnext_audio_jax.training.distill import Distillation
 
 
 @flax.struct.dataclass

@@ -10,11 +10,25 @@ import hashlib
 import pathlib
 import sys
 
-from convnext_audio_jax.convert.conversion import STEM_INITS, convert_state_dict, to_torch_state_dict
-from convnext_audio_jax.convert.files import ConversionError, load_torch_state_dict, read_class_labels, save_torch_state_dict
+from convnext_audio_jax.artifacts.model_dir import (
+    CheckpointError,
+    check_model_output,
+    save_model,
+)
+from convnext_audio_jax.convert.conversion import (
+    STEM_INITS,
+    convert_state_dict,
+    to_torch_state_dict,
+)
+from convnext_audio_jax.convert.files import (
+    ConversionError,
+    load_torch_state_dict,
+    read_class_labels,
+    save_torch_state_dict,
+)
 from convnext_audio_jax.convert.layouts import LAYOUTS
-from convnext_audio_jax.checkpoint import CheckpointError, check_model_output, load_model, save_model
 from convnext_audio_jax.data import labels as labels_lib
+from convnext_audio_jax.hub.resolve import load_model
 from convnext_audio_jax.models import create_model
 
 

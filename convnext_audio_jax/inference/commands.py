@@ -1,6 +1,6 @@
 """The ``tag`` and ``embed`` commands (the HEAR API is ``convnext_audio_jax.hear``).
 
-Reading, windowing and scoring live in `convnext_audio_jax.tagging` (and `windowing`, `data.audio`); output
+Reading, windowing and scoring live in `convnext_audio_jax.inference.tagging` (and `windowing`, `data.audio`); output
 records in `tag_output` (tags, timelines) and `embed_output` (embeddings). Both commands read each file as a
 stream of blocks and write each file's result when it is done, so memory does not grow with a file's length
 and an interrupted run can be resumed (``--resume``).
@@ -19,17 +19,38 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from convnext_audio_jax import windowing
 from convnext_audio_jax.data import audio as audio_lib
 from convnext_audio_jax.data import labels as labels_lib
-from convnext_audio_jax.embed_output import EmbeddingStore
-from convnext_audio_jax.forward import ShardedForward
-from convnext_audio_jax.tag_output import (  # noqa: F401  (file_report re-exported)
-    OUTPUT_FORMATS, RESUMABLE_FORMATS, FileSpool, RecordSink, file_report, record_chunks)
-from convnext_audio_jax.tagging import (  # noqa: F401  (re-exported: the library API of this module)
-    AGGREGATIONS, AUDIO_EXTENSIONS, DEFAULT_HOP_SECONDS, AudioInfo, FileScored, FileStarted, TaggedFile, TagError,
-    Tagger, WindowScores, expand_inputs, frame_bounds, frame_grid, frame_logits, merge_events, sequence_of)
-from convnext_audio_jax.windowing import cut_windows, window_starts  # noqa: F401  (re-exported)
+from convnext_audio_jax.inference import windowing
+from convnext_audio_jax.inference.embed_output import EmbeddingStore
+from convnext_audio_jax.inference.tag_output import (  # noqa: F401  (file_report re-exported)
+    OUTPUT_FORMATS,
+    RESUMABLE_FORMATS,
+    FileSpool,
+    RecordSink,
+    file_report,
+    record_chunks,
+)
+from convnext_audio_jax.inference.tagging import (  # noqa: F401  (re-exported: the library API of this module)
+    AGGREGATIONS,
+    AUDIO_EXTENSIONS,
+    DEFAULT_HOP_SECONDS,
+    AudioInfo,
+    FileScored,
+    FileStarted,
+    TagError,
+    TaggedFile,
+    Tagger,
+    WindowScores,
+    expand_inputs,
+    frame_bounds,
+    frame_grid,
+    frame_logits,
+    merge_events,
+    sequence_of,
+)
+from convnext_audio_jax.inference.windowing import cut_windows, window_starts  # noqa: F401  (re-exported)
+from convnext_audio_jax.runtime.forward import ShardedForward
 
 DEFAULT_THRESHOLD = 0.25  # the authors' demo's activity threshold
 EMBEDDING_KINDS = ("scene", "frames", "sequence", "logits")
@@ -83,7 +104,7 @@ def add_tag_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_tag(args: argparse.Namespace) -> int:
     """Exit code 0 when every file asked for is in the output (tagged now or before), 1 when none could be."""
-    from convnext_audio_jax.checkpoint import load_model
+    from convnext_audio_jax.hub.resolve import load_model
 
     if args.top_k < 1:
         raise ValueError(f"--top-k must be ≥ 1, got {args.top_k}")
@@ -93,7 +114,7 @@ def run_tag(args: argparse.Namespace) -> int:
     if args.resume and (args.output is None or args.format not in RESUMABLE_FORMATS):
         raise ValueError(f"--resume needs --output and --format {' or '.join(RESUMABLE_FORMATS)}")
     if args.backend == "onnxruntime":
-        from convnext_audio_jax.onnx_backend import OnnxRuntimeForward
+        from convnext_audio_jax.inference.onnx_backend import OnnxRuntimeForward
 
         scorer = OnnxRuntimeForward(args.checkpoint, args.batch_size)
         model, variables, metadata = scorer.model, None, scorer.metadata
@@ -207,7 +228,7 @@ def run_embed(args: argparse.Namespace) -> int:
     """Writes OUT.npz: ``embeddings`` (all windows of all files, stacked), ``file_index`` and ``window_start_s``
     per window, ``files`` (the paths, in order), ``kind``, and for ``--kind logits`` the ``class_names`` of the
     columns. Exit code 1 when no file could be embedded."""
-    from convnext_audio_jax.checkpoint import load_model as load_checkpoint
+    from convnext_audio_jax.hub.resolve import load_model as load_checkpoint
 
     # Bad options fail before the model loads (the hop in samples needs the model's rate: checked once loaded).
     if not (math.isfinite(args.hop) and args.hop > 0):
@@ -217,7 +238,10 @@ def run_embed(args: argparse.Namespace) -> int:
     store = EmbeddingStore(args.output, args.kind, args.resume)
     # The model's forward, one batch of windows (B, samples) → dict of arrays: the one call a backend replaces.
     if args.backend == "onnxruntime":
-        from convnext_audio_jax.onnx_backend import EMBEDDING_OUTPUTS, OnnxRuntimeForward
+        from convnext_audio_jax.inference.onnx_backend import (
+            EMBEDDING_OUTPUTS,
+            OnnxRuntimeForward,
+        )
 
         if args.kind not in EMBEDDING_OUTPUTS:
             raise ValueError(f"--backend onnxruntime embeds --kind {' or '.join(EMBEDDING_OUTPUTS)}; an ONNX export has "

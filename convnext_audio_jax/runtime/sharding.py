@@ -17,10 +17,12 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax._src import distributed as jax_distributed  # the client has no public accessor; orbax reads it too
+from jax._src import (
+    distributed as jax_distributed,  # the client has no public accessor; orbax reads it too
+)
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from convnext_audio_jax import xla
+from convnext_audio_jax.runtime import xla
 
 AXIS = "data"
 # How long a process waits at a barrier for the slowest one (compiling a full-size train step on a loaded host

@@ -2,38 +2,22 @@
 
 ``OnnxRuntimeForward(path)`` maps a batch of windows (n ≤ batch_size, window samples) float32 at the model's rate
 (the metadata's ``sample_rate``) to the same dict of numpy arrays the JAX forward
-(``convnext_audio_jax.forward.ShardedForward``) gives for the names asked for (``probs``, ``scene_embedding``, ``sequence_embeddings`` and, for the audio ConvNeXt, ``frame_probs``),
+(``convnext_audio_jax.runtime.forward.ShardedForward``) gives for the names asked for (``probs``, ``scene_embedding``, ``sequence_embeddings`` and, for the audio ConvNeXt, ``frame_probs``),
 so tagging's windowing code runs unchanged on it (``convnext-audio tag … --backend onnxruntime``).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import pathlib
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
+
+from convnext_audio_jax.artifacts.exported import read_export_metadata
 
 BACKENDS = ("jax", "onnxruntime")
 # `convnext-audio embed --kind` → the exported output that holds it.
 EMBEDDING_OUTPUTS = {"scene": "scene_embedding", "sequence": "sequence_embeddings"}
-
-
-def read_export_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``FILE.json`` written beside an exported file."""
-    from convnext_audio_jax.export import METADATA_FORMAT, metadata_path
-
-    meta_path = metadata_path(path)
-    if not pathlib.Path(path).is_file():
-        raise ValueError(f"{path} is not a file; expected an .onnx file written by `convnext-audio export --format onnx`")
-    if not meta_path.is_file():
-        raise ValueError(f"{path} has no metadata file {meta_path} beside it (written by `convnext-audio export`)")
-    metadata = json.loads(meta_path.read_text())
-    if metadata.get("format") != METADATA_FORMAT:
-        raise ValueError(f"{meta_path} is not a {METADATA_FORMAT} metadata file")
-    return metadata
 
 
 class OnnxRuntimeForward:

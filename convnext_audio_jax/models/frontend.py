@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
 STFT_FORMS = ("fft", "matmul")
 
 

@@ -20,7 +20,13 @@ from typing import Any
 import numpy as np
 
 from convnext_audio_jax.data import audio as audio_lib
-from convnext_audio_jax.tagging import EventMerger, FileScored, TaggedFile, WindowScores, frame_segments
+from convnext_audio_jax.inference.tagging import (
+    EventMerger,
+    FileScored,
+    TaggedFile,
+    WindowScores,
+    frame_segments,
+)
 
 OUTPUT_FORMATS = ("table", "json", "jsonl", "csv")
 RESUMABLE_FORMATS = ("jsonl", "csv")

@@ -33,11 +33,16 @@ import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
+from convnext_audio_jax.artifacts import model_dir as checkpoint
+
 # The converter's Python API: the one import of it in this module.
-from convnext_audio_jax.convert import ConversionError, convert_state_dict, load_torch_state_dict, read_labels
-from convnext_audio_jax import download
-# A module reference, not names: checkpoint.resolve_model_dir may import this module while checkpoint loads.
-from convnext_audio_jax import checkpoint
+from convnext_audio_jax.convert import (
+    ConversionError,
+    convert_state_dict,
+    load_torch_state_dict,
+    read_labels,
+)
+from convnext_audio_jax.hub import download
 from convnext_audio_jax.models import create_model
 
 CACHE_ENV = "CONVNEXT_AUDIO_CACHE"

@@ -36,11 +36,22 @@ import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from convnext_audio_jax import metrics as metrics_lib
-from convnext_audio_jax import pretrained, xla
-from convnext_audio_jax.data import audio, spec as spec_lib
-from convnext_audio_jax.data.pipeline import LoaderConfig, jax_shard_options, make_loader
-from convnext_audio_jax.sharding import barrier, batch_spec, data_mesh, jit_forward
+from convnext_audio_jax.data import audio
+from convnext_audio_jax.data import spec as spec_lib
+from convnext_audio_jax.data.pipeline import (
+    LoaderConfig,
+    jax_shard_options,
+    make_loader,
+)
+from convnext_audio_jax.evaluation import metrics as metrics_lib
+from convnext_audio_jax.hub import pretrained
+from convnext_audio_jax.runtime import xla
+from convnext_audio_jax.runtime.sharding import (
+    barrier,
+    batch_spec,
+    data_mesh,
+    jit_forward,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -311,8 +322,8 @@ def reorder_classifier(variables: Mapping[str, Any], order: Sequence[int]) -> di
 
 
 def run(args: argparse.Namespace) -> int:
-    from convnext_audio_jax import distributed
-    from convnext_audio_jax.checkpoint import load_model
+    from convnext_audio_jax.hub.resolve import load_model
+    from convnext_audio_jax.runtime import distributed
 
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)  # a no-op for one process
     xla.enable_compilation_cache(args.compilation_cache, pretrained.cache_dir())

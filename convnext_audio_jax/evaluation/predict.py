@@ -2,7 +2,7 @@
 
 Writes the logits of one model, or the mean logits of an ensemble (:func:`teacher.ensemble_mean`), for every
 readable clip of a data SPEC, keyed by clip id, in the teacher file layout of
-:mod:`convnext_audio_jax.teacher` (float16 by default, ``--dtype float32`` for full precision). The source is
+:mod:`convnext_audio_jax.data.teacher` (float16 by default, ``--dtype float32`` for full precision). The source is
 cut into chunks of ``--chunk-clips`` consecutive clips; each finished chunk is stored at once, so an
 interrupted run, started again with the same command, continues after the last finished chunk. With several
 JAX processes, process p takes chunks p, p + P, ... on its local devices; the file is assembled when every
@@ -24,7 +24,7 @@ import grain
 import numpy as np
 import tqdm
 
-from convnext_audio_jax import teacher as teacher_lib
+from convnext_audio_jax.data import teacher as teacher_lib
 from convnext_audio_jax.data.pipeline import LoaderConfig, make_loader
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ SKIPPED_SHOWN = 20
 def make_logits_forward(model, variables, batch_size: int, mesh=None):
     """The one place that runs a model for predictions: waveforms (n ≤ batch, L) → logits (n, C) float32,
     data-sharded over ``mesh`` (default: every device)."""
-    from convnext_audio_jax.forward import ShardedForward
+    from convnext_audio_jax.runtime.forward import ShardedForward
 
     forward = ShardedForward(model, variables, batch_size, mesh,
                              select=lambda variables, outputs: {"logits": outputs["logits"]})
@@ -69,7 +69,7 @@ class SourceRange:
 def load_members(checkpoints: Sequence[str]) -> list[tuple[str, Any, Any]]:
     """(name, model, variables) of each model directory, training workdir or pretrained name, named by the
     absolute path of the model directory it resolves to (``checkpoint.resolve_model_dir``)."""
-    from convnext_audio_jax.checkpoint import load_model, resolve_model_dir
+    from convnext_audio_jax.hub.resolve import load_model, resolve_model_dir
 
     members = []
     for path in checkpoints:
@@ -89,7 +89,7 @@ def predict_teacher(members: Sequence[tuple[str, Any, Any]], source, output: str
     this run: ``complete`` is False while other processes' chunks are missing (this process did its share)."""
     import jax
 
-    from convnext_audio_jax.sharding import barrier, data_mesh
+    from convnext_audio_jax.runtime.sharding import barrier, data_mesh
 
     if not members:
         raise ValueError("predict needs at least one model")
@@ -179,7 +179,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from convnext_audio_jax.data.spec import DataOptions
-    from convnext_audio_jax.evaluate import open_data_spec
+    from convnext_audio_jax.evaluation.evaluate import open_data_spec
 
     members = load_members(args.checkpoint)
     frontend = members[0][1].frontend  # demo@SPLIT is synthesised at the (first) model's rate and clip length

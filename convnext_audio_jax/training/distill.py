@@ -10,7 +10,7 @@ is 1 anyway). Their code divides only the teacher's logits by T (BCE(σ(s), σ(t
 both, as written above; the two agree at their T = 1.
 
 Mixup: the teacher's targets are mixed like the labels, with the same λ per pair and the same pairing
-(rows (2k, 2k + 1) → row k, :func:`convnext_audio_jax.augment.mix_pairs`), and it is the *probabilities*
+(rows (2k, 2k + 1) → row k, :func:`convnext_audio_jax.training.augment.mix_pairs`), and it is the *probabilities*
 σ(t/T) that are mixed, not the logits: BCE is linear in its target, so BCE(s, λ·p₁ + (1 − λ)·p₂) =
 λ·BCE(s, p₁) + (1 − λ)·BCE(s, p₂), exactly the mixed loss of Schmid et al.'s code, and the same rule the
 labels follow. Mixing logits would give σ(λ·t₁ + (1 − λ)·t₂), which is neither clip's belief nor their
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from convnext_audio_jax.augment import mix_pairs
+from convnext_audio_jax.training.augment import mix_pairs
 
 
 def teacher_targets(teacher_logits: jax.Array, temperature: float = 1.0) -> jax.Array:

@@ -2,7 +2,7 @@
 
 The exported function maps a waveform batch (batch, samples) at the model's sample rate (32 kHz for the released
 models; the rate and window length are in the metadata) to a fixed set of named outputs
-(``OUTPUT_NAMES``; ``frame_probs`` too for the audio ConvNeXt, see ``convnext_audio_jax.inference``):
+(``OUTPUT_NAMES``; ``frame_probs`` too for the audio ConvNeXt, see ``convnext_audio_jax.inference.commands``):
 
 * **StableHLO**: the file is exactly ``Exported.serialize()``'s bytes, so
   ``jax.export.deserialize(open(f, "rb").read()).call(waveform)`` runs it with only jax installed. The batch
@@ -16,7 +16,7 @@ models; the rate and window length are in the metadata) to a fixed set of named 
 
 Beside ``FILE`` the metadata goes to ``FILE.json``: class names, sample rate, window length, input and output
 names and shapes, the model's registry name and config and the frame grid (seconds of each time step within a
-window), which is all the ONNX Runtime backend (``convnext_audio_jax.onnx_backend``) needs.
+window), which is all the ONNX Runtime backend (``convnext_audio_jax.inference.onnx_backend``) needs.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from convnext_audio_jax.artifacts.exported import METADATA_FORMAT, metadata_path
 from convnext_audio_jax.models import with_xla_ops
 
 FORMATS = ("stablehlo", "onnx")
@@ -43,7 +44,6 @@ PLATFORMS = ("cpu", "cuda")
 INPUT_NAME = "waveform"
 OUTPUT_NAMES = ("probs", "scene_embedding", "sequence_embeddings")
 FRAME_OUTPUT = "frame_probs"
-METADATA_FORMAT = "convnext-audio-jax-export/1"
 ONNX_OPSET = 23
 
 
@@ -52,7 +52,7 @@ class ExportError(ValueError):
 
 
 def output_names(model: nn.Module) -> tuple[str, ...]:
-    from convnext_audio_jax.inference import frame_grid
+    from convnext_audio_jax.inference.commands import frame_grid
 
     return OUTPUT_NAMES + ((FRAME_OUTPUT,) if frame_grid(model) is not None else ())
 
@@ -70,7 +70,7 @@ def export_model_for(model: nn.Module, fmt: str) -> nn.Module:
 def forward_function(model: nn.Module, variables: Mapping[str, Any]) -> Callable[[jax.Array], dict[str, jax.Array]]:
     """waveform (B, samples) → {name: array} for ``output_names(model)``, the variables closed over (they
     become constants of the exported program)."""
-    from convnext_audio_jax.inference import frame_logits, sequence_of
+    from convnext_audio_jax.inference.commands import frame_logits, sequence_of
 
     names = output_names(model)
 
@@ -111,11 +111,6 @@ def _check_output(path: pathlib.Path, overwrite: bool) -> None:
         raise ExportError(f"cannot write {path}: folder {parent} is not writable")
 
 
-def metadata_path(path: str | os.PathLike) -> pathlib.Path:
-    path = pathlib.Path(path)
-    return path.with_name(path.name + ".json")
-
-
 def _write_atomically(path: pathlib.Path, data: bytes) -> None:
     handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -129,7 +124,7 @@ def _write_atomically(path: pathlib.Path, data: bytes) -> None:
 
 
 def frame_seconds(model: nn.Module, num_steps: int) -> list[list[float]] | None:
-    from convnext_audio_jax.inference import frame_bounds, frame_grid
+    from convnext_audio_jax.inference.commands import frame_bounds, frame_grid
 
     if frame_grid(model) is None:
         return None
@@ -268,7 +263,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from convnext_audio_jax.checkpoint import load_model
+    from convnext_audio_jax.hub.resolve import load_model
 
     if args.format not in FORMATS:
         raise ExportError(f"unknown export format {args.format!r}; expected one of {', '.join(FORMATS)}")

@@ -22,7 +22,6 @@ import os
 import pathlib
 import socket
 
-
 # flock not supported by the file system.
 NO_FLOCK_ERRNOS = frozenset({errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK})
 

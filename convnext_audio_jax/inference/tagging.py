@@ -4,7 +4,7 @@ merged sound events.
 Audio of any format soundfile/audioread decodes, any sample rate and channel count (downmixed to mono by the
 mean of the channels) and any length is read a block at a time, resampled to the model's front-end rate
 (``model.frontend.sample_rate``: 32 kHz for the released models) and cut into windows of the model's clip length
-(``model.frontend.clip_samples``: 10 s) (`convnext_audio_jax.windowing`): a file shorter than a window is
+(``model.frontend.clip_samples``: 10 s) (`convnext_audio_jax.inference.windowing`): a file shorter than a window is
 zero-padded at the end to one window (the authors' models were trained and evaluated on AudioSet clips zero-padded
 at the end to 10 s, PANNs' ``pad_or_truncate``); a longer one is cut into windows every ``hop`` seconds, the last window ending at the end of the file. Every
 window is scored; a file's score is the max (or mean) over its windows.
@@ -30,12 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 import soundfile
 
-from convnext_audio_jax import windowing
 from convnext_audio_jax.data import audio as audio_lib
-from convnext_audio_jax.forward import ShardedForward
+from convnext_audio_jax.inference import windowing
 from convnext_audio_jax.models.convnext import LN_EPS, STEM_VARIANTS, AudioConvNeXt
 from convnext_audio_jax.models.dense import Dense
 from convnext_audio_jax.models.norm import LayerNorm
+from convnext_audio_jax.runtime.forward import ShardedForward
 
 DEFAULT_HOP_SECONDS = 5.0
 AGGREGATIONS = ("max", "mean")

@@ -18,7 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from convnext_audio_jax import sharding
+from convnext_audio_jax.runtime import sharding
 
 
 def _stripe_mask(rng: jax.Array, batch: int, size: int, stripes: int, max_width: int) -> jax.Array:

@@ -17,7 +17,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from convnext_audio_jax.sharding import barrier, batch_spec, data_mesh, jit_forward  # noqa: F401  (data_mesh re-exported)
+from convnext_audio_jax.runtime.sharding import (  # noqa: F401  (data_mesh re-exported)
+    barrier,
+    batch_spec,
+    data_mesh,
+    jit_forward,
+)
 
 # Picks (and may derive) the arrays a forward returns: (variables, model outputs) → dict of arrays.
 OutputSelector = Callable[[Mapping[str, Any], Mapping[str, jax.Array]], dict[str, jax.Array]]

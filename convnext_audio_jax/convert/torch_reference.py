@@ -28,7 +28,7 @@ try:
     from torch import nn
     from torchlibrosa.stft import LogmelFilterBank, Spectrogram
 except ImportError as error:
-    raise ImportError(f"convnext_audio_jax.torch_reference needs the [torch] extra (torch, timm, torchlibrosa): "
+    raise ImportError(f"convnext_audio_jax.convert.torch_reference needs the [torch] extra (torch, timm, torchlibrosa): "
                       f'pip install "convnext-audio-jax[torch]" ({error})') from error
 
 # Stems of the authors' code (kernel, stride, padding as (time, mel)); mirrors

@@ -7,8 +7,9 @@ Layout of a model directory::
 
 ``save_model`` writes one (``convnext-audio convert`` and training's ``model/best`` and ``model/last`` do). ``load_model`` reads one through
 ``resolve_model_dir``, which also accepts a training workdir (``WORKDIR/model/best``, else
-``WORKDIR/model/last``) and a registered pretrained name: so ``evaluate``, ``tag``, ``embed``, ``predict``,
-``export``, ``convert --to-torch``, ``init_from`` and the HEAR API's ``hear.load_model`` all take any of them.
+``WORKDIR/model/last``). ``hub.resolve`` adds registered pretrained names on top: every tool (``evaluate``, ``tag``,
+``embed``, ``predict``, ``export``, ``convert --to-torch``, ``init_from``, the HEAR API's ``hear.load_model``)
+goes through it.
 
 A directory appears only complete: it is written under a temporary name beside the target, fsynced, and
 renamed into place. Replacing a model directory renames the old one aside, the new one in, then deletes
@@ -198,18 +199,13 @@ def _interrupted_replace(path: pathlib.Path) -> pathlib.Path | None:
     return next((c for c in candidates if is_model_dir(c)), None)
 
 
-def _resolve_missing(path: pathlib.Path) -> pathlib.Path:
-    """What ``path``, which does not exist on disk, names: a registered pretrained name (downloaded and
-    converted into the cache on first use, see ``pretrained``), else an error."""
-    from convnext_audio_jax import pretrained  # imports this module
-
-    cached = pretrained.resolve(path.as_posix())
-    if cached is not None:
-        return cached
+def _missing(path: pathlib.Path) -> CheckpointError:
+    """The error for a ``path`` that does not exist on disk (``hub.resolve`` has already tried it as a
+    registered pretrained name)."""
     previous = _interrupted_replace(path)
     note = f" (an interrupted replace left the previous model in {previous})" if previous is not None else ""
-    raise CheckpointError(f"no such model directory, training workdir or pretrained name: {path}{note} "
-                          f"(names: convnext-audio models --pretrained)")
+    return CheckpointError(f"no such model directory, training workdir or pretrained name: {path}{note} "
+                           f"(names: convnext-audio models --pretrained)")
 
 
 def resolve_model_dir(path: str | os.PathLike, announce: bool = True) -> pathlib.Path:
@@ -221,7 +217,7 @@ def resolve_model_dir(path: str | os.PathLike, announce: bool = True) -> pathlib
     if (path / METADATA_FILE).is_file():
         return path
     if not path.exists():
-        return _resolve_missing(path)
+        raise _missing(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} is a file: expected a model directory ({METADATA_FILE} + {VARIABLES_DIR}/) "
                               f"or a training workdir")

@@ -1,0 +1,1 @@
+"""Tagging and embedding audio files: windows, the tagger, output writers and the ONNX Runtime backend."""
