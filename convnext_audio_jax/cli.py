@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     build_native.set_defaults(func=_build_native)
 
     from convnext_audio_jax import export
-    from convnext_audio_jax.convert import cli as convert_cli
+    from convnext_audio_jax.hub import convert_command as convert_cli
     from convnext_audio_jax.data import prepare
     from convnext_audio_jax.evaluation import evaluate, predict
     from convnext_audio_jax.hub import pretrained

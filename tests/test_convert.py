@@ -20,7 +20,8 @@ from safetensors.numpy import save_file
 
 from convnext_audio_jax.artifacts.model_dir import load_model
 from convnext_audio_jax.cli import main as main_cli
-from convnext_audio_jax.convert import cli, load_torch_state_dict
+from convnext_audio_jax.convert import load_torch_state_dict
+from convnext_audio_jax.hub import convert_command as cli
 from convnext_audio_jax.convert.torch_reference import build_reference, randomize_
 from convnext_audio_jax.models import create_model
 

@@ -108,6 +108,27 @@ def test_root_is_short():
     assert len(root) <= ROOT_MODULES_AT_MOST, root
 
 
+def test_nothing_imports_a_moved_name():
+    """The old names are for users' code; the project itself imports the new ones."""
+    from convnext_audio_jax import MOVED_MODULES
+
+    moved = {f"{NAME}.{old}" for old in MOVED_MODULES}
+    root = PACKAGE.parent
+    users = [*PACKAGE.rglob("*.py"), *(root / "tests").glob("*.py"), *(root / "benchmarks").glob("*.py"),
+             *(root / "configs").glob("*.py"), *(root / "convert").glob("*.py"), root / "train.py"]
+    wrong = []
+    for path in users:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            else:
+                continue
+            wrong += [f"{path.relative_to(root)}:{node.lineno} imports {name}" for name in names if name in moved]
+    assert not wrong, "\n".join(wrong)
+
+
 @pytest.mark.parametrize("old", ["checkpoint", "pretrained", "evaluate", "xla", "training.lock"])
 def test_moved_module_names_still_import(old):
     import importlib

@@ -25,7 +25,7 @@ import torch
 
 from convnext_audio_jax import cli
 from convnext_audio_jax.artifacts.model_dir import load_model
-from convnext_audio_jax.convert import cli as convert_cli
+from convnext_audio_jax.hub import convert_command as convert_cli
 from convnext_audio_jax.convert import load_torch_state_dict, save_torch_state_dict
 from convnext_audio_jax.convert.torch_reference import build_reference, randomize_
 from convnext_audio_jax.hub import pretrained
