@@ -1,4 +1,9 @@
-"""Train a model: ``python train.py --config configs/<name>.py --workdir DIR [--config.key=value ...]``.
+"""Train a model: ``python train.py --config configs/<name>.py --workdir DIR [--config.KEY=VALUE ...] [--check]``.
+
+``--check`` makes a run's set-up checks (config, data, teacher, init_from, the
+multi-process settings resolved but not joined, the workdir) and prints one line: ``ok: ...`` (exit 0) or the
+first problem (exit 1); it trains nothing and leaves the workdir as it is, absent or not
+(convnext_audio_jax.training.check).
 
 Runs under absl.app, so flags are parsed before grain starts worker processes. A multi-process job joins
 its cluster first (convnext_audio_jax.runtime.distributed): ``--coordinator HOST:PORT --num_processes N --process_id I``,
@@ -24,6 +29,7 @@ from ml_collections import config_flags  # noqa: E402
 from convnext_audio_jax import training
 from convnext_audio_jax.data.pipeline import UnreadableSourceError  # noqa: E402
 from convnext_audio_jax.runtime import distributed  # noqa: E402
+from convnext_audio_jax.training import check
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "folder for config.json, checkpoints, model/{best,last}, metrics.jsonl and TensorBoard events")
@@ -34,6 +40,18 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index, 0..N-1 (JAX_PROCESS_ID)")
 _LOCAL_DEVICE_IDS = flags.DEFINE_list("local_device_ids", None, "local devices to drive (JAX_LOCAL_DEVICE_IDS)")
 _LAYOUT = flags.DEFINE_enum("layout", None, list(distributed.LAYOUTS), "process layout (JAX_PROCESS_LAYOUT)")
+_CHECK = flags.DEFINE_bool("check", False, "check config, data, multi-process settings and workdir; print one line, "
+                           "exit 0 (ok) or 1; train nothing, leave the workdir as it is")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, after a look at --config and its overrides: a missing file or a --config.KEY the config
+    lacks is one line naming it (ml_collections would raise a traceback)."""
+    problem = check.command_line_problem(flags.FLAGS.read_flags_from_files(argv, force_gnu=False))
+    if problem:
+        print(f"train.py: error: {problem}", file=sys.stderr)
+        sys.exit(1)
+    return app.parse_flags_with_usage(argv)
 
 
 def main(argv):
@@ -41,6 +59,15 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and grain log every save at INFO
     logging.getLogger("convnext_audio_jax").setLevel(logging.INFO)
+    if _CHECK.value:
+        try:
+            summary = check.check_run(_CONFIG.value, _WORKDIR.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                                      _PROCESS_ID.value, _LOCAL_DEVICE_IDS.value, _LAYOUT.value)
+        except (training.ConfigError, distributed.DistributedConfigError, training.WorkdirLockedError) as error:
+            print(f"train.py: error: {error}", file=sys.stderr)
+            return 1
+        print(f"train.py: {summary}")
+        return 0
     try:
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                _LOCAL_DEVICE_IDS.value, _LAYOUT.value)
@@ -59,4 +86,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -51,9 +51,7 @@ class WorkdirLock:
         except BlockingIOError:
             holder = _read_holder(descriptor)
             os.close(descriptor)
-            raise WorkdirLockedError(
-                f"{self.path.parent} is in use by another training run ({holder}, lock {self.path}); wait for "
-                "it to finish or stop it, or use another --workdir") from None
+            raise WorkdirLockedError(self._in_use(holder)) from None
         except OSError as error:
             os.close(descriptor)
             if error.errno not in NO_FLOCK_ERRNOS:
@@ -63,6 +61,30 @@ class WorkdirLock:
         os.ftruncate(descriptor, 0)
         os.pwrite(descriptor, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         self._descriptor = descriptor
+
+    def _in_use(self, holder: str) -> str:
+        return (f"{self.path.parent} is in use by another training run ({holder}, lock {self.path}); wait for "
+                "it to finish or stop it, or use another --workdir")
+
+    def check_free(self) -> None:
+        """Raises WorkdirLockedError when a live run holds the lock now (``train.py --check``); creates nothing.
+        Probing takes a shared lock for an instant, opened read-only."""
+        if self.path.is_file():
+            descriptor = os.open(self.path, os.O_RDONLY)
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise WorkdirLockedError(self._in_use(_read_holder(descriptor))) from None
+            except OSError as error:
+                if error.errno not in NO_FLOCK_ERRNOS:
+                    raise
+            finally:
+                os.close(descriptor)
+        if self.exclusive_path.is_file():
+            holder = self.exclusive_path.read_text(errors="replace").strip()
+            if not _dead_on_this_host(holder):
+                raise WorkdirLockedError(f"{self.path.parent} is in use by another training run "
+                                         f"({holder or 'pid unknown'}, lock {self.exclusive_path}; no flock here)")
 
     @property
     def exclusive_path(self) -> pathlib.Path:

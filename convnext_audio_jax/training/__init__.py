@@ -7,10 +7,11 @@ One module per concern:
 - ``optimizer``: AdamW + torch-OneCycleLR schedule, and the host-side learning rate for logging
 - ``step``: ``TrainState``, the loss and the jitted data-parallel train step
 - ``checkpointing``: orbax train-state checkpoints, ``WORKDIR/model/{best,last}``, ``init_from``
-- ``lock``: one run per workdir (``WorkdirLock``, ``WorkdirLockedError``)
+- ``check``: ``train.py --check`` (a run's set-up, nothing trained or created) and misspelt ``--config.KEY``s
 - ``loop``: ``train(config, workdir)``
 
-Evaluation is ``convnext_audio_jax.evaluation.evaluate.evaluate`` (the engine ``convnext-audio evaluate`` uses too).
+Evaluation is ``convnext_audio_jax.evaluation.evaluate.evaluate`` (the engine ``convnext-audio evaluate`` uses too);
+one run per workdir is ``convnext_audio_jax.artifacts.lock``.
 """
 
 from convnext_audio_jax.artifacts.lock import WorkdirLockedError

@@ -106,22 +106,25 @@ class Checkpointer:
         return TrainState(**restored["state"]), (loader_checkpoint.run if loader_checkpoint is not None else {})
 
     def check_process_count(self, step: int) -> None:
-        """Raises ConfigError unless the checkpoint of ``step`` holds one loader position per process of this
-        job (grain's ``data/process_I-of-N.json``): a resume needs the number of processes that saved it."""
-        saved = {int(match.group(1)) for path in (self.directory / str(step) / "data").glob("process_*-of-*.json")
-                 if (match := re.fullmatch(r"process_\d+-of-(\d+)\.json", path.name))}
-        if saved and saved != {jax.process_count()}:
-            counts = " and ".join(str(count) for count in sorted(saved))
-            raise ConfigError(
-                f"checkpoint {self.directory / str(step)} was saved by a job of {counts} processes (its loader "
-                f"positions, data/process_I-of-N.json); this job has {jax.process_count()}: resume with "
-                f"{counts} processes")
+        check_process_count(self.directory / str(step), jax.process_count())
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()
+
+
+def check_process_count(step_dir: pathlib.Path, process_count: int) -> None:
+    """Raises ConfigError unless the checkpoint ``step_dir`` holds one loader position per process of a job of
+    ``process_count`` (grain's ``data/process_I-of-N.json``): a resume needs the number of processes that saved it."""
+    saved = {int(match.group(1)) for path in (step_dir / "data").glob("process_*-of-*.json")
+             if (match := re.fullmatch(r"process_\d+-of-(\d+)\.json", path.name))}
+    if saved and saved != {process_count}:
+        counts = " and ".join(str(count) for count in sorted(saved))
+        raise ConfigError(
+            f"checkpoint {step_dir} was saved by a job of {counts} processes (its loader positions, "
+            f"data/process_I-of-N.json); this job has {process_count}: resume with {counts} processes")
 
 
 def git_revision() -> str | None:

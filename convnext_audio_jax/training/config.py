@@ -290,6 +290,17 @@ def result_changing_differences(saved: dict, current: dict) -> dict[str, tuple]:
             if key not in RESULT_NEUTRAL_KEYS and old.get(key) != new.get(key)}
 
 
+def compare_with_saved(config, path: pathlib.Path) -> dict[str, tuple]:
+    """The result-changing differences of ``config`` from the saved config.json ``path``, accepted (to be logged)
+    with ``allow_config_change``; else a ConfigError listing them."""
+    differences = result_changing_differences(json.loads(path.read_text()), config_as_json(config))
+    if differences and not config.allow_config_change:
+        listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in differences.items())
+        raise ConfigError(f"the config differs from {path} in keys that change the result ({listed}); resume "
+                          "with the saved config, or pass --config.allow_config_change=True to accept it")
+    return differences
+
+
 def check_and_record_config(config, workdir: pathlib.Path, resuming: bool) -> dict[str, tuple]:
     """Writes ``workdir/config.json`` (process 0, after every process compared). On a resume, compares with the
     saved one first (every process, the same file): raises
@@ -297,13 +308,7 @@ def check_and_record_config(config, workdir: pathlib.Path, resuming: bool) -> di
     accepted differences (to be logged)."""
     path = workdir / CONFIG_FILE
     current = config_as_json(config)
-    differences: dict[str, tuple] = {}
-    if resuming and path.is_file():
-        differences = result_changing_differences(json.loads(path.read_text()), current)
-        if differences and not config.allow_config_change:
-            listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in differences.items())
-            raise ConfigError(f"the config differs from {path} in keys that change the result ({listed}); resume "
-                              "with the saved config, or pass --config.allow_config_change=True to accept it")
+    differences = compare_with_saved(config, path) if resuming and path.is_file() else {}
     sharding.barrier("config.json checked")  # every process compared with the same file before process 0 replaces it
     if jax.process_index() == 0:
         # On disk before the rename publishes it, and the rename itself: a power cut leaves the old or the new.
