@@ -190,10 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     seconds = 1.0 if args.quick else 10.0
     cases = [implementations.Case(m, seconds, QUICK_OVERRIDES[m] if args.quick else ()) for m in MODELS]
     # Restarts of the suite load its compiled programs instead of compiling them again.
-    from convnext_audio_jax.hub import pretrained
-    from convnext_audio_jax.runtime import xla
+    from convnext_audio_jax.runtime import files, xla
 
-    xla.enable_compilation_cache("auto", pretrained.cache_dir())
+    xla.enable_compilation_cache("auto", files.cache_root())
     machine = machine_description()
     print(f"# {machine['slug']}: gpu suite, models {list(MODELS)}, batch {batch}, dtypes {dtypes}, {repeats} repeats", flush=True)
     print(report.TABLE_HEADER, flush=True)

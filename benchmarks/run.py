@@ -64,7 +64,14 @@ from benchmarks.implementations import (  # noqa: E402
     train_step_rows,
 )
 from benchmarks.report import TABLE_HEADER, format_report, format_row, plot  # noqa: E402
-from convnext_audio_jax.models import AudioConvNeXt, create_model, get_spec, init_variables, list_models  # noqa: E402
+from convnext_audio_jax.models import (  # noqa: E402
+    AudioConvNeXt,
+    create_model,
+    get_spec,
+    init_variables,
+    list_models,
+)
+from convnext_audio_jax.runtime import files  # noqa: E402
 
 SCHEMA_VERSION = 1
 PARITY_CLIPS = 2
@@ -245,10 +252,8 @@ def main(argv: list[str] | None = None) -> int:
             "wall_s": time.perf_counter() - start,
         }
 
-    def write(result: dict) -> None:  # atomic: a stopped run leaves the previous copy whole
-        temporary = json_path.with_name(json_path.name + ".partial")
-        temporary.write_text(json.dumps(result, indent=1) + "\n")
-        temporary.replace(json_path)
+    def write(result: dict) -> None:  # durable: a stopped run (or a power cut) leaves the previous copy whole
+        files.write_text(json_path, json.dumps(result, indent=1) + "\n")
 
     measured = benchmark(cases, batches, dtypes, repeats, with_torch=not args.no_torch, train_dtypes=args.train_dtypes,
                          torch_dtypes=args.torch_dtypes,

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import stat
 
 import jax
 import numpy as np
@@ -162,6 +163,17 @@ def test_replace_fsyncs_before_publishing_and_always_keeps_a_model(tmp_path, mon
     monkeypatch.undo()
     assert load_model(target)[2]["seed"] == 2
     assert leftovers(tmp_path) == []
+
+
+def test_a_model_directory_is_readable_as_the_umask_allows(tmp_path):
+    """Not mkdtemp's 0700: colleagues read a model directory as the umask lets them."""
+    old = os.umask(0o027)
+    try:
+        target = save(tmp_path / "m")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o750
+    assert stat.S_IMODE((target / checkpoint.METADATA_FILE).stat().st_mode) == 0o640
 
 
 def test_an_interrupted_replace_is_named(tmp_path):

@@ -27,7 +27,8 @@ require_compiler()
 def fresh_native(monkeypatch, tmp_path):
     """The module as in a new process, building into an empty cache folder."""
     monkeypatch.setattr(native.library, "_state", {})
-    monkeypatch.setenv("CONVNEXT_AUDIO_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("CONVNEXT_AUDIO_JAX_CACHE", raising=False)  # the former variable (one warning line)
+    monkeypatch.setenv("CONVNEXT_AUDIO_CACHE", str(tmp_path / "cache"))
     native.library._log_unavailable.cache_clear()
     yield tmp_path / "cache"
     native.library._log_unavailable.cache_clear()
@@ -62,7 +63,7 @@ def test_the_cache_name_changes_with_the_source_the_resolved_target_jaxlib_and_t
         monkeypatch.setattr(native.library, name, value)
         assert native.library_path(compiler) != path, name
         monkeypatch.undo()
-        monkeypatch.setenv("CONVNEXT_AUDIO_JAX_CACHE", str(fresh_native))
+        monkeypatch.setenv("CONVNEXT_AUDIO_CACHE", str(fresh_native))
     monkeypatch.setenv(native.library.EXTRA_FLAGS_ENV, "-O1")
     assert native.library_path(compiler) != path
 
@@ -71,9 +72,9 @@ def test_the_cache_name_changes_with_the_source_the_resolved_target_jaxlib_and_t
     ({"CONVNEXT_AUDIO_JAX_NATIVE": "0"}, "disabled by CONVNEXT_AUDIO_JAX_NATIVE=0"),
     ({"CXX": "/bin/false"}, "the C++ compiler '/bin/false' does not run: --version exited 1"),
     ({"CXX": "env /bin/false"}, "the C++ compiler 'env /bin/false' does not run: --version exited 1"),
-    ({"HOME": None, "CONVNEXT_AUDIO_JAX_CACHE": None, "XDG_CACHE_HOME": None}, "HOME is not set"),
+    ({"HOME": None, "CONVNEXT_AUDIO_CACHE": None, "XDG_CACHE_HOME": None}, "HOME is not set"),
     ({"CXX": "/nonexistent/c++"}, "the C++ compiler '/nonexistent/c++' does not run"),
-    ({"CONVNEXT_AUDIO_JAX_CACHE": "/proc/convnext-audio-jax-cache"}, "cannot build into /proc/convnext-audio-jax-cache/native"),
+    ({"CONVNEXT_AUDIO_CACHE": "/proc/convnext-audio-jax-cache"}, "cannot build into /proc/convnext-audio-jax-cache/native"),
 ])
 def test_without_the_kernel_auto_falls_back_to_xla_and_native_says_why(fresh_native, monkeypatch, caplog, env, reason):
     for name, value in env.items():
@@ -170,7 +171,8 @@ print("built" if seconds is not None else "loaded", path)
 
 
 def test_concurrent_processes_build_once(tmp_path):
-    env = {**os.environ, "CONVNEXT_AUDIO_JAX_CACHE": str(tmp_path), "JAX_PLATFORMS": "cpu",
+    env = {**{k: v for k, v in os.environ.items() if k != "CONVNEXT_AUDIO_JAX_CACHE"},
+           "CONVNEXT_AUDIO_CACHE": str(tmp_path), "JAX_PLATFORMS": "cpu",
            native.library.EXTRA_FLAGS_ENV: "-O0"}  # a quick build: this test is about the lock
     processes = [subprocess.Popen([sys.executable, "-c", PREPARE_SCRIPT], env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True, cwd=pathlib.Path(__file__).resolve().parents[1])

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from convnext_audio_jax import native
-from convnext_audio_jax.runtime import xla
+from convnext_audio_jax.runtime import files, xla
 
 COMPILER = native.find_compiler()
 SANITIZE = "-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -O1"
@@ -50,8 +50,9 @@ def test_the_shape_corpus_under_the_sanitizers_in_each_build():
     assert None not in PRELOAD, "gcc and its ASan runtime are needed (apt-get install g++; .ci/run does)"
 
     builds = {name: off for name, off in BUILDS.items() if name != "avx2" or "avx512f" in xla.cpu_flags()}
-    base = {key: value for key, value in os.environ.items() if key not in ("XLA_FLAGS", xla.CPU_FLAGS_OFF_ENV)}
-    common = {**base, "JAX_PLATFORMS": "cpu", "CONVNEXT_AUDIO_JAX_CACHE": str(library.cache_dir() / "sanitized"),
+    base = {key: value for key, value in os.environ.items()
+            if key not in ("XLA_FLAGS", xla.CPU_FLAGS_OFF_ENV, files.OLD_CACHE_ENV)}
+    common = {**base, "JAX_PLATFORMS": "cpu", files.CACHE_ENV: str(files.cache_root() / "sanitized"),
               library.EXTRA_FLAGS_ENV: SANITIZE, "LD_PRELOAD": " ".join(PRELOAD),
               "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0", "UBSAN_OPTIONS": "print_stacktrace=1"}
     repository = pathlib.Path(__file__).resolve().parents[1]

@@ -6,9 +6,9 @@ import os
 import pathlib
 
 import pytest
+from training_helpers import tiny_config
 
 from convnext_audio_jax.training import config as config_lib
-from training_helpers import tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (REPO / "configs").glob("*.py") if not p.name.startswith("_"))
@@ -101,9 +101,8 @@ def test_config_json_is_fsynced_before_and_after_its_rename(tmp_path, monkeypatc
     and the folder (the rename) after it."""
     events = []
     real_fsync, real_replace = os.fsync, pathlib.Path.replace
-    monkeypatch.setattr(config_lib.os, "fsync",
+    monkeypatch.setattr(os, "fsync",
                         lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), real_fsync(fd)))
-    monkeypatch.setattr(config_lib, "fsync_path", lambda path: events.append(("fsync", str(path))))
     monkeypatch.setattr(pathlib.Path, "replace",
                         lambda self, target: (events.append(("rename", str(target))), real_replace(self, target))[1])
     config_lib.check_and_record_config(tiny_config(), tmp_path, resuming=False)

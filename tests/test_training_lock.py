@@ -12,6 +12,7 @@ import pytest
 from training_helpers import TINY_CONFIG
 
 from convnext_audio_jax.artifacts import lock as lock_lib
+from convnext_audio_jax.runtime import files
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -42,7 +43,7 @@ def test_without_flock_an_exclusive_file_locks_and_a_dead_holder_is_replaced(tmp
     def no_flock(descriptor, operation):
         raise OSError(errno.ENOSYS, "Function not implemented")
 
-    monkeypatch.setattr(lock_lib.fcntl, "flock", no_flock)
+    monkeypatch.setattr(files.fcntl, "flock", no_flock)
     first = lock_lib.WorkdirLock(tmp_path)
     first.acquire()
     assert first.exclusive_path.read_text() == f"pid {os.getpid()} on {socket.gethostname()}\n"

@@ -24,7 +24,6 @@ import os
 import pathlib
 import shutil
 import sys
-import tempfile
 import uuid
 from typing import Any
 
@@ -34,6 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from convnext_audio_jax.models import create_model, init_variables
+from convnext_audio_jax.runtime import files
 
 FORMAT = "convnext-audio-jax/1"
 METADATA_FILE = "metadata.json"
@@ -85,23 +85,6 @@ def check_model_output(directory: str | os.PathLike, overwrite: bool = False) ->
     return True
 
 
-def fsync_path(path: str | os.PathLike) -> None:
-    """Flushes a file or a directory (its entries: a rename in it) to disk."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _fsync_tree(root: pathlib.Path) -> None:
-    """Every file and directory under ``root`` (and ``root``) on disk, before a rename publishes it."""
-    for folder, _, files in os.walk(root):
-        for name in files:
-            fsync_path(pathlib.Path(folder, name))
-        fsync_path(pathlib.Path(folder))
-
-
 def _check_class_names(model_name: str, model_config: dict[str, Any], document: dict[str, Any]) -> None:
     names = document.get("class_names")
     if names is None:
@@ -139,7 +122,7 @@ def save_model(
     text = json.dumps(document, indent=2, sort_keys=False)  # fails early on non-JSON metadata
     replacing = check_model_output(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    staging = files.make_temporary_dir(target)  # the umask's mode, not mkdtemp's 0700: colleagues may read models
     aside = None
     try:
         this_process = jax.process_index()
@@ -148,14 +131,14 @@ def save_model(
         checkpointer.save(staging / VARIABLES_DIR, _as_numpy_tree(variables))
         checkpointer.wait_until_finished()
         (staging / METADATA_FILE).write_text(text + "\n")
-        _fsync_tree(staging)
+        files.fsync_tree(staging)  # before any rename: the old model stays until the new one is whole on disk
         if replacing:
             aside = target.parent / f".{target.name}{_PREVIOUS_INFIX}{uuid.uuid4().hex[:8]}"
             os.rename(target, aside)
         elif target.is_dir():
             target.rmdir()  # empty
         os.rename(staging, target)
-        fsync_path(target.parent)
+        files.fsync_path(target.parent)
     except BaseException:
         if aside is not None and not target.exists():
             os.rename(aside, target)  # the old model back in place

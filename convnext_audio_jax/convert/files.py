@@ -12,13 +12,12 @@ from __future__ import annotations
 import os
 import pathlib
 import struct
-import tempfile
 from collections.abc import Mapping
 
 import numpy as np
 
-from convnext_audio_jax.artifacts.model_dir import fsync_path
 from convnext_audio_jax.data import labels as labels_lib
+from convnext_audio_jax.runtime import files
 
 
 class ConversionError(ValueError):
@@ -122,21 +121,14 @@ def save_torch_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.P
         raise ConversionError(f"output {path.name}: expected a .pth, .pt or .safetensors file name")
     torch = None if path.suffix == ".safetensors" else _import_torch(path, reading=False)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
+    # torch.save / safetensors create the temporary file with open()'s mode (not mkstemp's 0600): the umask decides.
+    with files.replacing(path) as staging:
         if path.suffix == ".safetensors":
             from safetensors.numpy import save_file
 
             save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, staging)
         else:
             torch.save({"model": {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}}, staging)
-        fsync_path(staging)
-        os.replace(staging, path)
-        fsync_path(path.parent)
-    except BaseException:
-        pathlib.Path(staging).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -36,8 +35,10 @@ import h5py
 import numpy as np
 import tqdm
 
-from convnext_audio_jax.data import audio, labels as labels_lib, records, sources
+from convnext_audio_jax.data import audio, records, sources
+from convnext_audio_jax.data import labels as labels_lib
 from convnext_audio_jax.data.workers import WorkerDied, WorkerPool
+from convnext_audio_jax.runtime import files
 
 FORMATS = ("array_record", "hdf5")
 MANIFEST = "manifest.json"
@@ -92,23 +93,16 @@ class SplitLocked(Exception):
 
 @contextlib.contextmanager
 def _locked(path: pathlib.Path, blocking: bool, message: str):
-    """An exclusive flock on ``path`` (created, holding our pid; never deleted: removing a lock file races with
-    another process opening it). The kernel drops the lock when the process dies."""
-    with open(path, "a+") as file:
-        try:
-            fcntl.flock(file, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            file.seek(0)
-            holder = file.read().strip() or "unknown"
-            raise SplitLocked(f"{message} (lock {path} held by pid {holder})") from None
-        file.seek(0)
-        file.truncate()
-        file.write(str(os.getpid()))
-        file.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(file, fcntl.LOCK_UN)
+    """The one file lock (``runtime.files.FileLock``) on ``path``, held for the block; SplitLocked when another
+    process holds it and ``blocking`` is False. The kernel drops it when the process dies."""
+    try:
+        lock = files.FileLock(path).acquire(blocking)
+    except files.LockHeld as held:
+        raise SplitLocked(f"{message} (lock {held.path} held by {held.holder})") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def default_split_name(clip_list_csv: str | os.PathLike) -> str:
@@ -174,7 +168,7 @@ def _prepare_locked(audio_dir, clip_list_csv, labels_csv, output, split, output_
         # Re-read under the lock: another split's run may have written the manifest since this one started.
         manifest = _read_manifest(output, output_format, class_labels.num_classes)
         manifest["splits"][split] = split_manifest
-        _atomic_write_text(output / MANIFEST, json.dumps(manifest, indent=1))
+        files.write_text(output / MANIFEST, json.dumps(manifest, indent=1))
     return split_manifest
 
 
@@ -186,9 +180,8 @@ def _adopt_labels(output: pathlib.Path, labels_csv, class_labels: labels_lib.Cla
         if existing.mids != class_labels.mids:
             raise ValueError(f"{labels_csv} differs from {copy} already in the output; use a new output folder")
     else:
-        temporary = copy.with_name(f"{copy.name}.{os.getpid()}.partial")
-        shutil.copyfile(labels_csv, temporary)
-        _fsync_replace(temporary, copy)
+        with files.replacing(copy, copy.with_name(f"{copy.name}.{os.getpid()}.partial")) as temporary:
+            shutil.copyfile(labels_csv, temporary)
 
 
 def _read_manifest(output: pathlib.Path, output_format: str, num_classes: int) -> dict:
@@ -261,18 +254,18 @@ class _ShardPlan:
         except BaseException:
             temporary.unlink(missing_ok=True)  # ours, and unfinished (e.g. the disk filled up)
             raise
-        _fsync_replace(temporary, self.output / self.data_name)
+        files.publish(temporary, self.output / self.data_name)
         targets = labels_lib.multi_hot_matrix(
             [labels_lib.ClipEntry(i, t) for i, t in zip(kept_ids, kept_targets)], class_labels.num_classes)
         if self.index_name is not None:
-            index_temporary = self.output / f"{self.index_name}.{os.getpid()}.partial.npz"
-            np.savez(index_temporary, ids=np.array(kept_ids, dtype=str), targets=targets)
-            _fsync_replace(index_temporary, self.output / self.index_name)
+            index_temporary = self.output / f"{self.index_name}.{os.getpid()}.partial.npz"  # np.savez keeps .npz
+            with files.replacing(self.output / self.index_name, index_temporary):
+                np.savez(index_temporary, ids=np.array(kept_ids, dtype=str), targets=targets)
         summary = {
             "data": self.data_name, "index": self.index_name, "num_clips": len(kept_ids),
             "class_counts": targets.sum(axis=0).tolist(), "skipped": skipped, "plan_hash": self.plan_hash,
         }
-        _atomic_write_text(self.summary_path, json.dumps(summary))
+        files.write_text(self.summary_path, json.dumps(summary))
         return summary
 
 
@@ -325,21 +318,21 @@ class _ShardWriter:
 
 def _write_pann_index(output: pathlib.Path, split: str, summaries: list[dict], num_classes: int) -> None:
     """A PANN-style index over the split's shards; `hdf5_path` holds names relative to the index file."""
-    names, targets, files, rows = [], [], [], []
+    names, targets, shard_files, rows = [], [], [], []
     for summary in summaries:
         with h5py.File(output / summary["data"], "r") as f:
             n = f["waveform"].shape[0]
             names.extend(sources.decode_names(f["audio_name"][:]))
             targets.append(f["target"][:])
-        files.extend([summary["data"]] * n)
+        shard_files.extend([summary["data"]] * n)
         rows.extend(range(n))
-    temporary = output / f"{split}_index.h5.{os.getpid()}.partial"
-    with h5py.File(temporary, "w") as f:
+    final = output / f"{split}_index.h5"
+    with files.replacing(final, final.with_name(f"{final.name}.{os.getpid()}.partial")) as temporary, \
+            h5py.File(temporary, "w") as f:
         f.create_dataset("audio_name", data=np.array(names, dtype=object), dtype=h5py.string_dtype())
         f.create_dataset("target", data=np.concatenate(targets) if targets else np.zeros((0, num_classes), bool))
-        f.create_dataset("hdf5_path", data=np.array(files, dtype=object), dtype=h5py.string_dtype())
+        f.create_dataset("hdf5_path", data=np.array(shard_files, dtype=object), dtype=h5py.string_dtype())
         f.create_dataset("index_in_hdf5", data=np.array(rows, dtype=np.int64))
-    _fsync_replace(temporary, output / f"{split}_index.h5")
 
 
 def _split_manifest(split, clip_list_csv, summaries, class_labels, output_format) -> dict:
@@ -358,25 +351,3 @@ def _split_manifest(split, clip_list_csv, summaries, class_labels, output_format
         "skipped_by_reason": dict(collections.Counter(item["reason"] for item in skipped)),
         "skipped": skipped,
     }
-
-
-def _fsync_replace(temporary: pathlib.Path, final: pathlib.Path) -> None:
-    """Flush ``temporary`` to disk, rename it to ``final`` and flush the folder (the rename itself)."""
-    with open(temporary, "rb+") as file:
-        os.fsync(file.fileno())
-    os.replace(temporary, final)
-    folder = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-
-
-def _atomic_write_text(path: pathlib.Path, text: str) -> None:
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    try:
-        temporary.write_text(text)
-        _fsync_replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise

@@ -40,6 +40,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from convnext_audio_jax.runtime import files
+
 logger = logging.getLogger(__name__)
 
 FORMAT = "convnext-audio-teacher"
@@ -114,7 +116,7 @@ class TeacherWriter:
                 raise TeacherFileError(f"{self.parts} holds an unfinished run with other settings ({found}); finish it "
                                        f"with those settings, or move the folder away")
         else:
-            _atomic_write_text(manifest_path, json.dumps(self.manifest, indent=2) + "\n")
+            files.write_text(manifest_path, json.dumps(self.manifest, indent=2) + "\n")
 
     def is_complete(self) -> bool:
         """Whether OUTPUT already holds the finished file of this job."""
@@ -146,12 +148,9 @@ class TeacherWriter:
         if not np.isfinite(logits).all():
             raise ValueError(f"chunk {k}: non-finite logits")
         skipped = np.array([list(s) for s in skipped], dtype=str).reshape(-1, 3)
-        temporary = self.parts / f".chunk-{k:06d}.tmp.npz"
-        with open(temporary, "wb") as f:
+        with files.replacing(self._chunk_path(k), self.parts / f".chunk-{k:06d}.tmp.npz") as temporary, \
+                open(temporary, "wb") as f:
             np.savez(f, clip_id=np.array(list(clip_ids), dtype=str), logits=logits.astype(self.dtype), skipped=skipped)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, self._chunk_path(k))
 
     def finish(self) -> pathlib.Path:
         """Assembles every chunk into OUTPUT (atomically) and removes the parts folder; returns OUTPUT."""
@@ -165,8 +164,8 @@ class TeacherWriter:
             with np.load(self._chunk_path(k)) as chunk:
                 ids.extend(chunk["clip_id"].tolist())
                 skipped.extend(chunk["skipped"].tolist())
-        temporary = self.parts / "assembly.h5.tmp"
-        with h5py.File(temporary, "w") as f:
+        # Assembled inside the parts folder (removed with it below), published only whole.
+        with files.replacing(self.output, self.parts / "assembly.h5.tmp") as temporary, h5py.File(temporary, "w") as f:
             logits = f.create_dataset("logits", shape=(len(ids), self.num_classes), dtype=self.dtype)
             row = 0
             for k in range(self.num_chunks):
@@ -182,7 +181,6 @@ class TeacherWriter:
             f.attrs.update(format=FORMAT, version=VERSION, num_classes=self.num_classes, dtype=self.dtype,
                            models=json.dumps(self.manifest["settings"].get("models", [])),
                            source=str(self.manifest["settings"].get("source", "")), job=json.dumps(self.manifest))
-        os.replace(temporary, self.output)
         shutil.rmtree(self.parts)  # written by this job only (its manifest matched)
         return self.output
 
@@ -198,12 +196,6 @@ def _write_ids_and_index(f: h5py.File, ids: Sequence[str], name: str) -> None:
     f.create_dataset("clip_id", data=encoded)
     f.create_dataset("index_clip_id", data=ordered)
     f.create_dataset("index_row", data=order.astype(np.int64))
-
-
-def _atomic_write_text(path: pathlib.Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def write_teacher_file(output: str | os.PathLike, clip_ids: Sequence[str], logits: np.ndarray,

@@ -44,8 +44,7 @@ from convnext_audio_jax.data.pipeline import (
     make_loader,
 )
 from convnext_audio_jax.evaluation import metrics as metrics_lib
-from convnext_audio_jax.hub import pretrained
-from convnext_audio_jax.runtime import xla
+from convnext_audio_jax.runtime import files, xla
 from convnext_audio_jax.runtime.sharding import (
     barrier,
     batch_spec,
@@ -326,7 +325,7 @@ def run(args: argparse.Namespace) -> int:
     from convnext_audio_jax.runtime import distributed
 
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)  # a no-op for one process
-    xla.enable_compilation_cache(args.compilation_cache, pretrained.cache_dir())
+    xla.enable_compilation_cache(args.compilation_cache, files.cache_root())
     first = jax.process_index() == 0
     model, variables, metadata = load_model(args.checkpoint)
     frontend = model.frontend

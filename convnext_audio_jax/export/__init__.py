@@ -27,7 +27,6 @@ import json
 import os
 import pathlib
 import re
-import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -38,6 +37,7 @@ import numpy as np
 
 from convnext_audio_jax.artifacts.exported import METADATA_FORMAT, metadata_path
 from convnext_audio_jax.models import with_xla_ops
+from convnext_audio_jax.runtime import files
 
 FORMATS = ("stablehlo", "onnx")
 PLATFORMS = ("cpu", "cuda")
@@ -109,18 +109,6 @@ def _check_output(path: pathlib.Path, overwrite: bool) -> None:
         raise ExportError(f"cannot write {path}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ExportError(f"cannot write {path}: folder {parent} is not writable")
-
-
-def _write_atomically(path: pathlib.Path, data: bytes) -> None:
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(staging, path)
-    except BaseException:
-        if os.path.exists(staging):
-            os.unlink(staging)
-        raise
 
 
 def frame_seconds(model: nn.Module, num_steps: int) -> list[list[float]] | None:
@@ -249,8 +237,8 @@ def export(model: nn.Module, variables: Mapping[str, Any], fmt: str, output: str
         document["opset"] = ONNX_OPSET
         document["jax2onnx_version"] = jax2onnx.__version__ if hasattr(jax2onnx, "__version__") else "0.17.1"
         data = proto.SerializeToString()
-    _write_atomically(path, data)
-    _write_atomically(metadata_path(path), (json.dumps(document, indent=2) + "\n").encode())
+    files.write_bytes(path, data)
+    files.write_text(metadata_path(path), json.dumps(document, indent=2) + "\n")
     return document
 
 

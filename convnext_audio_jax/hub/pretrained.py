@@ -4,12 +4,12 @@
 ``checkpoint.load_model``; ``resolve(name)`` returns the cached model directory (downloading and
 converting on first use) or None for a string that is not a registered name. See docs/pretrained.md.
 
-Cache (``$CONVNEXT_AUDIO_CACHE``, default ``$XDG_CACHE_HOME/convnext-audio-jax`` or
-``~/.cache/convnext-audio-jax``)::
+Cache (the one cache folder, ``runtime.files.cache_root``: ``$CONVNEXT_AUDIO_CACHE``, default
+``$XDG_CACHE_HOME/convnext-audio-jax`` or ``~/.cache/convnext-audio-jax``)::
 
     downloads/FILE        verified downloads (FILE.part while a download runs or after it broke)
     models/NAME/          the converted model directory (checkpoint.save_model format)
-    locks/NAME.lock       fcntl lock: one process downloads and converts, the others wait
+    locks/NAME.lock       the file lock (runtime.files): one process downloads and converts, the others wait
 
 Downloaded weights are untrusted: ``.pth`` files are read only with ``torch.load(weights_only=True)``
 (by the converter), safetensors without pickle at all, and every file is checked against its
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import fcntl
 import importlib.util
 import json
 import os
@@ -44,8 +43,9 @@ from convnext_audio_jax.convert import (
 )
 from convnext_audio_jax.hub import download
 from convnext_audio_jax.models import create_model
+from convnext_audio_jax.runtime import files
+from convnext_audio_jax.runtime.files import CACHE_ENV
 
-CACHE_ENV = "CONVNEXT_AUDIO_CACHE"
 OFFLINE_ENV = "CONVNEXT_AUDIO_OFFLINE"
 MIRROR_ENV = "CONVNEXT_AUDIO_MIRROR"
 REGISTRY_ENV = "CONVNEXT_AUDIO_REGISTRY"
@@ -184,12 +184,8 @@ def registry() -> dict[str, Pretrained]:
     return entries
 
 
-def cache_dir() -> pathlib.Path:
-    explicit = os.environ.get(CACHE_ENV)
-    if explicit:
-        return pathlib.Path(explicit).expanduser().absolute()
-    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
-    return pathlib.Path(base).expanduser().absolute() / "convnext-audio-jax"
+# The cache folder under its documented name here: the one folder of every layer (runtime.files.cache_root).
+cache_dir = files.cache_root
 
 
 def is_offline(offline: bool | None = None) -> bool:
@@ -215,17 +211,17 @@ def _download_url(source: Source) -> str:
 
 
 def _offline_error(entry: Pretrained, missing: list[Source]) -> PretrainedError:
-    files = ", ".join(s.where for s in missing)
+    listed, cache = ", ".join(s.where for s in missing), files.cache_root()
     return PretrainedError(
-        f"offline ({OFFLINE_ENV}=1 or --offline) and pretrained {entry.name!r} is not in the cache {cache_dir()}: "
-        f"missing {files}; fetch it where there is network with `convnext-audio download {entry.name}` "
-        f"(same {CACHE_ENV}) or copy the file into {cache_dir() / 'downloads'}"
+        f"offline ({OFFLINE_ENV}=1 or --offline) and pretrained {entry.name!r} is not in the cache {cache}: "
+        f"missing {listed}; fetch it where there is network with `convnext-audio download {entry.name}` "
+        f"(same {CACHE_ENV}) or copy the file into {cache / 'downloads'}"
     )
 
 
 def _fetch_url_file(entry: Pretrained, source: Source, offline: bool) -> pathlib.Path:
     """The verified file of ``source`` in the cache, downloaded when absent."""
-    downloads = cache_dir() / "downloads"
+    downloads = files.cache_root() / "downloads"
     target = downloads / source.file
     if target.is_file():
         problem = _mismatch(source, target)
@@ -248,7 +244,7 @@ def _fetch_url_file(entry: Pretrained, source: Source, offline: bool) -> pathlib
         raise PretrainedError(f"{source.file} from {url}: {problem} ({source.page}); the download was deleted")
     if source.md5 is None and source.sha256 is None:
         print(f"{source.file}: no checksum is published; its sha256 is recorded in the model's metadata", file=sys.stderr)
-    os.replace(part, target)  # appears only complete and verified
+    files.publish(part, target)  # appears only complete and verified
     return target
 
 
@@ -285,7 +281,7 @@ def _fetch_weights(entry: Pretrained, offline: bool) -> tuple[Source, pathlib.Pa
     """The preferred source this installation can use and its verified file: a copy already in the
     cache first (no network), then the sources in order of preference."""
     sources = _usable_sources(entry)
-    local = [s for s in sources if s.hf_repo is None and (cache_dir() / "downloads" / s.file).is_file()]
+    local = [s for s in sources if s.hf_repo is None and (files.cache_root() / "downloads" / s.file).is_file()]
     if local:
         return local[0], _fetch_url_file(entry, local[0], offline)
     if offline:
@@ -307,19 +303,12 @@ def _fetch_weights(entry: Pretrained, offline: bool) -> tuple[Source, pathlib.Pa
 
 @contextlib.contextmanager
 def _locked(name: str) -> Iterator[None]:
-    """An exclusive fcntl lock per name: concurrent first uses download and convert once."""
-    locks = cache_dir() / "locks"
+    """The file lock per name (runtime.files): concurrent first uses download and convert once."""
+    locks = files.cache_root() / "locks"
     locks.mkdir(parents=True, exist_ok=True)
-    with open(locks / f"{name}.lock", "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"{name}: another process is fetching it; waiting", file=sys.stderr)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with files.locked(locks / f"{name}.lock", on_wait=lambda holder: print(
+            f"{name}: another process is fetching it ({holder}); waiting", file=sys.stderr)):
+        yield
 
 
 def _converted(entry: Pretrained, model_dir: pathlib.Path) -> bool:
@@ -365,7 +354,7 @@ def resolve(name_or_path: str | os.PathLike, *, offline: bool | None = None) -> 
     if name not in entries or os.path.exists(name):
         return None
     entry = entries[name]
-    model_dir = cache_dir() / "models" / name
+    model_dir = files.cache_root() / "models" / name
     if _converted(entry, model_dir):
         return model_dir
     offline = is_offline(offline)
@@ -399,7 +388,7 @@ def _not_a_name(name: str) -> PretrainedError:
 
 def _size_text(entry: Pretrained) -> str:
     for source in entry.sources:
-        cached = cache_dir() / "downloads" / source.file
+        cached = files.cache_root() / "downloads" / source.file
         if cached.is_file():
             return f"{cached.stat().st_size / 1e6:.0f} MB"
         if source.size is not None:
@@ -411,13 +400,14 @@ def _size_text(entry: Pretrained) -> str:
 
 def print_table(out=None) -> None:
     out = out or sys.stdout
-    rows = [(e.name, e.model, e.published, _size_text(e), "yes" if _converted(e, cache_dir() / "models" / e.name) else "no",
+    models = files.cache_root() / "models"
+    rows = [(e.name, e.model, e.published, _size_text(e), "yes" if _converted(e, models / e.name) else "no",
              " | ".join(s.page or s.url or s.where for s in e.sources)) for e in registry().values()]
     headers = ("name", "model", "published", "size", "cached", "source")
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     for row in [headers, tuple("-" * w for w in widths), *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip(), file=out)
-    print(f"\ncache: {cache_dir()} ({CACHE_ENV})", file=out)
+    print(f"\ncache: {files.cache_root()} ({CACHE_ENV})", file=out)
 
 
 def add_download_arguments(parser) -> None:

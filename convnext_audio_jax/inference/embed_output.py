@@ -19,18 +19,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from convnext_audio_jax.runtime.files import publish, write_text
+
 _CHUNK_BYTES = 64 << 20
-
-
-def _fsync_replace(temporary: str, final: str) -> None:
-    with open(temporary, "rb+") as file:
-        os.fsync(file.fileno())
-    os.replace(temporary, final)
-    directory = os.open(os.path.dirname(final) or ".", os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 class PartWriter:
@@ -64,14 +55,11 @@ class PartWriter:
                 offset += len(data)
         array.flush()
         del array, flat
-        _fsync_replace(temporary, self.stem + ".npy")
+        publish(temporary, self.stem + ".npy")
         os.remove(self._raw_name)
         record = {"file": self.path, "kind": self.store.kind, "shape": list(shape),
                   "window_start_s": [float(s) for s in window_start_s]}
-        temporary = f"{self.stem}.{os.getpid()}.json.tmp"
-        with open(temporary, "w") as file:
-            json.dump(record, file)
-        _fsync_replace(temporary, self.stem + ".json")
+        write_text(self.stem + ".json", json.dumps(record), temporary=f"{self.stem}.{os.getpid()}.json.tmp")
 
     def discard(self) -> None:
         self._raw.close()
@@ -137,7 +125,7 @@ class EmbeddingStore:
                 with archive.open(name + ".npy", "w", force_zip64=True) as member:
                     np.lib.format.write_array(member, value, allow_pickle=False)
         del arrays
-        _fsync_replace(temporary, self.output)
+        publish(temporary, self.output)
         self.remove_parts()
         return embedded, rows, row_shape
 

@@ -27,6 +27,7 @@ from convnext_audio_jax.inference.tagging import (
     WindowScores,
     frame_segments,
 )
+from convnext_audio_jax.runtime import files
 
 OUTPUT_FORMATS = ("table", "json", "jsonl", "csv")
 RESUMABLE_FORMATS = ("jsonl", "csv")
@@ -239,8 +240,7 @@ class RecordSink:
         if self._file is None:
             sys.stdout.flush()
         else:
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            files.sync_file(self._file)
 
     def write(self, chunks: Iterator[str]) -> None:
         if self.fmt == "json" and self._records:

@@ -58,7 +58,7 @@ from convnext_audio_jax.native.library import (  # noqa: F401
     NativeUnavailable,
     available,
     build,
-    cache_dir,
+    build_dir,
     find_compiler,
     library_path,
     load,

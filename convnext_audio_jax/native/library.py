@@ -3,27 +3,26 @@
 The library is compiled with the machine's C++ compiler (``$CXX``, which may carry arguments, e.g. ``ccache g++``;
 else ``c++``, ``g++`` or ``clang++``) for this CPU (``-march=native``, less the instruction sets of flags named in
 ``$CONVNEXT_AUDIO_JAX_CPU_FLAGS_OFF``, then the options in ``$CONVNEXT_AUDIO_JAX_CXXFLAGS``) against the FFI headers
-jaxlib ships, each source in its own compiler process, into one library kept in a cache folder
-(``$CONVNEXT_AUDIO_JAX_CACHE``, else ``$XDG_CACHE_HOME/convnext_audio_jax``, else ``~/.cache/convnext_audio_jax``)
-under a name that hashes the sources, jaxlib's version, the compiler's version, what it resolves ``-march=native``
-to (``-Q --help=target``, or its predefined macros where it has no such option) and the options: a later process
-loads it, another CPU or compiler sharing the folder builds its own.
+jaxlib ships, each source in its own compiler process, into one library kept in ``native/`` of the cache folder
+(``runtime.files.cache_root``: ``$CONVNEXT_AUDIO_CACHE``, else ``$XDG_CACHE_HOME/convnext-audio-jax``, else
+``~/.cache/convnext-audio-jax``; the former ``$CONVNEXT_AUDIO_JAX_CACHE`` still works, with a warning) under a name
+that hashes the sources, jaxlib's version, the compiler's version, what it resolves ``-march=native`` to (``-Q
+--help=target``, or its predefined macros where it has no such option) and the options: a later process loads it,
+another CPU or compiler sharing the folder builds its own.
 
 It is built by ``convnext-audio build-native``, when a model is created (``models.create_model``), or when a kernel
 is first asked for outside a jit trace; one WARNING line says what was built and how long it took. Concurrent
-processes build it once (an ``fcntl.flock`` on its lock file, which dies with its holder as the training run's
-lock does). A trace never builds it: the build's time would be hidden in the trace's, so there the models use the
-XLA forms for that trace and say why. Wherever it cannot be built or loaded (no compiler, a failed build, no cache
-folder, ``CONVNEXT_AUDIO_JAX_NATIVE=0``), :func:`available` is False, the models use the XLA forms and one WARNING
-line says why.
+processes build it once (the file lock of ``runtime.files`` on its lock file, which dies with its holder as the
+training run's lock does). A trace never builds it: the build's time would be hidden in the trace's, so there the
+models use the XLA forms for that trace and say why. Wherever it cannot be built or loaded (no compiler, a failed
+build, no cache folder, ``CONVNEXT_AUDIO_JAX_NATIVE=0``), :func:`available` is False, the models use the XLA forms
+and one WARNING line says why.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import ctypes
-import fcntl
 import functools
 import hashlib
 import importlib.metadata
@@ -42,7 +41,7 @@ import time
 
 import jax
 
-from convnext_audio_jax.runtime import xla
+from convnext_audio_jax.runtime import files, xla
 
 logger = logging.getLogger("convnext_audio_jax.native")
 
@@ -84,17 +83,12 @@ class NativeUnavailable(RuntimeError):
     """The compiled kernel cannot be used here (no compiler, a failed build, disabled, not a CPU)."""
 
 
-def cache_dir() -> pathlib.Path:
-    """Where built libraries are kept (see the module docstring)."""
-    if os.environ.get("CONVNEXT_AUDIO_JAX_CACHE"):
-        return pathlib.Path(os.environ["CONVNEXT_AUDIO_JAX_CACHE"])
-    if os.environ.get("XDG_CACHE_HOME"):
-        return pathlib.Path(os.environ["XDG_CACHE_HOME"]) / "convnext_audio_jax"
+def build_dir() -> pathlib.Path:
+    """Where built libraries are kept: ``native/`` in the cache folder (see the module docstring)."""
     try:
-        home = pathlib.Path.home()
-    except (RuntimeError, KeyError):  # no HOME and no passwd entry
-        raise NativeUnavailable("no cache folder: HOME is not set; set CONVNEXT_AUDIO_JAX_CACHE") from None
-    return home / ".cache" / "convnext_audio_jax"
+        return files.cache_root() / "native"
+    except files.NoCacheFolder as error:
+        raise NativeUnavailable(str(error)) from None
 
 
 def find_compiler() -> tuple[str, ...] | None:
@@ -166,7 +160,7 @@ def library_path(compiler: tuple[str, ...]) -> pathlib.Path:
     for part in (*_sources().values(), _jaxlib_version().encode(), version.encode(), target.encode(),
                  " ".join(flags).encode(), platform.machine().encode()):
         key.update(part + b"\0")
-    return cache_dir() / "native" / f"kernels-{key.hexdigest()[:16]}.so"
+    return build_dir() / f"kernels-{key.hexdigest()[:16]}.so"
 
 
 def target_name(compiler: tuple[str, ...]) -> str:
@@ -201,18 +195,7 @@ def build(compiler: tuple[str, ...], destination: pathlib.Path) -> None:
                 errors = [line for line in result.stderr.splitlines() if "error" in line] or result.stderr.splitlines()
                 raise NativeUnavailable(f"building {', '.join(SOURCES)} with {_shown(compiler)} failed (exit "
                                         f"{result.returncode}): {errors[0].strip() if errors else 'no message'}")
-        os.replace(output, destination)
-
-
-@contextlib.contextmanager
-def _exclusive(path: pathlib.Path):
-    """An exclusive flock on ``path`` (waits for its holder; dropped when this process ends, however it ends)."""
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        files.publish(output, destination)
 
 
 def _build_once(compiler: tuple[str, ...], path: pathlib.Path) -> float | None:
@@ -220,13 +203,14 @@ def _build_once(compiler: tuple[str, ...], path: pathlib.Path) -> float | None:
     seconds the build took, or None."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _exclusive(path.with_suffix(".lock")):
+        with files.locked(path.with_suffix(".lock"), on_wait=lambda holder: logger.warning(
+                "waiting for another process building the native CPU kernels (%s): %s", holder, path)):
             if path.exists():
                 return None
             start = time.perf_counter()
             build(compiler, path)
     except OSError as error:  # the cache folder cannot be created or written
-        raise NativeUnavailable(f"cannot build into {path.parent} ({error}); set CONVNEXT_AUDIO_JAX_CACHE to a "
+        raise NativeUnavailable(f"cannot build into {path.parent} ({error}); set {files.CACHE_ENV} to a "
                                 "writable folder") from None
     seconds = time.perf_counter() - start
     logger.warning("built the native CPU kernels (%s; %s for %s; %s) in %.1f s: %s", ", ".join(SOURCES),

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
 
 import flax.linen as nn
@@ -14,10 +13,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from convnext_audio_jax.artifacts.model_dir import fsync_path
 from convnext_audio_jax.data import spec as spec_lib
 from convnext_audio_jax.models import create_model, get_spec
-from convnext_audio_jax.runtime import sharding, xla
+from convnext_audio_jax.runtime import files, sharding, xla
 from convnext_audio_jax.training.augment import AugmentConfig
 from convnext_audio_jax.training.distill import Distillation
 
@@ -311,14 +309,9 @@ def check_and_record_config(config, workdir: pathlib.Path, resuming: bool) -> di
     differences = compare_with_saved(config, path) if resuming and path.is_file() else {}
     sharding.barrier("config.json checked")  # every process compared with the same file before process 0 replaces it
     if jax.process_index() == 0:
-        # On disk before the rename publishes it, and the rename itself: a power cut leaves the old or the new.
-        temporary = path.with_name(f".{path.name}.{jax.process_index()}.tmp")
-        with open(temporary, "w", encoding="utf-8") as f:
-            f.write(json.dumps(current, indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        temporary.replace(path)
-        fsync_path(workdir)
+        # A power cut leaves the old or the new config.json.
+        files.write_text(path, json.dumps(current, indent=2) + "\n",
+                         temporary=path.with_name(f".{path.name}.{jax.process_index()}.tmp"))
     return differences
 
 

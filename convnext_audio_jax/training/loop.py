@@ -22,9 +22,8 @@ from jax.experimental import multihost_utils
 
 from convnext_audio_jax.artifacts import lock as lock_lib
 from convnext_audio_jax.evaluation import evaluate as evaluate_lib
-from convnext_audio_jax.hub import pretrained
 from convnext_audio_jax.models import init_variables
-from convnext_audio_jax.runtime import sharding, xla
+from convnext_audio_jax.runtime import files, sharding, xla
 from convnext_audio_jax.runtime.sharding import data_mesh
 from convnext_audio_jax.training import checkpointing, optimizer
 from convnext_audio_jax.training import config as config_lib
@@ -77,8 +76,7 @@ class MetricsLog:
     def sync(self) -> None:
         """On disk (before a checkpoint is saved: its metrics must survive a power cut with it)."""
         if self._enabled:
-            self._jsonl.flush()
-            os.fsync(self._jsonl.fileno())
+            files.sync_file(self._jsonl)
             self._writer.flush()
 
     def close(self) -> None:
@@ -149,7 +147,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
 def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
     mesh = data_mesh()
     config_lib.validate_config(config, mesh.size)
-    xla.enable_compilation_cache(config.get("compilation_cache", ""), pretrained.cache_dir())
+    xla.enable_compilation_cache(config.get("compilation_cache", ""), files.cache_root())
     accumulation_steps, examples_per_host = config_lib.batch_layout(config, mesh.size, jax.process_count())
     augment = config_lib.augment_config(config)
 
