@@ -15,18 +15,27 @@ Rows, all in one process with the same random weights on both sides (``benchmark
 - scaling of ours' ConvNeXt-Tiny bf16 training step over 1, 2, 4, … devices at a fixed batch per device
   (weak scaling: clips/s and efficiency against the 1-device row).
 
-Each part is skipped, with the reason recorded, once ``--budget-s`` (default 450 s) is spent, so a slow
-machine still writes its JSON. Writes ``benchmarks/results/<machine>-gpu-suite.json`` (``-quick`` for
+- input: the loader's clips/s from packed int16 HDF5 (synthetic clips in a temporary folder), with reader threads
+  and with worker processes, beside the ConvNeXt-Tiny train step's clips/s: whether one host feeds its devices.
+
+Each part is skipped, with the reason recorded, once ``--budget-s`` (default 450 s) is spent, and a part that runs
+past ``--part-limit-s`` (default 180 s) is stopped there (SIGALRM, where Python regains control: a compile in
+progress ends first) and recorded as timed out, so a slow machine still writes its JSON. Writes ``benchmarks/results/<machine>-gpu-suite.json`` (``-quick`` for
 ``--quick``) and prints the Markdown tables.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
+import os
 import pathlib
+import signal
 import sys
+import tempfile
+import threading
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -43,7 +52,47 @@ from benchmarks.common import machine_description  # noqa: E402
 MODELS = ("convnext_tiny", "cnn14")
 QUICK_OVERRIDES = {"convnext_tiny": tuple(run.TINY_CONVNEXT.items()), "cnn14": (("channels", (8, 8, 16, 16, 16, 16)),)}
 SCALING_MODEL = "convnext_tiny"
-PARTS = ("communication", "forward", "train", "scaling")
+PARTS = ("communication", "forward", "train", "scaling", "input")
+
+
+class PartTimeout(Exception):
+    """A part ran past its time limit."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None):
+    """Raise PartTimeout in the main thread after ``seconds`` (None or no SIGALRM: no limit)."""
+    if not seconds or not hasattr(signal, "SIGALRM") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise PartTimeout(f"stopped after the {seconds:.0f} s part limit")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def input_rates(clips: int, batch: int, steps: int, workers: list[int], log=print) -> list[dict]:
+    """Loader clips/s over packed int16 HDF5 for each worker count (0: reader threads in this process)."""
+    from benchmarks import input_pipeline
+    from convnext_audio_jax.data import pipeline, sources
+
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        source = sources.PackedHdf5Source.from_files([input_pipeline.write_hdf5(pathlib.Path(folder), clips)])
+        for count in workers:
+            config = pipeline.LoaderConfig(batch_size=batch, sampling="shuffle", seed=0, waveform_dtype="int16",
+                                           worker_count=count)
+            rows.append({"format": "hdf5 int16", "workers": count, "batch": batch,
+                         "clips_per_s": input_pipeline.measure(source, config, steps, warmup=2)})
+            log(f"# input: {rows[-1]}")
+    return rows
 
 
 def device_counts(available: int) -> list[int]:
@@ -55,7 +104,8 @@ def device_counts(available: int) -> list[int]:
 
 
 def suite(cases: list[implementations.Case], batch: int, dtypes: list[str], repeats: int, *, compile_timeout: int | None,
-          budget_s: float, max_devices: int | None = None, parts: tuple[str, ...] = PARTS, log=print) -> dict:
+          budget_s: float, max_devices: int | None = None, parts: tuple[str, ...] = PARTS, log=print,
+          part_limit_s: float | None = None, input_clips: int = 512, input_workers: list[int] | None = None) -> dict:
     start = time.perf_counter()
     skipped: dict[str, str] = {}
 
@@ -65,6 +115,15 @@ def suite(cases: list[implementations.Case], batch: int, dtypes: list[str], repe
             log(f"# {part}: {skipped[part]}")
             return True
         return False
+
+    @contextlib.contextmanager
+    def limited(part: str):
+        try:
+            with time_limit(part_limit_s):
+                yield
+        except PartTimeout as timeout:
+            skipped[part] = str(timeout)
+            log(f"# {part}: {timeout}")
 
     rows: list[dict] = []
     notes: dict[str, str] = {}
@@ -79,8 +138,10 @@ def suite(cases: list[implementations.Case], batch: int, dtypes: list[str], repe
         from convnext_audio_jax.runtime import collectives
         from convnext_audio_jax.runtime.sharding import data_mesh
 
-        texts, grad_bytes = programs(create_model(case.model, **dict(case.config)), batch, 1, data_mesh(),
-                                     case.seconds)
+        texts = {}
+        with limited(f"communication/{case.model}"):
+            texts, grad_bytes = programs(create_model(case.model, **dict(case.config)), batch, 1, data_mesh(),
+                                         case.seconds)
         for program, text in texts.items():
             for op, row in collectives.summary(collectives.collectives(text)).items():
                 communication.append({"model": case.model, "program": program, "op": op, **row,
@@ -90,8 +151,10 @@ def suite(cases: list[implementations.Case], batch: int, dtypes: list[str], repe
         if over_budget(f"forward/{case.model}"):
             continue
         # No ONNX rows: ONNX Runtime's CPU provider says nothing about the GPU.
-        measured = run.benchmark([case], [batch], dtypes, repeats, with_torch=True, compile_timeout=compile_timeout,
-                                 with_audax=False, with_train=False, with_onnx=False, log=log)
+        measured = {"rows": [], "notes": {}, "parity_max_abs_probs": {}}
+        with limited(f"forward/{case.model}"):
+            measured = run.benchmark([case], [batch], dtypes, repeats, with_torch=True, compile_timeout=compile_timeout,
+                                     with_audax=False, with_train=False, with_onnx=False, log=log)
         rows += measured["rows"]
         notes.update(measured["notes"])
         parity.update(measured["parity_max_abs_probs"])
@@ -103,9 +166,11 @@ def suite(cases: list[implementations.Case], batch: int, dtypes: list[str], repe
             if over_budget(f"train/{case.model}/{dtype}"):
                 continue
             group = {"mode": "train", "model": case.model, "dtype": dtype, "batch": batch, "devices": 1}
+            measured = []
             try:
-                measured = benchmark_train_step(case.model, batch=batch, dtype=dtype, repeats=repeats,
-                                                overrides=case.config, seconds=case.seconds)
+                with limited(f"train/{case.model}/{dtype}"):
+                    measured = benchmark_train_step(case.model, batch=batch, dtype=dtype, repeats=repeats,
+                                                    overrides=case.config, seconds=case.seconds)
             except Exception as error:  # noqa: BLE001 — e.g. out of memory: recorded, the suite goes on
                 measured = [{"implementation": "ours", "error": implementations.error_summary(error)}]
             for row in measured:
@@ -121,18 +186,33 @@ def suite(cases: list[implementations.Case], batch: int, dtypes: list[str], repe
         row: dict = {"model": case.model, "dtype": dtype, "devices": count, "batch_per_device": batch,
                      "batch": batch * count}
         try:
-            measured = benchmark_train_step(case.model, batch=batch * count, dtype=dtype, repeats=repeats,
-                                            overrides=case.config, seconds=case.seconds, devices=count, with_torch=False)
+            with time_limit(part_limit_s):
+                measured = benchmark_train_step(case.model, batch=batch * count, dtype=dtype, repeats=repeats,
+                                                overrides=case.config, seconds=case.seconds, devices=count,
+                                                with_torch=False)
             row.update({k: v for k, v in measured[0].items() if k != "implementation"})
             row["clips_per_s_per_device"] = row["clips_per_s"] / count
             if scaling and "clips_per_s" in scaling[0]:
                 row["efficiency"] = row["clips_per_s_per_device"] / scaling[0]["clips_per_s"]
-        except Exception as error:  # noqa: BLE001
+        except (Exception, PartTimeout) as error:  # noqa: BLE001
             row["error"] = implementations.error_summary(error)
         scaling.append(row)
         log(f"# scaling: {row}")
+
+    feeding: list[dict] = []
+    if "input" in parts and not over_budget("input"):
+        with limited("input"):
+            # Reader threads, then worker processes up to one per core (the host's cores feed every device).
+            counts = input_workers if input_workers is not None else sorted({0, 1, max(1, (os.cpu_count() or 2) // 2),
+                                                                             os.cpu_count() or 1})
+            feeding = input_rates(input_clips, batch * max(1, jax.local_device_count()), 10, counts, log=log)
+    step_rates = [r["clips_per_s"] for r in rows if r.get("mode") == "train" and r.get("implementation") == "ours"
+                  and "clips_per_s" in r]
+    step_rates += [r["clips_per_s"] * jax.local_device_count() / r["devices"] for r in scaling if "clips_per_s" in r]
+    for row in feeding:  # > 1: this host reads clips faster than its devices train on them
+        row["over_train_step"] = row["clips_per_s"] / max(step_rates) if step_rates else None
     return {"rows": rows, "ratios": run.ratios(rows), "parity_max_abs_probs": parity, "scaling": scaling,
-            "communication": communication, "notes": {**notes, **skipped}}
+            "communication": communication, "input": feeding, "notes": {**notes, **skipped}}
 
 
 def format_tables(result: dict) -> str:
@@ -154,6 +234,11 @@ def format_tables(result: dict) -> str:
     for row in result.get("communication", []):
         lines.append(f"| {row['model']} | {row['program']} | {row['op']} | {row['count']} | {row['bytes'] / 2**20:.1f} "
                      f"| {row['bytes'] / row['grad_bytes']:.3f} |")
+    lines += ["", "| input | workers | batch | clips/s | / fastest train step |", "|---|---:|---:|---:|---:|"]
+    for row in result.get("input", []):
+        ratio = row.get("over_train_step")
+        lines.append(f"| {row['format']} | {row['workers'] or '0 (threads)'} | {row['batch']} | {row['clips_per_s']:,.0f} "
+                     f"| {'–' if ratio is None else f'{ratio:.2f}'} |")
     # The docs' GPU table: ours and torch in bf16 at the suite's batch, beside the paper's V100 figure.
     lines += ["", "| model | ours (bf16) | torch eager / compile (bf16) | ours train (bf16) | V100 (paper) |", "|---|---:|---:|---:|---:|"]
 
@@ -179,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch-compile", action="store_true", help="also time torch.compile (its compile is time-boxed)")
     parser.add_argument("--compile-timeout", type=int, default=120)
     parser.add_argument("--budget-s", type=float, default=450.0, help="skip the remaining parts after this many seconds")
+    parser.add_argument("--part-limit-s", type=float, default=180.0, help="stop any one part after this many seconds")
+    parser.add_argument("--input-clips", type=int, help="synthetic clips for the input part (default 512, --quick 32)")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to run (default: all)")
     parser.add_argument("--max-devices", type=int, help="largest mesh in the scaling rows (default: every device)")
     parser.add_argument("--out-dir", type=pathlib.Path, default=pathlib.Path(__file__).resolve().parent / "results")
@@ -198,14 +285,17 @@ def main(argv: list[str] | None = None) -> int:
     print(report.TABLE_HEADER, flush=True)
     start = time.perf_counter()
     measured = suite(cases, batch, dtypes, repeats, compile_timeout=args.compile_timeout if args.torch_compile else None,
-                     budget_s=args.budget_s, max_devices=args.max_devices, parts=tuple(args.parts), log=lambda line: print(line, flush=True))
+                     budget_s=args.budget_s, max_devices=args.max_devices, parts=tuple(args.parts),
+                     log=lambda line: print(line, flush=True), part_limit_s=args.part_limit_s,
+                     input_clips=args.input_clips or (32 if args.quick else 512),
+                     input_workers=[0, 1] if args.quick else None)
     result = {
         "schema_version": run.SCHEMA_VERSION,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine,
         "settings": {"suite": "gpu", "quick": args.quick, "models": list(MODELS), "batches": [batch], "dtypes": dtypes,
                      "repeats": repeats, "clip_seconds": seconds, "torch_compile": args.torch_compile,
-                     "max_devices": args.max_devices, "parts": args.parts},
+                     "max_devices": args.max_devices, "parts": args.parts, "part_limit_s": args.part_limit_s},
         **measured,
         "published": run.PUBLISHED,
         "wall_s": time.perf_counter() - start,

@@ -25,6 +25,21 @@ from convnext_audio_jax.data import audio, pipeline, records, sources
 NUM_CLASSES = 527
 
 
+def write_hdf5(folder: pathlib.Path, clips: int) -> pathlib.Path:
+    """``folder/bench.h5``: ``clips`` synthetic 10 s int16 clips in the PANN HDF5 layout (gpu_suite's input part)."""
+    rng = np.random.default_rng(0)
+    targets = rng.random((clips, NUM_CLASSES)) < 0.005
+    base = rng.integers(-8000, 8000, size=(audio.CLIP_SAMPLES,), dtype=np.int16)
+    with h5py.File(folder / "bench.h5", "w") as f:
+        f.create_dataset("audio_name", data=np.array([f"Y{i:07d}".encode() for i in range(clips)], dtype="S20"))
+        waveforms = f.create_dataset("waveform", (clips, audio.CLIP_SAMPLES), dtype=np.int16)
+        f.create_dataset("target", data=targets)
+        f.attrs["sample_rate"] = audio.SAMPLE_RATE
+        for i in range(clips):
+            waveforms[i] = np.roll(base, i)
+    return folder / "bench.h5"
+
+
 def write_datasets(folder: pathlib.Path, clips: int) -> None:
     rng = np.random.default_rng(0)
     targets = rng.random((clips, NUM_CLASSES)) < 0.005

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import torch  # noqa: F401  (the [test] extra; the suite runs the PyTorch reference)
 
@@ -41,3 +42,21 @@ def test_spent_budget_skips_every_part_and_says_so(tmp_path):
     result = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert result["rows"] == [] and result["scaling"] == []
     assert {"forward/convnext_tiny", "forward/cnn14", "train/cnn14/bfloat16", "scaling/1"} <= set(result["notes"])
+
+
+def test_input_part_measures_threads_and_workers(tmp_path):
+    assert gpu_suite.main(["--quick", "--parts", "input", "--out-dir", str(tmp_path)]) == 0
+    result = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert [(r["format"], r["workers"]) for r in result["input"]] == [("hdf5 int16", 0), ("hdf5 int16", 1)]
+    assert all(r["clips_per_s"] > 0 and r["over_train_step"] is None for r in result["input"])  # no train part ran
+
+
+def test_a_part_past_its_limit_is_stopped_and_recorded():
+    notes = []
+    with gpu_suite.time_limit(0.2):
+        try:
+            time.sleep(5)
+        except gpu_suite.PartTimeout as timeout:
+            notes.append(str(timeout))
+    assert notes == ["stopped after the 0 s part limit"]
+    time.sleep(0.3)  # the alarm was cancelled: nothing fires after the block
