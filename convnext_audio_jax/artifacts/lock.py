@@ -22,12 +22,15 @@ import os
 import pathlib
 import socket
 
+from convnext_audio_jax.runtime.errors import UserError
+
 # flock not supported by the file system.
 NO_FLOCK_ERRNOS = frozenset({errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK})
 
 
-class WorkdirLockedError(RuntimeError):
-    """Another live process holds the workdir's lock; the message names its pid and host."""
+class WorkdirLockedError(UserError, RuntimeError):
+    """Another live process holds the workdir's lock; the message names its pid and host (the user picks another
+    workdir or stops that run; a RuntimeError still, as it was)."""
 
 
 def lock_path(workdir: str | os.PathLike, process_index: int = 0) -> pathlib.Path:
