@@ -3,7 +3,9 @@
 ``--check`` makes a run's set-up checks (config, data, teacher, init_from, the
 multi-process settings resolved but not joined, the workdir) and prints one line: ``ok: ...`` (exit 0) or the
 first problem (exit 1); it trains nothing and leaves the workdir as it is, absent or not
-(convnext_audio_jax.training.check).
+(convnext_audio_jax.training.check). A problem the user can fix (config, data, workdir, multi-process settings) is
+one line ``train.py: error: ...`` and exit 1, as is a run stopped by a non-finite loss; ``--debug`` (or
+``CONVNEXT_AUDIO_DEBUG=1``) shows their traceback, and any other error always has one.
 
 Runs under absl.app, so flags are parsed before grain starts worker processes. A multi-process job joins
 its cluster first (convnext_audio_jax.runtime.distributed): ``--coordinator HOST:PORT --num_processes N --process_id I``,
@@ -27,8 +29,8 @@ from absl import logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from convnext_audio_jax import training
-from convnext_audio_jax.data.pipeline import UnreadableSourceError  # noqa: E402
 from convnext_audio_jax.runtime import distributed  # noqa: E402
+from convnext_audio_jax.runtime.errors import UserError, debugging, one_line
 from convnext_audio_jax.training import check
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
@@ -42,6 +44,11 @@ _LOCAL_DEVICE_IDS = flags.DEFINE_list("local_device_ids", None, "local devices t
 _LAYOUT = flags.DEFINE_enum("layout", None, list(distributed.LAYOUTS), "process layout (JAX_PROCESS_LAYOUT)")
 _CHECK = flags.DEFINE_bool("check", False, "check config, data, multi-process settings and workdir; print one line, "
                            "exit 0 (ok) or 1; train nothing, leave the workdir as it is")
+_DEBUG = flags.DEFINE_bool("debug", False, "show the traceback of every error, of a user error too "
+                           "(CONVNEXT_AUDIO_DEBUG=1)")
+# One line and exit 1: what the user can fix (config, data, workdir, multi-process settings: UserError), and a run
+# stopped by a non-finite loss (the message says where its last good checkpoint is). Anything else is a bug: traceback.
+ONE_LINE_ERRORS = (UserError, training.NonFiniteLossError)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -54,32 +61,31 @@ def parse_flags(argv: list[str]) -> list[str]:
     return app.parse_flags_with_usage(argv)
 
 
-def main(argv):
+def main(argv, on_batch=None):
+    """absl's main. ``on_batch(step, clip_ids)`` goes to ``training.train``: for a caller that runs this main with
+    ``app.run`` itself, to see the clips of every step."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and grain log every save at INFO
     logging.getLogger("convnext_audio_jax").setLevel(logging.INFO)
+    try:
+        return _run(on_batch)
+    except ONE_LINE_ERRORS as error:
+        if debugging(_DEBUG.value):
+            raise
+        print(f"train.py: error: {one_line(error)}", file=sys.stderr)
+        return 1
+
+
+def _run(on_batch) -> int:
     if _CHECK.value:
-        try:
-            summary = check.check_run(_CONFIG.value, _WORKDIR.value, _COORDINATOR.value, _NUM_PROCESSES.value,
-                                      _PROCESS_ID.value, _LOCAL_DEVICE_IDS.value, _LAYOUT.value)
-        except (training.ConfigError, distributed.DistributedConfigError, training.WorkdirLockedError) as error:
-            print(f"train.py: error: {error}", file=sys.stderr)
-            return 1
+        summary = check.check_run(_CONFIG.value, _WORKDIR.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                                  _PROCESS_ID.value, _LOCAL_DEVICE_IDS.value, _LAYOUT.value)
         print(f"train.py: {summary}")
         return 0
-    try:
-        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                               _LOCAL_DEVICE_IDS.value, _LAYOUT.value)
-    except distributed.DistributedConfigError as error:
-        print(f"train.py: error: {error}", file=sys.stderr)
-        return 1
-    try:
-        result = training.train(_CONFIG.value, _WORKDIR.value)
-    except (training.ConfigError, training.NonFiniteLossError, training.TooManySkippedError,
-            training.WorkdirLockedError, UnreadableSourceError) as error:
-        print(f"train.py: error: {error}", file=sys.stderr)
-        return 1
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _LOCAL_DEVICE_IDS.value,
+                           _LAYOUT.value)
+    result = training.train(_CONFIG.value, _WORKDIR.value, on_batch=on_batch)
     if result and jax.process_index() == 0:
         print(f"final validation mAP {result['val_mAP']:.4f} (best {result['best_val_mAP']:.4f}) at step {result['step']}")
     return 0

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
+
+from convnext_audio_jax.runtime.errors import UserError, debugging, one_line
 
 
 def _models_table(args: argparse.Namespace) -> int:
@@ -77,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="convnext-audio", description=__doc__)
     parser.add_argument("--offline", action="store_true",
                         help="never use the network for pretrained names (same as CONVNEXT_AUDIO_OFFLINE=1)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of every error, of a user error too (same as CONVNEXT_AUDIO_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     models = sub.add_parser("models", help="table of registered models: parameters, input, GFLOPs per 10 s clip")
@@ -90,9 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     build_native.set_defaults(func=_build_native)
 
     from convnext_audio_jax import export
-    from convnext_audio_jax.hub import convert_command as convert_cli
     from convnext_audio_jax.data import prepare
     from convnext_audio_jax.evaluation import evaluate, predict
+    from convnext_audio_jax.hub import convert_command as convert_cli
     from convnext_audio_jax.hub import pretrained
     from convnext_audio_jax.inference import commands as inference
 
@@ -121,13 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs a command. A UserError (a path, a flag, a file's content: what the user can fix) is one line and exit
+    code 2, unless ``--debug``; any other exception is a bug and keeps its traceback. ``--offline`` reaches the
+    commands in ``args`` (``hub.resolve.offline_flag``)."""
     args = build_parser().parse_args(argv)
-    if args.offline:
-        os.environ["CONVNEXT_AUDIO_OFFLINE"] = "1"
     try:
         return int(args.func(args) or 0)
-    except ValueError as err:  # bad user input: one clear line, no traceback
-        print(f"convnext-audio {args.command}: error: {err}", file=sys.stderr)
+    except UserError as err:
+        if debugging(args.debug):
+            raise
+        print(f"convnext-audio {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2
 
 

@@ -39,6 +39,7 @@ import soxr
 import torch
 
 from convnext_audio_jax.inference.commands import frame_grid, sequence_of, window_starts
+from convnext_audio_jax.runtime.errors import UserError
 from convnext_audio_jax.runtime.forward import ShardedForward
 
 SAMPLE_RATE = 48_000
@@ -78,7 +79,7 @@ class HearModel(torch.nn.Module):
     def __init__(self, model, variables: Mapping[str, Any], batch_size: int = 8, mesh=None):
         super().__init__()
         if not hasattr(model, "frontend"):
-            raise ValueError(f"{type(model).__name__} does not take audio")
+            raise UserError(f"{type(model).__name__} does not take audio")
         self.jax_model = model
         self.model_rate = int(model.frontend.sample_rate)
         self.window = int(model.frontend.clip_samples)
@@ -135,7 +136,7 @@ def load_model(model_file_path: str = "", batch_size: int = 8) -> HearModel:
     from convnext_audio_jax.hub.resolve import load_model as load_checkpoint
 
     if not model_file_path:
-        raise ValueError(NO_DEFAULT_WEIGHTS)
+        raise UserError(NO_DEFAULT_WEIGHTS)
     model, variables, _ = load_checkpoint(os.fspath(model_file_path))
     return HearModel(model, variables, batch_size)
 

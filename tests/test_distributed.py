@@ -3,6 +3,7 @@ real 2-process jobs on localhost (gloo collectives between simulated CPU devices
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -218,6 +219,50 @@ def test_initialize_calls_jax_once_with_the_spec(monkeypatch):
     spec = distributed.initialize("127.0.0.1:1234", 2, 1, ["0"], "per_device")
     assert calls == [spec.initialize_kwargs()] and calls[0]["local_device_ids"] == [0]
     assert jax.config.jax_cpu_collectives_implementation == "gloo"
+
+
+# ------------------------------------------------------------------------------------ private JAX APIs
+
+
+def _parameters(function) -> list[str]:
+    return [name for name in inspect.signature(function).parameters if name not in ("self", "cls")]
+
+
+def test_jax_cluster_detection_is_where_distributed_reads_it():
+    """distributed.detect_cluster and resolve use JAX's cluster detection, which has no public API
+    (jax.distributed.initialize runs it only while joining): jax._src.clusters.ClusterEnv._cluster_types, each with
+    opt_in_only_method, is_env_present(), get_coordinator_address(timeout_secs, override_coordinator_port),
+    get_process_count(), get_process_id() and get_local_process_id(). A JAX upgrade that moves them fails here, not in
+    a user's multi-process job."""
+    types = clusters.ClusterEnv._cluster_types
+    assert {"SlurmCluster", "OmpiCluster"} <= {cluster.__name__ for cluster in types}
+    for cluster in types:
+        assert isinstance(cluster.opt_in_only_method, bool), cluster
+        assert _parameters(cluster.is_env_present) == [], cluster
+        assert _parameters(cluster.get_coordinator_address) == ["timeout_secs", "override_coordinator_port"], cluster
+        for method in ("get_process_count", "get_process_id", "get_local_process_id"):
+            assert _parameters(getattr(cluster, method)) == [], (cluster, method)
+
+
+def test_jax_cloud_tpu_flag_is_where_distributed_reads_it():
+    """distributed.resolve asks whether it runs in a Cloud TPU VM (where JAX never pins a process to devices) as JAX
+    does, with no public API for it: jax._src.cloud_tpu_init.running_in_cloud_tpu_vm, a bool."""
+    from jax._src import cloud_tpu_init
+
+    assert isinstance(cloud_tpu_init.running_in_cloud_tpu_vm, bool)
+
+
+def test_jax_distributed_client_is_where_the_barrier_reads_it():
+    """sharding.barrier waits at the coordinator's key-value service through JAX's distributed client, which has no
+    public accessor (orbax reads the same attribute): jax._src.distributed.global_state.client (None until
+    jax.distributed.initialize), a jaxlib DistributedRuntimeClient with wait_at_barrier(barrier_id, timeout_in_ms).
+    A JAX upgrade that moves it fails here, not at the first barrier of a multi-process run."""
+    from jax._src import distributed as jax_distributed
+    from jax._src.lib import _jax
+
+    assert hasattr(jax_distributed.global_state, "client")
+    doc = _jax.DistributedRuntimeClient.wait_at_barrier.__doc__
+    assert "wait_at_barrier(self, barrier_id: str, timeout_in_ms: int" in doc, doc
 
 
 # ------------------------------------------------------------------------------------- real processes

@@ -185,3 +185,18 @@ def test_concurrent_processes_build_once(tmp_path):
     # The one WARNING line of the build: what was built, for which target, how long it took.
     built = next(err for out, err in outputs if out.startswith("built"))
     assert re.search(r"built the native CPU kernels \(depthwise\.cc.*\) in \d+\.\d s: ", built), built
+
+
+def test_jax_trace_state_is_where_the_library_reads_it():
+    """library._tracing (a jit trace never builds the library) asks JAX whether a trace is under way, which has no
+    public API: jax._src.core.trace_state_clean(), no arguments, True outside a trace. Were it gone, _tracing would
+    take every call as outside a trace (a build could then run inside one): a JAX upgrade that moves it fails here."""
+    import inspect
+
+    from jax._src import core
+
+    assert list(inspect.signature(core.trace_state_clean).parameters) == []
+    assert core.trace_state_clean() is True and native.library._tracing() is False
+    seen = []
+    jax.jit(lambda x: seen.append(native.library._tracing()) or x)(1.0)
+    assert seen == [True]

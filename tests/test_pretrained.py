@@ -25,9 +25,9 @@ import torch
 
 from convnext_audio_jax import cli
 from convnext_audio_jax.artifacts.model_dir import load_model
-from convnext_audio_jax.hub import convert_command as convert_cli
 from convnext_audio_jax.convert import load_torch_state_dict, save_torch_state_dict
 from convnext_audio_jax.convert.torch_reference import build_reference, randomize_
+from convnext_audio_jax.hub import convert_command as convert_cli
 from convnext_audio_jax.hub import pretrained
 
 NAME = "convnext_tiny_471mAP"
@@ -213,7 +213,7 @@ def test_offline_fails_fast_naming_the_file_and_the_command(cache, server, regis
 
 
 def test_cli_offline_flag_and_download_command(cache, server, registered, capsys, monkeypatch):
-    monkeypatch.setenv(pretrained.OFFLINE_ENV, "0")  # restored after the test: --offline sets it to 1
+    monkeypatch.setenv(pretrained.OFFLINE_ENV, "0")  # the flag makes these offline, not the environment
     assert cli.main(["--offline", "download", NAME]) == 2
     assert f"missing {FILE}" in capsys.readouterr().err and server.requests == []
     assert cli.main(["download", NAME, "--offline"]) == 2

@@ -46,6 +46,29 @@ def test_train_py_misspelt_override_is_one_line_and_check_creates_nothing(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.py"]  # neither workdir was created
 
 
+def test_train_py_config_error_is_one_line_and_debug_shows_its_traceback(tmp_path):
+    """A ConfigError (a UserError) is one line and exit 1; --debug or CONVNEXT_AUDIO_DEBUG=1 raise it instead."""
+    config_file = tmp_path / "tiny.py"
+    config_file.write_text(TINY_CONFIG)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "CONVNEXT_AUDIO_JAX_KEEP_FREED_MEMORY": "0"}
+    env.pop("CONVNEXT_AUDIO_DEBUG", None)
+
+    def train_py(workdir, *flags, **extra_env):
+        return subprocess.Popen([sys.executable, str(REPO / "train.py"), f"--config={config_file}",
+                                 f"--workdir={tmp_path / workdir}", "--config.total_steps=0", *flags],
+                                cwd=REPO, env={**env, **extra_env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+
+    runs = [train_py("plain"), train_py("flag", "--debug"), train_py("env", CONVNEXT_AUDIO_DEBUG="1")]
+    (plain_out, plain_err), *debugged = [run.communicate(timeout=240) for run in runs]
+    assert runs[0].returncode == 1 and plain_out == ""
+    assert plain_err.strip() == "train.py: error: total_steps must be >= 1; got 0", plain_err
+    for run, (_, stderr) in zip(runs[1:], debugged):
+        assert run.returncode == 1
+        assert "Traceback (most recent call last)" in stderr, stderr[-2000:]
+        assert "ConfigError: total_steps must be >= 1; got 0" in stderr, stderr[-2000:]
+
+
 def test_command_line_problem_reads_the_overrides_as_ml_collections_does(tmp_path):
     config_file = tmp_path / "tiny.py"
     config_file.write_text(TINY_CONFIG)

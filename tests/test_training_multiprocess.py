@@ -23,7 +23,7 @@ import pytest
 from convnext_audio_jax.artifacts import model_dir as checkpoint
 from convnext_audio_jax.data import spec as spec_lib
 from convnext_audio_jax.evaluation import evaluate
-from convnext_audio_jax.training import checkpointing, loop
+from convnext_audio_jax.training import checkpointing
 from convnext_audio_jax.training.config import ConfigError
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -69,9 +69,11 @@ def train_args(config, workdir):
     return ["train.py", f"--config={config}", f"--workdir={workdir}"]
 
 
-def clip_log_env(cache, folder: pathlib.Path) -> dict:
-    folder.mkdir()
-    return {**cache, loop.CLIP_LOG_ENV: str(folder)}
+def logged_train_args(config, workdir, clips: pathlib.Path) -> list[str]:
+    """train.py run by tests/train_logging_clips.py: each process appends the clip ids of every training batch it
+    read to ``clips/clips-process<I>.jsonl`` ({"step", "ids"} lines)."""
+    clips.mkdir()
+    return ["tests/train_logging_clips.py", f"--clip_log={clips}", *train_args(config, workdir)[1:]]
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +81,8 @@ def single(setup):
     """1 process × 8 devices."""
     root, config, cache = setup
     workdir = root / "single"
-    (result,) = run_group([[sys.executable, *train_args(config, workdir)]],
-                          [process_env(8, clip_log_env(cache, root / "single_clips"))], timeout=TIMEOUT)
+    (result,) = run_group([[sys.executable, *logged_train_args(config, workdir, root / "single_clips")]],
+                          [process_env(8, cache)], timeout=TIMEOUT)
     return workdir, root / "single_clips", result
 
 
@@ -89,8 +91,8 @@ def double(setup):
     """2 processes × 4 devices, uninterrupted."""
     root, config, cache = setup
     workdir = root / "double"
-    outputs = run_jax_processes(train_args(config, workdir), 2, 4, timeout=TIMEOUT, use_flags=True,
-                                extra_env=clip_log_env(cache, root / "double_clips"))
+    outputs = run_jax_processes(logged_train_args(config, workdir, root / "double_clips"), 2, 4, timeout=TIMEOUT,
+                                use_flags=True, extra_env=cache)
     return workdir, root / "double_clips", outputs
 
 

@@ -21,10 +21,12 @@ import os
 import pathlib
 
 from convnext_audio_jax.runtime import files
+from convnext_audio_jax.runtime.errors import UserError
 
 
-class WorkdirLockedError(RuntimeError):
-    """Another live process holds the workdir's lock; the message names its pid and host."""
+class WorkdirLockedError(UserError, RuntimeError):
+    """Another live process holds the workdir's lock; the message names its pid and host (the user picks another
+    workdir or stops that run; a RuntimeError still, as it was)."""
 
 
 def lock_path(workdir: str | os.PathLike, process_index: int = 0) -> pathlib.Path:

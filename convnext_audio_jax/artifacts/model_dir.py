@@ -34,6 +34,7 @@ import orbax.checkpoint as ocp
 
 from convnext_audio_jax.models import create_model, init_variables
 from convnext_audio_jax.runtime import files
+from convnext_audio_jax.runtime.errors import UserError
 
 FORMAT = "convnext-audio-jax/1"
 METADATA_FILE = "metadata.json"
@@ -47,7 +48,7 @@ WORKDIR_CHECKPOINTS = "checkpoints"
 _PREVIOUS_INFIX = ".previous-"  # .NAME.previous-XXXXXXXX: the old directory while a replace is under way
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A model directory that cannot be written or read; the message is one line naming the path."""
 
 

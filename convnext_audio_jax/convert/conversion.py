@@ -40,6 +40,7 @@ from convnext_audio_jax.models.convnext import (
     ImageNetConvNeXt,
 )
 from convnext_audio_jax.models.frontend import FrontendConfig, mel_filterbank
+from convnext_audio_jax.runtime.errors import UserError
 
 # Front-end tensors are float32 copies of float64 constants: they agree to rounding.
 FRONTEND_TOLERANCE = 1e-5
@@ -244,7 +245,7 @@ def convert_state_dict(
     model_name = model_name or detected
     try:
         family = model_family(model_name)
-    except ValueError as error:  # unknown model name
+    except UserError as error:  # unknown model name
         raise ConversionError(str(error)) from None
     imagenet_init = layout.family == "imagenet_convnext" and family == "audio_convnext"
     if family != layout.family and not imagenet_init:

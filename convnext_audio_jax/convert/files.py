@@ -18,9 +18,10 @@ import numpy as np
 
 from convnext_audio_jax.data import labels as labels_lib
 from convnext_audio_jax.runtime import files
+from convnext_audio_jax.runtime.errors import UserError
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """A checkpoint that cannot be converted; the message is one line saying what was expected."""
 
 

@@ -15,8 +15,10 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from convnext_audio_jax.runtime.errors import UserError
 
-class LabelFileError(ValueError):
+
+class LabelFileError(UserError):
     """A label or segment CSV does not have the expected layout; the message names the file and the row."""
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from convnext_audio_jax.data import audio
 from convnext_audio_jax.data.sampler import BalancedIndices
 from convnext_audio_jax.data.sources import ClipSource
+from convnext_audio_jax.runtime.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +35,9 @@ SKIPPED_IDS_KEPT = 1000
 MAX_CONSECUTIVE_FAILURES = 256
 
 
-class UnreadableSourceError(RuntimeError):
-    """Too many clips in a row could not be read; the message names the source and the first failures."""
+class UnreadableSourceError(UserError, RuntimeError):
+    """Too many clips in a row could not be read; the message names the source and the first failures (a wrong
+    audio folder, a damaged disk: for the user to fix; a RuntimeError still, as it was)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +124,7 @@ def index_stream(num_clips: int, targets: np.ndarray, config: LoaderConfig,
         stream = BalancedIndices(targets, config.seed)
     else:
         if num_clips == 0:
-            raise ValueError("the source has no clips")
+            raise UserError("the source has no clips")
         stream = grain.MapDataset.range(num_clips)
         if config.sampling == "shuffle":
             stream = stream.shuffle(seed=config.seed)

@@ -39,6 +39,7 @@ from convnext_audio_jax.data import audio, records, sources
 from convnext_audio_jax.data import labels as labels_lib
 from convnext_audio_jax.data.workers import WorkerDied, WorkerPool
 from convnext_audio_jax.runtime import files
+from convnext_audio_jax.runtime.errors import UserError, debugging, one_line
 
 FORMATS = ("array_record", "hdf5")
 MANIFEST = "manifest.json"
@@ -73,8 +74,10 @@ def run(args: argparse.Namespace) -> int:
             split=args.split, output_format=args.format, workers=args.workers, shard_size=args.shard_size,
             waveform_encoding=args.waveform_encoding, min_seconds=args.min_seconds, progress=not args.no_progress,
         )
-    except (labels_lib.LabelFileError, FileNotFoundError, FileExistsError, ValueError, SplitLocked) as error:
-        print(f"prepare: error: {error}", file=sys.stderr)
+    except (UserError, FileNotFoundError, FileExistsError) as error:  # LabelFileError, SplitLocked, a bad option
+        if debugging(getattr(args, "debug", False)):
+            raise
+        print(f"prepare: error: {one_line(error)}", file=sys.stderr)
         return 2
     except (OSError, WorkerDied) as error:  # disk full, a dead worker: finished shards stay, a re-run resumes
         print(f"prepare: error: {error}; finished shards are kept, re-run the same command to resume",
@@ -87,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     return 0 if split_manifest["num_clips"] > 0 else 1
 
 
-class SplitLocked(Exception):
+class SplitLocked(UserError):
     """Another process is preparing the same split into the same output."""
 
 
@@ -114,11 +117,11 @@ def prepare_split(*, audio_dir, clip_list_csv, labels_csv, output, split=None, o
                   workers=1, shard_size=1000, waveform_encoding="int16", min_seconds=1.0, progress=True) -> dict:
     """Pack one split; returns its manifest entry (also written into OUT/manifest.json)."""
     if output_format not in FORMATS:
-        raise ValueError(f"format {output_format!r}: expected one of {FORMATS}")
+        raise UserError(f"format {output_format!r}: expected one of {FORMATS}")
     if output_format == "hdf5" and waveform_encoding != "int16":
-        raise ValueError("--waveform-encoding flac is only available with --format array_record")
+        raise UserError("--waveform-encoding flac is only available with --format array_record")
     if shard_size < 1 or workers < 1:
-        raise ValueError(f"--shard-size and --workers must be ≥ 1, got {shard_size} and {workers}")
+        raise UserError(f"--shard-size and --workers must be ≥ 1, got {shard_size} and {workers}")
     split = split or default_split_name(clip_list_csv)
     output = pathlib.Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -178,7 +181,7 @@ def _adopt_labels(output: pathlib.Path, labels_csv, class_labels: labels_lib.Cla
     if copy.is_file():
         existing = labels_lib.read_class_labels(copy)
         if existing.mids != class_labels.mids:
-            raise ValueError(f"{labels_csv} differs from {copy} already in the output; use a new output folder")
+            raise UserError(f"{labels_csv} differs from {copy} already in the output; use a new output folder")
     else:
         with files.replacing(copy, copy.with_name(f"{copy.name}.{os.getpid()}.partial")) as temporary:
             shutil.copyfile(labels_csv, temporary)
@@ -191,7 +194,7 @@ def _read_manifest(output: pathlib.Path, output_format: str, num_classes: int) -
                 "num_classes": num_classes, "labels": LABELS_COPY, "splits": {}}
     manifest = json.loads(path.read_text())
     if manifest["format"] != output_format:
-        raise ValueError(f"{path} is a {manifest['format']} output; asked for {output_format}")
+        raise UserError(f"{path} is a {manifest['format']} output; asked for {output_format}")
     return manifest
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import soundfile
 
 from convnext_audio_jax.data.audio import CLIP_SAMPLES, SAMPLE_RATE
+from convnext_audio_jax.runtime.errors import UserError
 
 MAGIC = b"CAJ1"
 ENCODINGS = ("int16", "flac")
@@ -21,7 +22,7 @@ _HEADER = struct.Struct("<4sBH")
 _COUNT = struct.Struct("<I")
 
 
-class RecordError(ValueError):
+class RecordError(UserError):
     """A record whose bytes do not follow the layout above."""
 
 

@@ -15,6 +15,8 @@ import sys
 import grain
 import numpy as np
 
+from convnext_audio_jax.runtime.errors import UserError
+
 _QUEUE_STREAM = 0
 _CLASS_STREAM = 1
 
@@ -30,7 +32,7 @@ class BalancedIndices(grain.MapDataset):
         clips_per_class = targets.sum(axis=0)
         self._classes = np.flatnonzero(clips_per_class).astype(np.int64)
         if self._classes.size == 0:
-            raise ValueError(f"no class has a clip among the {targets.shape[0]} clips; cannot sample balanced")
+            raise UserError(f"no class has a clip among the {targets.shape[0]} clips; cannot sample balanced")
         # Compressed per-class clip lists: clips of class c are _members[_starts[c]:_starts[c] + counts[c]].
         clip_of_label, class_of_label = np.nonzero(targets)
         order = np.argsort(class_of_label, kind="stable")

@@ -22,7 +22,9 @@ import h5py
 import numpy as np
 import soundfile
 
-from convnext_audio_jax.data import audio, labels as labels_lib, records
+from convnext_audio_jax.data import audio, records
+from convnext_audio_jax.data import labels as labels_lib
+from convnext_audio_jax.runtime.errors import UserError
 
 
 class ClipSource(abc.ABC):
@@ -135,21 +137,21 @@ class PackedHdf5Source(IndexedClipSource):
                     if key not in f:
                         raise KeyError(f"{path}: no dataset {key!r}; a packed file holds audio_name, waveform, target")
                 if f["waveform"].ndim != 2 or f["waveform"].shape[1] != audio.CLIP_SAMPLES:
-                    raise ValueError(
+                    raise UserError(
                         f"{path}: waveform has shape {f['waveform'].shape}, expected (N, {audio.CLIP_SAMPLES})"
                     )
                 n = f["waveform"].shape[0]
                 if f["target"].shape[0] != n or len(f["audio_name"]) != n:
-                    raise ValueError(f"{path}: {n} waveforms but target {f['target'].shape}, {len(f['audio_name'])} names")
+                    raise UserError(f"{path}: {n} waveforms but target {f['target'].shape}, {len(f['audio_name'])} names")
                 sample_rate = f.attrs.get("sample_rate", audio.SAMPLE_RATE)
                 if int(sample_rate) != audio.SAMPLE_RATE:
-                    raise ValueError(f"{path}: sample_rate attribute {sample_rate}, expected {audio.SAMPLE_RATE}")
+                    raise UserError(f"{path}: sample_rate attribute {sample_rate}, expected {audio.SAMPLE_RATE}")
                 ids.extend(decode_names(f["audio_name"][:]))
                 targets.append(f["target"][:].astype(bool))
                 file_of_clip.append(np.full(n, file_number))
                 row_of_clip.append(np.arange(n))
         if not targets:
-            raise ValueError("no HDF5 files given")
+            raise UserError("no HDF5 files given")
         return cls([os.fspath(p) for p in paths], np.concatenate(file_of_clip), np.concatenate(row_of_clip),
                    np.concatenate(targets), ids)
 
@@ -209,7 +211,7 @@ class ArrayRecordSource(IndexedClipSource):
             raise FileNotFoundError(f"{manifest_path}: no manifest; is {directory} a `prepare` output folder?")
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("format") != "array_record":
-            raise ValueError(f"{manifest_path}: format is {manifest.get('format')!r}, expected 'array_record'")
+            raise UserError(f"{manifest_path}: format is {manifest.get('format')!r}, expected 'array_record'")
         if split not in manifest["splits"]:
             raise KeyError(f"{manifest_path}: no split {split!r}; it has {sorted(manifest['splits'])}")
         shards = manifest["splits"][split]["shards"]
@@ -224,7 +226,7 @@ class ArrayRecordSource(IndexedClipSource):
         self._records = grain.sources.ArrayRecordDataSource([os.fspath(directory / s["data"]) for s in shards])
         self._description = f"ArrayRecord split {split} of {directory}"
         if len(self._records) != len(ids):
-            raise ValueError(f"{directory}, split {split}: {len(self._records)} records but {len(ids)} index rows")
+            raise UserError(f"{directory}, split {split}: {len(self._records)} records but {len(ids)} index rows")
 
     @property
     def description(self) -> str:
@@ -256,7 +258,7 @@ class TfdsSource(IndexedClipSource):
                 self._clip_ids = [str(i) for i in cache["ids"]]
                 self._targets = cache["targets"].astype(bool)
             if len(self._clip_ids) != len(self._records) or self._targets.shape[1] != num_classes:
-                raise ValueError(
+                raise UserError(
                     f"{cache_path}: cached labels for {len(self._clip_ids)} clips × {self._targets.shape[1]} classes, "
                     f"the split has {len(self._records)} clips × {num_classes} classes; delete the stale cache"
                 )

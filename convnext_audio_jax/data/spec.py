@@ -29,7 +29,9 @@ from collections.abc import Sequence
 import h5py
 import numpy as np
 
-from convnext_audio_jax.data import audio, demo, labels as labels_lib, sources
+from convnext_audio_jax.data import audio, demo, sources
+from convnext_audio_jax.data import labels as labels_lib
+from convnext_audio_jax.runtime.errors import UserError
 
 LABELS_COPY = "class_labels_indices.csv"  # the class list `prepare` copies into its output folder
 _TFDS = re.compile(r"^tfds:(?P<name>[A-Za-z0-9_]+)(?:/(?P<config>[A-Za-z0-9_.\-]+))?(?::(?P<version>[0-9.]+))?@(?P<split>[^@]+)$")
@@ -37,7 +39,7 @@ _HOLDOUT = re.compile(r"^holdout:(?P<amount>[0-9]+(?:\.[0-9]*)?)(?P<percent>%?)$
 GRAMMAR = "DIR@SPLIT, FILE.h5, AUDIO_DIR@CLIPS.csv, tfds:NAME[/CONFIG][:VERSION]@SPLIT, demo[@SPLIT] or SPEC+SPEC"
 
 
-class SpecError(ValueError):
+class SpecError(UserError):
     """A data SPEC that cannot be parsed or opened; one line naming the SPEC and what exists."""
 
 

@@ -41,6 +41,7 @@ import h5py
 import numpy as np
 
 from convnext_audio_jax.runtime import files
+from convnext_audio_jax.runtime.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ MANIFEST = "manifest.json"
 MISSING_IDS_SHOWN = 10
 
 
-class TeacherFileError(ValueError):
+class TeacherFileError(UserError):
     """A teacher file (or parts folder) that cannot be written or read; the message names the path."""
 
 

@@ -45,6 +45,7 @@ from convnext_audio_jax.data.pipeline import (
 )
 from convnext_audio_jax.evaluation import metrics as metrics_lib
 from convnext_audio_jax.runtime import files, xla
+from convnext_audio_jax.runtime.errors import UserError
 from convnext_audio_jax.runtime.sharding import (
     barrier,
     batch_spec,
@@ -102,7 +103,7 @@ def predict(model: nn.Module, variables: Mapping[str, Any], source, batch_size: 
     source is empty or no clip could be read.
     """
     if len(source) == 0:
-        raise ValueError("the evaluation source has no clips")
+        raise UserError("the evaluation source has no clips")
     scorer = scorer or Scorer(model, mesh or data_mesh())
     mesh = scorer.mesh
     num_devices, hosts = mesh.devices.size, jax.process_count()
@@ -134,7 +135,7 @@ def predict(model: nn.Module, variables: Mapping[str, Any], source, batch_size: 
             index = np.full(local_batch, -1, np.int64)
             if rows:
                 if batch["waveform"].shape[1] != clip_samples:
-                    raise ValueError(f"the data holds clips of {batch['waveform'].shape[1]} samples, the model "
+                    raise UserError(f"the data holds clips of {batch['waveform'].shape[1]} samples, the model "
                                      f"takes {clip_samples}")
                 waveform[:rows] = batch["waveform"]
                 index[:rows] = [position[str(i)] for i in batch["id"]]
@@ -154,7 +155,7 @@ def predict(model: nn.Module, variables: Mapping[str, Any], source, batch_size: 
     loader.close()
     order = np.concatenate(indices)
     if order.size == 0:
-        raise ValueError(f"none of the {len(source)} clips could be read: {dict(skipped)}")
+        raise UserError(f"none of the {len(source)} clips could be read: {dict(skipped)}")
     ranking = np.argsort(order, kind="stable")
     order = order[ranking]
     return Predictions([source.clip_id(int(i)) for i in order], np.asarray(source.targets, bool)[order],
@@ -230,7 +231,7 @@ def open_data_spec(spec: str, labels_csv: str | os.PathLike | None = None,
     opened = spec_lib.open_spec(spec, options)
     if frontend is not None and (opened.sample_rate, opened.clip_samples) != (frontend.sample_rate,
                                                                              frontend.clip_samples):
-        raise ValueError(f"data SPEC {spec!r} holds {opened.clip_samples}-sample clips at {opened.sample_rate} Hz; "
+        raise UserError(f"data SPEC {spec!r} holds {opened.clip_samples}-sample clips at {opened.sample_rate} Hz; "
                          f"the model takes {frontend.clip_samples}-sample clips at {frontend.sample_rate} Hz")
     return opened.source, opened.class_names
 
@@ -272,9 +273,9 @@ def class_order(model_names: Sequence[str] | None, data_names: Sequence[str] | N
     if model_names is None or data_names is None:
         if remap_by_name:
             side = "the model" if model_names is None else "the data (--labels gives them)"
-            raise ValueError(f"--remap-by-name needs class names on both sides; {side} has none")
+            raise UserError(f"--remap-by-name needs class names on both sides; {side} has none")
         if data_classes != model_classes:
-            raise ValueError(f"the data has {data_classes} classes, the model {model_classes}")
+            raise UserError(f"the data has {data_classes} classes, the model {model_classes}")
         return None
     model_names, data_names = list(model_names), list(data_names)
     if model_names == data_names:
@@ -286,19 +287,19 @@ def class_order(model_names: Sequence[str] | None, data_names: Sequence[str] | N
         counts = f"the data has {len(data_names)} classes, the model {len(model_names)}; "
         same_set = len(model_names) == len(data_names) and sorted(model_names) == sorted(data_names)
         hint = " (the same names in another order: --remap-by-name scores each data class by name)" if same_set else ""
-        raise ValueError(f"the model's class names differ from the data's: "
+        raise UserError(f"the model's class names differ from the data's: "
                          f"{counts if len(model_names) != len(data_names) else ''}{where}{hint}")
     for side, names in (("model", model_names), ("data", data_names)):
         seen = set()
         repeated = next((n for n in names if n in seen or seen.add(n)), None)
         if repeated is not None:
-            raise ValueError(f"--remap-by-name: the {side} lists class {repeated!r} twice")
+            raise UserError(f"--remap-by-name: the {side} lists class {repeated!r} twice")
     if len(model_names) != len(data_names):
-        raise ValueError(f"--remap-by-name: the data has {len(data_names)} classes, the model {len(model_names)}")
+        raise UserError(f"--remap-by-name: the data has {len(data_names)} classes, the model {len(model_names)}")
     position = {name: i for i, name in enumerate(model_names)}
     missing = [(i, n) for i, n in enumerate(data_names) if n not in position]
     if missing:
-        raise ValueError(f"--remap-by-name: the data's class {missing[0][0]} {missing[0][1]!r} is not a class of the "
+        raise UserError(f"--remap-by-name: the data's class {missing[0][0]} {missing[0][1]!r} is not a class of the "
                          f"model ({len(missing)} such)")
     return [position[name] for name in data_names]
 
@@ -321,13 +322,15 @@ def reorder_classifier(variables: Mapping[str, Any], order: Sequence[int]) -> di
 
 
 def run(args: argparse.Namespace) -> int:
-    from convnext_audio_jax.hub.resolve import load_model
+    from convnext_audio_jax.hub.resolve import load_model, offline_flag
     from convnext_audio_jax.runtime import distributed
 
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"--batch-size must be ≥ 1, got {args.batch_size}")
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)  # a no-op for one process
     xla.enable_compilation_cache(args.compilation_cache, files.cache_root())
     first = jax.process_index() == 0
-    model, variables, metadata = load_model(args.checkpoint)
+    model, variables, metadata = load_model(args.checkpoint, offline=offline_flag(args))
     frontend = model.frontend
     options = spec_lib.DataOptions(demo_sample_rate=frontend.sample_rate, demo_clip_seconds=frontend.clip_seconds)
     source, data_names = open_data_spec(args.data, args.labels, options, frontend)

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from convnext_audio_jax.runtime.errors import UserError
+
 _STANDARD_NORMAL = statistics.NormalDist()
 
 
@@ -207,7 +209,7 @@ def compute_metrics(targets: Any, scores: Any, class_names: Sequence[str] | None
         per_class.append(entry)
 
     if not evaluated_ap:
-        raise ValueError(
+        raise UserError(
             f"no class can be scored: each of the {num_classes} classes lacks a positive or a negative clip "
             f"among the {num_clips} clips"
         )

@@ -26,6 +26,7 @@ import tqdm
 
 from convnext_audio_jax.data import teacher as teacher_lib
 from convnext_audio_jax.data.pipeline import LoaderConfig, make_loader
+from convnext_audio_jax.runtime.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -66,14 +67,14 @@ class SourceRange:
         return self._source[self._start + index]
 
 
-def load_members(checkpoints: Sequence[str]) -> list[tuple[str, Any, Any]]:
+def load_members(checkpoints: Sequence[str], offline: bool | None = None) -> list[tuple[str, Any, Any]]:
     """(name, model, variables) of each model directory, training workdir or pretrained name, named by the
-    absolute path of the model directory it resolves to (``checkpoint.resolve_model_dir``)."""
+    absolute path of the model directory it resolves to (``checkpoint.resolve_model_dir``; ``offline`` as there)."""
     from convnext_audio_jax.hub.resolve import load_model, resolve_model_dir
 
     members = []
     for path in checkpoints:
-        directory = resolve_model_dir(path).absolute()
+        directory = resolve_model_dir(path, offline=offline).absolute()
         members.append((str(directory), *load_model(directory)[:2]))
     return members
 
@@ -93,15 +94,15 @@ def predict_teacher(members: Sequence[tuple[str, Any, Any]], source, output: str
 
     if not members:
         raise ValueError("predict needs at least one model")
-    if chunk_clips < 1:
-        raise ValueError(f"--chunk-clips must be ≥ 1, got {chunk_clips}")
+    if chunk_clips < 1 or batch_size < 1:
+        raise UserError(f"--chunk-clips and --batch-size must be ≥ 1, got {chunk_clips} and {batch_size}")
     if len(source) == 0:
-        raise ValueError(f"data {source_name!r} has no clips")
+        raise UserError(f"data {source_name!r} has no clips")
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     classes = {model.num_classes for _, model, _ in members}
     if len(classes) != 1:
-        raise ValueError(f"the models disagree on the number of classes: "
+        raise UserError(f"the models disagree on the number of classes: "
                          f"{[(name, model.num_classes) for name, model, _ in members]}")
     num_chunks = -(-len(source) // chunk_clips)
     settings = {"models": [name for name, _, _ in members], "source": source_name, "clips": len(source),
@@ -144,7 +145,7 @@ def _predict_chunk(chunk: SourceRange, forwards, members, rows: int, read_thread
         waveforms = batch["waveform"]
         for name, model, _ in members:
             if waveforms.shape[1] != model.frontend.clip_samples:
-                raise ValueError(f"{name}: the model takes {model.frontend.clip_samples}-sample clips "
+                raise UserError(f"{name}: the model takes {model.frontend.clip_samples}-sample clips "
                                  f"({model.frontend.sample_rate} Hz), the data gives {waveforms.shape[1]} samples")
         logits.append(teacher_lib.ensemble_mean([forward(waveforms) for _, forward in forwards]))
         ids.extend(str(i) for i in batch["id"])
@@ -180,8 +181,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from convnext_audio_jax.data.spec import DataOptions
     from convnext_audio_jax.evaluation.evaluate import open_data_spec
+    from convnext_audio_jax.hub.resolve import offline_flag
 
-    members = load_members(args.checkpoint)
+    members = load_members(args.checkpoint, offline_flag(args))
     frontend = members[0][1].frontend  # demo@SPLIT is synthesised at the (first) model's rate and clip length
     options = DataOptions(demo_sample_rate=frontend.sample_rate, demo_clip_seconds=frontend.clip_seconds)
     source, _ = open_data_spec(args.data, args.labels, options)

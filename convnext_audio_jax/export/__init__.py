@@ -38,6 +38,7 @@ import numpy as np
 from convnext_audio_jax.artifacts.exported import METADATA_FORMAT, metadata_path
 from convnext_audio_jax.models import with_xla_ops
 from convnext_audio_jax.runtime import files
+from convnext_audio_jax.runtime.errors import UserError
 
 FORMATS = ("stablehlo", "onnx")
 PLATFORMS = ("cpu", "cuda")
@@ -47,7 +48,7 @@ FRAME_OUTPUT = "frame_probs"
 ONNX_OPSET = 23
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """A model, format or output that cannot be exported; the message is one line."""
 
 
@@ -251,12 +252,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from convnext_audio_jax.hub.resolve import load_model
+    from convnext_audio_jax.hub.resolve import load_model, offline_flag
 
     if args.format not in FORMATS:
         raise ExportError(f"unknown export format {args.format!r}; expected one of {', '.join(FORMATS)}")
     _check_output(pathlib.Path(args.output).absolute(), args.overwrite)
-    model, variables, metadata = load_model(args.model)
+    model, variables, metadata = load_model(args.model, offline=offline_flag(args))
     document = export(model, variables, args.format, args.output, metadata, overwrite=args.overwrite)
     size = pathlib.Path(args.output).stat().st_size
     print(f"export: {document['model']} → {args.output} ({args.format}, {size / 2**20:.1f} MiB, input "

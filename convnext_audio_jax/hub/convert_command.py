@@ -10,11 +10,7 @@ import hashlib
 import pathlib
 import sys
 
-from convnext_audio_jax.artifacts.model_dir import (
-    CheckpointError,
-    check_model_output,
-    save_model,
-)
+from convnext_audio_jax.artifacts.model_dir import check_model_output, save_model
 from convnext_audio_jax.convert.conversion import (
     STEM_INITS,
     convert_state_dict,
@@ -28,8 +24,9 @@ from convnext_audio_jax.convert.files import (
 )
 from convnext_audio_jax.convert.layouts import LAYOUTS
 from convnext_audio_jax.data import labels as labels_lib
-from convnext_audio_jax.hub.resolve import load_model
+from convnext_audio_jax.hub.resolve import load_model, offline_flag
 from convnext_audio_jax.models import create_model
+from convnext_audio_jax.runtime.errors import UserError, debugging, one_line
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -114,18 +111,22 @@ def _to_torch(args) -> str:
         raise ConversionError(f"output {output} is a directory: expected a .pth, .pt or .safetensors file name")
     if output.exists() and not args.overwrite:
         raise ConversionError(f"output {output} exists (--overwrite replaces it)")
-    model, variables, metadata = load_model(args.source)
+    model, variables, metadata = load_model(args.source, offline=offline_flag(args))
     state_dict = to_torch_state_dict(metadata["model"], variables, metadata["model_config"], args.layout)
     save_torch_state_dict(state_dict, output)
     return f"wrote {len(state_dict)} tensors of {metadata['model']} to {output}"
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs a parsed command; a failure prints one line to stderr and returns 1, writing nothing."""
+    """Runs a parsed command; a user error (ConversionError, CheckpointError, ...) prints one line to stderr and
+    returns 1, writing nothing; ``--debug`` (or CONVNEXT_AUDIO_DEBUG=1) raises it instead, and any other error is
+    raised with its traceback."""
     try:
         print(_to_torch(args) if args.to_torch else _to_flax(args))
-    except (ConversionError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except UserError as error:
+        if debugging(getattr(args, "debug", False)):
+            raise
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 1
     return 0
 
@@ -135,4 +136,6 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m convert",
         description="Convert PyTorch ConvNeXt / PANN checkpoints to this project's Flax checkpoints (and back with --to-torch).",
     )
+    # Here, not in add_arguments: `convnext-audio --debug` is the global flag of that command.
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (CONVNEXT_AUDIO_DEBUG=1)")
     return run(add_arguments(parser).parse_args(argv))

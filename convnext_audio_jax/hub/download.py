@@ -16,12 +16,14 @@ import urllib.request
 
 import tqdm
 
+from convnext_audio_jax.runtime.errors import UserError
+
 TIMEOUT_S = 60.0  # per socket operation, not per file
 ATTEMPTS = 3  # a broken connection is resumed with an HTTP Range request this many times in all
 CHUNK = 1 << 20
 
 
-class DownloadError(ValueError):
+class DownloadError(UserError):
     """A download that failed; the message is one line and says what was kept."""
 
 

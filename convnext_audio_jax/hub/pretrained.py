@@ -44,6 +44,7 @@ from convnext_audio_jax.convert import (
 from convnext_audio_jax.hub import download
 from convnext_audio_jax.models import create_model
 from convnext_audio_jax.runtime import files
+from convnext_audio_jax.runtime.errors import UserError
 from convnext_audio_jax.runtime.files import CACHE_ENV
 
 OFFLINE_ENV = "CONVNEXT_AUDIO_OFFLINE"
@@ -51,7 +52,7 @@ MIRROR_ENV = "CONVNEXT_AUDIO_MIRROR"
 REGISTRY_ENV = "CONVNEXT_AUDIO_REGISTRY"
 
 
-class PretrainedError(ValueError):
+class PretrainedError(UserError):
     """A pretrained name that cannot be fetched or converted; the message is one line."""
 
 

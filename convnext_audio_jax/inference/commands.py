@@ -50,6 +50,7 @@ from convnext_audio_jax.inference.tagging import (  # noqa: F401  (re-exported: 
     sequence_of,
 )
 from convnext_audio_jax.inference.windowing import cut_windows, window_starts  # noqa: F401  (re-exported)
+from convnext_audio_jax.runtime.errors import UserError
 from convnext_audio_jax.runtime.forward import ShardedForward
 
 DEFAULT_THRESHOLD = 0.25  # the authors' demo's activity threshold
@@ -67,8 +68,13 @@ def class_names_for(metadata: Mapping[str, Any], num_classes: int, labels_csv: s
     else:
         return [str(i) for i in range(num_classes)]
     if len(names) != num_classes:
-        raise ValueError(f"{len(names)} class names for a model with {num_classes} classes")
+        raise UserError(f"{len(names)} class names for a model with {num_classes} classes")
     return names
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:  # named as the flag here: the forwards' own check is for code that calls them
+        raise UserError(f"--batch-size must be ≥ 1, got {batch_size}")
 
 
 def add_tag_arguments(parser: argparse.ArgumentParser) -> None:
@@ -104,15 +110,16 @@ def add_tag_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_tag(args: argparse.Namespace) -> int:
     """Exit code 0 when every file asked for is in the output (tagged now or before), 1 when none could be."""
-    from convnext_audio_jax.hub.resolve import load_model
+    from convnext_audio_jax.hub.resolve import load_model, offline_flag
 
     if args.top_k < 1:
-        raise ValueError(f"--top-k must be ≥ 1, got {args.top_k}")
+        raise UserError(f"--top-k must be ≥ 1, got {args.top_k}")
+    _check_batch_size(args.batch_size)
     # Bad options fail before the model loads (the hop in samples needs the model's rate: checked once loaded).
     if not (math.isfinite(args.hop) and args.hop > 0):
-        raise ValueError(f"--hop must be a positive number of seconds, got {args.hop}")
+        raise UserError(f"--hop must be a positive number of seconds, got {args.hop}")
     if args.resume and (args.output is None or args.format not in RESUMABLE_FORMATS):
-        raise ValueError(f"--resume needs --output and --format {' or '.join(RESUMABLE_FORMATS)}")
+        raise UserError(f"--resume needs --output and --format {' or '.join(RESUMABLE_FORMATS)}")
     if args.backend == "onnxruntime":
         from convnext_audio_jax.inference.onnx_backend import OnnxRuntimeForward
 
@@ -120,7 +127,7 @@ def run_tag(args: argparse.Namespace) -> int:
         model, variables, metadata = scorer.model, None, scorer.metadata
         scorer.restrict(["probs", "frame_probs"] if args.frames else ["probs"])
     else:
-        model, variables, metadata = load_model(args.checkpoint)
+        model, variables, metadata = load_model(args.checkpoint, offline=offline_flag(args))
         scorer = None
     names = class_names_for(metadata, model.num_classes, args.labels)
     windowing.hop_samples(args.hop, model.frontend.sample_rate)  # a sub-sample hop fails before the output opens
@@ -199,7 +206,7 @@ def add_embed_arguments(parser: argparse.ArgumentParser) -> None:
 def _embed_file(path: str, store: EmbeddingStore, embed_windows, sample_rate: int, window: int, hop: int,
                 max_windows: int, kind: str, batch_size: int) -> None:
     """Stream one file's windows (``window`` samples at ``sample_rate``, the model's) through ``embed_windows``
-    into a part of ``store``; raises ClipError or ValueError (nothing of the file is kept then)."""
+    into a part of ``store``; raises ClipError or UserError (nothing of the file is kept then)."""
     info, blocks = audio_lib.stream_mono(path, target_rate=sample_rate)
     if info.header_frames is not None:
         expected = int(np.ceil(info.header_frames * sample_rate / info.sample_rate))
@@ -209,7 +216,7 @@ def _embed_file(path: str, store: EmbeddingStore, embed_windows, sample_rate: in
         starts, batch = [], []
         for start, samples in windowing.stream_windows(blocks, window, hop):
             if len(starts) == max_windows:
-                raise ValueError(f"{path}: more than {max_windows} windows at a hop of {hop} samples")
+                raise UserError(f"{path}: more than {max_windows} windows at a hop of {hop} samples")
             starts.append(start / sample_rate)
             batch.append(samples)
             if len(batch) == batch_size:
@@ -229,12 +236,14 @@ def run_embed(args: argparse.Namespace) -> int:
     per window, ``files`` (the paths, in order), ``kind``, and for ``--kind logits`` the ``class_names`` of the
     columns. Exit code 1 when no file could be embedded."""
     from convnext_audio_jax.hub.resolve import load_model as load_checkpoint
+    from convnext_audio_jax.hub.resolve import offline_flag
 
     # Bad options fail before the model loads (the hop in samples needs the model's rate: checked once loaded).
     if not (math.isfinite(args.hop) and args.hop > 0):
-        raise ValueError(f"--hop must be a positive number of seconds, got {args.hop}")
+        raise UserError(f"--hop must be a positive number of seconds, got {args.hop}")
     if args.max_windows < 1:
-        raise ValueError(f"--max-windows must be ≥ 1, got {args.max_windows}")
+        raise UserError(f"--max-windows must be ≥ 1, got {args.max_windows}")
+    _check_batch_size(args.batch_size)
     store = EmbeddingStore(args.output, args.kind, args.resume)
     # The model's forward, one batch of windows (B, samples) → dict of arrays: the one call a backend replaces.
     if args.backend == "onnxruntime":
@@ -244,13 +253,13 @@ def run_embed(args: argparse.Namespace) -> int:
         )
 
         if args.kind not in EMBEDDING_OUTPUTS:
-            raise ValueError(f"--backend onnxruntime embeds --kind {' or '.join(EMBEDDING_OUTPUTS)}; an ONNX export has "
+            raise UserError(f"--backend onnxruntime embeds --kind {' or '.join(EMBEDDING_OUTPUTS)}; an ONNX export has "
                              f"no {args.kind} output")
         output = EMBEDDING_OUTPUTS[args.kind]
         embed_windows = OnnxRuntimeForward(args.checkpoint, args.batch_size, select=[output], aliases={output: args.kind})
         model, metadata = embed_windows.model, embed_windows.metadata
     else:
-        model, variables, metadata = load_checkpoint(args.checkpoint)
+        model, variables, metadata = load_checkpoint(args.checkpoint, offline=offline_flag(args))
         embed_windows = ShardedForward(model, variables, args.batch_size, select=_select_embeddings(args.kind))
     sample_rate = int(model.frontend.sample_rate)  # files are resampled to the model's rate, cut to its window
     hop = windowing.hop_samples(args.hop, sample_rate)
@@ -267,7 +276,7 @@ def run_embed(args: argparse.Namespace) -> int:
                         args.kind, embed_windows.batch_size)
         except audio_lib.ClipError as error:
             print(f"embed: skipped {path}: {error.reason} ({error.detail})", file=sys.stderr)
-        except ValueError as error:
+        except UserError as error:  # too many windows, NaN embeddings: this file; other errors are bugs
             print(f"embed: skipped {path}: {str(error).removeprefix(path + ': ')}", file=sys.stderr)
     if not any(path in store.done for path in files):
         store.remove_parts()

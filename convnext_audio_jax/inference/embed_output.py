@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from convnext_audio_jax.runtime.errors import UserError
 from convnext_audio_jax.runtime.files import publish, write_text
 
 _CHUNK_BYTES = 64 << 20
@@ -37,7 +38,8 @@ class PartWriter:
     def add(self, embeddings: np.ndarray) -> None:
         embeddings = np.ascontiguousarray(embeddings)
         if not np.isfinite(embeddings).all():
-            raise ValueError("the model gave NaN/Inf embeddings")
+            # The user's model on this file, not a bug here: embed skips the file as it does an unreadable one.
+            raise UserError("the model gave NaN/Inf embeddings")
         self.row_shape, self.dtype = embeddings.shape[1:], embeddings.dtype
         self._raw.write(embeddings.tobytes())
         self.rows += embeddings.shape[0]
@@ -76,14 +78,14 @@ class EmbeddingStore:
         self.done: dict[str, dict] = {}
         if os.path.isdir(self.parts):
             if not resume:
-                raise ValueError(f"{self.parts} holds the finished files of an interrupted run: pass --resume to "
+                raise UserError(f"{self.parts} holds the finished files of an interrupted run: pass --resume to "
                                  "continue it, or remove the folder")
             for name in sorted(os.listdir(self.parts)):
                 if name.endswith(".json"):
                     with open(os.path.join(self.parts, name)) as file:
                         record = json.load(file)
                     if record["kind"] != kind:
-                        raise ValueError(f"{self.parts} holds {record['kind']} embeddings, not {kind}")
+                        raise UserError(f"{self.parts} holds {record['kind']} embeddings, not {kind}")
                     self.done[record["file"]] = record
         os.makedirs(self.parts, exist_ok=True)
 

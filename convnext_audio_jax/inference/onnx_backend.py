@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from convnext_audio_jax.artifacts.exported import read_export_metadata
+from convnext_audio_jax.runtime.errors import UserError
 
 BACKENDS = ("jax", "onnxruntime")
 # `convnext-audio embed --kind` → the exported output that holds it.
@@ -36,7 +37,7 @@ class OnnxRuntimeForward:
         self.path = os.fspath(path)
         self.metadata = read_export_metadata(path)
         if self.metadata["export_format"] != "onnx":
-            raise ValueError(f"{path} is a {self.metadata['export_format']} export; the onnxruntime backend runs ONNX files")
+            raise UserError(f"{path} is a {self.metadata['export_format']} export; the onnxruntime backend runs ONNX files")
         self.batch_size = batch_size
         self.window = int(self.metadata["window_samples"])
         options = onnxruntime.SessionOptions()
@@ -46,7 +47,7 @@ class OnnxRuntimeForward:
         available = [output.name for output in self._session.get_outputs()]
         unknown = sorted(set(select or ()) - set(available))
         if unknown:
-            raise ValueError(f"{path} has no output(s) {unknown}; its outputs are {available}")
+            raise UserError(f"{path} has no output(s) {unknown}; its outputs are {available}")
         self.output_names = list(select or available)
         self._input_name = self._session.get_inputs()[0].name
         self._aliases = dict(aliases or {})  # output name → the key it is returned under
@@ -60,7 +61,7 @@ class OnnxRuntimeForward:
         from convnext_audio_jax.models import create_model
 
         if not self.metadata.get("model"):
-            raise ValueError(f"{self.path}'s metadata names no registered model (export it from a checkpoint folder)")
+            raise UserError(f"{self.path}'s metadata names no registered model (export it from a checkpoint folder)")
         return create_model(self.metadata["model"], **self.metadata.get("model_config", {}))
 
     @property

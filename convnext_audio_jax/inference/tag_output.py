@@ -28,6 +28,7 @@ from convnext_audio_jax.inference.tagging import (
     frame_segments,
 )
 from convnext_audio_jax.runtime import files
+from convnext_audio_jax.runtime.errors import UserError
 
 OUTPUT_FORMATS = ("table", "json", "jsonl", "csv")
 RESUMABLE_FORMATS = ("jsonl", "csv")
@@ -212,9 +213,9 @@ class RecordSink:
 
     def __init__(self, path: str | os.PathLike | None, fmt: str, resume: bool = False):
         if fmt not in OUTPUT_FORMATS:
-            raise ValueError(f"format {fmt!r}: expected one of {OUTPUT_FORMATS}")
+            raise UserError(f"format {fmt!r}: expected one of {OUTPUT_FORMATS}")
         if resume and (path is None or fmt not in RESUMABLE_FORMATS):
-            raise ValueError(f"--resume needs --output and --format {' or '.join(RESUMABLE_FORMATS)}")
+            raise UserError(f"--resume needs --output and --format {' or '.join(RESUMABLE_FORMATS)}")
         self.fmt, self.path, self.done, self._records = fmt, path, set(), 0
         if path is None:
             self._file = None
@@ -303,5 +304,5 @@ def scan_output(path: str | os.PathLike, fmt: str) -> tuple[set[str], int]:
                     done.add(row[0])
                     valid_end = end
             except (ValueError, StopIteration):
-                raise ValueError(f"{path}: line {number} is not a tag {fmt} record; not resuming into it") from None
+                raise UserError(f"{path}: line {number} is not a tag {fmt} record; not resuming into it") from None
     return done, valid_end

@@ -35,6 +35,7 @@ from convnext_audio_jax.inference import windowing
 from convnext_audio_jax.models.convnext import LN_EPS, STEM_VARIANTS, AudioConvNeXt
 from convnext_audio_jax.models.dense import Dense
 from convnext_audio_jax.models.norm import LayerNorm
+from convnext_audio_jax.runtime.errors import UserError
 from convnext_audio_jax.runtime.forward import ShardedForward
 
 DEFAULT_HOP_SECONDS = 5.0
@@ -247,9 +248,9 @@ class Tagger:
                  hop_seconds: float = DEFAULT_HOP_SECONDS, aggregate: str = "max", frames: bool = False,
                  mesh=None, max_windows: int = windowing.MAX_WINDOWS, scorer: WindowScorer | None = None):
         if aggregate not in AGGREGATIONS:
-            raise ValueError(f"aggregate {aggregate!r}: expected one of {AGGREGATIONS}")
+            raise UserError(f"aggregate {aggregate!r}: expected one of {AGGREGATIONS}")
         if max_windows < 1:
-            raise ValueError(f"--max-windows must be ≥ 1, got {max_windows}")
+            raise UserError(f"--max-windows must be ≥ 1, got {max_windows}")
         self.model = model
         # Files are decoded and resampled to the model's rate and cut into windows of its clip length.
         self.sample_rate = int(model.frontend.sample_rate)
@@ -312,7 +313,7 @@ class Tagger:
         except audio_lib.ClipError as error:
             yield TagError(name, error.reason, error.detail)
             return
-        except ValueError as error:
+        except UserError as error:  # check_window_count's: the header tells of more windows than --max-windows
             yield TagError(name, "too many windows", str(error).removeprefix(f"{name}: "))
             return
         file = _File(info)

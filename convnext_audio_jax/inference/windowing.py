@@ -12,6 +12,8 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from convnext_audio_jax.runtime.errors import UserError
+
 # More windows than this in one file is a mistake (a hop of microseconds), not a request: 10⁶ windows is a
 # 58-day file at the default 5 s hop.
 MAX_WINDOWS = 1_000_000
@@ -20,10 +22,10 @@ MAX_WINDOWS = 1_000_000
 def hop_samples(hop_seconds: float, sample_rate: int) -> int:
     """``hop_seconds`` as a whole number of samples ≥ 1; ValueError for 0, negative, non-finite or sub-sample hops."""
     if not (isinstance(hop_seconds, int | float) and math.isfinite(hop_seconds) and hop_seconds > 0):
-        raise ValueError(f"--hop must be a positive number of seconds, got {hop_seconds}")
+        raise UserError(f"--hop must be a positive number of seconds, got {hop_seconds}")
     hop = int(round(hop_seconds * sample_rate))
     if hop < 1:
-        raise ValueError(f"--hop {hop_seconds:g} s is shorter than one sample at {sample_rate} Hz "
+        raise UserError(f"--hop {hop_seconds:g} s is shorter than one sample at {sample_rate} Hz "
                          f"({1 / sample_rate:.3g} s)")
     return hop
 
@@ -36,7 +38,7 @@ def window_count(num_samples: int, window: int, hop: int) -> int:
 def check_window_count(name: str, num_samples: int, window: int, hop: int, max_windows: int = MAX_WINDOWS) -> None:
     count = window_count(num_samples, window, hop)
     if count > max_windows:
-        raise ValueError(f"{name}: {count} windows at a hop of {hop} samples exceeds the limit of {max_windows} "
+        raise UserError(f"{name}: {count} windows at a hop of {hop} samples exceeds the limit of {max_windows} "
                          "(use a longer --hop or a higher --max-windows)")
 
 

@@ -20,6 +20,7 @@ from convnext_audio_jax import native
 from convnext_audio_jax.models.convnext import AudioConvNeXt, ImageNetConvNeXt
 from convnext_audio_jax.models.frontend import FrontendConfig
 from convnext_audio_jax.models.panns import CNN6, CNN6_NEXT, CNN14, CNN14_SEP, PannCNN
+from convnext_audio_jax.runtime.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +54,7 @@ def get_spec(name: str) -> ModelSpec:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; registered models: {', '.join(_REGISTRY)}") from None
+        raise UserError(f"unknown model {name!r}; registered models: {', '.join(_REGISTRY)}") from None
 
 
 def create_model(name: str, **overrides: Any) -> nn.Module:
@@ -67,7 +68,7 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     unknown = sorted(set(overrides) - set(fields) - {"parent", "name"})
     if unknown:
         allowed = sorted(k for k in fields if k not in ("parent", "name"))
-        raise ValueError(f"model {name!r} has no field(s) {unknown}; its fields are {allowed}")
+        raise UserError(f"model {name!r} has no field(s) {unknown}; its fields are {allowed}")
     model = spec.module(**{**spec.defaults, **overrides})
     _prepare_native(model)
     return model

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from convnext_audio_jax import native
 from convnext_audio_jax.models.layers import default_kernel_init
 from convnext_audio_jax.models.norm import Dtype, broadcast_channels
+from convnext_audio_jax.runtime.errors import UserError
 
 ConvImpl = Literal["auto", "xla", "native", "direct", "winograd"]
 CONV_IMPLS = get_args(ConvImpl)
@@ -47,7 +48,7 @@ def resolve_conv_impl(impl: ConvImpl, in_channels: int = 64, out_channels: int =
     forward's algorithm fixed, :func:`conv_algorithm`) are an error where the kernels cannot run and fall back to
     'xla' for layers they do not fit."""
     if impl not in CONV_IMPLS:
-        raise ValueError(f"conv_impl must be one of {', '.join(map(repr, CONV_IMPLS))}, got {impl!r}")
+        raise UserError(f"conv_impl must be one of {', '.join(map(repr, CONV_IMPLS))}, got {impl!r}")
     if native.resolve("native" if impl in ("direct", "winograd") else impl, "conv_impl") == "xla":
         return "xla"
     fits = in_channels >= NATIVE_MIN_IN_CHANNELS and out_channels % 16 == 0

@@ -27,6 +27,7 @@ from convnext_audio_jax.models.layers import (
     normalised_log_mel,
 )
 from convnext_audio_jax.models.norm import Dtype, LayerNorm, broadcast_channels
+from convnext_audio_jax.runtime.errors import UserError
 
 LN_EPS = 1e-6
 
@@ -95,7 +96,7 @@ class ConvNeXtTrunk(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         if len(self.depths) != len(self.dims):
-            raise ValueError(f"depths {tuple(self.depths)} and dims {tuple(self.dims)} must have the same length")
+            raise UserError(f"depths {tuple(self.depths)} and dims {tuple(self.dims)} must have the same length")
         pt, pl = self.stem_padding
         x = PatchConv(
             self.dims[0],
@@ -152,7 +153,7 @@ class AudioConvNeXt(nn.Module):
     @nn.compact
     def __call__(self, waveform: jax.Array, train: bool = False, logmel_hook: LogMelHook | None = None) -> dict[str, Any]:
         if self.stem not in STEM_VARIANTS:
-            raise ValueError(f"unknown stem {self.stem!r}; expected one of {sorted(STEM_VARIANTS)}")
+            raise UserError(f"unknown stem {self.stem!r}; expected one of {sorted(STEM_VARIANTS)}")
         x = normalised_log_mel(waveform, self.frontend, train, logmel_hook, self.dtype, self.param_dtype)
         stem = STEM_VARIANTS[self.stem]
         frames = ConvNeXtTrunk(

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from convnext_audio_jax import native
 from convnext_audio_jax.models.layers import default_kernel_init, gelu
 from convnext_audio_jax.models.norm import Dtype, broadcast_channels
+from convnext_audio_jax.runtime.errors import UserError
 
 MatmulImpl = Literal["auto", "xla", "native"]
 ACTIVATIONS = (None, "gelu")
@@ -34,7 +35,7 @@ def resolve_matmul_impl(impl: MatmulImpl, dtype: Any = jnp.bfloat16, in_features
     compiled kernel where one takes the product (for bfloat16 also the dot products where they are not a default)
     and is an error where none can run; other products (a 527-class head, float16) use XLA's dot under either."""
     if impl not in ("auto", "xla", "native"):
-        raise ValueError(f"matmul_impl must be 'auto', 'xla' or 'native', got {impl!r}")
+        raise UserError(f"matmul_impl must be 'auto', 'xla' or 'native', got {impl!r}")
     if impl == "xla":
         return "xla"
     dtype = jnp.dtype(dtype)
@@ -42,7 +43,7 @@ def resolve_matmul_impl(impl: MatmulImpl, dtype: Any = jnp.bfloat16, in_features
     on_cpu = jax.default_backend() == "cpu"
     if impl == "native":
         if not on_cpu:
-            raise ValueError(f"matmul_impl 'native' runs on the CPU only; the default backend is {jax.default_backend()!r}")
+            raise UserError(f"matmul_impl 'native' runs on the CPU only; the default backend is {jax.default_backend()!r}")
         if bf16 and not (native.amx_available() or native.bf16_dot_available()):
             raise native.NativeUnavailable(
                 f"matmul_impl 'native' needs a CPU with AMX-BF16 ({', '.join(native.AMX_CPU_FLAGS)}) or AVX512-BF16 "

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from convnext_audio_jax.runtime.errors import UserError
+
 STFT_FORMS = ("fft", "matmul")
 
 
@@ -51,11 +53,11 @@ class FrontendConfig:
 
     def validate(self) -> None:
         if self.stft not in STFT_FORMS:
-            raise ValueError(f"stft must be one of {STFT_FORMS}, got {self.stft!r}")
+            raise UserError(f"stft must be one of {STFT_FORMS}, got {self.stft!r}")
         if self.n_fft <= 0 or self.hop_length <= 0:
-            raise ValueError(f"n_fft and hop_length must be positive, got {self.n_fft}, {self.hop_length}")
+            raise UserError(f"n_fft and hop_length must be positive, got {self.n_fft}, {self.hop_length}")
         if not 0 <= self.fmin < self.fmax <= self.sample_rate / 2:
-            raise ValueError(
+            raise UserError(
                 f"need 0 <= fmin < fmax <= sample_rate/2, got fmin={self.fmin}, fmax={self.fmax}, "
                 f"sample_rate={self.sample_rate}"
             )

@@ -23,6 +23,7 @@ from convnext_audio_jax.models.norm import (
 )
 from convnext_audio_jax.native.xla_forms import gelu  # noqa: F401  (the models' GELU; re-exported for dense.py)
 from convnext_audio_jax.runtime import sharding
+from convnext_audio_jax.runtime.errors import UserError
 
 DepthwiseImpl = Literal["auto", "xla", "shift", "native", "platform"]
 
@@ -43,10 +44,10 @@ def resolve_depthwise_impl(impl: DepthwiseImpl) -> str:
             return "xla"
         return "native" if native.available() else "shift"
     if impl not in ("xla", "shift", "native", "platform"):
-        raise ValueError(f"depthwise_impl must be 'auto', 'xla', 'shift', 'native' or 'platform', got {impl!r}")
+        raise UserError(f"depthwise_impl must be 'auto', 'xla', 'shift', 'native' or 'platform', got {impl!r}")
     if impl == "native":
         if jax.default_backend() != "cpu":
-            raise ValueError(f"depthwise_impl 'native' runs on the CPU only; the default backend is {jax.default_backend()!r}")
+            raise UserError(f"depthwise_impl 'native' runs on the CPU only; the default backend is {jax.default_backend()!r}")
         native.load()
     return impl
 

@@ -42,6 +42,7 @@ from convnext_audio_jax.models.layers import (
     normalised_log_mel,
 )
 from convnext_audio_jax.models.norm import Dtype, batch_norm
+from convnext_audio_jax.runtime.errors import UserError
 
 # PANNs initialise convolutions and dense layers with Xavier-uniform, biases with zeros.
 pann_kernel_init = nn.initializers.xavier_uniform()
@@ -115,7 +116,7 @@ class NextBlock(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         in_channels = x.shape[-1]
         if self.features % in_channels:
-            raise ValueError(f"a depthwise conv cannot map {in_channels} to {self.features} channels")
+            raise UserError(f"a depthwise conv cannot map {in_channels} to {self.features} channels")
         x = DepthwiseConv(
             (7, 7),
             multiplier=self.features // in_channels,
@@ -163,9 +164,9 @@ class PannCNN(nn.Module):
     @nn.compact
     def __call__(self, waveform: jax.Array, train: bool = False, logmel_hook: LogMelHook | None = None) -> dict[str, Any]:
         if self.block not in ("conv3x3", "sep3x3", "conv5x5", "next"):
-            raise ValueError(f"unknown block {self.block!r}; expected 'conv3x3', 'sep3x3', 'conv5x5' or 'next'")
+            raise UserError(f"unknown block {self.block!r}; expected 'conv3x3', 'sep3x3', 'conv5x5' or 'next'")
         if len(self.channels) != len(self.pools):
-            raise ValueError(f"channels {tuple(self.channels)} and pools {tuple(self.pools)} must have the same length")
+            raise UserError(f"channels {tuple(self.channels)} and pools {tuple(self.pools)} must have the same length")
         x = normalised_log_mel(waveform, self.frontend, train, logmel_hook, self.dtype, self.param_dtype)
         for index, (features, pool) in enumerate(zip(self.channels, self.pools), start=1):
             x = self._block(index, features, pool)(x, train)

@@ -65,6 +65,7 @@ from convnext_audio_jax.native.library import (  # noqa: F401
     prepare,
 )
 from convnext_audio_jax.runtime import sharding, xla
+from convnext_audio_jax.runtime.errors import UserError
 
 # The CPU flags the bfloat16 tile product needs (and the library must have been built with).
 AMX_CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16")
@@ -205,10 +206,10 @@ def resolve(impl: str, field: str) -> str:
     'native' on the CPU where the library loads (:func:`available`, which logs why not once), else 'xla'. Callers
     then fall back to 'xla' for the shapes and dtypes their kernel does not take."""
     if impl not in ("auto", "xla", "native"):
-        raise ValueError(f"{field} must be 'auto', 'xla' or 'native', got {impl!r}")
+        raise UserError(f"{field} must be 'auto', 'xla' or 'native', got {impl!r}")
     if impl == "native":
         if jax.default_backend() != "cpu":
-            raise ValueError(f"{field} 'native' runs on the CPU only; the default backend is {jax.default_backend()!r}")
+            raise UserError(f"{field} 'native' runs on the CPU only; the default backend is {jax.default_backend()!r}")
         load()
         return "native"
     return "native" if impl == "auto" and jax.default_backend() == "cpu" and available() else "xla"

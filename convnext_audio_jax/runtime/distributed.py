@@ -28,6 +28,8 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 
+from convnext_audio_jax.runtime.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 LAYOUTS = ("auto", "per_host", "per_device")
@@ -39,7 +41,7 @@ ENV_LAYOUT = "JAX_PROCESS_LAYOUT"
 ENV_COORDINATOR_PORT = "JAX_COORDINATOR_PORT"  # JAX's: the port for a coordinator its cluster detection finds
 
 
-class DistributedConfigError(ValueError):
+class DistributedConfigError(UserError):
     """A multi-process setting that cannot work; the message names the flag or variable."""
 
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import jax
 
+from convnext_audio_jax.runtime.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 CPU_COMPILER_OPTIONS: dict[str, Any] = {"xla_cpu_experimental_ynn_fusion_type": ""}
@@ -99,7 +101,7 @@ def compute_dtype(requested: str, policy: str = "fallback", backend: str | None 
     "fallback": bfloat16 on a CPU without native bfloat16 becomes float32 (faster there; logged), "keep":
     bfloat16 wherever it is asked for."""
     if policy not in ("fallback", "keep"):
-        raise ValueError(f"the bfloat16 policy must be 'fallback' or 'keep', got {policy!r}")
+        raise UserError(f"the bfloat16 policy must be 'fallback' or 'keep', got {policy!r}")
     if requested != "bfloat16" or policy == "keep" or native_bfloat16(backend):
         return requested
     _log_bfloat16_fallback()

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from convnext_audio_jax.runtime import sharding
+from convnext_audio_jax.runtime.errors import UserError
 
 
 def _stripe_mask(rng: jax.Array, batch: int, size: int, stripes: int, max_width: int) -> jax.Array:
@@ -63,9 +64,9 @@ def spec_augment(
         ("freq", freq_stripes, freq_max_width, num_bins),
     ):
         if stripes < 0:
-            raise ValueError(f"{name}_stripes must be >= 0; got {stripes}")
+            raise UserError(f"{name}_stripes must be >= 0; got {stripes}")
         if stripes and not 1 <= max_width <= size:
-            raise ValueError(f"{name}_max_width must be in [1, {size}] (the {name} axis length); got {max_width}")
+            raise UserError(f"{name}_max_width must be in [1, {size}] (the {name} axis length); got {max_width}")
     time_key, freq_key = jax.random.split(rng)
     dropped = jnp.zeros((batch, num_frames, num_bins), dtype=bool)
     if time_stripes:
@@ -80,7 +81,7 @@ def spec_augment(
 def mixup_lambdas(rng: jax.Array, num_pairs: int, alpha: float = 1.0) -> jax.Array:
     """One mixing weight λ ~ Beta(alpha, alpha) per pair, shape (num_pairs,), float32 (paper: alpha 1)."""
     if alpha <= 0:
-        raise ValueError(f"mixup alpha must be > 0; got {alpha}")
+        raise UserError(f"mixup alpha must be > 0; got {alpha}")
     if alpha == 1.0:
         # Beta(1, 1) is the uniform distribution; drawing it directly avoids the gamma sampler's slow compile.
         return jax.random.uniform(rng, (num_pairs,), jnp.float32)
@@ -128,9 +129,9 @@ def speed_perturb(
     if waveform.ndim != 2:
         raise ValueError(f"speed_perturb expects (batch, samples) waveforms; got shape {waveform.shape}")
     if not 0 < min_rate <= max_rate:
-        raise ValueError(f"need 0 < min_rate <= max_rate; got min_rate={min_rate}, max_rate={max_rate}")
+        raise UserError(f"need 0 < min_rate <= max_rate; got min_rate={min_rate}, max_rate={max_rate}")
     if not 0.0 <= p <= 1.0:
-        raise ValueError(f"p must be a probability in [0, 1]; got {p}")
+        raise UserError(f"p must be a probability in [0, 1]; got {p}")
     batch, length = waveform.shape
     rate_key, offset_key, apply_key = jax.random.split(rng, 3)
 

@@ -16,6 +16,7 @@ import ml_collections
 from convnext_audio_jax.data import spec as spec_lib
 from convnext_audio_jax.models import create_model, get_spec
 from convnext_audio_jax.runtime import files, sharding, xla
+from convnext_audio_jax.runtime.errors import UserError
 from convnext_audio_jax.training.augment import AugmentConfig
 from convnext_audio_jax.training.distill import Distillation
 
@@ -34,7 +35,7 @@ RESULT_NEUTRAL_KEYS = frozenset({
 NONFINITE_POLICIES = ("stop", "skip_batch")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration that cannot run; the message says which key and why."""
 
 
@@ -228,7 +229,7 @@ def model_overrides(config, num_classes: int) -> dict:
             raise ConfigError(f"model {config.model.name!r} has no dtype field; use model.dtype = 'float32'")
         try:
             overrides["dtype"] = MODEL_DTYPES[xla.compute_dtype(dtype, config.model.get("cpu_bfloat16", "fallback"))]
-        except ValueError as error:
+        except UserError as error:
             raise ConfigError(f"model.cpu_bfloat16: {error}") from None
     if config.model.frontend:
         if "frontend" not in fields:
@@ -245,7 +246,7 @@ def build_model(config, num_classes: int) -> nn.Module:
     """The registered model ``config.model.name`` with the run's classes, drop path, dtype and front end."""
     try:
         return create_model(config.model.name, **model_overrides(config, num_classes))
-    except ValueError as error:
+    except UserError as error:  # an unknown name or field, a front end setting (any other error is a bug)
         raise ConfigError(str(error)) from None
 
 

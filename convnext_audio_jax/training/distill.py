@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from convnext_audio_jax.runtime.errors import UserError
 from convnext_audio_jax.training.augment import mix_pairs
 
 
@@ -75,9 +76,9 @@ class Distillation:
 
     def __post_init__(self):
         if not 0.0 <= self.label_weight <= 1.0:
-            raise ValueError(f"distill.label_weight must be in [0, 1]; got {self.label_weight}")
+            raise UserError(f"distill.label_weight must be in [0, 1]; got {self.label_weight}")
         if not self.temperature > 0:
-            raise ValueError(f"distill.temperature must be > 0; got {self.temperature}")
+            raise UserError(f"distill.temperature must be > 0; got {self.temperature}")
 
     def loss(self, student_logits: jax.Array, labels: jax.Array, teacher_logits: jax.Array,
              lambdas: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:

@@ -13,6 +13,7 @@ import math
 import os
 import pathlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -24,6 +25,7 @@ from convnext_audio_jax.artifacts import lock as lock_lib
 from convnext_audio_jax.evaluation import evaluate as evaluate_lib
 from convnext_audio_jax.models import init_variables
 from convnext_audio_jax.runtime import files, sharding, xla
+from convnext_audio_jax.runtime.errors import UserError
 from convnext_audio_jax.runtime.sharding import data_mesh
 from convnext_audio_jax.training import checkpointing, optimizer
 from convnext_audio_jax.training import config as config_lib
@@ -34,18 +36,15 @@ from convnext_audio_jax.training.prefetch import DevicePrefetcher
 
 logger = logging.getLogger(__name__)
 
-# A folder: each process appends the clip ids of every training batch it read to clips-process<I>.jsonl there
-# ({"step", "ids"} lines), to check which clips each process read (tests/test_training_multiprocess.py).
-CLIP_LOG_ENV = "CONVNEXT_AUDIO_CLIP_LOG"
-
 
 class NonFiniteLossError(FloatingPointError):
     """The loss or the gradient norm became NaN/Inf (``on_nonfinite = "stop"``), or did so in
     ``max_nonfinite_in_a_row`` steps in a row (``"skip_batch"``); nothing after the last good state was saved."""
 
 
-class TooManySkippedError(RuntimeError):
-    """More clips than ``data.max_skip_fraction`` of a split could not be read."""
+class TooManySkippedError(UserError, RuntimeError):
+    """More clips than ``data.max_skip_fraction`` of a split could not be read: the data is for the user to fix
+    (a RuntimeError still, as it was)."""
 
 
 class MetricsLog:
@@ -127,10 +126,14 @@ class _PendingMetrics:
     values: dict  # device arrays, fetched together every log_every steps (and before a checkpoint)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+          on_batch: Callable[[int, np.ndarray], None] | None = None) -> dict[str, Any]:
     """Train per ``config`` in ``workdir`` (config.json, checkpoints/, model/{best,last}, metrics.jsonl,
     tensorboard/) and return the last evaluation ({"step", "val_mAP", "val_AUC", "val_d_prime",
     "best_val_mAP", and "eval_*" when ``data.eval`` is set}).
+
+    ``on_batch(step, clip_ids)``, when given, is called in every process before each training step with the ids of
+    the clips this process read for it (e.g. to check which clips each process of a job trains on).
 
     Holds the workdir's lock (``lock.WorkdirLock``) for the whole run: a second run on the same workdir
     raises WorkdirLockedError. Starts from the workdir's latest checkpoint if there is one, else from
@@ -141,10 +144,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     with lock_lib.WorkdirLock(workdir, jax.process_index()):
-        return _train(config, workdir)
+        return _train(config, workdir, on_batch)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
+def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, on_batch) -> dict[str, Any]:
     mesh = data_mesh()
     config_lib.validate_config(config, mesh.size)
     xla.enable_compilation_cache(config.get("compilation_cache", ""), files.cache_root())
@@ -204,10 +207,6 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str
     best = best_logged_metric(workdir, start_step)
     rows_per_host = loader.config.rows_per_batch
     max_skip = float(config.data.max_skip_fraction)
-    clip_log = None
-    if os.environ.get(CLIP_LOG_ENV):
-        clip_log = open(pathlib.Path(os.environ[CLIP_LOG_ENV]) / f"clips-process{jax.process_index()}.jsonl", "a",
-                        encoding="utf-8")
     # Steps whose update the jitted step skipped (skip_batch): in all, and in a row up to the last step seen.
     nonfinite = {"skipped": int(run_counters.get("nonfinite_skipped", 0)),
                  "in_a_row": int(run_counters.get("nonfinite_in_a_row", 0))}
@@ -290,9 +289,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str
     try:
         for batch in prefetcher:
             step = batch.step
-            if clip_log is not None:
-                clip_log.write(json.dumps({"step": step, "ids": batch.ids.tolist()}) + "\n")
-                clip_log.flush()
+            if on_batch is not None:
+                on_batch(step, batch.ids)
             evaluating = step % config.eval_every == 0 or step == config.total_steps
             saving = needs_checkpoint(step)
             if step == start_step + 1:
@@ -347,8 +345,6 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str
             logger.exception("writing the model directory failed")
         progress.close()
         log.close()
-        if clip_log is not None:
-            clip_log.close()
         loader.close()
         checkpointer.close()
         if teacher is not None:
