@@ -221,3 +221,13 @@ def test_silence_streams_but_an_empty_file_does_not(tmp_path):
     with pytest.raises(audio.ClipError) as error:
         list(blocks)
     assert error.value.reason == audio.EMPTY and str(empty) in str(error.value)
+
+
+@pytest.mark.parametrize("suffix", [".wav", ".flac", ".m4a"])
+def test_a_zero_byte_file_is_empty_not_unreadable(tmp_path, suffix):
+    path = tmp_path / f"nothing{suffix}"
+    path.write_bytes(b"")
+    for read in (lambda: audio.read_span(path), lambda: audio.stream_mono(path)):
+        with pytest.raises(audio.ClipError) as error:
+            read()
+        assert (error.value.reason, error.value.detail) == ("empty", "the file has 0 bytes")

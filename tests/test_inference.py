@@ -183,13 +183,18 @@ def test_bad_inputs_are_reported_and_the_rest_tagged(checkpoint, freedesktop_rec
     assert [r["file"] for r in reports] == [str(good)]
     lines = captured.err.strip().splitlines()
     assert len(lines) == len(bad)
-    for path, reason in [(text, "unreadable"), (empty, "unreadable"), (nan, "non-finite"), (no_frames, "empty"),
+    for path, reason in [(text, "unreadable"), (empty, "empty"), (nan, "non-finite"), (no_frames, "empty"),
                          (tmp_path / "missing.ogg", "missing"), (no_audio_dir, "no audio")]:
         assert any(f"{path}: {reason}" in line for line in lines), (path, lines)
 
     code = cli.main(["tag", *map(str, bad), "--checkpoint", str(checkpoint), "--no-progress"])
     assert code == 1
     assert "no file could be tagged" in capsys.readouterr().err
+
+    # A folder without audio: nothing to tag is a failure too, not an empty listing with exit 0.
+    code = cli.main(["tag", str(no_audio_dir), "--checkpoint", str(checkpoint), "--no-progress"])
+    assert code == 1
+    assert "no file could be tagged (0 files, 1 empty folders)" in capsys.readouterr().err
 
 
 def test_cli_tag_formats(checkpoint, freedesktop_recordings, tmp_path, capsys):

@@ -118,6 +118,8 @@ class _Decoder:
         if not os.path.isfile(self.path):
             raise ClipError(name, MISSING, "no such file")
         self.signature = _file_signature(self.path)
+        if self.signature[0] == 0:  # no decoder says so: soundfile and audioread fail on it as on any other bytes
+            raise ClipError(name, EMPTY, "the file has 0 bytes")
         _check_wav_header(self.path, name)
         self._sound, self._audioread = None, None
         try:

@@ -163,7 +163,7 @@ def run_tag(args: argparse.Namespace) -> int:
                     bar.update()
     finally:
         sink.close()
-    if not tagged and todo:
+    if not tagged and (todo or not files):  # nothing tagged, or nothing found to tag (an empty folder)
         print(f"tag: no file could be tagged ({len(files)} files, {len(errors)} empty folders)", file=sys.stderr)
         return 1
     return 0
