@@ -45,10 +45,11 @@ from convnext_audio_jax.runtime.forward import ShardedForward
 SAMPLE_RATE = 48_000
 MAX_HOP_MS = 50.0
 NO_DEFAULT_WEIGHTS = (
-    "convnext_audio_jax.hear.load_model needs a model folder: no weights ship with the package and none are "
-    "downloaded. Convert the authors' released checkpoint (topel/audioset-convnext-inf: "
-    "convnext_tiny_471mAP.pth) with `convnext-audio convert convnext_tiny_471mAP.pth ckpt/ --labels "
-    "class_labels_indices.csv` (or train one), then call load_model('ckpt/')"
+    "convnext_audio_jax.hear.load_model needs a model: a registered pretrained name, downloaded and converted on "
+    "first use (e.g. load_model('convnext_tiny_471mAP'); the names: convnext-audio models --pretrained), a model "
+    "folder, or a training workdir. Without a network, convert the authors' checkpoint yourself "
+    "(topel/audioset-convnext-inf: convnext_tiny_471mAP.pth) with `convnext-audio convert convnext_tiny_471mAP.pth "
+    "ckpt/ --labels class_labels_indices.csv` (or train one), then call load_model('ckpt/')"
 )
 
 
@@ -131,8 +132,8 @@ class HearModel(torch.nn.Module):
 def load_model(model_file_path: str = "", batch_size: int = 8) -> HearModel:
     """HEAR ``load_model``: a model directory written by ``convnext-audio convert`` or training, a training
     workdir (its model/best, else model/last) or a registered pretrained name (all that
-    ``convnext_audio_jax.artifacts.model_dir.load_model`` reads). There is no default: an empty path raises a
-    ``ValueError`` naming how to get weights."""
+    ``convnext_audio_jax.hub.resolve.load_model`` reads). There is no default: an empty path raises a
+    ``UserError`` (a ValueError) naming the ways to get weights."""
     from convnext_audio_jax.hub.resolve import load_model as load_checkpoint
 
     if not model_file_path:

@@ -43,6 +43,8 @@ def test_model_attributes(tiny):
 def test_empty_path_says_how_to_get_weights():
     with pytest.raises(ValueError, match="convnext-audio convert"):
         hear.load_model("")
+    with pytest.raises(ValueError, match=r"pretrained name.*load_model\('convnext_tiny_471mAP'\)"):
+        hear.load_model("")
     with pytest.raises(ValueError, match="convnext-audio convert"):
         hear.load_model()
 
