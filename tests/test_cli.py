@@ -116,3 +116,13 @@ def test_offline_reaches_the_models_resolution_and_leaves_the_environment_alone(
         assert capsys.readouterr().err.strip() == f"convnext-audio {command[0]}: error: some_name: not fetched in this test"
     assert asked == [("some_name", True if flag else None)] * 4
     assert pretrained.OFFLINE_ENV not in os.environ
+
+
+def test_an_onnx_file_without_its_backend_gets_the_hint(tmp_path, capsys):
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"not read: the hint comes first")
+    for command in (["tag", str(tmp_path / "a.wav")], ["embed", str(tmp_path / "a.wav"), "--output", str(tmp_path / "e.npz")]):
+        assert main([*command, "--checkpoint", str(model)]) == 2
+        assert capsys.readouterr().err.strip() == (f"convnext-audio {command[0]}: error: --checkpoint {model} is an ONNX "
+                                                   "export: run it with --backend onnxruntime")
+    assert not (tmp_path / "e.npz").exists()

@@ -77,6 +77,11 @@ def _check_batch_size(batch_size: int) -> None:
         raise UserError(f"--batch-size must be ≥ 1, got {batch_size}")
 
 
+def _check_backend(args: argparse.Namespace) -> None:
+    if args.backend == "jax" and os.fspath(args.checkpoint).lower().endswith(".onnx"):
+        raise UserError(f"--checkpoint {args.checkpoint} is an ONNX export: run it with --backend onnxruntime")
+
+
 def add_tag_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR", help="audio files and folders (searched recursively)")
     parser.add_argument("--checkpoint", required=True,
@@ -115,6 +120,7 @@ def run_tag(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise UserError(f"--top-k must be ≥ 1, got {args.top_k}")
     _check_batch_size(args.batch_size)
+    _check_backend(args)
     # Bad options fail before the model loads (the hop in samples needs the model's rate: checked once loaded).
     if not (math.isfinite(args.hop) and args.hop > 0):
         raise UserError(f"--hop must be a positive number of seconds, got {args.hop}")
@@ -244,6 +250,7 @@ def run_embed(args: argparse.Namespace) -> int:
     if args.max_windows < 1:
         raise UserError(f"--max-windows must be ≥ 1, got {args.max_windows}")
     _check_batch_size(args.batch_size)
+    _check_backend(args)
     store = EmbeddingStore(args.output, args.kind, args.resume)
     # The model's forward, one batch of windows (B, samples) → dict of arrays: the one call a backend replaces.
     if args.backend == "onnxruntime":
