@@ -226,6 +226,21 @@ def test_cli_offline_flag_and_download_command(cache, server, registered, capsys
     assert NAME in table and "mAP .471" in table and "cnn14_mAP431" in table
 
 
+def test_no_network_says_what_to_do_and_claims_no_partial_file(cache, checkpoint_bytes, server, monkeypatch):
+    entry = local_entry(server, checkpoint_bytes)
+    unreachable = "http://127.0.0.1:9/nowhere/"  # port 9 (discard): connection refused at once
+    entry = dataclasses.replace(entry, sources=(dataclasses.replace(entry.sources[0], url=unreachable + FILE),))
+    monkeypatch.setitem(pretrained.REGISTRY, NAME, entry)
+    monkeypatch.delenv(pretrained.MIRROR_ENV, raising=False)
+    with pytest.raises(pretrained.PretrainedError) as error:
+        pretrained.resolve(NAME)
+    message = str(error.value)
+    assert "nothing was received" in message and "bytes kept" not in message
+    assert f"copy {FILE} into {cache / 'downloads'}" in message
+    assert pretrained.MIRROR_ENV in message and "--offline" in message
+    assert not (cache / "downloads" / (FILE + ".part")).exists()
+
+
 def test_mirror_serves_every_file_by_its_name(cache, server, checkpoint_bytes, monkeypatch):
     entry = local_entry(server, checkpoint_bytes)
     unreachable = "http://127.0.0.1:9/nowhere/"

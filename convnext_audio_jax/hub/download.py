@@ -83,5 +83,6 @@ def stream(url: str, part: pathlib.Path, label: str) -> None:
                       file=sys.stderr)
                 time.sleep(0.2 * (attempt + 1))
     kept = part.stat().st_size if part.exists() else 0
-    raise DownloadError(f"downloading {url} failed {ATTEMPTS} times ({failure}); {kept} bytes kept in {part}, "
-                        "the next attempt resumes from there")
+    # Only a partial file that exists is worth naming: without a network there is none.
+    resume = f"{kept} bytes kept in {part}, the next attempt resumes from there" if kept else "nothing was received"
+    raise DownloadError(f"downloading {url} failed {ATTEMPTS} times ({failure}); {resume}")

@@ -296,7 +296,10 @@ def _fetch_weights(entry: Pretrained, offline: bool) -> tuple[Source, pathlib.Pa
             return source, (_fetch_hub_file(source, False) if source.hf_repo else _fetch_url_file(entry, source, False))
         except PretrainedError as error:
             failures.append(str(error))
-    raise PretrainedError("; ".join(failures))
+    downloads = files.cache_root() / "downloads"
+    raise PretrainedError(f"{'; '.join(failures)}. Without a network: copy {' or '.join(s.file for s in sources)} "
+                          f"into {downloads} (it is verified, then converted), or set {MIRROR_ENV} to a folder URL "
+                          f"that holds it; {OFFLINE_ENV}=1 or --offline stops trying the network")
 
 
 # ------------------------------------------------------------------------------------ conversion
