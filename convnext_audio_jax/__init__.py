@@ -29,6 +29,9 @@ MOVED_MODULES = {
 
 
 class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def __init__(self):
+        self._real_specs = {}  # old name → the module's own spec, between create_module and exec_module
+
     def find_spec(self, fullname, path, target=None):
         old = fullname.removeprefix(__name__ + ".")
         return importlib.util.spec_from_loader(fullname, self) if old in MOVED_MODULES else None
@@ -37,11 +40,13 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         new = f"{__name__}.{MOVED_MODULES[spec.name.removeprefix(__name__ + '.')]}"
         warnings.warn(f"{spec.name} is now {new}", DeprecationWarning, stacklevel=2)
         module = importlib.import_module(new)
-        self._spec = module.__spec__  # importlib sets the old name's spec on the module: put the real one back
+        # importlib sets the old name's spec on the module: exec_module puts the real one back. Keyed by the old
+        # name, as two threads may import two old names at once.
+        self._real_specs[spec.name] = module.__spec__
         return module
 
     def exec_module(self, module):
-        module.__spec__ = self._spec
+        module.__spec__ = self._real_specs.pop(module.__spec__.name)
 
 
 sys.meta_path.insert(0, _MovedModules())  # before any finder that could still see an old file
