@@ -90,7 +90,7 @@ def input_rates(clips: int, batch: int, steps: int, workers: list[int], log=prin
             config = pipeline.LoaderConfig(batch_size=batch, sampling="shuffle", seed=0, waveform_dtype="int16",
                                            worker_count=count)
             rows.append({"format": "hdf5 int16", "workers": count, "batch": batch,
-                         "clips_per_s": input_pipeline.measure(source, config, steps, warmup=2)})
+                         **input_pipeline.measure(source, config, steps, warmup=2)})
             log(f"# input: {rows[-1]}")
     return rows
 
@@ -234,11 +234,13 @@ def format_tables(result: dict) -> str:
     for row in result.get("communication", []):
         lines.append(f"| {row['model']} | {row['program']} | {row['op']} | {row['count']} | {row['bytes'] / 2**20:.1f} "
                      f"| {row['bytes'] / row['grad_bytes']:.3f} |")
-    lines += ["", "| input | workers | batch | clips/s | / fastest train step |", "|---|---:|---:|---:|---:|"]
+    lines += ["", "| input | workers | batch | clips/s | / fastest train step | loader CPU ms/clip | worker CPU ms/clip |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
     for row in result.get("input", []):
-        ratio = row.get("over_train_step")
+        ratio, worker_ms = row.get("over_train_step"), row.get("worker_cpu_ms")
         lines.append(f"| {row['format']} | {row['workers'] or '0 (threads)'} | {row['batch']} | {row['clips_per_s']:,.0f} "
-                     f"| {'–' if ratio is None else f'{ratio:.2f}'} |")
+                     f"| {'–' if ratio is None else f'{ratio:.2f}'} | {row['loader_cpu_ms']:.3f} "
+                     f"| {'–' if not row['workers'] or worker_ms is None else f'{worker_ms:.3f}'} |")
     # The docs' GPU table: ours and torch in bf16 at the suite's batch, beside the paper's V100 figure.
     lines += ["", "| model | ours (bf16) | torch eager / compile (bf16) | ours train (bf16) | V100 (paper) |", "|---|---:|---:|---:|---:|"]
 

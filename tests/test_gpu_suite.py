@@ -49,6 +49,9 @@ def test_input_part_measures_threads_and_workers(tmp_path):
     result = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert [(r["format"], r["workers"]) for r in result["input"]] == [("hdf5 int16", 0), ("hdf5 int16", 1)]
     assert all(r["clips_per_s"] > 0 and r["over_train_step"] is None for r in result["input"])  # no train part ran
+    threads, worker = result["input"]
+    # The clips are read in the worker process (its CPU time per clip), not in the loader's.
+    assert threads["worker_cpu_ms"] < 0.1 * worker["worker_cpu_ms"] and worker["loader_cpu_ms"] > 0
 
 
 def test_a_part_past_its_limit_is_stopped_and_recorded():

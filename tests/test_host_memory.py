@@ -77,3 +77,39 @@ def test_turned_off_leaves_allocator_and_dispatch_alone():
     assert len(default["run"]) == 1 and default["tunables"] == [""]
     assert int(default["faults"][0]) > 60_000  # glibc's default: mapped afresh, every page faults again
     assert default["async"] == ["True"]
+
+
+# The faults of 200 clip reads' worth of buffers (three 700 KB blocks allocated, touched and freed per read), after
+# keep_freed_buffers() when argv[1] is "keep".
+READS = r"""
+import ctypes, resource, sys
+from convnext_audio_jax.runtime import host_memory
+if sys.argv[1] == "keep":
+    assert host_memory.keep_freed_buffers()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+size = 700 << 10
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(200):
+    blocks = [libc.malloc(size) for _ in range(3)]
+    for block in blocks:
+        ctypes.memset(block, 1, size)
+    for block in blocks:
+        libc.free(block)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not GLIBC_LINUX, reason="mallopt is glibc's")
+def test_reader_buffers_stay_in_the_heap():
+    env = {key: value for key, value in os.environ.items() if key != "GLIBC_TUNABLES"}
+    faults = {mode: int(subprocess.run([sys.executable, "-c", READS, mode], env=env, cwd=ROOT, capture_output=True,
+                                       text=True, timeout=60, check=True).stdout) for mode in ("keep", "default")}
+    assert faults["default"] > 50_000  # glibc trims the freed blocks off the heap top and faults them in again
+    assert faults["keep"] < 2_000  # ~530 pages, touched once
+    # Where the tunables of keep_freed_memory are set, they already keep everything and are left as they are.
+    env["GLIBC_TUNABLES"] = ":".join(host_memory.TUNABLES)
+    assert subprocess.run([sys.executable, "-c", "from convnext_audio_jax.runtime import host_memory as h; "
+                           "print(h.keep_freed_buffers())"], env=env, capture_output=True, text=True,
+                          cwd=ROOT, check=True).stdout.strip() == "False"

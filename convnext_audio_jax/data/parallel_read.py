@@ -1,9 +1,10 @@
 """Clips read by worker processes straight into shared memory, for loaders that must keep many accelerators fed.
 
 Each worker (``data/workers.py``: spawned, ordered, fails at once when one dies) is sent the source once, without
-its label matrix (``sources.without_labels``), and attaches one shared ring of int16 clip slots. The loader sends
-(clip index, slot) pairs; a worker reads the clip into its slot and answers with nothing but a status, so no
-waveform crosses a pipe or is pickled, and reading scales with the worker processes instead of waiting behind
+its label matrix (``sources.without_labels``), and the sampler's index stream, and attaches one shared ring of int16
+clip slots. The loader sends (stream position, slot) pairs; a worker looks up the clip index, reads the clip into
+its slot and answers with the index and a status, so no waveform crosses a pipe or is pickled, the loader's process
+only gathers slots into batches (about 0.2 ms of CPU per clip), and reading scales with the worker processes instead of waiting behind
 h5py's lock or one interpreter's GIL. The ring holds ``(workers × max_pending + 1) × chunksize`` clips (the most
 the ordered map can have in flight, plus the chunk being taken): 272 slots, 174 MB of ``/dev/shm`` for 8 workers
 at the defaults, whatever the batch.
@@ -15,7 +16,6 @@ batches; its state is grain's (``{"next_index": N}``, the index-stream items con
 
 from __future__ import annotations
 
-import collections
 import uuid
 from multiprocessing import shared_memory
 
@@ -24,6 +24,7 @@ import numpy as np
 
 from convnext_audio_jax.data import audio, sources
 from convnext_audio_jax.data.workers import WorkerPool
+from convnext_audio_jax.runtime import host_memory
 
 CHUNKSIZE = 16
 MAX_PENDING = 2
@@ -32,24 +33,29 @@ MAX_PENDING = 2
 _WORKER: dict = {}
 
 
-def _attach(source, shm_name: str, slots: int, samples: int) -> None:
+def _attach(source, indices: grain.MapDataset, shm_name: str, slots: int, samples: int) -> None:
+    host_memory.keep_freed_buffers()
     # Spawned workers share the parent's resource tracker, which already holds this name: the parent unlinks it.
     memory = shared_memory.SharedMemory(name=shm_name)
-    _WORKER.update(source=source, memory=memory, ring=np.ndarray((slots, samples), np.int16, buffer=memory.buf))
+    _WORKER.update(source=source, indices=indices, memory=memory,
+                   ring=np.ndarray((slots, samples), np.int16, buffer=memory.buf))
 
 
-def _read_into_slot(item: tuple[int, int]) -> tuple[str, str] | None:
-    """Worker side: clip ``index`` into ring slot ``slot``; None, or (reason, detail) of a clip that cannot be used."""
-    index, slot = item
+def _read_into_slot(item: tuple[int, int]) -> tuple[int, tuple[str, str] | None]:
+    """Worker side: the clip at stream ``position`` into ring slot ``slot``; (its clip index, None) or (its clip
+    index, (reason, detail)) when it cannot be used. The index is looked up here because grain's shuffle costs
+    about as much per clip as the copy into the batch, and the loader's process must stay free to gather."""
+    position, slot = item
+    index = int(_WORKER["indices"][position])
     try:
         waveform = sources.read_waveform(_WORKER["source"], index)
     except audio.ClipError as error:
-        return error.reason, error.detail
+        return index, (error.reason, error.detail)
     ring = _WORKER["ring"]
     if waveform.shape != ring.shape[1:]:
-        return audio.UNREADABLE, f"{waveform.shape[0]} samples where the loader holds {ring.shape[1]}"
+        return index, (audio.UNREADABLE, f"{waveform.shape[0]} samples where the loader holds {ring.shape[1]}")
     ring[slot] = waveform
-    return None
+    return index, None
 
 
 class WorkerClipReader(grain.DatasetIterator):
@@ -66,7 +72,6 @@ class WorkerClipReader(grain.DatasetIterator):
         self._memory = self._ring = None
         self._pool: WorkerPool | None = None
         self._statuses = None
-        self._sent: collections.deque[int] = collections.deque()  # indices sent to the workers, oldest first
         self._position = 0
 
     def _clip_samples(self) -> int:
@@ -88,25 +93,20 @@ class WorkerClipReader(grain.DatasetIterator):
         if self._pool is None:
             self._pool = WorkerPool(self._workers, chunksize=CHUNKSIZE, max_pending=MAX_PENDING, name="clip reader",
                                     initializer=_attach, initargs=(sources.without_labels(self._source),
-                                                                   self._memory.name, *self._ring.shape))
-        self._sent.clear()
+                                                                   self._indices, self._memory.name,
+                                                                   *self._ring.shape))
+        # An endless stream's length is sys.maxsize: the range is lazy.
+        items = ((position, position % self._slots) for position in range(self._position, len(self._indices)))
 
-        def items():  # an endless stream's length is sys.maxsize: the range is lazy
-            for position in range(self._position, len(self._indices)):
-                index = int(self._indices[position])
-                self._sent.append(index)  # taken back in order by __next__, which reads each status in order
-                yield index, position % self._slots
-
-        self._statuses = self._pool.map(_read_into_slot, items())
+        self._statuses = self._pool.map(_read_into_slot, items)
 
     def __next__(self) -> dict:
         self._assert_not_closed()
         if self._statuses is None:
             self._start()
-        status = next(self._statuses)  # StopIteration at the end of a finite stream
+        index, status = next(self._statuses)  # StopIteration at the end of a finite stream
         position = self._position
         self._position += 1
-        index = self._sent.popleft()
         clip_id = self._source.clip_id(index)
         if status is not None:
             return {"error": status[0], "id": clip_id, "detail": status[1]}

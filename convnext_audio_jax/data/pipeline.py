@@ -22,6 +22,7 @@ import numpy as np
 from convnext_audio_jax.data import audio
 from convnext_audio_jax.data.sampler import BalancedIndices
 from convnext_audio_jax.data.sources import ClipSource
+from convnext_audio_jax.runtime import host_memory
 from convnext_audio_jax.runtime.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -268,6 +269,7 @@ def make_loader(source: ClipSource, config: LoaderConfig,
                 shard_options: grain.sharding.ShardOptions | None = None) -> ClipLoader:
     """The loader for this host; `shard_options` defaults to this JAX process's shard."""
     shard_options = shard_options or jax_shard_options()
+    host_memory.keep_freed_buffers()  # the reader threads' (or the workers' batches') buffers stay in the heap
     indices = index_stream(len(source), source.targets, config, shard_options)
     description = getattr(source, "description", type(source).__name__)
     if config.worker_count > 0:

@@ -285,8 +285,7 @@ class _ShardWriter:
         if self._format == "array_record":
             from array_record.python import array_record_module
 
-            # group_size:1 keeps every record independently readable (random access reads one record, not a group).
-            self._writer = array_record_module.ArrayRecordWriter(os.fspath(self._path), "group_size:1")
+            self._writer = array_record_module.ArrayRecordWriter(os.fspath(self._path), records.WRITER_OPTIONS)
         else:
             self._file = h5py.File(self._path, "w")
             self._file.attrs["sample_rate"] = audio.SAMPLE_RATE

@@ -12,10 +12,17 @@ arena), the same memory serves every step.
 with :data:`TUNABLES` added to ``GLIBC_TUNABLES``. ``CONVNEXT_AUDIO_JAX_KEEP_FREED_MEMORY=0`` leaves the allocator and
 the dispatch alone. The process then keeps its peak of host memory until it exits, as do the processes it starts
 (they inherit ``GLIBC_TUNABLES``).
+
+The input pipeline has the same trouble at a smaller size wherever those tunables are not set (a GPU host): each clip
+read allocates and frees a few 640 KB buffers, which glibc trims from the heap top and faults in again on the next
+read, ~500 page faults and most of the CPU time of an uncompressed ArrayRecord read. :func:`keep_freed_buffers`
+raises the mmap and trim thresholds of the calling process (``mallopt``: at run time, for this process only) and is
+called by the loader and its worker processes.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import sys
@@ -73,3 +80,23 @@ def keep_freed_memory() -> None:
     import jax
 
     jax.config.update("jax_cpu_enable_async_dispatch", False)
+
+
+# mallopt parameters (malloc.h) and values for reading processes: buffers below 32 MiB come from the heap, and up to
+# 256 MiB of freed heap is kept for the next read.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+READER_TRIM_BYTES, READER_MMAP_BYTES = 256 << 20, 32 << 20
+
+
+def keep_freed_buffers() -> bool:
+    """Keep clip-sized buffers in this process's heap between reads (see the module docstring); True where it did.
+
+    Nothing is changed without glibc, or where ``GLIBC_TUNABLES`` already sets the trim threshold (a CPU training
+    process from :func:`keep_freed_memory`, and the workers it starts, which keep every block already)."""
+    if not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"):
+        return False
+    if "glibc.malloc.trim_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    libc = ctypes.CDLL(None)
+    return bool(libc.mallopt(_M_TRIM_THRESHOLD, READER_TRIM_BYTES)) and bool(
+        libc.mallopt(_M_MMAP_THRESHOLD, READER_MMAP_BYTES))
