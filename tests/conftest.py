@@ -171,12 +171,12 @@ def demo_run(tmp_path_factory) -> dict:
     import json
     import time
 
+    from training_helpers import load_config
+
     from convnext_audio_jax import training
 
     def train(workdir: pathlib.Path) -> dict:
-        namespace: dict = {}
-        exec((pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py").read_text(), namespace)
-        config = namespace["get_config"]()
+        config = load_config("demo")
         config.progress_bar = False
         start = time.perf_counter()
         result = training.train(config, workdir)

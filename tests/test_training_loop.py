@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 from data_helpers import damage_hdf5_clips, random_waveforms, write_packed_hdf5
 from flax import traverse_util
-from training_helpers import TINY_CONFIG, tiny_config
+from training_helpers import TINY_CONFIG, load_config, tiny_config
 
 from convnext_audio_jax import training
 from convnext_audio_jax.artifacts import model_dir as checkpoint
@@ -233,9 +233,7 @@ def test_kill_and_resume_on_hdf5_with_corrupt_clips_balanced_sampler_and_read_th
     source = write_damaged_hdf5(tmp_path / "packed.h5")
     config_file = tmp_path / "hdf5.py"
     config_file.write_text(HDF5_CONFIG.format(train=str(source)))
-    namespace: dict = {}
-    exec(HDF5_CONFIG.format(train=str(source)), namespace)
-    config = namespace["get_config"]()
+    config = load_config(config_file)
 
     uninterrupted = tmp_path / "uninterrupted"
     training.train(config, uninterrupted)
