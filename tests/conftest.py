@@ -8,6 +8,18 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+# One persistent XLA compilation cache for the whole run, in a folder of its own: the test processes (pytest-xdist's
+# workers inherit this environment) and every single-process subprocess they start (train.py, the CLI) load a program
+# another already compiled instead of compiling it again: the demo model, the tiny configs and the full-size models
+# recur across files. Every program is stored (min compile time 0): most of the suite's are small. A cache the caller
+# set is used as it is and kept; the one made here is removed when the run ends.
+OWN_XLA_CACHE = None
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    OWN_XLA_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="convnext-audio-tests-xla-")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 import warnings  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -24,6 +36,36 @@ def pytest_configure(config):
     from convnext_audio_jax import native
 
     native.available()
+
+
+def pytest_unconfigure(config):
+    """The run's XLA cache goes with the process that made it (pytest-xdist's workers and subprocesses only
+    inherit its name)."""
+    if OWN_XLA_CACHE:
+        shutil.rmtree(OWN_XLA_CACHE, ignore_errors=True)
+
+
+# The files that take longest, longest first (--durations on the 2-core CPU): pytest-xdist hands whole files to its
+# two processes in collection order (pyproject.toml turns its own reorder off), so these start first and the short
+# files fill in behind them, and both processes finish together instead of one starting a long file at the end.
+# test_training_distill goes first because it trains the session's demo run (its teacher, which
+# test_training_loop's last test reads later from the other process without waiting for it).
+LONGEST_FILES_FIRST = (
+    "test_training_distill.py",
+    "test_export.py",
+    "test_training_multiprocess.py",
+    "test_training_loop.py",
+    "test_end_to_end.py",
+    "test_native_sanitizer.py",
+    "test_convert.py",
+    "test_pretrained.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """LONGEST_FILES_FIRST first, every other file after them in the order collected (the sort is stable)."""
+    rank = {name: index for index, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 # Stand-ins for the Debian recordings, under some of their names, with their kinds of rates, channel counts and
@@ -129,12 +171,12 @@ def demo_run(tmp_path_factory) -> dict:
     import json
     import time
 
+    from training_helpers import load_config
+
     from convnext_audio_jax import training
 
     def train(workdir: pathlib.Path) -> dict:
-        namespace: dict = {}
-        exec((pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py").read_text(), namespace)
-        config = namespace["get_config"]()
+        config = load_config("demo")
         config.progress_bar = False
         start = time.perf_counter()
         result = training.train(config, workdir)

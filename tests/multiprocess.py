@@ -42,10 +42,13 @@ class ProcessGroupError(AssertionError):
 
 def process_env(devices: int, extra: dict | None = None) -> dict:
     """This environment with ``devices`` simulated CPU devices, the repository importable, nothing of an
-    outer cluster (SLURM, Open MPI, JAX_*) left in to confuse the child."""
+    outer cluster (SLURM, Open MPI, JAX_*) left in to confuse the child, and no persistent compilation cache (the
+    test run's, tests/conftest.py): JAX writes it from process 0 only, so a later group would find process 0's
+    programs compiled and process 1's not, and process 0 would wait at the first collective for a peer still
+    compiling, past gloo's timeout on a loaded machine."""
     env = {key: value for key, value in os.environ.items()
            if not key.startswith(("SLURM_", "OMPI_", "PMI_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_",
-                                  "JAX_LOCAL_DEVICE_IDS"))}
+                                  "JAX_LOCAL_DEVICE_IDS", "JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_"))}
     flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
     env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
     env["JAX_PLATFORMS"] = "cpu"

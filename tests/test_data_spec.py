@@ -7,14 +7,14 @@ import pathlib
 import subprocess
 import sys
 
-import jax
+import data_helpers
 import numpy as np
 import pytest
 
 from convnext_audio_jax import cli, training
-from convnext_audio_jax.data import pipeline, prepare, spec as spec_lib
+from convnext_audio_jax.data import pipeline, prepare
+from convnext_audio_jax.data import spec as spec_lib
 from convnext_audio_jax.data.sampler import BalancedIndices
-import data_helpers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_CLASSES = len(data_helpers.CLASSES)
@@ -187,19 +187,6 @@ def test_holdout_is_disjoint_deterministic_and_the_same_in_another_process():
 
 
 # ------------------------------------------------------------------------------------------------ training
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """One XLA cache for the module: every training run below has the same shapes, so compiles once."""
-    directory = str(tmp_path_factory.mktemp("xla_cache"))
-    saved = {name: getattr(jax.config, name) for name in
-             ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
-    jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    yield directory
-    for name, value in saved.items():
-        jax.config.update(name, value)
 
 
 def tiny_audioset_config(corpus, tfds_dir, train: str, validation: str, eval_spec: str = ""):

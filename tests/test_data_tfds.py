@@ -5,9 +5,14 @@ import grain
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from data_helpers import (
+    segment_file,
+    write_class_labels,
+    write_generated_clips,
+    write_segments_csv,
+)
 
 from convnext_audio_jax.data import audio, pipeline, sources, tfds_builder
-from data_helpers import segment_file, write_class_labels, write_generated_clips, write_segments_csv
 
 
 @pytest.fixture(scope="module")
@@ -71,21 +76,6 @@ def test_flac_config_stores_the_same_samples(tmp_path, manual_dir):
     assert isinstance(records[0]["waveform"], bytes)
     source = sources.TfdsSource(builder, "eval", num_classes=5)
     np.testing.assert_array_equal(source[0]["waveform"], expected_waveforms(manual, rows[5:])[rows[5][0]])
-
-
-def test_beam_direct_runner_builds_the_same_dataset(tmp_path, manual_dir):
-    beam = pytest.importorskip("apache_beam", reason="apache-beam is not installed (pip install apache-beam)")
-    manual, rows = manual_dir
-    builder = build(manual, tmp_path / "api", "int16", beam_runner=beam.runners.DirectRunner())
-    assert builder.info.splits["balanced_train"].num_examples == 4
-    # The command documented for clusters, here with the local runner.
-    assert tfds_builder.main(["--manual-dir", str(manual), "--data-dir", str(tmp_path / "cli"),
-                              "--beam-options=--runner=DirectRunner"]) == 0
-    assert (tmp_path / "cli" / "audioset" / "int16" / "1.0.0").is_dir()
-    source = sources.TfdsSource(builder, "balanced_train", num_classes=5)
-    expected = expected_waveforms(manual, [r for i, r in enumerate(rows[:5]) if i != 2])
-    for i in range(len(source)):
-        np.testing.assert_array_equal(source[i]["waveform"], expected[source.clip_id(i)])
 
 
 def test_missing_labels_file_explains_the_layout(tmp_path):

@@ -53,16 +53,10 @@ def get_config():
 """
 
 
-@pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory) -> str:
-    """A persistent XLA cache shared by the training subprocesses."""
-    return str(tmp_path_factory.mktemp("xla_cache"))
-
-
-def train_py(config: pathlib.Path | str, workdir: pathlib.Path, cache: str, *overrides: str) -> None:
+def train_py(config: pathlib.Path | str, workdir: pathlib.Path, *overrides: str) -> None:
+    """train.py in a subprocess, with the run's XLA cache (tests/conftest.py)."""
     command = [sys.executable, str(REPO / "train.py"), f"--config={config}", f"--workdir={workdir}", *overrides]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -84,8 +78,7 @@ def decoded_window(path: pathlib.Path, sample_rate: int, window: int) -> np.ndar
     return padded
 
 
-def test_folder_prepare_train_evaluate_tag_embed_convert_and_pytorch_parity(tmp_path, freedesktop_recordings,
-                                                                            compilation_cache, capsys):
+def test_folder_prepare_train_evaluate_tag_embed_convert_and_pytorch_parity(tmp_path, freedesktop_recordings, capsys):
     recordings = freedesktop_recordings[:12]  # all shorter than one 10 s window
     folder = recordings[0].parent
     labels_csv = write_class_labels(tmp_path / "class_labels_indices.csv",
@@ -102,7 +95,7 @@ def test_folder_prepare_train_evaluate_tag_embed_convert_and_pytorch_parity(tmp_
     config = tmp_path / "folder_config.py"
     config.write_text(FOLDER_CONFIG.format(prepared=prepared.as_posix(), **TINY))
     workdir = tmp_path / "workdir"
-    train_py(config, workdir, compilation_cache)
+    train_py(config, workdir)
     assert (workdir / "model" / "best" / "metadata.json").is_file() and (workdir / "config.json").is_file()
     _, _, metadata = checkpoint.load_model(workdir)
     assert metadata["class_names"] == list(LABELS) and metadata["sample_rate"] == 32_000
@@ -142,11 +135,11 @@ def test_folder_prepare_train_evaluate_tag_embed_convert_and_pytorch_parity(tmp_
 
 
 @pytest.fixture(scope="module")
-def demo_workdir(tmp_path_factory, compilation_cache) -> pathlib.Path:
+def demo_workdir(tmp_path_factory) -> pathlib.Path:
     """The README's first command, ``python train.py --config configs/demo.py --workdir …``, shortened to 4 steps
     of a smaller ConvNeXt on fewer clips."""
     workdir = tmp_path_factory.mktemp("runs") / "demo"
-    train_py(REPO / "configs" / "demo.py", workdir, compilation_cache, "--config.total_steps=4",
+    train_py(REPO / "configs" / "demo.py", workdir, "--config.total_steps=4",
              "--config.model.overrides.dims=(8, 16, 32, 64)", "--config.data.demo_train_clips=64",
              "--config.data.demo_val_clips=32", "--config.data.demo_eval_clips=32", "--config.batch_size=16",
              "--config.eval_batch_size=32", "--config.eval_every=4", "--config.checkpoint_every=4",

@@ -1,12 +1,13 @@
 """Training configuration: every shipped config loads, validates and documents itself; bad settings and
 SPECs are one-line errors; config.json and the resume check."""
 
+import ast
 import json
 import os
 import pathlib
 
 import pytest
-from training_helpers import tiny_config
+from training_helpers import load_config, tiny_config
 
 from convnext_audio_jax.training import config as config_lib
 
@@ -25,11 +26,9 @@ def test_batch_layout_accumulates_when_devices_fall_short():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_config_files_load_validate_and_document_themselves(path):
-    namespace: dict = {"__name__": path.stem}
-    exec(compile(path.read_text(), str(path), "exec"), namespace)
-    config = namespace["get_config"]()
+    config = load_config(path)
     config_lib.validate_config(config, num_devices=8)
-    doc = namespace["__doc__"]
+    doc = ast.get_docstring(ast.parse(path.read_text()))
     assert f"python train.py --config configs/{path.name}" in doc
     if not path.stem.startswith("demo"):
         assert "mAP" in doc
@@ -41,12 +40,10 @@ def test_config_files_load_validate_and_document_themselves(path):
 
 
 def test_paper_configs_name_the_paper_data():
-    namespace: dict = {"__name__": "convnext_tiny_audioset"}
-    exec((REPO / "configs" / "convnext_tiny_audioset.py").read_text(), namespace)
-    config = namespace["get_config"]()
+    config = load_config("convnext_tiny_audioset")
     assert config.data.train == "data/audioset@balanced_train+data/audioset@unbalanced_train"
     assert config.data.validation.startswith("holdout:") and config.data.eval == "data/audioset@eval"
-    doc = namespace["__doc__"]
+    doc = ast.get_docstring(ast.parse((REPO / "configs" / "convnext_tiny_audioset.py").read_text()))
     for command in ("convnext-audio prepare", "balanced_train_segments.csv", "unbalanced_train_segments.csv",
                     "eval_segments.csv", "tfds:audioset/int16@balanced_train", "tfds_builder"):
         assert command in doc

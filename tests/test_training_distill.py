@@ -4,7 +4,6 @@ gradient accumulation, the teacher file checks at start, and an exact resume wit
 
 import dataclasses
 import json
-import pathlib
 import shutil
 import time
 
@@ -14,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import traverse_util
-from training_helpers import tiny_config
+from training_helpers import load_config, tiny_config
 
 from convnext_audio_jax import cli, training
 from convnext_audio_jax.artifacts.model_dir import load_model
@@ -30,8 +29,6 @@ from convnext_audio_jax.training.augment import (
     logmel_augmentation_with_lambdas,
 )
 from convnext_audio_jax.training.distill import Distillation
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def np_log_sigmoid(x):
@@ -235,9 +232,7 @@ class HalfLabels:
 def demo_kd_config(name: str):
     """configs/``name``.py at the experiment's sizes: 1024 training clips, the demo's 512 validation clips (those
     the teacher was selected on), no eval set, 480 steps."""
-    namespace: dict = {}
-    exec((REPO / "configs" / f"{name}.py").read_text(), namespace)
-    config = namespace["get_config"]()
+    config = load_config(name)
     config.data.demo_train_clips = 1024
     config.data.eval = ""
     config.total_steps = config.checkpoint_every = config.eval_every = 480

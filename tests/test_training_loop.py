@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 from data_helpers import damage_hdf5_clips, random_waveforms, write_packed_hdf5
 from flax import traverse_util
-from training_helpers import TINY_CONFIG, tiny_config
+from training_helpers import TINY_CONFIG, load_config, tiny_config
 
 from convnext_audio_jax import training
 from convnext_audio_jax.artifacts import model_dir as checkpoint
@@ -36,20 +36,6 @@ def tiny_config_file(tmp_path_factory) -> pathlib.Path:
     path = tmp_path_factory.mktemp("configs") / "tiny.py"
     path.write_text(TINY_CONFIG)
     return path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """A persistent XLA cache for this module (and its subprocesses): the kill/resume runs compile the same
-    programs three times, which would otherwise dominate the module's run time on a small CPU."""
-    directory = str(tmp_path_factory.mktemp("xla_cache"))
-    saved = {name: getattr(jax.config, name) for name in
-             ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
-    jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    yield directory
-    for name, value in saved.items():
-        jax.config.update(name, value)
 
 
 @pytest.fixture(scope="module")
@@ -81,13 +67,12 @@ def finished_steps(workdir: pathlib.Path) -> list[int]:
     return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
-def start_train_py(config_file: pathlib.Path, workdir: pathlib.Path, compilation_cache: str, prelude: str = "",
+def start_train_py(config_file: pathlib.Path, workdir: pathlib.Path, prelude: str = "",
                    env: dict | None = None) -> subprocess.Popen:
     """``train.py`` in a child process (to be killed); ``prelude`` is Python run in the child first (a patch)."""
     runner = f"{prelude}\nimport runpy, sys\nsys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')"
     command = [sys.executable, "-c", runner, str(REPO / "train.py"), f"--config={config_file}", f"--workdir={workdir}"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_COMPILATION_CACHE_DIR": compilation_cache,
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **(env or {})}
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}  # with the run's XLA cache (tests/conftest.py)
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
@@ -133,11 +118,11 @@ def test_run_writes_config_metrics_and_loadable_model_directories(uninterrupted_
     assert best_metadata["provenance"]["validation"]["val_mAP"] == max(line["val_mAP"] for line in evaluations)
 
 
-def test_killed_and_resumed_run_is_bit_identical(tiny_config_file, uninterrupted_run, compilation_cache, tmp_path):
+def test_killed_and_resumed_run_is_bit_identical(tiny_config_file, uninterrupted_run, tmp_path):
     config = tiny_config()
     uninterrupted = uninterrupted_run
     resumed = tmp_path / "resumed"
-    process = start_train_py(tiny_config_file, resumed, compilation_cache)
+    process = start_train_py(tiny_config_file, resumed)
     checkpoints = resumed / "checkpoints"
     kill_when(process, lambda: checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir()))
     killed_at = finished_steps(resumed)[-1]
@@ -172,14 +157,14 @@ checkpointing.LoaderCheckpoint.get_state = _stalling_get_state
 
 
 def test_kill_during_an_orbax_save_resumes_from_the_last_finished_step(tiny_config_file, uninterrupted_run,
-                                                                       compilation_cache, tmp_path):
+                                                                       tmp_path):
     """SIGKILL while step 8's checkpoint is an orbax temporary directory: the resume starts from step 4 (the
     last finished save), and the final params, batch_stats, opt_state, step and rng are bitwise those of an
     uninterrupted run."""
     config = tiny_config()
     workdir = tmp_path / "run"
     checkpoints = workdir / "checkpoints"
-    process = start_train_py(tiny_config_file, workdir, compilation_cache, prelude=STALL_SAVE_OF_STEP_8,
+    process = start_train_py(tiny_config_file, workdir, prelude=STALL_SAVE_OF_STEP_8,
                              env={"STALL_CHECKPOINTS": str(checkpoints)})
 
     def saving_step_8():
@@ -241,21 +226,19 @@ def write_damaged_hdf5(path: pathlib.Path) -> pathlib.Path:
     return damage_hdf5_clips(path, UNREADABLE_CLIPS)
 
 
-def test_kill_and_resume_on_hdf5_with_corrupt_clips_balanced_sampler_and_read_threads(compilation_cache, tmp_path):
+def test_kill_and_resume_on_hdf5_with_corrupt_clips_balanced_sampler_and_read_threads(tmp_path):
     """Packed HDF5 with damaged and all-zero clips, PANNs' balanced sampler, 4 read threads: a run killed
     after its first checkpoint and resumed ends with the params and the skip counts (per reason, with the
     clip ids) of an uninterrupted run."""
     source = write_damaged_hdf5(tmp_path / "packed.h5")
     config_file = tmp_path / "hdf5.py"
     config_file.write_text(HDF5_CONFIG.format(train=str(source)))
-    namespace: dict = {}
-    exec(HDF5_CONFIG.format(train=str(source)), namespace)
-    config = namespace["get_config"]()
+    config = load_config(config_file)
 
     uninterrupted = tmp_path / "uninterrupted"
     training.train(config, uninterrupted)
     resumed = tmp_path / "resumed"
-    process = start_train_py(config_file, resumed, compilation_cache)
+    process = start_train_py(config_file, resumed)
     checkpoints = resumed / "checkpoints"
     kill_when(process, lambda: checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir()))
     killed_at = finished_steps(resumed)[-1]
