@@ -126,7 +126,7 @@ def test_data_at_another_rate_or_length_than_the_model_is_refused(packed):
     from convnext_audio_jax.models.frontend import FrontendConfig
 
     demo_frontend = FrontendConfig(sample_rate=16_000, n_mels=64, fmax=8_000.0, clip_seconds=1.0)
-    with pytest.raises(ValueError, match=r"320000-sample clips at 32000 Hz; the model takes 16000-sample clips at "
+    with pytest.raises(ValueError, match=r"holds clips of 320000 samples at 32000 Hz; the model takes clips of 16000 samples at "
                                          r"16000 Hz"):
         evaluate_lib.open_data_spec(str(packed[0]), frontend=demo_frontend)
     source, _ = evaluate_lib.open_data_spec(str(packed[0]), frontend=FrontendConfig())

@@ -43,6 +43,7 @@ from convnext_audio_jax.data.pipeline import (
     jax_shard_options,
     make_loader,
 )
+from convnext_audio_jax.data.spec import open_data_spec  # noqa: F401  (its former home: callers' imports work)
 from convnext_audio_jax.evaluation import metrics as metrics_lib
 from convnext_audio_jax.runtime import files, xla
 from convnext_audio_jax.runtime.errors import UserError
@@ -86,7 +87,7 @@ class Scorer:
 
         def score(variables, waveforms):
             if waveforms.dtype == np.int16:
-                waveforms = waveforms.astype(np.float32) / audio.INT16_SCALE
+                waveforms = audio.int16_to_float(waveforms)
             return model.apply(variables, waveforms, train=False)["probs"]
 
         self._score = jit_forward(score, mesh)
@@ -220,22 +221,6 @@ def _plot_per_class_ap(result: Mapping[str, Any], path: pathlib.Path) -> None:
     plt.close(figure)
 
 
-def open_data_spec(spec: str, labels_csv: str | os.PathLike | None = None,
-                   options: spec_lib.DataOptions | None = None, frontend=None) -> tuple[Any, tuple[str, ...] | None]:
-    """The source named by a data SPEC (convnext_audio_jax/data/spec.py) and the class names it knows, if
-    any. Raises ValueError (a one-line ``SpecError``) naming the SPEC when it cannot be opened, or (given the
-    model's ``frontend``) when its clips are not at the model's sample rate and clip length."""
-    options = options or spec_lib.DataOptions()
-    if labels_csv:
-        options = dataclasses.replace(options, labels_csv=os.fspath(labels_csv))
-    opened = spec_lib.open_spec(spec, options)
-    if frontend is not None and (opened.sample_rate, opened.clip_samples) != (frontend.sample_rate,
-                                                                             frontend.clip_samples):
-        raise UserError(f"data SPEC {spec!r} holds {opened.clip_samples}-sample clips at {opened.sample_rate} Hz; "
-                         f"the model takes {frontend.clip_samples}-sample clips at {frontend.sample_rate} Hz")
-    return opened.source, opened.class_names
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
                         help="model directory (convert's output), training workdir (its model/best, else model/last) or "
@@ -332,8 +317,7 @@ def run(args: argparse.Namespace) -> int:
     first = jax.process_index() == 0
     model, variables, metadata = load_model(args.checkpoint, offline=offline_flag(args))
     frontend = model.frontend
-    options = spec_lib.DataOptions(demo_sample_rate=frontend.sample_rate, demo_clip_seconds=frontend.clip_seconds)
-    source, data_names = open_data_spec(args.data, args.labels, options, frontend)
+    source, data_names = spec_lib.open_data_spec(args.data, args.labels, frontend=frontend)
     model_names = metadata.get("class_names")
     order = class_order(model_names, data_names, model.num_classes, source.num_classes, args.remap_by_name)
     if order is not None:

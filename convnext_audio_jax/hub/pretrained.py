@@ -41,6 +41,7 @@ from convnext_audio_jax.convert import (
     load_torch_state_dict,
     read_labels,
 )
+from convnext_audio_jax.data.labels import LabelFileError
 from convnext_audio_jax.hub import download
 from convnext_audio_jax.models import create_model
 from convnext_audio_jax.runtime import files
@@ -333,7 +334,7 @@ def _convert(entry: Pretrained, source: Source, weights: pathlib.Path, labels: p
         state_dict = load_torch_state_dict(weights)
         result = convert_state_dict(state_dict, entry.model)
         class_names = read_labels(labels) if labels is not None else None
-    except ConversionError as error:
+    except (ConversionError, LabelFileError) as error:
         raise PretrainedError(f"pretrained {entry.name!r}: {error}") from None
     digests = download.file_digests(weights)
     metadata: dict[str, Any] = {
