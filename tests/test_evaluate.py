@@ -153,6 +153,22 @@ def test_cli_evaluate_end_to_end(tiny_model, packed, tmp_path, capsys):
     assert error.count("\n") == 0 and "no folder" in error
 
 
+def test_reports_go_to_the_run_evaluated_not_the_current_folder(tmp_path):
+    workdir = tmp_path / "runs" / "exp1"
+    best = workdir / "model" / "best"
+    best.mkdir(parents=True)
+    converted = tmp_path / "models" / "tiny"
+    converted.mkdir(parents=True)
+    default = evaluate_lib.default_output
+    # A workdir, or its model/best named directly (training replaces that folder): the workdir's evaluation/.
+    assert default(workdir, best, "data/audioset@eval") == workdir / "evaluation" / "data_audioset@eval"
+    assert default(best, best, "demo@eval") == workdir / "evaluation" / "demo@eval"
+    assert default(converted, converted, "/mnt/a b/x.h5+demo") == converted / "evaluation" / "mnt_a_b_x.h5+demo"
+    cached = tmp_path / "cache" / "models" / "convnext_tiny_471mAP"  # a pretrained name: its cached directory
+    assert default("convnext_tiny_471mAP", cached, "tfds:audioset/flac@eval") == (
+        cached / "evaluation" / "tfds_audioset_flac@eval")
+
+
 def test_unreadable_first_clip_is_skipped_not_used_as_padding(tiny_model, tmp_path):
     """Clip 0 broken: evaluation pads with zero rows of the model's clip length, never with clip 0."""
     model, variables = tiny_model
