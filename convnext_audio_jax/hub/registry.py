@@ -1,5 +1,5 @@
 """The registry of released checkpoints: what each name is (model, sources with their checksums, class list) and
-where it is published. Cheap to import (no JAX, no converter): ``convnext-audio models --pretrained`` reads it.
+where it is published. Cheap to import (no JAX, no converter), for what needs only the names (``train.py --check``).
 Entries come from the built-in list, ``register`` and the JSON file named by ``$CONVNEXT_AUDIO_REGISTRY``;
 ``pretrained`` fetches and converts them.
 """
