@@ -15,38 +15,13 @@ def _models_table(args: argparse.Namespace) -> int:
 
         pretrained.print_table()
         return 0
-    import jax
-
-    from convnext_audio_jax.models import (
-        count_params,
-        create_model,
-        example_input,
-        get_spec,
-        init_variables,
-        list_models,
-        with_xla_ops,
-    )
+    from convnext_audio_jax.models import get_spec, list_models
+    from convnext_audio_jax.models.catalog import table
 
     names = args.names or list_models()
-    rows = []
-    for name in names:
-        spec = get_spec(name)
-        model = create_model(name)
-        variables = jax.eval_shape(lambda m=model: init_variables(m, jax.random.key(0)))
-        params = count_params(variables["params"])
-        x = example_input(model, batch=1)
-        if spec.takes_waveform:
-            fe = model.frontend
-            frames = fe.num_frames(x.shape[1])
-            input_desc = f"{fe.sample_rate / 1000:g} kHz, {fe.n_mels} mels, {frames} frames"
-        else:
-            input_desc = "224×224 RGB"
-        flops = None
-        if not args.no_flops:
-            counted = with_xla_ops(model)
-            lowered = jax.jit(lambda v, w, m=counted: m.apply(v, w)["logits"]).lower(variables, x)
-            flops = (lowered.cost_analysis() or {}).get("flops")
-        rows.append((name, f"{params:,}", input_desc, "-" if flops is None else f"{flops / 1e9:.1f}", spec.description))
+    rows = [(name, f"{row['params']:,}", row["input"],
+             "-" if args.no_flops or row["gflops"] is None else f"{row['gflops']:.1f}", get_spec(name).description)
+            for name, row in zip(names, table(names, flops=not args.no_flops))]
 
     headers = ("model", "params", "input (10 s clip)", "GFLOPs/clip", "description")
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]

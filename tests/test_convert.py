@@ -21,8 +21,8 @@ from safetensors.numpy import save_file
 from convnext_audio_jax.artifacts.model_dir import load_model
 from convnext_audio_jax.cli import main as main_cli
 from convnext_audio_jax.convert import load_torch_state_dict
-from convnext_audio_jax.hub import convert_command as cli
 from convnext_audio_jax.convert.torch_reference import build_reference, randomize_
+from convnext_audio_jax.hub import convert_command as cli
 from convnext_audio_jax.models import create_model
 
 TOLERANCE = 1e-4
@@ -255,6 +255,44 @@ def test_to_torch_round_trip(case, suffix, authors_pth, audio_convnext, cnn6, tm
     fresh = build_reference(**{"authors": {"name": "convnext_tiny"}, "cnn6": {"name": "cnn6"},
                                "timm": {"name": "convnext_tiny_imagenet", "naming": "timm"}}[case])
     fresh.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in back.items()}, strict=True)
+
+
+def test_to_torch_of_the_demo_model_loads_into_the_reference_built_from_its_metadata(tmp_path):
+    """A non-default front end (the demo's: 16 kHz, n_fft 512, hop 160, 64 mels up to 8 kHz, 1 s clips) and a
+    reduced size: ``build_reference(**model_config)`` is the PyTorch model its --to-torch file loads into, with
+    the same logits."""
+    import dataclasses
+
+    from convnext_audio_jax.artifacts.model_dir import read_metadata, save_model
+    from convnext_audio_jax.models import init_variables
+    from convnext_audio_jax.models.frontend import FrontendConfig
+
+    demo = FrontendConfig(sample_rate=16_000, n_fft=512, hop_length=160, n_mels=64, fmax=8_000.0, clip_seconds=1.0)
+    config = {"depths": [1, 1, 1, 1], "dims": [16, 32, 64, 128], "num_classes": 10,
+              "frontend": dataclasses.asdict(demo)}
+    model = create_model("convnext_tiny", **config)
+    variables = init_variables(model, jax.random.key(4))
+    rng = np.random.default_rng(4)  # non-trivial bn0 statistics and head, so that the logits say something
+    variables["batch_stats"]["bn0"] = {"mean": rng.normal(-20, 3, 64).astype(np.float32),
+                                       "var": rng.uniform(50, 150, 64).astype(np.float32)}
+    head = variables["params"]["head"]
+    head["kernel"] = rng.normal(0, 1, np.shape(head["kernel"])).astype(np.float32)
+    directory = save_model(tmp_path / "demo", "convnext_tiny", variables, None, config)
+    assert convert(directory, tmp_path / "demo.safetensors", "--to-torch") == 0
+
+    metadata = read_metadata(directory)
+    reference = build_reference(metadata["model"], **metadata["model_config"])
+    back = load_torch_state_dict(tmp_path / "demo.safetensors")
+    reference.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in back.items()}, strict=True)
+    waveform = (0.1 * rng.standard_normal((2, 16_000))).astype(np.float32)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(waveform))["clipwise_logits"].numpy()
+    out = flax_forward(model, variables, waveform)
+    assert np.std(expected) > 0.1 and max_abs(out["logits"], expected) <= TOLERANCE
+    with pytest.raises(ValueError, match=r"\['hop'\] are not FrontendConfig fields"):
+        build_reference("cnn6", frontend={"hop": 160})
+    with pytest.raises(ValueError, match="no audio front end"):
+        build_reference("convnext_tiny_imagenet", frontend={"n_mels": 64})
 
 
 # ---------------------------------------------------------------- bad input

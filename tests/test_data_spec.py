@@ -165,6 +165,22 @@ def _holdout_ids(spec: str, holdout: str) -> tuple[list[str], list[str]]:
     return ([train.clip_id(i) for i in range(len(train))], [validation.clip_id(i) for i in range(len(validation))])
 
 
+def test_open_for_model_makes_the_demo_at_the_models_format_and_refuses_other_data(corpus):
+    """The one check of a SPEC against a model's rate and clip length (evaluate, predict and training use it)."""
+    from convnext_audio_jax.models.frontend import FrontendConfig
+
+    small = spec_lib.DataOptions(demo_clips={"eval": 4})
+    other = FrontendConfig(sample_rate=22_050, n_mels=32, fmax=8_000.0, clip_seconds=0.5)
+    opened = spec_lib.open_for_model("demo@eval", small, other)
+    assert (opened.sample_rate, opened.clip_samples) == (22_050, 11_025) and opened.source[0]["waveform"].shape == (11_025,)
+    packed = f"{corpus['root'] / 'hdf5'}@eval"  # 10 s at 32 kHz
+    with pytest.raises(spec_lib.ClipFormatError, match=r"^data\.eval '.*' holds clips of 320000 samples at 32000 Hz; "
+                                                        r"the model takes clips of 11025 samples at 22050 Hz$"):
+        spec_lib.open_for_model(packed, options(corpus), other, where="data.eval")
+    source, names = spec_lib.open_data_spec(packed, corpus["labels"], frontend=FrontendConfig())
+    assert len(source) == 6 and len(names) == NUM_CLASSES
+
+
 def test_holdout_is_disjoint_deterministic_and_the_same_in_another_process():
     spec = "demo"
     options_ = spec_lib.DataOptions(demo_clips={"train": 400})

@@ -126,7 +126,7 @@ def test_data_at_another_rate_or_length_than_the_model_is_refused(packed):
     from convnext_audio_jax.models.frontend import FrontendConfig
 
     demo_frontend = FrontendConfig(sample_rate=16_000, n_mels=64, fmax=8_000.0, clip_seconds=1.0)
-    with pytest.raises(ValueError, match=r"320000-sample clips at 32000 Hz; the model takes 16000-sample clips at "
+    with pytest.raises(ValueError, match=r"holds clips of 320000 samples at 32000 Hz; the model takes clips of 16000 samples at "
                                          r"16000 Hz"):
         evaluate_lib.open_data_spec(str(packed[0]), frontend=demo_frontend)
     source, _ = evaluate_lib.open_data_spec(str(packed[0]), frontend=FrontendConfig())
@@ -151,6 +151,22 @@ def test_cli_evaluate_end_to_end(tiny_model, packed, tmp_path, capsys):
     assert code == 2
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "no folder" in error
+
+
+def test_reports_go_to_the_run_evaluated_not_the_current_folder(tmp_path):
+    workdir = tmp_path / "runs" / "exp1"
+    best = workdir / "model" / "best"
+    best.mkdir(parents=True)
+    converted = tmp_path / "models" / "tiny"
+    converted.mkdir(parents=True)
+    default = evaluate_lib.default_output
+    # A workdir, or its model/best named directly (training replaces that folder): the workdir's evaluation/.
+    assert default(workdir, best, "data/audioset@eval") == workdir / "evaluation" / "data_audioset@eval"
+    assert default(best, best, "demo@eval") == workdir / "evaluation" / "demo@eval"
+    assert default(converted, converted, "/mnt/a b/x.h5+demo") == converted / "evaluation" / "mnt_a_b_x.h5+demo"
+    cached = tmp_path / "cache" / "models" / "convnext_tiny_471mAP"  # a pretrained name: its cached directory
+    assert default("convnext_tiny_471mAP", cached, "tfds:audioset/flac@eval") == (
+        cached / "evaluation" / "tfds_audioset_flac@eval")
 
 
 def test_unreadable_first_clip_is_skipped_not_used_as_padding(tiny_model, tmp_path):

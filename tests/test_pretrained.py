@@ -10,6 +10,7 @@ import io
 import json
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -241,6 +242,16 @@ def test_no_network_says_what_to_do_and_claims_no_partial_file(cache, checkpoint
     assert not (cache / "downloads" / (FILE + ".part")).exists()
 
 
+def test_a_host_name_that_does_not_resolve_is_tried_once(cache, checkpoint_bytes, server, monkeypatch, capsys):
+    entry = local_entry(server, checkpoint_bytes)
+    nowhere = "http://convnext-audio-test.invalid/"  # RFC 6761: .invalid never resolves
+    entry = dataclasses.replace(entry, sources=(dataclasses.replace(entry.sources[0], url=nowhere + FILE),))
+    monkeypatch.setitem(pretrained.REGISTRY, NAME, entry)
+    with pytest.raises(pretrained.PretrainedError, match=rf"downloading {nowhere}{FILE} failed once .*nothing was received"):
+        pretrained.resolve(NAME)
+    assert "trying again" not in capsys.readouterr().err
+
+
 def test_mirror_serves_every_file_by_its_name(cache, server, checkpoint_bytes, monkeypatch):
     entry = local_entry(server, checkpoint_bytes)
     unreachable = "http://127.0.0.1:9/nowhere/"
@@ -284,10 +295,15 @@ def test_two_processes_starting_together_download_once(cache, server, checkpoint
     assert sum("converted" in err for _, err in results) == 1
 
 
-def fake_hub(monkeypatch, files: dict[str, pathlib.Path], calls: list) -> None:
-    """A stand-in ``huggingface_hub`` module (the tests must not need the real one, nor the network)."""
+def fake_hub(monkeypatch, files: dict[str, pathlib.Path], calls: list, endpoint: str) -> None:
+    """A stand-in ``huggingface_hub`` module (the tests must not need the real one, nor the network) whose server
+    is ``endpoint``."""
     module = types.ModuleType("huggingface_hub")
     module.__spec__ = importlib.machinery.ModuleSpec("huggingface_hub", None)
+    constants = types.ModuleType("huggingface_hub.constants")
+    constants.ENDPOINT = endpoint
+    module.constants = constants
+    monkeypatch.setitem(sys.modules, "huggingface_hub.constants", constants)
 
     def hf_hub_download(repo_id, filename, revision=None, local_files_only=False):
         calls.append((repo_id, filename, revision, local_files_only))
@@ -302,7 +318,7 @@ def test_safetensors_copy_on_the_hub_is_preferred(cache, server, checkpoint_byte
     pth.write_bytes(checkpoint_bytes)
     hub_file = save_torch_state_dict(load_torch_state_dict(pth), tmp_path / "hub" / "model.safetensors")
     calls = []
-    fake_hub(monkeypatch, {"model.safetensors": hub_file}, calls)
+    fake_hub(monkeypatch, {"model.safetensors": hub_file}, calls, f"http://127.0.0.1:{server.httpd.server_address[1]}")
     entry = local_entry(server, checkpoint_bytes)
     hub = pretrained.Source("model.safetensors", hf_repo="someone/some-model", hf_revision="abc123",
                             sha256=hashlib.sha256(hub_file.read_bytes()).hexdigest())
@@ -320,6 +336,27 @@ def test_safetensors_copy_on_the_hub_is_preferred(cache, server, checkpoint_byte
     (cache / "models" / NAME / "metadata.json").unlink()
     with pytest.raises(pretrained.PretrainedError, match=r"someone/some-model/model.safetensors.*sha256 .* published; not used"):
         pretrained.resolve(NAME)
+
+
+def test_unreachable_hub_is_not_retried_and_the_next_source_is_tried(cache, server, checkpoint_bytes, tmp_path,
+                                                                      monkeypatch):
+    calls = []
+    fake_hub(monkeypatch, {}, calls, "http://127.0.0.1:9")  # port 9 (discard): connection refused at once
+    entry = local_entry(server, checkpoint_bytes)
+    hub = pretrained.Source("model.safetensors", hf_repo="someone/some-model", sha256="0" * 64)
+    monkeypatch.setitem(pretrained.REGISTRY, NAME, dataclasses.replace(entry, sources=(hub, entry.sources[0])))
+    assert pretrained.resolve(NAME) == cache / "models" / NAME  # the URL source, after one probe of the hub
+    assert calls == [] and len(server.file_requests(FILE)) == 1
+
+    unreachable = dataclasses.replace(entry.sources[0], url="http://127.0.0.1:9/nowhere/" + FILE)
+    monkeypatch.setitem(pretrained.REGISTRY, NAME, dataclasses.replace(entry, sources=(hub, unreachable)))
+    shutil.rmtree(cache)
+    with pytest.raises(pretrained.PretrainedError) as error:
+        pretrained.resolve(NAME)
+    message = str(error.value)
+    assert "someone/some-model/model.safetensors via huggingface_hub: http://127.0.0.1:9 cannot be reached" in message
+    assert f"copy model.safetensors or {FILE} into {cache / 'downloads'}" in message and "--offline" in message
+    assert calls == [] and "\n" not in message
 
 
 def test_pth_without_torch_says_which_extra_to_install(cache, server, registered, monkeypatch):

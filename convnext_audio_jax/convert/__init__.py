@@ -7,9 +7,20 @@ Library API::
     torch_sd = to_torch_state_dict(result.model_name, result.variables) # and back
 """
 
-from convnext_audio_jax.convert.conversion import Conversion, check_frontend, convert_state_dict, to_torch_state_dict
-from convnext_audio_jax.convert.files import ConversionError, load_torch_state_dict, read_class_labels, read_labels, save_torch_state_dict
+from convnext_audio_jax.convert.conversion import (
+    Conversion,
+    check_frontend,
+    convert_state_dict,
+    to_torch_state_dict,
+)
+from convnext_audio_jax.convert.files import (
+    ConversionError,
+    load_torch_state_dict,
+    read_labels,
+    save_torch_state_dict,
+)
 from convnext_audio_jax.convert.layouts import LAYOUTS, detect_layout
+from convnext_audio_jax.data.labels import read_class_labels
 
 __all__ = [
     "LAYOUTS",

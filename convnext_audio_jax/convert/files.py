@@ -133,17 +133,6 @@ def save_torch_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.P
     return path
 
 
-def read_class_labels(path: str | os.PathLike) -> labels_lib.ClassLabels:
-    """The class list (ids and names) of a ``class_labels_indices.csv`` (``index,mid,display_name``)."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise ConversionError(f"labels file not found: {path} (expected class_labels_indices.csv with index,mid,display_name)")
-    try:
-        return labels_lib.read_class_labels(path)
-    except labels_lib.LabelFileError as error:
-        raise ConversionError(str(error)) from None
-
-
 def read_labels(path: str | os.PathLike) -> list[str]:
     """Class names from AudioSet's ``class_labels_indices.csv`` (``index,mid,display_name``)."""
-    return list(read_class_labels(path).display_names)
+    return list(labels_lib.read_class_labels(path).display_names)

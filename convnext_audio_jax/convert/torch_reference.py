@@ -18,7 +18,7 @@ torchlibrosa: ``pip install "convnext-audio-jax[torch]"``); nothing else in the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 try:
     import torch
@@ -72,15 +72,22 @@ class AuthorsConvNeXtBlock(ConvNeXtBlock):
         _rename_keys(state_dict, prefix, {new: old for old, new in _AUTHORS_BLOCK_NAMES.items()})
 
 
+# FrontendConfig fields (a model directory's ``model_config["frontend"]``) → torchlibrosa_frontend's arguments. The
+# others shape no tensor of the PyTorch model: the training clip length and the JAX STFT's form.
+FRONTEND_ARGUMENTS = {"sample_rate": "sample_rate", "n_fft": "n_fft", "hop_length": "hop", "n_mels": "n_mels",
+                      "fmin": "fmin", "fmax": "fmax", "amin": "amin"}
+_FRONTEND_UNUSED = ("clip_seconds", "stft")
+
+
 def torchlibrosa_frontend(module: nn.Module, n_mels: int, sample_rate: int = 32000, n_fft: int = 1024, hop: int = 320,
-                          fmin: float = 50.0, fmax: float = 14000.0) -> None:
+                          fmin: float = 50.0, fmax: float = 14000.0, amin: float = 1e-10) -> None:
     """Adds PANNs' / the authors' frozen front end and bn0 to ``module`` under their key names."""
     module.spectrogram_extractor = Spectrogram(
         n_fft=n_fft, hop_length=hop, win_length=n_fft, window="hann", center=True, pad_mode="reflect",
         freeze_parameters=True,
     )
     module.logmel_extractor = LogmelFilterBank(
-        sr=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax, ref=1.0, amin=1e-10, top_db=None,
+        sr=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax, ref=1.0, amin=amin, top_db=None,
         freeze_parameters=True,
     )
     module.bn0 = nn.BatchNorm2d(n_mels)
@@ -103,11 +110,11 @@ class ReferenceConvNeXt(nn.Module):
 
     def __init__(self, audio: bool = True, num_classes: int | None = None, depths: Sequence[int] = (3, 3, 9, 3),
                  dims: Sequence[int] = (96, 192, 384, 768), stem: str = "252x56", n_mels: int = 224,
-                 drop_path_rate: float = 0.0):
+                 drop_path_rate: float = 0.0, frontend: Mapping[str, float] | None = None):
         super().__init__()
         self.audio = audio
         if audio:
-            torchlibrosa_frontend(self, n_mels)
+            torchlibrosa_frontend(self, **{"n_mels": n_mels, **(frontend or {})})
             kernel, stride, padding = AUDIO_STEMS[stem]
             stem_conv = nn.Conv2d(1, dims[0], kernel_size=kernel, stride=stride, padding=padding)
         else:
@@ -177,9 +184,9 @@ class _ReferencePann(nn.Module):
     max_t + mean_t → dropout 0.5 → ReLU(fc1) → fc_audioset (on the un-dropped fc1 output)."""
 
     def __init__(self, channels: Sequence[int], kernel: int, num_convs: int, pools: Sequence[tuple[int, int]],
-                 num_classes: int = 527):
+                 num_classes: int = 527, frontend: Mapping[str, float] | None = None):
         super().__init__()
-        torchlibrosa_frontend(self, n_mels=64)
+        torchlibrosa_frontend(self, **{"n_mels": 64, **(frontend or {})})
         in_channels = 1
         for i, out_channels in enumerate(channels, start=1):
             setattr(self, f"conv_block{i}", PannConvBlock(in_channels, out_channels, kernel, num_convs))
@@ -210,13 +217,13 @@ class _ReferencePann(nn.Module):
 
 
 class ReferenceCnn14(_ReferencePann):
-    def __init__(self, num_classes: int = 527):
-        super().__init__((64, 128, 256, 512, 1024, 2048), 3, 2, [(2, 2)] * 5 + [(1, 1)], num_classes)
+    def __init__(self, num_classes: int = 527, frontend: Mapping[str, float] | None = None):
+        super().__init__((64, 128, 256, 512, 1024, 2048), 3, 2, [(2, 2)] * 5 + [(1, 1)], num_classes, frontend)
 
 
 class ReferenceCnn6(_ReferencePann):
-    def __init__(self, num_classes: int = 527):
-        super().__init__((64, 128, 256, 512), 5, 1, [(2, 2)] * 4, num_classes)
+    def __init__(self, num_classes: int = 527, frontend: Mapping[str, float] | None = None):
+        super().__init__((64, 128, 256, 512), 5, 1, [(2, 2)] * 4, num_classes, frontend)
 
 
 _AUDIO_CONVNEXT = {
@@ -226,20 +233,39 @@ _AUDIO_CONVNEXT = {
 }
 
 
+def _frontend_arguments(name: str, frontend: Mapping[str, float] | None) -> dict[str, float] | None:
+    """``torchlibrosa_frontend``'s arguments for a model's front-end settings (FrontendConfig field names)."""
+    if frontend is None:
+        return None
+    unknown = sorted(set(frontend) - set(FRONTEND_ARGUMENTS) - set(_FRONTEND_UNUSED))
+    if unknown:
+        raise ValueError(f"{name}: front-end settings {unknown} are not FrontendConfig fields "
+                         f"(expected some of {sorted(FRONTEND_ARGUMENTS)})")
+    return {FRONTEND_ARGUMENTS[k]: v for k, v in frontend.items() if k in FRONTEND_ARGUMENTS}
+
+
 def build_reference(name: str, *, naming: str = "facebookresearch", num_classes: int | None = None,
-                    drop_path_rate: float = 0.0, **audio_overrides) -> nn.Module:
+                    drop_path_rate: float = 0.0, frontend: Mapping[str, float] | None = None,
+                    **audio_overrides) -> nn.Module:
     """The PyTorch reference for a registered model name, in eval mode.
 
     ``convnext_tiny`` (and ``convnext_small``, the stem variants): the authors' audio ConvNeXt;
     ``convnext_tiny_imagenet`` / ``convnext_small_imagenet``: the ImageNet ConvNeXt with
     ``naming='facebookresearch'`` keys or ``naming='timm'`` (``timm.create_model``); ``cnn14``, ``cnn6``.
-    ``audio_overrides`` (``depths``, ``dims``) change an audio ConvNeXt's size, e.g. a tiny one for tests.
+    ``audio_overrides`` (``depths``, ``dims``) change an audio ConvNeXt's size, e.g. a tiny one for tests;
+    ``frontend`` (FrontendConfig fields: ``sample_rate``, ``n_fft``, ``hop_length``, ``n_mels``, ``fmin``,
+    ``fmax``, ``amin``) an audio model's front end. A model directory's ``model_config`` holds exactly these, so
+    ``build_reference(metadata["model"], **metadata["model_config"])`` is the PyTorch model its ``convert
+    --to-torch`` file loads into (the demo's 16 kHz, 64-mel front end included).
     """
     if audio_overrides and name not in _AUDIO_CONVNEXT:
         raise ValueError(f"{sorted(audio_overrides)} apply to the audio ConvNeXt models only, not {name!r}")
+    if frontend is not None and name not in _AUDIO_CONVNEXT and name not in ("cnn14", "cnn6"):
+        raise ValueError(f"{name!r} takes images: it has no audio front end to set")
+    frontend = _frontend_arguments(name, frontend)
     if name in _AUDIO_CONVNEXT:
         model = ReferenceConvNeXt(audio=True, num_classes=num_classes, drop_path_rate=drop_path_rate,
-                                  **{**_AUDIO_CONVNEXT[name], **audio_overrides})
+                                  frontend=frontend, **{**_AUDIO_CONVNEXT[name], **audio_overrides})
     elif name in ("convnext_tiny_imagenet", "convnext_small_imagenet"):
         depths = (3, 3, 9, 3) if name.startswith("convnext_tiny") else (3, 3, 27, 3)
         if naming == "timm":
@@ -253,9 +279,9 @@ def build_reference(name: str, *, naming: str = "facebookresearch", num_classes:
         else:
             raise ValueError(f"naming must be 'facebookresearch' or 'timm', got {naming!r}")
     elif name == "cnn14":
-        model = ReferenceCnn14(num_classes or 527)
+        model = ReferenceCnn14(num_classes or 527, frontend)
     elif name == "cnn6":
-        model = ReferenceCnn6(num_classes or 527)
+        model = ReferenceCnn6(num_classes or 527, frontend)
     else:
         raise ValueError(f"no PyTorch reference for model {name!r}")
     return model.eval()

@@ -12,6 +12,7 @@ block when it falls back to audioread).
 from __future__ import annotations
 
 import dataclasses
+import io
 import numbers
 import os
 import struct
@@ -315,7 +316,21 @@ def to_int16(clip: np.ndarray) -> np.ndarray:
 
 
 def int16_to_float(waveform: np.ndarray) -> np.ndarray:
+    """The inverse scaling, float32 in [-1, 1]; works on a NumPy array or a (traced) JAX array alike."""
     return waveform.astype(np.float32) / INT16_SCALE
+
+
+def encode_flac(waveform: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
+    """An int16 waveform as the bytes of a 16-bit FLAC file (how ``flac`` shards and TFDS configs store a clip)."""
+    buffer = io.BytesIO()
+    soundfile.write(buffer, waveform, sample_rate, format="FLAC", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def decode_flac(data: bytes | memoryview) -> np.ndarray:
+    """The int16 samples of FLAC file bytes (``encode_flac``'s inverse); soundfile's errors pass through."""
+    waveform, _ = soundfile.read(io.BytesIO(data), dtype="int16")
+    return waveform
 
 
 def load_clip(path: str | os.PathLike, clip_id: str | None = None, *, min_seconds: float = 1.0) -> np.ndarray:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from convnext_audio_jax.data.audio import INT16_SCALE
+from convnext_audio_jax.data.audio import to_int16
 
 CLASS_NAMES = (
     "low tone",
@@ -99,7 +99,7 @@ class SyntheticAudioSet:
         clip = rng.normal(0.0, rng.uniform(0.002, 0.01), self.clip_samples)
         for class_id in np.flatnonzero(self._targets[index]):
             clip += self._event(rng, int(class_id))
-        waveform = (np.clip(clip, -1.0, 1.0) * INT16_SCALE).astype(np.int16)
+        waveform = to_int16(clip)
         return {"waveform": waveform, "target": self._targets[index].astype(np.float32), "id": self.clip_id(index)}
 
     def _event(self, rng: np.random.Generator, class_id: int) -> np.ndarray:

@@ -60,7 +60,11 @@ class ClassLabels:
 
 
 def read_class_labels(path: str | os.PathLike) -> ClassLabels:
-    """Parse `class_labels_indices.csv`: a header `index,mid,display_name`, then rows with indices 0..C-1 in order."""
+    """Parse `class_labels_indices.csv`: a header `index,mid,display_name`, then rows with indices 0..C-1 in order.
+    Every problem, a missing file included, is a one-line LabelFileError naming the file."""
+    if not os.path.isfile(path):
+        raise LabelFileError(f"labels file not found: {path} (expected class_labels_indices.csv with "
+                             "index,mid,display_name)")
     with open(path, newline="", encoding="utf-8") as f:
         rows = [row for row in csv.reader(f) if row]
     if not rows or [c.strip() for c in rows[0]] != ["index", "mid", "display_name"]:

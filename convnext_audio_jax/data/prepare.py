@@ -40,6 +40,7 @@ from convnext_audio_jax.data import labels as labels_lib
 from convnext_audio_jax.data.workers import WorkerDied, WorkerPool
 from convnext_audio_jax.runtime import files
 from convnext_audio_jax.runtime.errors import UserError, debugging, one_line
+from convnext_audio_jax.runtime.parts import PartsFolder
 
 FORMATS = ("array_record", "hdf5")
 MANIFEST = "manifest.json"
@@ -209,28 +210,32 @@ def _decode(task: tuple[str, str | None, float]) -> tuple[str, np.ndarray | None
 
 
 class _ShardPlan:
+    """Shard ``number`` of ``count``: a part of the output folder (``runtime.parts``), finished when its summary
+    record is there (written after the data file) and the data file with it."""
+
     def __init__(self, output, split, number, count, output_format, entries, paths):
         self.entries = entries
         self.paths = paths
         stem = f"{split}-{number:05d}-of-{count:05d}"
-        self.summary_path = output / f"{stem}.json"
+        self.folder = PartsFolder(output)
+        self.summary_name = f"{stem}.json"
+        self.summary_path = output / self.summary_name
         self.data_name = f"{stem}.array_record" if output_format == "array_record" else f"{stem}.h5"
         self.index_name = f"{stem}.index.npz" if output_format == "array_record" else None
-        self.output = output
         self.output_format = output_format
         # Identifies the clip list of this shard, so a changed CSV or shard size is not mistaken for finished work.
         self.plan_hash = hashlib.sha1("\n".join(e.clip_id for e in entries).encode()).hexdigest()
 
     def finished_summary(self) -> dict | None:
-        if not self.summary_path.is_file():
+        summary = self.folder.read_record(self.summary_name)
+        if summary is None:
             return None
-        summary = json.loads(self.summary_path.read_text())
         if summary["plan_hash"] != self.plan_hash:
             raise FileExistsError(
                 f"{self.summary_path} was written for a different clip list or shard size; "
                 "use a new output folder or the same CSV and --shard-size"
             )
-        if not (self.output / self.data_name).is_file():
+        if not self.folder.has(self.data_name):
             return None
         return summary
 
@@ -239,7 +244,7 @@ class _ShardPlan:
         results = pool.map(_decode, tasks) if pool is not None else map(_decode, tasks)
         class_indices = {e.clip_id: e.class_indices for e in self.entries}
         kept_ids, kept_targets, skipped = [], [], []
-        temporary = self.output / f"{self.data_name}.{os.getpid()}.partial"
+        temporary = self.folder.temporary(self.data_name, ".partial")
         try:
             with _ShardWriter(temporary, self.output_format, waveform_encoding, class_labels.num_classes) as writer:
                 for clip_id, waveform, reason, detail in results:
@@ -257,18 +262,18 @@ class _ShardPlan:
         except BaseException:
             temporary.unlink(missing_ok=True)  # ours, and unfinished (e.g. the disk filled up)
             raise
-        files.publish(temporary, self.output / self.data_name)
+        self.folder.publish(temporary, self.data_name)
         targets = labels_lib.multi_hot_matrix(
             [labels_lib.ClipEntry(i, t) for i, t in zip(kept_ids, kept_targets)], class_labels.num_classes)
         if self.index_name is not None:
-            index_temporary = self.output / f"{self.index_name}.{os.getpid()}.partial.npz"  # np.savez keeps .npz
-            with files.replacing(self.output / self.index_name, index_temporary):
+            index_temporary = self.folder.temporary(self.index_name, ".partial.npz")  # np.savez keeps .npz
+            with self.folder.replacing(self.index_name, index_temporary):
                 np.savez(index_temporary, ids=np.array(kept_ids, dtype=str), targets=targets)
         summary = {
             "data": self.data_name, "index": self.index_name, "num_clips": len(kept_ids),
             "class_counts": targets.sum(axis=0).tolist(), "skipped": skipped, "plan_hash": self.plan_hash,
         }
-        files.write_text(self.summary_path, json.dumps(summary))
+        self.folder.write_record(self.summary_name, summary)
         return summary
 
 

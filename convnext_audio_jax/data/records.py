@@ -7,13 +7,17 @@ Labels are class indices rather than a 527-wide vector so the layout does not de
 
 from __future__ import annotations
 
-import io
 import struct
 
 import numpy as np
 import soundfile
 
-from convnext_audio_jax.data.audio import CLIP_SAMPLES, SAMPLE_RATE
+from convnext_audio_jax.data.audio import (
+    CLIP_SAMPLES,
+    SAMPLE_RATE,
+    decode_flac,
+    encode_flac,
+)
 from convnext_audio_jax.runtime.errors import UserError
 
 # The ArrayRecord writer's options: one record per group, so a random read decodes one record and not a group; and
@@ -39,9 +43,7 @@ def encode_record(clip_id: str, class_indices, waveform: np.ndarray, encoding: s
     id_bytes = clip_id.encode("utf-8")
     indices = np.asarray(class_indices, dtype="<u4")
     if encoding == "flac":
-        buffer = io.BytesIO()
-        soundfile.write(buffer, waveform, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
-        audio_bytes = buffer.getvalue()
+        audio_bytes = encode_flac(waveform, SAMPLE_RATE)
     else:
         audio_bytes = waveform.astype("<i2", copy=False).tobytes()
     return b"".join(
@@ -70,7 +72,7 @@ def decode_record(record: bytes) -> tuple[str, np.ndarray, np.ndarray]:
         offset += 4 * count
         payload = memoryview(record)[offset:]
         if encoding == ENCODINGS.index("flac"):
-            waveform, _ = soundfile.read(io.BytesIO(payload), dtype="int16")
+            waveform = decode_flac(payload)
         else:
             waveform = np.frombuffer(payload, dtype="<i2")
     except (struct.error, UnicodeDecodeError, ValueError, soundfile.LibsndfileError) as error:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import abc
 import copy
-import io
 import json
 import os
 import pathlib
@@ -20,7 +19,6 @@ from collections.abc import Sequence
 import grain
 import h5py
 import numpy as np
-import soundfile
 
 from convnext_audio_jax.data import audio, records
 from convnext_audio_jax.data import labels as labels_lib
@@ -282,7 +280,7 @@ class TfdsSource(IndexedClipSource):
     def _read_waveform(self, index: int) -> np.ndarray:
         waveform = self._records[index]["waveform"]
         if isinstance(waveform, bytes | np.bytes_):  # the `flac` config stores FLAC files
-            waveform, _ = soundfile.read(io.BytesIO(waveform), dtype="int16")
+            waveform = audio.decode_flac(waveform)
         return np.asarray(waveform, dtype=np.int16)
 
 

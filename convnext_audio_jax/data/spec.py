@@ -11,13 +11,13 @@
 
 and, for validation only, ``holdout:N`` or ``holdout:P%``: clips carved out of the training SPEC by a hash
 of their clip id (see :func:`split_holdout`). :func:`parse` checks the grammar without touching the disk;
-:func:`open_spec` opens the data. Every error is a one-line :class:`SpecError` naming the SPEC and what
+:func:`open_spec` opens the data, :func:`open_for_model` checks it against the model's rate and clip length (the
+demo set is made to match). Unions and subsets are the views of ``views.py``. Every error is a one-line :class:`SpecError` naming the SPEC and what
 exists (splits, files, datasets found).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -31,6 +31,7 @@ import numpy as np
 
 from convnext_audio_jax.data import audio, demo, sources
 from convnext_audio_jax.data import labels as labels_lib
+from convnext_audio_jax.data.views import ConcatSource, SubsetSource  # noqa: F401  (public here too)
 from convnext_audio_jax.runtime.errors import UserError
 
 LABELS_COPY = "class_labels_indices.csv"  # the class list `prepare` copies into its output folder
@@ -41,6 +42,10 @@ GRAMMAR = "DIR@SPLIT, FILE.h5, AUDIO_DIR@CLIPS.csv, tfds:NAME[/CONFIG][:VERSION]
 
 class SpecError(UserError):
     """A data SPEC that cannot be parsed or opened; one line naming the SPEC and what exists."""
+
+
+class ClipFormatError(SpecError):
+    """A SPEC whose clips are not at the model's sample rate and clip length."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,117 +268,48 @@ def open_spec(spec: str, options: DataOptions | None = None) -> OpenedSpec:
             raise _error(spec, f"{first.spec} and {other.spec} hold clips of different rates or lengths")
         if first.class_names and other.class_names and tuple(first.class_names) != tuple(other.class_names):
             raise _error(spec, f"{first.spec} and {other.spec} name their classes differently")
+    _check_unique_ids(spec, opened)
     names = next((o.class_names for o in opened if o.class_names), None)
     source = ConcatSource([o.source for o in opened], [o.spec for o in opened])
     return OpenedSpec(spec, source, names, first.sample_rate, first.clip_samples)
 
 
-class _SourceView:
-    """What a union and a subset share: they hold the label matrix; the clips are read by the parent sources."""
-
-    _targets: np.ndarray
-
-    def __len__(self) -> int:
-        return self._targets.shape[0]
-
-    @property
-    def targets(self) -> np.ndarray:
-        return self._targets
-
-    @property
-    def num_classes(self) -> int:
-        return self._targets.shape[1]
-
-    def _checked(self, index: int) -> int:
-        index = int(index)
-        if not 0 <= index < len(self):
-            raise IndexError(f"clip index {index} out of range for a source of {len(self)} clips")
-        return index
-
-    def read_waveform(self, index: int) -> np.ndarray:
-        """Clip ``index``'s waveform alone, read by its parent (``sources.read_waveform``)."""
-        source, local = self._locate(index)
-        return sources.read_waveform(source, local)
-
-    def without_labels(self):
-        """A copy for worker processes: the parents without their label matrices, and no label matrix here."""
-        view = copy.copy(self)
-        view._targets = np.zeros((len(self), 0), dtype=bool)
-        view._replace_parents([sources.without_labels(parent) for parent in self._parents()])
-        return view
+def _check_unique_ids(spec: str, opened: Sequence[OpenedSpec]) -> None:
+    owner: dict[str, int] = {}
+    for k, part in enumerate(opened):
+        for i in range(len(part.source)):
+            clip_id = part.source.clip_id(i)
+            if owner.setdefault(clip_id, k) != k:
+                raise _error(spec, f"clip id {clip_id!r} is in both {opened[owner[clip_id]].spec} and {part.spec}; "
+                                   "a union needs unique clip ids")
 
 
-class ConcatSource(_SourceView):
-    """Several sources as one: clip ``i`` of part k is clip ``offset_k + i``; targets concatenated, so the
-    balanced sampler spans every part. Clip ids must be unique across the parts."""
-
-    def __init__(self, parts: Sequence, names: Sequence[str]):
-        self._parts = list(parts)
-        self._names = list(names)
-        self._offsets = np.cumsum([0] + [len(p) for p in self._parts])
-        self._targets = np.concatenate([np.asarray(p.targets, dtype=bool) for p in self._parts])
-        owner: dict[str, int] = {}
-        for k, part in enumerate(self._parts):
-            for i in range(len(part)):
-                clip_id = part.clip_id(i)
-                if owner.setdefault(clip_id, k) != k:
-                    raise SpecError(f"data SPEC {'+'.join(self._names)!r}: clip id {clip_id!r} is in both "
-                                    f"{self._names[owner[clip_id]]} and {self._names[k]}; a union needs unique clip ids")
-
-    def _locate(self, index: int) -> tuple[object, int]:
-        index = self._checked(index)
-        k = int(np.searchsorted(self._offsets, index, side="right")) - 1
-        return self._parts[k], index - int(self._offsets[k])
-
-    def _parents(self) -> list:
-        return self._parts
-
-    def _replace_parents(self, parents: list) -> None:
-        self._parts = parents
-
-    def clip_id(self, index: int) -> str:
-        part, local = self._locate(index)
-        return part.clip_id(local)
-
-    def __getitem__(self, index: int) -> dict:
-        part, local = self._locate(index)
-        return part[local]
-
-    @property
-    def description(self) -> str:
-        return " + ".join(_describe(p) for p in self._parts)
+def open_for_model(spec: str, options: DataOptions | None = None, frontend=None, where: str = "data SPEC") -> OpenedSpec:
+    """:func:`open_spec` for a model whose ``frontend`` (``sample_rate``, ``clip_samples``, ``clip_seconds``) it
+    feeds: the demo set is made at the model's rate and clip length, any other SPEC must hold clips of exactly
+    those, or SpecError names both (``where`` names the SPEC's origin: ``data SPEC``, ``data.train``, ...). Without
+    a ``frontend``, :func:`open_spec` as it is."""
+    options = options or DataOptions()
+    if frontend is None:
+        return open_spec(spec, options)
+    options = dataclasses.replace(options, demo_sample_rate=frontend.sample_rate,
+                                  demo_clip_seconds=frontend.clip_seconds)
+    opened = open_spec(spec, options)
+    if (opened.sample_rate, opened.clip_samples) != (frontend.sample_rate, frontend.clip_samples):
+        raise ClipFormatError(f"{where} {spec!r} holds clips of {opened.clip_samples} samples at {opened.sample_rate} "
+                              f"Hz; the model takes clips of {frontend.clip_samples} samples at {frontend.sample_rate} Hz")
+    return opened
 
 
-class SubsetSource(_SourceView):
-    """The clips ``indices`` (in that order) of ``parent``."""
-
-    def __init__(self, parent, indices: np.ndarray):
-        self._parent = parent
-        self.indices = np.asarray(indices, dtype=np.int64)
-        self._targets = np.asarray(parent.targets, dtype=bool)[self.indices]
-
-    def clip_id(self, index: int) -> str:
-        return self._parent.clip_id(int(self.indices[index]))
-
-    def _locate(self, index: int) -> tuple[object, int]:
-        return self._parent, int(self.indices[self._checked(index)])
-
-    def _parents(self) -> list:
-        return [self._parent]
-
-    def _replace_parents(self, parents: list) -> None:
-        (self._parent,) = parents
-
-    def __getitem__(self, index: int) -> dict:
-        return self._parent[int(self.indices[self._checked(index)])]
-
-    @property
-    def description(self) -> str:
-        return _describe(self._parent)
-
-
-def _describe(source) -> str:
-    return getattr(source, "description", type(source).__name__)
+def open_data_spec(spec: str, labels_csv: str | os.PathLike | None = None, options: DataOptions | None = None,
+                   frontend=None) -> tuple[object, tuple[str, ...] | None]:
+    """The source named by ``spec`` and the class names it knows, if any, for a command's ``--data SPEC
+    [--labels CSV]``: :func:`open_for_model` with ``labels_csv`` as the class list."""
+    options = options or DataOptions()
+    if labels_csv:
+        options = dataclasses.replace(options, labels_csv=os.fspath(labels_csv))
+    opened = open_for_model(spec, options, frontend)
+    return opened.source, opened.class_names
 
 
 def clip_id_hashes(source) -> np.ndarray:

@@ -21,10 +21,11 @@ compression), so :class:`TeacherPredictions` memory-maps them: a lookup reads on
 foreign files are read with h5py row reads instead; without the index datasets the reader builds the
 index in memory (N × (w + 8) bytes per process) and logs it.
 
-:class:`TeacherWriter` writes resumably: chunk k of the work goes to ``OUTPUT.parts/chunk-k.npz``
+:class:`TeacherWriter` writes resumably (a ``runtime.parts.PartsFolder``): chunk k of the work goes to ``OUTPUT.parts/chunk-k.npz``
 (written under a temporary name and renamed, so a chunk file is complete or absent); a re-run with the
 same settings continues after the chunks already there; ``finish()`` assembles the HDF5 file inside the
-parts folder and renames it to OUTPUT (so OUTPUT appears only complete), then removes the parts folder.
+parts folder and renames it to OUTPUT (so OUTPUT appears only complete), then removes the files it wrote there and
+the folder, if nothing else is in it.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import json
 import logging
 import os
 import pathlib
-import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -41,6 +41,7 @@ import h5py
 import numpy as np
 
 from convnext_audio_jax.runtime import files
+from convnext_audio_jax.runtime import parts as parts_lib
 from convnext_audio_jax.runtime.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,9 @@ logger = logging.getLogger(__name__)
 FORMAT = "convnext-audio-teacher"
 VERSION = 1
 DTYPES = ("float16", "float32")
-MANIFEST = "manifest.json"
+MANIFEST = parts_lib.MANIFEST
+# What a job writes in OUTPUT.parts/: its manifest, the chunks, a chunk's temporary name and the assembly.
+_OWNED = r"manifest\.json|chunk-[0-9]{6}\.npz|\.chunk-[0-9]{6}\.tmp\.npz|assembly\.h5\.tmp"
 MISSING_IDS_SHOWN = 10
 
 
@@ -101,6 +104,7 @@ class TeacherWriter:
             raise ValueError(f"need ≥ 1 chunk and ≥ 1 class, got {num_chunks} chunks, {num_classes} classes")
         self.output = pathlib.Path(output)
         self.parts = self.output.with_name(self.output.name + ".parts")
+        self.folder = parts_lib.PartsFolder(self.parts, owned=_OWNED)
         self.num_chunks, self.num_classes, self.dtype = num_chunks, num_classes, dtype
         self.manifest = {"format": FORMAT, "version": VERSION, "num_chunks": num_chunks, "num_classes": num_classes,
                          "dtype": dtype, "settings": json.loads(json.dumps(dict(settings)))}
@@ -109,15 +113,10 @@ class TeacherWriter:
                 return
             raise TeacherFileError(f"{self.output} exists and is not a teacher file made with these settings; "
                                    f"choose another output path")
-        self.parts.mkdir(parents=True, exist_ok=True)
-        manifest_path = self.parts / MANIFEST
-        if manifest_path.exists():
-            found = json.loads(manifest_path.read_text())
-            if found != self.manifest:
-                raise TeacherFileError(f"{self.parts} holds an unfinished run with other settings ({found}); finish it "
-                                       f"with those settings, or move the folder away")
-        else:
-            files.write_text(manifest_path, json.dumps(self.manifest, indent=2) + "\n")
+        found = self.folder.claim(self.manifest)
+        if found is not None:
+            raise TeacherFileError(f"{self.parts} holds an unfinished run with other settings ({found}); finish it "
+                                   f"with those settings, or move the folder away")
 
     def is_complete(self) -> bool:
         """Whether OUTPUT already holds the finished file of this job."""
@@ -129,14 +128,18 @@ class TeacherWriter:
         except (OSError, ValueError):
             return False
 
+    @staticmethod
+    def _chunk_name(k: int) -> str:
+        return f"chunk-{k:06d}.npz"
+
     def _chunk_path(self, k: int) -> pathlib.Path:
-        return self.parts / f"chunk-{k:06d}.npz"
+        return self.folder.file(self._chunk_name(k))
 
     def done_chunks(self) -> set[int]:
         """The chunk numbers already written (complete: each file appears by rename)."""
         if self.is_complete():
             return set(range(self.num_chunks))
-        return {k for k in range(self.num_chunks) if self._chunk_path(k).is_file()}
+        return {k for k in range(self.num_chunks) if self.folder.has(self._chunk_name(k))}
 
     def write_chunk(self, k: int, clip_ids: Sequence[str], logits: np.ndarray,
                     skipped: Sequence[tuple[str, str, str]] = ()) -> None:
@@ -149,7 +152,7 @@ class TeacherWriter:
         if not np.isfinite(logits).all():
             raise ValueError(f"chunk {k}: non-finite logits")
         skipped = np.array([list(s) for s in skipped], dtype=str).reshape(-1, 3)
-        with files.replacing(self._chunk_path(k), self.parts / f".chunk-{k:06d}.tmp.npz") as temporary, \
+        with self.folder.replacing(self._chunk_name(k), self.parts / f".chunk-{k:06d}.tmp.npz") as temporary, \
                 open(temporary, "wb") as f:
             np.savez(f, clip_id=np.array(list(clip_ids), dtype=str), logits=logits.astype(self.dtype), skipped=skipped)
 
@@ -182,7 +185,7 @@ class TeacherWriter:
             f.attrs.update(format=FORMAT, version=VERSION, num_classes=self.num_classes, dtype=self.dtype,
                            models=json.dumps(self.manifest["settings"].get("models", [])),
                            source=str(self.manifest["settings"].get("source", "")), job=json.dumps(self.manifest))
-        shutil.rmtree(self.parts)  # written by this job only (its manifest matched)
+        self.folder.remove()
         return self.output
 
 

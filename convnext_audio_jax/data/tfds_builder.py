@@ -10,15 +10,14 @@ to build, and the audio files anywhere below it, named `{YTID}_{start}_{end}.{ex
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 
 import numpy as np
-import soundfile
 import tensorflow_datasets as tfds
 
-from convnext_audio_jax.data import audio, labels as labels_lib, sources
+from convnext_audio_jax.data import audio, sources
+from convnext_audio_jax.data import labels as labels_lib
 
 logger = logging.getLogger(__name__)
 
@@ -140,9 +139,7 @@ def _decode_example(clip, encoding: str):
         raise audio.ClipError(clip_id, audio.MISSING, "no matching file in manual_dir")
     waveform = audio.load_clip(path, clip_id)
     if encoding == "flac":
-        buffer = io.BytesIO()
-        soundfile.write(buffer, waveform, audio.SAMPLE_RATE, format="FLAC", subtype="PCM_16")
-        stored = buffer.getvalue()
+        stored = audio.encode_flac(waveform, audio.SAMPLE_RATE)
     else:
         stored = waveform
     return clip_id, {

@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import pathlib
+import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -36,6 +37,12 @@ import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from convnext_audio_jax.artifacts.model_dir import (
+    BEST_MODEL,
+    LAST_MODEL,
+    WORKDIR_MODELS,
+    load_model,
+)
 from convnext_audio_jax.data import audio
 from convnext_audio_jax.data import spec as spec_lib
 from convnext_audio_jax.data.pipeline import (
@@ -43,6 +50,7 @@ from convnext_audio_jax.data.pipeline import (
     jax_shard_options,
     make_loader,
 )
+from convnext_audio_jax.data.spec import open_data_spec  # noqa: F401  (its former home: callers' imports work)
 from convnext_audio_jax.evaluation import metrics as metrics_lib
 from convnext_audio_jax.runtime import files, xla
 from convnext_audio_jax.runtime.errors import UserError
@@ -86,7 +94,7 @@ class Scorer:
 
         def score(variables, waveforms):
             if waveforms.dtype == np.int16:
-                waveforms = waveforms.astype(np.float32) / audio.INT16_SCALE
+                waveforms = audio.int16_to_float(waveforms)
             return model.apply(variables, waveforms, train=False)["probs"]
 
         self._score = jit_forward(score, mesh)
@@ -220,22 +228,6 @@ def _plot_per_class_ap(result: Mapping[str, Any], path: pathlib.Path) -> None:
     plt.close(figure)
 
 
-def open_data_spec(spec: str, labels_csv: str | os.PathLike | None = None,
-                   options: spec_lib.DataOptions | None = None, frontend=None) -> tuple[Any, tuple[str, ...] | None]:
-    """The source named by a data SPEC (convnext_audio_jax/data/spec.py) and the class names it knows, if
-    any. Raises ValueError (a one-line ``SpecError``) naming the SPEC when it cannot be opened, or (given the
-    model's ``frontend``) when its clips are not at the model's sample rate and clip length."""
-    options = options or spec_lib.DataOptions()
-    if labels_csv:
-        options = dataclasses.replace(options, labels_csv=os.fspath(labels_csv))
-    opened = spec_lib.open_spec(spec, options)
-    if frontend is not None and (opened.sample_rate, opened.clip_samples) != (frontend.sample_rate,
-                                                                             frontend.clip_samples):
-        raise UserError(f"data SPEC {spec!r} holds {opened.clip_samples}-sample clips at {opened.sample_rate} Hz; "
-                         f"the model takes {frontend.clip_samples}-sample clips at {frontend.sample_rate} Hz")
-    return opened.source, opened.class_names
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
                         help="model directory (convert's output), training workdir (its model/best, else model/last) or "
@@ -253,7 +245,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "32 per device)")
     parser.add_argument("--compilation-cache", default="auto", metavar="DIR",
                         help="persistent XLA compilation cache: 'auto' (default) is <cache root>/xla, '' none")
-    parser.add_argument("--output", default="evaluation", help="folder for the reports (default %(default)s)")
+    parser.add_argument("--output", help="folder for the reports (default: evaluation/SPEC in the training workdir "
+                        "evaluated, else in the model directory; SPEC with characters other than letters, digits and "
+                        "@.+=- as _)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     job = parser.add_argument_group(
         "multi-process job", "run every process with the same arguments and its own --process-id (or the JAX_* "
@@ -321,8 +315,24 @@ def reorder_classifier(variables: Mapping[str, Any], order: Sequence[int]) -> di
     return {**variables, "params": {**params, heads[0]: reordered}}
 
 
+def default_output(checkpoint: str | os.PathLike, model_dir: pathlib.Path, data_spec: str) -> pathlib.Path:
+    """Where ``evaluate`` writes its reports without ``--output``: ``evaluation/SPEC`` in the run the model belongs
+    to. That is the training workdir ``checkpoint`` names, or holds the model directory (``WORKDIR/model/best``:
+    training replaces that directory, so the reports go beside it, not into it); else the model directory
+    itself (a ``convert`` output, a pretrained name's cached directory)."""
+    given = pathlib.Path(checkpoint)
+    if given.is_dir() and given.resolve() != model_dir.resolve():  # a workdir, resolved to its model/best or last
+        run_folder = given
+    elif model_dir.parent.name == WORKDIR_MODELS and model_dir.name in (BEST_MODEL, LAST_MODEL):
+        run_folder = model_dir.parent.parent
+    else:
+        run_folder = model_dir
+    slug = re.sub(r"[^A-Za-z0-9@.+=-]+", "_", data_spec).strip("_.")[:120] or "data"
+    return run_folder / "evaluation" / slug
+
+
 def run(args: argparse.Namespace) -> int:
-    from convnext_audio_jax.hub.resolve import load_model, offline_flag
+    from convnext_audio_jax.hub.resolve import offline_flag, resolve_model_dir
     from convnext_audio_jax.runtime import distributed
 
     if args.batch_size is not None and args.batch_size < 1:
@@ -330,10 +340,11 @@ def run(args: argparse.Namespace) -> int:
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)  # a no-op for one process
     xla.enable_compilation_cache(args.compilation_cache, files.cache_root())
     first = jax.process_index() == 0
-    model, variables, metadata = load_model(args.checkpoint, offline=offline_flag(args))
+    model_dir = resolve_model_dir(args.checkpoint, offline=offline_flag(args))
+    model, variables, metadata = load_model(model_dir)
+    output = args.output or default_output(args.checkpoint, model_dir, args.data)
     frontend = model.frontend
-    options = spec_lib.DataOptions(demo_sample_rate=frontend.sample_rate, demo_clip_seconds=frontend.clip_seconds)
-    source, data_names = open_data_spec(args.data, args.labels, options, frontend)
+    source, data_names = spec_lib.open_data_spec(args.data, args.labels, frontend=frontend)
     model_names = metadata.get("class_names")
     order = class_order(model_names, data_names, model.num_classes, source.num_classes, args.remap_by_name)
     if order is not None:
@@ -343,12 +354,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"evaluate: {moved} of {len(order)} classes matched by name at another index", file=sys.stderr)
     class_names = data_names or model_names
     batch_size = args.batch_size or 32 * jax.device_count()
-    result = evaluate(model, variables, source, batch_size, class_names=class_names, output_dir=args.output,
+    result = evaluate(model, variables, source, batch_size, class_names=class_names, output_dir=output,
                       progress=not args.no_progress)
     if not first:
         return 0
     print(f"evaluate: {result['num_clips']} clips ({result['num_skipped']} skipped {result['skipped']}), "
           f"{result['num_evaluated_classes']} of {result['num_classes']} classes scored: mAP {result['mAP']:.4f}, "
           f"AUC {result['AUC']:.4f}, d' {result['d_prime']:.4f}; {result['clips_per_second']:.1f} clips/s; "
-          f"reports in {args.output}")
+          f"reports in {output}")
     return 0

@@ -179,14 +179,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from convnext_audio_jax.data.spec import DataOptions
-    from convnext_audio_jax.evaluation.evaluate import open_data_spec
+    from convnext_audio_jax.data.spec import open_data_spec
     from convnext_audio_jax.hub.resolve import offline_flag
 
     members = load_members(args.checkpoint, offline_flag(args))
-    frontend = members[0][1].frontend  # demo@SPLIT is synthesised at the (first) model's rate and clip length
-    options = DataOptions(demo_sample_rate=frontend.sample_rate, demo_clip_seconds=frontend.clip_seconds)
-    source, _ = open_data_spec(args.data, args.labels, options)
+    # demo@SPLIT is synthesised at the (first) model's rate and clip length; other data must hold clips of those.
+    source, _ = open_data_spec(args.data, args.labels, frontend=members[0][1].frontend)
     result = predict_teacher(members, source, args.output, source_name=args.data, batch_size=args.batch_size,
                              chunk_clips=args.chunk_clips, dtype=args.dtype, progress=not args.no_progress)
     for clip_id, reason, detail in result["skipped_ids"][:SKIPPED_SHOWN]:

@@ -19,7 +19,6 @@ from convnext_audio_jax.convert.conversion import (
 from convnext_audio_jax.convert.files import (
     ConversionError,
     load_torch_state_dict,
-    read_class_labels,
     save_torch_state_dict,
 )
 from convnext_audio_jax.convert.layouts import LAYOUTS
@@ -62,7 +61,7 @@ def _class_labels(args) -> tuple[labels_lib.ClassLabels | None, str | None]:
     """The class list given with --labels and where it came from."""
     if not args.labels:
         return None, None
-    return read_class_labels(args.labels), pathlib.Path(args.labels).name
+    return labels_lib.read_class_labels(args.labels), pathlib.Path(args.labels).name
 
 
 def _to_flax(args) -> str:

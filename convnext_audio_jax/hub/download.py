@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import os
 import pathlib
+import socket
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import tqdm
@@ -21,6 +24,8 @@ from convnext_audio_jax.runtime.errors import UserError
 TIMEOUT_S = 60.0  # per socket operation, not per file
 ATTEMPTS = 3  # a broken connection is resumed with an HTTP Range request this many times in all
 CHUNK = 1 << 20
+PROBE_TIMEOUT_S = 5.0  # a host that answers nothing within this is taken as unreachable
+PROXY_ENVS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
 
 class DownloadError(UserError):
@@ -47,6 +52,22 @@ def mismatch(path: pathlib.Path, size: int | None = None, md5: str | None = None
         if want is not None and digests[algorithm] != want.lower():
             return f"{algorithm} {digests[algorithm]}, {want} published"
     return None
+
+
+def unreachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """Why the host of ``url`` cannot be reached now (its name does not resolve, no TCP connection opens within
+    ``timeout``), or None when a connection opens. None too where a proxy is set: clients go through it, so a
+    direct connection proves nothing. One attempt, no retries: it is how a download client that retries for tens
+    of seconds is spared where there is no network."""
+    if any(os.environ.get(name) for name in PROXY_ENVS):
+        return None
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=timeout):
+            return None
+    except OSError as error:
+        return str(error) or type(error).__name__
 
 
 def stream(url: str, part: pathlib.Path, label: str) -> None:
@@ -78,6 +99,8 @@ def stream(url: str, part: pathlib.Path, label: str) -> None:
             raise DownloadError(f"downloading {url}: HTTP {error.code} {error.reason}") from None
         except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
             failure = error
+            if isinstance(getattr(error, "reason", error), socket.gaierror):
+                break  # the host's name does not resolve (no network, a wrong host): trying again changes nothing
             if attempt + 1 < ATTEMPTS:
                 print(f"{label}: download failed ({error}); trying again from byte {part.stat().st_size if part.exists() else 0}",
                       file=sys.stderr)
@@ -85,4 +108,5 @@ def stream(url: str, part: pathlib.Path, label: str) -> None:
     kept = part.stat().st_size if part.exists() else 0
     # Only a partial file that exists is worth naming: without a network there is none.
     resume = f"{kept} bytes kept in {part}, the next attempt resumes from there" if kept else "nothing was received"
-    raise DownloadError(f"downloading {url} failed {ATTEMPTS} times ({failure}); {resume}")
+    times = f"{attempt + 1} times" if attempt else "once"
+    raise DownloadError(f"downloading {url} failed {times} ({failure}); {resume}")

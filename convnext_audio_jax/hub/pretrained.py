@@ -1,4 +1,4 @@
-"""Released checkpoints by name: registry, download, checksum, one-time conversion, cache.
+"""Released checkpoints by name: download, checksum, one-time conversion, cache (the names: ``hub.registry``).
 
 ``load("convnext_tiny_471mAP")`` returns (model, variables, metadata) like
 ``checkpoint.load_model``; ``resolve(name)`` returns the cached model directory (downloading and
@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import importlib.util
-import json
 import os
 import pathlib
 import sys
@@ -41,148 +39,24 @@ from convnext_audio_jax.convert import (
     load_torch_state_dict,
     read_labels,
 )
+from convnext_audio_jax.data.labels import LabelFileError
 from convnext_audio_jax.hub import download
+from convnext_audio_jax.hub.registry import (  # noqa: F401  (public here too: pretrained.Source, .register, ...)
+    REGISTRY,
+    REGISTRY_ENV,
+    Pretrained,
+    PretrainedError,
+    Source,
+    register,
+    registry,
+)
 from convnext_audio_jax.models import create_model
 from convnext_audio_jax.runtime import files
-from convnext_audio_jax.runtime.errors import UserError
 from convnext_audio_jax.runtime.files import CACHE_ENV
 
 OFFLINE_ENV = "CONVNEXT_AUDIO_OFFLINE"
 MIRROR_ENV = "CONVNEXT_AUDIO_MIRROR"
-REGISTRY_ENV = "CONVNEXT_AUDIO_REGISTRY"
-
-
-class PretrainedError(UserError):
-    """A pretrained name that cannot be fetched or converted; the message is one line."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Source:
-    """One published copy of a checkpoint. ``url`` for an HTTP(S) download, or ``hf_repo`` (+
-    ``hf_revision``) for a Hugging Face file fetched with ``huggingface_hub``. ``md5``/``sha256``/
-    ``size`` are None where none is published; whatever is given is verified."""
-
-    file: str
-    url: str | None = None
-    md5: str | None = None
-    sha256: str | None = None
-    size: int | None = None
-    page: str = ""
-    listed_size: str = ""  # as the source page shows it (display only)
-    hf_repo: str | None = None
-    hf_revision: str | None = None
-
-    @property
-    def where(self) -> str:
-        return f"{self.hf_repo}/{self.file}" if self.hf_repo else self.file
-
-
-@dataclasses.dataclass(frozen=True)
-class Pretrained:
-    """A released checkpoint: ``sources`` are copies of the same weights (a safetensors copy is
-    preferred), converted to registered model ``model``; ``labels`` is a class_labels_indices.csv
-    whose names go into the metadata."""
-
-    name: str
-    model: str
-    description: str
-    published: str
-    sources: tuple[Source, ...]
-    labels: Source | None = None
-
-
-_AUDIOSET_LABELS = Source(
-    "class_labels_indices.csv",
-    url="http://storage.googleapis.com/us_audioset/youtube_corpus/v1/csv/class_labels_indices.csv",
-    page="https://research.google.com/audioset/download.html",
-)
-
-
-def _zenodo(record: str, file: str, md5: str | None, path: str = "record") -> Source:
-    """A Zenodo file, under the URL form its publishers give (``record/`` or the newer ``records/``)."""
-    quoted = urllib.parse.quote(file)
-    return Source(file, url=f"https://zenodo.org/{path}/{record}/files/{quoted}?download=1", md5=md5,
-                  page=f"https://zenodo.org/records/{record}")
-
-
-REGISTRY: dict[str, Pretrained] = {
-    entry.name: entry
-    for entry in [
-        Pretrained(
-            "convnext_tiny_471mAP", "convnext_tiny", "audio ConvNeXt-Tiny, AudioSet (balanced + unbalanced)",
-            "mAP .471",
-            (
-                Source("model.safetensors", hf_repo="topel/ConvNeXt-Tiny-AT",
-                       hf_revision="e3eaf4c49769f034942da9062d0fee436657560b",
-                       sha256="386986f8205c8cc1f244b5e14966262d85518e5481d3b8a03bb60df2062036c2",
-                       page="https://huggingface.co/topel/ConvNeXt-Tiny-AT", listed_size="118 MB"),
-                _zenodo("8020843", "convnext_tiny_471mAP.pth", "e069ecd1c7b880268331119521c549f2"),
-            ),
-            _AUDIOSET_LABELS,
-        ),
-        Pretrained(
-            "convnext_tiny_465mAP_BL_AC_70kit", "convnext_tiny",
-            "audio ConvNeXt-Tiny, AudioSet without the AudioCaps clips, 70k iterations", "mAP .465",
-            (_zenodo("8020843", "convnext_tiny_465mAP_BL_AC_70kit.pth", "0688ae503f5893be0b6b71cb92f8b428"),),
-            _AUDIOSET_LABELS,
-        ),
-        Pretrained(
-            "convnext_tiny_465mAP_BL_AC_75kit", "convnext_tiny",
-            "audio ConvNeXt-Tiny, AudioSet without the AudioCaps clips, 75k iterations", "mAP .465",
-            (_zenodo("10987498", "convnext_tiny_465mAP_BL_AC_75kit.pth", "f6f57c87b7eb664a23ae8cad26eccaa0", "records"),),
-            _AUDIOSET_LABELS,
-        ),
-        Pretrained(
-            "cnn14_mAP431", "cnn14", "PANN CNN14 (Kong et al.), AudioSet", "mAP .431",
-            (_zenodo("3987831", "Cnn14_mAP=0.431.pth", "541141fa2ee191a88f24a3219fff024e"),),
-            _AUDIOSET_LABELS,
-        ),
-        Pretrained(
-            "cnn6_mAP343", "cnn6", "PANN CNN6 (Kong et al.), AudioSet", "mAP .343",
-            (_zenodo("3987831", "Cnn6_mAP=0.343.pth", "e25e26b84585b14c7754c91e48efc9be"),),
-            _AUDIOSET_LABELS,
-        ),
-        Pretrained(
-            "convnext_tiny_in1k", "convnext_tiny",
-            "ImageNet init of the audio ConvNeXt-Tiny (facebookresearch ConvNeXt-T; stem conv, bn0, head fresh, seed 0)",
-            "ImageNet-1k top-1 82.1 %",
-            (Source("convnext_tiny_1k_224_ema.pth", url="https://dl.fbaipublicfiles.com/convnext/convnext_tiny_1k_224_ema.pth",
-                    page="https://github.com/facebookresearch/ConvNeXt"),),
-        ),
-    ]
-}
-
-
-def register(entry: Pretrained, replace: bool = False) -> None:
-    """Adds ``entry`` to the registry (``replace=True`` overrides a name, e.g. to point it at a
-    local server or a private copy). The same can be done without code by listing entries in the
-    JSON file named by ``$CONVNEXT_AUDIO_REGISTRY``: ``{"NAME": {"model": …, "sources": [{"file": …,
-    "url": …, "md5": …}], …}}`` (fields of ``Pretrained``/``Source``)."""
-    if entry.name in REGISTRY and not replace:
-        raise PretrainedError(f"pretrained name {entry.name!r} is registered already (replace=True overrides it)")
-    REGISTRY[entry.name] = entry
-
-
-def _entry_from_json(name: str, spec: dict[str, Any], origin: str) -> Pretrained:
-    try:
-        sources = tuple(Source(**s) for s in spec["sources"])
-        labels = Source(**spec["labels"]) if spec.get("labels") else None
-        return Pretrained(name, spec["model"], spec.get("description", ""), spec.get("published", ""), sources, labels)
-    except (KeyError, TypeError) as error:
-        raise PretrainedError(f"{origin}: entry {name!r}: expected model and sources [{{file, url, md5|sha256}}] ({error})") from None
-
-
-def registry() -> dict[str, Pretrained]:
-    """The registered names: the built-in entries, ``register``'s and ``$CONVNEXT_AUDIO_REGISTRY``'s."""
-    entries = dict(REGISTRY)
-    path = os.environ.get(REGISTRY_ENV)
-    if path:
-        try:
-            document = json.loads(pathlib.Path(path).read_text())
-        except (OSError, ValueError) as error:
-            raise PretrainedError(f"{REGISTRY_ENV}={path}: cannot read it as JSON ({error})") from None
-        entries.update({name: _entry_from_json(name, spec, path) for name, spec in document.items()})
-    return entries
+HUB_ENDPOINT = "https://huggingface.co"
 
 
 # The cache folder under its documented name here: the one folder of every layer (runtime.files.cache_root).
@@ -253,9 +127,24 @@ def _hub_available() -> bool:
     return importlib.util.find_spec("huggingface_hub") is not None
 
 
+def _hub_endpoint() -> str:
+    """The server ``huggingface_hub`` downloads from (its ``HF_ENDPOINT`` setting)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # a client without the constants module: its default server
+        return HUB_ENDPOINT
+    return getattr(constants, "ENDPOINT", HUB_ENDPOINT)
+
+
 def _fetch_hub_file(source: Source, offline: bool) -> pathlib.Path:
     from huggingface_hub import hf_hub_download
 
+    if not offline:
+        # The hub client retries a connection failure for ~25 s (logging each try); one probe decides at once.
+        endpoint = _hub_endpoint()
+        problem = download.unreachable(endpoint)
+        if problem is not None:
+            raise PretrainedError(f"{source.where} via huggingface_hub: {endpoint} cannot be reached ({problem})")
     try:
         path = pathlib.Path(hf_hub_download(source.hf_repo, source.file, revision=source.hf_revision,
                                             local_files_only=offline))
@@ -333,7 +222,7 @@ def _convert(entry: Pretrained, source: Source, weights: pathlib.Path, labels: p
         state_dict = load_torch_state_dict(weights)
         result = convert_state_dict(state_dict, entry.model)
         class_names = read_labels(labels) if labels is not None else None
-    except ConversionError as error:
+    except (ConversionError, LabelFileError) as error:
         raise PretrainedError(f"pretrained {entry.name!r}: {error}") from None
     digests = download.file_digests(weights)
     metadata: dict[str, Any] = {

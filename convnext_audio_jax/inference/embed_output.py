@@ -1,6 +1,6 @@
 """Writing embeddings as each file is done, and building the ``.npz`` from them at the end.
 
-An ``.npz`` cannot be appended to, so each finished file goes to its own part in ``OUT.npz.parts/``:
+An ``.npz`` cannot be appended to, so each finished file goes to its own part in ``OUT.npz.parts/`` (a ``runtime.parts.PartsFolder``):
 ``<id>.npy`` (the file's windows' embeddings, written, fsynced and renamed into place) then ``<id>.json``
 (``file``, ``kind``, ``window_start_s``, ``shape``; written the same way, it marks the part finished). ``<id>`` is
 a hash of the path as given. At the end the parts of the files asked for, in input order, are copied a chunk
@@ -11,18 +11,19 @@ leaves the finished parts; ``--resume`` keeps them and embeds only the other fil
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import re
 import zipfile
 from collections.abc import Sequence
 
 import numpy as np
 
 from convnext_audio_jax.runtime.errors import UserError
-from convnext_audio_jax.runtime.files import publish, write_text
+from convnext_audio_jax.runtime.files import publish
+from convnext_audio_jax.runtime.parts import PartsFolder
 
 _CHUNK_BYTES = 64 << 20
+# A part's names: <id>.npy and <id>.json, and this module's temporary <id>.<pid>.raw / .npy.tmp / .json.tmp.
+_OWNED = r"[0-9a-f]{24}(\.[0-9]+)?\.(npy|json|raw|npy\.tmp|json\.tmp)"
 
 
 class PartWriter:
@@ -30,8 +31,8 @@ class PartWriter:
 
     def __init__(self, store: EmbeddingStore, path: str):
         self.store, self.path = store, path
-        self.stem = os.path.join(store.parts, store.part_id(path))
-        self._raw_name = f"{self.stem}.{os.getpid()}.raw"
+        self.id = store.part_id(path)
+        self._raw_name = store.folder.temporary(self.id, ".raw")
         self._raw = open(self._raw_name, "wb")
         self.rows, self.row_shape, self.dtype = 0, None, None
 
@@ -47,7 +48,8 @@ class PartWriter:
     def commit(self, window_start_s: Sequence[float]) -> None:
         self._raw.close()
         shape = (self.rows, *self.row_shape)
-        temporary = f"{self.stem}.{os.getpid()}.npy.tmp"
+        folder = self.store.folder
+        temporary = folder.temporary(self.id, ".npy.tmp")
         array = np.lib.format.open_memmap(temporary, mode="w+", dtype=self.dtype, shape=shape)
         flat = array.reshape(-1).view(np.uint8)
         with open(self._raw_name, "rb") as raw:
@@ -57,11 +59,11 @@ class PartWriter:
                 offset += len(data)
         array.flush()
         del array, flat
-        publish(temporary, self.stem + ".npy")
+        folder.publish(temporary, self.id + ".npy")
         os.remove(self._raw_name)
         record = {"file": self.path, "kind": self.store.kind, "shape": list(shape),
                   "window_start_s": [float(s) for s in window_start_s]}
-        write_text(self.stem + ".json", json.dumps(record), temporary=f"{self.stem}.{os.getpid()}.json.tmp")
+        folder.write_record(self.id + ".json", record, temporary=folder.temporary(self.id, ".json.tmp"))
 
     def discard(self) -> None:
         self._raw.close()
@@ -75,19 +77,18 @@ class EmbeddingStore:
     def __init__(self, output: str | os.PathLike, kind: str, resume: bool = False):
         self.output, self.kind = os.fspath(output), kind
         self.parts = self.output + ".parts"
+        self.folder = PartsFolder(self.parts, owned=_OWNED)
         self.done: dict[str, dict] = {}
-        if os.path.isdir(self.parts):
+        if self.folder.exists():
             if not resume:
                 raise UserError(f"{self.parts} holds the finished files of an interrupted run: pass --resume to "
                                  "continue it, or remove the folder")
-            for name in sorted(os.listdir(self.parts)):
-                if name.endswith(".json"):
-                    with open(os.path.join(self.parts, name)) as file:
-                        record = json.load(file)
-                    if record["kind"] != kind:
-                        raise UserError(f"{self.parts} holds {record['kind']} embeddings, not {kind}")
-                    self.done[record["file"]] = record
-        os.makedirs(self.parts, exist_ok=True)
+            for name in self.folder.names(".json"):
+                record = self.folder.read_record(name)
+                if record["kind"] != kind:
+                    raise UserError(f"{self.parts} holds {record['kind']} embeddings, not {kind}")
+                self.done[record["file"]] = record
+        self.folder.create()
 
     @staticmethod
     def part_id(path: str) -> str:
@@ -97,8 +98,7 @@ class EmbeddingStore:
         return PartWriter(self, path)
 
     def add_done(self, path: str) -> None:
-        with open(os.path.join(self.parts, self.part_id(path) + ".json")) as file:
-            self.done[path] = json.load(file)
+        self.done[path] = self.folder.read_record(self.part_id(path) + ".json")
 
     def finish(self, files: Sequence[str], extra: dict[str, np.ndarray] | None = None) -> tuple[list[str], int, tuple]:
         """Write ``output`` from the parts of ``files`` (in that order) that are finished: ``embeddings``,
@@ -106,7 +106,7 @@ class EmbeddingStore:
         Returns (files embedded, windows, row shape)."""
         embedded = [path for path in files if path in self.done]
         records = [self.done[path] for path in embedded]
-        arrays = [np.load(os.path.join(self.parts, self.part_id(p) + ".npy"), mmap_mode="r") for p in embedded]
+        arrays = [np.load(self.folder.file(self.part_id(p) + ".npy"), mmap_mode="r") for p in embedded]
         rows = sum(a.shape[0] for a in arrays)
         row_shape = tuple(arrays[0].shape[1:])
         file_index = np.concatenate([np.full(a.shape[0], i, np.int32) for i, a in enumerate(arrays)])
@@ -133,8 +133,4 @@ class EmbeddingStore:
 
     def remove_parts(self) -> None:
         """Remove the parts folder: only the names this module writes, and the folder only if that empties it."""
-        for name in os.listdir(self.parts):
-            if re.fullmatch(r"[0-9a-f]{24}(\.[0-9]+)?\.(npy|json|raw|npy\.tmp|json\.tmp)", name):
-                os.remove(os.path.join(self.parts, name))
-        if not os.listdir(self.parts):
-            os.rmdir(self.parts)
+        self.folder.remove()

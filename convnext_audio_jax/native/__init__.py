@@ -32,7 +32,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec
 
 from convnext_audio_jax.native import library, xla_forms
 
@@ -64,7 +63,15 @@ from convnext_audio_jax.native.library import (  # noqa: F401
     load,
     prepare,
 )
-from convnext_audio_jax.runtime import sharding, xla
+from convnext_audio_jax.native.placement import (  # noqa: F401  rows_per_device: public
+    cpu_or_xla,
+    matmul_call,
+    output_size,
+    per_device_rows,
+    per_device_sum,
+    rows_per_device,
+)
+from convnext_audio_jax.runtime import xla
 from convnext_audio_jax.runtime.errors import UserError
 
 # The CPU flags the bfloat16 tile product needs (and the library must have been built with).
@@ -159,7 +166,7 @@ def f32_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, gelu: 
         raise ValueError(f"f32 matmul: x {tuple(x.shape)}, w {tuple(w.shape)} and bias "
                          f"{None if bias is None else tuple(bias.shape)} do not fit: expected (..., K), (K, N) and "
                          "(N,) with K positive and N a multiple of 16")
-    return _cpu_or_xla(lambda x, w, bias: _matmul(F32_MATMUL_TARGET, jnp.float32, x, w, bias, gelu),
+    return cpu_or_xla(lambda x, w, bias: matmul_call(F32_MATMUL_TARGET, jnp.float32, x, w, bias, gelu),
                        lambda x, w, bias: xla_forms.f32_matmul(x, w, bias, gelu), x, w, bias)
 
 
@@ -175,29 +182,8 @@ def bf16_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, gelu:
     if x.ndim < 2 or w.ndim != 2 or x.shape[-1] != w.shape[0] or (bias is not None and bias.shape != (w.shape[1],)):
         raise ValueError(f"bf16 matmul: {shapes} do not fit: expected (..., K), (K, N) and (N,)")
     unit = _checked_bf16_unit("matmul", bf16_unit, *w.shape, shapes)
-    return _cpu_or_xla(lambda x, w, bias: _matmul(unit.matmul_target, jnp.bfloat16, x, w, bias, gelu),
+    return cpu_or_xla(lambda x, w, bias: matmul_call(unit.matmul_target, jnp.bfloat16, x, w, bias, gelu),
                        lambda x, w, bias: xla_forms.bf16_matmul(x, w, bias, gelu), x, w, bias)
-
-
-def _matmul(target: str, dtype, x: jax.Array, w: jax.Array, bias: jax.Array | None, gelu: bool) -> jax.Array:
-    features = w.shape[1]
-
-    def call(x, w, bias):
-        rows = x.reshape(-1, x.shape[-1])
-        out = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows.shape[0], features), dtype),
-                               vmap_method="sequential")(rows, w, bias, gelu=bool(gelu))
-        return out.reshape(*x.shape[:-1], features)
-
-    x, w = x.astype(dtype), w.astype(dtype)
-    bias = jnp.zeros((features,), jnp.float32) if bias is None else bias.astype(jnp.float32)
-    return _per_device_rows(call, x, w, bias)
-
-
-def _cpu_or_xla(kernel: Callable, xla_form: Callable, *operands: jax.Array):
-    """``kernel(*operands)`` (the compiled kernel's call) where the computation is lowered for the CPU, its XLA form
-    (:mod:`.xla_forms`) where it is lowered for another platform: a model traced on a CPU host and exported for, or
-    run on, a GPU holds no custom call of ours. Lowered for the CPU alone, only the kernel's branch is lowered."""
-    return jax.lax.platform_dependent(*operands, cpu=kernel, default=xla_form)
 
 
 def resolve(impl: str, field: str) -> str:
@@ -213,37 +199,6 @@ def resolve(impl: str, field: str) -> str:
         load()
         return "native"
     return "native" if impl == "auto" and jax.default_backend() == "cpu" and available() else "xla"
-
-
-def _batch_split_mesh(batch: int):
-    """The mesh set for tracing when the batch splits evenly over all of it, else None; None too inside a
-    per-device program (``sharding.per_device``), whose rows are already this device's own."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1 or batch % mesh.size or sharding.manual_axes():
-        return None
-    return mesh
-
-
-def rows_per_device(batch: int) -> int:
-    """The rows of a batch of ``batch`` each device's kernel call gets: split over the mesh set for tracing where
-    it splits evenly (:func:`_per_device_rows`), else all."""
-    mesh = _batch_split_mesh(batch)
-    return batch if mesh is None else batch // mesh.size
-
-
-def _per_device_rows(call, x: jax.Array, *whole: jax.Array) -> jax.Array:
-    """``call(x, *whole)``; under a mesh set for tracing, on each device's rows of ``x`` (split along its first axis)
-    with ``whole`` replicated, the output split the same way (no collective)."""
-    mesh = _batch_split_mesh(x.shape[0])
-    if mesh is None:
-        return call(x, *whole)
-    rows = PartitionSpec(mesh.axis_names)
-    return jax.shard_map(call, mesh=mesh, in_specs=(rows, *(PartitionSpec() for _ in whole)), out_specs=rows,
-                         check_vma=False)(x, *whole)
-
-
-def _output_size(size: int, pads: tuple[int, int], kernel: int) -> int:
-    return size + pads[0] + pads[1] - kernel + 1
 
 
 def depthwise_conv(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int], tuple[int, int]],
@@ -263,15 +218,15 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, in
     channels = x.shape[-1]
 
     def call(x, kernel, bias):
-        out = jax.ShapeDtypeStruct((x.shape[0], _output_size(x.shape[1], padding[0], kh),
-                                    _output_size(x.shape[2], padding[1], kw), channels), jnp.float32)
+        out = jax.ShapeDtypeStruct((x.shape[0], output_size(x.shape[1], padding[0], kh),
+                                    output_size(x.shape[2], padding[1], kw), channels), jnp.float32)
         return jax.ffi.ffi_call(CONV_TARGET, out, vmap_method="sequential")(
             x, kernel, bias, pad_top=np.int64(pad_top), pad_left=np.int64(pad_left), use_bias=use_bias)
 
     use_bias = bias is not None
     x, kernel = x.astype(jnp.float32), kernel.astype(jnp.float32)
     bias = bias.astype(jnp.float32) if use_bias else jnp.zeros((channels,), jnp.float32)
-    return _cpu_or_xla(lambda *operands: _per_device_rows(call, *operands),
+    return cpu_or_xla(lambda *operands: per_device_rows(call, *operands),
                        lambda x, kernel, bias: xla_forms.depthwise_conv(x, kernel, padding, bias if use_bias else None),
                        x, kernel, bias)
 
@@ -287,7 +242,7 @@ def depthwise_kernel_grad(x: jax.Array, dy: jax.Array, kernel_size: tuple[int, i
     load()
     (pad_top, pad_bottom), (pad_left, pad_right) = padding
     kh, kw = kernel_size
-    expected = (x.shape[0], _output_size(x.shape[1], padding[0], kh), _output_size(x.shape[2], padding[1], kw),
+    expected = (x.shape[0], output_size(x.shape[1], padding[0], kh), output_size(x.shape[2], padding[1], kw),
                 x.shape[3]) if x.ndim == 4 else None
     if x.ndim != 4 or tuple(dy.shape) != expected:
         raise ValueError(f"depthwise kernel gradient: dy has shape {tuple(dy.shape)}, expected {expected} for x "
@@ -298,7 +253,7 @@ def depthwise_kernel_grad(x: jax.Array, dy: jax.Array, kernel_size: tuple[int, i
                                 vmap_method="sequential")(x, dy, pad_top=np.int64(pad_top), pad_left=np.int64(pad_left))
 
     x, dy = x.astype(jnp.float32), dy.astype(jnp.float32)
-    return _cpu_or_xla(lambda x, dy: _per_device_sum(call, x, dy),
+    return cpu_or_xla(lambda x, dy: per_device_sum(call, x, dy),
                        lambda x, dy: xla_forms.depthwise_kernel_grad(x, dy, kernel_size, padding), x, dy)
 
 
@@ -310,7 +265,7 @@ def conv_kernel_grad(x: jax.Array, dy: jax.Array, kernel_size: tuple[int, int],
     rows, then one ``psum``."""
     load()
     kh, kw = kernel_size
-    expected = (x.shape[0], _output_size(x.shape[1], padding[0], kh), _output_size(x.shape[2], padding[1], kw),
+    expected = (x.shape[0], output_size(x.shape[1], padding[0], kh), output_size(x.shape[2], padding[1], kw),
                 dy.shape[-1]) if x.ndim == 4 and dy.ndim == 4 else None
     if (expected is None or tuple(dy.shape) != expected or dy.shape[-1] % 16 or min(padding[0] + padding[1]) < 0
             or padding[0][0] > kh - 1 or padding[1][0] > kw - 1):
@@ -323,7 +278,7 @@ def conv_kernel_grad(x: jax.Array, dy: jax.Array, kernel_size: tuple[int, int],
         return jax.ffi.ffi_call(CONV_KERNEL_GRAD_TARGET, out, vmap_method="sequential")(
             x, dy, pad_top=np.int64(padding[0][0]), pad_left=np.int64(padding[1][0]))
 
-    return _cpu_or_xla(lambda x, dy: _per_device_sum(call, x, dy),
+    return cpu_or_xla(lambda x, dy: per_device_sum(call, x, dy),
                        lambda x, dy: xla_forms.conv_kernel_grad(x, dy, kernel_size, padding),
                        x.astype(jnp.float32), dy.astype(jnp.float32))
 
@@ -348,7 +303,7 @@ def conv_forward(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int]
     dtype = jnp.bfloat16 if half else jnp.float32
 
     def call(x, kernel):
-        height, width = (_output_size(x.shape[1], padding[0], kh), _output_size(x.shape[2], padding[1], kw))
+        height, width = (output_size(x.shape[1], padding[0], kh), output_size(x.shape[2], padding[1], kw))
         out = jax.ShapeDtypeStruct((x.shape[0], height, width, kernel.shape[3]), dtype)
         (top, bottom), (left, right) = padding
         if half:  # the kernels read whole padded lines past the image's last output line
@@ -360,7 +315,7 @@ def conv_forward(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int]
             jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0))), kernel)
 
     kernel = kernel if half and kernel.dtype in (jnp.bfloat16, jnp.float32) else kernel.astype(dtype)
-    return _cpu_or_xla(lambda x, kernel: _per_device_rows(call, x, kernel),
+    return cpu_or_xla(lambda x, kernel: per_device_rows(call, x, kernel),
                        lambda x, kernel: xla_forms.conv_forward(x, kernel, padding), x.astype(dtype), kernel)
 
 
@@ -384,13 +339,13 @@ def conv_winograd(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int
 
     def call(x, u):
         (top, bottom), (left, right) = padding
-        height, width = _output_size(x.shape[1], padding[0], size), _output_size(x.shape[2], padding[1], size)
+        height, width = output_size(x.shape[1], padding[0], size), output_size(x.shape[2], padding[1], size)
         # Whole 2 × 2 tiles: one more zero line / column where the output's size is odd.
         x = jnp.pad(x, ((0, 0), (top, bottom + height % 2), (left, right + width % 2), (0, 0)))
         out = jax.ShapeDtypeStruct((x.shape[0], height, width, cout), jnp.float32)
         return jax.ffi.ffi_call(CONV_WINOGRAD_TARGET, out, vmap_method="sequential")(x, u)
 
-    return _cpu_or_xla(lambda x, kernel: _per_device_rows(call, x, transform(kernel)),
+    return cpu_or_xla(lambda x, kernel: per_device_rows(call, x, transform(kernel)),
                        lambda x, kernel: xla_forms.conv_winograd(x, kernel, padding), x.astype(jnp.float32),
                        kernel.astype(jnp.float32))
 
@@ -404,7 +359,7 @@ def conv_kernel_flip(kernel: jax.Array) -> jax.Array:
     kh, kw, cin, cout = kernel.shape
     flip = jax.ffi.ffi_call(CONV_KERNEL_FLIP_TARGET, jax.ShapeDtypeStruct((kh, kw, cout, cin), jnp.float32),
                             vmap_method="sequential")
-    return _cpu_or_xla(flip, xla_forms.conv_kernel_flip, kernel.astype(jnp.float32))
+    return cpu_or_xla(flip, xla_forms.conv_kernel_flip, kernel.astype(jnp.float32))
 
 
 def channel_sums(a: jax.Array, b: jax.Array | None = None, mean_a: jax.Array | None = None,
@@ -430,20 +385,5 @@ def channel_sums(a: jax.Array, b: jax.Array | None = None, mean_a: jax.Array | N
         return tuple(jax.ffi.ffi_call(CHANNEL_SUMS_TARGET, (out, out), vmap_method="sequential")(
             a.reshape(-1, channels), b.reshape(-1, channels), mean_a, mean_b))
 
-    return _cpu_or_xla(lambda *operands: _per_device_sum(call, *operands), xla_forms.channel_sums,
+    return cpu_or_xla(lambda *operands: per_device_sum(call, *operands), xla_forms.channel_sums,
                        a.astype(jnp.float32), b.astype(jnp.float32), mean_a, mean_b)
-
-
-def _per_device_sum(call, x: jax.Array, dy: jax.Array, *whole: jax.Array):
-    """``call(x, dy, *whole)``, a sum over the rows of ``x`` and ``dy``; under a mesh set for tracing, each device's
-    rows (split along the first axis) summed on it with ``whole`` replicated, then one ``psum``."""
-    mesh = _batch_split_mesh(x.shape[0]) if x.ndim > 1 else None
-    if mesh is None:
-        return call(x, dy, *whole)
-    rows = PartitionSpec(mesh.axis_names)
-
-    def local(*args):
-        return jax.lax.psum(call(*args), mesh.axis_names)
-
-    return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, *(PartitionSpec() for _ in whole)),
-                         out_specs=PartitionSpec(), check_vma=False)(x, dy, *whole)

@@ -21,7 +21,7 @@ import ml_collections
 
 from convnext_audio_jax.artifacts import lock as lock_lib
 from convnext_audio_jax.artifacts import model_dir
-from convnext_audio_jax.hub import pretrained
+from convnext_audio_jax.hub import registry as pretrained_registry
 from convnext_audio_jax.runtime import distributed
 from convnext_audio_jax.training import checkpointing
 from convnext_audio_jax.training import config as config_lib
@@ -139,7 +139,7 @@ def _check_init_from(init_from: str) -> None:
             model_dir.resolve_model_dir(init_from, announce=False)
         except model_dir.CheckpointError as error:
             raise ConfigError(f"init_from: {error}") from None
-    elif init_from not in pretrained.registry():
+    elif init_from not in pretrained_registry.registry():
         raise ConfigError(f"init_from {init_from!r} is no model directory, training workdir or pretrained name "
                           f"(convnext-audio models --pretrained)")
 

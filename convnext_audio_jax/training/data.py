@@ -41,14 +41,11 @@ def data_options(config, frontend: FrontendConfig) -> spec_lib.DataOptions:
 
 def _open(key: str, spec: str, options: spec_lib.DataOptions, frontend: FrontendConfig) -> spec_lib.OpenedSpec:
     try:
-        opened = spec_lib.open_spec(spec, options)
+        return spec_lib.open_for_model(spec, options, frontend, where=f"data.{key}")
+    except spec_lib.ClipFormatError as error:
+        raise ConfigError(str(error)) from None  # it names data.KEY already
     except spec_lib.SpecError as error:
         raise ConfigError(f"data.{key}: {error}") from None
-    if (opened.sample_rate, opened.clip_samples) != (frontend.sample_rate, frontend.clip_samples):
-        raise ConfigError(
-            f"data.{key} {spec!r} holds clips of {opened.clip_samples} samples at {opened.sample_rate} Hz; the "
-            f"model's front end expects {frontend.clip_samples} samples at {frontend.sample_rate} Hz")
-    return opened
 
 
 def open_run_data(config, frontend: FrontendConfig) -> RunData:

@@ -31,7 +31,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from convnext_audio_jax.data.audio import INT16_SCALE
+from convnext_audio_jax.data.audio import int16_to_float
 from convnext_audio_jax.models import init_variables
 from convnext_audio_jax.runtime import sharding, xla
 from convnext_audio_jax.runtime.sharding import batch_spec
@@ -84,7 +84,7 @@ def classification_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
 def waveform_to_float(waveform: jax.Array) -> jax.Array:
     """Loader batches carry int16 samples (half the transfer); the model takes float32 in [-1, 1]."""
     if waveform.dtype == jnp.int16:
-        return waveform.astype(jnp.float32) / INT16_SCALE
+        return int16_to_float(waveform)
     return waveform.astype(jnp.float32)
 
 
