@@ -19,13 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from convnext_audio_jax.data import audio as audio_lib
+from convnext_audio_jax.inference import windowing
 from convnext_audio_jax.inference.tagging import (
     EventMerger,
     FileScored,
     TaggedFile,
     WindowScores,
-    frame_segments,
 )
 from convnext_audio_jax.runtime import files
 from convnext_audio_jax.runtime.errors import UserError
@@ -65,10 +64,10 @@ def file_report(result: FileScored | TaggedFile, names: Sequence[str], top_k: in
 
 
 class FileSpool:
-    """One file's window (and frame) scores in unnamed temporary files as float64 rows [start, probs...], read
-    back a chunk at a time when the file is done."""
+    """One file's window (and time-step) scores in unnamed temporary files as float64 rows [start, probs...], read
+    back a chunk at a time when the file is done; ``window_seconds`` is the model's window."""
 
-    def __init__(self, directory: str | None, frames: bool, window_seconds: float = audio_lib.CLIP_SECONDS):
+    def __init__(self, directory: str | None, frames: bool, window_seconds: float):
         self._window_seconds = window_seconds
         self._windows = tempfile.TemporaryFile(dir=directory)
         self._frames = tempfile.TemporaryFile(dir=directory) if frames else None
@@ -94,17 +93,16 @@ class FileSpool:
     def windows(self, duration: float) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """(starts, ends, probs) chunks of the windows, ends clipped to the audio."""
         for rows in self._rows(self._windows, self._window_width, _CHUNK_ROWS):
-            starts = rows[:, 0]
-            yield starts, np.minimum(starts + self._window_seconds, duration), rows[:, 1:]
+            yield (*windowing.window_segments(rows[:, 0], duration, self._window_seconds), rows[:, 1:])
 
     def frames(self, bounds: np.ndarray, duration: float) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """(starts, ends, probs) chunks of the frames; frames wholly in the padding past the end are left out."""
+        """(starts, ends, probs) chunks of the time steps (`windowing.step_segments`)."""
         steps, classes = self._frame_shape
         for rows in self._rows(self._frames, 1 + steps * classes, max(1, _CHUNK_ROWS // steps)):
-            yield frame_segments(rows[:, 0], rows[:, 1:].reshape(-1, steps, classes), bounds, duration)
+            yield windowing.step_segments(rows[:, 0], rows[:, 1:].reshape(-1, steps, classes), bounds, duration)
 
     def segments(self, bounds: np.ndarray | None, duration: float):
-        """The segments events are merged from: frames when there are frame scores, else windows."""
+        """The segments events are merged from: time steps when there are step scores, else windows."""
         return self.frames(bounds, duration) if self.has_frames else self.windows(duration)
 
     def close(self) -> None:
