@@ -1,7 +1,8 @@
 """The command-line flag groups the tools share, each defined once: the model (``--model``, old spelling
 ``--checkpoint``), the data (``--data SPEC``, ``--labels``) and the multi-process job (``--coordinator``,
-``--num_processes``, ``--process_id``, ``--local_device_ids``, ``--layout``; train.py takes the same names as absl
-flags, the ``convnext-audio`` commands also with dashes). Words as in docs/glossary.md."""
+``--num_processes``, ``--process_id``, ``--local_device_ids``, ``--layout``: one table, `JOB_FLAGS`, made into
+argparse flags for the ``convnext-audio`` commands, which also take them with dashes, and into absl flags for
+train.py). Words as in docs/glossary.md."""
 
 from __future__ import annotations
 
@@ -59,6 +60,14 @@ def add_job_arguments(parser: argparse.ArgumentParser, share: str) -> None:
         spellings = [f"--{name}"] if "_" not in name else [f"--{name.replace('_', '-')}", f"--{name}"]
         job.add_argument(*spellings, dest=name, type=kind, help=help_text,
                          metavar="HOST:PORT" if name == "coordinator" else None)
+
+
+def define_absl_job_flags(absl_flags) -> dict[str, Any]:
+    """The multi-process flags as absl flags (train.py; ``absl_flags`` is ``absl.flags``): name → flag holder,
+    in `JOB_FLAGS` order, so that ``distributed.initialize(*(holder.value for holder in ...))`` joins the job.
+    Every value is checked by `distributed.resolve`, as for the argparse flags."""
+    define = {str: absl_flags.DEFINE_string, int: absl_flags.DEFINE_integer}
+    return {name: define[kind](name, None, help_text) for name, (kind, help_text) in JOB_FLAGS.items()}
 
 
 def join_job(args: argparse.Namespace) -> distributed.JoinSpec | None:
