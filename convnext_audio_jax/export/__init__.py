@@ -44,9 +44,8 @@ from convnext_audio_jax.models.outputs import (
     output_selector,
     step_bounds,
 )
-from convnext_audio_jax.runtime import files
+from convnext_audio_jax.runtime import files, flags
 from convnext_audio_jax.runtime.errors import UserError
-from convnext_audio_jax.runtime.flags import MODEL_HELP
 
 FORMATS = ("stablehlo", "onnx")
 PLATFORMS = ("cpu", "cuda")
@@ -240,7 +239,7 @@ def export(model: nn.Module, variables: Mapping[str, Any], fmt: str, output: str
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    flags.add_model_argument(parser, positional=True)
     parser.add_argument("--format", required=True, help="stablehlo (jax.export, CPU + CUDA) or onnx (jax2onnx)")
     parser.add_argument("--output", required=True, help="file to write; its metadata goes to FILE.json beside it")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -252,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
     if args.format not in FORMATS:
         raise ExportError(f"unknown export format {args.format!r}; expected one of {', '.join(FORMATS)}")
     _check_output(pathlib.Path(args.output).absolute(), args.overwrite)
-    model, variables, metadata = load_model(args.model, offline=offline_flag(args))
+    model, variables, metadata = load_model(flags.model_argument(args), offline=offline_flag(args))
     document = export(model, variables, args.format, args.output, metadata, overwrite=args.overwrite)
     size = pathlib.Path(args.output).stat().st_size
     print(f"export: {document['model']} → {args.output} ({args.format}, {size / 2**20:.1f} MiB, input "

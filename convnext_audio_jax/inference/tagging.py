@@ -1,5 +1,5 @@
-"""Scoring audio files window by window: streamed reading, batches shared across files, frame-level scores and
-merged sound events.
+"""Scoring audio files window by window: streamed reading, batches shared across files, time-step scores and
+merged sound events (words as in docs/glossary.md).
 
 Audio of any format soundfile/audioread decodes, any sample rate and channel count (downmixed to mono by the
 mean of the channels) and any length is read a block at a time, resampled to the model's rate and cut into
@@ -53,7 +53,7 @@ WindowScorer = Callable[[np.ndarray], Mapping[str, np.ndarray]]
 
 class EventMerger:
     """Sound events from scored segments given in order: per class, the segments scoring ≥ ``threshold`` are
-    merged where they overlap or touch into (class index, onset, offset, peak score). Holds one open event per
+    merged where they overlap or touch into (class index, onset, offset (its end), peak score). Holds one open event per
     class and the finished events (a few numbers each), not the segments."""
 
     def __init__(self, threshold: float):

@@ -121,8 +121,8 @@ def stream_windows(blocks: Iterable[np.ndarray], window: int, hop: int) -> Itera
         buffer = np.concatenate([buffer, np.asarray(block, np.float32)])
         total += len(block)
         while next_start + window < total:
-            offset = next_start - buffer_start
-            yield next_start, buffer[offset : offset + window].copy()
+            at = next_start - buffer_start
+            yield next_start, buffer[at : at + window].copy()
             next_start += hop
         keep_from = max(buffer_start, min(next_start, total - window))
         buffer, buffer_start = buffer[keep_from - buffer_start :], keep_from
