@@ -4,7 +4,7 @@ that needs it (parsed by the real ``convnext-audio`` parser and by absl, as trai
 import pytest
 from absl import flags as absl_flags
 
-from convnext_audio_jax.cli import build_parser, main
+from convnext_audio_jax.cli import build_parser
 from convnext_audio_jax.runtime import flags
 
 JOB = {"coordinator": "10.0.0.1:1234", "num_processes": 4, "process_id": 3, "local_device_ids": "0,1",
@@ -59,16 +59,3 @@ def test_model_flag_and_its_older_spelling(command, spelling):
     if command != "predict":
         help_text = build_parser()._subparsers._group_actions[0].choices[command].format_help()
         assert "--model MODEL, --checkpoint MODEL" in help_text.replace("\n", " ").replace("  ", " ")
-
-
-def test_export_takes_the_model_first_or_as_a_flag(tmp_path, capsys):
-    parse = build_parser().parse_args
-    for argv in (["export", "m/"], ["export", "--model", "m/"], ["export", "--checkpoint", "m/"]):
-        assert flags.model_argument(parse([*argv, "--format", "onnx", "--output", "x.onnx"])) == "m/"
-    output = ["--format", "onnx", "--output", str(tmp_path / "x.onnx")]
-    assert main(["export", "a/", "--model", "b/", *output]) == 2
-    assert capsys.readouterr().err.strip() == ("convnext-audio export: error: give the model once, as MODEL or "
-                                               "--model MODEL; got a/ and b/")
-    assert main(["export", *output]) == 2
-    assert capsys.readouterr().err.strip().endswith("as MODEL or --model MODEL; got neither")
-    assert not (tmp_path / "x.onnx").exists()

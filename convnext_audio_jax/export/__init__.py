@@ -239,7 +239,8 @@ def export(model: nn.Module, variables: Mapping[str, Any], fmt: str, output: str
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    flags.add_model_argument(parser, positional=True)
+    # The one positional MODEL (its documented form); what it takes is what --model takes elsewhere.
+    parser.add_argument("model", metavar="MODEL", help=flags.MODEL_HELP)
     parser.add_argument("--format", required=True, help="stablehlo (jax.export, CPU + CUDA) or onnx (jax2onnx)")
     parser.add_argument("--output", required=True, help="file to write; its metadata goes to FILE.json beside it")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -251,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
     if args.format not in FORMATS:
         raise ExportError(f"unknown export format {args.format!r}; expected one of {', '.join(FORMATS)}")
     _check_output(pathlib.Path(args.output).absolute(), args.overwrite)
-    model, variables, metadata = load_model(flags.model_argument(args), offline=offline_flag(args))
+    model, variables, metadata = load_model(args.model, offline=offline_flag(args))
     document = export(model, variables, args.format, args.output, metadata, overwrite=args.overwrite)
     size = pathlib.Path(args.output).stat().st_size
     print(f"export: {document['model']} → {args.output} ({args.format}, {size / 2**20:.1f} MiB, input "

@@ -10,7 +10,6 @@ import argparse
 from typing import Any
 
 from convnext_audio_jax.runtime import distributed
-from convnext_audio_jax.runtime.errors import UserError
 
 MODEL_HELP = ("model directory (written by convert or training), training workdir (its model/best, else model/last) "
               "or pretrained name (convnext-audio models --pretrained)")
@@ -37,29 +36,14 @@ class _ModelAction(argparse.Action):
         namespace.model_flag = option_string
 
 
-def add_model_argument(parser: argparse.ArgumentParser, *, several: bool = False, onnx: bool = False,
-                       positional: bool = False) -> None:
+def add_model_argument(parser: argparse.ArgumentParser, *, several: bool = False, onnx: bool = False) -> None:
     """``--model MODEL`` (``--checkpoint`` is the old spelling, kept): required; ``several``: one or more models
-    (an ensemble); ``onnx``: the command also runs an exported .onnx file; ``positional``: MODEL may also be the
-    first argument (``export``'s form), and `model_argument` gives the one that was given."""
+    (an ensemble); ``onnx``: the command also runs an exported .onnx file."""
     help_text = MODEL_HELP + (ONNX_MODEL_HELP if onnx else "") + ("; several: their mean logits, an ensemble"
                                                                   if several else "")
-    if positional:
-        parser.add_argument("model_argument", nargs="?", metavar="MODEL", help=help_text + " (or --model MODEL)")
-    parser.add_argument("--model", "--checkpoint", dest="model", required=not positional, metavar="MODEL",
-                        nargs="+" if several else None, action=_ModelAction,
-                        help="the same as MODEL" if positional else help_text)
+    parser.add_argument("--model", "--checkpoint", dest="model", required=True, metavar="MODEL",
+                        nargs="+" if several else None, action=_ModelAction, help=help_text)
     parser.set_defaults(model_flag="--model")
-
-
-def model_argument(args: argparse.Namespace) -> str:
-    """The model of a command that takes it as MODEL or ``--model MODEL`` (``add_model_argument(positional=True)``):
-    exactly one of the two."""
-    given = [value for value in (args.model_argument, args.model) if value is not None]
-    if len(given) != 1:
-        raise UserError(f"give the model once, as MODEL or {args.model_flag} MODEL; got "
-                        f"{' and '.join(given) if given else 'neither'}")
-    return given[0]
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
