@@ -13,8 +13,8 @@
   fractional phase drift). Audio is resampled internally with soxr (HQ) to the model's front-end rate, as the
   tagging commands do.
 * **Scene embedding**: the model's ``scene_embedding`` (ConvNeXt: the LayerNorm the classifier reads; PANNs:
-  ReLU(fc1)) of the sound zero-padded to one 10 s window; a longer sound is cut into consecutive 10 s windows
-  (the last zero-padded) and gets the mean of their scene embeddings.
+  ReLU(fc1)) of the sound zero-padded to one window (the model's input length: 10 s for the released models); a
+  longer sound is cut into consecutive windows (the last zero-padded) and gets the mean of their scene embeddings.
 * **Timestamp embeddings** are the last stage's time steps averaged over mel (``sequence_embeddings``), one every
   ``S`` STFT frames (S = 32 frames = 320 ms for ConvNeXt and CNN14, 16 = 160 ms for CNN6). To reach HEAR's
   ≤ 50 ms, the sound is run ``K`` times, shifted by 1/K of a step each time (K = 8 → 40 ms for ConvNeXt and

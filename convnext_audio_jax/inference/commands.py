@@ -38,7 +38,6 @@ from convnext_audio_jax.inference.tag_output import (  # noqa: F401  (file_repor
 from convnext_audio_jax.inference.tagging import (  # noqa: F401  (re-exported: the library API of this module)
     AGGREGATIONS,
     AUDIO_EXTENSIONS,
-    DEFAULT_HOP_SECONDS,
     AudioInfo,
     FileScored,
     FileStarted,
@@ -74,9 +73,10 @@ def add_file_arguments(parser: argparse.ArgumentParser, embeddings: bool) -> Non
                              + ("; embeds scene and sequence only)" if embeddings else ")"))
     parser.add_argument("--labels", help="class_labels_indices.csv: the class names reported (embed: stored with "
                                          "--kind logits); default: the names stored in the model, else indices")
-    parser.add_argument("--hop", type=float, default=DEFAULT_HOP_SECONDS,
+    parser.add_argument("--hop", type=float, metavar="SECONDS",
                         help="seconds from one window to the next in files longer than one window (the window is the "
-                             "model's input length: 10 s for the released models) (default %(default)s)")
+                             "model's input length: 10 s for the released models, 1 s for the demo) (default: half a "
+                             "window)")
     parser.add_argument("--max-windows", type=int, default=windowing.MAX_WINDOWS,
                         help="refuse a file with more windows than this (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward (default %(default)s)")
@@ -86,7 +86,8 @@ def add_file_arguments(parser: argparse.ArgumentParser, embeddings: bool) -> Non
 def check_file_arguments(args: argparse.Namespace) -> None:
     """The shared flags' checks, before the model loads (the hop in samples needs the model's rate: checked by
     `windowing.hop_samples` once it is loaded)."""
-    windowing.check_hop_seconds(args.hop)
+    if args.hop is not None:
+        windowing.check_hop_seconds(args.hop)
     if args.max_windows < 1:
         raise UserError(f"--max-windows must be ≥ 1, got {args.max_windows}")
     if args.batch_size < 1:  # named as the flag here: the forwards' own check is for code that calls them
@@ -145,7 +146,8 @@ def run_tag(args: argparse.Namespace) -> int:
         model, variables, metadata = load_model(args.model, offline=offline_flag(args))
         scorer = None
     names = class_names_for(metadata, model.num_classes, args.labels)
-    windowing.hop_samples(args.hop, model.frontend.sample_rate)  # a sub-sample hop fails before the output opens
+    # A sub-sample hop fails before the output opens.
+    windowing.window_hop(args.hop, model.frontend.sample_rate, model.frontend.clip_samples)
     files, errors = expand_inputs(args.inputs)
     for error in errors:
         print(f"tag: skipped {error.line()}", file=sys.stderr)
@@ -250,7 +252,7 @@ def run_embed(args: argparse.Namespace) -> int:
         # This process's devices only: the processes embed different files, nothing is exchanged.
         embed_windows = ShardedForward(model, variables, args.batch_size, data_mesh(jax.local_devices()), select)
     sample_rate = int(model.frontend.sample_rate)  # files are resampled to the model's rate, cut to its window
-    hop = windowing.hop_samples(args.hop, sample_rate)
+    hop = windowing.window_hop(args.hop, sample_rate, model.frontend.clip_samples)
     names = {"class_names": np.array(class_names_for(metadata, model.num_classes, args.labels))} if args.kind == "logits" else {}
     files, errors = expand_inputs(args.inputs)
     for error in errors:

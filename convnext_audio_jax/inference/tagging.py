@@ -35,7 +35,6 @@ from convnext_audio_jax.models.outputs import (
 from convnext_audio_jax.runtime.errors import UserError
 from convnext_audio_jax.runtime.forward import ShardedForward
 
-DEFAULT_HOP_SECONDS = 5.0
 AGGREGATIONS = ("max", "mean")
 # Extensions looked for inside folders (files named explicitly are always tried).
 AUDIO_EXTENSIONS = frozenset(
@@ -193,7 +192,7 @@ class Tagger:
     per file being read, whatever the files' lengths."""
 
     def __init__(self, model: nn.Module, variables: Mapping[str, Any], batch_size: int = 8,
-                 hop_seconds: float = DEFAULT_HOP_SECONDS, aggregate: str = "max", frames: bool = False,
+                 hop_seconds: float | None = None, aggregate: str = "max", frames: bool = False,
                  mesh=None, max_windows: int = windowing.MAX_WINDOWS, scorer: WindowScorer | None = None):
         if aggregate not in AGGREGATIONS:
             raise UserError(f"aggregate {aggregate!r}: expected one of {AGGREGATIONS}")
@@ -204,7 +203,7 @@ class Tagger:
         self.sample_rate = int(model.frontend.sample_rate)
         self.window_samples = model.frontend.clip_samples
         self.window_seconds = self.window_samples / self.sample_rate
-        self.hop = windowing.hop_samples(hop_seconds, self.sample_rate)
+        self.hop = windowing.window_hop(hop_seconds, self.sample_rate, self.window_samples)  # None: half a window
         self.aggregate = aggregate
         self.frames = frames and has_frame_scores(model)
         self.max_windows = max_windows

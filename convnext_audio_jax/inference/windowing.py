@@ -1,8 +1,8 @@
 """The one way audio becomes model input: a file → its windows → batches (docs/glossary.md: *window*, *hop*).
 
 A window is as long as the model's input (its metadata's ``clip_seconds`` at its ``sample_rate``). A file of at
-most one window is one window, zero-padded at the end; a longer one gets a window every ``hop`` samples and a
-last one ending at the end of the file. `stream_windows` gives the same windows as `window_starts` +
+most one window is one window, zero-padded at the end; a longer one gets a window every ``hop`` samples (by
+default half a window: `window_hop`) and a last one ending at the end of the file. `stream_windows` gives the same windows as `window_starts` +
 `cut_windows` while holding at most one window plus one block of samples; `FileWindows` reads a file that way.
 """
 
@@ -18,7 +18,7 @@ from convnext_audio_jax.data import audio as audio_lib
 from convnext_audio_jax.runtime.errors import UserError
 
 # More windows than this in one file is a mistake (a hop of microseconds), not a request: 10⁶ windows is a
-# 58-day file at the default 5 s hop.
+# 58-day file at the released models' default 5 s hop.
 MAX_WINDOWS = 1_000_000
 
 
@@ -41,6 +41,14 @@ def hop_samples(hop_seconds: float, sample_rate: int) -> int:
         raise UserError(f"--hop {hop_seconds:g} s is shorter than one sample at {sample_rate} Hz "
                          f"({1 / sample_rate:.3g} s)")
     return hop
+
+
+def window_hop(hop_seconds: float | None, sample_rate: int, window_samples: int) -> int:
+    """The hop in samples: ``hop_seconds`` (`hop_samples`), or without one half the model's window, so every moment
+    of a long file is in two windows (5 s for the released 10 s models, 0.5 s for the 1 s demo)."""
+    if hop_seconds is None:
+        return max(1, window_samples // 2)
+    return hop_samples(hop_seconds, sample_rate)
 
 
 def window_count(num_samples: int, window: int, hop: int) -> int:
