@@ -30,18 +30,16 @@ from ml_collections import config_flags  # noqa: E402
 
 from convnext_audio_jax import training
 from convnext_audio_jax.runtime import distributed  # noqa: E402
+from convnext_audio_jax.runtime import flags as runtime_flags
 from convnext_audio_jax.runtime.errors import UserError, debugging, one_line
 from convnext_audio_jax.training import check
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "folder for config.json, checkpoints, model/{best,last}, metrics.jsonl and TensorBoard events")
 flags.mark_flags_as_required(["config", "workdir"])
-# Multi-process jobs (docs/train.md, "Multi-host training"); each flag falls back to its JAX_* variable.
-_COORDINATOR = flags.DEFINE_string("coordinator", None, "process 0's HOST:PORT (JAX_COORDINATOR_ADDRESS)")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes (JAX_NUM_PROCESSES)")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index, 0..N-1 (JAX_PROCESS_ID)")
-_LOCAL_DEVICE_IDS = flags.DEFINE_list("local_device_ids", None, "local devices to drive (JAX_LOCAL_DEVICE_IDS)")
-_LAYOUT = flags.DEFINE_enum("layout", None, list(distributed.LAYOUTS), "process layout (JAX_PROCESS_LAYOUT)")
+# Multi-process jobs (docs/train.md, "Multi-host training"): the flags every multi-process command takes
+# (convnext_audio_jax.runtime.flags); each falls back to its JAX_* variable.
+_JOB = runtime_flags.define_absl_job_flags(flags)
 _CHECK = flags.DEFINE_bool("check", False, "check config, data, multi-process settings and workdir; print one line, "
                            "exit 0 (ok) or 1; train nothing, leave the workdir as it is")
 _DEBUG = flags.DEFINE_bool("debug", False, "show the traceback of every error, of a user error too "
@@ -77,14 +75,17 @@ def main(argv, on_batch=None):
         return 1
 
 
+def _job_values() -> list:
+    """coordinator, num_processes, process_id, local_device_ids, layout: `distributed.resolve`'s arguments."""
+    return [holder.value for holder in _JOB.values()]
+
+
 def _run(on_batch) -> int:
     if _CHECK.value:
-        summary = check.check_run(_CONFIG.value, _WORKDIR.value, _COORDINATOR.value, _NUM_PROCESSES.value,
-                                  _PROCESS_ID.value, _LOCAL_DEVICE_IDS.value, _LAYOUT.value)
+        summary = check.check_run(_CONFIG.value, _WORKDIR.value, *_job_values())
         print(f"train.py: {summary}")
         return 0
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _LOCAL_DEVICE_IDS.value,
-                           _LAYOUT.value)
+    distributed.initialize(*_job_values())
     result = training.train(_CONFIG.value, _WORKDIR.value, on_batch=on_batch)
     if result and jax.process_index() == 0:
         print(f"final validation mAP {result['val_mAP']:.4f} (best {result['best_val_mAP']:.4f}) at step {result['step']}")

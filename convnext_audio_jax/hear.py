@@ -13,8 +13,8 @@
   fractional phase drift). Audio is resampled internally with soxr (HQ) to the model's front-end rate, as the
   tagging commands do.
 * **Scene embedding**: the model's ``scene_embedding`` (ConvNeXt: the LayerNorm the classifier reads; PANNs:
-  ReLU(fc1)) of the sound zero-padded to one 10 s window; a longer sound is cut into consecutive 10 s windows
-  (the last zero-padded) and gets the mean of their scene embeddings.
+  ReLU(fc1)) of the sound zero-padded to one window (the model's input length: 10 s for the released models); a
+  longer sound is cut into consecutive windows (the last zero-padded) and gets the mean of their scene embeddings.
 * **Timestamp embeddings** are the last stage's time steps averaged over mel (``sequence_embeddings``), one every
   ``S`` STFT frames (S = 32 frames = 320 ms for ConvNeXt and CNN14, 16 = 160 ms for CNN6). To reach HEAR's
   ≤ 50 ms, the sound is run ``K`` times, shifted by 1/K of a step each time (K = 8 → 40 ms for ConvNeXt and
@@ -38,7 +38,8 @@ import numpy as np
 import soxr
 import torch
 
-from convnext_audio_jax.inference.commands import frame_grid, sequence_of, window_starts
+from convnext_audio_jax.inference.windowing import batches, iter_windows, window_starts
+from convnext_audio_jax.models.outputs import output_selector, step_grid
 from convnext_audio_jax.runtime.errors import UserError
 from convnext_audio_jax.runtime.forward import ShardedForward
 
@@ -51,23 +52,6 @@ NO_DEFAULT_WEIGHTS = (
     "(topel/audioset-convnext-inf: convnext_tiny_471mAP.pth) with `convnext-audio convert convnext_tiny_471mAP.pth "
     "ckpt/ --labels class_labels_indices.csv` (or train one), then call load_model('ckpt/')"
 )
-
-
-def time_grid(model) -> tuple[int, int]:
-    """(S, P): the last stage's time step in STFT frames and its offset (step t covers frames
-    [t·S − P, (t+1)·S − P)), for the audio ConvNeXt and the PANN CNNs."""
-    grid = frame_grid(model)
-    if grid is not None:
-        stride, offset = grid
-        return stride, -offset
-    if hasattr(model, "pools"):
-        return int(np.prod([pool[0] for pool in model.pools])), 0
-    raise ValueError(f"{type(model).__name__} has no known time grid")
-
-
-def _select(variables, outputs):
-    del variables
-    return {"scene": outputs["scene_embedding"].astype(jnp.float32), "sequence": sequence_of(outputs).astype(jnp.float32)}
 
 
 class HearModel(torch.nn.Module):
@@ -83,23 +67,28 @@ class HearModel(torch.nn.Module):
             raise UserError(f"{type(model).__name__} does not take audio")
         self.jax_model = model
         self.model_rate = int(model.frontend.sample_rate)
-        self.window = int(model.frontend.clip_samples)
-        self._forward = ShardedForward(model, variables, batch_size, mesh, _select)
-        shapes = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, self.window))), variables)
+        self.window_samples = int(model.frontend.clip_samples)
+        select = output_selector(model, ["scene_embedding", "sequence_embeddings"],
+                                 {"scene_embedding": "scene", "sequence_embeddings": "sequence"})
+        self._forward = ShardedForward(model, variables, batch_size, mesh, select)
+        shapes = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, self.window_samples))), variables)
         self.scene_embedding_size = int(shapes["scene_embedding"].shape[-1])
         self.timestamp_embedding_size = int(shapes["frame_embeddings"].shape[-1])
         self.steps_per_window = int(shapes["frame_embeddings"].shape[1])
-        stride, offset = time_grid(model)
+        grid = step_grid(model)
+        if grid is None:
+            raise UserError(f"{type(model).__name__} has no known time-step grid")
+        stride, padding = grid
         hop = model.frontend.hop_length
         self.step_samples = stride * hop
-        if self.steps_per_window * self.step_samples > self.window:
+        if self.steps_per_window * self.step_samples > self.window_samples:
             raise ValueError(f"{self.steps_per_window} steps of {self.step_samples} samples exceed a window")
         limit = MAX_HOP_MS * self.model_rate / 1000
         self.passes = next(k for k in range(1, self.step_samples + 1)
                            if self.step_samples % k == 0 and self.step_samples / k <= limit)
         self.hop_samples = self.step_samples // self.passes
         # Mean of the centres of the frames step 0 covers: frames [−P, S − P), frame f centred at f·hop.
-        self.first_centre = ((stride - 1) / 2 - offset) * hop
+        self.first_centre = ((stride - 1) / 2 - padding) * hop
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
         """The scene embeddings (as ``get_scene_embeddings``)."""
@@ -119,13 +108,7 @@ class HearModel(torch.nn.Module):
 
     def run(self, kind: str, windows: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
         """``kind`` ("scene" or "sequence") of each window, in order, a fixed-size batch at a time."""
-        batch = []
-        for window in windows:
-            batch.append(window)
-            if len(batch) == self._forward.batch_size:
-                yield from self._forward(np.stack(batch))[kind]
-                batch = []
-        if batch:
+        for batch in batches(windows, self._forward.batch_size):
             yield from self._forward(np.stack(batch))[kind]
 
 
@@ -142,14 +125,10 @@ def load_model(model_file_path: str = "", batch_size: int = 8) -> HearModel:
     return HearModel(model, variables, batch_size)
 
 
-def _windows(waveform: np.ndarray, starts: np.ndarray, window: int) -> Iterator[np.ndarray]:
-    """Each row's windows at ``starts`` (zeros past the end), one at a time: minutes of audio cut into
-    overlapping windows would not fit in memory at once."""
+def _windows(waveform: np.ndarray, starts: np.ndarray, window_samples: int) -> Iterator[np.ndarray]:
+    """Each row's windows at ``starts``, one at a time (`windowing.iter_windows`)."""
     for row in waveform:
-        padded = np.zeros(int(starts.max()) + window, np.float32)
-        padded[: row.shape[0]] = row
-        for start in starts:
-            yield padded[start : start + window]
+        yield from iter_windows(row, starts, window_samples)
 
 
 def _as_tensor(array: np.ndarray, like: Any) -> torch.Tensor:
@@ -160,8 +139,9 @@ def _as_tensor(array: np.ndarray, like: Any) -> torch.Tensor:
 def get_scene_embeddings(audio: torch.Tensor, model: HearModel) -> torch.Tensor:
     """(n_sounds, n_samples) at 48 kHz → float32 (n_sounds, model.scene_embedding_size)."""
     waveform = model.resample(audio)
-    starts = window_starts(waveform.shape[1], model.window, model.window, last_at_end=False)
-    scene = np.stack(list(model.run("scene", _windows(waveform, starts, model.window))))
+    window = model.window_samples
+    starts = window_starts(waveform.shape[1], window, window, last_at_end=False)
+    scene = np.stack(list(model.run("scene", _windows(waveform, starts, window))))
     return _as_tensor(scene.reshape(waveform.shape[0], len(starts), -1).mean(axis=1), audio)
 
 
@@ -178,7 +158,7 @@ def get_timestamp_embeddings(audio: torch.Tensor, model: HearModel) -> tuple[tor
     # Window j of pass k starts at k·hop + j·window_hop; its step t is timestamp (j·T + t)·K + k.
     starts = np.array([k * model.hop_samples + j * window_hop for k in range(passes) for j in range(windows_per_pass)])
 
-    sequence = np.stack(list(model.run("sequence", _windows(waveform, starts, model.window))))  # (n·K·J, T, D)
+    sequence = np.stack(list(model.run("sequence", _windows(waveform, starts, model.window_samples))))  # (n·K·J, T, D)
     sequence = sequence.reshape(n_sounds, passes, windows_per_pass, steps, -1).transpose(0, 2, 3, 1, 4)
     embeddings = sequence.reshape(n_sounds, windows_per_pass * steps * passes, -1)[:, :count]
     times = 1000.0 * (model.first_centre + model.hop_samples * np.arange(count)) / model.model_rate

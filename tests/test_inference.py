@@ -62,7 +62,7 @@ def burst_detector():
     sequence = np.asarray(outputs["sequence_embeddings"][0])
     normalised = np.asarray(nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False).apply(
         {"params": variables["params"]["head_norm"]}, 2.0 * sequence))
-    centres = inference.frame_bounds(model, sequence.shape[0]).mean(axis=1)
+    centres = inference.step_bounds(model, sequence.shape[0]).mean(axis=1)
     point_head_at(variables["params"], 0, normalised[(centres > 3.1) & (centres < 3.9)],
                   normalised[np.abs(centres - 3.5) > 2.5])
     scenes = np.asarray(outputs["scene_embedding"])
@@ -104,7 +104,7 @@ def test_merge_events():
 
 
 def test_frame_bounds_of_released_layout():
-    bounds = inference.frame_bounds(create_model("convnext_tiny"), 31)
+    bounds = inference.step_bounds(create_model("convnext_tiny"), 31)
     np.testing.assert_allclose(bounds[1], [0.28, 0.60], atol=1e-9)  # [0.32 t - 0.04, 0.32 t + 0.28)
     np.testing.assert_allclose(bounds[0], [0.0, 0.28], atol=1e-9)  # clipped at 0
     assert bounds[-1, 1] == pytest.approx(9.88)

@@ -87,7 +87,7 @@ def test_forward_returns_the_jax_outputs(exported):
 
     model, variables, _ = load_model(checkpoint)
     forward = OnnxRuntimeForward(path, batch_size=2)
-    assert forward.class_names == NAMES and forward.model.dims == model.dims and forward.window == 320_000
+    assert forward.class_names == NAMES and forward.model.dims == model.dims and forward.window_samples == 320_000
     windows = (0.1 * np.random.default_rng(1).standard_normal((2, 320_000))).astype(np.float32)
     got = forward(windows)
     expected = jax.jit(export_lib.forward_function(model, variables))(windows)

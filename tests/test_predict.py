@@ -149,3 +149,28 @@ def test_cli_predict_end_to_end(tmp_path, capsys):
     rc = cli.main(["predict", "--checkpoint", checkpoint, checkpoint, "--data", packed, "--output", str(output),
                    "--no-progress"])
     assert rc == 2 and "exists" in capsys.readouterr().err and output.is_file()
+
+
+@pytest.mark.slow
+def test_cli_predict_over_two_processes(tmp_path):
+    """``convnext-audio predict`` with the multi-process flags (train.py's spelling): 2 real processes of 2 CPU
+    devices each take chunks 0, 2 and 1 of 3 (the Python-level split is proven above), process 0 assembles the file
+    once every chunk is there, and the file holds every clip's logits, as one process computes them."""
+    from multiprocess import run_jax_processes
+
+    classes = len(data_helpers.CLASSES)
+    model = create_model("convnext_tiny", **TINY, num_classes=classes)
+    variables = init_variables(model, jax.random.key(3))
+    checkpoint = save_model(tmp_path / "m", "convnext_tiny", variables, {}, {**TINY, "num_classes": classes})
+    waveforms = data_helpers.random_waveforms(5)
+    names = [f"Yclip{i:07d}" for i in range(len(waveforms))]
+    packed = data_helpers.write_packed_hdf5(tmp_path / "train.h5", waveforms, np.ones((5, classes), bool), names)
+    output = tmp_path / "t.h5"
+    args = ["-m", "convnext_audio_jax.cli", "predict", f"--model={checkpoint}", f"--data={packed}",
+            f"--output={output}", "--batch-size=2", "--chunk-clips=2", "--dtype=float32", "--no-progress"]
+    outputs = run_jax_processes(args, 2, 2, timeout=600, use_flags=True)
+    assert f"predict: 5 clips × {classes} classes from 1 model(s)" in outputs[0].stdout
+    expected = np.asarray(jax.jit(model.apply)(variables, audio.int16_to_float(waveforms))["logits"])
+    got, found = teacher_lib.TeacherPredictions(output).lookup(names)
+    assert found.all()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * np.abs(expected).max())

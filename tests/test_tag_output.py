@@ -19,13 +19,13 @@ def scored_file(name, seconds, seed, frames=True):
     windows = [tagging.WindowScores(name, float(s), rng.random(3).astype(np.float32),
                                     rng.random((2, 3)).astype(np.float32) if frames else None) for s in starts]
     clip = np.max([w.probs for w in windows], axis=0)
-    audio = tagging.AudioInfo(name, 48_000, 2, num_samples, clipped=3)
+    audio = tagging.AudioInfo(name, 48_000, 2, num_samples, model_rate=32_000, window_seconds=10.0, clipped=3)
     return tagging.FileScored(audio, len(windows), clip, BOUNDS if frames else None), windows
 
 
 def record_text(fmt, name, seconds, seed, all_scores=True, spool=True, frames=True):
     scored, windows = scored_file(name, seconds, seed, frames)
-    file_spool = tag_output.FileSpool(None, frames) if spool else None
+    file_spool = tag_output.FileSpool(None, frames, window_seconds=10.0) if spool else None
     for window in windows if spool else []:
         file_spool.add(window)
     text = "".join(tag_output.record_chunks(fmt, scored, file_spool, NAMES, 2, 0.5, all_scores))

@@ -42,3 +42,15 @@ def test_window_count_limit():
     windowing.check_window_count("a.wav", 32_000 * 3600, 320_000, 32_000, max_windows=3591)
     with pytest.raises(ValueError, match=r"a.wav: 3591 windows .* exceeds the limit of 3590"):
         windowing.check_window_count("a.wav", 32_000 * 3600, 320_000, 32_000, max_windows=3590)
+
+
+def test_default_hop_is_half_the_models_window():
+    """Without --hop, windows overlap by half whatever the model: 5 s for the released 10 s models (the former fixed
+    default), 0.5 s for the 1 s demo, where a fixed 5 s would leave 4 s of every 5 unscored."""
+    assert windowing.window_hop(None, 32_000, 320_000) == 160_000
+    assert windowing.window_hop(None, 16_000, 16_000) == 8_000
+    assert windowing.window_hop(0.25, 16_000, 16_000) == 4_000
+    starts = windowing.window_starts(3 * 16_000, 16_000, windowing.window_hop(None, 16_000, 16_000))
+    assert (starts / 16_000).tolist() == [0, 0.5, 1, 1.5, 2]
+    with pytest.raises(ValueError, match="--hop"):
+        windowing.window_hop(0.0, 16_000, 16_000)

@@ -2,7 +2,7 @@
 devices and processes, then AP/AUC/d′ per class and their means.
 
 ``evaluate(model, variables, source, batch_size)`` is the library entry point; training's periodic
-evaluation and ``convnext-audio evaluate --checkpoint DIR --data SPEC`` both call it. Each process reads its
+evaluation and ``convnext-audio evaluate --model DIR --data SPEC`` both call it. Each process reads its
 block of every global batch of clips as int16 (half the bytes to the device), every process runs the same
 number of fixed-size batches (short batches are padded with zero rows, which carry no clip and are dropped),
 the batches are assembled with ``jax.make_array_from_process_local_data`` and the results gathered with
@@ -52,7 +52,7 @@ from convnext_audio_jax.data.pipeline import (
 )
 from convnext_audio_jax.data.spec import open_data_spec  # noqa: F401  (its former home: callers' imports work)
 from convnext_audio_jax.evaluation import metrics as metrics_lib
-from convnext_audio_jax.runtime import files, xla
+from convnext_audio_jax.runtime import files, flags, xla
 from convnext_audio_jax.runtime.errors import UserError
 from convnext_audio_jax.runtime.sharding import (
     barrier,
@@ -229,14 +229,8 @@ def _plot_per_class_ap(result: Mapping[str, Any], path: pathlib.Path) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True,
-                        help="model directory (convert's output), training workdir (its model/best, else model/last) or "
-                             "pretrained name")
-    parser.add_argument("--data", required=True, metavar="SPEC",
-                        help="DIR@SPLIT (a prepare output), FILE.h5 (packed or PANN index), AUDIO_DIR@CLIPS.csv, "
-                             "tfds:NAME[/CONFIG][:VERSION]@SPLIT, demo[@SPLIT] or SPEC+SPEC")
-    parser.add_argument("--labels", help="class_labels_indices.csv: the data's classes (needed for AUDIO_DIR@CLIPS.csv; "
-                        "overrides the list a prepare output holds)")
+    flags.add_model_argument(parser)
+    flags.add_data_arguments(parser)
     parser.add_argument("--remap-by-name", action="store_true",
                         help="the model and the data list the same class names in different orders: score each data "
                         "class with the model output of the same name")
@@ -249,13 +243,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "evaluated, else in the model directory; SPEC with characters other than letters, digits and "
                         "@.+=- as _)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    job = parser.add_argument_group(
-        "multi-process job", "run every process with the same arguments and its own --process-id (or the JAX_* "
-        "variables, or a SLURM / Open MPI / Kubernetes job: docs/train.md, Multi-host training); each reads its "
-        "share of the clips, process 0 writes the reports")
-    job.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address (JAX_COORDINATOR_ADDRESS)")
-    job.add_argument("--num-processes", "--num_processes", type=int, help="number of processes (JAX_NUM_PROCESSES)")
-    job.add_argument("--process-id", "--process_id", type=int, help="this process's index, 0..N-1 (JAX_PROCESS_ID)")
+    flags.add_job_arguments(parser, "each reads its share of the clips, process 0 writes the reports")
 
 
 def class_order(model_names: Sequence[str] | None, data_names: Sequence[str] | None, model_classes: int,
@@ -333,16 +321,15 @@ def default_output(checkpoint: str | os.PathLike, model_dir: pathlib.Path, data_
 
 def run(args: argparse.Namespace) -> int:
     from convnext_audio_jax.hub.resolve import offline_flag, resolve_model_dir
-    from convnext_audio_jax.runtime import distributed
 
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be ≥ 1, got {args.batch_size}")
-    distributed.initialize(args.coordinator, args.num_processes, args.process_id)  # a no-op for one process
+    flags.join_job(args)  # a no-op for one process
     xla.enable_compilation_cache(args.compilation_cache, files.cache_root())
     first = jax.process_index() == 0
-    model_dir = resolve_model_dir(args.checkpoint, offline=offline_flag(args))
+    model_dir = resolve_model_dir(args.model, offline=offline_flag(args))
     model, variables, metadata = load_model(model_dir)
-    output = args.output or default_output(args.checkpoint, model_dir, args.data)
+    output = args.output or default_output(args.model, model_dir, args.data)
     frontend = model.frontend
     source, data_names = spec_lib.open_data_spec(args.data, args.labels, frontend=frontend)
     model_names = metadata.get("class_names")

@@ -1,12 +1,12 @@
-"""Teacher predictions: ``convnext-audio predict --checkpoint MODEL [MODEL ...] --data SPEC --output teacher.h5``.
+"""Teacher predictions: ``convnext-audio predict --model MODEL [MODEL ...] --data SPEC --output teacher.h5``.
 
 Writes the logits of one model, or the mean logits of an ensemble (:func:`teacher.ensemble_mean`), for every
 readable clip of a data SPEC, keyed by clip id, in the teacher file layout of
 :mod:`convnext_audio_jax.data.teacher` (float16 by default, ``--dtype float32`` for full precision). The source is
 cut into chunks of ``--chunk-clips`` consecutive clips; each finished chunk is stored at once, so an
 interrupted run, started again with the same command, continues after the last finished chunk. With several
-JAX processes, process p takes chunks p, p + P, ... on its local devices; the file is assembled when every
-chunk is there (by process 0 after a barrier). Clips that cannot be read are skipped, listed on stderr and
+JAX processes (the multi-process flags, as evaluate and train.py take them), process p takes chunks p, p + P, ...
+on its local devices; the file is assembled when every chunk is there (by process 0 after a barrier). Clips that cannot be read are skipped, listed on stderr and
 stored under ``/skipped`` in the file.
 """
 
@@ -26,7 +26,10 @@ import tqdm
 
 from convnext_audio_jax.data import teacher as teacher_lib
 from convnext_audio_jax.data.pipeline import LoaderConfig, make_loader
+from convnext_audio_jax.models.outputs import output_selector
+from convnext_audio_jax.runtime import flags
 from convnext_audio_jax.runtime.errors import UserError
+from convnext_audio_jax.runtime.forward import ShardedForward
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +39,8 @@ SKIPPED_SHOWN = 20
 def make_logits_forward(model, variables, batch_size: int, mesh=None):
     """The one place that runs a model for predictions: waveforms (n ≤ batch, L) → logits (n, C) float32,
     data-sharded over ``mesh`` (default: every device)."""
-    from convnext_audio_jax.runtime.forward import ShardedForward
-
-    forward = ShardedForward(model, variables, batch_size, mesh,
-                             select=lambda variables, outputs: {"logits": outputs["logits"]})
-    return forward.batch_size, lambda waveforms: forward(waveforms)["logits"].astype(np.float32)
+    forward = ShardedForward(model, variables, batch_size, mesh, output_selector(model, ["logits"]))
+    return forward.batch_size, lambda waveforms: forward(waveforms)["logits"]
 
 
 class SourceRange:
@@ -162,12 +162,8 @@ def _predict_chunk(chunk: SourceRange, forwards, members, rows: int, read_thread
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, nargs="+", metavar="MODEL",
-                        help="model directory, training workdir or pretrained name (several: their mean logits, an ensemble)")
-    parser.add_argument("--data", required=True, metavar="SPEC",
-                        help="DIR@SPLIT (a prepare output), FILE.h5 (packed or PANN index), AUDIO_DIR@CLIPS.csv, "
-                             "tfds:NAME[/CONFIG][:VERSION]@SPLIT, demo[@SPLIT] (4096 train clips, seed 0) or SPEC+SPEC")
-    parser.add_argument("--labels", help="class_labels_indices.csv (needed for AUDIO_DIR@CLIPS.csv)")
+    flags.add_model_argument(parser, several=True)
+    flags.add_data_arguments(parser)
     parser.add_argument("--output", required=True, help="teacher file to write (HDF5), e.g. teacher.h5")
     parser.add_argument("--dtype", choices=teacher_lib.DTYPES, default="float16",
                         help="storage type of the logits (default %(default)s: 2 M × 527 clips fit in 2.1 GB)")
@@ -176,13 +172,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-clips", type=int, default=4096,
                         help="clips per stored chunk: the most work an interruption loses (default %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    flags.add_job_arguments(parser, "process p predicts chunks p, p + P, ... of the data on its own devices, "
+                                    "process 0 assembles the file")
 
 
 def run(args: argparse.Namespace) -> int:
     from convnext_audio_jax.data.spec import open_data_spec
     from convnext_audio_jax.hub.resolve import offline_flag
 
-    members = load_members(args.checkpoint, offline_flag(args))
+    flags.join_job(args)  # a no-op for one process
+    members = load_members(args.model, offline_flag(args))
     # demo@SPLIT is synthesised at the (first) model's rate and clip length; other data must hold clips of those.
     source, _ = open_data_spec(args.data, args.labels, frontend=members[0][1].frontend)
     result = predict_teacher(members, source, args.output, source_name=args.data, batch_size=args.batch_size,
@@ -197,6 +196,6 @@ def run(args: argparse.Namespace) -> int:
               f"when every process's chunks are there")
         return 0
     teacher = teacher_lib.TeacherPredictions(args.output)
-    print(f"predict: {len(teacher)} clips × {teacher.num_classes} classes from {len(args.checkpoint)} model(s) in "
+    print(f"predict: {len(teacher)} clips × {teacher.num_classes} classes from {len(args.model)} model(s) in "
           f"{args.output} ({sum(result['skipped'].values())} skipped this run: {result['skipped']})")
     return 0

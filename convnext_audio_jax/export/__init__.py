@@ -2,7 +2,7 @@
 
 The exported function maps a waveform batch (batch, samples) at the model's sample rate (32 kHz for the released
 models; the rate and window length are in the metadata) to a fixed set of named outputs
-(``OUTPUT_NAMES``; ``frame_probs`` too for the audio ConvNeXt, see ``convnext_audio_jax.inference.commands``):
+(``OUTPUT_NAMES``; ``frame_probs`` too for the audio ConvNeXt: the table of ``convnext_audio_jax.models.outputs``):
 
 * **StableHLO**: the file is exactly ``Exported.serialize()``'s bytes, so
   ``jax.export.deserialize(open(f, "rb").read()).call(waveform)`` runs it with only jax installed. The batch
@@ -15,8 +15,8 @@ models; the rate and window length are in the metadata) to a fixed set of named 
   the depthwise convolution as a grouped convolution. Outputs are named as ``OUTPUT_NAMES``.
 
 Beside ``FILE`` the metadata goes to ``FILE.json``: class names, sample rate, window length, input and output
-names and shapes, the model's registry name and config and the frame grid (seconds of each time step within a
-window), which is all the ONNX Runtime backend (``convnext_audio_jax.inference.onnx_backend``) needs.
+names and shapes, the model's registry name and config and ``frame_seconds`` (seconds of each time step within
+a window), which is all the ONNX Runtime backend (``convnext_audio_jax.inference.onnx_backend``) needs.
 """
 
 from __future__ import annotations
@@ -37,14 +37,20 @@ import numpy as np
 
 from convnext_audio_jax.artifacts.exported import METADATA_FORMAT, metadata_path
 from convnext_audio_jax.models import with_xla_ops
-from convnext_audio_jax.runtime import files
+from convnext_audio_jax.models.outputs import (
+    EXPORTED_OUTPUTS,
+    exported_outputs,
+    has_frame_scores,
+    output_selector,
+    step_bounds,
+)
+from convnext_audio_jax.runtime import files, flags
 from convnext_audio_jax.runtime.errors import UserError
 
 FORMATS = ("stablehlo", "onnx")
 PLATFORMS = ("cpu", "cuda")
 INPUT_NAME = "waveform"
-OUTPUT_NAMES = ("probs", "scene_embedding", "sequence_embeddings")
-FRAME_OUTPUT = "frame_probs"
+OUTPUT_NAMES = EXPORTED_OUTPUTS
 ONNX_OPSET = 23
 
 
@@ -52,10 +58,7 @@ class ExportError(UserError):
     """A model, format or output that cannot be exported; the message is one line."""
 
 
-def output_names(model: nn.Module) -> tuple[str, ...]:
-    from convnext_audio_jax.inference.commands import frame_grid
-
-    return OUTPUT_NAMES + ((FRAME_OUTPUT,) if frame_grid(model) is not None else ())
+output_names = exported_outputs
 
 
 def export_model_for(model: nn.Module, fmt: str) -> nn.Module:
@@ -69,19 +72,12 @@ def export_model_for(model: nn.Module, fmt: str) -> nn.Module:
 
 
 def forward_function(model: nn.Module, variables: Mapping[str, Any]) -> Callable[[jax.Array], dict[str, jax.Array]]:
-    """waveform (B, samples) → {name: array} for ``output_names(model)``, the variables closed over (they
+    """waveform (B, samples) → {name: float32 array} for ``output_names(model)``, the variables closed over (they
     become constants of the exported program)."""
-    from convnext_audio_jax.inference.commands import frame_logits, sequence_of
-
-    names = output_names(model)
+    select = output_selector(model, output_names(model))
 
     def forward(waveform):
-        outputs = model.apply(variables, waveform, train=False)
-        sequence = sequence_of(outputs).astype(jnp.float32)
-        result = {"probs": outputs["probs"], "scene_embedding": outputs["scene_embedding"], "sequence_embeddings": sequence}
-        if FRAME_OUTPUT in names:
-            result[FRAME_OUTPUT] = jax.nn.sigmoid(frame_logits(model, variables["params"], sequence))
-        return {name: result[name].astype(jnp.float32) for name in names}
+        return select(variables, model.apply(variables, waveform, train=False))
 
     return forward
 
@@ -113,11 +109,10 @@ def _check_output(path: pathlib.Path, overwrite: bool) -> None:
 
 
 def frame_seconds(model: nn.Module, num_steps: int) -> list[list[float]] | None:
-    from convnext_audio_jax.inference.commands import frame_bounds, frame_grid
-
-    if frame_grid(model) is None:
+    """Seconds of each time step within a window, for the model with step scores (``frame_probs``)."""
+    if not has_frame_scores(model):
         return None
-    return np.round(frame_bounds(model, num_steps), 6).tolist()
+    return np.round(step_bounds(model, num_steps), 6).tolist()
 
 
 def minimum_samples(model: nn.Module, variables: Mapping[str, Any]) -> int:
@@ -244,8 +239,8 @@ def export(model: nn.Module, variables: Mapping[str, Any], fmt: str, output: str
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL", help="model directory (written by convert or training), training workdir (its "
-                        "model/best, else model/last) or pretrained name")
+    # The one positional MODEL (its documented form); what it takes is what --model takes elsewhere.
+    parser.add_argument("model", metavar="MODEL", help=flags.MODEL_HELP)
     parser.add_argument("--format", required=True, help="stablehlo (jax.export, CPU + CUDA) or onnx (jax2onnx)")
     parser.add_argument("--output", required=True, help="file to write; its metadata goes to FILE.json beside it")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")

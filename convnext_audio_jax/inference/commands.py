@@ -9,13 +9,12 @@ and an interrupted run can be resumed (``--resume``).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from collections.abc import Mapping
 from typing import Any
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 import tqdm
 
@@ -23,6 +22,11 @@ from convnext_audio_jax.data import audio as audio_lib
 from convnext_audio_jax.data import labels as labels_lib
 from convnext_audio_jax.inference import windowing
 from convnext_audio_jax.inference.embed_output import EmbeddingStore
+from convnext_audio_jax.inference.onnx_backend import (
+    BACKENDS,
+    EMBEDDING_OUTPUTS,
+    OnnxRuntimeForward,
+)
 from convnext_audio_jax.inference.tag_output import (  # noqa: F401  (file_report re-exported)
     OUTPUT_FORMATS,
     RESUMABLE_FORMATS,
@@ -34,7 +38,6 @@ from convnext_audio_jax.inference.tag_output import (  # noqa: F401  (file_repor
 from convnext_audio_jax.inference.tagging import (  # noqa: F401  (re-exported: the library API of this module)
     AGGREGATIONS,
     AUDIO_EXTENSIONS,
-    DEFAULT_HOP_SECONDS,
     AudioInfo,
     FileScored,
     FileStarted,
@@ -43,24 +46,58 @@ from convnext_audio_jax.inference.tagging import (  # noqa: F401  (re-exported: 
     Tagger,
     WindowScores,
     expand_inputs,
-    frame_bounds,
-    frame_grid,
-    frame_logits,
     merge_events,
-    sequence_of,
 )
 from convnext_audio_jax.inference.windowing import cut_windows, window_starts  # noqa: F401  (re-exported)
+from convnext_audio_jax.models.outputs import (  # noqa: F401
+    EMBEDDING_KINDS,
+    output_selector,
+    step_bounds,
+)
+from convnext_audio_jax.runtime import flags
 from convnext_audio_jax.runtime.errors import UserError
 from convnext_audio_jax.runtime.forward import ShardedForward
+from convnext_audio_jax.runtime.sharding import barrier, data_mesh
 
 DEFAULT_THRESHOLD = 0.25  # the authors' demo's activity threshold
-EMBEDDING_KINDS = ("scene", "frames", "sequence", "logits")
 
 
-# --------------------------------------------------------------------------------------------------- tagging
+# ------------------------------------------------------------------------------------------- shared flags
+
+def add_file_arguments(parser: argparse.ArgumentParser, embeddings: bool) -> None:
+    """The flags tag and embed share: what to read, with which model, cut how."""
+    parser.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR", help="audio files and folders (searched recursively)")
+    flags.add_model_argument(parser, onnx=True)
+    parser.add_argument("--backend", choices=BACKENDS, default="jax",
+                        help="run the model with JAX, or an ONNX export with ONNX Runtime (default %(default)s"
+                             + ("; embeds scene and sequence only)" if embeddings else ")"))
+    parser.add_argument("--labels", help="class_labels_indices.csv: the class names reported (embed: stored with "
+                                         "--kind logits); default: the names stored in the model, else indices")
+    parser.add_argument("--hop", type=float, metavar="SECONDS",
+                        help="seconds from one window to the next in files longer than one window (the window is the "
+                             "model's input length: 10 s for the released models, 1 s for the demo) (default: half a "
+                             "window)")
+    parser.add_argument("--max-windows", type=int, default=windowing.MAX_WINDOWS,
+                        help="refuse a file with more windows than this (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward (default %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def check_file_arguments(args: argparse.Namespace) -> None:
+    """The shared flags' checks, before the model loads (the hop in samples needs the model's rate: checked by
+    `windowing.hop_samples` once it is loaded)."""
+    if args.hop is not None:
+        windowing.check_hop_seconds(args.hop)
+    if args.max_windows < 1:
+        raise UserError(f"--max-windows must be ≥ 1, got {args.max_windows}")
+    if args.batch_size < 1:  # named as the flag here: the forwards' own check is for code that calls them
+        raise UserError(f"--batch-size must be ≥ 1, got {args.batch_size}")
+    if args.backend == "jax" and os.fspath(args.model).lower().endswith(".onnx"):
+        raise UserError(f"{args.model_flag} {args.model} is an ONNX export: run it with --backend onnxruntime")
+
 
 def class_names_for(metadata: Mapping[str, Any], num_classes: int, labels_csv: str | None) -> list[str]:
-    """Names from --labels, else the checkpoint's metadata, else the class indices as text."""
+    """Names from --labels, else the model's metadata, else the class indices as text."""
     if labels_csv is not None:
         names = list(labels_lib.read_class_labels(labels_csv).display_names)
     elif metadata.get("class_names"):
@@ -72,24 +109,10 @@ def class_names_for(metadata: Mapping[str, Any], num_classes: int, labels_csv: s
     return names
 
 
-def _check_batch_size(batch_size: int) -> None:
-    if batch_size < 1:  # named as the flag here: the forwards' own check is for code that calls them
-        raise UserError(f"--batch-size must be ≥ 1, got {batch_size}")
-
-
-def _check_backend(args: argparse.Namespace) -> None:
-    if args.backend == "jax" and os.fspath(args.checkpoint).lower().endswith(".onnx"):
-        raise UserError(f"--checkpoint {args.checkpoint} is an ONNX export: run it with --backend onnxruntime")
-
+# --------------------------------------------------------------------------------------------------- tagging
 
 def add_tag_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR", help="audio files and folders (searched recursively)")
-    parser.add_argument("--checkpoint", required=True,
-                        help="model directory, training workdir (its model/best, else model/last) or pretrained name; "
-                             "with --backend onnxruntime: an exported .onnx file")
-    parser.add_argument("--backend", choices=("jax", "onnxruntime"), default="jax",
-                        help="run the model with JAX, or an ONNX export with ONNX Runtime (default %(default)s)")
-    parser.add_argument("--labels", help="class_labels_indices.csv (default: the names stored in the model, else indices)")
+    add_file_arguments(parser, embeddings=False)
     parser.add_argument("--top-k", type=int, default=10, help="classes reported per file (default %(default)s)")
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                         help="report classes and events scoring at least this (default %(default)s)")
@@ -99,18 +122,11 @@ def add_tag_arguments(parser: argparse.ArgumentParser) -> None:
                                          "fsynced as each file is done)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the files already in --output (jsonl or csv) and tag only the others")
-    parser.add_argument("--max-windows", type=int, default=windowing.MAX_WINDOWS,
-                        help="refuse a file with more windows than this (default %(default)s)")
     parser.add_argument("--frames", action="store_true",
-                        help="add per-window (and, for ConvNeXt, per-frame) scores and merged events")
+                        help="add per-window (and, for ConvNeXt, per-time-step) scores and merged events")
     parser.add_argument("--all-scores", action="store_true", help="every class's score (json/csv)")
-    parser.add_argument("--hop", type=float, default=DEFAULT_HOP_SECONDS,
-                        help="seconds between the model's windows (10 s for the released models) of longer files "
-                             "(default %(default)s)")
     parser.add_argument("--aggregate", choices=AGGREGATIONS, default="max",
                         help="file score from its window scores (default %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward (default %(default)s)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run_tag(args: argparse.Namespace) -> int:
@@ -119,24 +135,19 @@ def run_tag(args: argparse.Namespace) -> int:
 
     if args.top_k < 1:
         raise UserError(f"--top-k must be ≥ 1, got {args.top_k}")
-    _check_batch_size(args.batch_size)
-    _check_backend(args)
-    # Bad options fail before the model loads (the hop in samples needs the model's rate: checked once loaded).
-    if not (math.isfinite(args.hop) and args.hop > 0):
-        raise UserError(f"--hop must be a positive number of seconds, got {args.hop}")
+    check_file_arguments(args)  # bad options fail before the model loads
     if args.resume and (args.output is None or args.format not in RESUMABLE_FORMATS):
         raise UserError(f"--resume needs --output and --format {' or '.join(RESUMABLE_FORMATS)}")
     if args.backend == "onnxruntime":
-        from convnext_audio_jax.inference.onnx_backend import OnnxRuntimeForward
-
-        scorer = OnnxRuntimeForward(args.checkpoint, args.batch_size)
+        scorer = OnnxRuntimeForward(args.model, args.batch_size)
         model, variables, metadata = scorer.model, None, scorer.metadata
         scorer.restrict(["probs", "frame_probs"] if args.frames else ["probs"])
     else:
-        model, variables, metadata = load_model(args.checkpoint, offline=offline_flag(args))
+        model, variables, metadata = load_model(args.model, offline=offline_flag(args))
         scorer = None
     names = class_names_for(metadata, model.num_classes, args.labels)
-    windowing.hop_samples(args.hop, model.frontend.sample_rate)  # a sub-sample hop fails before the output opens
+    # A sub-sample hop fails before the output opens.
+    windowing.window_hop(args.hop, model.frontend.sample_rate, model.frontend.clip_samples)
     files, errors = expand_inputs(args.inputs)
     for error in errors:
         print(f"tag: skipped {error.line()}", file=sys.stderr)
@@ -177,59 +188,28 @@ def run_tag(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------- embeddings
 
-def _select_embeddings(*kinds: str):
-    def select(variables, outputs):
-        del variables
-        by_kind = {"scene": lambda: outputs["scene_embedding"], "sequence": lambda: sequence_of(outputs),
-                   "frames": lambda: outputs["frame_embeddings"], "logits": lambda: outputs["logits"]}
-        return {kind: by_kind[kind]().astype(jnp.float32) for kind in kinds}
-    return select
-
-
 def add_embed_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR", help="audio files and folders (searched recursively)")
-    parser.add_argument("--checkpoint", required=True,
-                        help="model directory, training workdir (its model/best, else model/last) or pretrained name; "
-                             "with --backend onnxruntime: an exported .onnx file")
-    parser.add_argument("--backend", choices=("jax", "onnxruntime"), default="jax",
-                        help="run the model with JAX, or an ONNX export with ONNX Runtime (scene and sequence only)")
-    parser.add_argument("--kind", choices=EMBEDDING_KINDS, default="scene",
+    add_file_arguments(parser, embeddings=True)
+    parser.add_argument("--kind", choices=tuple(EMBEDDING_KINDS), default="scene",
                         help="scene (B, D), frames (B, T, F, C), sequence (B, T, C) or logits (default %(default)s)")
     parser.add_argument("--output", required=True, help="output .npz (built at the end from OUTPUT.parts/)")
     parser.add_argument("--resume", action="store_true", help="keep the files finished in OUTPUT.parts/ by an "
                                                                "interrupted run and embed only the others")
-    parser.add_argument("--labels", help="--kind logits: class_labels_indices.csv whose names are stored as class_names "
-                        "(default: the names stored in the model, else indices)")
-    parser.add_argument("--hop", type=float, default=DEFAULT_HOP_SECONDS,
-                        help="seconds between the model's windows (10 s for the released models) of longer files "
-                             "(default %(default)s)")
-    parser.add_argument("--max-windows", type=int, default=windowing.MAX_WINDOWS,
-                        help="refuse a file with more windows than this (default %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward (default %(default)s)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    flags.add_job_arguments(parser, "process p embeds files p, p + P, ... on its own devices into OUTPUT.parts/ "
+                                    "(a folder every process can reach), process 0 writes OUTPUT")
 
 
-def _embed_file(path: str, store: EmbeddingStore, embed_windows, sample_rate: int, window: int, hop: int,
+def _embed_file(path: str, store: EmbeddingStore, embed_windows, sample_rate: int, window_samples: int, hop: int,
                 max_windows: int, kind: str, batch_size: int) -> None:
-    """Stream one file's windows (``window`` samples at ``sample_rate``, the model's) through ``embed_windows``
-    into a part of ``store``; raises ClipError or UserError (nothing of the file is kept then)."""
-    info, blocks = audio_lib.stream_mono(path, target_rate=sample_rate)
-    if info.header_frames is not None:
-        expected = int(np.ceil(info.header_frames * sample_rate / info.sample_rate))
-        windowing.check_window_count(path, expected, window, hop, max_windows)
+    """Stream one file's windows (`windowing.FileWindows`) through ``embed_windows`` a batch at a time into a
+    part of ``store``; raises ClipError or UserError (nothing of the file is kept then)."""
+    source = windowing.FileWindows(path, sample_rate, window_samples, hop, max_windows)
     part = store.begin(path)
     try:
-        starts, batch = [], []
-        for start, samples in windowing.stream_windows(blocks, window, hop):
-            if len(starts) == max_windows:
-                raise UserError(f"{path}: more than {max_windows} windows at a hop of {hop} samples")
-            starts.append(start / sample_rate)
-            batch.append(samples)
-            if len(batch) == batch_size:
-                part.add(embed_windows(np.stack(batch))[kind])
-                batch = []
-        if batch:
-            part.add(embed_windows(np.stack(batch))[kind])
+        starts = []
+        for batch in windowing.batches(source, batch_size):
+            starts += [start / sample_rate for start, _ in batch]
+            part.add(embed_windows(np.stack([samples for _, samples in batch]))[kind])
     except BaseException:
         part.discard()
         raise
@@ -237,46 +217,50 @@ def _embed_file(path: str, store: EmbeddingStore, embed_windows, sample_rate: in
     store.add_done(path)
 
 
+def _process() -> tuple[int, int]:
+    """(this process's index, the number of processes) of the JAX job."""
+    return jax.process_index(), jax.process_count()
+
+
 def run_embed(args: argparse.Namespace) -> int:
     """Writes OUT.npz: ``embeddings`` (all windows of all files, stacked), ``file_index`` and ``window_start_s``
     per window, ``files`` (the paths, in order), ``kind``, and for ``--kind logits`` the ``class_names`` of the
     columns. Exit code 1 when no file could be embedded."""
-    from convnext_audio_jax.hub.resolve import load_model as load_checkpoint
-    from convnext_audio_jax.hub.resolve import offline_flag
+    from convnext_audio_jax.hub.resolve import load_model, offline_flag
 
-    # Bad options fail before the model loads (the hop in samples needs the model's rate: checked once loaded).
-    if not (math.isfinite(args.hop) and args.hop > 0):
-        raise UserError(f"--hop must be a positive number of seconds, got {args.hop}")
-    if args.max_windows < 1:
-        raise UserError(f"--max-windows must be ≥ 1, got {args.max_windows}")
-    _check_batch_size(args.batch_size)
-    _check_backend(args)
-    store = EmbeddingStore(args.output, args.kind, args.resume)
+    check_file_arguments(args)  # bad options fail before the model loads
+    flags.join_job(args)  # a no-op for one process
+    process_index, process_count = _process()
+    if process_count > 1:
+        # Every process looks before any creates the folder, so all agree whether it held an earlier run's parts.
+        parts_existed = os.path.isdir(os.fspath(args.output) + ".parts")
+        barrier("embed: parts folder checked")
+        store = EmbeddingStore(args.output, args.kind, args.resume or not parts_existed)
+    else:
+        store = EmbeddingStore(args.output, args.kind, args.resume)
     # The model's forward, one batch of windows (B, samples) → dict of arrays: the one call a backend replaces.
     if args.backend == "onnxruntime":
-        from convnext_audio_jax.inference.onnx_backend import (
-            EMBEDDING_OUTPUTS,
-            OnnxRuntimeForward,
-        )
-
         if args.kind not in EMBEDDING_OUTPUTS:
             raise UserError(f"--backend onnxruntime embeds --kind {' or '.join(EMBEDDING_OUTPUTS)}; an ONNX export has "
                              f"no {args.kind} output")
         output = EMBEDDING_OUTPUTS[args.kind]
-        embed_windows = OnnxRuntimeForward(args.checkpoint, args.batch_size, select=[output], aliases={output: args.kind})
+        embed_windows = OnnxRuntimeForward(args.model, args.batch_size, select=[output], aliases={output: args.kind})
         model, metadata = embed_windows.model, embed_windows.metadata
     else:
-        model, variables, metadata = load_checkpoint(args.checkpoint, offline=offline_flag(args))
-        embed_windows = ShardedForward(model, variables, args.batch_size, select=_select_embeddings(args.kind))
+        model, variables, metadata = load_model(args.model, offline=offline_flag(args))
+        select = output_selector(model, [EMBEDDING_KINDS[args.kind]], {EMBEDDING_KINDS[args.kind]: args.kind})
+        # This process's devices only: the processes embed different files, nothing is exchanged.
+        embed_windows = ShardedForward(model, variables, args.batch_size, data_mesh(jax.local_devices()), select)
     sample_rate = int(model.frontend.sample_rate)  # files are resampled to the model's rate, cut to its window
-    hop = windowing.hop_samples(args.hop, sample_rate)
+    hop = windowing.window_hop(args.hop, sample_rate, model.frontend.clip_samples)
     names = {"class_names": np.array(class_names_for(metadata, model.num_classes, args.labels))} if args.kind == "logits" else {}
     files, errors = expand_inputs(args.inputs)
     for error in errors:
         print(f"embed: skipped {error.line()}", file=sys.stderr)
-    todo = [path for path in files if path not in store.done]
-    if len(todo) < len(files):
-        print(f"embed: {len(files) - len(todo)} files already in {store.parts}", file=sys.stderr)
+    mine = files[process_index::process_count]
+    todo = [path for path in mine if path not in store.done]
+    if len(todo) < len(mine):
+        print(f"embed: {len(mine) - len(todo)} files already in {store.parts}", file=sys.stderr)
     for path in tqdm.tqdm(todo, unit="file", desc="embed", disable=args.no_progress, file=sys.stderr):
         try:
             _embed_file(path, store, embed_windows, sample_rate, model.frontend.clip_samples, hop, args.max_windows,
@@ -285,6 +269,13 @@ def run_embed(args: argparse.Namespace) -> int:
             print(f"embed: skipped {path}: {error.reason} ({error.detail})", file=sys.stderr)
         except UserError as error:  # too many windows, NaN embeddings: this file; other errors are bugs
             print(f"embed: skipped {path}: {str(error).removeprefix(path + ': ')}", file=sys.stderr)
+    if process_count > 1:
+        barrier("embed: every process's files done")
+        if process_index != 0:
+            print(f"embed: process {process_index} of {process_count} embedded its {len(mine)} files into "
+                  f"{store.parts}; process 0 writes {args.output}")
+            return 0
+        store = EmbeddingStore(args.output, args.kind, resume=True)  # every process's finished parts
     if not any(path in store.done for path in files):
         store.remove_parts()
         print(f"embed: no file could be embedded ({len(files)} files)", file=sys.stderr)

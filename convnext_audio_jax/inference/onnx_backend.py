@@ -1,9 +1,10 @@
 """Running an exported ONNX file (``convnext-audio export --format onnx``) with ONNX Runtime: no JAX in the loop.
 
-``OnnxRuntimeForward(path)`` maps a batch of windows (n ≤ batch_size, window samples) float32 at the model's rate
-(the metadata's ``sample_rate``) to the same dict of numpy arrays the JAX forward
-(``convnext_audio_jax.runtime.forward.ShardedForward``) gives for the names asked for (``probs``, ``scene_embedding``, ``sequence_embeddings`` and, for the audio ConvNeXt, ``frame_probs``),
-so tagging's windowing code runs unchanged on it (``convnext-audio tag … --backend onnxruntime``).
+``OnnxRuntimeForward(path)`` maps a batch of windows (n ≤ batch_size, window_samples) float32 at the model's rate
+(the metadata's ``sample_rate`` and ``window_samples``) to the same dict of numpy arrays the JAX forward
+(``runtime.forward.ShardedForward`` with ``models.outputs.output_selector``) gives for the output names asked for
+(``models.outputs.exported_outputs``), so tagging's windowing code runs unchanged on it
+(``convnext-audio tag … --backend onnxruntime``).
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from convnext_audio_jax.artifacts.exported import read_export_metadata
+from convnext_audio_jax.models.outputs import EMBEDDING_KINDS, EXPORTED_OUTPUTS
 from convnext_audio_jax.runtime.errors import UserError
 
 BACKENDS = ("jax", "onnxruntime")
-# `convnext-audio embed --kind` → the exported output that holds it.
-EMBEDDING_OUTPUTS = {"scene": "scene_embedding", "sequence": "sequence_embeddings"}
+# `convnext-audio embed --kind` → the exported output that holds it (an export holds no frame grid nor logits).
+EMBEDDING_OUTPUTS = {kind: name for kind, name in EMBEDDING_KINDS.items() if name in EXPORTED_OUTPUTS}
 
 
 class OnnxRuntimeForward:
@@ -39,7 +41,7 @@ class OnnxRuntimeForward:
         if self.metadata["export_format"] != "onnx":
             raise UserError(f"{path} is a {self.metadata['export_format']} export; the onnxruntime backend runs ONNX files")
         self.batch_size = batch_size
-        self.window = int(self.metadata["window_samples"])
+        self.window_samples = int(self.metadata["window_samples"])
         options = onnxruntime.SessionOptions()
         if num_threads:
             options.intra_op_num_threads = num_threads
@@ -70,8 +72,8 @@ class OnnxRuntimeForward:
 
     def __call__(self, waveforms: np.ndarray) -> dict[str, np.ndarray]:
         waveforms = np.ascontiguousarray(waveforms, dtype=np.float32)
-        if waveforms.ndim != 2 or waveforms.shape[1] != self.window:
-            raise ValueError(f"expected windows of shape (n, {self.window}), got {waveforms.shape}")
+        if waveforms.ndim != 2 or waveforms.shape[1] != self.window_samples:
+            raise ValueError(f"expected windows of shape (n, {self.window_samples}), got {waveforms.shape}")
         if not 0 < waveforms.shape[0] <= self.batch_size:
             raise ValueError(f"expected 1 to {self.batch_size} waveforms, got {waveforms.shape[0]}")
         outputs = self._session.run(self.output_names, {self._input_name: waveforms})

@@ -19,13 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from convnext_audio_jax.data import audio as audio_lib
+from convnext_audio_jax.inference import windowing
 from convnext_audio_jax.inference.tagging import (
     EventMerger,
     FileScored,
     TaggedFile,
     WindowScores,
-    frame_segments,
 )
 from convnext_audio_jax.runtime import files
 from convnext_audio_jax.runtime.errors import UserError
@@ -65,26 +64,26 @@ def file_report(result: FileScored | TaggedFile, names: Sequence[str], top_k: in
 
 
 class FileSpool:
-    """One file's window (and frame) scores in unnamed temporary files as float64 rows [start, probs...], read
-    back a chunk at a time when the file is done."""
+    """One file's window (and, with ``steps``, time-step) scores in unnamed temporary files as float64 rows [start, probs...], read
+    back a chunk at a time when the file is done; ``window_seconds`` is the model's window."""
 
-    def __init__(self, directory: str | None, frames: bool, window_seconds: float = audio_lib.CLIP_SECONDS):
+    def __init__(self, directory: str | None, steps: bool, window_seconds: float):
         self._window_seconds = window_seconds
         self._windows = tempfile.TemporaryFile(dir=directory)
-        self._frames = tempfile.TemporaryFile(dir=directory) if frames else None
-        self._window_width = self._frame_shape = None
+        self._steps = tempfile.TemporaryFile(dir=directory) if steps else None
+        self._window_width = self._step_shape = None
 
     def add(self, scores: WindowScores) -> None:
         row = np.concatenate([[scores.start], scores.probs]).astype(np.float64)
         self._window_width = row.size
         self._windows.write(row.tobytes())
-        if self._frames is not None:
-            self._frame_shape = scores.frame_probs.shape
-            self._frames.write(np.concatenate([[scores.start], scores.frame_probs.ravel()]).astype(np.float64).tobytes())
+        if self._steps is not None:
+            self._step_shape = scores.frame_probs.shape
+            self._steps.write(np.concatenate([[scores.start], scores.frame_probs.ravel()]).astype(np.float64).tobytes())
 
     @property
-    def has_frames(self) -> bool:
-        return self._frames is not None and self._frame_shape is not None
+    def has_steps(self) -> bool:
+        return self._steps is not None and self._step_shape is not None
 
     def _rows(self, file, width: int, chunk: int) -> Iterator[np.ndarray]:
         file.seek(0)
@@ -94,23 +93,22 @@ class FileSpool:
     def windows(self, duration: float) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """(starts, ends, probs) chunks of the windows, ends clipped to the audio."""
         for rows in self._rows(self._windows, self._window_width, _CHUNK_ROWS):
-            starts = rows[:, 0]
-            yield starts, np.minimum(starts + self._window_seconds, duration), rows[:, 1:]
+            yield (*windowing.window_segments(rows[:, 0], duration, self._window_seconds), rows[:, 1:])
 
-    def frames(self, bounds: np.ndarray, duration: float) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """(starts, ends, probs) chunks of the frames; frames wholly in the padding past the end are left out."""
-        steps, classes = self._frame_shape
-        for rows in self._rows(self._frames, 1 + steps * classes, max(1, _CHUNK_ROWS // steps)):
-            yield frame_segments(rows[:, 0], rows[:, 1:].reshape(-1, steps, classes), bounds, duration)
+    def steps(self, bounds: np.ndarray, duration: float) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(starts, ends, probs) chunks of the time steps (`windowing.step_segments`)."""
+        steps, classes = self._step_shape
+        for rows in self._rows(self._steps, 1 + steps * classes, max(1, _CHUNK_ROWS // steps)):
+            yield windowing.step_segments(rows[:, 0], rows[:, 1:].reshape(-1, steps, classes), bounds, duration)
 
     def segments(self, bounds: np.ndarray | None, duration: float):
-        """The segments events are merged from: frames when there are frame scores, else windows."""
-        return self.frames(bounds, duration) if self.has_frames else self.windows(duration)
+        """The segments events are merged from: time steps when there are step scores, else windows."""
+        return self.steps(bounds, duration) if self.has_steps else self.windows(duration)
 
     def close(self) -> None:
         self._windows.close()
-        if self._frames is not None:
-            self._frames.close()
+        if self._steps is not None:
+            self._steps.close()
 
 
 def _rows_json(segments, names, reported) -> Iterator[str]:
@@ -128,8 +126,8 @@ def _joined(items: Iterator[str]) -> Iterator[str]:
 def record_chunks(fmt: str, scored: FileScored, spool: FileSpool | None, names: Sequence[str], top_k: int,
                   threshold: float, all_scores: bool) -> Iterator[str]:
     """The text of one file's record in ``fmt``, a piece at a time; with a spool (``--frames``) the record
-    holds the windows, frames and merged events. JSON never holds NaN (scores are checked finite upstream;
-    ``allow_nan=False`` makes a slip an error, not a ``NaN`` token)."""
+    holds the windows, the time steps (under ``frames``: docs/glossary.md) and merged events. JSON never holds NaN
+    (scores are checked finite upstream; ``allow_nan=False`` makes a slip an error, not a ``NaN`` token)."""
     report = file_report(scored, names, top_k, threshold, all_scores)
     reported = np.arange(len(names)) if all_scores else np.array([t["index"] for t in report["tags"]], dtype=int)
     duration, bounds = scored.audio.duration, scored.frame_bounds
@@ -146,9 +144,9 @@ def record_chunks(fmt: str, scored: FileScored, spool: FileSpool | None, names: 
             yield ', "windows": ['
             yield from _joined(_rows_json(spool.windows(duration), names, reported))
             yield "]"
-            if spool.has_frames:
+            if spool.has_steps:
                 yield ', "frames": ['
-                yield from _joined(_rows_json(spool.frames(bounds, duration), names, reported))
+                yield from _joined(_rows_json(spool.steps(bounds, duration), names, reported))
                 yield "]"
             yield ', "events": ' + json.dumps(events, allow_nan=False)
         yield "}"
@@ -174,8 +172,8 @@ def _csv_record(report, spool, events, names, reported, bounds, duration) -> Ite
                     for label, score in clip_scores.items())
     if spool is not None:
         chunks = [("window", spool.windows(duration))]
-        if spool.has_frames:
-            chunks.append(("frame", spool.frames(bounds, duration)))
+        if spool.has_steps:
+            chunks.append(("frame", spool.steps(bounds, duration)))
         for kind, segments in chunks:
             for starts, ends, probs in segments:
                 yield _csv_text([name, kind, round(float(s), 4), round(float(e), 4), i, names[i], f"{p[i]:.6f}"]
@@ -262,24 +260,24 @@ class RecordSink:
 
 
 def _lines(file, keep: int = 65_536) -> Iterator[tuple[int, bytes]]:
-    """(offset just past the line, its first ``keep`` bytes) for every newline-terminated line, reading 1 MiB
-    at a time (a line of a long file's timeline can be large)."""
-    prefix, offset = b"", 0
+    """(byte position just past the line, its first ``keep`` bytes) for every newline-terminated line, reading
+    1 MiB at a time (a line of a long file's timeline can be large)."""
+    prefix, position = b"", 0
     while data := file.read(1 << 20):
         start = 0
         while (newline := data.find(b"\n", start)) >= 0:
             if len(prefix) < keep:
                 prefix += data[start:newline][: keep - len(prefix)]
-            offset += newline + 1 - start
-            yield offset, prefix
+            position += newline + 1 - start
+            yield position, prefix
             prefix, start = b"", newline + 1
         if len(prefix) < keep:
             prefix += data[start:][: keep - len(prefix)]
-        offset += len(data) - start
+        position += len(data) - start
 
 
 def scan_output(path: str | os.PathLike, fmt: str) -> tuple[set[str], int]:
-    """(files with a whole record, byte offset just past the last whole record) of a JSON-lines or CSV output
+    """(files with a whole record, byte position just past the last whole record) of a JSON-lines or CSV output
     written by `RecordSink`; ValueError for a file that is not one."""
     done, valid_end = set(), 0
     decoder = json.JSONDecoder()

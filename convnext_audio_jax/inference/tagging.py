@@ -1,20 +1,17 @@
-"""Scoring audio files window by window: streamed reading, batches shared across files, frame-level scores and
-merged sound events.
+"""Scoring audio files window by window: streamed reading, batches shared across files, time-step scores and
+merged sound events (words as in docs/glossary.md).
 
 Audio of any format soundfile/audioread decodes, any sample rate and channel count (downmixed to mono by the
-mean of the channels) and any length is read a block at a time, resampled to the model's front-end rate
-(``model.frontend.sample_rate``: 32 kHz for the released models) and cut into windows of the model's clip length
-(``model.frontend.clip_samples``: 10 s) (`convnext_audio_jax.inference.windowing`): a file shorter than a window is
-zero-padded at the end to one window (the authors' models were trained and evaluated on AudioSet clips zero-padded
-at the end to 10 s, PANNs' ``pad_or_truncate``); a longer one is cut into windows every ``hop`` seconds, the last window ending at the end of the file. Every
-window is scored; a file's score is the max (or mean) over its windows.
+mean of the channels) and any length is read a block at a time, resampled to the model's rate and cut into
+windows of the model's length, both from the model's metadata (`convnext_audio_jax.inference.windowing`): a file
+shorter than a window is zero-padded at the end to one window (the authors' models were trained and evaluated
+on AudioSet clips zero-padded at the end to 10 s, PANNs' ``pad_or_truncate``); a longer one is cut into windows
+every ``hop`` seconds, the last window ending at the end of the file. Every window is scored; a file's score is
+the max (or mean) over its windows.
 
-Frame-level scores (ConvNeXt only): the last stage yields a sequence of T time steps per window (31 for 10 s:
-mean over the mel axis of the stage-4 output). The clip head is ``Dense(LayerNorm(max_t s_t + mean_t s_t))``;
-the score of step t is that head applied to a window whose every step equals s_t, i.e.
-``sigmoid(Dense(LayerNorm(2 · s_t)))``. Step t is reported over the STFT frames its stride cell covers:
-frames [t·S − P, (t+1)·S − P) with S = stem time stride · 2^(stages−1) (32) and P = the stem's time padding (4),
-i.e. [0.32 t − 0.04, 0.32 t + 0.28) s for the released model, clipped to the audio.
+Step scores (ConvNeXt only, ``--frames``): a score per last-stage time step of each window (31 for the released
+10 s model), placed over the STFT frames the step covers (`convnext_audio_jax.models.outputs`): for the released
+model [0.32 t − 0.04, 0.32 t + 0.28) s, clipped to the audio.
 """
 
 from __future__ import annotations
@@ -25,20 +22,19 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
 import soundfile
 
 from convnext_audio_jax.data import audio as audio_lib
 from convnext_audio_jax.inference import windowing
-from convnext_audio_jax.models.convnext import LN_EPS, STEM_VARIANTS, AudioConvNeXt
-from convnext_audio_jax.models.dense import Dense
-from convnext_audio_jax.models.norm import LayerNorm
+from convnext_audio_jax.models.outputs import (
+    has_frame_scores,
+    output_selector,
+    step_bounds,
+)
 from convnext_audio_jax.runtime.errors import UserError
 from convnext_audio_jax.runtime.forward import ShardedForward
 
-DEFAULT_HOP_SECONDS = 5.0
 AGGREGATIONS = ("max", "mean")
 # Extensions looked for inside folders (files named explicitly are always tried).
 AUDIO_EXTENSIONS = frozenset(
@@ -52,46 +48,11 @@ AUDIO_EXTENSIONS = frozenset(
 WindowScorer = Callable[[np.ndarray], Mapping[str, np.ndarray]]
 
 
-# ------------------------------------------------------------------------------------------------ frame scores
-
-def frame_grid(model: nn.Module) -> tuple[int, int] | None:
-    """(stride, offset) in STFT frames of the last stage's time steps for an AudioConvNeXt, else None."""
-    if not isinstance(model, AudioConvNeXt):
-        return None
-    stem = STEM_VARIANTS[model.stem]
-    return stem["stride"][0] * 2 ** (len(model.depths) - 1), -stem["padding"][0]
-
-
-def frame_bounds(model: nn.Module, num_steps: int) -> np.ndarray:
-    """(num_steps, 2) start/end seconds of each last-stage time step within a window (see the module doc)."""
-    stride, offset = frame_grid(model)
-    seconds_per_frame = model.frontend.hop_length / model.frontend.sample_rate
-    steps = np.arange(num_steps)
-    bounds = np.stack([offset + steps * stride, offset + (steps + 1) * stride], axis=1) * seconds_per_frame
-    return np.clip(bounds, 0.0, model.frontend.clip_seconds)
-
-
-def frame_logits(model: AudioConvNeXt, params: Mapping[str, Any], sequence: jax.Array) -> jax.Array:
-    """(B, T, C) per-step logits: the clip head applied to each step s_t as if the window were constant,
-    Dense(LayerNorm(2·s_t)) (the head's input is max_t + mean_t)."""
-    norm = LayerNorm(epsilon=LN_EPS, dtype=model.dtype)
-    dense = Dense(model.num_classes, dtype=model.dtype, impl=model.matmul_impl)
-    normalised = norm.apply({"params": params["head_norm"]}, 2.0 * sequence)
-    return dense.apply({"params": params["head"]}, normalised).astype(jnp.float32)
-
-
-def sequence_of(outputs: Mapping[str, jax.Array]) -> jax.Array:
-    """(B, T, C) time sequence: the last stage's output averaged over the mel axis (any model)."""
-    if "sequence_embeddings" in outputs:
-        return outputs["sequence_embeddings"]
-    return jnp.mean(outputs["frame_embeddings"], axis=2)
-
-
 # ---------------------------------------------------------------------------------------------------- events
 
 class EventMerger:
     """Sound events from scored segments given in order: per class, the segments scoring ≥ ``threshold`` are
-    merged where they overlap or touch into (class index, onset, offset, peak score). Holds one open event per
+    merged where they overlap or touch into (class index, onset, offset (its end), peak score). Holds one open event per
     class and the finished events (a few numbers each), not the segments."""
 
     def __init__(self, threshold: float):
@@ -132,15 +93,15 @@ def merge_events(starts: np.ndarray, ends: np.ndarray, probs: np.ndarray, thresh
 class AudioInfo:
     """What a file was: its name, sample rate and channels (more than one were averaged), its length in
     samples at the model's rate ``model_rate`` (what it was resampled to), how many samples lay outside [-1, 1]
-    (clipped), and the length of the model's window in seconds."""
+    (clipped), and the length of the model's window in seconds (rate and window: the model's metadata)."""
 
     name: str
     sample_rate: int
     channels: int
     num_samples: int
+    model_rate: int
+    window_seconds: float
     clipped: int = 0
-    model_rate: int = audio_lib.SAMPLE_RATE
-    window_seconds: float = audio_lib.CLIP_SECONDS
 
     @property
     def duration(self) -> float:
@@ -167,7 +128,7 @@ class WindowScores:
     name: str
     start: float  # seconds from the start of the file
     probs: np.ndarray  # (C,)
-    frame_probs: np.ndarray | None  # (T, C)
+    frame_probs: np.ndarray | None  # (T, C): one score per time step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,40 +147,26 @@ class TaggedFile:
     window_starts: np.ndarray  # (W,)
     window_probs: np.ndarray  # (W, C)
     clip_probs: np.ndarray  # (C,)
-    frame_probs: np.ndarray | None  # (W, T, C), ConvNeXt with frames only
-    frame_bounds: np.ndarray | None  # (T, 2) within a window
+    frame_probs: np.ndarray | None  # (W, T, C): per time step, ConvNeXt with --frames only
+    frame_bounds: np.ndarray | None  # (T, 2) seconds of each time step within a window
 
     def window_segments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(starts, ends, probs) of the windows, ends clipped to the audio."""
-        return window_segments(self.window_starts, self.window_probs, self.audio.duration, self.audio.window_seconds)
+        return (*windowing.window_segments(self.window_starts, self.audio.duration, self.audio.window_seconds),
+                self.window_probs)
 
     def frame_segments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(starts, ends, probs) of every frame of every window, in time order of the windows; frames that lie
-        wholly in the zero padding past the end of the audio are left out."""
-        return frame_segments(self.window_starts, self.frame_probs, self.frame_bounds, self.audio.duration)
-
-
-def window_segments(starts: np.ndarray, probs: np.ndarray, duration: float,
-                    window_seconds: float = audio_lib.CLIP_SECONDS):
-    return starts, np.minimum(starts + window_seconds, duration), probs
-
-
-def frame_segments(window_starts: np.ndarray, frame_probs: np.ndarray, bounds: np.ndarray, duration: float):
-    starts = (window_starts[:, None] + bounds[None, :, 0]).ravel()
-    ends = (window_starts[:, None] + bounds[None, :, 1]).ravel()
-    probs = frame_probs.reshape(-1, frame_probs.shape[-1])
-    inside = starts < duration
-    return starts[inside], np.minimum(ends[inside], duration), probs[inside]
+        """(starts, ends, probs) of every time step of every window (`windowing.step_segments`)."""
+        return windowing.step_segments(self.window_starts, self.frame_probs, self.frame_bounds, self.audio.duration)
 
 
 # ---------------------------------------------------------------------------------------------------- tagger
 
 @dataclasses.dataclass
 class _File:
-    """A file being scored: its stream info, and the running aggregate of its window scores."""
+    """A file being scored: its windows as read, and the running aggregate of their scores."""
 
-    info: audio_lib.StreamInfo
-    num_samples: int = 0
+    source: windowing.FileWindows
     windows: int = 0
     scored: int = 0
     total: np.ndarray | None = None  # max or sum of the window probs
@@ -245,32 +192,25 @@ class Tagger:
     per file being read, whatever the files' lengths."""
 
     def __init__(self, model: nn.Module, variables: Mapping[str, Any], batch_size: int = 8,
-                 hop_seconds: float = DEFAULT_HOP_SECONDS, aggregate: str = "max", frames: bool = False,
+                 hop_seconds: float | None = None, aggregate: str = "max", frames: bool = False,
                  mesh=None, max_windows: int = windowing.MAX_WINDOWS, scorer: WindowScorer | None = None):
         if aggregate not in AGGREGATIONS:
             raise UserError(f"aggregate {aggregate!r}: expected one of {AGGREGATIONS}")
         if max_windows < 1:
             raise UserError(f"--max-windows must be ≥ 1, got {max_windows}")
         self.model = model
-        # Files are decoded and resampled to the model's rate and cut into windows of its clip length.
+        # Files are decoded and resampled to the model's rate and cut into windows of its length.
         self.sample_rate = int(model.frontend.sample_rate)
-        self.window = model.frontend.clip_samples
-        self.window_seconds = self.window / self.sample_rate
-        self.hop = windowing.hop_samples(hop_seconds, self.sample_rate)
+        self.window_samples = model.frontend.clip_samples
+        self.window_seconds = self.window_samples / self.sample_rate
+        self.hop = windowing.window_hop(hop_seconds, self.sample_rate, self.window_samples)  # None: half a window
         self.aggregate = aggregate
-        self.frames = frames and frame_grid(model) is not None
+        self.frames = frames and has_frame_scores(model)
         self.max_windows = max_windows
-        self.scorer = scorer or self._sharded_forward(model, variables, batch_size, mesh)
+        self.output_names = ["probs", "frame_probs"] if self.frames else ["probs"]
+        self.scorer = scorer or ShardedForward(model, variables, batch_size, mesh,
+                                               output_selector(model, self.output_names))
         self.batch_size = getattr(self.scorer, "batch_size", batch_size)
-
-    def _sharded_forward(self, model, variables, batch_size, mesh) -> ShardedForward:
-        def select(variables, outputs):
-            selected = {"probs": outputs["probs"]}
-            if self.frames:
-                selected["frame_probs"] = jax.nn.sigmoid(frame_logits(model, variables["params"], sequence_of(outputs)))
-            return selected
-
-        return ShardedForward(model, variables, batch_size, mesh, select)
 
     def stream(self, paths: Iterable[str | os.PathLike]
                ) -> Iterator[FileStarted | WindowScores | FileScored | TagError]:
@@ -306,29 +246,18 @@ class Tagger:
     def _items(self, path) -> Iterator:
         name = os.fspath(path)
         try:
-            info, blocks = audio_lib.stream_mono(path, target_rate=self.sample_rate)
-            if info.header_frames is not None:  # refuse before reading when the header already tells
-                expected = int(np.ceil(info.header_frames * self.sample_rate / info.sample_rate))
-                windowing.check_window_count(name, expected, self.window, self.hop, self.max_windows)
-        except audio_lib.ClipError as error:
-            yield TagError(name, error.reason, error.detail)
+            source = windowing.FileWindows(path, self.sample_rate, self.window_samples, self.hop, self.max_windows)
+        except (audio_lib.ClipError, windowing.TooManyWindows) as error:
+            yield _tag_error(name, error)
             return
-        except UserError as error:  # check_window_count's: the header tells of more windows than --max-windows
-            yield TagError(name, "too many windows", str(error).removeprefix(f"{name}: "))
-            return
-        file = _File(info)
+        file = _File(source)
         yield FileStarted(name)
         try:
-            counted = _counting(blocks, file)
-            for start, samples in windowing.stream_windows(counted, self.window, self.hop):
+            for start, samples in source:
                 file.windows += 1
-                if file.windows > self.max_windows:
-                    yield TagError(name, "too many windows", f"more than {self.max_windows} windows at a hop of "
-                                                             f"{self.hop} samples")
-                    return
                 yield _Window(file, start, samples)
-        except audio_lib.ClipError as error:
-            yield TagError(name, error.reason, error.detail)
+        except (audio_lib.ClipError, windowing.TooManyWindows) as error:
+            yield _tag_error(name, error)
             return
         yield _Done(file)
 
@@ -351,7 +280,7 @@ class Tagger:
                 else:
                     file.total = file.total + probs
                 file.scored += 1
-                yield WindowScores(file.info.name, item.start / self.sample_rate, probs, frame_probs)
+                yield WindowScores(file.source.info.name, item.start / self.sample_rate, probs, frame_probs)
             elif isinstance(item, _Done):
                 yield self._scored(item.file)
             else:
@@ -359,19 +288,19 @@ class Tagger:
 
     def _scored(self, file: _File) -> FileScored | TagError:
         if file.non_finite:
-            return TagError(file.info.name, "non-finite scores", "the model gave NaN/Inf scores for this file")
+            return TagError(file.source.info.name, "non-finite scores", "the model gave NaN/Inf scores for this file")
         clip_probs = file.total if self.aggregate == "max" else file.total / file.scored
-        info = file.info
-        audio = AudioInfo(info.name, info.sample_rate, info.channels, file.num_samples, info.clipped, self.sample_rate,
-                          self.window_seconds)
-        bounds = frame_bounds(self.model, file.steps) if self.frames else None
+        info = file.source.info
+        audio = AudioInfo(info.name, info.sample_rate, info.channels, file.source.num_samples, self.sample_rate,
+                          self.window_seconds, info.clipped)
+        bounds = step_bounds(self.model, file.steps) if self.frames else None
         return FileScored(audio, file.windows, clip_probs.astype(np.float32), bounds)
 
 
-def _counting(blocks: Iterable[np.ndarray], file: _File) -> Iterator[np.ndarray]:
-    for block in blocks:
-        file.num_samples += block.shape[0]
-        yield block
+def _tag_error(name: str, error: audio_lib.ClipError | windowing.TooManyWindows) -> TagError:
+    if isinstance(error, windowing.TooManyWindows):
+        return TagError(name, "too many windows", str(error).removeprefix(f"{name}: "))
+    return TagError(name, error.reason, error.detail)
 
 
 def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[TagError]]:

@@ -55,6 +55,9 @@ class ShardedForward:
             return select(variables, model.apply(variables, waveforms, train=False))
 
         self._forward = jit_forward(forward, mesh)
+        # A mesh of one process's devices (predict and embed split the work by process) gathers nothing: the
+        # other processes run other batches, so a collective here would wait for them forever.
+        self._gather = len({device.process_index for device in mesh.devices.flat}) > 1
 
     def __call__(self, waveforms: np.ndarray) -> dict[str, np.ndarray]:
         waveforms = np.asarray(waveforms, dtype=np.float32)
@@ -67,7 +70,7 @@ class ShardedForward:
             padding = np.zeros((self.batch_size - rows, *waveforms.shape[1:]), np.float32)
             waveforms = np.concatenate([waveforms, padding])
         outputs = self._forward(self._variables, jax.device_put(waveforms, self._batch_sharding))
-        if jax.process_count() > 1:  # each process holds only its devices' rows: gather every row
+        if self._gather:  # each process holds only its devices' rows: gather every row
             barrier("sharded forward")  # the first call compiles, for longer in one process than gloo waits
             outputs = multihost_utils.process_allgather(outputs, tiled=True)
         return {name: np.asarray(value)[:rows] for name, value in outputs.items()}
