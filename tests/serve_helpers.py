@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import uvicorn
+from conftest import synthetic_sound
 
 from convnext_audio_jax.artifacts.model_dir import save_model
 from convnext_audio_jax.models import create_model, example_input
@@ -25,11 +26,31 @@ TINY = dict(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), num_classes=5)
 CLASS_NAMES = ["Speech", "Bell", "Beep", "Music", "Silence"]
 
 
-def tiny_model_dir(folder) -> str:
-    """A tiny random ConvNeXt with class names, saved as a model folder named ``tiny``. Its variables are drawn
-    from their shapes (``jax.eval_shape`` traces the model without compiling its init, which costs most of a
-    minute on a loaded 2-core machine): norms at scale 1 / shift 0, kernels N(0, 1/fan-in), a head scaled so the
-    classes' scores spread over (0, 1)."""
+def steady_sound(seconds=10.0, rate=48_000):
+    """A chord over a noise floor, the same all through (so any stretch of it sounds alike): the "Music" class."""
+    t = np.arange(int(seconds * rate)) / rate
+    signal = sum(np.sin(2 * np.pi * f * t) / k for k, f in enumerate([220.0, 440.0, 660.0, 1320.0], 1))
+    signal = 0.25 * signal / np.abs(signal).max() + 0.02 * np.random.default_rng(0).standard_normal(t.size)
+    return signal.astype(np.float32)
+
+
+def prototypes(rate: int) -> np.ndarray:
+    """(5, 10 s) clips, one per class of CLASS_NAMES: voice, bell, beeps, a chord, near silence."""
+    rng = np.random.default_rng(0)
+    clips = [synthetic_sound(kind, rate, 10.0, rng) for kind in ("voice", "bell", "beeps")]
+    clips += [steady_sound(10.0, rate), 1e-4 * rng.standard_normal(10 * rate).astype(np.float32)]
+    return np.stack(clips)
+
+
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A tiny ConvNeXt with a random trunk whose head points each class of CLASS_NAMES at the scene embedding of
+    its prototype clip (away from the mean of the five), saved as a model folder named ``tiny``: its top class
+    tells sounds apart. The trunk's variables are drawn from their shapes (``jax.eval_shape`` traces the model
+    without compiling its init, which costs most of a minute on a loaded 2-core machine): norms at scale 1 /
+    shift 0, kernels N(0, 1/fan-in). Made once per test process (the serve tests' modules share it)."""
+    folder = tmp_path_factory.getbasetemp() / "serve_model"
+    if (folder / "tiny").exists():
+        return str(folder / "tiny")
     model = create_model("convnext_tiny", **TINY)
     dummy = jnp.zeros(example_input(model, 1).shape, jnp.float32)
     shapes = nn.unbox(jax.eval_shape(lambda key: model.init({"params": key}, dummy, train=False), jax.random.key(0)))
@@ -41,11 +62,16 @@ def tiny_model_dir(folder) -> str:
             return np.ones(leaf.shape, np.float32)
         if name.endswith(("['mean']", "['bias']")):
             return np.zeros(leaf.shape, np.float32)
-        fan_in = int(np.prod(leaf.shape[:-1]))
-        scale = 20.0 if "['head']" in name else 1.0
-        return (scale * rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(np.float32)
+        return (rng.standard_normal(leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))).astype(np.float32)
 
     variables = jax.tree_util.tree_map_with_path(draw, shapes)
+    scenes = np.asarray(model.apply(variables, prototypes(model.frontend.sample_rate))["scene_embedding"], np.float64)
+    centred = scenes - scenes.mean(axis=0)
+    directions = centred / np.linalg.norm(centred, axis=1, keepdims=True)
+    own = np.sum(centred * directions, axis=1)  # each prototype's distance from the mean along its direction
+    scale = 8.0 / own  # logit +4 at the prototype, -4 at the mean
+    variables["params"]["head"]["kernel"] = (directions * scale[:, None]).T.astype(np.float32)
+    variables["params"]["head"]["bias"] = (-scale * (directions @ scenes.mean(axis=0) + own / 2)).astype(np.float32)
     return str(save_model(folder / "tiny", "convnext_tiny", variables, {"class_names": CLASS_NAMES}, TINY))
 
 

@@ -34,7 +34,7 @@ MiB = 1024 * 1024
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory.mktemp("serve_model"))
+    return tiny_model_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +106,16 @@ def test_tag_equals_the_cli_on_real_recordings(server, model_dir, recordings, ca
             assert answer["file"] == path.name
             assert_close({**answer, "file": record["file"]}, record)
         assert ("frames" in expected[0]) == bool(flags) and expected[0]["tags"]
+    # CSV: the text `tag --format csv` writes, the path in its first column replaced by the upload's name.
+    path = recordings[-1]
+    capsys.readouterr()
+    assert cli.main(["tag", str(path), "--checkpoint", model_dir, "--format", "csv", "--no-progress", "--frames",
+                     "--top-k", "3", "--threshold", "0.1"]) == 0
+    expected = capsys.readouterr().out.replace(str(path), path.name)
+    status, headers, answer = post_file(server, "/v1/tag?frames=1&top_k=3&threshold=0.1&format=csv", path.name,
+                                        path.read_bytes())
+    assert status == 200 and headers["content-type"].startswith("text/csv")
+    assert answer.decode() == expected and expected.count("\n") > 10
 
 
 def test_models_health_and_embed_equal_the_cli(server, model_dir, recordings, tmp_path, capsys):

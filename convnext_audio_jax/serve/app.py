@@ -31,6 +31,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from convnext_audio_jax.inference.tag_output import CSV_HEADER
 from convnext_audio_jax.serve import engine
 from convnext_audio_jax.serve.engine import RequestError, ServedModel
 from convnext_audio_jax.serve.uploads import (
@@ -153,12 +154,17 @@ class Server:
         top_k = _int(request, "top_k", 10, 1)
         threshold = _float(request, "threshold", 0.25)
         frames = _flag(request, "frames")
+        fmt = request.query_params.get("format", "json")
+        if fmt not in ("json", "csv"):
+            raise RequestError(400, f"query format={fmt!r}: expected json or csv")
 
         def work(served, path, name, deadline):
             record = engine.tag_file(served, path, name, top_k=top_k, threshold=threshold, frames=frames,
                                      max_seconds=self.limits.max_seconds, deadline=deadline,
-                                     time_limit=self.limits.time_limit)
-            return JSONResponse(record)
+                                     time_limit=self.limits.time_limit, fmt="csv" if fmt == "csv" else "jsonl")
+            if fmt == "csv":  # what `tag --format csv` writes for this one file: the header line, then its rows
+                return Response(",".join(CSV_HEADER) + "\n" + record, media_type="text/csv")
+            return Response(record, media_type="application/json")
         return work
 
     def embed_work(self, request: Request):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import json
 import os
 import queue
 import threading
@@ -195,9 +194,9 @@ def _refusal(error: TagError, max_seconds: float) -> RequestError:
 
 
 def tag_file(served: ServedModel, path: str, name: str, *, top_k: int, threshold: float, frames: bool,
-             max_seconds: float, deadline: float, time_limit: float) -> dict:
-    """The object ``convnext-audio tag --format jsonl [--frames]`` writes for the file at ``path`` (a private
-    temporary file), with ``file`` set to ``name`` (the upload's name, a label only)."""
+             max_seconds: float, deadline: float, time_limit: float, fmt: str = "jsonl") -> str:
+    """The record ``convnext-audio tag --format FMT [--frames]`` (jsonl or csv) writes for the file at ``path``
+    (a private temporary file), naming it ``name`` (the upload's name, a label only)."""
     served.scorer.enter()
     try:
         tagger = Tagger(served.model, None, served.batch_size, served.hop_seconds, "max", frames,
@@ -211,8 +210,8 @@ def tag_file(served: ServedModel, path: str, name: str, *, top_k: int, threshold
                 elif isinstance(event, WindowScores) and spool is not None:
                     spool.add(event)
                 elif isinstance(event, FileScored):
-                    text = "".join(record_chunks("jsonl", event, spool, served.class_names, top_k, threshold, False))
-                    record = json.loads(text)
+                    event = dataclasses.replace(event, audio=dataclasses.replace(event.audio, name=name))
+                    record = "".join(record_chunks(fmt, event, spool, served.class_names, top_k, threshold, False))
                 elif isinstance(event, TagError):
                     raise _refusal(event, max_seconds)
         finally:
@@ -220,7 +219,7 @@ def tag_file(served: ServedModel, path: str, name: str, *, top_k: int, threshold
                 spool.close()
     finally:
         served.scorer.leave()
-    return {**record, "file": name}
+    return record
 
 
 def embed_file(served: ServedModel, path: str, name: str, kind: str, *, max_seconds: float) -> str:
