@@ -54,7 +54,7 @@ def cli_top(capsys, model_dir, path):
 
 def test_upload_shows_the_cli_top_class_and_loads_nothing_from_outside(setup, freedesktop_recordings, capsys):
     driver, port = setup["driver"], setup["port"]
-    recording = next(p for p in freedesktop_recordings if p.name == "bell.oga")
+    recording = next(p for p in freedesktop_recordings if p.name == "alarm-clock-elapsed.oga")  # the longest: 6 s
     driver.get(f"http://127.0.0.1:{port}/")
     wait = WebDriverWait(driver, 60)
     wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "ready")
@@ -67,7 +67,7 @@ def test_upload_shows_the_cli_top_class_and_loads_nothing_from_outside(setup, fr
     expected = cli_top(capsys, setup["model_dir"], recording)
     assert first.get_attribute("data-label") == expected["label"]
     assert abs(float(first.get_attribute("data-score")) - expected["score"]) <= 1e-5
-    assert driver.find_element(By.ID, "result-title").text == "bell.oga"
+    assert driver.find_element(By.ID, "result-title").text == recording.name
     # Offline: every resource the page loaded came from the server itself (no CDN, no font service).
     resources = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert resources and all(url.startswith(f"http://127.0.0.1:{port}/") for url in resources), resources
