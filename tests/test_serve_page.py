@@ -4,6 +4,7 @@ score, loads nothing from outside the server, and in live mode tags Chromium's f
 Screenshots of each state are saved under the test's folder."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -45,35 +46,46 @@ def setup(tmp_path_factory, freedesktop_recordings):
             driver.quit()
 
 
-def cli_top(capsys, model_dir, path):
-    capsys.readouterr()
-    assert cli.main(["tag", str(path), "--checkpoint", model_dir, "--format", "jsonl", "--no-progress",
-                     "--top-k", "5"]) == 0
-    return json.loads(capsys.readouterr().out)["tags"][0]
+@pytest.fixture(scope="module")
+def cli_tops(setup, freedesktop_recordings):
+    """The top class of ``convnext-audio tag --format jsonl`` (one run) per file the tests compare with: the
+    uploaded recording, the microphone's file and three seconds of silence, by name."""
+    silence = setup["folder"] / "silence.wav"
+    soundfile.write(silence, np.zeros(48_000 * 3, np.float32), 48_000)
+    paths = [recording(freedesktop_recordings), setup["mic"], silence]
+    output = setup["folder"] / "tags.jsonl"
+    assert cli.main(["tag", *map(str, paths), "--checkpoint", setup["model_dir"], "--format", "jsonl",
+                     "--no-progress", "--top-k", "5", "--output", str(output)]) == 0
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    return {os.path.basename(record["file"]): record["tags"][0] for record in records}
 
 
-def test_upload_shows_the_cli_top_class_and_loads_nothing_from_outside(setup, freedesktop_recordings, capsys):
+def recording(freedesktop_recordings):
+    return next(p for p in freedesktop_recordings if p.name == "alarm-clock-elapsed.oga")  # the longest: 6 s
+
+
+def test_upload_shows_the_cli_top_class_and_loads_nothing_from_outside(setup, freedesktop_recordings, cli_tops):
     driver, port = setup["driver"], setup["port"]
-    recording = next(p for p in freedesktop_recordings if p.name == "alarm-clock-elapsed.oga")  # the longest: 6 s
+    uploaded = recording(freedesktop_recordings)
     driver.get(f"http://127.0.0.1:{port}/")
     wait = WebDriverWait(driver, 60)
     wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "ready")
-    driver.find_element(By.ID, "file").send_keys(str(recording))
+    driver.find_element(By.ID, "file").send_keys(str(uploaded))
     wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("tagged", "error"))
     assert driver.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "tagged", \
         driver.find_element(By.ID, "status").text
     driver.save_screenshot(str(setup["folder"] / "upload.png"))
     first = driver.find_element(By.CSS_SELECTOR, "#tags tbody tr")
-    expected = cli_top(capsys, setup["model_dir"], recording)
+    expected = cli_tops[uploaded.name]
     assert first.get_attribute("data-label") == expected["label"]
     assert abs(float(first.get_attribute("data-score")) - expected["score"]) <= 1e-5
-    assert driver.find_element(By.ID, "result-title").text == recording.name
+    assert driver.find_element(By.ID, "result-title").text == uploaded.name
     # Offline: every resource the page loaded came from the server itself (no CDN, no font service).
     resources = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert resources and all(url.startswith(f"http://127.0.0.1:{port}/") for url in resources), resources
 
 
-def test_live_mode_tags_the_fake_microphone(setup, capsys):
+def test_live_mode_tags_the_fake_microphone(setup, cli_tops):
     driver, port = setup["driver"], setup["port"]
     driver.get(f"http://127.0.0.1:{port}/")
     wait = WebDriverWait(driver, 60)
@@ -90,11 +102,9 @@ def test_live_mode_tags_the_fake_microphone(setup, capsys):
     shown = driver.execute_script("""const row = document.querySelector('#live-tags tbody tr');
         return [row.dataset.label, Number(row.dataset.score),
                 Number(document.getElementById('live-latency').dataset.latencyMs)];""")
-    expected = cli_top(capsys, setup["model_dir"], setup["mic"])
+    expected = cli_tops["mic.wav"]
     assert shown[0] == expected["label"] and abs(shown[1] - expected["score"]) < 0.05, (shown, expected)
     assert shown[2] > 0
     # The model tells the microphone's sound from silence: the page's class is not what any input would give.
-    silence = setup["folder"] / "silence.wav"
-    soundfile.write(silence, np.zeros(48_000 * 3, np.float32), 48_000)
-    assert cli_top(capsys, setup["model_dir"], silence)["label"] != shown[0]
+    assert cli_tops["silence.wav"]["label"] != shown[0]
     driver.find_element(By.ID, "live").click()
