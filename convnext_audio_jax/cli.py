@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     from convnext_audio_jax.hub import convert_command as convert_cli
     from convnext_audio_jax.hub import pretrained
     from convnext_audio_jax.inference import commands as inference
+    from convnext_audio_jax.serve import command as serve
 
     for name, add_arguments, run, help_text in [
         ("convert", convert_cli.add_arguments, convert_cli.run,
@@ -91,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
          "fetch, verify and convert released checkpoints by name into the cache (convnext-audio models --pretrained)"),
         ("export", export.add_arguments, export.run,
          "a checkpoint as a StableHLO (jax.export, CPU + CUDA) or ONNX file: waveform in, probabilities and embeddings out"),
+        ("serve", serve.add_arguments, serve.run,
+         "a web page and a JSON API for tagging (upload, microphone, live mode) on 127.0.0.1:7860 ([serve] extra)"),
     ]:
         command = sub.add_parser(name, help=help_text, description=help_text)
         add_arguments(command)

@@ -17,7 +17,7 @@ import numbers
 import os
 import struct
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import soundfile
@@ -220,37 +220,44 @@ def stream_mono(path: str | os.PathLike, clip_id: str | None = None, *, block_fr
     target_rate = int(target_rate)
     decoder = _Decoder(path, name, block_frames)
     info = StreamInfo(name, decoder.sample_rate, decoder.channels, decoder.header_frames)
-    sample_rate = decoder.sample_rate
 
     def blocks() -> Iterator[np.ndarray]:
         try:
-            resampler = (None if sample_rate == target_rate else
-                         soxr.ResampleStream(sample_rate, target_rate, 1, dtype="float32", quality="HQ"))
-            for block in decoder.blocks():
-                if not np.isfinite(block).all():
-                    bad = int(block.size - np.isfinite(block).sum())
-                    raise ClipError(name, NON_FINITE, f"{bad} NaN/Inf samples in frames {info.frames_read} to "
-                                                      f"{info.frames_read + block.shape[0]}")
-                outside = int(np.count_nonzero(np.abs(block) > 1.0))
-                if outside:
-                    info.clipped += outside
-                    block = np.clip(block, -1.0, 1.0)
-                info.frames_read += block.shape[0]
-                mono = block.mean(axis=1, dtype=np.float32)
-                if resampler is not None:
-                    mono = resampler.resample_chunk(mono, last=False)
-                if mono.size:
-                    yield mono
-            if info.frames_read == 0:
-                raise ClipError(name, EMPTY, "no samples")
-            if resampler is not None:
-                tail = resampler.resample_chunk(np.zeros(0, np.float32), last=True)
-                if tail.size:
-                    yield tail
+            yield from mono_blocks(info, decoder.blocks(), target_rate)
         finally:
             decoder.close()
 
     return info, blocks()
+
+
+def mono_blocks(info: StreamInfo, blocks: Iterable[np.ndarray], target_rate: int) -> Iterator[np.ndarray]:
+    """Mono float32 blocks at ``target_rate`` from (frames, info.channels) float32 blocks at ``info.sample_rate``
+    (a decoder's, or a pipe's): non-finite samples are an error, samples outside [-1, 1] are clipped and counted,
+    channels averaged, the rate converted by a streaming soxr; ``info.frames_read`` and ``clipped`` are kept."""
+    name, sample_rate = info.name, info.sample_rate
+    resampler = (None if sample_rate == target_rate else
+                 soxr.ResampleStream(sample_rate, target_rate, 1, dtype="float32", quality="HQ"))
+    for block in blocks:
+        if not np.isfinite(block).all():
+            bad = int(block.size - np.isfinite(block).sum())
+            raise ClipError(name, NON_FINITE, f"{bad} NaN/Inf samples in frames {info.frames_read} to "
+                                              f"{info.frames_read + block.shape[0]}")
+        outside = int(np.count_nonzero(np.abs(block) > 1.0))
+        if outside:
+            info.clipped += outside
+            block = np.clip(block, -1.0, 1.0)
+        info.frames_read += block.shape[0]
+        mono = block.mean(axis=1, dtype=np.float32)
+        if resampler is not None:
+            mono = resampler.resample_chunk(mono, last=False)
+        if mono.size:
+            yield mono
+    if info.frames_read == 0:
+        raise ClipError(name, EMPTY, "no samples")
+    if resampler is not None:
+        tail = resampler.resample_chunk(np.zeros(0, np.float32), last=True)
+        if tail.size:
+            yield tail
 
 
 def to_mono(

@@ -20,7 +20,7 @@ import tqdm
 
 from convnext_audio_jax.data import audio as audio_lib
 from convnext_audio_jax.data import labels as labels_lib
-from convnext_audio_jax.inference import windowing
+from convnext_audio_jax.inference import pipe, windowing
 from convnext_audio_jax.inference.embed_output import EmbeddingStore
 from convnext_audio_jax.inference.onnx_backend import (
     BACKENDS,
@@ -127,6 +127,14 @@ def add_tag_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--all-scores", action="store_true", help="every class's score (json/csv)")
     parser.add_argument("--aggregate", choices=AGGREGATIONS, default="max",
                         help="file score from its window scores (default %(default)s)")
+    parser.add_argument("--stream", action="store_true",
+                        help="input '-': tag audio arriving on standard input, one JSON line per --hop with the latest "
+                             "window's tags and latency (each window scored as it arrives, a batch of one)")
+    parser.add_argument("--input-format", choices=pipe.INPUT_FORMATS, default="wav",
+                        help="--stream: raw little-endian PCM, or a WAV stream (default %(default)s)")
+    parser.add_argument("--input-rate", type=int, help="--stream: the raw PCM's sample rate in Hz")
+    parser.add_argument("--input-channels", type=int, default=1,
+                        help="--stream: the raw PCM's interleaved channels (default %(default)s)")
 
 
 def run_tag(args: argparse.Namespace) -> int:
@@ -138,6 +146,9 @@ def run_tag(args: argparse.Namespace) -> int:
     check_file_arguments(args)  # bad options fail before the model loads
     if args.resume and (args.output is None or args.format not in RESUMABLE_FORMATS):
         raise UserError(f"--resume needs --output and --format {' or '.join(RESUMABLE_FORMATS)}")
+    if args.stream:
+        pipe.check_stream_arguments(args)
+        args.batch_size = 1  # each window is scored as soon as it has arrived
     if args.backend == "onnxruntime":
         scorer = OnnxRuntimeForward(args.model, args.batch_size)
         model, variables, metadata = scorer.model, None, scorer.metadata
@@ -148,6 +159,8 @@ def run_tag(args: argparse.Namespace) -> int:
     names = class_names_for(metadata, model.num_classes, args.labels)
     # A sub-sample hop fails before the output opens.
     windowing.window_hop(args.hop, model.frontend.sample_rate, model.frontend.clip_samples)
+    if args.stream:
+        return pipe.run_stream(args, scorer or Tagger(model, variables, 1).scorer, model, names)
     files, errors = expand_inputs(args.inputs)
     for error in errors:
         print(f"tag: skipped {error.line()}", file=sys.stderr)
