@@ -26,13 +26,13 @@ from convnext_audio_jax.inference import commands, windowing
 from convnext_audio_jax.inference.embed_output import EmbeddingStore
 from convnext_audio_jax.inference.tag_output import FileSpool, record_chunks
 from convnext_audio_jax.inference.tagging import (
-    DEFAULT_HOP_SECONDS,
     FileScored,
     FileStarted,
     TagError,
     Tagger,
     WindowScores,
 )
+from convnext_audio_jax.models.outputs import EMBEDDING_KINDS, output_selector
 from convnext_audio_jax.runtime.errors import UserError
 from convnext_audio_jax.runtime.forward import ShardedForward
 
@@ -125,7 +125,7 @@ class ServedModel:
     class_names: list[str]
     scorer: BatchingScorer
     batch_size: int
-    hop_seconds: float = DEFAULT_HOP_SECONDS
+    hop_seconds: float | None = None  # None: half the model's window, as `tag`
     _embedders: dict = dataclasses.field(default_factory=dict)
     _embed_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
@@ -137,22 +137,28 @@ class ServedModel:
     def window_seconds(self) -> float:
         return self.model.frontend.clip_samples / self.sample_rate
 
+    @property
+    def hop(self) -> int:
+        """The hop in samples (``tag``'s: ``--hop``, else half the model's window)."""
+        return windowing.window_hop(self.hop_seconds, self.sample_rate, self.model.frontend.clip_samples)
+
     def describe(self) -> dict:
         frames = Tagger(self.model, None, self.batch_size, self.hop_seconds, frames=True, scorer=self.scorer).frames
         return {"name": self.name, "sample_rate": self.sample_rate, "window_s": self.window_seconds,
-                "hop_s": self.hop_seconds, "frames": frames, "num_classes": len(self.class_names),
+                "hop_s": self.hop / self.sample_rate, "frames": frames, "num_classes": len(self.class_names),
                 "classes": self.class_names}
 
     def max_windows(self, max_seconds: float) -> int:
         """Windows of a file of ``max_seconds``: the Tagger's limit that stands for the duration limit."""
         return windowing.window_count(int(max_seconds * self.sample_rate), self.model.frontend.clip_samples,
-                                      windowing.hop_samples(self.hop_seconds, self.sample_rate))
+                                      self.hop)
 
     def embedder(self, kind: str) -> ShardedForward:
         with self._embed_lock:
             if kind not in self._embedders:
                 self._embedders[kind] = ShardedForward(self.model, self.variables, self.batch_size,
-                                                       select=commands._select_embeddings(kind))
+                                                       select=output_selector(
+                    self.model, [EMBEDDING_KINDS[kind]], {EMBEDDING_KINDS[kind]: kind}))
             return self._embedders[kind]
 
 
@@ -225,12 +231,12 @@ def tag_file(served: ServedModel, path: str, name: str, *, top_k: int, threshold
 def embed_file(served: ServedModel, path: str, name: str, kind: str, *, max_seconds: float) -> str:
     """The ``.npz`` that ``convnext-audio embed --kind KIND`` writes for the file at ``path``, written next to
     it; returns its path."""
-    if kind not in commands.EMBEDDING_KINDS:
-        raise RequestError(422, f"kind {kind!r}: expected one of {', '.join(commands.EMBEDDING_KINDS)}")
+    if kind not in EMBEDDING_KINDS:
+        raise RequestError(422, f"kind {kind!r}: expected one of {', '.join(EMBEDDING_KINDS)}")
     output = os.path.join(os.path.dirname(path), "embeddings.npz")
     store = EmbeddingStore(output, kind)
     embedder = served.embedder(kind)
-    hop = windowing.hop_samples(served.hop_seconds, served.sample_rate)
+    hop = served.hop
     try:
         commands._embed_file(path, store, embedder, served.sample_rate, served.model.frontend.clip_samples, hop,
                              served.max_windows(max_seconds), kind, embedder.batch_size)
