@@ -99,6 +99,7 @@ def test_both_formats_match_the_jax_model(name, test_audio, tmp_path):
     got = run_onnx(onnx_path, waveform)
     assert np.abs(got["probs"] - expected["probs"]).max() <= TOLERANCE, source
     assert np.abs(got["scene_embedding"] - expected["scene_embedding"]).max() <= TOLERANCE, source
+    assert np.abs(got["sequence_embeddings"] - expected["sequence_embeddings"]).max() <= TOLERANCE, source
     assert set(got) == set(expected)
     if "frame_probs" in expected:
         assert np.abs(got["frame_probs"] - expected["frame_probs"]).max() <= TOLERANCE
