@@ -23,6 +23,7 @@ from convnext_audio_jax.data import audio as audio_lib
 from convnext_audio_jax.data import labels as labels_lib
 from convnext_audio_jax.inference import windowing
 from convnext_audio_jax.inference.embed_output import EmbeddingStore
+from convnext_audio_jax.inference.onnx_backend import BACKENDS
 from convnext_audio_jax.inference.tag_output import (  # noqa: F401  (file_report re-exported)
     OUTPUT_FORMATS,
     RESUMABLE_FORMATS,
@@ -79,16 +80,16 @@ def _check_batch_size(batch_size: int) -> None:
 
 def _check_backend(args: argparse.Namespace) -> None:
     if args.backend == "jax" and os.fspath(args.checkpoint).lower().endswith(".onnx"):
-        raise UserError(f"--checkpoint {args.checkpoint} is an ONNX export: run it with --backend onnxruntime")
+        raise UserError(f"--checkpoint {args.checkpoint} is an ONNX export: run it with --backend onnxruntime (or openvino)")
 
 
 def add_tag_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR", help="audio files and folders (searched recursively)")
     parser.add_argument("--checkpoint", required=True,
                         help="model directory, training workdir (its model/best, else model/last) or pretrained name; "
-                             "with --backend onnxruntime: an exported .onnx file")
-    parser.add_argument("--backend", choices=("jax", "onnxruntime"), default="jax",
-                        help="run the model with JAX, or an ONNX export with ONNX Runtime (default %(default)s)")
+                             "with --backend onnxruntime or openvino: an exported .onnx file")
+    parser.add_argument("--backend", choices=BACKENDS, default="jax",
+                        help="run the model with JAX, or an ONNX export with ONNX Runtime or OpenVINO (default %(default)s)")
     parser.add_argument("--labels", help="class_labels_indices.csv (default: the names stored in the model, else indices)")
     parser.add_argument("--top-k", type=int, default=10, help="classes reported per file (default %(default)s)")
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
@@ -126,10 +127,10 @@ def run_tag(args: argparse.Namespace) -> int:
         raise UserError(f"--hop must be a positive number of seconds, got {args.hop}")
     if args.resume and (args.output is None or args.format not in RESUMABLE_FORMATS):
         raise UserError(f"--resume needs --output and --format {' or '.join(RESUMABLE_FORMATS)}")
-    if args.backend == "onnxruntime":
+    if args.backend != "jax":
         from convnext_audio_jax.inference.onnx_backend import OnnxRuntimeForward
 
-        scorer = OnnxRuntimeForward(args.checkpoint, args.batch_size)
+        scorer = OnnxRuntimeForward(args.checkpoint, args.batch_size, runtime=args.backend)
         model, variables, metadata = scorer.model, None, scorer.metadata
         scorer.restrict(["probs", "frame_probs"] if args.frames else ["probs"])
     else:
@@ -190,9 +191,9 @@ def add_embed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR", help="audio files and folders (searched recursively)")
     parser.add_argument("--checkpoint", required=True,
                         help="model directory, training workdir (its model/best, else model/last) or pretrained name; "
-                             "with --backend onnxruntime: an exported .onnx file")
-    parser.add_argument("--backend", choices=("jax", "onnxruntime"), default="jax",
-                        help="run the model with JAX, or an ONNX export with ONNX Runtime (scene and sequence only)")
+                             "with --backend onnxruntime or openvino: an exported .onnx file")
+    parser.add_argument("--backend", choices=BACKENDS, default="jax",
+                        help="run the model with JAX, or an ONNX export with ONNX Runtime or OpenVINO (scene and sequence only)")
     parser.add_argument("--kind", choices=EMBEDDING_KINDS, default="scene",
                         help="scene (B, D), frames (B, T, F, C), sequence (B, T, C) or logits (default %(default)s)")
     parser.add_argument("--output", required=True, help="output .npz (built at the end from OUTPUT.parts/)")
@@ -253,17 +254,18 @@ def run_embed(args: argparse.Namespace) -> int:
     _check_backend(args)
     store = EmbeddingStore(args.output, args.kind, args.resume)
     # The model's forward, one batch of windows (B, samples) → dict of arrays: the one call a backend replaces.
-    if args.backend == "onnxruntime":
+    if args.backend != "jax":
         from convnext_audio_jax.inference.onnx_backend import (
             EMBEDDING_OUTPUTS,
             OnnxRuntimeForward,
         )
 
         if args.kind not in EMBEDDING_OUTPUTS:
-            raise UserError(f"--backend onnxruntime embeds --kind {' or '.join(EMBEDDING_OUTPUTS)}; an ONNX export has "
+            raise UserError(f"--backend {args.backend} embeds --kind {' or '.join(EMBEDDING_OUTPUTS)}; an ONNX export has "
                              f"no {args.kind} output")
         output = EMBEDDING_OUTPUTS[args.kind]
-        embed_windows = OnnxRuntimeForward(args.checkpoint, args.batch_size, select=[output], aliases={output: args.kind})
+        embed_windows = OnnxRuntimeForward(args.checkpoint, args.batch_size, select=[output], aliases={output: args.kind},
+                                           runtime=args.backend)
         model, metadata = embed_windows.model, embed_windows.metadata
     else:
         model, variables, metadata = load_checkpoint(args.checkpoint, offline=offline_flag(args))
