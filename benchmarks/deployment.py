@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import io
 import json
 import os
@@ -28,7 +29,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine_description, timed_runs  # noqa: E402
 from benchmarks.implementations import Case, error_summary, peak_memory, torch_reference  # noqa: E402
-from convnext_audio_jax.models import create_model  # noqa: E402
+from convnext_audio_jax.models import count_params, create_model  # noqa: E402
 
 RUNTIMES = ("ort", "openvino")
 TORCH_ONNX_OPSET = 17  # torch.onnx.export's TorchScript exporter default
@@ -53,7 +54,7 @@ def torch_onnx(reference, samples: int) -> bytes:
             return self.model(waveform)["clipwise_output"]
 
     buffer = io.BytesIO()
-    torch.onnx.export(Probabilities(reference).eval().cpu(), (torch.zeros(1, samples),), buffer, input_names=["waveform"],
+    torch.onnx.export(Probabilities(copy.deepcopy(reference)).eval().cpu(), (torch.zeros(1, samples),), buffer, input_names=["waveform"],
                       output_names=["probs"], dynamic_axes={"waveform": {0: "batch"}, "probs": {0: "batch"}},
                       opset_version=TORCH_ONNX_OPSET, dynamo=False)
     return buffer.getvalue()
@@ -108,7 +109,8 @@ def deployment_rows(case: Case, reference, variables: dict, waveform: np.ndarray
             result += [({"implementation": f"{exporter}-{rt}", "error": error_summary(error)}, None) for rt in runtimes]
             continue
         for runtime in runtimes:
-            row: dict[str, Any] = {"implementation": f"{exporter}-{runtime}", "onnx_mb": len(data) / 2**20}
+            row: dict[str, Any] = {"implementation": f"{exporter}-{runtime}", "params": count_params(variables["params"]),
+                                   "onnx_mb": len(data) / 2**20}
             try:
                 start = time.perf_counter()
                 run, _ = RUNNERS[runtime](data, waveform)
