@@ -4,6 +4,7 @@ embeddings as the JAX backend, from an exported ONNX file, through the same wind
 from __future__ import annotations
 
 import json
+import sys
 
 import jax
 import numpy as np
@@ -109,8 +110,12 @@ def test_forward_returns_the_jax_outputs(exported):
         forward(np.zeros((1, 1000), np.float32))
 
 
-def test_errors(exported, tmp_path, capsys):
+def test_errors(exported, tmp_path, capsys, monkeypatch):
     checkpoint, path, files = exported
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "openvino", None)  # `import openvino` now raises ImportError
+        assert cli.main(["tag", files[0], "--checkpoint", str(path), "--backend", "openvino", "--no-progress"]) == 2
+        assert "--backend openvino needs the openvino package: pip install openvino" in capsys.readouterr().err
     with pytest.raises(ValueError, match="has no output"):
         OnnxRuntimeForward(path, select=["logits"])
     lonely = tmp_path / "lonely.onnx"
