@@ -186,7 +186,7 @@ def test_an_op_that_cannot_be_exported_is_named(tmp_path):
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 
-def test_a_missing_package_is_one_line_naming_its_install(monkeypatch):
+def test_a_missing_package_is_one_line_naming_its_install(monkeypatch, tmp_path):
     """A registered model needs only onnx (written directly); any other is traced with jax2onnx."""
     monkeypatch.setitem(sys.modules, "jax2onnx", None)  # `import jax2onnx` now raises ImportError
     with pytest.raises(export_lib.ExportError, match=r"traces it with jax2onnx, which is not installed: "
@@ -195,6 +195,10 @@ def test_a_missing_package_is_one_line_naming_its_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnx", None)
     with pytest.raises(export_lib.ExportError, match=r'needs the onnx package: pip install -e "\.\[export\]"'):
         export_lib.export_onnx(create_model("cnn6", channels=(8, 16, 32, 48)), {})
+    monkeypatch.setitem(sys.modules, "flatbuffers", None)
+    with pytest.raises(export_lib.ExportError, match=r"StableHLO serialisation needs flatbuffers .*: pip install flatbuffers$"):
+        export_lib.export(create_model("cnn6", channels=(8, 16, 32, 48)), {}, "stablehlo", tmp_path / "x.stablehlo")
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.slow

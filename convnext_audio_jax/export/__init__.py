@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -231,6 +232,8 @@ def export(model: nn.Module, variables: Mapping[str, Any], fmt: str, output: str
         raise ExportError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if not hasattr(model, "frontend"):
         raise ExportError(f"{type(model).__name__} does not take a waveform; only audio models export")
+    if fmt == "stablehlo" and importlib.util.find_spec("flatbuffers") is None:  # jax.export imports it on serialising
+        raise ExportError("StableHLO serialisation needs flatbuffers (a dependency of this package): pip install flatbuffers")
     path = pathlib.Path(output).absolute()
     _check_output(path, overwrite)
     metadata = dict(metadata or {})
