@@ -1,6 +1,6 @@
 """The implementations benchmarks/run.py puts side by side, each measured into a row dict: ours and Audax
-(JAX, compiled with the project's XLA options), the PyTorch reference (eager, ``torch.compile``), ONNX Runtime
-on our ONNX export, and the training step (``benchmarks/train_step.py``)."""
+(JAX, compiled with the project's XLA options), the PyTorch reference (eager, ``torch.compile``), and the
+training step (``benchmarks/train_step.py``)."""
 
 from __future__ import annotations
 
@@ -261,37 +261,6 @@ def torch_rows(reference, dtype: str, waveform: np.ndarray, repeats: int, compil
     if on_cuda:  # hand torch's cached blocks back before JAX's next model
         torch.cuda.empty_cache()
     return rows, eager_probs
-
-
-# ----------------------------------------------------------------------------- ONNX Runtime
-
-
-def onnxruntime_row(case: Case, variables: dict, waveform: np.ndarray, repeats: int) -> tuple[dict, np.ndarray | None]:
-    """ONNX Runtime (CPU execution provider, float32) on the ONNX export (``convnext_audio_jax.export``) of the
-    same weights; ``compile_s`` is the export plus the session's graph optimisation."""
-    row: dict[str, Any] = {"implementation": "onnxruntime", "params": count_params(variables["params"])}
-    try:
-        import onnxruntime
-
-        from convnext_audio_jax import export as export_lib
-
-        start = time.perf_counter()
-        proto = export_lib.export_onnx(create_model(case.model, **case.config), variables, samples=waveform.shape[1])
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = os.cpu_count() or 1
-        session = onnxruntime.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        row["compile_s"] = time.perf_counter() - start
-
-        def run():
-            return session.run(["probs"], {export_lib.INPUT_NAME: waveform})[0]
-
-        with peak_memory() as memory:
-            times = timed_runs(run, repeats)
-        row.update(times_s=times, clips_per_s=len(waveform) / statistics.median(times), **memory)
-        return row, run()
-    except Exception as error:  # noqa: BLE001 — a missing runtime or a failed export is a result
-        row["error"] = error_summary(error)
-        return row, None
 
 
 # ----------------------------------------------------------------------------- training step

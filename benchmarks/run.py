@@ -20,8 +20,11 @@ Per model, dtype and batch, waveform → probabilities:
   64 mels, 60–7800 Hz, natural log), 1004 × 64 frames for 10 s, its mean-pool + dropout + dense
   head (``audax.models.Classifier``) — and (b) its ConvNeXt-Tiny body and head on our 1001 × 224
   log-mel, the paper's input: the same FLOPs as ours, so the ratio compares implementations.
-- **onnxruntime** (float32): ONNX Runtime's CPU execution provider on the ONNX export
-  (``convnext_audio_jax.export``, jax2onnx) of the same weights; parity against torch fp32 and against ours.
+- **onnx-ort / onnx-openvino** (float32): our ONNX export (``convnext_audio_jax.export``) of the same weights
+  in ONNX Runtime's CPU execution provider and in OpenVINO's CPU plugin; **torch-onnx-ort / torch-onnx-openvino**:
+  the PyTorch reference's own ``torch.onnx.export`` in the same two runtimes — the routes a user deploying on
+  CPU would pick (``benchmarks/deployment.py``). Parity of each against torch fp32 and against ours; the ratios
+  ``onnx_<runtime>_over_torch_onnx_<runtime>`` compare the two exports.
 - **training step** clips/s, when ``benchmarks/train_step.py`` provides ``benchmark_train_step``
   (see ``train_step_rows``); skipped, with the reason recorded, otherwise.
 
@@ -53,11 +56,11 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine_description  # noqa: E402
+from benchmarks.deployment import RUNTIMES, deployment_rows  # noqa: E402
 from benchmarks.implementations import (  # noqa: E402
     Case,
     audax_rows,
     error_summary,
-    onnxruntime_row,
     ours_row,
     torch_reference,
     torch_rows,
@@ -151,13 +154,13 @@ def benchmark(cases: list[Case], batches: list[int], dtypes: list[str], repeats:
                     ours["max_abs_diff_vs_torch_fp32"] = diff
                     parity.setdefault(case.model, {})[f"{dtype}/batch{batch}"] = diff
                 if with_onnx and dtype == "float32":
-                    onnx_row, onnx_probs = onnxruntime_row(case, variables, waveform, repeats)
-                    if onnx_probs is not None and ours_probs is not None:
-                        onnx_row["max_abs_diff_vs_ours"] = float(np.max(np.abs(onnx_probs - ours_probs)))
-                    if onnx_probs is not None and torch_fp32_probs is not None:
-                        onnx_row["max_abs_diff_vs_torch_fp32"] = float(np.max(np.abs(
-                            onnx_probs[:PARITY_CLIPS] - torch_fp32_probs[:PARITY_CLIPS])))
-                    added.append(onnx_row)
+                    for onnx_row, onnx_probs in deployment_rows(case, reference, variables, waveform, repeats):
+                        if onnx_probs is not None and ours_probs is not None:
+                            onnx_row["max_abs_diff_vs_ours"] = float(np.max(np.abs(onnx_probs - ours_probs)))
+                        if onnx_probs is not None and torch_fp32_probs is not None:
+                            onnx_row["max_abs_diff_vs_torch_fp32"] = float(np.max(np.abs(
+                                onnx_probs[:PARITY_CLIPS] - torch_fp32_probs[:PARITY_CLIPS])))
+                        added.append(onnx_row)
                 if with_audax and case.model == "convnext_tiny":
                     added += audax_rows(case, dtype, waveform, repeats)
                 for row in added:
@@ -176,15 +179,22 @@ def benchmark(cases: list[Case], batches: list[int], dtypes: list[str], repeats:
 
 
 def ratios(rows: list[dict]) -> list[dict]:
-    """clips/s of ours over each other implementation on the same model, mode, dtype and batch."""
+    """clips/s of ours over each other implementation on the same model, mode, dtype and batch; and of our ONNX
+    export over torch's in each runtime (``onnx_ort_over_torch_onnx_ort``, …)."""
     measured = [r for r in rows if r.get("clips_per_s")]
     result = []
     for ours in (r for r in measured if r["implementation"] == "ours"):
         key = (ours["mode"], ours["model"], ours["dtype"], ours["batch"])
         entry = {"mode": key[0], "model": key[1], "dtype": key[2], "batch": key[3]}
-        for other in measured:
-            if other is not ours and (other["mode"], other["model"], other["dtype"], other["batch"]) == key:
-                entry[f"ours_over_{other['implementation'].replace('-', '_')}"] = ours["clips_per_s"] / other["clips_per_s"]
+        same = {other["implementation"]: other for other in measured
+                if (other["mode"], other["model"], other["dtype"], other["batch"]) == key}
+        for name, other in same.items():
+            if other is not ours:
+                entry[f"ours_over_{name.replace('-', '_')}"] = ours["clips_per_s"] / other["clips_per_s"]
+        for runtime in RUNTIMES:
+            if f"onnx-{runtime}" in same and f"torch-onnx-{runtime}" in same:
+                entry[f"onnx_{runtime}_over_torch_onnx_{runtime}"] = (same[f"onnx-{runtime}"]["clips_per_s"]
+                                                                      / same[f"torch-onnx-{runtime}"]["clips_per_s"])
         if len(entry) > 4:
             result.append(entry)
     return result
@@ -204,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--compile-timeout", type=int, default=900, help="seconds allowed for torch.compile's first call")
     parser.add_argument("--no-audax", action="store_true")
-    parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime row (float32 only)")
+    parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX rows (ours and torch's export in ONNX Runtime "
+                        "and OpenVINO; float32 only)")
     parser.add_argument("--no-train", action="store_true", help="skip the training-step benchmark")
     parser.add_argument("--train-dtypes", nargs="+", choices=["float32", "bfloat16"],
                         help="dtypes of the training-step rows (default: --dtypes)")

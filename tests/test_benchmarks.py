@@ -84,15 +84,19 @@ def test_without_audax_the_run_says_how_to_install_it(result):
     assert not any(key.startswith("ours_over_audax") for key in result["ratios"][0])
 
 
-def test_onnxruntime_row(result):
-    import jax2onnx  # noqa: F401  (pip install --no-deps jax2onnx==0.17.1, in the README/CI test command)
-    (row,) = [row for row in result["rows"] if row["implementation"] == "onnxruntime"]
-    assert "error" not in row, row.get("error")
-    assert row["clips_per_s"] > 0 and len(row["times_s"]) == 1
-    # The same converted weights, exported: agrees with ours and with torch like ours does.
-    assert row["max_abs_diff_vs_ours"] < 1e-4 and row["max_abs_diff_vs_torch_fp32"] < 1e-4
+def test_onnx_rows(result):
+    """Ours and torch's ONNX export of the same weights, each in ONNX Runtime and OpenVINO."""
+    rows = {row["implementation"]: row for row in result["rows"] if "onnx" in row["implementation"]}
+    assert set(rows) == {"onnx-ort", "onnx-openvino", "torch-onnx-ort", "torch-onnx-openvino"}
+    for row in rows.values():
+        assert "error" not in row, row.get("error")
+        assert row["clips_per_s"] > 0 and len(row["times_s"]) == 1
+        # The same converted weights, exported: agrees with ours and with torch like ours does.
+        assert row["max_abs_diff_vs_ours"] < 1e-4 and row["max_abs_diff_vs_torch_fp32"] < 1e-4
     (entry,) = result["ratios"]
-    assert entry["ours_over_onnxruntime"] > 0
+    assert entry["ours_over_onnx_ort"] > 0 and entry["ours_over_torch_onnx_openvino"] > 0
+    assert entry["onnx_ort_over_torch_onnx_ort"] == rows["onnx-ort"]["clips_per_s"] / rows["torch-onnx-ort"]["clips_per_s"]
+    assert entry["onnx_openvino_over_torch_onnx_openvino"] > 0
 
 
 def test_torch_dtypes_leave_out_torch_rows():

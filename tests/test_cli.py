@@ -124,5 +124,5 @@ def test_an_onnx_file_without_its_backend_gets_the_hint(tmp_path, capsys):
     for command in (["tag", str(tmp_path / "a.wav")], ["embed", str(tmp_path / "a.wav"), "--output", str(tmp_path / "e.npz")]):
         assert main([*command, "--checkpoint", str(model)]) == 2
         assert capsys.readouterr().err.strip() == (f"convnext-audio {command[0]}: error: --checkpoint {model} is an ONNX "
-                                                   "export: run it with --backend onnxruntime")
+                                                   "export: run it with --backend onnxruntime (or openvino)")
     assert not (tmp_path / "e.npz").exists()

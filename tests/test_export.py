@@ -8,6 +8,7 @@ conversion of the full model takes minutes there)."""
 from __future__ import annotations
 
 import json
+import sys
 
 import flax.linen as nn
 import jax
@@ -99,6 +100,7 @@ def test_both_formats_match_the_jax_model(name, test_audio, tmp_path):
     got = run_onnx(onnx_path, waveform)
     assert np.abs(got["probs"] - expected["probs"]).max() <= TOLERANCE, source
     assert np.abs(got["scene_embedding"] - expected["scene_embedding"]).max() <= TOLERANCE, source
+    assert np.abs(got["sequence_embeddings"] - expected["sequence_embeddings"]).max() <= TOLERANCE, source
     assert set(got) == set(expected)
     if "frame_probs" in expected:
         assert np.abs(got["frame_probs"] - expected["frame_probs"]).max() <= TOLERANCE
@@ -182,6 +184,21 @@ def test_an_op_that_cannot_be_exported_is_named(tmp_path):
     with pytest.raises(export_lib.ExportError, match=r"cannot export HostCallbackTagger to StableHLO: .*callback"):
         export_lib.export(model, {}, "stablehlo", tmp_path / "callback.stablehlo")
     assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_a_missing_package_is_one_line_naming_its_install(monkeypatch, tmp_path):
+    """A registered model needs only onnx (written directly); any other is traced with jax2onnx."""
+    monkeypatch.setitem(sys.modules, "jax2onnx", None)  # `import jax2onnx` now raises ImportError
+    with pytest.raises(export_lib.ExportError, match=r"traces it with jax2onnx, which is not installed: "
+                                                     r"pip install --no-deps jax2onnx==0\.17\.1$"):
+        export_lib.export_onnx(HostCallbackTagger(), {})
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    with pytest.raises(export_lib.ExportError, match=r'needs the onnx package: pip install -e "\.\[export\]"'):
+        export_lib.export_onnx(create_model("cnn6", channels=(8, 16, 32, 48)), {})
+    monkeypatch.setitem(sys.modules, "flatbuffers", None)
+    with pytest.raises(export_lib.ExportError, match=r"StableHLO serialisation needs flatbuffers .*: pip install flatbuffers$"):
+        export_lib.export(create_model("cnn6", channels=(8, 16, 32, 48)), {}, "stablehlo", tmp_path / "x.stablehlo")
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.slow

@@ -1,16 +1,17 @@
-"""`convnext-audio tag/embed --backend onnxruntime`: the same windows, clip, window and frame scores and embeddings
-as the JAX backend, from an exported ONNX file, through the same windowing code; its errors."""
+"""`convnext-audio tag/embed --backend onnxruntime|openvino`: the same windows, clip, window and frame scores and
+embeddings as the JAX backend, from an exported ONNX file, through the same windowing code; its errors."""
 
 from __future__ import annotations
 
 import json
+import sys
 
 import jax
-import jax2onnx  # noqa: E402,F401  (README test command: pip install --no-deps jax2onnx==0.17.1)
 import numpy as np
 
 # Part of the [test] set-up: a missing runtime fails the parity proof instead of skipping it.
 import onnxruntime  # noqa: E402,F401
+import openvino  # noqa: E402,F401
 import pytest
 import soundfile
 
@@ -49,7 +50,11 @@ def tag_json(capsys, *argv):
 def test_tags_match_the_jax_backend(exported, capsys):
     checkpoint, path, files = exported
     ours = tag_json(capsys, *files, "--checkpoint", str(checkpoint))
-    onnx = tag_json(capsys, *files, "--checkpoint", str(path), "--backend", "onnxruntime")
+    for backend in ("onnxruntime", "openvino"):
+        assert_same_reports(ours, tag_json(capsys, *files, "--checkpoint", str(path), "--backend", backend), files)
+
+
+def assert_same_reports(ours, onnx, files):
     assert [r["file"] for r in onnx] == files and [r["num_windows"] for r in onnx] == [2, 1]
     for jax_report, onnx_report in zip(ours, onnx):
         assert onnx_report["scores"].keys() == jax_report["scores"].keys() == set(NAMES)
@@ -94,14 +99,23 @@ def test_forward_returns_the_jax_outputs(exported):
     assert set(got) == {"probs", "scene_embedding", "sequence_embeddings", "frame_probs"}
     for name, value in got.items():
         np.testing.assert_allclose(value, expected[name], atol=1e-4)
+    # OpenVINO, compiled for batches of 2: a single window is padded and its row returned.
+    single = OnnxRuntimeForward(path, batch_size=2, runtime="openvino", select=["probs", "sequence_embeddings"])(windows[1:])
+    for name, value in single.items():
+        assert value.shape[0] == 1
+        np.testing.assert_allclose(value, expected[name][1:], atol=1e-4)
     with pytest.raises(ValueError, match=r"expected 1 to 2 waveforms, got 3"):
         forward(np.zeros((3, 320_000), np.float32))
     with pytest.raises(ValueError, match=r"expected windows of shape \(n, 320000\)"):
         forward(np.zeros((1, 1000), np.float32))
 
 
-def test_errors(exported, tmp_path, capsys):
+def test_errors(exported, tmp_path, capsys, monkeypatch):
     checkpoint, path, files = exported
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "openvino", None)  # `import openvino` now raises ImportError
+        assert cli.main(["tag", files[0], "--checkpoint", str(path), "--backend", "openvino", "--no-progress"]) == 2
+        assert "--backend openvino needs the openvino package: pip install openvino" in capsys.readouterr().err
     with pytest.raises(ValueError, match="has no output"):
         OnnxRuntimeForward(path, select=["logits"])
     lonely = tmp_path / "lonely.onnx"

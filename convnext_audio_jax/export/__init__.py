@@ -10,9 +10,12 @@ models; the rate and window length are in the metadata) to a fixed set of named 
   traces with a symbolic length; the function returns a dict. It is lowered for CPU and CUDA in one
   module; the depthwise convolutions carry both implementations (``depthwise_impl="platform"``: the shifted
   multiply-add on CPU, XLA's grouped convolution on CUDA), picked where the artifact is compiled.
-* **ONNX**: the batch dimension is symbolic, the length fixed at the model's window (10 s). The front end is
-  traced in its export form (``stft="matmul"``: ONNX converters mishandle the complex values of an FFT), and
-  the depthwise convolution as a grouped convolution. Outputs are named as ``OUTPUT_NAMES``.
+* **ONNX**: the batch dimension is symbolic, the length fixed at the model's window (10 s). The audio
+  ConvNeXt and the PANN CNNs are written channels-first, node by node, from their variables
+  (``convnext_audio_jax.export.onnx_graph``, opset 20: only the ``onnx`` package is needed), which ONNX
+  Runtime and OpenVINO run as fast as the PyTorch original's own export; any other audio model is traced
+  with jax2onnx (front end in its export form, ``stft="matmul"``: ONNX converters mishandle the complex
+  values of an FFT; the depthwise convolution as a grouped convolution). Outputs are named as ``OUTPUT_NAMES``.
 
 Beside ``FILE`` the metadata goes to ``FILE.json``: class names, sample rate, window length, input and output
 names and shapes, the model's registry name and config and ``frame_seconds`` (seconds of each time step within
@@ -22,8 +25,11 @@ a window), which is all the ONNX Runtime backend (``convnext_audio_jax.inference
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import importlib.util
 import json
+import logging
 import os
 import pathlib
 import re
@@ -51,7 +57,8 @@ FORMATS = ("stablehlo", "onnx")
 PLATFORMS = ("cpu", "cuda")
 INPUT_NAME = "waveform"
 OUTPUT_NAMES = EXPORTED_OUTPUTS
-ONNX_OPSET = 23
+ONNX_OPSET = 23  # of the jax2onnx route; onnx_graph writes opset 20
+JAX2ONNX = "jax2onnx==0.17.1"
 
 
 class ExportError(UserError):
@@ -161,25 +168,54 @@ def export_stablehlo(model: nn.Module, variables: Mapping[str, Any], platforms=P
     raise ExportError(f"cannot export {type(model).__name__} to StableHLO: {_failing_op(error)}") from error
 
 
-def export_onnx(model: nn.Module, variables: Mapping[str, Any], samples: int | None = None):
-    """The ONNX ``ModelProto`` of the forward (jax2onnx), batch symbolic ("batch"), length ``samples`` (default
-    the model's window)."""
+def _jax2onnx(model: nn.Module, variables: Mapping[str, Any], samples: int):
+    """The traced ONNX graph (jax2onnx) of a model ``onnx_graph`` does not know."""
     try:
         from jax2onnx import to_onnx
-    except ImportError as error:
-        raise ExportError(f"ONNX export needs jax2onnx (pip install --no-deps jax2onnx==0.17.1): {error}") from None
+    except ImportError:
+        raise ExportError(f"ONNX export of {type(model).__name__} traces it with jax2onnx, which is not installed: "
+                          f"pip install --no-deps {JAX2ONNX}") from None
     model = export_model_for(model, "onnx")
     forward = forward_function(model, variables)
     names = output_names(model)
     try:
-        proto = to_onnx(lambda w: tuple(forward(w)[name] for name in names), inputs=[("batch", samples or model.frontend.clip_samples)],
-                        model_name=type(model).__name__, opset=ONNX_OPSET, input_names=[INPUT_NAME], output_names=list(names))
+        with _quiet_onnx_ir():
+            proto = to_onnx(lambda w: tuple(forward(w)[name] for name in names), inputs=[("batch", samples)],
+                            model_name=type(model).__name__, opset=ONNX_OPSET, input_names=[INPUT_NAME], output_names=list(names))
     except Exception as error:  # noqa: BLE001 — the converter's own exceptions: one line naming the op
         raise ExportError(f"cannot export {type(model).__name__} to ONNX: {_failing_op(error)}") from error
     # jax2onnx annotates some intermediate values with NHWC shapes where its ops produce NCHW; ONNX Runtime then
     # warns and re-infers them. The annotations are optional: drop them and let the runtime infer shapes.
     del proto.graph.value_info[:]
     return proto
+
+
+@contextlib.contextmanager
+def _quiet_onnx_ir():
+    """jax2onnx's serialisation logs one ``onnx_ir.serde`` warning per initialiser it re-reads (~270 per model);
+    they say nothing a user can act on, so the logger is raised to ERROR while it runs."""
+    logger = logging.getLogger("onnx_ir.serde")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def export_onnx(model: nn.Module, variables: Mapping[str, Any], samples: int | None = None):
+    """The ONNX ``ModelProto`` of the forward, batch symbolic ("batch"), length ``samples`` (default the model's
+    window): written channels-first by ``onnx_graph`` for the audio ConvNeXt and PANN CNNs, else traced by jax2onnx."""
+    from convnext_audio_jax.export import onnx_graph
+
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise ExportError('ONNX export needs the onnx package: pip install -e ".[export]" (or pip install onnx)') from None
+    samples = samples or model.frontend.clip_samples
+    if onnx_graph.supports(model):
+        return onnx_graph.build(model, variables, samples, INPUT_NAME, output_names(model))
+    return _jax2onnx(model, variables, samples)
 
 
 def export(model: nn.Module, variables: Mapping[str, Any], fmt: str, output: str | os.PathLike,
@@ -191,6 +227,8 @@ def export(model: nn.Module, variables: Mapping[str, Any], fmt: str, output: str
         raise ExportError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if not hasattr(model, "frontend"):
         raise ExportError(f"{type(model).__name__} does not take a waveform; only audio models export")
+    if fmt == "stablehlo" and importlib.util.find_spec("flatbuffers") is None:  # jax.export imports it on serialising
+        raise ExportError("StableHLO serialisation needs flatbuffers (a dependency of this package): pip install flatbuffers")
     path = pathlib.Path(output).absolute()
     _check_output(path, overwrite)
     metadata = dict(metadata or {})
@@ -223,15 +261,13 @@ def export(model: nn.Module, variables: Mapping[str, Any], fmt: str, output: str
             document["minimum_samples"] = shortest
         data = bytes(exported.serialize())
     else:
-        import jax2onnx
-
         proto = export_onnx(model, variables)
         for key, value in (("class_names", json.dumps(document["class_names"])), ("sample_rate", str(document["sample_rate"])),
                            ("window_samples", str(document["window_samples"]))):
             proto.metadata_props.add(key=key, value=value)
         document["input_shape"] = ["batch", model.frontend.clip_samples]
-        document["opset"] = ONNX_OPSET
-        document["jax2onnx_version"] = jax2onnx.__version__ if hasattr(jax2onnx, "__version__") else "0.17.1"
+        document["opset"] = proto.opset_import[0].version
+        document["onnx_writer"] = proto.producer_name or "jax2onnx"
         data = proto.SerializeToString()
     files.write_bytes(path, data)
     files.write_text(metadata_path(path), json.dumps(document, indent=2) + "\n")
@@ -241,7 +277,7 @@ def export(model: nn.Module, variables: Mapping[str, Any], fmt: str, output: str
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # The one positional MODEL (its documented form); what it takes is what --model takes elsewhere.
     parser.add_argument("model", metavar="MODEL", help=flags.MODEL_HELP)
-    parser.add_argument("--format", required=True, help="stablehlo (jax.export, CPU + CUDA) or onnx (jax2onnx)")
+    parser.add_argument("--format", required=True, help="stablehlo (jax.export, CPU + CUDA) or onnx (ONNX Runtime, OpenVINO)")
     parser.add_argument("--output", required=True, help="file to write; its metadata goes to FILE.json beside it")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 

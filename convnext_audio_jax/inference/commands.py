@@ -69,7 +69,7 @@ def add_file_arguments(parser: argparse.ArgumentParser, embeddings: bool) -> Non
     parser.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR", help="audio files and folders (searched recursively)")
     flags.add_model_argument(parser, onnx=True)
     parser.add_argument("--backend", choices=BACKENDS, default="jax",
-                        help="run the model with JAX, or an ONNX export with ONNX Runtime (default %(default)s"
+                        help="run the model with JAX, or an ONNX export with ONNX Runtime or OpenVINO (default %(default)s"
                              + ("; embeds scene and sequence only)" if embeddings else ")"))
     parser.add_argument("--labels", help="class_labels_indices.csv: the class names reported (embed: stored with "
                                          "--kind logits); default: the names stored in the model, else indices")
@@ -93,7 +93,7 @@ def check_file_arguments(args: argparse.Namespace) -> None:
     if args.batch_size < 1:  # named as the flag here: the forwards' own check is for code that calls them
         raise UserError(f"--batch-size must be ≥ 1, got {args.batch_size}")
     if args.backend == "jax" and os.fspath(args.model).lower().endswith(".onnx"):
-        raise UserError(f"{args.model_flag} {args.model} is an ONNX export: run it with --backend onnxruntime")
+        raise UserError(f"{args.model_flag} {args.model} is an ONNX export: run it with --backend onnxruntime (or openvino)")
 
 
 def class_names_for(metadata: Mapping[str, Any], num_classes: int, labels_csv: str | None) -> list[str]:
@@ -149,8 +149,8 @@ def run_tag(args: argparse.Namespace) -> int:
     if args.stream:
         pipe.check_stream_arguments(args)
         args.batch_size = 1  # each window is scored as soon as it has arrived
-    if args.backend == "onnxruntime":
-        scorer = OnnxRuntimeForward(args.model, args.batch_size)
+    if args.backend != "jax":
+        scorer = OnnxRuntimeForward(args.model, args.batch_size, runtime=args.backend)
         model, variables, metadata = scorer.model, None, scorer.metadata
         scorer.restrict(["probs", "frame_probs"] if args.frames else ["probs"])
     else:
@@ -252,12 +252,13 @@ def run_embed(args: argparse.Namespace) -> int:
     else:
         store = EmbeddingStore(args.output, args.kind, args.resume)
     # The model's forward, one batch of windows (B, samples) → dict of arrays: the one call a backend replaces.
-    if args.backend == "onnxruntime":
+    if args.backend != "jax":
         if args.kind not in EMBEDDING_OUTPUTS:
-            raise UserError(f"--backend onnxruntime embeds --kind {' or '.join(EMBEDDING_OUTPUTS)}; an ONNX export has "
+            raise UserError(f"--backend {args.backend} embeds --kind {' or '.join(EMBEDDING_OUTPUTS)}; an ONNX export has "
                              f"no {args.kind} output")
         output = EMBEDDING_OUTPUTS[args.kind]
-        embed_windows = OnnxRuntimeForward(args.model, args.batch_size, select=[output], aliases={output: args.kind})
+        embed_windows = OnnxRuntimeForward(args.model, args.batch_size, select=[output], aliases={output: args.kind},
+                                           runtime=args.backend)
         model, metadata = embed_windows.model, embed_windows.metadata
     else:
         model, variables, metadata = load_model(args.model, offline=offline_flag(args))

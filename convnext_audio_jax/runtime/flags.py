@@ -13,7 +13,7 @@ from convnext_audio_jax.runtime import distributed
 
 MODEL_HELP = ("model directory (written by convert or training), training workdir (its model/best, else model/last) "
               "or pretrained name (convnext-audio models --pretrained)")
-ONNX_MODEL_HELP = "; with --backend onnxruntime: an exported .onnx file"
+ONNX_MODEL_HELP = "; with --backend onnxruntime or openvino: an exported .onnx file"
 DATA_HELP = ("DIR@SPLIT (a prepare output), FILE.h5 (packed or PANN index), AUDIO_DIR@CLIPS.csv, "
              "tfds:NAME[/CONFIG][:VERSION]@SPLIT, demo[@SPLIT] (synthetic, at the model's rate) or SPEC+SPEC")
 LABELS_HELP = ("class_labels_indices.csv: the data's classes (needed for AUDIO_DIR@CLIPS.csv and tfds:; overrides "
