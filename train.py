@@ -77,7 +77,27 @@ def main(argv, on_batch=None):
         return 1
 
 
+def _run_downstream(task: str) -> int:
+    """A downstream config (``config.task``: retrieval, on a frozen encoder): its own trainer, same workdir layout."""
+    from convnext_audio_jax.downstream import retrieval
+
+    if task != retrieval.TASK:
+        raise UserError(f"config.task {task!r}: expected 'tagging' or {retrieval.TASK!r}")
+    if _CHECK.value:
+        retrieval.check_config(_CONFIG.value)
+        print(f"train.py: ok: {task} config")
+        return 0
+    result = retrieval.train(_CONFIG.value, _WORKDIR.value)
+    if result:
+        print(f"final validation text-to-audio mAP@10 {result[retrieval.BEST]:.4f} "
+              f"(best {result['best_' + retrieval.BEST]:.4f}) at step {result['step']}")
+    return 0
+
+
 def _run(on_batch) -> int:
+    task = _CONFIG.value.get("task", "tagging")
+    if task != "tagging":
+        return _run_downstream(task)
     if _CHECK.value:
         summary = check.check_run(_CONFIG.value, _WORKDIR.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                                   _PROCESS_ID.value, _LOCAL_DEVICE_IDS.value, _LAYOUT.value)
