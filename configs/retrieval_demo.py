@@ -18,8 +18,8 @@ def get_config():
     config.audio_features = "logits"
     config.tags = False
     config.data.train = "demo-captions@train"
-    config.data.validation = "demo-captions@validation"
-    config.data.demo_train_clips = 2048
+    config.data.validation = "demo-captions@eval"  # held out from the tagger's training and selection
+    config.data.demo_train_clips = 1024
     config.data.demo_val_clips = 256
     config.batch_size = 64
     config.total_steps = 1000

@@ -64,6 +64,7 @@ def retrieval_config() -> ml_collections.ConfigDict:
     config.eval_every = 250
     config.log_every = 50
     config.seed = 0
+    config.cache_dir = ""  # where features and text embeddings are stored; "" = workdir/cache (runs may share one)
     config.allow_config_change = False
     return config
 
@@ -179,7 +180,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
 def _train(config, workdir: pathlib.Path) -> dict:
     state_path = workdir / STATE_FILE
     config_changes = config_lib.check_and_record_config(config, workdir, resuming=state_path.is_file())
-    cache = workdir / "cache"
+    cache = pathlib.Path(config.get("cache_dir") or workdir / "cache")
     encoder = features_lib.AudioEncoder(config.encoder, float(config.hop_seconds))
     tag_embeddings = (text_lib.cached_text_embeddings(encoder.class_names, config.text_model, cache)
                       if config.tags else None)
