@@ -81,3 +81,13 @@ def test_train_py_dispatches_on_the_task(tmp_path):
     done = subprocess.run([*command, "--config.audio_features=scene", "--config.tags=True"],
                           capture_output=True, text=True, cwd=REPO, timeout=300)
     assert done.returncode == 1 and "train.py: error: config.tags needs" in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["retrieval_demo", "retrieval_clotho"])
+def test_config_files_check_and_document_themselves(name):
+    path = REPO / "configs" / f"{name}.py"
+    namespace: dict = {"__name__": name}
+    exec(compile(path.read_text(), str(path), "exec"), namespace)
+    retrieval.check_config(namespace["get_config"]())
+    doc = namespace["__doc__"]
+    assert f"python train.py --config configs/{name}.py" in doc and "mAP@10" in doc and "MEASURED" in doc
