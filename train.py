@@ -78,19 +78,22 @@ def main(argv, on_batch=None):
 
 
 def _run_downstream(task: str) -> int:
-    """A downstream config (``config.task``: retrieval, on a frozen encoder): its own trainer, same workdir layout."""
-    from convnext_audio_jax.downstream import retrieval
+    """A downstream config (``config.task``: retrieval or captioning, on a frozen encoder): its own trainer, the
+    same workdir layout (config.json, metrics.jsonl, checkpoints/, model/best and model/last)."""
+    from convnext_audio_jax.downstream import captioning, retrieval
 
-    if task != retrieval.TASK:
-        raise UserError(f"config.task {task!r}: expected 'tagging' or {retrieval.TASK!r}")
+    trainers = {retrieval.TASK: retrieval, captioning.TASK: captioning}
+    if task not in trainers:
+        raise UserError(f"config.task {task!r}: expected 'tagging', {' or '.join(map(repr, trainers))}")
+    trainer = trainers[task]
     if _CHECK.value:
-        retrieval.check_config(_CONFIG.value)
+        trainer.check_config(_CONFIG.value)
         print(f"train.py: ok: {task} config")
         return 0
-    result = retrieval.train(_CONFIG.value, _WORKDIR.value)
+    result = trainer.train(_CONFIG.value, _WORKDIR.value)
     if result:
-        print(f"final validation text-to-audio mAP@10 {result[retrieval.BEST]:.4f} "
-              f"(best {result['best_' + retrieval.BEST]:.4f}) at step {result['step']}")
+        print(f"final {trainer.BEST} {result[trainer.BEST]:.4f} (best {result['best_' + trainer.BEST]:.4f}) "
+              f"at step {result['step']}")
     return 0
 
 

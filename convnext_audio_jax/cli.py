@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from convnext_audio_jax import export
     from convnext_audio_jax.data import prepare
-    from convnext_audio_jax.downstream import search
+    from convnext_audio_jax.downstream import captioning, search
     from convnext_audio_jax.evaluation import evaluate, predict
     from convnext_audio_jax.hub import convert_command as convert_cli
     from convnext_audio_jax.hub import pretrained
@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
          "index audio files for text search with a trained retrieval model (resumable, like embed) into an .h5"),
         ("search", search.add_search_arguments, search.run_search,
          "the files of an index that best match a text query, with the best window's time"),
+        ("caption", captioning.add_caption_arguments, captioning.run_caption,
+         "captions of each window of audio files by a trained captioning model"),
         ("export", export.add_arguments, export.run,
          "a checkpoint as a StableHLO (jax.export, CPU + CUDA) or ONNX file: waveform in, probabilities and embeddings out"),
     ]:
