@@ -94,7 +94,7 @@ def _decoder(document: dict) -> CaptionDecoder:
 
 
 def generate(decoder: CaptionDecoder, params, tokenizer: Tokenizer, audio: np.ndarray, beam: int,
-             batch_size: int = 64) -> list[str]:
+             batch_size: int = 8) -> list[str]:
     """Captions of (N, T, C) sequences, ``batch_size`` at a time (the last batch padded: one compiled shape)."""
     texts = []
     for first in range(0, len(audio), batch_size):
@@ -124,7 +124,7 @@ class CaptioningModel:
 
     def caption(self, sequences: np.ndarray, beam: int | None = None) -> list[str]:
         return generate(self.decoder, self.params, self.tokenizer, np.asarray(sequences, np.float32),
-                        beam or self.document["beam"], batch_size=8)
+                        beam or self.document["beam"])
 
 
 def _save_model(directory: pathlib.Path, params, document: dict) -> None:
