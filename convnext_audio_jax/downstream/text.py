@@ -39,8 +39,10 @@ def text_model(name: str = DEFAULT_TEXT_MODEL):
     if name not in _MODELS:
         try:
             from sentence_transformers import SentenceTransformer
+            from transformers.utils import logging as transformers_logging
         except ImportError:
             raise UserError("text embeddings need sentence-transformers: install the [downstream] extra") from None
+        transformers_logging.disable_progress_bar()  # its "Loading weights" bar would sit in search's output
         _MODELS[name] = SentenceTransformer(_model_path(name), device="cpu")
     return _MODELS[name]
 
