@@ -80,7 +80,30 @@ def _job_values() -> list:
     return [holder.value for holder in _JOB.values()]
 
 
+def _run_downstream(task: str) -> int:
+    """A downstream config (``config.task``: retrieval or captioning, on a frozen encoder): its own trainer, the
+    same workdir layout (config.json, metrics.jsonl, checkpoints/, model/best and model/last)."""
+    from convnext_audio_jax.downstream import captioning, retrieval
+
+    trainers = {retrieval.TASK: retrieval, captioning.TASK: captioning}
+    if task not in trainers:
+        raise UserError(f"config.task {task!r}: expected 'tagging', {' or '.join(map(repr, trainers))}")
+    trainer = trainers[task]
+    if _CHECK.value:
+        trainer.check_config(_CONFIG.value)
+        print(f"train.py: ok: {task} config")
+        return 0
+    result = trainer.train(_CONFIG.value, _WORKDIR.value)
+    if result:
+        print(f"final {trainer.BEST} {result[trainer.BEST]:.4f} (best {result['best_' + trainer.BEST]:.4f}) "
+              f"at step {result['step']}")
+    return 0
+
+
 def _run(on_batch) -> int:
+    task = _CONFIG.value.get("task", "tagging")
+    if task != "tagging":
+        return _run_downstream(task)
     if _CHECK.value:
         summary = check.check_run(_CONFIG.value, _WORKDIR.value, *_job_values())
         print(f"train.py: {summary}")

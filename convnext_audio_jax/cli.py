@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from convnext_audio_jax import export
     from convnext_audio_jax.data import prepare
+    from convnext_audio_jax.downstream import captioning, search
     from convnext_audio_jax.evaluation import evaluate, predict
     from convnext_audio_jax.hub import convert_command as convert_cli
     from convnext_audio_jax.hub import pretrained
@@ -90,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
          "scene/frame/sequence embeddings or logits of audio files into an .npz"),
         ("download", pretrained.add_download_arguments, pretrained.run_download,
          "fetch, verify and convert released checkpoints by name into the cache (convnext-audio models --pretrained)"),
+        ("index", search.add_index_arguments, search.run_index,
+         "index audio files for text search with a trained retrieval model (resumable, like embed) into an .h5"),
+        ("search", search.add_search_arguments, search.run_search,
+         "the files of an index that best match a text query, with the best window's time"),
+        ("caption", captioning.add_caption_arguments, captioning.run_caption,
+         "captions of each window of audio files by a trained captioning model"),
         ("export", export.add_arguments, export.run,
          "a checkpoint as a StableHLO (jax.export, CPU + CUDA) or ONNX file: waveform in, probabilities and embeddings out"),
         ("serve", serve.add_arguments, serve.run,

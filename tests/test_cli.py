@@ -35,7 +35,8 @@ def test_unknown_model_is_one_line_error(capsys):
     assert err.count("\n") == 1 and "unknown model 'convnext_giant'" in err
 
 
-@pytest.mark.parametrize("command", ["convert", "prepare", "evaluate", "predict", "tag", "embed", "export", "download"])
+@pytest.mark.parametrize("command", ["convert", "prepare", "evaluate", "predict", "tag", "embed", "export", "download",
+                                     "index", "search", "caption"])
 def test_subcommands_are_wired(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])

@@ -12,7 +12,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "convnext_audio_jax"
 NAME = PACKAGE.name
 # Lowest first; a module may import from its own layer and the ones before it.
 LAYERS = ["runtime", "native", "models", "data", "artifacts", "convert", "hub", "evaluation", "training", "inference",
-          "export", "serve", "<root>"]
+          "export", "downstream", "serve", "<root>"]
 ROOT_MODULES_AT_MOST = 5
 
 

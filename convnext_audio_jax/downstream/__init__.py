@@ -1,0 +1,1 @@
+"""Downstream tasks on a frozen encoder: language-based audio retrieval, text search over recordings, captioning."""

@@ -1,0 +1,20 @@
+"""A tiny frozen encoder for the downstream tests: a random (8, 16, 32, 64) ConvNeXt on the demo's input (16 kHz,
+1 s, 64 mels) with the demo's ten class names; random weights, so its logits are random features of the audio."""
+
+import jax
+import numpy as np
+
+from convnext_audio_jax.artifacts.model_dir import save_model
+from convnext_audio_jax.data import demo
+from convnext_audio_jax.models import create_model, init_variables
+
+TINY_DEMO = dict(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), num_classes=demo.NUM_CLASSES,
+                 frontend=dict(sample_rate=16_000, n_fft=512, hop_length=160, n_mels=64, fmax=8_000.0,
+                               clip_seconds=1.0))
+
+
+def save_tiny_encoder(directory):
+    model = create_model("convnext_tiny", **TINY_DEMO)
+    variables = init_variables(model, jax.random.key(0))
+    variables = jax.tree.map(np.asarray, variables)
+    return save_model(directory, "convnext_tiny", variables, {"class_names": list(demo.CLASS_NAMES)}, TINY_DEMO)
