@@ -13,37 +13,32 @@ import os
 import pathlib
 from collections.abc import Iterator
 
-import jax.numpy as jnp
 import numpy as np
 
 from convnext_audio_jax.data.captions import CaptionedClips
 from convnext_audio_jax.downstream.text import save_array
 from convnext_audio_jax.hub import resolve
-from convnext_audio_jax.inference import tagging, windowing
+from convnext_audio_jax.inference import windowing
+from convnext_audio_jax.models.outputs import EMBEDDING_KINDS, output_selector
 from convnext_audio_jax.runtime.errors import UserError
 from convnext_audio_jax.runtime.forward import ShardedForward
 
 KINDS = ("logits", "scene", "sequence")
 
 
-def _select(variables, outputs):
-    del variables
-    return {"logits": outputs["logits"].astype(jnp.float32),
-            "scene": outputs["scene_embedding"].astype(jnp.float32),
-            "sequence": tagging.sequence_of(outputs).astype(jnp.float32)}
-
-
 class AudioEncoder:
     """A trained model (model folder, training workdir or pretrained name) as a frozen feature extractor."""
 
-    def __init__(self, path: str, hop_seconds: float = tagging.DEFAULT_HOP_SECONDS, batch_size: int = 16,
+    def __init__(self, path: str, hop_seconds: float | None = None, batch_size: int = 16,
                  offline: bool | None = None):
         self.directory = resolve.resolve_model_dir(path, announce=False, offline=offline)
         self.model, variables, self.metadata = resolve.load_model(str(self.directory), offline=offline)
         self.sample_rate = int(self.model.frontend.sample_rate)
         self.window = int(self.model.frontend.clip_samples)
-        self.hop = windowing.hop_samples(hop_seconds, self.sample_rate)
-        self._forward = ShardedForward(self.model, variables, batch_size, select=_select)
+        self.hop = windowing.window_hop(hop_seconds, self.sample_rate, self.window)  # None: half a window, as tag
+        select = output_selector(self.model, [EMBEDDING_KINDS[kind] for kind in KINDS],
+                                 {EMBEDDING_KINDS[kind]: kind for kind in KINDS})
+        self._forward = ShardedForward(self.model, variables, batch_size, select=select)
         self.batch_size = self._forward.batch_size
         self.class_names = list(self.metadata.get("class_names") or [str(i) for i in range(self.model.num_classes)])
 
