@@ -6,6 +6,7 @@ Screenshots of each state are saved under the test's folder."""
 import json
 import os
 import shutil
+import urllib.request
 
 import numpy as np
 import pytest
@@ -83,6 +84,10 @@ def test_upload_shows_the_cli_top_class_and_loads_nothing_from_outside(setup, fr
     # Offline: every resource the page loaded came from the server itself (no CDN, no font service).
     resources = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert resources and all(url.startswith(f"http://127.0.0.1:{port}/") for url in resources), resources
+    # …and the page's Content-Security-Policy would block any other (the browser reports a violation if so).
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/") as page:
+        assert page.headers["Content-Security-Policy"].startswith("default-src 'self'")
+    assert not [entry for entry in driver.get_log("browser") if "Content Security Policy" in entry["message"]]
 
 
 def test_live_mode_tags_the_fake_microphone(setup, cli_tops):

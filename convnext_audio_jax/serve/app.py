@@ -42,6 +42,10 @@ from convnext_audio_jax.serve.uploads import (
 
 STATIC = pathlib.Path(__file__).resolve().parent / "static"
 PAGE_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
+# The page may load and call only this server (and the blob: URLs of its own downloads); no frames of it elsewhere.
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; media-src 'self' blob:; "
+                                           "frame-ancestors 'none'",
+                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 
 
 @dataclasses.dataclass
@@ -206,13 +210,13 @@ def build_app(models: dict[str, ServedModel], limits: Limits | None = None) -> S
     server = Server(models, limits or Limits())
 
     async def page(request: Request) -> Response:
-        return FileResponse(STATIC / "index.html", media_type="text/html")
+        return FileResponse(STATIC / "index.html", media_type="text/html", headers=PAGE_HEADERS)
 
     async def asset(request: Request) -> Response:
         name = request.path_params["name"]
         if name not in PAGE_FILES:  # a fixed list: a request never names a file on the server
             raise RequestError(404, f"no page file named {name!r}")
-        return FileResponse(STATIC / name, media_type=PAGE_FILES[name])
+        return FileResponse(STATIC / name, media_type=PAGE_FILES[name], headers=PAGE_HEADERS)
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok", "models": list(server.models), "in_progress": server.in_progress})
