@@ -275,6 +275,20 @@ def test_a_full_queue_answers_503_and_a_slow_request_504(models, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_slow_upload_answers_408_and_frees_its_place(models, tmp_path):
+    app = app_with(models, upload_time_limit=0.5, temp_root=str(tmp_path))
+    body, content_type = multipart("a.wav", soundfile_bytes())
+    with running(app) as port:
+        release = threading.Event()
+        threading.Timer(3.0, release.set).start()  # the body stops half-way for 3 s
+        status, headers, answer, _ = raw_request(port, "POST", "/v1/tag", {"Content-Type": content_type},
+                                                 [body[:100], None, body[100:]], chunked=True, hold=release)
+        assert status == 408 and "limit of 0.5 s" in json.loads(answer)["error"]
+        assert headers.get("connection") == "close"
+        assert get(port, "/healthz")[2]["in_progress"] == 0
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cors_is_closed_unless_an_origin_is_allowed(server, models, tmp_path):
     status, headers, answer = post_file(server, "/v1/tag", "a.wav", soundfile_bytes(),
                                         {"Origin": "https://evil.example"})

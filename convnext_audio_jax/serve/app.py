@@ -54,6 +54,7 @@ class Limits:
     max_seconds: float = 1800.0
     max_queue: int = 64
     time_limit: float = 120.0
+    upload_time_limit: float = 300.0
     workers: int = 8
     temp_root: str | None = None  # where each request's private folder is made (default: the system's)
     allow_origins: tuple[str, ...] = ()
@@ -138,8 +139,14 @@ class Server:
         try:
             receiver = UploadReceiver(request.headers.get("content-type", ""), request.headers.get("content-length"),
                                       folder, self.limits.max_upload_bytes)
-            async for chunk in request.stream():
-                receiver.feed(chunk)
+            try:  # a client that sends slowly holds a place in the queue: it gets a time limit of its own
+                async with asyncio.timeout(self.limits.upload_time_limit):
+                    async for chunk in request.stream():
+                        receiver.feed(chunk)
+            except TimeoutError:
+                receiver.close()
+                raise RequestError(408, f"the upload took longer than the server's limit of "
+                                        f"{self.limits.upload_time_limit:g} s") from None
             receiver.finish()
             deadline = time.monotonic() + self.limits.time_limit
             future = self.pool.submit(work, served, receiver.path, receiver.name, deadline)
@@ -200,7 +207,7 @@ def _guarded(handler):
             return await handler(request)
         except RequestError as error:
             headers = dict(error.headers)
-            if error.status == 413:  # the rest of the body is not read: the connection cannot be reused
+            if error.status in (408, 413):  # the rest of the body is not read: the connection cannot be reused
                 headers["Connection"] = "close"
             return _error(error.status, error.message, headers)
     return guarded
