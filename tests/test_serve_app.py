@@ -130,6 +130,8 @@ def test_models_health_and_embed_equal_the_cli(server, model_dir, recordings, tm
     [described] = models["models"]
     assert described["name"] == "tiny" and described["classes"] == CLASS_NAMES
     assert described["sample_rate"] == 32_000 and described["window_s"] == 10.0
+    assert models["limits"] == {"max_upload_bytes": 16 * MiB, "max_seconds": 60.0, "time_limit_s": 120.0,
+                                "upload_time_limit_s": 300.0}
     assert get(server, "/healthz")[2]["status"] == "ok"
     path = recordings[-1]
     assert cli.main(["embed", str(path), "--checkpoint", model_dir, "--kind", "sequence", "--output",

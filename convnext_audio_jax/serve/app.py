@@ -232,7 +232,8 @@ def build_app(models: dict[str, ServedModel], limits: Limits | None = None) -> S
         return JSONResponse({"models": [served.describe() for served in server.models.values()],
                              "limits": {"max_upload_bytes": server.limits.max_upload_bytes,
                                         "max_seconds": server.limits.max_seconds,
-                                        "time_limit_s": server.limits.time_limit}})
+                                        "time_limit_s": server.limits.time_limit,
+                                        "upload_time_limit_s": server.limits.upload_time_limit}})
 
     async def tag(request: Request) -> Response:
         return await server.handle_upload(request, server.tag_work(request))
