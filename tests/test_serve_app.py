@@ -130,6 +130,8 @@ def test_models_health_and_embed_equal_the_cli(server, model_dir, recordings, tm
     [described] = models["models"]
     assert described["name"] == "tiny" and described["classes"] == CLASS_NAMES
     assert described["sample_rate"] == 32_000 and described["window_s"] == 10.0
+    assert models["limits"] == {"max_upload_bytes": 16 * MiB, "max_seconds": 60.0, "time_limit_s": 120.0,
+                                "upload_time_limit_s": 300.0}
     assert get(server, "/healthz")[2]["status"] == "ok"
     path = recordings[-1]
     assert cli.main(["embed", str(path), "--checkpoint", model_dir, "--kind", "sequence", "--output",
@@ -196,11 +198,14 @@ def test_bad_input_gets_its_4xx_and_the_server_goes_on(server, model_dir, tmp_pa
     assert get(server, "/healthz")[2] == {"status": "ok", "models": ["tiny"], "in_progress": 0}
 
 
-def test_sixteen_concurrent_requests_all_succeed(server, recordings):
+def test_sixteen_concurrent_requests_all_succeed(server, models, recordings):
     data = [(path.name, path.read_bytes()) for path in recordings]
     sequential = {name: post_file(server, "/v1/tag?top_k=5", name, blob)[2] for name, blob in data}
+    forwards = models["tiny"].scorer.forwards
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(lambda i: post_file(server, "/v1/tag?top_k=5", *data[i % len(data)]), range(16)))
+    # Each request is one window: fewer forwards than requests means windows of concurrent requests shared them.
+    assert models["tiny"].scorer.forwards - forwards < 16
     for status, _, answer in answers:
         assert status == 200, answer
         assert_close(answer, sequential[answer["file"]])
@@ -271,6 +276,20 @@ def test_a_full_queue_answers_503_and_a_slow_request_504(models, tmp_path):
             release.set()
             status, _, answer, _ = first.result(30)
             assert status == 504 and "limit of 0.001 s" in json.loads(answer)["error"]
+        assert get(port, "/healthz")[2]["in_progress"] == 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_slow_upload_answers_408_and_frees_its_place(models, tmp_path):
+    app = app_with(models, upload_time_limit=0.5, temp_root=str(tmp_path))
+    body, content_type = multipart("a.wav", soundfile_bytes())
+    with running(app) as port:
+        release = threading.Event()
+        threading.Timer(3.0, release.set).start()  # the body stops half-way for 3 s
+        status, headers, answer, _ = raw_request(port, "POST", "/v1/tag", {"Content-Type": content_type},
+                                                 [body[:100], None, body[100:]], chunked=True, hold=release)
+        assert status == 408 and "limit of 0.5 s" in json.loads(answer)["error"]
+        assert headers.get("connection") == "close"
         assert get(port, "/healthz")[2]["in_progress"] == 0
     assert list(tmp_path.iterdir()) == []
 

@@ -23,12 +23,14 @@ def test_the_command_serves_the_models_on_localhost_unless_told(tmp_path_factory
     model_dir = tiny_model_dir(tmp_path_factory)
     started = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **options: started.append((app, options)))
-    assert cli.main(["serve", model_dir, model_dir, "--port", "8123", "--max-upload-mb", "2"]) == 0
+    assert cli.main(["serve", model_dir, model_dir, "--port", "8123", "--max-upload-mb", "2",
+                     "--upload-time-limit", "30"]) == 0
     assert cli.main(["serve", model_dir, "--host", "0.0.0.0", "--allow-origin", "https://lab.example"]) == 0
     (app, options), (other, other_options) = started
     assert (options["host"], options["port"]) == ("127.0.0.1", 8123)
     assert (other_options["host"], other_options["port"]) == ("0.0.0.0", 7860)
     server = app.state.server
     assert list(server.models) == ["tiny", "tiny-2"] and server.limits.max_upload_bytes == 2 * 2**20
+    assert server.limits.upload_time_limit == 30
     assert server.limits.allow_origins == () and other.state.server.limits.allow_origins == ("https://lab.example",)
     assert "serve: tiny, tiny-2 on http://127.0.0.1:8123/" in capsys.readouterr().err

@@ -6,6 +6,8 @@ Screenshots of each state are saved under the test's folder."""
 import json
 import os
 import shutil
+import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -83,6 +85,10 @@ def test_upload_shows_the_cli_top_class_and_loads_nothing_from_outside(setup, fr
     # Offline: every resource the page loaded came from the server itself (no CDN, no font service).
     resources = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert resources and all(url.startswith(f"http://127.0.0.1:{port}/") for url in resources), resources
+    # …and the page's Content-Security-Policy would block any other (the browser reports a violation if so).
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/") as page:
+        assert page.headers["Content-Security-Policy"].startswith("default-src 'self'")
+    assert not [entry for entry in driver.get_log("browser") if "Content Security Policy" in entry["message"]]
 
 
 def test_live_mode_tags_the_fake_microphone(setup, cli_tops):
@@ -108,3 +114,22 @@ def test_live_mode_tags_the_fake_microphone(setup, cli_tops):
     # The model tells the microphone's sound from silence: the page's class is not what any input would give.
     assert cli_tops["silence.wav"]["label"] != shown[0]
     driver.find_element(By.ID, "live").click()
+
+
+def test_a_recording_from_the_microphone_is_tagged(setup):
+    driver, port = setup["driver"], setup["port"]
+    driver.get(f"http://127.0.0.1:{port}/")
+    wait = WebDriverWait(driver, 60)
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "ready")
+    driver.find_element(By.ID, "record").click()
+    wait.until(lambda d: "Recording" in d.find_element(By.ID, "status").text)
+    time.sleep(2.0)
+    driver.find_element(By.ID, "record").click()  # stop: the recording is sent as microphone.wav
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("tagged", "error"))
+    driver.save_screenshot(str(setup["folder"] / "record.png"))
+    assert driver.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "tagged", \
+        driver.find_element(By.ID, "status").text
+    assert driver.find_element(By.ID, "result-title").text == "microphone.wav"
+    seconds = float(driver.find_element(By.ID, "result-info").text.split(" s,")[0])
+    assert 1.5 <= seconds <= 4.0, seconds
+    assert driver.find_element(By.CSS_SELECTOR, "#tags tbody tr").get_attribute("data-label")

@@ -42,6 +42,10 @@ from convnext_audio_jax.serve.uploads import (
 
 STATIC = pathlib.Path(__file__).resolve().parent / "static"
 PAGE_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
+# The page may load and call only this server (and the blob: URLs of its own downloads); no frames of it elsewhere.
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; media-src 'self' blob:; "
+                                           "frame-ancestors 'none'",
+                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 
 
 @dataclasses.dataclass
@@ -50,6 +54,7 @@ class Limits:
     max_seconds: float = 1800.0
     max_queue: int = 64
     time_limit: float = 120.0
+    upload_time_limit: float = 300.0
     workers: int = 8
     temp_root: str | None = None  # where each request's private folder is made (default: the system's)
     allow_origins: tuple[str, ...] = ()
@@ -134,8 +139,14 @@ class Server:
         try:
             receiver = UploadReceiver(request.headers.get("content-type", ""), request.headers.get("content-length"),
                                       folder, self.limits.max_upload_bytes)
-            async for chunk in request.stream():
-                receiver.feed(chunk)
+            try:  # a client that sends slowly holds a place in the queue: it gets a time limit of its own
+                async with asyncio.timeout(self.limits.upload_time_limit):
+                    async for chunk in request.stream():
+                        receiver.feed(chunk)
+            except TimeoutError:
+                receiver.close()
+                raise RequestError(408, f"the upload took longer than the server's limit of "
+                                        f"{self.limits.upload_time_limit:g} s") from None
             receiver.finish()
             deadline = time.monotonic() + self.limits.time_limit
             future = self.pool.submit(work, served, receiver.path, receiver.name, deadline)
@@ -196,7 +207,7 @@ def _guarded(handler):
             return await handler(request)
         except RequestError as error:
             headers = dict(error.headers)
-            if error.status == 413:  # the rest of the body is not read: the connection cannot be reused
+            if error.status in (408, 413):  # the rest of the body is not read: the connection cannot be reused
                 headers["Connection"] = "close"
             return _error(error.status, error.message, headers)
     return guarded
@@ -206,13 +217,13 @@ def build_app(models: dict[str, ServedModel], limits: Limits | None = None) -> S
     server = Server(models, limits or Limits())
 
     async def page(request: Request) -> Response:
-        return FileResponse(STATIC / "index.html", media_type="text/html")
+        return FileResponse(STATIC / "index.html", media_type="text/html", headers=PAGE_HEADERS)
 
     async def asset(request: Request) -> Response:
         name = request.path_params["name"]
         if name not in PAGE_FILES:  # a fixed list: a request never names a file on the server
             raise RequestError(404, f"no page file named {name!r}")
-        return FileResponse(STATIC / name, media_type=PAGE_FILES[name])
+        return FileResponse(STATIC / name, media_type=PAGE_FILES[name], headers=PAGE_HEADERS)
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok", "models": list(server.models), "in_progress": server.in_progress})
@@ -221,7 +232,8 @@ def build_app(models: dict[str, ServedModel], limits: Limits | None = None) -> S
         return JSONResponse({"models": [served.describe() for served in server.models.values()],
                              "limits": {"max_upload_bytes": server.limits.max_upload_bytes,
                                         "max_seconds": server.limits.max_seconds,
-                                        "time_limit_s": server.limits.time_limit}})
+                                        "time_limit_s": server.limits.time_limit,
+                                        "upload_time_limit_s": server.limits.upload_time_limit}})
 
     async def tag(request: Request) -> Response:
         return await server.handle_upload(request, server.tag_work(request))

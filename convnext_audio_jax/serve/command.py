@@ -7,7 +7,8 @@ import sys
 
 from convnext_audio_jax.runtime.errors import UserError
 
-DEFAULTS = dict(max_upload_mb=100.0, max_seconds=1800.0, max_queue=64, time_limit=120.0, workers=8)
+DEFAULTS = dict(max_upload_mb=100.0, max_seconds=1800.0, max_queue=64, time_limit=120.0, upload_time_limit=300.0,
+                workers=8)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-limit", type=float, default=DEFAULTS["time_limit"],
                         help="seconds a request may take once uploaded before it is answered 504 (default "
                              "%(default)s)")
+    parser.add_argument("--upload-time-limit", type=float, default=DEFAULTS["upload_time_limit"],
+                        help="seconds an upload may take to arrive before it is answered 408 (default %(default)s)")
     parser.add_argument("--workers", type=int, default=DEFAULTS["workers"],
                         help="requests decoded and tagged at once (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward (default %(default)s)")
@@ -43,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check(args: argparse.Namespace) -> None:
     for flag, value, low in [("--max-upload-mb", args.max_upload_mb, 0), ("--max-seconds", args.max_seconds, 0),
-                             ("--time-limit", args.time_limit, 0), ("--max-wait-ms", args.max_wait_ms, -1e-9)]:
+                             ("--time-limit", args.time_limit, 0), ("--upload-time-limit", args.upload_time_limit, 0),
+                             ("--max-wait-ms", args.max_wait_ms, -1e-9)]:
         if not value > low or value == float("inf"):
             raise UserError(f"{flag} must be a positive number, got {value}")
     for flag, value in [("--max-queue", args.max_queue), ("--workers", args.workers), ("--batch-size", args.batch_size)]:
@@ -68,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     models = load_models(args.models, args.batch_size, not args.no_batching, args.max_wait_ms / 1000,
                          offline=offline_flag(args))
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_seconds=args.max_seconds,
-                    max_queue=args.max_queue, time_limit=args.time_limit, workers=args.workers,
+                    max_queue=args.max_queue, time_limit=args.time_limit,
+                    upload_time_limit=args.upload_time_limit, workers=args.workers,
                     allow_origins=tuple(args.allow_origin))
     app = build_app(models, limits)
     print(f"serve: {', '.join(models)} on http://{args.host}:{args.port}/ (API: /v1/tag, /v1/embed, /v1/models)",
