@@ -160,7 +160,9 @@ def run_tag(args: argparse.Namespace) -> int:
     # A sub-sample hop fails before the output opens.
     windowing.window_hop(args.hop, model.frontend.sample_rate, model.frontend.clip_samples)
     if args.stream:
-        return pipe.run_stream(args, scorer or Tagger(model, variables, 1).scorer, model, names)
+        # One window at a time on one device: a batch of one padded to every device's share would be all padding.
+        scorer = scorer or Tagger(model, variables, 1, mesh=data_mesh(jax.local_devices()[:1])).scorer
+        return pipe.run_stream(args, scorer, model, names)
     files, errors = expand_inputs(args.inputs)
     for error in errors:
         print(f"tag: skipped {error.line()}", file=sys.stderr)
