@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import soundfile
-from downstream_helpers import save_tiny_encoder
+from downstream_helpers import tiny_encoder  # noqa: F401  (a fixture)
 
 from convnext_audio_jax import cli
 from convnext_audio_jax.data import captions
@@ -33,8 +33,8 @@ def _config(path, **changes):
     return config
 
 
-def test_train_resume_caption_command(tmp_path, capsys):
-    encoder = save_tiny_encoder(tmp_path / "encoder")
+def test_train_resume_caption_command(tmp_path, capsys, tiny_encoder):  # noqa: F811
+    encoder = tiny_encoder
     workdir = tmp_path / "run"
     result = captioning.train(_config(encoder), workdir)
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
