@@ -22,7 +22,12 @@ def save_tiny_encoder(directory):
     return save_model(directory, "convnext_tiny", variables, {"class_names": list(demo.CLASS_NAMES)}, TINY_DEMO)
 
 
+_SAVED: list = []  # each test module that imports the fixture gets its own copy of it: one folder for all
+
+
 @pytest.fixture(scope="session")
 def tiny_encoder(tmp_path_factory):
     """The saved tiny encoder's folder (read-only for the tests)."""
-    return save_tiny_encoder(tmp_path_factory.mktemp("downstream") / "encoder")
+    if not _SAVED:
+        _SAVED.append(save_tiny_encoder(tmp_path_factory.mktemp("downstream") / "encoder"))
+    return _SAVED[0]
