@@ -28,6 +28,7 @@ def _config(path, **changes):
     config.decoder.update(max_length=12, width=32, layers=1, heads=2, feedforward=64, dropout=0.1)
     config.batch_size, config.total_steps, config.eval_every, config.log_every, config.warmup_steps = 8, 20, 10, 5, 5
     config.learning_rate = 3e-3
+    config.meteor = False  # its Java start-up: tests/test_downstream_caption_metrics.py runs it once
     for key, value in changes.items():
         config[key] = value
     return config
