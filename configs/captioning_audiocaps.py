@@ -9,8 +9,8 @@ projection of the frozen model's 31 × 768 sequence embeddings (10 s windows); t
 0.1, validation captions by beam search (beam 2).
 
 Paper (AudioCaps test set, ConvNeXt-Tiny encoder, 12.4 M trainable parameters): SPIDEr 0.471 (the best system
-then: 0.475 with 108 M trainable). SPIDEr needs SPICE (Java), not computed here: CIDEr-D, BLEU-4 and ROUGE-L are
-logged. MEASURED: not run here (AudioCaps is not on this machine).
+then: 0.475 with 108 M trainable). SPIDEr needs SPICE (a Stanford CoreNLP download), not computed here: CIDEr-D,
+BLEU-4, ROUGE-L and, where Java is present, METEOR are logged. MEASURED: not run here (AudioCaps is not on this machine).
 """
 
 from convnext_audio_jax.downstream.captioning import captioning_config

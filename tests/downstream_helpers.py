@@ -1,8 +1,10 @@
 """A tiny frozen encoder for the downstream tests: a random (8, 16, 32, 64) ConvNeXt on the demo's input (16 kHz,
-1 s, 64 mels) with the demo's ten class names; random weights, so its logits are random features of the audio."""
+1 s, 64 mels) with the demo's ten class names; random weights, so its logits are random features of the audio.
+``tiny_encoder`` (import it into a test module) saves it once per test process: its initialisation compiles."""
 
 import jax
 import numpy as np
+import pytest
 
 from convnext_audio_jax.artifacts.model_dir import save_model
 from convnext_audio_jax.data import demo
@@ -18,3 +20,14 @@ def save_tiny_encoder(directory):
     variables = init_variables(model, jax.random.key(0))
     variables = jax.tree.map(np.asarray, variables)
     return save_model(directory, "convnext_tiny", variables, {"class_names": list(demo.CLASS_NAMES)}, TINY_DEMO)
+
+
+_SAVED: list = []  # each test module that imports the fixture gets its own copy of it: one folder for all
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory):
+    """The saved tiny encoder's folder (read-only for the tests)."""
+    if not _SAVED:
+        _SAVED.append(save_tiny_encoder(tmp_path_factory.mktemp("downstream") / "encoder"))
+    return _SAVED[0]

@@ -34,3 +34,15 @@ def test_metrics_equal_pycocoevalcap():
 
 def test_tokenize():
     assert caption_metrics.tokenize("A dog's bark,  then RAIN.") == "a dog's bark then rain"
+
+
+def test_meteor_runs_where_java_is():
+    import shutil
+
+    if shutil.which("java") is None:
+        assert caption_metrics.meteor(["a dog barks"], [["a dog barks"]]) is None
+        pytest.skip("no Java runtime on the PATH (Debian: default-jre): METEOR is not computed here")
+    values = caption_metrics.caption_metrics(["A dog barking.", "heavy rain"],
+                                             [["a dog barks", "a dog is barking loudly"], ["rain falls on a roof", "it rains"]],
+                                             with_meteor=True)
+    assert values["METEOR"] == pytest.approx(0.2782, abs=1e-3)  # what METEOR 1.5 gives these captions

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import soundfile
-from downstream_helpers import save_tiny_encoder
+from downstream_helpers import tiny_encoder  # noqa: F401  (a fixture)
 
 from convnext_audio_jax import cli
 from convnext_audio_jax.data import captions
@@ -28,13 +28,14 @@ def _config(path, **changes):
     config.decoder.update(max_length=12, width=32, layers=1, heads=2, feedforward=64, dropout=0.1)
     config.batch_size, config.total_steps, config.eval_every, config.log_every, config.warmup_steps = 8, 20, 10, 5, 5
     config.learning_rate = 3e-3
+    config.meteor = False  # its Java start-up: tests/test_downstream_caption_metrics.py runs it once
     for key, value in changes.items():
         config[key] = value
     return config
 
 
-def test_train_resume_caption_command(tmp_path, capsys):
-    encoder = save_tiny_encoder(tmp_path / "encoder")
+def test_train_resume_caption_command(tmp_path, capsys, tiny_encoder):  # noqa: F811
+    encoder = tiny_encoder
     workdir = tmp_path / "run"
     result = captioning.train(_config(encoder), workdir)
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]

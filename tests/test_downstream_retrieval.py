@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from downstream_helpers import save_tiny_encoder
+from downstream_helpers import tiny_encoder  # noqa: F401  (a fixture)
 
 from convnext_audio_jax.downstream import features, metrics, retrieval
 from convnext_audio_jax.runtime.errors import UserError
@@ -29,8 +29,8 @@ def _config(path, **changes):
     return config
 
 
-def test_train_resume_and_the_saved_model(tmp_path):
-    encoder = save_tiny_encoder(tmp_path / "encoder")
+def test_train_resume_and_the_saved_model(tmp_path, tiny_encoder):  # noqa: F811
+    encoder = tiny_encoder
     workdir = tmp_path / "run"
     result = retrieval.train(_config(encoder), workdir)
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]

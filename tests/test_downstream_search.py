@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import soundfile
-from downstream_helpers import save_tiny_encoder
+from downstream_helpers import tiny_encoder  # noqa: F401  (a fixture)
 
 from convnext_audio_jax import cli
 from convnext_audio_jax.downstream import features, retrieval, search
@@ -19,10 +19,9 @@ class Interrupted(BaseException):
     """A kill in the middle of a run (BaseException, as KeyboardInterrupt: nothing catches it on the way)."""
 
 
-def _retrieval_model(tmp_path):
+def _retrieval_model(tmp_path, encoder):
     """An untrained projection of the tiny encoder's logits (+tags) saved as a retrieval model: the index and
     search mechanics do not depend on what it learned."""
-    encoder = save_tiny_encoder(tmp_path / "encoder")
     rng = np.random.default_rng(0)
     tags = rng.normal(size=(10, 384)).astype(np.float32)
     params = retrieval.init_params(0, 10 + 384, 384, 0.07)
@@ -34,8 +33,8 @@ def _retrieval_model(tmp_path):
     return retrieval.RetrievalModel(tmp_path / "model")
 
 
-def test_index_resume_and_search(tmp_path, monkeypatch, capsys):
-    model = _retrieval_model(tmp_path)
+def test_index_resume_and_search(tmp_path, monkeypatch, capsys, tiny_encoder):  # noqa: F811
+    model = _retrieval_model(tmp_path, tiny_encoder)
     folder = tmp_path / "recordings"
     folder.mkdir()
     rng = np.random.default_rng(1)
@@ -69,7 +68,7 @@ def test_index_resume_and_search(tmp_path, monkeypatch, capsys):
 
     index = search.load_index(str(output))
     assert [f.rsplit("/", 1)[1] for f in index["files"]] == ["a.wav", "b.flac", "c.wav"]
-    encoder = features.AudioEncoder(str(tmp_path / "encoder"), 0.5)
+    encoder = features.AudioEncoder(str(tiny_encoder), 0.5)
     rows = index["file_index"] == 1
     starts, windows = encoder.windows(waves["b.flac"].astype(np.float32))
     np.testing.assert_allclose(index["window_start_s"][rows], starts / 16_000)

@@ -6,14 +6,16 @@ captions): BLEU is corpus-level, its brevity penalty from each candidate's close
 the mean over clips of the LCS F-measure (beta 1.2) of the best precision and best recall over references;
 CIDEr-D is the mean over clips of 10 × the mean over n = 1..4 and over references of the clipped tf-idf cosine
 (document frequencies over the references of the evaluated clips), times a Gaussian length penalty (sigma 6) on
-the difference of the two sentences' bigram counts, as that code counts length. METEOR and SPICE need Java
-programs and are not computed here.
+the difference of the two sentences' bigram counts, as that code counts length. METEOR 1.5 is a Java program:
+:func:`meteor` runs the copy pycocoevalcap ships where a Java runtime is on the PATH (Debian: ``default-jre``) and
+says None otherwise; SPICE (so SPIDEr) needs a Stanford CoreNLP download and is not computed.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import shutil
 from collections import Counter
 from collections.abc import Sequence
 
@@ -112,11 +114,32 @@ def cider_d(candidates: Sequence[str], references: Sequence[Sequence[str]], n: i
     return sum(scores) / len(scores)
 
 
-def caption_metrics(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
-    """``BLEU_4``, ``ROUGE_L`` and ``CIDEr_D`` of raw candidate captions (one per clip) against each clip's raw
-    reference captions (both tokenised here)."""
+def meteor(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> float | None:
+    """METEOR 1.5 (pycocoevalcap's jar, run by Java) of tokenised captions; None without Java or pycocoevalcap."""
+    if shutil.which("java") is None:
+        return None
+    try:
+        from pycocoevalcap.meteor.meteor import Meteor
+    except ImportError:
+        return None
+    scorer = Meteor()
+    try:
+        score, _ = scorer.compute_score({i: list(refs) for i, refs in enumerate(references)},
+                                        {i: [candidate] for i, candidate in enumerate(candidates)})
+    finally:
+        scorer.meteor_p.kill()  # its own __del__ would wait on the process
+        scorer.meteor_p.wait()
+    return float(score)
+
+
+def caption_metrics(candidates: Sequence[str], references: Sequence[Sequence[str]],
+                    with_meteor: bool = False) -> dict[str, float]:
+    """``BLEU_4``, ``ROUGE_L`` and ``CIDEr_D`` (and ``METEOR`` when ``with_meteor`` and Java is here) of raw
+    candidate captions (one per clip) against each clip's raw reference captions (both tokenised here)."""
     if len(candidates) != len(references) or not candidates:
         raise ValueError(f"{len(candidates)} candidates for {len(references)} clips")
     hypotheses = [tokenize(c) for c in candidates]
     refs = [[tokenize(r) for r in rs] for rs in references]
-    return {"BLEU_4": bleu(hypotheses, refs), "ROUGE_L": rouge_l(hypotheses, refs), "CIDEr_D": cider_d(hypotheses, refs)}
+    values = {"BLEU_4": bleu(hypotheses, refs), "ROUGE_L": rouge_l(hypotheses, refs), "CIDEr_D": cider_d(hypotheses, refs)}
+    score = meteor(hypotheses, refs) if with_meteor else None
+    return values if score is None else {**values, "METEOR": score}

@@ -3,7 +3,8 @@ on each clip's frozen sequence embeddings (computed once, stored under ``workdir
 label smoothing, validated by beam-search captions scored with CIDEr-D, BLEU-4 and ROUGE-L (``caption_metrics``).
 
 ``train(config, workdir)`` is what ``python train.py --config configs/captioning_*.py`` runs: config.json (resume
-checks it), metrics.jsonl + TensorBoard (``val_CIDEr_D``, ``val_BLEU_4``, ``val_ROUGE_L``), ``checkpoints/
+checks it), metrics.jsonl + TensorBoard (``val_CIDEr_D``, ``val_BLEU_4``, ``val_ROUGE_L``, and ``val_METEOR`` where Java
+is present), ``checkpoints/
 state.msgpack`` (resumed from), ``model/best`` (by ``val_CIDEr_D``) and ``model/last``: ``captioning.json``
 (settings, vocabulary) + ``params.msgpack``, which ``convnext-audio caption`` loads (:class:`CaptioningModel`).
 """
@@ -62,6 +63,7 @@ def captioning_config() -> ml_collections.ConfigDict:
     config.min_word_count = 1
     config.label_smoothing = 0.1
     config.beam = 2
+    config.meteor = True  # also METEOR (val_METEOR) where a Java runtime is on the PATH: ~10 s more per evaluation
     config.batch_size = 64
     config.total_steps = 10_000
     config.learning_rate = 5e-4
@@ -190,7 +192,8 @@ def _train(config, workdir: pathlib.Path) -> dict:
 
     def evaluate(params) -> dict[str, float]:
         candidates = generate(decoder, params, tokenizer, val_audio, int(config.beam))
-        return {f"val_{k}": v for k, v in caption_metrics.caption_metrics(candidates, val_clips.captions).items()}
+        values = caption_metrics.caption_metrics(candidates, val_clips.captions, with_meteor=bool(config.meteor))
+        return {f"val_{k}": v for k, v in values.items()}
 
     log = MetricsLog(workdir)
     result: dict = {}

@@ -240,7 +240,8 @@ def _train(config, workdir: pathlib.Path) -> dict:
                 log.write(step, values)
                 log.sync()
                 state = {"params": params, "opt_state": opt_state, "step": step, "best": best}
-                files.write_bytes(state_path.parent.mkdir(exist_ok=True) or state_path, serialization.to_bytes(state))
+                state_path.parent.mkdir(exist_ok=True)
+                files.write_bytes(state_path, serialization.to_bytes(state))
                 record = {**document, "step": step, "metrics": values}
                 _save_model(workdir / "model" / "last", params, arrays, record)
                 if is_best:
