@@ -98,9 +98,10 @@ def deployment_rows(case: Case, reference, variables: dict, waveform: np.ndarray
     """Rows ``onnx-<runtime>`` (our export) and ``torch-onnx-<runtime>`` (torch's export of the reference, when
     there is one), each with its probabilities; ``compile_s`` is the export plus the runtime's model compilation.
 
-    The timed runs are interleaved (one call of each row in turn, ``repeats`` rounds), so a change of load on a
-    shared machine falls on every row alike and the ratios between them hold; ``peak_memory_mb`` is measured
-    over each row's untimed warm-up call."""
+    Per runtime, the two exports' timed runs alternate (one call each per round, the order reversed every other
+    round), so a change of load on a shared machine falls on both alike and their ratio holds (timing all four
+    rows round-robin did not: one runtime's worker threads slow the other's next call); ``peak_memory_mb`` is
+    measured over each row's untimed warm-up call."""
     exporters = {"onnx": lambda: ours_onnx(case, variables, waveform.shape[1])}
     if reference is not None:
         exporters["torch-onnx"] = lambda: torch_onnx(reference, waveform.shape[1])
@@ -127,9 +128,11 @@ def deployment_rows(case: Case, reference, variables: dict, waveform: np.ndarray
             except Exception as error:  # noqa: BLE001 — a missing runtime is a result
                 row["error"] = error_summary(error)
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            times[name] += timed_runs(run, 1, warmup=0)
+    for runtime in runtimes:
+        pair = [name for name in runs if name.endswith(f"-{runtime}")]
+        for round_ in range(repeats):
+            for name in pair if round_ % 2 == 0 else pair[::-1]:
+                times[name] += timed_runs(runs[name], 1, warmup=0)
     result = []
     for row in rows:
         name = row["implementation"]
