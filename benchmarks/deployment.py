@@ -96,32 +96,49 @@ RUNNERS = {"ort": ort_runner, "openvino": openvino_runner}
 def deployment_rows(case: Case, reference, variables: dict, waveform: np.ndarray, repeats: int,
                     runtimes=RUNTIMES) -> list[tuple[dict, np.ndarray | None]]:
     """Rows ``onnx-<runtime>`` (our export) and ``torch-onnx-<runtime>`` (torch's export of the reference, when
-    there is one), each with its probabilities; ``compile_s`` is the export plus the runtime's model compilation."""
+    there is one), each with its probabilities; ``compile_s`` is the export plus the runtime's model compilation.
+
+    Per runtime, the two exports' timed runs alternate (one call each per round, the order reversed every other
+    round), so a change of load on a shared machine falls on both alike and their ratio holds (timing all four
+    rows round-robin did not: one runtime's worker threads slow the other's next call); ``peak_memory_mb`` is
+    measured over each row's untimed warm-up call."""
     exporters = {"onnx": lambda: ours_onnx(case, variables, waveform.shape[1])}
     if reference is not None:
         exporters["torch-onnx"] = lambda: torch_onnx(reference, waveform.shape[1])
-    result = []
+    rows, runs = [], {}
     for exporter, export in exporters.items():
         try:
             start = time.perf_counter()
             data, export_s = export(), time.perf_counter() - start
         except Exception as error:  # noqa: BLE001 — a failed export is a result
-            result += [({"implementation": f"{exporter}-{rt}", "error": error_summary(error)}, None) for rt in runtimes]
+            rows += [{"implementation": f"{exporter}-{rt}", "error": error_summary(error)} for rt in runtimes]
             continue
         for runtime in runtimes:
             row: dict[str, Any] = {"implementation": f"{exporter}-{runtime}", "params": count_params(variables["params"]),
                                    "onnx_mb": len(data) / 2**20}
+            rows.append(row)
             try:
                 start = time.perf_counter()
                 run, _ = RUNNERS[runtime](data, waveform)
                 row["compile_s"] = export_s + time.perf_counter() - start
                 with peak_memory() as memory:
-                    times = timed_runs(run, repeats)
-                row.update(times_s=times, clips_per_s=len(waveform) / statistics.median(times), **memory)
-                result.append((row, run()))
+                    run()
+                row.update(memory, memory_method=str(memory.get("memory_method", "")).replace("the timed runs", "the warm-up call"))
+                runs[row["implementation"]] = run
             except Exception as error:  # noqa: BLE001 — a missing runtime is a result
                 row["error"] = error_summary(error)
-                result.append((row, None))
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for runtime in runtimes:
+        pair = [name for name in runs if name.endswith(f"-{runtime}")]
+        for round_ in range(repeats):
+            for name in pair if round_ % 2 == 0 else pair[::-1]:
+                times[name] += timed_runs(runs[name], 1, warmup=0)
+    result = []
+    for row in rows:
+        name = row["implementation"]
+        if name in runs:
+            row.update(times_s=times[name], clips_per_s=len(waveform) / statistics.median(times[name]))
+        result.append((row, runs[name]() if name in runs else None))
     return result
 
 
