@@ -192,6 +192,17 @@ def _missing(path: pathlib.Path) -> CheckpointError:
                            f"(names: convnext-audio models --pretrained)")
 
 
+def find_task_model(path: str | os.PathLike, marker: str, what: str) -> pathlib.Path:
+    """The folder of a downstream task's model (its ``marker`` file written last): ``path`` itself, else the
+    training workdir's ``model/best``, else ``model/last``; a one-line UserError naming ``what`` otherwise."""
+    path = pathlib.Path(path)
+    for candidate in (path, path / WORKDIR_MODELS / BEST_MODEL, path / WORKDIR_MODELS / LAST_MODEL):
+        if (candidate / marker).is_file():
+            return candidate
+    raise UserError(f"{path}: no {what} ({marker}) here nor in its {WORKDIR_MODELS}/{BEST_MODEL} or "
+                    f"{WORKDIR_MODELS}/{LAST_MODEL}")
+
+
 def resolve_model_dir(path: str | os.PathLike, announce: bool = True) -> pathlib.Path:
     """The model directory ``path`` names: a model directory as is; a training workdir (has ``model/`` or
     ``checkpoints/``) resolves to ``model/best``, else ``model/last``, saying which on stderr (``announce``).

@@ -27,6 +27,7 @@ import optax
 from flax import serialization
 
 from convnext_audio_jax.artifacts import lock as lock_lib
+from convnext_audio_jax.artifacts.model_dir import find_task_model
 from convnext_audio_jax.data import audio as audio_lib
 from convnext_audio_jax.data import captions as captions_lib
 from convnext_audio_jax.downstream import caption_metrics
@@ -111,13 +112,7 @@ class CaptioningModel:
     """A trained decoder (``model/best`` or ``model/last`` of a captioning workdir, or the workdir itself)."""
 
     def __init__(self, path: str | os.PathLike):
-        path = pathlib.Path(path)
-        for candidate in (path, path / "model" / "best", path / "model" / "last"):
-            if (candidate / MODEL_FILE).is_file():
-                path = candidate
-                break
-        else:
-            raise UserError(f"{path}: no captioning model ({MODEL_FILE}) here nor in its model/best or model/last")
+        path = find_task_model(path, MODEL_FILE, "captioning model")
         self.directory = path
         self.document = json.loads((path / MODEL_FILE).read_text())
         self.tokenizer = Tokenizer(self.document["vocabulary"])

@@ -29,6 +29,7 @@ import optax
 from flax import serialization
 
 from convnext_audio_jax.artifacts import lock as lock_lib
+from convnext_audio_jax.artifacts.model_dir import find_task_model
 from convnext_audio_jax.data import captions as captions_lib
 from convnext_audio_jax.downstream import features as features_lib
 from convnext_audio_jax.downstream import metrics as metrics_lib
@@ -119,13 +120,7 @@ class RetrievalModel:
     """A trained projection (``model/best`` or ``model/last`` of a retrieval workdir, or the workdir itself)."""
 
     def __init__(self, path: str | os.PathLike):
-        path = pathlib.Path(path)
-        for candidate in (path, path / "model" / "best", path / "model" / "last"):
-            if (candidate / MODEL_FILE).is_file():
-                path = candidate
-                break
-        else:
-            raise UserError(f"{path}: no retrieval model ({MODEL_FILE}) here nor in its model/best or model/last")
+        path = find_task_model(path, MODEL_FILE, "retrieval model")
         self.directory = path
         self.config = json.loads((path / MODEL_FILE).read_text())
         with np.load(path / PARAMS_FILE) as arrays:
