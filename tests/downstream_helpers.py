@@ -31,3 +31,19 @@ def tiny_encoder(tmp_path_factory):
     if not _SAVED:
         _SAVED.append(save_tiny_encoder(tmp_path_factory.mktemp("downstream") / "encoder"))
     return _SAVED[0]
+
+
+def save_retrieval_model(folder, encoder):
+    """An untrained projection of the tiny encoder's logits (+tags) saved as a retrieval model in ``folder``: the
+    index and search mechanics do not depend on what it learned."""
+    from convnext_audio_jax.downstream import retrieval
+
+    rng = np.random.default_rng(0)
+    tags = rng.normal(size=(10, 384)).astype(np.float32)
+    params = retrieval.init_params(0, 10 + 384, 384, 0.07)
+    arrays = {"mean": rng.normal(size=394).astype(np.float32), "std": np.full(394, 2.0, np.float32),
+              "tag_embeddings": tags}
+    document = {"task": "retrieval", "encoder": str(encoder), "audio_features": "logits", "tags": True,
+                "text_model": "all-MiniLM-L6-v2", "hop_seconds": 0.5, "sample_rate": 16_000}
+    retrieval._save_model(folder, params, arrays, document)
+    return retrieval.RetrievalModel(folder)

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 import soundfile
-from downstream_helpers import tiny_encoder  # noqa: F401  (a fixture)
+from downstream_helpers import save_retrieval_model, tiny_encoder  # noqa: F401  (tiny_encoder: a fixture)
 
 from convnext_audio_jax import cli
-from convnext_audio_jax.downstream import features, retrieval, search
+from convnext_audio_jax.downstream import features, search
 
 pytest.importorskip("sentence_transformers", reason="text embeddings need the [downstream] extra")
 
@@ -19,22 +19,8 @@ class Interrupted(BaseException):
     """A kill in the middle of a run (BaseException, as KeyboardInterrupt: nothing catches it on the way)."""
 
 
-def _retrieval_model(tmp_path, encoder):
-    """An untrained projection of the tiny encoder's logits (+tags) saved as a retrieval model: the index and
-    search mechanics do not depend on what it learned."""
-    rng = np.random.default_rng(0)
-    tags = rng.normal(size=(10, 384)).astype(np.float32)
-    params = retrieval.init_params(0, 10 + 384, 384, 0.07)
-    arrays = {"mean": rng.normal(size=394).astype(np.float32), "std": np.full(394, 2.0, np.float32),
-              "tag_embeddings": tags}
-    document = {"task": "retrieval", "encoder": str(encoder), "audio_features": "logits", "tags": True,
-                "text_model": "all-MiniLM-L6-v2", "hop_seconds": 0.5, "sample_rate": 16_000}
-    retrieval._save_model(tmp_path / "model", params, arrays, document)
-    return retrieval.RetrievalModel(tmp_path / "model")
-
-
 def test_index_resume_and_search(tmp_path, monkeypatch, capsys, tiny_encoder):  # noqa: F811
-    model = _retrieval_model(tmp_path, tiny_encoder)
+    model = save_retrieval_model(tmp_path / "model", tiny_encoder)
     folder = tmp_path / "recordings"
     folder.mkdir()
     rng = np.random.default_rng(1)

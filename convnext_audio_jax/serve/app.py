@@ -33,6 +33,7 @@ from starlette.routing import Route
 
 from convnext_audio_jax.inference.tag_output import CSV_HEADER
 from convnext_audio_jax.serve import engine
+from convnext_audio_jax.serve import search as search_lib
 from convnext_audio_jax.serve.engine import RequestError, ServedModel
 from convnext_audio_jax.serve.uploads import (
     UploadReceiver,
@@ -100,10 +101,10 @@ def _flag(request: Request, name: str) -> bool:
 class Server:
     """The app's state: the models, the limits, the thread pool and the count of requests in progress."""
 
-    def __init__(self, models: dict[str, ServedModel], limits: Limits):
+    def __init__(self, models: dict[str, ServedModel], limits: Limits, indexes: dict[str, dict] | None = None):
         if not models:
             raise ValueError("no model to serve")
-        self.models, self.limits = models, limits
+        self.models, self.limits, self.indexes = models, limits, dict(indexes or {})
         self.pool = concurrent.futures.ThreadPoolExecutor(limits.workers, thread_name_prefix="request")
         self.in_progress = 0
 
@@ -161,6 +162,32 @@ class Server:
             if not handed_over:
                 remove_folder(folder)
 
+    async def search(self, request: Request) -> Response:
+        """``q`` (the query, in words), ``top_k`` and ``index`` (its name; default the first given at start)."""
+        self.check_origin(request)
+        if not self.indexes:
+            raise RequestError(404, "this server has no index to search: start it with --index INDEX.h5 "
+                                    "(made by convnext-audio index)")
+        name = request.query_params.get("index", next(iter(self.indexes)))
+        if name not in self.indexes:
+            raise RequestError(404, f"no index named {name!r} on this server; it has {', '.join(self.indexes)}")
+        query = request.query_params.get("q", "").strip()
+        if not query:
+            raise RequestError(400, "query q is empty: say in words what to look for")
+        top_k = _int(request, "top_k", 10, 1)
+        if self.in_progress >= self.limits.max_queue:
+            raise RequestError(503, f"the server is busy ({self.in_progress} requests in progress); try again",
+                               {"Retry-After": "1"})
+        self.in_progress += 1
+        try:  # the text model runs on the pool, as the audio models do: the event loop keeps answering
+            future = self.pool.submit(search_lib.answer, name, self.indexes[name], query, top_k)
+            try:
+                return JSONResponse(await asyncio.wait_for(asyncio.wrap_future(future), self.limits.time_limit))
+            except TimeoutError:
+                raise engine.TimeLimit(self.limits.time_limit) from None
+        finally:
+            self.in_progress -= 1
+
     def tag_work(self, request: Request):
         top_k = _int(request, "top_k", 10, 1)
         threshold = _float(request, "threshold", 0.25)
@@ -213,8 +240,10 @@ def _guarded(handler):
     return guarded
 
 
-def build_app(models: dict[str, ServedModel], limits: Limits | None = None) -> Starlette:
-    server = Server(models, limits or Limits())
+def build_app(models: dict[str, ServedModel], limits: Limits | None = None,
+              indexes: dict[str, dict] | None = None) -> Starlette:
+    """The app over ``models`` (name → ServedModel) and the search ``indexes`` (name → ``search.load_index``)."""
+    server = Server(models, limits or Limits(), indexes)
 
     async def page(request: Request) -> Response:
         return FileResponse(STATIC / "index.html", media_type="text/html", headers=PAGE_HEADERS)
@@ -226,7 +255,8 @@ def build_app(models: dict[str, ServedModel], limits: Limits | None = None) -> S
         return FileResponse(STATIC / name, media_type=PAGE_FILES[name], headers=PAGE_HEADERS)
 
     async def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "models": list(server.models), "in_progress": server.in_progress})
+        return JSONResponse({"status": "ok", "models": list(server.models), "indexes": list(server.indexes),
+                             "in_progress": server.in_progress})
 
     async def models_list(request: Request) -> Response:
         return JSONResponse({"models": [served.describe() for served in server.models.values()],
@@ -240,6 +270,9 @@ def build_app(models: dict[str, ServedModel], limits: Limits | None = None) -> S
 
     async def embed(request: Request) -> Response:
         return await server.handle_upload(request, server.embed_work(request))
+
+    async def search(request: Request) -> Response:
+        return await server.search(request)
 
     async def http_error(request: Request, error: HTTPException) -> Response:
         return _error(error.status_code, f"{request.method} {request.url.path}: {error.detail}")
@@ -259,6 +292,7 @@ def build_app(models: dict[str, ServedModel], limits: Limits | None = None) -> S
         Route("/v1/models", _guarded(models_list)),
         Route("/v1/tag", _guarded(tag), methods=["POST"]),
         Route("/v1/embed", _guarded(embed), methods=["POST"]),
+        Route("/v1/search", _guarded(search), methods=["POST"]),
     ]
     app = Starlette(routes=routes, middleware=middleware,
                     exception_handlers={HTTPException: http_error, Exception: internal_error})

@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds an upload may take to arrive before it is answered 408 (default %(default)s)")
     parser.add_argument("--workers", type=int, default=DEFAULTS["workers"],
                         help="requests decoded and tagged at once (default %(default)s)")
+    parser.add_argument("--index", action="append", default=[], metavar="INDEX.h5",
+                        help="an index of recordings (convnext-audio index) that POST /v1/search queries in words; "
+                             "repeatable, each named by its file name without .h5")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward (default %(default)s)")
     parser.add_argument("--max-wait-ms", type=float, default=10.0,
                         help="how long a forward waits for windows of other requests in progress (default "
@@ -75,8 +78,13 @@ def run(args: argparse.Namespace) -> int:
                     max_queue=args.max_queue, time_limit=args.time_limit,
                     upload_time_limit=args.upload_time_limit, workers=args.workers,
                     allow_origins=tuple(args.allow_origin))
-    app = build_app(models, limits)
-    print(f"serve: {', '.join(models)} on http://{args.host}:{args.port}/ (API: /v1/tag, /v1/embed, /v1/models)",
-          file=sys.stderr, flush=True)
+    indexes = {}
+    if args.index:
+        from convnext_audio_jax.serve.search import load_indexes
+
+        indexes = load_indexes(args.index)
+    app = build_app(models, limits, indexes)
+    api = "/v1/tag, /v1/embed, /v1/models" + (", /v1/search" if indexes else "")
+    print(f"serve: {', '.join(models)} on http://{args.host}:{args.port}/ (API: {api})", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
     return 0
