@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import select
+import shutil
 import socket
 import threading
 import time
@@ -14,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import uvicorn
 from conftest import synthetic_sound
 
@@ -175,3 +177,20 @@ def post_file(port: int, path: str, filename: str, data: bytes, headers: dict | 
     if answer_headers.get("content-type", "").startswith("application/json"):
         return status, answer_headers, json.loads(answer)
     return status, answer_headers, answer
+
+
+def chromium(mic_file):
+    """Headless Chromium driven by selenium, its fake microphone playing ``mic_file``."""
+    from selenium import webdriver
+
+    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if browser is None or driver is None:
+        pytest.fail("chromium and chromium-driver are not installed (apt-get install chromium chromium-driver; "
+                    ".ci/run does)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1000,1300",
+                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                 f"--use-file-for-fake-audio-capture={mic_file}", "--autoplay-policy=no-user-gesture-required"]:
+        options.add_argument(flag)
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))

@@ -5,33 +5,17 @@ Screenshots of each state are saved under the test's folder."""
 
 import json
 import os
-import shutil
 import time
 import urllib.request
 
 import numpy as np
 import pytest
 import soundfile
-from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
-from serve_helpers import app_with, running, served_models, steady_sound, tiny_model_dir
+from serve_helpers import app_with, chromium, running, served_models, steady_sound, tiny_model_dir
 
 from convnext_audio_jax import cli
-
-
-def chromium(mic_file):
-    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if browser is None or driver is None:
-        pytest.fail("chromium and chromium-driver are not installed (apt-get install chromium chromium-driver; "
-                    ".ci/run does)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for flag in ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1000,1300",
-                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-                 f"--use-file-for-fake-audio-capture={mic_file}", "--autoplay-policy=no-user-gesture-required"]:
-        options.add_argument(flag)
-    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """serve's POST /v1/search: the answer of `convnext-audio search … --json` for the same index and query, the
-index chosen by name, and bad queries, unknown indexes and a server without one as 4xx with a JSON error."""
+index chosen by name, bad queries, unknown indexes and a server without one as 4xx with a JSON error; and the
+page's search box in headless Chromium lists the same files."""
 
 import contextlib
 import io
@@ -9,7 +10,9 @@ import numpy as np
 import pytest
 import soundfile
 from downstream_helpers import save_retrieval_model, tiny_encoder  # noqa: F401  (tiny_encoder: a fixture)
-from serve_helpers import app_with, raw_request, running, served_models, tiny_model_dir
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+from serve_helpers import app_with, chromium, raw_request, running, served_models, steady_sound, tiny_model_dir
 
 from convnext_audio_jax import cli
 from convnext_audio_jax.serve.app import Limits, build_app
@@ -52,6 +55,25 @@ def test_search_answers_what_the_cli_prints(tmp_path, tmp_path_factory, tiny_enc
                                   ("/v1/search?q=x&index=other", 404, "no index named 'other'")]:
             status, error = _post(port, path)
             assert status == code and words in error["error"], (path, error)
+        mic = tmp_path / "mic.wav"
+        soundfile.write(mic, steady_sound(), 48_000, subtype="PCM_16")
+        driver = chromium(mic)
+        try:
+            driver.get(f"http://127.0.0.1:{port}/")
+            wait = WebDriverWait(driver, 60)
+            wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "ready")
+            assert driver.find_element(By.ID, "search-panel").is_displayed()
+            driver.find_element(By.ID, "top-k").clear()
+            driver.find_element(By.ID, "top-k").send_keys("2")
+            driver.find_element(By.ID, "search-query").send_keys("a steady tone")
+            driver.find_element(By.CSS_SELECTOR, "#search-form button").click()
+            wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-search") in ("done", "error"))
+            rows = driver.find_elements(By.CSS_SELECTOR, "#search-results tbody tr")
+            assert [row.get_attribute("data-file") for row in rows] == [r["file"] for r in expected]
+            assert abs(float(rows[0].get_attribute("data-score")) - expected[0]["score"]) <= 1e-6
+            driver.save_screenshot(str(tmp_path / "search.png"))
+        finally:
+            driver.quit()
     with running(app_with(models)) as port:  # started without --index
         status, error = _post(port, "/v1/search?q=x")
         assert status == 404 and "--index" in error["error"]

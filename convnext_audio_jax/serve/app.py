@@ -255,15 +255,15 @@ def build_app(models: dict[str, ServedModel], limits: Limits | None = None,
         return FileResponse(STATIC / name, media_type=PAGE_FILES[name], headers=PAGE_HEADERS)
 
     async def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "models": list(server.models), "indexes": list(server.indexes),
-                             "in_progress": server.in_progress})
+        return JSONResponse({"status": "ok", "models": list(server.models), "in_progress": server.in_progress})
 
     async def models_list(request: Request) -> Response:
         return JSONResponse({"models": [served.describe() for served in server.models.values()],
                              "limits": {"max_upload_bytes": server.limits.max_upload_bytes,
                                         "max_seconds": server.limits.max_seconds,
                                         "time_limit_s": server.limits.time_limit,
-                                        "upload_time_limit_s": server.limits.upload_time_limit}})
+                                        "upload_time_limit_s": server.limits.upload_time_limit},
+                             "indexes": list(server.indexes)})
 
     async def tag(request: Request) -> Response:
         return await server.handle_upload(request, server.tag_work(request))

@@ -1,4 +1,5 @@
-// The page of `convnext-audio serve`: it calls the server's own JSON API (/v1/models, /v1/tag, /v1/embed) and
+// The page of `convnext-audio serve`: it calls the server's own JSON API (/v1/models, /v1/tag, /v1/embed,
+// /v1/search) and
 // loads nothing from elsewhere. Microphone audio is captured as PCM with the Web Audio API and sent as a WAV
 // file, which every decoder of the server reads (a MediaRecorder's WebM/Opus would need ffmpeg there).
 "use strict";
@@ -6,6 +7,7 @@
 const $ = (id) => document.getElementById(id);
 const COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
 let models = [];
+let indexes = []; // the search indexes the server was started with (`serve --index`)
 let lastUpload = null; // {blob, name}: what the downloads of CSV and embeddings send again
 
 function model() { return models.find((m) => m.name === $("model").value) || models[0]; }
@@ -23,8 +25,8 @@ function query(extra) {
 
 async function post(path, blob, name) {
   const form = new FormData();
-  form.append("file", blob, name);
-  const response = await fetch(path, {method: "POST", body: form});
+  if (blob) form.append("file", blob, name);
+  const response = await fetch(path, {method: "POST", body: blob ? form : undefined});
   if (!response.ok) {
     let message = `${response.status} ${response.statusText}`;
     try { message = `${response.status}: ${(await response.json()).error}`; } catch (e) { /* not JSON */ }
@@ -269,12 +271,45 @@ async function toggleLive() {
   }, Math.max(250, 1000 * Number($("hop").value)));
 }
 
+// ---------------------------------------------------------------------------------------------------- search
+
+// The indexes the server was started with (`serve --index`): words in, files by their best window out.
+function setUpSearch(indexes) {
+  if (!indexes.length) return;
+  $("search-index").replaceChildren(...indexes.map((name) => new Option(name, name)));
+  $("search-index").hidden = indexes.length < 2;
+  $("search-panel").hidden = false;
+  $("search-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    document.body.dataset.search = "busy";
+    const params = new URLSearchParams({q: $("search-query").value, index: $("search-index").value,
+                                        top_k: $("top-k").value});
+    try {
+      const answer = await (await post(`/v1/search?${params}`)).json();
+      $("search-results").tBodies[0].replaceChildren(...answer.results.map((result) => {
+        const row = document.createElement("tr");
+        row.dataset.file = result.file;
+        row.dataset.score = String(result.score);
+        const span = result.windows > 1 ? `${result.start_s.toFixed(1)}–${result.end_s.toFixed(1)}` : "";
+        for (const text of [String(result.rank), result.score.toFixed(3), result.file, span]) {
+          row.insertCell().textContent = text;
+        }
+        return row;
+      }));
+      document.body.dataset.search = "done";
+    } catch (error) {
+      status(`search: ${error.message}`, true);
+      document.body.dataset.search = "error";
+    }
+  });
+}
+
 // --------------------------------------------------------------------------------------------------- set-up
 
 async function start() {
   try {
     const response = await fetch("/v1/models");
-    models = (await response.json()).models;
+    ({models, indexes} = await response.json());
   } catch (error) {
     status(`cannot list the models: ${error.message}`, true);
     return;
@@ -301,6 +336,7 @@ async function start() {
     event.preventDefault();
     download(`/v1/embed?${new URLSearchParams({model: model().name, kind: "scene", format: "npz"})}`, "scene.npz");
   });
+  setUpSearch(indexes || []);
   document.body.dataset.state = "ready";
 }
 
