@@ -13,6 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import traverse_util
+from clip_memo import MemoizedClips, memoized_run_data
 from training_helpers import load_config, tiny_config
 
 from convnext_audio_jax import cli, training
@@ -242,7 +243,7 @@ def demo_kd_config(name: str):
 
 
 @pytest.mark.slow
-def test_demo_distillation_experiment(demo_run, tmp_path, monkeypatch):
+def test_demo_distillation_experiment(demo_run, tmp_path):
     """issue 14's demo experiment: the teacher is the README's demo run (configs/demo.py as shipped, the session's
     ``demo_run``, which the demo test checks too) → its teacher file for the first 1024 training clips
     (predict_teacher, the library call of ``convnext-audio predict``) → students (configs/demo_kd.py: dims
@@ -259,26 +260,28 @@ def test_demo_distillation_experiment(demo_run, tmp_path, monkeypatch):
 
     start = time.perf_counter()
     teacher_val_map = demo_run["result"]["best_val_mAP"]
-    train_source = demo.SyntheticAudioSet("train", 1024, sample_rate=16_000, clip_seconds=1.0)
-    model, variables, _ = load_model(demo_run["workdir"])  # the workdir resolves to model/best
-    teacher_file = tmp_path / "teacher.h5"
-    predict.predict_teacher([("teacher", model, variables)], train_source, teacher_file, source_name="demo@train",
-                            batch_size=64, progress=False)
+    # Each clip synthesised once for the teacher file and both students (they draw each clip 30 times).
+    with memoized_run_data() as store, pytest.MonkeyPatch.context() as patch:
+        train_source = MemoizedClips(demo.SyntheticAudioSet("train", 1024, sample_rate=16_000, clip_seconds=1.0), store)
+        model, variables, _ = load_model(demo_run["workdir"])  # the workdir resolves to model/best
+        teacher_file = tmp_path / "teacher.h5"
+        predict.predict_teacher([("teacher", model, variables)], train_source, teacher_file, source_name="demo@train",
+                                batch_size=64, progress=False)
 
-    open_run_data = data_lib.open_run_data
+        open_run_data = data_lib.open_run_data
 
-    def half_labelled(config, frontend):
-        opened = open_run_data(config, frontend)
-        return dataclasses.replace(opened, train=HalfLabels(opened.train))
+        def half_labelled(config, frontend):
+            opened = open_run_data(config, frontend)
+            return dataclasses.replace(opened, train=HalfLabels(opened.train))
 
-    monkeypatch.setattr(data_lib, "open_run_data", half_labelled)
-    distilled_config = demo_kd_config("demo_kd")
-    distilled_config.distill.teacher = str(teacher_file)
-    distilled_config.distill.label_weight = 0.0
-    distilled = training.train(distilled_config, tmp_path / "distilled")
-    labels_config = demo_kd_config("demo_kd")
-    labels_config.distill.teacher = ""
-    label_only = training.train(labels_config, tmp_path / "labels")
+        patch.setattr(data_lib, "open_run_data", half_labelled)
+        distilled_config = demo_kd_config("demo_kd")
+        distilled_config.distill.teacher = str(teacher_file)
+        distilled_config.distill.label_weight = 0.0
+        distilled = training.train(distilled_config, tmp_path / "distilled")
+        labels_config = demo_kd_config("demo_kd")
+        labels_config.distill.teacher = ""
+        label_only = training.train(labels_config, tmp_path / "labels")
     print(f"demo KD ({time.perf_counter() - start:.0f} s): teacher val mAP {teacher_val_map:.4f}; "
           f"student on half the labels: distilled (label_weight 0) {distilled['best_val_mAP']:.4f}, "
           f"label-only {label_only['best_val_mAP']:.4f}")
