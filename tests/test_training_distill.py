@@ -55,7 +55,7 @@ def setup(config, mesh, accumulation_steps, distillation):
     state = step_lib.init_train_state(model, tx, 0, mesh)
     step = step_lib.make_train_step(model, tx, config_lib.augment_config(config), accumulation_steps, mesh,
                                     distillation=distillation)
-    return model, state, step
+    return model, tx, state, step
 
 
 def test_step_loss_equals_numpy_with_mixup_pairing():
@@ -65,7 +65,7 @@ def test_step_loss_equals_numpy_with_mixup_pairing():
     config = tiny_config()
     mesh = data_mesh()
     distillation = Distillation(label_weight=0.3, temperature=2.0)
-    model, state, step = setup(config, mesh, 1, distillation)
+    model, _, state, step = setup(config, mesh, 1, distillation)
     batch = demo_batch(32)  # 16 examples, 32 rows: mixup pairs (2k, 2k + 1)
     batch["teacher"] = np.random.default_rng(0).normal(0, 3, (32, demo.NUM_CLASSES)).astype(np.float32)
     variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
@@ -77,11 +77,16 @@ def test_step_loss_equals_numpy_with_mixup_pairing():
     step_key = jax.random.fold_in(jax.random.wrap_key_data(rng), 0)
     speed_key, logmel_key, drop_path_key, dropout_key = jax.random.split(jax.random.fold_in(step_key, 0), 4)
     augment = config_lib.augment_config(config)
-    waveform = augment_waveform(speed_key, step_lib.waveform_to_float(jnp.asarray(batch["waveform"])), augment)
-    hook, _, lambdas = logmel_augmentation_with_lambdas(logmel_key, jnp.asarray(batch["target"]), augment)
-    outputs, _ = model.apply(variables, waveform, train=True, logmel_hook=hook, mutable=["batch_stats"],
-                             rngs={"drop_path": drop_path_key, "dropout": dropout_key})
-    s = np.asarray(outputs["logits"], np.float64)
+
+    def student(variables, waveform, targets):  # one jit: run op by op it cost more than the step's own compile
+        waveform = augment_waveform(speed_key, step_lib.waveform_to_float(waveform), augment)
+        hook, _, lambdas = logmel_augmentation_with_lambdas(logmel_key, targets, augment)
+        outputs, _ = model.apply(variables, waveform, train=True, logmel_hook=hook, mutable=["batch_stats"],
+                                 rngs={"drop_path": drop_path_key, "dropout": dropout_key})
+        return outputs["logits"], lambdas
+
+    logits, lambdas = jax.jit(student)(variables, jnp.asarray(batch["waveform"]), jnp.asarray(batch["target"]))
+    s = np.asarray(logits, np.float64)
     lam = np.asarray(lambdas, np.float64)[:, None]
     y, t, temperature = batch["target"].astype(np.float64), batch["teacher"].astype(np.float64), 2.0
     labels = lam * y[0::2] + (1 - lam) * y[1::2]
@@ -103,14 +108,14 @@ def test_teacher_rows_stay_with_their_clips_under_sharding_and_accumulation():
     config = tiny_config()
     config.model.drop_path_rate = 0.0
     mesh = data_mesh()
-    _, state, step = setup(config, mesh, 2, Distillation(label_weight=0.5, temperature=1.0))
+    model, tx, state, step = setup(config, mesh, 2, Distillation(label_weight=0.5, temperature=1.0))
     batch = demo_batch(64)
     batch["teacher"] = (40.0 * (2.0 * batch["target"] - 1.0)).astype(np.float16)  # float16, as files store it
     _, metrics = step(state, step_lib.global_batch(batch, mesh))
     metrics = jax.device_get(metrics)
     assert float(metrics["distillation_loss"]) == pytest.approx(float(metrics["label_loss"]), rel=1e-5)
     shuffled = dict(batch, teacher=batch["teacher"][::-1].copy())
-    _, state, step = setup(config, mesh, 2, Distillation(label_weight=0.5, temperature=1.0))
+    state = step_lib.init_train_state(model, tx, 0, mesh)  # the first was donated; the compiled step is reused
     _, metrics = step(state, step_lib.global_batch(shuffled, mesh))
     # Near initialisation the logits are small and every loss is close to log 2; a misaligned teacher still
     # moves the distillation part by far more than the tolerance above.
