@@ -256,9 +256,9 @@ def test_demo_distillation_experiment(demo_run, tmp_path):
     positive labels cleared, distilled with label_weight = 0 (the teacher's targets only) or trained on those
     labels only. Asserted: the distilled student reaches ≥ 90 % of the teacher's validation mAP (same 512 clips)
     and beats label-only training. Measured (Intel Xeon @ 2.80GHz, 2 cores, 8 simulated devices): teacher 0.9814,
-    distilled student 0.9208 (93.8 %), label-only 0.7649; 448 s for both students (Intel Xeon @ 2.60GHz, 2026-12-07,
-    clips kept by clip_memo: teacher 0.9814, distilled 0.9212, label-only 0.7657; 460 s of CPU with the demo run).
-    With a 480-step teacher of 0.9070 the same student
+    distilled student 0.9208 (93.8 %), label-only 0.7649; 448 s for both students. Again on an
+    Intel Xeon @ 2.60GHz (2026-12-07, clips kept by tests/clip_memo.py): teacher 0.9814, distilled 0.9212 (93.9 %),
+    label-only 0.7657. With a 480-step teacher of 0.9070 the same student
     reached 0.8529 (94.0 %) and label-only 0.7745; at 240 steps the distilled student stays at 0.7798 (79.5 %).
     This is the smallest form that shows it: a narrower 8-16-32-64 student (the teacher's width halved), 480 steps,
     reached 0.8721 (88.8 % of a 0.9816 teacher; label-only 0.7608; AMD EPYC, 2 cores, loaded by other jobs)."""
