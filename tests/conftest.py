@@ -171,6 +171,7 @@ def demo_run(tmp_path_factory) -> dict:
     import json
     import time
 
+    from clip_memo import memoized_run_data
     from training_helpers import load_config
 
     from convnext_audio_jax import training
@@ -179,7 +180,8 @@ def demo_run(tmp_path_factory) -> dict:
         config = load_config("demo")
         config.progress_bar = False
         start = time.perf_counter()
-        result = training.train(config, workdir)
+        with memoized_run_data():  # the same clips, each synthesised once (about 300 MB, released after)
+            result = training.train(config, workdir)
         return {"workdir": workdir, "result": result, "seconds": time.perf_counter() - start}
 
     if not os.environ.get("PYTEST_XDIST_WORKER"):
