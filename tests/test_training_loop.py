@@ -1,4 +1,4 @@
-"""The training loop end to end on the tiny demo config: kill/resume bit-identity (also with SIGKILL while an
+"""The training loop end to end on the tiny demo config cut to 8 steps: kill/resume bit-identity (also with SIGKILL while an
 orbax temporary directory exists, and on a packed HDF5 source with corrupt clips, the balanced sampler and 4
 read threads), NaN stop / skip_batch, the model directories, config.json and the resume check, the best mAP
 across a resume, and the demo's mAP (slow)."""
@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 from data_helpers import damage_hdf5_clips, random_waveforms, write_packed_hdf5
 from flax import traverse_util
-from training_helpers import TINY_CONFIG, load_config, tiny_config
+from training_helpers import TINY_CONFIG, load_config
 
 from convnext_audio_jax import training
 from convnext_audio_jax.artifacts import model_dir as checkpoint
@@ -30,17 +30,33 @@ from convnext_audio_jax.training import step as step_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
+# The shared tiny config cut to 8 steps: a checkpoint every 2 (the first kill lands after step 2), an evaluation
+# every 4, and 96 training clips, so the runs still cross epoch boundaries (32 rows a step with mixup) after the
+# kill. The resume mechanisms do not depend on the run's length; every run here (the steady-state one too)
+# compiles the same programs, so the persistent XLA cache serves all but the first.
+LOOP_CONFIG = TINY_CONFIG.replace("    return config\n", """    config.data.demo_train_clips = 96
+    config.total_steps = 8
+    config.checkpoint_every = 2
+    config.eval_every = 4
+    return config
+""")
+assert LOOP_CONFIG != TINY_CONFIG
+
+
+def tiny_config():
+    return load_config(LOOP_CONFIG)
+
 
 @pytest.fixture(scope="module")
 def tiny_config_file(tmp_path_factory) -> pathlib.Path:
     path = tmp_path_factory.mktemp("configs") / "tiny.py"
-    path.write_text(TINY_CONFIG)
+    path.write_text(LOOP_CONFIG)
     return path
 
 
 @pytest.fixture(scope="module")
 def uninterrupted_run(tmp_path_factory) -> pathlib.Path:
-    """The tiny config trained for its 24 steps without interruption."""
+    """The loop config trained for its 8 steps without interruption."""
     workdir = tmp_path_factory.mktemp("uninterrupted")
     training.train(tiny_config(), workdir)
     return workdir
@@ -102,14 +118,14 @@ def test_run_writes_config_metrics_and_loadable_model_directories(uninterrupted_
     assert saved == config_lib.config_as_json(config)
     lines = metrics_lines(uninterrupted_run)
     evaluations = [line for line in lines if "val_mAP" in line]
-    assert [line["step"] for line in evaluations] == [12, 24]
+    assert [line["step"] for line in evaluations] == [4, 8]
     assert all(line["val_skipped"] == 0 and "eval_mAP" in line for line in evaluations)  # eval reported each time
     assert any("train_skipped" in line and "learning_rate" in line for line in lines)
 
     _, last, metadata = checkpoint.load_model(uninterrupted_run / "model" / "last")
-    assert metadata["provenance"]["step"] == 24 and metadata["class_names"] == list(demo.CLASS_NAMES)
+    assert metadata["provenance"]["step"] == 8 and metadata["class_names"] == list(demo.CLASS_NAMES)
     assert metadata["sample_rate"] == 16_000 and metadata["provenance"]["config"]["batch_size"] == 16
-    final = read_checkpoint_params(uninterrupted_run, 24)
+    final = read_checkpoint_params(uninterrupted_run, 8)
     for path, value in traverse_util.flatten_dict(last["params"], sep="/").items():
         np.testing.assert_array_equal(value, final[path], err_msg=path)
     _, _, best_metadata = checkpoint.load_model(uninterrupted_run / "model" / "best")
@@ -141,15 +157,15 @@ def test_killed_and_resumed_run_is_bit_identical(tiny_config_file, uninterrupted
     assert after_resume and all(losses(uninterrupted)[s] == v for s, v in after_resume.items())
 
 
-# In the child: the save of step 8 stalls while its orbax temporary directory exists (grain asks the loader
+# In the child: the save of step 4 stalls while its orbax temporary directory exists (grain asks the loader
 # for its state inside the save, after orbax created the directory), so the kill lands mid-save every time.
-STALL_SAVE_OF_STEP_8 = """
+STALL_SAVE_OF_STEP_4 = """
 import os, pathlib, time
 from convnext_audio_jax.training import checkpointing
 _get_state = checkpointing.LoaderCheckpoint.get_state
 def _stalling_get_state(self):
     folder = pathlib.Path(os.environ["STALL_CHECKPOINTS"])
-    if any(p.name.startswith("8.orbax-checkpoint-tmp") for p in folder.iterdir()):
+    if any(p.name.startswith("4.orbax-checkpoint-tmp") for p in folder.iterdir()):
         time.sleep(600)
     return _get_state(self)
 checkpointing.LoaderCheckpoint.get_state = _stalling_get_state
@@ -158,27 +174,27 @@ checkpointing.LoaderCheckpoint.get_state = _stalling_get_state
 
 def test_kill_during_an_orbax_save_resumes_from_the_last_finished_step(tiny_config_file, uninterrupted_run,
                                                                        tmp_path):
-    """SIGKILL while step 8's checkpoint is an orbax temporary directory: the resume starts from step 4 (the
+    """SIGKILL while step 4's checkpoint is an orbax temporary directory: the resume starts from step 2 (the
     last finished save), and the final params, batch_stats, opt_state, step and rng are bitwise those of an
     uninterrupted run."""
     config = tiny_config()
     workdir = tmp_path / "run"
     checkpoints = workdir / "checkpoints"
-    process = start_train_py(tiny_config_file, workdir, prelude=STALL_SAVE_OF_STEP_8,
+    process = start_train_py(tiny_config_file, workdir, prelude=STALL_SAVE_OF_STEP_4,
                              env={"STALL_CHECKPOINTS": str(checkpoints)})
 
-    def saving_step_8():
-        return checkpoints.is_dir() and any(p.name.startswith("8.orbax-checkpoint-tmp") for p in checkpoints.iterdir())
+    def saving_step_4():
+        return checkpoints.is_dir() and any(p.name.startswith("4.orbax-checkpoint-tmp") for p in checkpoints.iterdir())
 
-    kill_when(process, saving_step_8)
+    kill_when(process, saving_step_4)
     temporary = [p.name for p in checkpoints.iterdir() if not p.name.isdigit()]
-    assert temporary and all(name.startswith("8.orbax-checkpoint-tmp") for name in temporary), temporary
-    assert finished_steps(workdir) == [4]
+    assert temporary and all(name.startswith("4.orbax-checkpoint-tmp") for name in temporary), temporary
+    assert finished_steps(workdir) == [2]
 
     training.train(config, workdir)
     assert not any(".orbax-checkpoint-tmp" in p.name for p in checkpoints.iterdir())
     first = [line["step"] for line in metrics_lines(workdir) if "train_loss" in line]
-    assert first.count(4) == 1 and first.count(5) == 2  # logged again from step 5 on: resumed at 4
+    assert first.count(2) == 1 and first.count(3) == 2  # logged again from step 3 on: resumed at 2
     final = read_checkpoint_state(workdir, config.total_steps)
     assert {path.split("'")[1] for path in final} == {"params", "batch_stats", "opt_state", "step", "rng"}
     assert_same_arrays(read_checkpoint_state(uninterrupted_run, config.total_steps), final)
@@ -206,9 +222,9 @@ def get_config():
     config.data.max_skip_fraction = 0.5
     config.batch_size = 16
     config.eval_batch_size = 8
-    config.total_steps = 12
-    config.checkpoint_every = 4
-    config.eval_every = 12
+    config.total_steps = 6
+    config.checkpoint_every = 2
+    config.eval_every = 6
     config.log_every = 1
     config.progress_bar = False
     return config
@@ -265,70 +281,70 @@ def test_resume_with_a_changed_batch_size_is_refused_unless_allowed(uninterrupte
     shutil.copytree(uninterrupted_run, workdir)
     config = tiny_config()
     config.batch_size = 32
-    config.total_steps = 26
-    config.eval_every = 26
-    with pytest.raises(training.ConfigError, match=r"batch_size: 16 -> 32.*total_steps: 24 -> 26"):
+    config.total_steps = 10
+    config.eval_every = 10
+    with pytest.raises(training.ConfigError, match=r"batch_size: 16 -> 32.*total_steps: 8 -> 10"):
         training.train(config, workdir)
     assert json.loads((workdir / "config.json").read_text())["batch_size"] == 16  # left as it was
 
     config.allow_config_change = True
     result = training.train(config, workdir)
-    assert result["step"] == 26
+    assert result["step"] == 10
     changes = [line for line in metrics_lines(workdir) if "config_change" in line]
-    assert changes == [{"step": 24, "config_change": {"batch_size": [16, 32], "total_steps": [24, 26]}}]
-    # The best validation mAP of the first 24 steps is read back, not reset.
+    assert changes == [{"step": 8, "config_change": {"batch_size": [16, 32], "total_steps": [8, 10]}}]
+    # The best validation mAP of the first 8 steps is read back, not reset.
     first_best = max(line["val_mAP"] for line in metrics_lines(uninterrupted_run) if "val_mAP" in line)
     assert result["best_val_mAP"] >= first_best
     assert json.loads((workdir / "config.json").read_text())["batch_size"] == 32
 
 
 def test_nan_loss_stops_the_run_and_a_skip_batch_resume_skips_then_stops(uninterrupted_run, tmp_path, monkeypatch):
-    """on_nonfinite = "stop": the NaN step stops the run, nothing after step 24 is saved and the message says
-    how to resume with skip_batch. Resumed so: steps 25, 26, 27 are skipped (state kept bit for bit,
+    """on_nonfinite = "stop": the NaN step stops the run, nothing after step 8 is saved and the message says
+    how to resume with skip_batch. Resumed so: steps 9, 10, 11 are skipped (state kept bit for bit,
     counted in metrics.jsonl and in the checkpoints) and the run stops at the third in a row."""
     workdir = tmp_path / "run"
-    shutil.copytree(uninterrupted_run, workdir)  # a finished 24-step run, continued to 30 steps
-    good = read_checkpoint_state(workdir, 24)
+    shutil.copytree(uninterrupted_run, workdir)  # a finished 8-step run, continued to 14 steps
+    good = read_checkpoint_state(workdir, 8)
     config = tiny_config()
-    config.total_steps = 30
+    config.total_steps = 14
     config.checkpoint_every = 1  # the NaN step is itself a checkpoint step: it must not be saved
     config.allow_config_change = True
     monkeypatch.setattr(step_lib, "classification_loss", lambda logits, targets: jnp.full((), jnp.nan))  # grad norm 0
     with pytest.raises(training.NonFiniteLossError,
-                       match=r"^non-finite training loss at step 25 \(loss nan, grad norm 0.0\); stopped; last good "
-                             r"checkpoint: step 24 in .*; to skip such steps, resume with "
+                       match=r"^non-finite training loss at step 9 \(loss nan, grad norm 0.0\); stopped; last good "
+                             r"checkpoint: step 8 in .*; to skip such steps, resume with "
                              r"--config.on_nonfinite=skip_batch$"):
         training.train(config, workdir)
-    assert finished_steps(workdir)[-1] == 24
-    kept = read_checkpoint_state(workdir, 24)
+    assert finished_steps(workdir)[-1] == 8
+    kept = read_checkpoint_state(workdir, 8)
     assert all(np.isfinite(value).all() for path, value in kept.items() if path.startswith("['params']"))
     assert_same_arrays(good, kept)
 
     config.on_nonfinite = "skip_batch"  # result-neutral: no config_change entry needed
     config.max_nonfinite_in_a_row = 3
     with pytest.raises(training.NonFiniteLossError,
-                       match=r"^3 steps in a row \(steps 25 to 27\) had a non-finite loss or gradient norm \(last: "
+                       match=r"^3 steps in a row \(steps 9 to 11\) had a non-finite loss or gradient norm \(last: "
                              r"loss nan, grad norm 0.0\); their updates were skipped .*; stopped; last good "
-                             r"checkpoint: step 26 in "):
+                             r"checkpoint: step 10 in "):
         training.train(config, workdir)
-    assert finished_steps(workdir)[-1] == 26
-    for step in (25, 26):
+    assert finished_steps(workdir)[-1] == 10
+    for step in (9, 10):
         saved = read_checkpoint_state(workdir, step)
         assert int(saved["['step']"]) == step
         assert_same_arrays({p: v for p, v in good.items() if p != "['step']"},
                            {p: v for p, v in saved.items() if p != "['step']"})
-        assert read_loader_state(workdir, step)["run"] == {"nonfinite_skipped": step - 24,
-                                                           "nonfinite_in_a_row": step - 24}
-    lines = [line for line in metrics_lines(workdir) if line["step"] > 24]
+        assert read_loader_state(workdir, step)["run"] == {"nonfinite_skipped": step - 8,
+                                                           "nonfinite_in_a_row": step - 8}
+    lines = [line for line in metrics_lines(workdir) if line["step"] > 8]
     assert [(line["step"], line["nonfinite_in_a_row"]) for line in lines if "nonfinite_in_a_row" in line] == [
-        (25, 1), (26, 2), (27, 3)]
+        (9, 1), (10, 2), (11, 3)]
     regular = [line for line in lines if "learning_rate" in line]
-    assert [line["step"] for line in regular] == [25, 26]  # step 27 stopped before its log line
+    assert [line["step"] for line in regular] == [9, 10]  # step 11 stopped before its log line
     assert all("train_loss" not in line for line in regular)  # no NaN token in the JSON
     assert [line["nonfinite_skipped"] for line in regular] == [1, 2]
-    # No update was applied: the logged rate stays that of the schedule's step 24.
-    lr_24 = optimizer.host_learning_rate(config.optimizer, config.total_steps, 24)
-    assert all(line["learning_rate"] == lr_24 for line in regular)
+    # No update was applied: the logged rate stays that of the schedule's step 8.
+    lr_8 = optimizer.host_learning_rate(config.optimizer, config.total_steps, 8)
+    assert all(line["learning_rate"] == lr_8 for line in regular)
 
 
 def test_steady_state_never_waits_on_the_device(tmp_path, monkeypatch):
@@ -337,8 +353,8 @@ def test_steady_state_never_waits_on_the_device(tmp_path, monkeypatch):
     big_vision runs its loop), so a batch that was not put on the devices ahead raises instead of being copied
     on the training thread. (XLA:CPU's arrays live in host memory, so the guard cannot see a device-to-host read
     here; the fetch count is the proof of that side.)"""
-    config = tiny_config()
-    config.total_steps, config.log_every, config.checkpoint_every, config.eval_every = 12, 5, 12, 12
+    config = tiny_config()  # its programs are the uninterrupted run's: only host-side settings change
+    config.log_every, config.checkpoint_every, config.eval_every = 3, 8, 8
     fetches = []
     real_device_get = jax.device_get
 
@@ -349,8 +365,8 @@ def test_steady_state_never_waits_on_the_device(tmp_path, monkeypatch):
 
     monkeypatch.setattr(jax, "device_get", counting_device_get)
     training.train(config, tmp_path / "run")
-    assert fetches == [5, 5, 2]  # steps 1-5, 6-10, 11-12 (the checkpoint at 12)
-    assert [line["step"] for line in metrics_lines(tmp_path / "run") if "train_loss" in line] == [5, 10, 12]
+    assert fetches == [3, 3, 2]  # steps 1-3, 4-6, 7-8 (the checkpoint at 8)
+    assert [line["step"] for line in metrics_lines(tmp_path / "run") if "train_loss" in line] == [3, 6, 8]
 
     monkeypatch.setattr(step_lib, "global_batch", lambda local, mesh: {key: local[key] for key in ("waveform", "target")})
     with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
