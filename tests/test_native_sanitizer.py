@@ -17,7 +17,7 @@ from convnext_audio_jax import native
 from convnext_audio_jax.runtime import files, xla
 
 COMPILER = native.find_compiler()
-# -Og, not -O1: the same instrumentation (and __builtin_object_size for UBSan's object-size check) in about half the
+# -Og, not -O1: the same sanitizer instrumentation in about half the
 # compile time, which is most of this test's (three sanitized builds of six sources each).
 SANITIZE = "-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -Og"
 AVX512_AND_AMX = "avx512f avx512_bf16 avx512_fp16 avx512_vnni amx_tile amx_bf16 amx_int8"
