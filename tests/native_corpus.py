@@ -157,7 +157,6 @@ def sums_cases(rng, count):
 
 def run(seed: int, count: int) -> None:
     import jax
-    import jax.numpy as jnp
 
     from convnext_audio_jax import native
 
@@ -176,38 +175,50 @@ def run(seed: int, count: int) -> None:
         entry[0] += 1
         entry[1] = max(entry[1], error)
 
-    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    # The operands as float32 numpy arrays (jnp.asarray compiles a conversion per shape) into one jit per kernel and
+    # case: one XLA program per case instead of an eager one per op (the kernel's placement and pads), as a model
+    # calls it.
+    native.prepare()  # built outside the traces below (a trace does not build it)
+    f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+    depthwise_conv = jax.jit(native.depthwise_conv, static_argnums=2)
+    depthwise_kernel_grad = jax.jit(native.depthwise_kernel_grad, static_argnums=(2, 3))
+    conv_forward = jax.jit(native.conv_forward, static_argnums=2)
+    conv_kernel_flip = jax.jit(native.conv_kernel_flip)
+    conv_winograd = jax.jit(native.conv_winograd, static_argnums=2)
+    conv_kernel_grad = jax.jit(native.conv_kernel_grad, static_argnums=(2, 3))
+    f32_matmul = jax.jit(native.f32_matmul, static_argnames="gelu")
+    channel_sums = jax.jit(native.channel_sums)
     for shape, (kh, kw), padding in depthwise_cases(rng, count):
         x, kernel, bias = normal(*shape), normal(kh, kw, shape[3]), normal(shape[3])
         case = (shape, (kh, kw), padding)
-        check("depthwise_conv", native.depthwise_conv(f32(x), f32(kernel), padding, f32(bias)),
+        check("depthwise_conv", depthwise_conv(f32(x), f32(kernel), padding, f32(bias)),
               depthwise_reference(x, kernel, padding, bias), case)
         dy = normal(shape[0], out_size(shape[1], padding[0], kh), out_size(shape[2], padding[1], kw), shape[3])
-        check("depthwise_kernel_grad", native.depthwise_kernel_grad(f32(x), f32(dy), (kh, kw), padding),
+        check("depthwise_kernel_grad", depthwise_kernel_grad(f32(x), f32(dy), (kh, kw), padding),
               depthwise_grad_reference(x, dy, (kh, kw), padding), case)
     for shape, (kh, kw), co, padding in conv_cases(rng, count):
         x, kernel = normal(*shape), normal(kh, kw, shape[3], co)
-        check("conv_forward", native.conv_forward(f32(x), f32(kernel), padding), conv_reference(x, kernel, padding),
+        check("conv_forward", conv_forward(f32(x), f32(kernel), padding), conv_reference(x, kernel, padding),
               (shape, (kh, kw), co, padding))
-        check("conv_kernel_flip", native.conv_kernel_flip(f32(kernel)), np.flip(kernel, (0, 1)).swapaxes(2, 3),
+        check("conv_kernel_flip", conv_kernel_flip(f32(kernel)), np.flip(kernel, (0, 1)).swapaxes(2, 3),
               kernel.shape)
     for shape, k, co, padding in winograd_cases(rng, count):
         x, kernel = normal(*shape), normal(k, k, shape[3], co)
-        check("conv_winograd", native.conv_winograd(f32(x), f32(kernel), padding), conv_reference(x, kernel, padding),
+        check("conv_winograd", conv_winograd(f32(x), f32(kernel), padding), conv_reference(x, kernel, padding),
               (shape, k, co, padding))
     for shape, (kh, kw), co, padding in conv_grad_cases(rng, count):
         x = normal(*shape)
         dy = normal(shape[0], out_size(shape[1], padding[0], kh), out_size(shape[2], padding[1], kw), co)
-        check("conv_kernel_grad", native.conv_kernel_grad(f32(x), f32(dy), (kh, kw), padding),
+        check("conv_kernel_grad", conv_kernel_grad(f32(x), f32(dy), (kh, kw), padding),
               conv_grad_reference(x, dy, (kh, kw), padding), (shape, (kh, kw), co, padding))
     for m, k, n in matmul_cases(rng, count):
         x, w, b = normal(m, k), normal(k, n), normal(n)
         for activation in (False, True):
             want = gelu(x @ w + b) if activation else x @ w + b
-            check("f32_matmul", native.f32_matmul(f32(x), f32(w), f32(b), gelu=activation), want, (m, k, n, activation))
+            check("f32_matmul", f32_matmul(f32(x), f32(w), f32(b), gelu=activation), want, (m, k, n, activation))
     for n, c in sums_cases(rng, count):
         a, b, ma, mb = normal(n, c), normal(n, c), normal(c), normal(c)
-        sums = native.channel_sums(f32(a), f32(b), f32(ma), f32(mb))
+        sums = channel_sums(f32(a), f32(b), f32(ma), f32(mb))
         check("channel_sums", sums[0], a.sum(0), (n, c))
         check("channel_sums", sums[1], ((a - ma) * (b - mb)).sum(0), (n, c))
     jax.effects_barrier()

@@ -124,7 +124,8 @@ def test_stablehlo_symbolic_batch_and_length_and_metadata(tmp_path):
     exported = jax.export.deserialize(path.read_bytes())
     assert bytes(exported.serialize()) == path.read_bytes()
     rng = np.random.default_rng(1)
-    for batch, samples in [(1, 23 * 320), (3, 48_000), (2, 10 * SR)]:
+    # Two batches and two lengths, neither the 10 s window (test_both_formats_match_the_jax_model runs that).
+    for batch, samples in [(1, 23 * 320), (3, 48_000)]:
         waveform = (0.1 * rng.standard_normal((batch, samples))).astype(np.float32)
         got = exported.call(waveform)
         expected = reference(model, variables, waveform)
@@ -203,7 +204,8 @@ def test_a_missing_package_is_one_line_naming_its_install(monkeypatch, tmp_path)
 
 @pytest.mark.slow
 def test_full_size_convnext_tiny_both_formats(test_audio, tmp_path):
-    waveform, source = test_audio
+    # One recording: the reduced models' tests prove batches and clips; this one the full depth and width.
+    waveform, source = test_audio[0][:1], test_audio[1]
     model = create_model("convnext_tiny")
     variables = init_variables(model, jax.random.key(0))
     expected = reference(model, variables, waveform)
