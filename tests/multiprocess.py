@@ -40,19 +40,15 @@ class ProcessGroupError(AssertionError):
     """A process of the group failed or the group ran past its time limit; the message holds every output."""
 
 
-def process_env(devices: int, extra: dict | None = None, xla_cache: bool = False) -> dict:
-    """This environment with ``devices`` simulated CPU devices, the repository importable and nothing of an
-    outer cluster (SLURM, Open MPI, JAX_*) left in to confuse the child.
-
-    ``xla_cache``: keep the test run's persistent compilation cache (tests/conftest.py). In a multi-process job
-    only process 0 reads it back (JAX writes from process 0 only, and the CPU topology in the key differs between
-    processes), so a later group's process 0 skips compiles its peer still does: only for programs whose every
-    cross-process collective is preceded by a coordinator barrier after its compile (sharding.barrier; train.py
-    and evaluate are), else process 0 may wait at a collective past gloo's 30 s."""
-    cache = () if xla_cache else ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_")
+def process_env(devices: int, extra: dict | None = None) -> dict:
+    """This environment with ``devices`` simulated CPU devices, the repository importable, nothing of an
+    outer cluster (SLURM, Open MPI, JAX_*) left in to confuse the child, and no persistent compilation cache (the
+    test run's, tests/conftest.py): JAX writes it from process 0 only, so a later group would find process 0's
+    programs compiled and process 1's not, and process 0 would wait at the first collective for a peer still
+    compiling, past gloo's timeout on a loaded machine."""
     env = {key: value for key, value in os.environ.items()
            if not key.startswith(("SLURM_", "OMPI_", "PMI_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_",
-                                  "JAX_LOCAL_DEVICE_IDS", *cache))}
+                                  "JAX_LOCAL_DEVICE_IDS", "JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_"))}
     flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
     env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
     env["JAX_PLATFORMS"] = "cpu"
@@ -121,23 +117,22 @@ def _kill(process: subprocess.Popen) -> None:
 
 def run_jax_processes(args: Sequence[str], num_processes: int, devices_per_process: int, timeout: float,
                       extra_env: dict | None = None, use_flags: bool = False, check: bool = True,
-                      kill_when: Callable[[], bool] | None = None, xla_cache: bool = False) -> list[ProcessResult]:
+                      kill_when: Callable[[], bool] | None = None) -> list[ProcessResult]:
     """``python ARGS`` as ``num_processes`` processes of one JAX job on localhost, each with
     ``devices_per_process`` CPU devices. The job is described by JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
-    JAX_PROCESS_ID, or with ``use_flags`` by ``--coordinator --num_processes --process_id`` after ARGS.
-    ``xla_cache``: see process_env."""
+    JAX_PROCESS_ID, or with ``use_flags`` by ``--coordinator --num_processes --process_id`` after ARGS."""
     coordinator = f"127.0.0.1:{free_port()}"
     commands, envs = [], []
     for index in range(num_processes):
         job = {"coordinator": coordinator, "num_processes": str(num_processes), "process_id": str(index)}
         if use_flags:
             commands.append([sys.executable, *args, *(f"--{key}={value}" for key, value in job.items())])
-            envs.append(process_env(devices_per_process, extra_env, xla_cache))
+            envs.append(process_env(devices_per_process, extra_env))
         else:
             commands.append([sys.executable, *args])
             envs.append(process_env(devices_per_process, {**(extra_env or {}), "JAX_COORDINATOR_ADDRESS": coordinator,
                                                           "JAX_NUM_PROCESSES": str(num_processes),
-                                                          "JAX_PROCESS_ID": str(index)}, xla_cache))
+                                                          "JAX_PROCESS_ID": str(index)}))
     return run_group(commands, envs, timeout, check=check, kill_when=kill_when)
 
 

@@ -242,7 +242,8 @@ def test_every_consumer_takes_a_model_dir_a_workdir_and_a_pretrained_name(form, 
                                   variables["params"]["head_norm"]["scale"])
 
 
-def test_evaluate_tag_and_embed_take_a_pretrained_name(pretrained_name, freedesktop_recordings, tmp_path, capsys):
+def test_evaluate_tag_and_embed_take_a_pretrained_name(pretrained_name, demo_workdir, freedesktop_recordings, tmp_path,
+                                                      capsys):
     """docs/train.md's third command with a name instead of the workdir: ``evaluate --data demo@validation``
     rebuilds the demo at the model's rate and length; the names come from the model."""
     out, _ = run_cli(capsys, "evaluate", "--checkpoint", pretrained_name, "--data", "demo@validation",
@@ -254,6 +255,6 @@ def test_evaluate_tag_and_embed_take_a_pretrained_name(pretrained_name, freedesk
     assert any(name in out for name in demo.CLASS_NAMES)
     run_cli(capsys, "embed", shortest, "--checkpoint", pretrained_name, "--output", tmp_path / "scene.npz",
             "--no-progress")
-    _, variables, _ = checkpoint.load_model(pretrained_name)
+    _, variables, _ = checkpoint.load_model(demo_workdir / "model" / "best")  # the model the name stands for
     with np.load(tmp_path / "scene.npz") as stored:  # one window of the model's scene embedding (its head's input)
         assert stored["embeddings"].shape == (1, variables["params"]["head"]["kernel"].shape[0])

@@ -4,10 +4,9 @@ devices; the same 2-process run killed (SIGKILL) after a checkpoint and restarte
 over 2 processes against 1.
 
 The runs are shared by the tests (module fixtures) and use a tiny demo config with SpecAugment, mixup and
-speed perturbation on. They use the run's persistent compilation cache: a later 2-process run's process 0
-loads what the first one's process 0 compiled (its peer compiles again, tests/multiprocess.py process_env), which
-train.py and evaluate allow: their processes meet at a coordinator barrier after each compile, before the next
-cross-process collective, so the faster process does not wait in gloo (30 s at most) for the slower one.
+speed perturbation on. No persistent compilation cache: JAX writes it from process 0 only, so a later
+2-process run would find process 0's programs compiled and process 1's not, and process 0 would wait at the
+first collective for a peer still compiling, past gloo's timeout on a loaded machine.
 """
 
 from __future__ import annotations
@@ -62,7 +61,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("multiprocess_training")
     config = root / "tiny.py"
     config.write_text(TINY_CONFIG)
-    cache = {}  # extra environment of every process
+    cache = {}  # extra environment of every process (see the module docstring)
     return root, config, cache
 
 
@@ -83,7 +82,7 @@ def single(setup):
     root, config, cache = setup
     workdir = root / "single"
     (result,) = run_group([[sys.executable, *logged_train_args(config, workdir, root / "single_clips")]],
-                          [process_env(8, cache, xla_cache=True)], timeout=TIMEOUT)
+                          [process_env(8, cache)], timeout=TIMEOUT)
     return workdir, root / "single_clips", result
 
 
@@ -93,7 +92,7 @@ def double(setup):
     root, config, cache = setup
     workdir = root / "double"
     outputs = run_jax_processes(logged_train_args(config, workdir, root / "double_clips"), 2, 4, timeout=TIMEOUT,
-                                use_flags=True, extra_env=cache, xla_cache=True)
+                                use_flags=True, extra_env=cache)
     return workdir, root / "double_clips", outputs
 
 
@@ -178,11 +177,10 @@ def test_killed_and_restarted_equals_uninterrupted(setup, double):
     workdir = root / "killed"
     finished_checkpoint = workdir / "checkpoints" / "2" / "data" / "process_1-of-2.json"
     killed = run_jax_processes(train_args(config, workdir), 2, 4, timeout=TIMEOUT, use_flags=True, extra_env=cache,
-                               xla_cache=True, kill_when=finished_checkpoint.is_file)
+                               kill_when=finished_checkpoint.is_file)
     assert [output.returncode for output in killed] == [None, None]  # both killed mid-run
     assert not (workdir / "model" / "last").exists()
-    resumed = run_jax_processes(train_args(config, workdir), 2, 4, timeout=TIMEOUT, use_flags=True, extra_env=cache,
-                                xla_cache=True)
+    resumed = run_jax_processes(train_args(config, workdir), 2, 4, timeout=TIMEOUT, use_flags=True, extra_env=cache)
     assert "resumed from" in resumed[0].stderr and "resumed from" not in resumed[1].stderr
     double_dir = double[0]
     assert losses(workdir) == losses(double_dir)
@@ -207,7 +205,7 @@ def test_evaluate_over_two_processes_equals_one(setup, double):
     output = root / "evaluation"
     args = ["-m", "convnext_audio_jax.cli", "evaluate", f"--checkpoint={model_dir}", "--data=demo@validation",
             "--batch-size=32", f"--output={output}", "--no-progress"]
-    outputs = run_jax_processes(args, 2, 4, timeout=TIMEOUT, use_flags=True, extra_env=cache, xla_cache=True)
+    outputs = run_jax_processes(args, 2, 4, timeout=TIMEOUT, use_flags=True, extra_env=cache)
     assert "evaluate:" in outputs[0].stdout and "evaluate:" not in outputs[1].stdout
     two = json.loads((output / evaluate.METRICS_FILE).read_text())
 
