@@ -170,6 +170,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, on_batch) -
     params_shape = jax.eval_shape(lambda: init_variables(model, jax.random.key(0))["params"])
     tx = optimizer.make_optimizer(config.optimizer, config.total_steps, params_shape)
     state = step_lib.init_train_state(model, tx, config.seed, mesh)
+    # The processes meet after compiling the initial state: a resume's first collective (orbax's restore sync)
+    # must not wait on a process still compiling it (e.g. its peer loaded it from the XLA cache).
+    sharding.barrier("train state initialized")
     skip_nonfinite = config.on_nonfinite == "skip_batch"
     train_step = step_lib.make_train_step(model, tx, augment, accumulation_steps, mesh,
                                           distillation=config_lib.distillation(config), skip_nonfinite=skip_nonfinite)
