@@ -58,8 +58,6 @@ def setup(config, mesh, accumulation_steps, distillation):
     return model, tx, state, step
 
 
-# The experiment comes first: the test process that takes this file (the first, tests/conftest.py) trains the
-# session's demo run at the start, so test_training_loop and test_end_to_end later find it made, not in the making.
 class HalfLabels:
     """A training source with half of its positive labels cleared: of each clip's positive classes, every
     other one (in class order, starting with the first for even clips, the second for odd ones) is set to 0.
@@ -99,6 +97,8 @@ def demo_kd_config(name: str):
     return config
 
 
+# The experiment comes first: the test process that takes this file (the first, tests/conftest.py) trains the
+# session's demo run at the start, so test_training_loop and test_end_to_end later find it made, not in the making.
 @pytest.mark.slow
 def test_demo_distillation_experiment(demo_run, tmp_path):
     """issue 14's demo experiment: the teacher is the README's demo run (configs/demo.py as shipped, the session's
