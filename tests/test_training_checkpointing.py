@@ -78,3 +78,18 @@ def test_model_writer_writes_loadable_best_and_last(tmp_path):
     flat_best = traverse_util.flatten_dict(best["params"], sep="/")
     for path, value in traverse_util.flatten_dict(last["params"], sep="/").items():
         np.testing.assert_allclose(value, flat_best[path] + 1, rtol=1e-6, err_msg=path)
+
+
+def test_an_asynchronous_save_reads_a_copy_of_the_state_the_next_step_donates(tmp_path):
+    """Orbax writes an unsliced array from np.asarray of its shard, a view of a CPU device's buffer: the save
+    must read a copy, or the next (donating) train step frees what the writer is reading. Small arrays are not
+    sliced (checkpointing.MIN_REPLICA_SLICE_BYTES), so this is the path every small state takes."""
+    mesh = data_mesh()
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = {"w": jax.device_put(np.arange(12, dtype=np.float32), replicated), "step": jax.numpy.int32(3)}
+    saved = checkpointing._host_safe(state)
+    assert all(a.unsafe_buffer_pointer() != b.unsafe_buffer_pointer()
+               for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(saved))
+               for a, b in zip((s.data for s in x.addressable_shards), (s.data for s in y.addressable_shards)))
+    assert saved["w"].sharding == replicated
+    np.testing.assert_array_equal(saved["w"], state["w"])

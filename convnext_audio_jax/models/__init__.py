@@ -20,6 +20,7 @@ from convnext_audio_jax import native
 from convnext_audio_jax.models.convnext import AudioConvNeXt, ImageNetConvNeXt
 from convnext_audio_jax.models.frontend import FrontendConfig
 from convnext_audio_jax.models.panns import CNN6, CNN6_NEXT, CNN14, CNN14_SEP, PannCNN
+from convnext_audio_jax.runtime import xla
 from convnext_audio_jax.runtime.errors import UserError
 
 
@@ -110,8 +111,13 @@ def init_variables(model: nn.Module, rng: jax.Array, batch: int = 1) -> dict[str
     returned), so XLA drops it: initialising on a full clip costs compile time only.
     """
     dummy = jnp.zeros(example_input(model, batch).shape, jnp.float32)
-    init = jax.jit(lambda key: model.init({"params": key}, dummy, train=False))
-    return dict(nn.unbox(init(rng)))
+
+    def init(key):
+        return model.init({"params": key}, dummy, train=False)
+
+    if isinstance(rng, jax.core.Tracer):  # inside a caller's jit or eval_shape, which compiles it with its options
+        return dict(nn.unbox(init(rng)))
+    return dict(nn.unbox(xla.jit(init, compiler_options=xla.RUN_ONCE_COMPILER_OPTIONS)(rng)))
 
 
 def count_params(params: Any) -> int:

@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from orbax.checkpoint._src.metadata import array_metadata_store
 
 from convnext_audio_jax.data import pipeline
 from convnext_audio_jax.hub import resolve as hub_resolve
@@ -38,6 +39,33 @@ logger = logging.getLogger(__name__)
 
 BEST_METRIC = "val_mAP"
 MODEL_DIR = "model"
+# Orbax splits each replicated array into one slice per replica so that replicas write in parallel (its default
+# everywhere but on GPU). For the many small arrays of a train state that costs one eager slice per array and
+# device: 4.0 s of CPU for a first save and 0.8 s for each later one of a 180-array state on 8 CPU devices, against
+# 0.3 s unsliced. Only slices of at least this many bytes are written in parallel.
+MIN_REPLICA_SLICE_BYTES = 1 << 20
+
+
+def _use_replica_parallel_for_large_arrays_only() -> None:
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(  # otherwise as orbax's default handler (its metadata store)
+            array_metadata_store=array_metadata_store.Store(),
+            min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
+
+
+@jax.jit
+def _copied(tree):
+    return jax.tree.map(lambda x: x.copy(), tree)
+
+
+def _host_safe(state: dict) -> dict:
+    """The state as an asynchronous save may keep reading after ``save`` returns. Orbax writes an unsliced array
+    from ``np.asarray`` of its shard, which on a CPU device is a view of the device buffer itself: the next train
+    step donates that buffer, so on the CPU the save gets a copy (one dispatch). On an accelerator ``np.asarray``
+    is already a host copy."""
+    if all(device.platform == "cpu" for device in jax.devices()):
+        return _copied(state)
+    return state
 
 
 class LoaderCheckpoint:
@@ -70,6 +98,7 @@ class Checkpointer:
     plus the best by validation mAP (saves carrying metrics) are kept."""
 
     def __init__(self, directory: str | os.PathLike, keep: int, asynchronous: bool = True):
+        _use_replica_parallel_for_large_arrays_only()
         policy = ocp.checkpoint_managers.AnyPreservationPolicy([
             ocp.checkpoint_managers.LatestN(n=keep),
             ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
@@ -88,7 +117,7 @@ class Checkpointer:
     def save(self, state: TrainState, loader_checkpoint: LoaderCheckpoint, metrics: dict | None = None) -> None:
         step = int(state.step)
         self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state.as_dict()),
+            state=ocp.args.StandardSave(_host_safe(state.as_dict())),
             data=grain.checkpoint.CheckpointSave(loader_checkpoint),
         ), metrics=metrics, force=True)
 

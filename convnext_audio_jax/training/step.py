@@ -73,7 +73,8 @@ def init_train_state(model: nn.Module, tx: optax.GradientTransformation, seed: i
             rng=jax.random.key_data(train_key),
         )
 
-    return jax.jit(init, out_shardings=NamedSharding(mesh, P()))(jax.random.key(seed))
+    return xla.jit(init, out_shardings=NamedSharding(mesh, P()), compiler_options=xla.RUN_ONCE_COMPILER_OPTIONS)(
+        jax.random.key(seed))
 
 
 def classification_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
