@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import pathlib
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -47,6 +48,21 @@ class TooManySkippedError(UserError, RuntimeError):
     (a RuntimeError still, as it was)."""
 
 
+def _summary_writer_class() -> type:
+    """tensorboardX's SummaryWriter. tensorboardX imports torch where it can, only to accept its tensors (5 s of a
+    run's start-up where torch is installed); this log gives it floats, so unless torch is imported already it is
+    hidden from that import (``sys.modules[name] = None`` makes an import of it fail)."""
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsLog:
     """metrics.jsonl and TensorBoard events under the workdir, written by process 0 only."""
 
@@ -54,13 +70,11 @@ class MetricsLog:
         self._enabled = jax.process_index() == 0
         if not self._enabled:
             return
-        from tensorboardX import SummaryWriter
-
         path = workdir / "metrics.jsonl"
         self._jsonl = open(path, "a", encoding="utf-8")
         if path.stat().st_size and not _ends_with_newline(path):
             self._jsonl.write("\n")  # a line cut short by a kill stays alone, the next record starts clean
-        self._writer = SummaryWriter(str(workdir / "tensorboard"))
+        self._writer = _summary_writer_class()(str(workdir / "tensorboard"))
 
     def write(self, step: int, values: dict[str, Any]) -> None:
         """One JSON line; the numbers also go to TensorBoard."""
