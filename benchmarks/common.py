@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
 import platform
 import re
+import signal
 import statistics
 import threading
 import time
@@ -27,6 +29,46 @@ def timed_runs(run: Callable[[], object], repeats: int, warmup: int = 1) -> list
         run()
         times.append(time.perf_counter() - start)
     return times
+
+
+class TimeLimitExceeded(Exception):
+    """A part of a benchmark ran past its time limit."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None, message: str):
+    """Raises TimeLimitExceeded(``message``) in the main thread after ``seconds``, where Python regains control (a
+    compile cannot be cancelled otherwise); None, another thread or no SIGALRM: no limit.
+
+    A timer thread signals the main thread alone (``pthread_kill``): a process-wide alarm (``setitimer``) goes to
+    any thread, and interrupting a native thread pool's system call (XLA's, grain's) can abort the process."""
+    if not seconds or not hasattr(signal, "pthread_kill") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TimeLimitExceeded(message)
+
+    main = threading.get_ident()
+    done = threading.Event()
+    sending = threading.Lock()
+
+    def fire():
+        if not done.wait(seconds):
+            with sending:
+                if not done.is_set():
+                    signal.pthread_kill(main, signal.SIGALRM)
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    timer = threading.Thread(target=fire, name="time-limit", daemon=True)
+    timer.start()
+    try:
+        yield
+    finally:
+        with sending:  # after this no signal is sent; one sent before is handled by now or in the join below
+            done.set()
+        timer.join()
+        signal.signal(signal.SIGALRM, previous)
 
 
 def median_seconds(run: Callable[[], object], repeats: int) -> float:

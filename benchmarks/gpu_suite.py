@@ -32,10 +32,8 @@ import datetime
 import json
 import os
 import pathlib
-import signal
 import sys
 import tempfile
-import threading
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -47,6 +45,8 @@ from benchmarks import (  # noqa: E402
     report,
     run,  # noqa: E402  (sets XLA_PYTHON_CLIENT_PREALLOCATE before JAX starts a GPU)
 )
+from benchmarks import common  # noqa: E402
+from benchmarks.common import TimeLimitExceeded as PartTimeout  # noqa: E402
 from benchmarks.common import machine_description  # noqa: E402
 
 MODELS = ("convnext_tiny", "cnn14")
@@ -55,27 +55,9 @@ SCALING_MODEL = "convnext_tiny"
 PARTS = ("communication", "forward", "train", "scaling", "input")
 
 
-class PartTimeout(Exception):
-    """A part ran past its time limit."""
-
-
-@contextlib.contextmanager
 def time_limit(seconds: float | None):
-    """Raise PartTimeout in the main thread after ``seconds`` (None or no SIGALRM: no limit)."""
-    if not seconds or not hasattr(signal, "SIGALRM") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def expire(signum, frame):
-        raise PartTimeout(f"stopped after the {seconds:.0f} s part limit")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+    """A part's limit: raises PartTimeout (common.TimeLimitExceeded) in the main thread after ``seconds``."""
+    return common.time_limit(seconds, f"stopped after the {seconds or 0:.0f} s part limit")
 
 
 def input_rates(clips: int, batch: int, steps: int, workers: list[int], log=print) -> list[dict]:

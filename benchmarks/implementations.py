@@ -8,7 +8,6 @@ import contextlib
 import dataclasses
 import functools
 import os
-import signal
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -18,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import RssPeak, timed_runs
+from benchmarks.common import RssPeak, time_limit, timed_runs
 from convnext_audio_jax.models import count_params, create_model, with_xla_ops
 from convnext_audio_jax.models.frontend import log_mel_spectrogram
 from convnext_audio_jax.runtime import xla
@@ -197,26 +196,6 @@ def torch_reference(case: Case):
     return reference.to(torch_device()), conversion.variables, None
 
 
-class CompileTimeout(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def time_box(seconds: int):
-    """Raises CompileTimeout in the main thread after ``seconds`` (torch.compile cannot be cancelled otherwise)."""
-
-    def expire(signum, frame):
-        raise CompileTimeout(f"torch.compile took longer than {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 def torch_rows(reference, dtype: str, waveform: np.ndarray, repeats: int, compile_timeout: int | None) -> tuple[list[dict], np.ndarray | None]:
     """Eager (and, with ``compile_timeout``, ``torch.compile``) rows, and the eager probabilities."""
     import torch
@@ -247,7 +226,7 @@ def torch_rows(reference, dtype: str, waveform: np.ndarray, repeats: int, compil
             run = runner(build())
             if implementation == "torch-compile":
                 start = time.perf_counter()
-                with time_box(compile_timeout):
+                with time_limit(compile_timeout, f"torch.compile took longer than {compile_timeout} s"):
                     run()
                 row["compile_s"] = time.perf_counter() - start
             with peak_memory(torch_cuda=on_cuda) as memory:
