@@ -58,7 +58,7 @@ def time_steps(run_step, steps: int) -> tuple[float, float]:
 def jax_rows(args, clips, targets) -> list[tuple[str, float, float]]:
     import jax
 
-    from convnext_audio_jax.models import get_spec, init_variables
+    from convnext_audio_jax.models import get_spec
     from convnext_audio_jax.runtime.sharding import data_mesh
     from convnext_audio_jax.training import config as config_lib
     from convnext_audio_jax.training import optimizer
@@ -74,8 +74,7 @@ def jax_rows(args, clips, targets) -> list[tuple[str, float, float]]:
     config.model.frontend.clip_seconds = args.seconds
     config.total_steps = 1000
     model = config_lib.build_model(config, num_classes=527)
-    params_shape = jax.eval_shape(lambda: init_variables(model, jax.random.key(0))["params"])
-    tx = optimizer.make_optimizer(config.optimizer, config.total_steps, params_shape)
+    tx = optimizer.make_optimizer(config.optimizer, config.total_steps)
     rows = []
     for count in (int(n) for n in args.devices.split(",")):
         if count > jax.device_count() or args.batch % count:

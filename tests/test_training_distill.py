@@ -20,7 +20,6 @@ from convnext_audio_jax import cli, training
 from convnext_audio_jax.artifacts.model_dir import load_model
 from convnext_audio_jax.data import audio, demo
 from convnext_audio_jax.data import teacher as teacher_lib
-from convnext_audio_jax.models import init_variables
 from convnext_audio_jax.runtime.sharding import data_mesh
 from convnext_audio_jax.training import config as config_lib
 from convnext_audio_jax.training import optimizer
@@ -50,8 +49,7 @@ def demo_batch(rows: int) -> dict:
 
 def setup(config, mesh, accumulation_steps, distillation):
     model = config_lib.build_model(config, num_classes=demo.NUM_CLASSES)
-    params_shape = jax.eval_shape(lambda: init_variables(model, jax.random.key(0))["params"])
-    tx = optimizer.make_optimizer(config.optimizer, config.total_steps, params_shape)
+    tx = optimizer.make_optimizer(config.optimizer, config.total_steps)
     state = step_lib.init_train_state(model, tx, 0, mesh)
     step = step_lib.make_train_step(model, tx, config_lib.augment_config(config), accumulation_steps, mesh,
                                     distillation=distillation)

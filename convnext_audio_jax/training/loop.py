@@ -24,7 +24,6 @@ from jax.experimental import multihost_utils
 
 from convnext_audio_jax.artifacts import lock as lock_lib
 from convnext_audio_jax.evaluation import evaluate as evaluate_lib
-from convnext_audio_jax.models import init_variables
 from convnext_audio_jax.runtime import files, sharding, xla
 from convnext_audio_jax.runtime.errors import UserError
 from convnext_audio_jax.runtime.sharding import data_mesh
@@ -181,8 +180,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, on_batch) -
         checkpointer.close()
         raise
 
-    params_shape = jax.eval_shape(lambda: init_variables(model, jax.random.key(0))["params"])
-    tx = optimizer.make_optimizer(config.optimizer, config.total_steps, params_shape)
+    tx = optimizer.make_optimizer(config.optimizer, config.total_steps)
     state = step_lib.init_train_state(model, tx, config.seed, mesh)
     # The processes meet after compiling the initial state: a resume's first collective (orbax's restore sync)
     # must not wait on a process still compiling it (e.g. its peer loaded it from the XLA cache).

@@ -78,8 +78,10 @@ def weight_decay_mask(params) -> Any:
     return jax.tree.map(lambda p: len(p.shape) > 1, params)
 
 
-def make_optimizer(optimizer_config, total_steps: int, params) -> optax.GradientTransformation:
-    """AdamW with the one-cycle learning rate (and β1 when ``cycle_beta1``), masked decay, optional clipping."""
+def make_optimizer(optimizer_config, total_steps: int) -> optax.GradientTransformation:
+    """AdamW with the one-cycle learning rate (and β1 when ``cycle_beta1``), masked decay, optional clipping.
+    The decay mask is a function of the parameters (optax calls it on them), so no parameter shapes are needed
+    to build it: a model's shapes cost a trace of its initialisation."""
     b1 = optimizer_config.b1
     if optimizer_config.cycle_beta1:
         b1 = one_cycle(optimizer_config.beta1_high, optimizer_config.beta1_low, optimizer_config.beta1_high,
@@ -90,7 +92,7 @@ def make_optimizer(optimizer_config, total_steps: int, params) -> optax.Gradient
         b2=optimizer_config.b2,
         eps=optimizer_config.eps,
         weight_decay=optimizer_config.weight_decay,
-        mask=weight_decay_mask(params),
+        mask=weight_decay_mask,
     )
     if optimizer_config.grad_clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(optimizer_config.grad_clip_norm), adamw)
