@@ -33,8 +33,9 @@ def test_loss_and_beam_search():
     decoder = cm.CaptionDecoder(vocab_size=12, **SMALL)
     audio = jax.random.normal(jax.random.key(1), (3, 5, 16))
     tokens = jnp.array([[cm.BOS, 5, 6, cm.EOS, 0, 0, 0, 0]] * 3)
-    params = decoder.init(jax.random.key(2), audio, tokens[:, :-1])["params"]
-    logits = decoder.apply({"params": params}, audio, tokens[:, :-1])
+    # Jitted: run eagerly, every operation of the decoder compiles on its own (most of this test's time).
+    params = jax.jit(decoder.init)(jax.random.key(2), audio, tokens[:, :-1])["params"]
+    logits = jax.jit(decoder.apply)({"params": params}, audio, tokens[:, :-1])
     loss = cm.caption_loss(logits, tokens, 0.1)
     logp = jax.nn.log_softmax(logits[:, :3])  # the three real targets 5, 6, <eos>
     targets = jax.nn.one_hot(tokens[:, 1:4], 12) * 0.9 + 0.1 / 12
