@@ -91,16 +91,20 @@ class Scorer:
 
     def __init__(self, model: nn.Module, mesh: Mesh):
         self.mesh = mesh
-
-        def score(variables, waveforms):
-            if waveforms.dtype == np.int16:
-                waveforms = audio.int16_to_float(waveforms)
-            return model.apply(variables, waveforms, train=False)["probs"]
-
-        self._score = jit_forward(score, mesh)
+        self._score = _score_program(model, mesh)
 
     def __call__(self, variables, waveforms: jax.Array) -> jax.Array:
         return self._score(variables, waveforms)
+
+
+@xla.reused
+def _score_program(model: nn.Module, mesh: Mesh):
+    def score(variables, waveforms):
+        if waveforms.dtype == np.int16:
+            waveforms = audio.int16_to_float(waveforms)
+        return model.apply(variables, waveforms, train=False)["probs"]
+
+    return jit_forward(score, mesh)
 
 
 def predict(model: nn.Module, variables: Mapping[str, Any], source, batch_size: int, mesh: Mesh | None = None,

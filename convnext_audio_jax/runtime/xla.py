@@ -52,6 +52,29 @@ def jit(fun: Callable | None = None, **jit_kwargs: Any):
     return jax.jit(fun, compiler_options=options or None, **jit_kwargs)
 
 
+# Programs kept per builder by :func:`reused` (a few settings at a time: a sweep's, or the tests').
+PROGRAMS_KEPT = 8
+
+
+def reused(builder: Callable) -> Callable:
+    """``builder(*args)`` (a jitted function, or what one is built on) memoised on its arguments: a process that builds the
+    same program again (another run with the same model, optimizer and mesh: a sweep, a resume in the same
+    process, the tests) gets the function it already traced and compiled instead of tracing it again (seconds
+    per run). Arguments that cannot be hashed build anew."""
+    cached = functools.lru_cache(maxsize=PROGRAMS_KEPT)(builder)
+
+    @functools.wraps(builder)
+    def build(*args):
+        try:
+            hash(args)
+        except TypeError:
+            return builder(*args)
+        return cached(*args)
+
+    build.cache_clear = cached.cache_clear
+    return build
+
+
 # Flags to treat as absent (space- or comma-separated), e.g. "amx_tile amx_bf16": the choices made for a CPU
 # without them can then be run and measured on one that has them.
 CPU_FLAGS_OFF_ENV = "CONVNEXT_AUDIO_JAX_CPU_FLAGS_OFF"

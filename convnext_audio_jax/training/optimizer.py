@@ -4,12 +4,14 @@ optionally β1) schedule, plus the same learning rate computed on the host for l
 from __future__ import annotations
 
 import math
+import types
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from convnext_audio_jax.runtime import xla
 from convnext_audio_jax.training.config import ConfigError
 
 
@@ -82,6 +84,12 @@ def make_optimizer(optimizer_config, total_steps: int) -> optax.GradientTransfor
     """AdamW with the one-cycle learning rate (and β1 when ``cycle_beta1``), masked decay, optional clipping.
     The decay mask is a function of the parameters (optax calls it on them), so no parameter shapes are needed
     to build it: a model's shapes cost a trace of its initialisation."""
+    return _optimizer(tuple(sorted(optimizer_config.items())), total_steps)
+
+
+@xla.reused  # the same settings give the same optimizer, so the programs built on it are reused too
+def _optimizer(settings: tuple, total_steps: int) -> optax.GradientTransformation:
+    optimizer_config = types.SimpleNamespace(**dict(settings))
     b1 = optimizer_config.b1
     if optimizer_config.cycle_beta1:
         b1 = one_cycle(optimizer_config.beta1_high, optimizer_config.beta1_low, optimizer_config.beta1_high,

@@ -60,7 +60,13 @@ class TrainState:
 
 def init_train_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, mesh) -> TrainState:
     """Random initial state, created by a jitted function directly in its replicated sharding."""
+    key = jax.random.key(seed)
+    if isinstance(key, jax.core.Tracer):  # inside a caller's jit or eval_shape: a nested jit takes no compiler options
+        return jax.jit(_init_function(model, tx), out_shardings=NamedSharding(mesh, P()))(key)
+    return _init_program(model, tx, mesh)(key)
 
+
+def _init_function(model: nn.Module, tx: optax.GradientTransformation) -> Callable[[jax.Array], TrainState]:
     def init(key):
         init_key, train_key = jax.random.split(key)
         variables = init_variables(model, init_key)
@@ -73,10 +79,13 @@ def init_train_state(model: nn.Module, tx: optax.GradientTransformation, seed: i
             rng=jax.random.key_data(train_key),
         )
 
-    key = jax.random.key(seed)
-    if isinstance(key, jax.core.Tracer):  # inside a caller's jit or eval_shape: a nested jit takes no compiler options
-        return jax.jit(init, out_shardings=NamedSharding(mesh, P()))(key)
-    return xla.jit(init, out_shardings=NamedSharding(mesh, P()), compiler_options=xla.RUN_ONCE_COMPILER_OPTIONS)(key)
+    return init
+
+
+@xla.reused
+def _init_program(model: nn.Module, tx: optax.GradientTransformation, mesh) -> Callable[[jax.Array], TrainState]:
+    return xla.jit(_init_function(model, tx), out_shardings=NamedSharding(mesh, P()),
+                   compiler_options=xla.RUN_ONCE_COMPILER_OPTIONS)
 
 
 def classification_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -115,7 +124,12 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment:
     """
     if distillation is not None and loss_fn is not None:
         raise ValueError("make_train_step takes loss_fn or distillation, not both")
-    loss_fn = loss_fn or classification_loss
+    return _train_step_program(model, tx, augment, accumulation_steps, mesh, loss_fn or classification_loss,
+                               distillation, skip_nonfinite)
+
+
+@xla.reused
+def _train_step_program(model, tx, augment, accumulation_steps, mesh, loss_fn, distillation, skip_nonfinite):
     replicated = NamedSharding(mesh, P())
     rows = batch_spec(mesh)
 
