@@ -84,3 +84,18 @@ def test_compilation_cache_setting(tmp_path):
         assert xla.enable_compilation_cache(tmp_path / "other", tmp_path) == str(tmp_path / "other")
     finally:
         jax.config.update("jax_compilation_cache_dir", saved)
+
+
+def test_reused_builds_once_per_settings_and_anew_for_unhashable_ones():
+    built = []
+
+    @xla.reused
+    def program(scale, table):
+        built.append((scale, table))
+        return jax.jit(lambda x: x * scale)
+
+    assert program(2.0, ("a",)) is program(2.0, ("a",))  # the same jitted function: no second trace
+    assert program(3.0, ("a",)) is not program(2.0, ("a",))
+    assert program(2.0, ["a"]) is not program(2.0, ["a"])  # a list cannot be a key: built each time
+    assert len(built) == 4
+    assert float(program(3.0, ("a",))(2.0)) == 6.0
