@@ -27,7 +27,8 @@ BF16_UNITS = [pytest.param("tiles", marks=NEEDS_AMX), pytest.param("dots", marks
 def test_dense_equals_flax_values_and_gradients(dtype):
     """Same parameters as nn.Dense; float32 outputs bit-identical, bfloat16 within one rounding (ours adds the bias
     before rounding, flax after); gradients within float32 summation order."""
-    x = jax.random.normal(jax.random.key(0), (2, 9, 7, 32))
+    # numpy's normals: an eager jax.random draw of a new shape compiles a threefry program (1-2 s of CPU).
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 9, 7, 32)), jnp.float32)
     got, expected = outputs_and_gradients_against(Dense(64, dtype=dtype, impl="xla"), nn.Dense(64, dtype=dtype), x, dtype)
     if dtype is None:
         np.testing.assert_array_equal(got, expected)
@@ -39,7 +40,7 @@ def test_fused_gelu_is_gelu_of_the_float32_sum():
     """float32: bit-identical to GELU applied after nn.Dense; bfloat16: one rounding of the float32 value."""
     from convnext_audio_jax.models.layers import gelu
 
-    x = jax.random.normal(jax.random.key(0), (2, 9, 64))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 9, 64)), jnp.float32)
     variables = nn.Dense(96).init(jax.random.key(1), x)
     np.testing.assert_array_equal(Dense(96, activation="gelu", impl="xla").apply(variables, x),
                                   gelu(nn.Dense(96).apply(variables, x)))
