@@ -17,12 +17,27 @@ from convnext_audio_jax.models.conv import Conv, PatchConv, conv_same, resolve_c
 from native_marks import NEEDS_AMX, NEEDS_BF16_DOT, NEEDS_COMPILER
 
 
+def normal(seed, shape, scale=1.0):
+    """Normal float32 test data from numpy: an eager jax.random draw of each new shape compiles a threefry program
+    (1-2 s of CPU each)."""
+    return (scale * np.random.default_rng(seed).standard_normal(shape)).astype(np.float32)
+
+
+def random_variables(module, x, seed, fan_in_scaled=False):
+    """``module``'s variables (shapes from tracing its init, nothing compiled) filled with standard normals, or
+    with a kernel's LeCun-normal scale (1 / √fan-in, as its initialiser) where ``fan_in_scaled``."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(module.init, jax.random.key(0), x)
+    scale = lambda v: 1 / np.sqrt(np.prod(v.shape[:-1])) if fan_in_scaled and v.ndim > 1 else 1.0  # noqa: E731
+    return jax.tree.map(lambda v: (scale(v) * rng.standard_normal(v.shape)).astype(np.float32), shapes)
+
+
 @pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
 @pytest.mark.parametrize(("kernel", "shape"), [((3, 3), (2, 11, 8, 4)), ((5, 5), (3, 9, 12, 3)), ((5, 3), (1, 7, 6, 2))])
 def test_conv_equals_flax_conv_values_and_gradients(kernel, shape, dtype):
     from flax_parity import outputs_and_gradients_against
 
-    x = jax.random.normal(jax.random.key(0), shape)
+    x = jnp.asarray(normal(0, shape))
     reference = nn.Conv(6, kernel, padding=(kernel[0] // 2, kernel[1] // 2), use_bias=False, dtype=dtype)
     got, expected = outputs_and_gradients_against(Conv(6, kernel, dtype=dtype), reference, x, dtype)
     # The same XLA convolution where the layer is too narrow for the compiled one (fewer than 16 input channels).
@@ -51,8 +66,8 @@ def test_gradients_inside_a_scan_are_canonical_convolutions():
     """The training step runs the model inside lax.scan, where XLA:CPU does not rewrite autodiff's convolutions
     into the batch-major, (h, w, in, out) form it runs fast; ours are written in that form, so every convolution
     of the compiled loop is (and autodiff's of lax.conv are not: the check sees the difference)."""
-    x = jax.random.normal(jax.random.key(0), (2, 12, 8, 4))
-    kernel = jax.random.normal(jax.random.key(1), (3, 3, 4, 6))
+    x = jnp.asarray(normal(0, (2, 12, 8, 4)))
+    kernel = jnp.asarray(normal(1, (3, 3, 4, 6)))
 
     def scanned(conv):
         def body(total, xs):
@@ -82,13 +97,18 @@ def test_even_kernel_is_an_error():
      ((4, 8), (2, 8), ((5, 5), (0, 0)), (1, 20, 16, 1))],  # an overlapping stem: the conv path
 )
 def test_patch_conv_equals_strided_convolution(kernel, stride, padding, shape):
-    x = jax.random.normal(jax.random.key(0), shape)
+    x = normal(0, shape)
     ours = PatchConv(5, kernel, stride, padding)
-    variables = ours.init(jax.random.key(1), x)
-    variables = jax.tree.map(lambda v: jax.random.normal(jax.random.key(2), v.shape), variables)
+    variables = random_variables(ours, x, 2)
     reference = nn.Conv(5, kernel, strides=stride, padding=padding)
-    np.testing.assert_allclose(ours.apply(variables, x), reference.apply(variables, x), rtol=1e-5, atol=1e-5)
-    grads = [jax.grad(lambda v, x, m=m: (m.apply(v, x) ** 2).sum(), argnums=(0, 1))(variables, x) for m in (ours, reference)]
+
+    def outputs_and_gradients(variables, x):  # one program, not each operation dispatched on its own
+        return [(m.apply(variables, x), jax.grad(lambda v, x, m=m: (m.apply(v, x) ** 2).sum(), argnums=(0, 1))(variables, x))
+                for m in (ours, reference)]
+
+    (out_ours, grads_ours), (out_reference, grads_reference) = jax.jit(outputs_and_gradients)(variables, x)
+    np.testing.assert_allclose(out_ours, out_reference, rtol=1e-5, atol=1e-5)
+    grads = [grads_ours, grads_reference]
     for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
@@ -290,11 +310,11 @@ def test_bfloat16_convolution_equals_torch_float64(shape, kernel, out_channels, 
 
 def bfloat16_layer_outputs(in_channels: int, impls=("native", "xla")) -> tuple[dict, dict]:
     """A bfloat16 Conv's outputs and compiled programs under each of ``impls`` (the first compared with 'xla')."""
-    x = jax.random.normal(jax.random.key(0), (2, 20, 8, in_channels)).astype(jnp.bfloat16)
+    x = jnp.asarray(normal(0, (2, 20, 8, in_channels)), jnp.bfloat16)
+    variables = random_variables(Conv(96, (3, 3), impl="xla", dtype=jnp.bfloat16), x, 1, fan_in_scaled=True)
     outputs, texts = {}, {}
     for impl in dict.fromkeys((*impls, "xla")):
         layer = Conv(96, (3, 3), impl=impl, dtype=jnp.bfloat16)
-        variables = layer.init(jax.random.key(1), x)
         texts[impl] = jax.jit(layer.apply).lower(variables, x).as_text()
         outputs[impl] = np.asarray(layer.apply(variables, x), np.float32)
     # Both sum in float32 and round once (XLA converts to float32 around its convolution).
@@ -392,11 +412,11 @@ def test_conv_layer_gradients_equal_under_either_impl(dtype, kernel):
     """A model's choice of ``conv_impl`` changes no number beyond float32 rounding (summation order; Winograd's
     transforms) (bfloat16: the native kernel gradient is summed in float32, XLA's in bfloat16): each of 'native',
     'direct' and 'winograd' against 'xla', outputs and gradients."""
-    x = jax.random.normal(jax.random.key(0), (2, 12, 8, 32)).astype(dtype)
+    x = jnp.asarray(normal(0, (2, 12, 8, 32)), dtype)
+    variables = random_variables(Conv(32, kernel, impl="xla", dtype=dtype), x, 1, fan_in_scaled=True)
     results = {}
     for impl in ("native", "direct", "winograd", "xla"):
         layer = Conv(32, kernel, impl=impl, dtype=dtype)
-        variables = layer.init(jax.random.key(1), x)
         loss = lambda v, x: (layer.apply(v, x).astype(jnp.float32) ** 2).sum()  # noqa: E731
         results[impl] = [layer.apply(variables, x), *jax.tree.leaves(jax.grad(loss, argnums=(0, 1))(variables, x))]
     tolerance = 1e-5 if dtype == jnp.float32 else 2e-2

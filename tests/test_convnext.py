@@ -12,8 +12,16 @@ TINY = {"depths": (1, 1, 2, 1), "dims": (8, 16, 24, 32)}
 SR = 32_000
 
 
+_ABSTRACT_VARIABLES = {}
+
+
 def abstract_variables(model):
-    return jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
+    """The variables' shapes, traced once per model configuration (tracing a full-size model's init is ~0.5 s; the
+    parameter count, the lengths and the default stem share convnext_tiny's)."""
+    key = repr(model)
+    if key not in _ABSTRACT_VARIABLES:
+        _ABSTRACT_VARIABLES[key] = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
+    return _ABSTRACT_VARIABLES[key]
 
 
 @pytest.mark.parametrize(
@@ -48,14 +56,28 @@ def test_imagenet_model_shapes():
     model = create_model("convnext_tiny_imagenet")
     out = jax.eval_shape(lambda v, x: model.apply(v, x), abstract_variables(model), example_input(model, 2))
     assert out["logits"].shape == (2, 1000)
+    # The check runs while tracing: abstract variables raise it without initialising 28 M parameters.
     with pytest.raises(ValueError, match=r"images must have shape \(batch, height, width, 3\)"):
-        model.apply(init_variables(model, jax.random.key(0)), jnp.zeros((1, 32, 32)))
+        jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, 32, 32))), abstract_variables(model))
+
+
+# The tiny-model tests share one eval program and one train-mode program (with drop path), each compiled once.
+TINY_MODEL = create_model("convnext_tiny", **TINY)
+DROP_PATH_MODEL = create_model("convnext_tiny", drop_path_rate=0.5, **TINY)
+apply_eval = jax.jit(lambda v, x: TINY_MODEL.apply(v, x))
+
+
+def _train_apply(v, x, key):
+    return DROP_PATH_MODEL.apply(v, x, train=True, rngs={"drop_path": key}, mutable=["batch_stats"])
+
+
+train_apply = jax.jit(_train_apply)
 
 
 @pytest.fixture(scope="module")
 def tiny_variables():
     """One initialisation shared by the tiny-model tests (dtype and drop path add no variables)."""
-    return init_variables(create_model("convnext_tiny", **TINY), jax.random.key(0))
+    return init_variables(TINY_MODEL, jax.random.key(0))
 
 
 def waveforms(batch=2, seconds=1.0, seed=0):
@@ -64,9 +86,8 @@ def waveforms(batch=2, seconds=1.0, seed=0):
 
 
 def test_tiny_model_runs_and_scene_embedding_is_normalised_pooled_sequence(tiny_variables):
-    model = create_model("convnext_tiny", **TINY)
     variables = tiny_variables
-    out = jax.jit(lambda v, x: model.apply(v, x))(variables, waveforms())
+    out = apply_eval(variables, waveforms())
     np.testing.assert_allclose(out["probs"], jax.nn.sigmoid(out["logits"]), rtol=1e-6)
     sequence = out["sequence_embeddings"]
     np.testing.assert_allclose(sequence, out["frame_embeddings"].mean(axis=2), rtol=1e-5, atol=1e-6)
@@ -77,23 +98,20 @@ def test_tiny_model_runs_and_scene_embedding_is_normalised_pooled_sequence(tiny_
 
 
 def test_train_mode_updates_bn0_and_uses_drop_path(tiny_variables):
-    model = create_model("convnext_tiny", drop_path_rate=0.5, **TINY)
     variables = tiny_variables
-    x = waveforms(4)
-    apply = jax.jit(
-        lambda v, x, key: model.apply(v, x, train=True, rngs={"drop_path": key}, mutable=["batch_stats"])
-    )
-    out_a, updates = apply(variables, x, jax.random.key(1))
-    out_b, _ = apply(variables, x, jax.random.key(2))
+    x = waveforms(8)  # the batch test_sharded_jit_equals_single_device shards: one program for both
+    out_a, updates = train_apply(variables, x, jax.random.key(1))
+    out_b, _ = train_apply(variables, x, jax.random.key(2))
     assert not np.allclose(out_a["logits"], out_b["logits"])  # different drop-path masks
     new_mean = updates["batch_stats"]["bn0"]["mean"]
     assert new_mean.shape == (224,) and not np.allclose(new_mean, variables["batch_stats"]["bn0"]["mean"])
-    # Eval mode is deterministic and uses the running statistics.
-    eval_a = model.apply(variables, x)
-    eval_b = model.apply(variables, x)
+    # Eval mode is deterministic and uses the running statistics (drop path adds no variables: the tiny model's
+    # eval program is the drop-path model's).
+    eval_a = apply_eval(variables, waveforms())
+    eval_b = apply_eval(variables, waveforms())
     np.testing.assert_array_equal(eval_a["logits"], eval_b["logits"])
     with pytest.raises(flax_errors_invalid_rng()):
-        model.apply(variables, x, train=True, mutable=["batch_stats"])
+        jax.eval_shape(lambda v: DROP_PATH_MODEL.apply(v, x, train=True, mutable=["batch_stats"]), variables)
 
 
 def flax_errors_invalid_rng():
@@ -103,25 +121,32 @@ def flax_errors_invalid_rng():
 
 
 def test_logmel_hook_sees_normalised_logmel_in_train_mode_only(tiny_variables):
-    model = create_model("convnext_tiny", **TINY)
-    variables = tiny_variables
     seen = []
 
     def hook(logmel):
         seen.append(logmel.shape)
         return logmel[::2]  # like mixup: 2B rows in, B out
 
-    out, _ = model.apply(variables, waveforms(4), train=True, logmel_hook=hook, mutable=["batch_stats"], rngs={"drop_path": jax.random.key(0)})
+    # The hook runs while the forward is traced, so tracing alone (no compile) shows what it sees and that its
+    # rows are what the rest of the model gets.
+    out, _ = jax.eval_shape(lambda v, x: TINY_MODEL.apply(v, x, train=True, logmel_hook=hook, mutable=["batch_stats"],
+                                                          rngs={"drop_path": jax.random.key(0)}),
+                            tiny_variables, waveforms(4))
     assert seen == [(4, 101, 224)] and out["logits"].shape == (2, 527)
-    model.apply(variables, waveforms(4), train=False, logmel_hook=hook)
+    jax.eval_shape(lambda v, x: TINY_MODEL.apply(v, x, train=False, logmel_hook=hook), tiny_variables, waveforms(4))
     assert len(seen) == 1
 
 
-def test_bfloat16_reaches_every_block_and_params_stay_float32():
+def test_bfloat16_reaches_every_block_and_params_stay_float32(tiny_variables):
     model = create_model("convnext_tiny", dtype=jnp.bfloat16, **TINY)
-    variables = init_variables(model, jax.random.key(0))  # initialised in bf16 mode itself
-    assert {p.dtype for p in jax.tree.leaves(variables["params"])} == {jnp.dtype(jnp.float32)}
-    out, state = model.apply(variables, waveforms(), capture_intermediates=True, mutable=["intermediates"])
+    # Initialised in bf16 mode itself: the dtypes come from tracing the init, its values are tiny_variables'.
+    abstract = abstract_variables(model)
+    assert {p.dtype for p in jax.tree.leaves(abstract["params"])} == {jnp.dtype(jnp.float32)}
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), abstract) == jax.tree.map(lambda a: (a.shape, a.dtype),
+                                                                                 tiny_variables)
+    variables = tiny_variables
+    out, state = jax.jit(lambda v, x: model.apply(v, x, capture_intermediates=True, mutable=["intermediates"]))(
+        variables, waveforms())
     trunk = state["intermediates"]["trunk"]
     block_outputs = {k: v["__call__"][0] for k, v in trunk.items() if k.startswith("stage")}
     assert len(block_outputs) == sum(TINY["depths"])
@@ -130,21 +155,22 @@ def test_bfloat16_reaches_every_block_and_params_stay_float32():
         assert trunk["stage2_block1"][layer]["__call__"][0].dtype == jnp.bfloat16
     assert out["frame_embeddings"].dtype == jnp.bfloat16
     assert out["logits"].dtype == jnp.float32 and np.isfinite(np.asarray(out["probs"])).all()
-    reference = model.clone(dtype=None).apply(variables, waveforms())
+    reference = apply_eval(variables, waveforms())  # model.clone(dtype=None)
     np.testing.assert_allclose(out["probs"], reference["probs"], atol=0.05)
 
 
 def test_sharded_jit_equals_single_device(tiny_variables):
     assert jax.device_count() == 8, "tests/conftest.py should provide 8 simulated devices"
-    model = create_model("convnext_tiny", **TINY)
     variables = tiny_variables
     x = waveforms(8)
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    apply = lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])  # noqa: E731
-    sharded = jax.jit(apply, in_shardings=(replicated, data))(jax.device_put(variables, replicated), jax.device_put(x, data))
-    single = jax.jit(apply)(variables, x)
+    # With drop path: each device's rows get the masks the single device draws for them.
+    key = jax.random.key(1)
+    sharded = jax.jit(_train_apply, in_shardings=(replicated, data, replicated))(
+        jax.device_put(variables, replicated), jax.device_put(x, data), key)
+    single = train_apply(variables, x, key)  # test_train_mode_updates_bn0_and_uses_drop_path's program
     assert sharded[0]["logits"].sharding.spec == jax.sharding.PartitionSpec("data")
     np.testing.assert_allclose(sharded[0]["logits"], single[0]["logits"], rtol=1e-5, atol=1e-5)
     # bn0 statistics are over the global batch, not per device.
@@ -162,9 +188,8 @@ def test_sharded_jit_equals_single_device(tiny_variables):
     ],
 )
 def test_bad_input_is_a_clear_error(x, message, tiny_variables):
-    model = create_model("convnext_tiny", **TINY)
     with pytest.raises(ValueError, match=message):
-        model.apply(tiny_variables, x)
+        TINY_MODEL.apply(tiny_variables, x)
 
 
 def test_registry_errors():

@@ -23,6 +23,10 @@ NUM_CLASSES = 4
 TINY = dict(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), num_classes=NUM_CLASSES)
 CLASS_NAMES = ["Burst", "Burst somewhere", "Speech", "Bell"]
 SR = audio.SAMPLE_RATE
+MODEL = create_model("convnext_tiny", **TINY)
+# The one forward program of the file's own checks: four 10 s clips (the detector's calibration, the embeddings,
+# one recording padded with silent rows), compiled once.
+apply_four_clips = jax.jit(lambda v, x: MODEL.apply(v, x))
 
 
 def quiet_noise(seconds, sample_rate, seed):
@@ -53,12 +57,12 @@ def burst_detector():
     """A tiny random ConvNeXt set to respond to loud bursts, calibrated on 10 s clips of quiet noise with and
     without a burst: class 0 ("Burst") at the frame level (per-step head inputs LN(2·s_t) of burst steps vs quiet
     steps), class 1 ("Burst somewhere") at the clip level (scene embeddings of clips with and without a burst)."""
-    model = create_model("convnext_tiny", **TINY)
+    model = MODEL
     variables = jax.tree.map(np.array, init_variables(model, jax.random.key(3)))  # writable copies
     onsets = [3.0, 8.5]
     clips = [add_burst(quiet_noise(10, SR, seed=10 + i), SR, onset, seed=20 + i) for i, onset in enumerate(onsets)]
     clips += [quiet_noise(10, SR, seed=30), quiet_noise(10, SR, seed=31)]
-    outputs = model.apply(variables, np.stack(clips))
+    outputs = apply_four_clips(variables, np.stack(clips))
     sequence = np.asarray(outputs["sequence_embeddings"][0])
     normalised = np.asarray(nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False).apply(
         {"params": variables["params"]["head_norm"]}, 2.0 * sequence))
@@ -118,7 +122,9 @@ def test_tag_real_recordings(tagger, burst_detector, freedesktop_recordings):
     rates = {r.audio.sample_rate for r in results}
     channels = {r.audio.channels for r in results}
     assert rates <= {44_100, 48_000} and len(channels) > 1, (rates, channels)  # resampling and downmixing ran
-    one_clip = jax.jit(lambda v, x: model.apply(v, x)["probs"][0])
+    def one_clip(v, x):  # x in row 0, silent rows after it (rows do not mix in eval mode)
+        return apply_four_clips(v, np.concatenate([x, np.zeros((3, x.shape[1]), np.float32)]))["probs"][0]
+
     for path, result in zip(files, results):
         samples, rate = soundfile.read(path, dtype="float32", always_2d=True)
         assert result.audio.channels == samples.shape[1] and result.audio.sample_rate == rate
@@ -227,10 +233,11 @@ def test_cli_tag_formats(checkpoint, freedesktop_recordings, tmp_path, capsys):
 
 def test_embeddings(burst_detector, checkpoint, freedesktop_recordings, tmp_path, capsys):
     model, variables = burst_detector
-    clips = np.stack([quiet_noise(10, SR, 40), add_burst(quiet_noise(10, SR, 41), SR, 2.0)])
-    outputs = jax.jit(model.apply)(variables, clips)
+    clips = np.stack([quiet_noise(10, SR, 40), add_burst(quiet_noise(10, SR, 41), SR, 2.0),
+                      quiet_noise(10, SR, 42), add_burst(quiet_noise(10, SR, 43), SR, 6.0, seed=2)])
+    outputs = apply_four_clips(variables, clips)
     sequence = outputs["sequence_embeddings"]
-    assert sequence.shape == (2, 31, 64) and outputs["frame_embeddings"].shape == (2, 31, 7, 64)
+    assert sequence.shape == (4, 31, 64) and outputs["frame_embeddings"].shape == (4, 31, 7, 64)
     pooled = sequence.max(axis=1) + sequence.mean(axis=1)
     rebuilt = nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False).apply(
         {"params": variables["params"]["head_norm"]}, pooled)
