@@ -73,8 +73,10 @@ def init_train_state(model: nn.Module, tx: optax.GradientTransformation, seed: i
             rng=jax.random.key_data(train_key),
         )
 
-    return xla.jit(init, out_shardings=NamedSharding(mesh, P()), compiler_options=xla.RUN_ONCE_COMPILER_OPTIONS)(
-        jax.random.key(seed))
+    key = jax.random.key(seed)
+    if isinstance(key, jax.core.Tracer):  # inside a caller's jit or eval_shape, which compiles it with its options
+        return init(key)
+    return xla.jit(init, out_shardings=NamedSharding(mesh, P()), compiler_options=xla.RUN_ONCE_COMPILER_OPTIONS)(key)
 
 
 def classification_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
