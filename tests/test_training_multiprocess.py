@@ -32,8 +32,10 @@ from multiprocess import process_env, run_group, run_jax_processes  # noqa: E402
 # Real processes compiling the train step: minutes on the shared 2-core CPU.
 pytestmark = pytest.mark.slow
 
-TOTAL_STEPS = 6
-TRAIN_CLIPS = 192  # 6 steps × 16 examples × 2 mixup draws: one epoch, every clip read exactly once
+# Resumed from step 2, the killed run trains 2 steps again: every step costs each of the 7 training processes.
+TOTAL_STEPS = 4
+CHECKPOINT_EVERY = 2
+TRAIN_CLIPS = 128  # 4 steps × 16 examples × 2 mixup draws: one epoch, every clip read exactly once
 TINY_CONFIG = f"""
 from configs.demo import get_config as demo_config
 
@@ -47,7 +49,7 @@ def get_config():
     config.batch_size = 16
     config.eval_batch_size = 32
     config.total_steps = {TOTAL_STEPS}
-    config.checkpoint_every = 2
+    config.checkpoint_every = {CHECKPOINT_EVERY}
     config.eval_every = {TOTAL_STEPS}
     config.log_every = 1
     config.progress_bar = False
@@ -165,7 +167,7 @@ def test_two_processes_train_exactly_as_one(single, double):
 
     # One loader position per process in every checkpoint; metrics written once.
     assert [line["step"] for line in metrics(double_dir) if "train_loss" in line] == list(range(1, TOTAL_STEPS + 1))
-    for step in (2, 4, 6):
+    for step in range(CHECKPOINT_EVERY, TOTAL_STEPS + 1, CHECKPOINT_EVERY):
         data = double_dir / "checkpoints" / str(step) / "data"
         assert sorted(p.name for p in data.glob("process_*.json")) == ["process_0-of-2.json", "process_1-of-2.json"]
         for index in range(2):  # 8 examples × 2 mixup draws per process per step
