@@ -4,9 +4,11 @@ devices; the same 2-process run killed (SIGKILL) after a checkpoint and restarte
 over 2 processes against 1.
 
 The runs are shared by the tests (module fixtures) and use a tiny demo config with SpecAugment, mixup and
-speed perturbation on. No persistent compilation cache: JAX writes it from process 0 only, so a later
-2-process run would find process 0's programs compiled and process 1's not, and process 0 would wait at the
-first collective for a peer still compiling, past gloo's timeout on a loaded machine.
+speed perturbation on. Their persistent compilation cache is the module's own (not the test run's, which
+tests/multiprocess.py keeps from its processes, nor the user's, which train.py's "auto" would pick): JAX writes
+it from process 0 only, so a later 2-process run finds process 0's programs compiled and process 1's not; the
+processes meet at the barriers that training and evaluation pass after compiling (sharding.barrier), not at a
+first collective, where gloo would wait only 30 s for a peer still compiling.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def get_config():
     config.eval_every = {TOTAL_STEPS}
     config.log_every = 1
     config.progress_bar = False
+    config.compilation_cache = XLA_CACHE
     return config
 """
 TIMEOUT = 600
@@ -62,7 +65,7 @@ TIMEOUT = 600
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("multiprocess_training")
     config = root / "tiny.py"
-    config.write_text(TINY_CONFIG)
+    config.write_text(TINY_CONFIG.replace("XLA_CACHE", repr(str(root / "xla"))))
     cache = {}  # extra environment of every process (see the module docstring)
     return root, config, cache
 
@@ -206,7 +209,7 @@ def test_evaluate_over_two_processes_equals_one(setup, double):
     model_dir = double[0] / "model" / "last"
     output = root / "evaluation"
     args = ["-m", "convnext_audio_jax.cli", "evaluate", f"--checkpoint={model_dir}", "--data=demo@validation",
-            "--batch-size=32", f"--output={output}", "--no-progress"]
+            "--batch-size=32", f"--output={output}", "--no-progress", f"--compilation-cache={root / 'xla'}"]
     outputs = run_jax_processes(args, 2, 4, timeout=TIMEOUT, use_flags=True, extra_env=cache)
     assert "evaluate:" in outputs[0].stdout and "evaluate:" not in outputs[1].stdout
     two = json.loads((output / evaluate.METRICS_FILE).read_text())
