@@ -4,9 +4,11 @@ devices; the same 2-process run killed (SIGKILL) after a checkpoint and restarte
 over 2 processes against 1.
 
 The runs are shared by the tests (module fixtures) and use a tiny demo config with SpecAugment, mixup and
-speed perturbation on. No persistent compilation cache: JAX writes it from process 0 only, so a later
-2-process run would find process 0's programs compiled and process 1's not, and process 0 would wait at the
-first collective for a peer still compiling, past gloo's timeout on a loaded machine.
+speed perturbation on. Their persistent compilation cache is the module's own (not the test run's, which
+tests/multiprocess.py keeps from its processes, nor the user's, which train.py's "auto" would pick): JAX writes
+it from process 0 only, so a later 2-process run finds process 0's programs compiled and process 1's not; the
+processes meet at the barriers that training and evaluation pass after compiling (sharding.barrier), not at a
+first collective, where gloo would wait only 30 s for a peer still compiling.
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ from multiprocess import process_env, run_group, run_jax_processes  # noqa: E402
 # Real processes compiling the train step: minutes on the shared 2-core CPU.
 pytestmark = pytest.mark.slow
 
-TOTAL_STEPS = 6
-TRAIN_CLIPS = 192  # 6 steps × 16 examples × 2 mixup draws: one epoch, every clip read exactly once
+# Resumed from step 2, the killed run trains 2 steps again: every step costs each of the 7 training processes.
+TOTAL_STEPS = 4
+CHECKPOINT_EVERY = 2
+TRAIN_CLIPS = 128  # 4 steps × 16 examples × 2 mixup draws: one epoch, every clip read exactly once
 TINY_CONFIG = f"""
 from configs.demo import get_config as demo_config
 
@@ -47,10 +51,11 @@ def get_config():
     config.batch_size = 16
     config.eval_batch_size = 32
     config.total_steps = {TOTAL_STEPS}
-    config.checkpoint_every = 2
+    config.checkpoint_every = {CHECKPOINT_EVERY}
     config.eval_every = {TOTAL_STEPS}
     config.log_every = 1
     config.progress_bar = False
+    config.compilation_cache = XLA_CACHE
     return config
 """
 TIMEOUT = 600
@@ -60,7 +65,7 @@ TIMEOUT = 600
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("multiprocess_training")
     config = root / "tiny.py"
-    config.write_text(TINY_CONFIG)
+    config.write_text(TINY_CONFIG.replace("XLA_CACHE", repr(str(root / "xla"))))
     cache = {}  # extra environment of every process (see the module docstring)
     return root, config, cache
 
@@ -165,7 +170,7 @@ def test_two_processes_train_exactly_as_one(single, double):
 
     # One loader position per process in every checkpoint; metrics written once.
     assert [line["step"] for line in metrics(double_dir) if "train_loss" in line] == list(range(1, TOTAL_STEPS + 1))
-    for step in (2, 4, 6):
+    for step in range(CHECKPOINT_EVERY, TOTAL_STEPS + 1, CHECKPOINT_EVERY):
         data = double_dir / "checkpoints" / str(step) / "data"
         assert sorted(p.name for p in data.glob("process_*.json")) == ["process_0-of-2.json", "process_1-of-2.json"]
         for index in range(2):  # 8 examples × 2 mixup draws per process per step
@@ -204,7 +209,7 @@ def test_evaluate_over_two_processes_equals_one(setup, double):
     model_dir = double[0] / "model" / "last"
     output = root / "evaluation"
     args = ["-m", "convnext_audio_jax.cli", "evaluate", f"--checkpoint={model_dir}", "--data=demo@validation",
-            "--batch-size=32", f"--output={output}", "--no-progress"]
+            "--batch-size=32", f"--output={output}", "--no-progress", f"--compilation-cache={root / 'xla'}"]
     outputs = run_jax_processes(args, 2, 4, timeout=TIMEOUT, use_flags=True, extra_env=cache)
     assert "evaluate:" in outputs[0].stdout and "evaluate:" not in outputs[1].stdout
     two = json.loads((output / evaluate.METRICS_FILE).read_text())

@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 from flax import traverse_util
+from jax.sharding import NamedSharding, PartitionSpec
 from training_helpers import tiny_config
 
 from convnext_audio_jax.data import demo
@@ -31,9 +32,18 @@ def test_cpu_bfloat16_policy(monkeypatch, caplog):
         fallback = config_lib.build_model(config, num_classes=demo.NUM_CLASSES)
     assert fallback.dtype == jnp.float32 and "without native bfloat16" in caplog.text
     float32 = config_lib.build_model(tiny_config(), num_classes=demo.NUM_CLASSES)
-    variables = init_variables(float32, jax.random.key(0))
+    # Random variables drawn on the host (the random initialiser's compile proves nothing here); the running
+    # variances positive, so every output is finite and the comparison below is between real numbers.
+    rng = np.random.default_rng(0)
+    variables = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: (rng.uniform(0.5, 1.5, leaf.shape) if "batch_stats" in jax.tree_util.keystr(path)
+                            else rng.normal(0.0, 0.1, leaf.shape)).astype(leaf.dtype),
+        jax.eval_shape(lambda: init_variables(float32, jax.random.key(0))))
     waveform = jax.random.normal(jax.random.key(1), (2, 16_000)) * 0.1
-    np.testing.assert_array_equal(fallback.apply(variables, waveform)["probs"], float32.apply(variables, waveform)["probs"])
+    # Jitted: one compile (the second model's program is the first's, from the XLA cache) instead of op-by-op.
+    probs = np.asarray(jax.jit(float32.apply)(variables, waveform)["probs"])
+    assert np.isfinite(probs).all() and np.ptp(probs) > 1e-3
+    np.testing.assert_array_equal(jax.jit(fallback.apply)(variables, waveform)["probs"], probs)
     config.model.cpu_bfloat16 = "keep"
     assert config_lib.build_model(config, num_classes=demo.NUM_CLASSES).dtype == jnp.bfloat16
     config.model.cpu_bfloat16 = "fallback"
@@ -52,35 +62,68 @@ def test_mixed_precision_computes_in_bfloat16_and_keeps_float32_state():
     config.model.cpu_bfloat16 = "keep"  # bfloat16 on any CPU
     model = config_lib.build_model(config, num_classes=demo.NUM_CLASSES)
     assert model.dtype == jnp.bfloat16
-    params_shape = jax.eval_shape(lambda: init_variables(model, jax.random.key(0))["params"])
-    tx = optimizer.make_optimizer(config.optimizer, config.total_steps, params_shape)
+    tx = optimizer.make_optimizer(config.optimizer, config.total_steps)
     state = jax.eval_shape(lambda: step_lib.init_train_state(model, tx, 0, data_mesh()))
     floating = [leaf.dtype for leaf in jax.tree.leaves((state.params, state.opt_state, state.batch_stats))
                 if jnp.issubdtype(leaf.dtype, jnp.floating)]
     assert floating and all(dtype == jnp.float32 for dtype in floating)
 
 
-def _one_step(config, mesh, state_seed=0):
-    model = config_lib.build_model(config, num_classes=demo.NUM_CLASSES)
-    params_shape = jax.eval_shape(lambda: init_variables(model, jax.random.key(0))["params"])
-    tx = optimizer.make_optimizer(config.optimizer, config.total_steps, params_shape)
-    state = step_lib.init_train_state(model, tx, state_seed, mesh)
-    step = step_lib.make_train_step(model, tx, config_lib.augment_config(config), 1, mesh)
+# The train steps compile with LLVM at -O0: what these tests prove lives in the program XLA builds (the
+# partitioning over devices, the accumulation loop, the skip's select), which LLVM's level leaves as it is (the
+# optimized HLO text is the same as at the default -O3, checked); their machine code compiles ~25 % faster.
+STEP_COMPILE_OPTIONS = {**xla.compiler_options("cpu"), "xla_backend_optimization_level": 0}
+
+
+def _run(step, state, batch):
+    return step.lower(state, batch).compile(STEP_COMPILE_OPTIONS)(state, batch)
+
+
+def _clips():
+    """32 rows (16 examples, mixup pairs) of float32 waveforms (which can carry a NaN) and their targets: the
+    sharded and the skip_nonfinite tests run the same 8-device step on them, compiled once (the XLA cache)."""
     source = demo.SyntheticAudioSet("train", 32, sample_rate=16_000, clip_seconds=1.0)
-    clips = [source[i] for i in range(32)]  # 16 examples, 32 rows: mixup pairs
-    batch = {"waveform": np.stack([c["waveform"] for c in clips]), "target": np.stack([c["target"] for c in clips])}
-    initial = jax.device_get(state.params)
-    state, metrics = step(state, step_lib.global_batch(batch, mesh))
-    return initial, jax.device_get(state), jax.device_get(metrics)
+    clips = [source[i] for i in range(32)]
+    waveform = np.stack([c["waveform"] for c in clips]).astype(np.float32) / 32767.0
+    return waveform, np.stack([c["target"] for c in clips])
 
 
-def test_sharded_step_equals_one_device_step():
+def _model_and_optimizer(config):
+    model = config_lib.build_model(config, num_classes=demo.NUM_CLASSES)
+    return model, optimizer.make_optimizer(config.optimizer, config.total_steps)
+
+
+@pytest.fixture(scope="module")
+def initial_state():
+    """The tiny model's initial train state (seed 0) on the host, which the tests place on their meshes: one
+    initialiser to compile for the module."""
+    model, tx = _model_and_optimizer(tiny_config())
+    return jax.device_get(step_lib.init_train_state(model, tx, 0, data_mesh()))
+
+
+def _placed(state, mesh):
+    """A copy of ``state`` replicated over ``mesh``, as init_train_state makes it. A copy: on the CPU a device
+    array may share a host array's memory, and the step donates (overwrites) its state."""
+    return jax.device_put(jax.tree.map(np.copy, state), NamedSharding(mesh, PartitionSpec()))
+
+
+def _one_step(config, mesh, initial):
+    model, tx = _model_and_optimizer(config)
+    step = step_lib.make_train_step(model, tx, config_lib.augment_config(config), 1, mesh)
+    waveform, target = _clips()
+    state, metrics = _run(step, _placed(initial, mesh),
+                          step_lib.global_batch({"waveform": waveform, "target": target}, mesh))
+    return jax.device_get(state), jax.device_get(metrics)
+
+
+def test_sharded_step_equals_one_device_step(initial_state):
     """Data parallelism changes nothing: bn0 statistics, loss and gradients are over the global batch, and
     every example draws its own augmentation whatever device holds it."""
     config = tiny_config()
     assert jax.device_count() == 8
-    initial, state8, metrics8 = _one_step(config, data_mesh())
-    _, state1, metrics1 = _one_step(config, data_mesh(jax.devices()[:1]))
+    initial = initial_state.params
+    state8, metrics8 = _one_step(config, data_mesh(), initial_state)
+    state1, metrics1 = _one_step(config, data_mesh(jax.devices()[:1]), initial_state)
     assert float(metrics8["loss"]) == pytest.approx(float(metrics1["loss"]), rel=1e-6)
     assert float(metrics8["grad_norm"]) == pytest.approx(float(metrics1["grad_norm"]), rel=1e-4)
     flat8 = traverse_util.flatten_dict(state8.params, sep="/")
@@ -98,7 +141,7 @@ def test_sharded_step_equals_one_device_step():
     assert int(state8.step) == int(state1.step) == 1
 
 
-def test_gradient_accumulation_averages_the_micro_batch_gradients():
+def test_gradient_accumulation_averages_the_micro_batch_gradients(initial_state):
     """With SGD at lr 1 a step subtracts the gradient: two accumulated micro-batches must give the mean of
     the two single-batch steps (no augmentation or drop path, so no randomness differs between them)."""
     config = tiny_config()
@@ -112,10 +155,12 @@ def test_gradient_accumulation_averages_the_micro_batch_gradients():
     batch = {"waveform": np.stack([c["waveform"] for c in clips]), "target": np.stack([c["target"] for c in clips])}
     halves = [{key: value[rows] for key, value in batch.items()} for rows in (slice(0, 4), slice(4, 8))]
 
+    # The module's initial parameters (drop path has none), with SGD's (empty) optimizer state.
+    initial = initial_state.replace(opt_state=tx.init(initial_state.params))
+
     def run(accumulation_steps, data):
-        state = step_lib.init_train_state(model, tx, 0, mesh)
         step = step_lib.make_train_step(model, tx, augment, accumulation_steps, mesh)
-        new_state, metrics = step(state, step_lib.global_batch(data, mesh))
+        new_state, metrics = _run(step, _placed(initial, mesh), step_lib.global_batch(data, mesh))
         return traverse_util.flatten_dict(jax.device_get(new_state.params), sep="/"), float(metrics["loss"])
 
     accumulated, loss = run(2, batch)
@@ -126,19 +171,14 @@ def test_gradient_accumulation_averages_the_micro_batch_gradients():
         np.testing.assert_allclose(value, (first[path] + second[path]) / 2, rtol=1e-5, atol=1e-7, err_msg=path)
 
 
-def test_skip_nonfinite_keeps_the_state_of_a_nan_batch_and_applies_the_next():
+def test_skip_nonfinite_keeps_the_state_of_a_nan_batch_and_applies_the_next(initial_state):
     """on_nonfinite = "skip_batch": a batch holding one NaN clip (float32 waveforms carry it) leaves params,
     batch_stats and opt_state bit for bit as they were and only advances the step; the next finite batch is
     applied. Without skipping, the same batch poisons the params."""
     config = tiny_config()
     mesh = data_mesh()
-    model = config_lib.build_model(config, num_classes=demo.NUM_CLASSES)
-    params_shape = jax.eval_shape(lambda: init_variables(model, jax.random.key(0))["params"])
-    tx = optimizer.make_optimizer(config.optimizer, config.total_steps, params_shape)
-    source = demo.SyntheticAudioSet("train", 32, sample_rate=16_000, clip_seconds=1.0)
-    clips = [source[i] for i in range(32)]
-    waveform = np.stack([c["waveform"] for c in clips]).astype(np.float32) / 32767.0
-    target = np.stack([c["target"] for c in clips])
+    model, tx = _model_and_optimizer(config)
+    waveform, target = _clips()
     poisoned = waveform.copy()
     poisoned[5, 100] = np.nan
 
@@ -146,8 +186,9 @@ def test_skip_nonfinite_keeps_the_state_of_a_nan_batch_and_applies_the_next():
         return step_lib.global_batch({"waveform": w, "target": target}, mesh)
 
     skipping = step_lib.make_train_step(model, tx, config_lib.augment_config(config), 1, mesh, skip_nonfinite=True)
-    state = step_lib.init_train_state(model, tx, 0, mesh)
-    before = jax.device_get(state)
+    before = initial_state
+    state = _placed(before, mesh)
+    skipping = skipping.lower(state, batch(poisoned)).compile(STEP_COMPILE_OPTIONS)  # run twice below
     state, metrics = skipping(state, batch(poisoned))
     after = jax.device_get(state)
     assert not np.isfinite(float(metrics["loss"]))
@@ -165,5 +206,5 @@ def test_skip_nonfinite_keeps_the_state_of_a_nan_batch_and_applies_the_next():
     assert max(moved) > 0 and all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(jax.device_get(state.params)))
 
     plain = step_lib.make_train_step(model, tx, config_lib.augment_config(config), 1, mesh)
-    state, _ = plain(step_lib.init_train_state(model, tx, 0, mesh), batch(poisoned))
+    state, _ = _run(plain, _placed(initial_state, mesh), batch(poisoned))  # the sharded test's program
     assert not all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(jax.device_get(state.params)))
