@@ -295,23 +295,37 @@ def test_unknown_names_and_existing_paths_are_not_resolved(cache, tmp_path, monk
 
 
 @pytest.mark.slow
-def test_two_processes_starting_together_download_once(cache, server, checkpoint_bytes, tmp_path):
+def test_two_processes_starting_together_download_once(cache, server, checkpoint_bytes, tmp_path, monkeypatch, capsys):
+    """This process and one subprocess (two processes are what the lock is for; a second subprocess would only
+    add its imports) load the name at the same moment: one downloads and converts, the other waits for it."""
     entry = local_entry(server, checkpoint_bytes)
     registry_file = tmp_path / "registry.json"
     registry_file.write_text(json.dumps({NAME: {
         "model": entry.model, "sources": [dataclasses.asdict(entry.sources[0])], "labels": dataclasses.asdict(entry.labels)}}))
-    server.delay = 1.0  # the second process arrives while the first one is downloading
-    env = {**os.environ, pretrained.CACHE_ENV: str(cache), pretrained.REGISTRY_ENV: str(registry_file),
-           "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    script = ("import sys; from convnext_audio_jax import pretrained; "
+    monkeypatch.setenv(pretrained.REGISTRY_ENV, str(registry_file))
+    server.delay = 1.0  # the first process holds the lock this long at least, so the second arrives while it does
+    # No native kernels: they would be built anew (~30 s of CPU) into the fresh cache folder, and the lock on the
+    # download does not depend on them.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "CONVNEXT_AUDIO_JAX_NATIVE": "0"}
+    # The subprocess imports first, then both start on the "go" line.
+    script = ("import sys; from convnext_audio_jax import pretrained; print('ready', flush=True); sys.stdin.readline(); "
               "m, v, meta = pretrained.load(sys.argv[1]); print(meta['pretrained']['md5'])")
-    processes = [subprocess.Popen([sys.executable, "-c", script, NAME], env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    results = [p.communicate(timeout=300) for p in processes]
-    assert [p.returncode for p in processes] == [0, 0], [err[-2000:] for _, err in results]
-    assert {out.strip() for out, _ in results} == {hashlib.md5(checkpoint_bytes).hexdigest()}
+    process = subprocess.Popen([sys.executable, "-c", script, NAME], env=env, stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "ready", process.stderr.read()[-2000:]
+        process.stdin.write("go\n")
+        process.stdin.flush()
+        here = pretrained.load(NAME)[2]["pretrained"]["md5"]
+        out, err = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    assert process.returncode == 0, err[-2000:]
+    assert {out.strip(), here} == {hashlib.md5(checkpoint_bytes).hexdigest()}
     assert len(server.file_requests(FILE)) == 1
-    assert sum("converted" in err for _, err in results) == 1
+    errors = [err, capsys.readouterr().err]
+    assert sum("converted" in e for e in errors) == 1
+    assert sum("another process is fetching it" in e for e in errors) == 1  # they did overlap
 
 
 def fake_hub(monkeypatch, files: dict[str, pathlib.Path], calls: list, endpoint: str) -> None:
