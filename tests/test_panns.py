@@ -8,6 +8,7 @@ import torch
 
 from convnext_audio_jax.models import count_params, create_model, init_variables
 from convnext_audio_jax.models.panns import NextBlock
+from convnext_audio_jax.runtime import xla
 
 PANNS = ["cnn14", "cnn6", "cnn14sep", "cnn6next"]
 # Reduced widths keep the forward passes cheap where the full model is not the point.
@@ -16,6 +17,25 @@ TINY = {"cnn14": (8, 8, 16, 16, 16, 16), "cnn14sep": (8, 8, 16, 16, 16, 16), "cn
 
 def _abstract_variables(model):
     return jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
+
+
+# These programs run once or thrice: LLVM -O1 compiles them several times faster, with the same dtypes and values.
+def run_once(fun):
+    return jax.jit(fun, compiler_options=xla.RUN_ONCE_COMPILER_OPTIONS)
+
+
+@pytest.fixture(scope="module")
+def tiny_variables():
+    """name -> random variables of the TINY float32 model, initialised once for the module (the bfloat16 models
+    have the same variables: the dtype is the computation's, the parameters stay float32)."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = init_variables(create_model(name, channels=TINY[name]), jax.random.key(1))
+        return cache[name]
+
+    return get
 
 
 @pytest.mark.parametrize(
@@ -50,11 +70,11 @@ def test_output_shapes(name, cells, channels, seconds):
 
 
 @pytest.mark.parametrize("name", PANNS)
-def test_forward_runs_and_head_reads_the_embedding(name):
+def test_forward_runs_and_head_reads_the_embedding(name, tiny_variables):
     model = create_model(name, channels=TINY[name])
-    variables = init_variables(model, jax.random.key(1))
+    variables = tiny_variables(name)
     waveform = 0.1 * jax.random.normal(jax.random.key(2), (2, 16000))
-    out = jax.jit(lambda v, x: model.apply(v, x))(variables, waveform)
+    out = run_once(lambda v, x: model.apply(v, x))(variables, waveform)
     head = variables["params"]["fc_audioset"]
     np.testing.assert_allclose(out["logits"], out["scene_embedding"] @ head["kernel"] + head["bias"], atol=1e-5)
     np.testing.assert_allclose(out["probs"], jax.nn.sigmoid(out["logits"]), atol=1e-6)
@@ -62,12 +82,14 @@ def test_forward_runs_and_head_reads_the_embedding(name):
 
 
 @pytest.mark.parametrize("name", PANNS)
-def test_bfloat16_reaches_every_block(name):
+def test_bfloat16_reaches_every_block(name, tiny_variables):
     model = create_model(name, channels=TINY[name], dtype=jnp.bfloat16)
-    variables = init_variables(model, jax.random.key(1))
-    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables["params"]))
+    abstract = _abstract_variables(model)  # what init_variables gives the bfloat16 model, without compiling it
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(abstract["params"]))
+    variables = tiny_variables(name)
+    assert jax.tree.structure(variables) == jax.tree.structure(abstract)
     waveform = 0.1 * jax.random.normal(jax.random.key(2), (2, 16000))
-    out, state = jax.jit(lambda v, x: model.apply(v, x, capture_intermediates=True))(variables, waveform)
+    out, state = run_once(lambda v, x: model.apply(v, x, capture_intermediates=True))(variables, waveform)
     inter = state["intermediates"]
     blocks = [k for k in inter if k.startswith("conv_block")]
     assert len(blocks) == len(TINY[name])
@@ -81,24 +103,25 @@ def test_bfloat16_reaches_every_block(name):
     assert all(np.isfinite(np.asarray(v, np.float32)).all() for v in out.values())
 
 
-def test_training_uses_the_dropout_rng_and_updates_batch_stats():
+def test_training_uses_the_dropout_rng_and_updates_batch_stats(tiny_variables):
     model = create_model("cnn6", channels=TINY["cnn6"])
-    variables = init_variables(model, jax.random.key(1))
-    waveform = 0.1 * jax.random.normal(jax.random.key(2), (4, 16000))
+    variables = tiny_variables("cnn6")
+    waveform = 0.1 * jax.random.normal(jax.random.key(2), (2, 16000))  # the forward test's: its program is reused
 
-    @jax.jit
-    def train(key):
-        return model.apply(variables, waveform, train=True, rngs={"dropout": key}, mutable=["batch_stats"])
+    # The variables and clips are arguments, not constants XLA would fold at compile time.
+    @run_once
+    def train(v, x, key):
+        return model.apply(v, x, train=True, rngs={"dropout": key}, mutable=["batch_stats"])
 
-    with pytest.raises(Exception, match="dropout"):
-        model.apply(variables, waveform, train=True, mutable=["batch_stats"])
-    (a, state), (b, _), (c, _) = train(jax.random.key(3)), train(jax.random.key(3)), train(jax.random.key(4))
+    with pytest.raises(Exception, match="dropout"):  # raised while tracing: no eager forward pass needed
+        jax.eval_shape(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]), variables, waveform)
+    (a, state), (b, _), (c, _) = (train(variables, waveform, jax.random.key(k)) for k in (3, 3, 4))
     np.testing.assert_array_equal(a["logits"], b["logits"])
     assert np.abs(np.asarray(a["logits"] - c["logits"])).max() > 1e-4
     before = variables["batch_stats"]["conv_block1"]["bn1"]["mean"]
     assert np.abs(np.asarray(state["batch_stats"]["conv_block1"]["bn1"]["mean"] - before)).max() > 0
     # Evaluation is deterministic and needs no RNG.
-    evaluate = jax.jit(lambda v, x: model.apply(v, x))
+    evaluate = run_once(lambda v, x: model.apply(v, x))
     e1, e2 = evaluate(variables, waveform), evaluate(variables, waveform)
     np.testing.assert_array_equal(e1["logits"], e2["logits"])
 
@@ -108,9 +131,10 @@ def test_next_block_depthwise_multiplier_matches_torch_grouped_conv(impl):
     """CNN6Next's 'DW K=2' conv: output channel c·2+m reads input channel c, as torch's groups=C."""
     block = NextBlock(16, pool=(1, 1), depthwise_impl=impl)
     x = np.random.default_rng(0).normal(size=(2, 12, 10, 8)).astype(np.float32)
-    variables = block.init(jax.random.key(0), x, False)
+    variables = run_once(lambda key: block.init(key, x, False))(jax.random.key(0))  # one compile, not one per op
     params = variables["params"]
-    captured = block.apply(variables, x, False, capture_intermediates=True)[1]["intermediates"]["dwconv"]["__call__"][0]
+    captured = run_once(lambda v: block.apply(v, x, False, capture_intermediates=True))(variables)
+    captured = captured[1]["intermediates"]["dwconv"]["__call__"][0]
     conv = torch.nn.Conv2d(8, 16, 7, padding=3, groups=8)
     with torch.no_grad():
         conv.weight.copy_(torch.from_numpy(np.transpose(np.asarray(params["dwconv"]["kernel"]), (3, 2, 0, 1)).copy()))
