@@ -1,5 +1,6 @@
-"""Per-backend choices: ``jit`` with the XLA compiler options this project's models want on each backend,
-and whether bfloat16 arithmetic is native where the models run.
+"""Per-backend choices: ``jit`` with the XLA compiler options this project's models want on each backend
+(and those for programs that run once), whether bfloat16 arithmetic is native where the models run, and
+built programs reused within a process (:func:`reused`).
 
 On XLA:CPU (jax 0.10), the default YNNPACK fusions swallow the depthwise shift-sum and the
 dense layers' bias broadcasts into one fusion that materialises every shifted slice and a full
