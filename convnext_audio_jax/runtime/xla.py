@@ -72,7 +72,6 @@ def reused(builder: Callable) -> Callable:
             return builder(*args)
         return cached(*args)
 
-    build.cache_clear = cached.cache_clear
     return build
 
 

@@ -63,7 +63,7 @@ def _host_safe(state: dict) -> dict:
     from ``np.asarray`` of its shard, which on a CPU device is a view of the device buffer itself: the next train
     step donates that buffer, so on the CPU the save gets a copy (one dispatch). On an accelerator ``np.asarray``
     is already a host copy."""
-    if all(device.platform == "cpu" for device in jax.devices()):
+    if jax.default_backend() == "cpu":
         return _copied(state)
     return state
 
