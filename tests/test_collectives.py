@@ -9,11 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from training_helpers import STEP_COMPILE_OPTIONS
 
 from convnext_audio_jax.evaluation.evaluate import Scorer
 from convnext_audio_jax.models import create_model, init_variables, with_xla_ops
 from convnext_audio_jax.models.frontend import FrontendConfig
-from convnext_audio_jax.runtime import collectives, xla
+from convnext_audio_jax.runtime import collectives
 from convnext_audio_jax.runtime.forward import ShardedForward
 from convnext_audio_jax.runtime.sharding import data_mesh
 from convnext_audio_jax.training import step as step_lib
@@ -25,14 +26,12 @@ MODELS = {
                                      frontend=FRONTEND, drop_path_rate=0.1),
     "cnn14": lambda: create_model("cnn14", channels=(16, 16, 16, 16, 32, 32), num_classes=10, frontend=FRONTEND),
 }
-# The collectives are placed by XLA's HLO passes (SPMD partitioning, all-reduce combining), before LLVM generates
-# the machine code: LLVM at -O0 leaves the optimized HLO, collectives included, as it is (checked on these
-# models: the same text as at -O3) and compiles these programs ~25 % faster.
-COMPILE_OPTIONS = {**xla.compiler_options("cpu"), "xla_backend_optimization_level": 0}
 
 
 def _compiled_collectives(jitted, *args):
-    return collectives.collectives(jitted.lower(*args).compile(COMPILE_OPTIONS).as_text())
+    """The collectives of ``jitted``'s compiled program: XLA's HLO passes place them (SPMD partitioning, all-reduce
+    combining), before LLVM, so the -O0 options leave them as at -O3 (the same text, checked on these models)."""
+    return collectives.collectives(jitted.lower(*args).compile(STEP_COMPILE_OPTIONS).as_text())
 
 
 def test_parser_reads_ops_bytes_and_loops():

@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import traverse_util
 from clip_memo import MemoizedClips, memoized_run_data
-from training_helpers import load_config, tiny_config
+from training_helpers import demo_batch, load_config, tiny_config
 
 from convnext_audio_jax import cli, training
 from convnext_audio_jax.artifacts.model_dir import load_model
@@ -38,13 +38,6 @@ def np_log_sigmoid(x):
 def np_bce_with_logits(logits, targets):
     """BCE(σ(logits), targets) in float64, elementwise, in the stable log-sigmoid form."""
     return -(targets * np_log_sigmoid(logits) + (1 - targets) * np_log_sigmoid(-logits))
-
-
-def demo_batch(rows: int) -> dict:
-    source = demo.SyntheticAudioSet("train", rows, sample_rate=16_000, clip_seconds=1.0)
-    clips = [source[i] for i in range(rows)]
-    return {"waveform": np.stack([c["waveform"] for c in clips]), "target": np.stack([c["target"] for c in clips]),
-            "id": np.array([c["id"] for c in clips])}
 
 
 def setup(config, mesh, accumulation_steps, distillation):

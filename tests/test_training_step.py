@@ -8,7 +8,7 @@ import optax
 import pytest
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
-from training_helpers import tiny_config
+from training_helpers import STEP_COMPILE_OPTIONS, demo_batch, tiny_config
 
 from convnext_audio_jax.data import demo
 from convnext_audio_jax.models import init_variables
@@ -69,12 +69,6 @@ def test_mixed_precision_computes_in_bfloat16_and_keeps_float32_state():
     assert floating and all(dtype == jnp.float32 for dtype in floating)
 
 
-# The train steps compile with LLVM at -O0: what these tests prove lives in the program XLA builds (the
-# partitioning over devices, the accumulation loop, the skip's select), which LLVM's level leaves as it is (the
-# optimized HLO text is the same as at the default -O3, checked); their machine code compiles ~25 % faster.
-STEP_COMPILE_OPTIONS = {**xla.compiler_options("cpu"), "xla_backend_optimization_level": 0}
-
-
 def _run(step, state, batch):
     return step.lower(state, batch).compile(STEP_COMPILE_OPTIONS)(state, batch)
 
@@ -82,10 +76,8 @@ def _run(step, state, batch):
 def _clips():
     """32 rows (16 examples, mixup pairs) of float32 waveforms (which can carry a NaN) and their targets: the
     sharded and the skip_nonfinite tests run the same 8-device step on them, compiled once (the XLA cache)."""
-    source = demo.SyntheticAudioSet("train", 32, sample_rate=16_000, clip_seconds=1.0)
-    clips = [source[i] for i in range(32)]
-    waveform = np.stack([c["waveform"] for c in clips]).astype(np.float32) / 32767.0
-    return waveform, np.stack([c["target"] for c in clips])
+    batch = demo_batch(32)
+    return batch["waveform"].astype(np.float32) / 32767.0, batch["target"]
 
 
 def _model_and_optimizer(config):
@@ -150,9 +142,7 @@ def test_gradient_accumulation_averages_the_micro_batch_gradients(initial_state)
     model = config_lib.build_model(config, num_classes=demo.NUM_CLASSES)
     mesh = data_mesh(jax.devices()[:1])
     tx = optax.sgd(1.0)
-    source = demo.SyntheticAudioSet("train", 8, sample_rate=16_000, clip_seconds=1.0)
-    clips = [source[i] for i in range(8)]
-    batch = {"waveform": np.stack([c["waveform"] for c in clips]), "target": np.stack([c["target"] for c in clips])}
+    batch = demo_batch(8)
     halves = [{key: value[rows] for key, value in batch.items()} for rows in (slice(0, 4), slice(4, 8))]
 
     # The module's initial parameters (drop path has none), with SGD's (empty) optimizer state.
