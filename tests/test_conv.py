@@ -358,7 +358,8 @@ def test_bfloat16_convolution_rejects_channels_its_unit_cannot_take():
         with pytest.raises(native.NativeUnavailable):
             native.conv_forward(x, kernel, ((1, 1), (1, 1)), bf16_unit="tiles")
         return
-    with pytest.raises(ValueError, match=r"convolution on 'tiles': kernel \(3, 3, 48, 32\) needs inputs and outputs multiples of 32"):
+    with pytest.raises(ValueError, match=r"convolution on 'tiles': kernel \(3, 3, 48, 32\) needs inputs a positive multiple of 32 and "
+                                         "outputs a multiple of 32"):
         native.conv_forward(x, kernel, ((1, 1), (1, 1)), bf16_unit="tiles")
     with pytest.raises(ValueError, match="bf16_unit must be 'tiles' or 'dots', got 'amx'"):
         native.conv_forward(x, kernel, ((1, 1), (1, 1)), bf16_unit="amx")

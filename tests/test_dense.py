@@ -125,8 +125,8 @@ def test_bfloat16_kernels_equal_xla_and_torch_values_and_gradients(shape, featur
 
 @NEEDS_AMX
 def test_tile_kernel_rejects_sizes_it_cannot_tile():
-    with pytest.raises(ValueError, match=r"on 'tiles': x \(4, 48\), w \(48, 64\) and bias None needs inputs and "
-                                         "outputs multiples of 32"):
+    with pytest.raises(ValueError, match=r"on 'tiles': x \(4, 48\), w \(48, 64\) and bias None needs inputs a positive "
+                                         "multiple of 32 and outputs a multiple of 32"):
         native.bf16_matmul(jnp.zeros((4, 48), jnp.bfloat16), jnp.zeros((48, 64), jnp.bfloat16), bf16_unit="tiles")
 
 
@@ -134,7 +134,7 @@ def test_tile_kernel_rejects_sizes_it_cannot_tile():
 def test_dot_product_kernel_rejects_sizes_it_cannot_take_and_takes_what_tiles_cannot():
     for k, n in ((47, 64), (48, 40)):
         with pytest.raises(ValueError, match=rf"on 'dots': x \(4, {k}\), w \({k}, {n}\) and bias None needs an "
-                                             "even number of inputs and outputs a multiple of 16"):
+                                             "even, positive number of inputs and outputs a multiple of 16"):
             native.bf16_matmul(jnp.zeros((4, k), jnp.bfloat16), jnp.zeros((k, n), jnp.bfloat16), bf16_unit="dots")
     with pytest.raises(ValueError, match=r"x \(4, 48\), w \(40, 64\) and bias None do not fit: expected"):
         native.bf16_matmul(jnp.zeros((4, 48), jnp.bfloat16), jnp.zeros((40, 64), jnp.bfloat16))

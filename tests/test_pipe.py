@@ -104,13 +104,14 @@ def test_ten_minutes_of_pcm_give_the_windows_of_tag(model_dir, ten_minutes, reco
     assert len(lines) == 60  # 600 s at a 10 s hop
     assert_windows_equal(lines, records["ten_minutes.wav"])
     assert len({line["tags"][0]["label"] for line in lines}) >= 3  # the tags follow the audio
-    # Memory does not follow the stream: once warm (the first 2.5 minutes: compile, allocator pools), the
-    # Python objects and numpy arrays alive (tracemalloc) grow by less than 1 MiB over the last 7.5 minutes,
-    # which hold 55 MiB of audio at the model's 32 kHz in float32; the process's RSS (XLA's buffers too, and
-    # the allocator's noise in a busy pytest process) by less than 40 MiB.
+    # Memory does not follow the stream: once warm (the first 2.5 minutes: compile, allocator pools), the floor
+    # of the Python objects and numpy arrays alive (tracemalloc) rises by less than 1 MiB over the last 7.5
+    # minutes, which hold 55 MiB of audio at the model's 32 kHz in float32 (a floor, because a sample taken while
+    # a window is in flight holds that window: ~1.3 MiB, seen on a Xeon with AMX); the process's RSS (XLA's
+    # buffers too, and the allocator's noise in a busy pytest process) by less than 40 MiB.
     warm = len(rss) // 4
     traced = [t for _, t in rss]
-    assert max(traced[warm:]) - traced[warm] < 2**20, [t // 2**10 for t in traced]
+    assert min(traced[-3:]) - min(traced[warm:warm + 3]) < 2**20, [t // 2**10 for t in traced]
     assert max(r for r, _ in rss[warm:]) - rss[warm][0] < 40 * 2**20, [r // 2**20 for r, _ in rss]
 
 
