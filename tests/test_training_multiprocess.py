@@ -1,7 +1,7 @@
 """Multi-process training and evaluation, proven with real processes on localhost (issue 12): ``train.py``
 over 2 processes × 4 simulated CPU devices (joined with its flags, gloo collectives) against 1 process × 8
 devices; the same 2-process run killed (SIGKILL) after a checkpoint and restarted; ``convnext-audio evaluate``
-over 2 processes against 1.
+over 2 processes against 1; a process 40 s late meeting the others at sharding.barrier.
 
 The runs are shared by the tests (module fixtures) and use a tiny demo config with SpecAugment, mixup and
 speed perturbation on. Their persistent compilation cache is the module's own (not the test run's, which
@@ -13,10 +13,12 @@ first collective, where gloo would wait only 30 s for a peer still compiling.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import pathlib
 import sys
+import threading
 
 import jax
 import numpy as np
@@ -29,6 +31,7 @@ from convnext_audio_jax.training import checkpointing
 from convnext_audio_jax.training.config import ConfigError
 
 sys.path.insert(0, os.path.dirname(__file__))
+import distributed_worker  # noqa: E402
 from multiprocess import process_env, run_group, run_jax_processes  # noqa: E402
 
 # Real processes compiling the train step: minutes on the shared 2-core CPU.
@@ -59,6 +62,25 @@ def get_config():
     return config
 """
 TIMEOUT = 600
+
+
+@pytest.fixture(scope="module", autouse=True)
+def late_job():
+    """A 2-process job whose process 1 comes 40 s late to its first collective (tests/distributed_worker.py
+    --late=40), started before this module's first test and read by its last: the 40 s asleep pass while the
+    training runs do. Killed if nothing reads it (a run of some of the tests)."""
+    read, stop = threading.Event(), threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        job = pool.submit(run_jax_processes, ["tests/distributed_worker.py", "--late=40"], 2, 1, timeout=TIMEOUT,
+                          use_flags=True, kill_when=stop.is_set)
+
+        def result():
+            read.set()
+            return job.result()
+
+        yield result
+        if not read.is_set():
+            stop.set()
 
 
 @pytest.fixture(scope="module")
@@ -224,3 +246,11 @@ def test_evaluate_over_two_processes_equals_one(setup, double):
     for key in ("mAP", "AUC", "d_prime", "num_clips", "num_evaluated_classes"):
         assert two[key] == pytest.approx(one[key], rel=1e-6, abs=1e-7), key
     np.testing.assert_allclose([c["AP"] for c in two["per_class"]], [c["AP"] for c in one["per_class"]], rtol=1e-6)
+
+
+def test_a_process_40_s_late_meets_the_others_at_the_barrier(late_job):
+    """A process 40 s late (a slower compile on a loaded host) still meets the others: gloo alone gives a late
+    process 30 s before the first collective fails, so the train loop and evaluation meet at sharding.barrier."""
+    first, second = (json.loads(next(line[7:] for line in out.stdout.splitlines() if line.startswith("RESULT ")))
+                     for out in late_job())
+    assert first["int_sum"] == second["int_sum"] == int(distributed_worker.global_data()[0].sum())
