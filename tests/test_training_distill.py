@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import traverse_util
 from clip_memo import MemoizedClips, memoized_run_data
-from training_helpers import demo_batch, load_config, tiny_config
+from training_helpers import STEP_COMPILE_OPTIONS, demo_batch, load_config, tiny_config
 
 from convnext_audio_jax import cli, training
 from convnext_audio_jax.artifacts.model_dir import load_model
@@ -151,7 +151,8 @@ def test_step_loss_equals_numpy_with_mixup_pairing():
     batch["teacher"] = np.random.default_rng(0).normal(0, 3, (32, demo.NUM_CLASSES)).astype(np.float32)
     variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
     rng = jax.device_get(state.rng)
-    _, metrics = step(state, step_lib.global_batch(batch, mesh))
+    arrays = step_lib.global_batch(batch, mesh)
+    _, metrics = step.lower(state, arrays).compile(STEP_COMPILE_OPTIONS)(state, arrays)  # run once
     metrics = jax.device_get(metrics)
 
     # The step's randomness, recomputed: step 0, micro-batch 0.
@@ -166,7 +167,8 @@ def test_step_loss_equals_numpy_with_mixup_pairing():
                                  rngs={"drop_path": drop_path_key, "dropout": dropout_key})
         return outputs["logits"], lambdas
 
-    logits, lambdas = jax.jit(student)(variables, jnp.asarray(batch["waveform"]), jnp.asarray(batch["target"]))
+    inputs = (variables, jnp.asarray(batch["waveform"]), jnp.asarray(batch["target"]))
+    logits, lambdas = jax.jit(student).lower(*inputs).compile(STEP_COMPILE_OPTIONS)(*inputs)
     s = np.asarray(logits, np.float64)
     lam = np.asarray(lambdas, np.float64)[:, None]
     y, t, temperature = batch["target"].astype(np.float64), batch["teacher"].astype(np.float64), 2.0
@@ -192,7 +194,9 @@ def test_teacher_rows_stay_with_their_clips_under_sharding_and_accumulation():
     model, tx, state, step = setup(config, mesh, 2, Distillation(label_weight=0.5, temperature=1.0))
     batch = demo_batch(64)
     batch["teacher"] = (40.0 * (2.0 * batch["target"] - 1.0)).astype(np.float16)  # float16, as files store it
-    _, metrics = step(state, step_lib.global_batch(batch, mesh))
+    arrays = step_lib.global_batch(batch, mesh)
+    step = step.lower(state, arrays).compile(STEP_COMPILE_OPTIONS)  # run twice below
+    _, metrics = step(state, arrays)
     metrics = jax.device_get(metrics)
     assert float(metrics["distillation_loss"]) == pytest.approx(float(metrics["label_loss"]), rel=1e-5)
     shuffled = dict(batch, teacher=batch["teacher"][::-1].copy())
