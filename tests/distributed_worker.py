@@ -1,5 +1,6 @@
-"""One process of the multi-process tests (tests/test_distributed.py): joins the job described by its flags or
-environment, computes on a global mesh and prints ``RESULT {json}``. `compute` also runs in one process."""
+"""One process of the multi-process tests (tests/test_distributed.py, tests/test_training_multiprocess.py): joins
+the job described by its flags or environment, computes on a global mesh and prints ``RESULT {json}``, which
+`results` reads back. `compute` also runs in one process."""
 
 from __future__ import annotations
 
@@ -15,6 +16,11 @@ def global_data() -> tuple[np.ndarray, np.ndarray]:
     integers = np.arange(ROWS * COLUMNS, dtype=np.int32).reshape(ROWS, COLUMNS) - 100
     floats = np.random.default_rng(0).standard_normal((ROWS, COLUMNS)).astype(np.float32)
     return integers, floats
+
+
+def results(outputs) -> list[dict]:
+    """The ``RESULT`` in the stdout of each of a group's ProcessResults (tests/multiprocess.py), in process order."""
+    return [json.loads(next(line[7:] for line in out.stdout.splitlines() if line.startswith("RESULT "))) for out in outputs]
 
 
 def compute() -> dict:

@@ -4,7 +4,6 @@ real 2-process jobs on localhost (gloo collectives between simulated CPU devices
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import sys
 
@@ -268,16 +267,12 @@ def test_jax_distributed_client_is_where_the_barrier_reads_it():
 # ------------------------------------------------------------------------------------- real processes
 
 
-def results(outputs) -> list[dict]:
-    return [json.loads(next(line[7:] for line in out.stdout.splitlines() if line.startswith("RESULT "))) for out in outputs]
-
-
 @pytest.mark.parametrize("use_flags", [False, True], ids=["env", "flags"])
 def test_two_processes_equal_one(use_flags):
     """2 processes × 4 devices: the global mesh, a jitted sharded reduction over per-process data and
     process_allgather give what 1 process × 8 devices gives (integers exactly; float sums in a different
     order, so to float32 rounding)."""
-    first, second = results(run_jax_processes(["tests/distributed_worker.py"], 2, 4, timeout=120, use_flags=use_flags))
+    first, second = distributed_worker.results(run_jax_processes(["tests/distributed_worker.py"], 2, 4, timeout=120, use_flags=use_flags))
     single = distributed_worker.compute()
     assert single["device_count"] == 8 and single["process_count"] == 1
     for index, result in enumerate((first, second)):
@@ -298,7 +293,7 @@ def test_two_processes_equal_one(use_flags):
 
 def test_one_device_per_process():
     """per_device layout: 2 processes, each pinned to one of its CPU devices, form a 2-device mesh."""
-    first, second = results(run_jax_processes(["tests/distributed_worker.py"], 2, 1, timeout=120,
+    first, second = distributed_worker.results(run_jax_processes(["tests/distributed_worker.py"], 2, 1, timeout=120,
                                               extra_env={"JAX_PROCESS_LAYOUT": "per_device", "JAX_LOCAL_DEVICE_IDS": "0"}))
     for index, result in enumerate((first, second)):
         assert (result["device_count"], result["local_device_count"], result["process_index"]) == (2, 1, index)

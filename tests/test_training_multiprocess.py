@@ -251,6 +251,5 @@ def test_evaluate_over_two_processes_equals_one(setup, double):
 def test_a_process_40_s_late_meets_the_others_at_the_barrier(late_job):
     """A process 40 s late (a slower compile on a loaded host) still meets the others: gloo alone gives a late
     process 30 s before the first collective fails, so the train loop and evaluation meet at sharding.barrier."""
-    first, second = (json.loads(next(line[7:] for line in out.stdout.splitlines() if line.startswith("RESULT ")))
-                     for out in late_job())
+    first, second = distributed_worker.results(late_job())
     assert first["int_sum"] == second["int_sum"] == int(distributed_worker.global_data()[0].sum())
