@@ -43,23 +43,30 @@ SIGNAL_STACK_BYTES = 256 * 1024
 _signal_stacks: list = []  # every stack installed, kept for the process's life: a signal may land on it any time
 
 
+def signal_stack(install: ctypes.Array | None = None) -> _SignalStack | None:
+    """The calling thread's signal stack (``sigaltstack``) as it was, after installing the buffer ``install`` if given;
+    None where the call fails or is not Linux's."""
+    if platform.system() != "Linux":
+        return None
+    new = None if install is None else ctypes.byref(_SignalStack(ctypes.addressof(install), 0, ctypes.sizeof(install)))
+    old = _SignalStack()
+    return old if ctypes.CDLL(None, use_errno=True).sigaltstack(new, ctypes.byref(old)) == 0 else None
+
+
 def roomy_signal_stack() -> int:
-    """Gives the calling thread a signal stack (``sigaltstack``) of SIGNAL_STACK_BYTES unless it has one that
-    large; returns the size it has after. Linux only (elsewhere 0, nothing done).
+    """Gives the calling thread a signal stack of SIGNAL_STACK_BYTES unless it has one that large; returns the size it
+    has after. Linux only (elsewhere 0, nothing done).
 
     Python runs its signal handlers on the thread's signal stack, and OpenVINO's CPU plugin replaces the main
     thread's (faulthandler's 58 KiB) with a 20 KiB one. On a CPU with AMX a signal frame carries 11 KiB of register
     state, and this limit's SIGALRM then killed the process (the kernel: "overflowed sigaltstack")."""
-    if platform.system() != "Linux":
-        return 0
-    libc = ctypes.CDLL(None, use_errno=True)
-    current = _SignalStack()
-    if libc.sigaltstack(None, ctypes.byref(current)) != 0:
+    current = signal_stack()
+    if current is None:
         return 0
     if current.ss_flags & 1 or (current.ss_sp and current.ss_size >= SIGNAL_STACK_BYTES):  # 1: SS_ONSTACK
         return current.ss_size
     stack = ctypes.create_string_buffer(SIGNAL_STACK_BYTES)
-    if libc.sigaltstack(ctypes.byref(_SignalStack(ctypes.addressof(stack), 0, SIGNAL_STACK_BYTES)), None) != 0:
+    if signal_stack(install=stack) is None:
         return current.ss_size
     _signal_stacks.append(stack)
     return SIGNAL_STACK_BYTES

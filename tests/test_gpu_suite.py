@@ -76,14 +76,12 @@ def test_a_limit_gives_the_main_thread_a_signal_stack_with_room():
     (this file's test above killed its test process in the whole suite): the limit first installs one of 256 KiB."""
     if platform.system() != "Linux":
         pytest.skip("sigaltstack is read through Linux's stack_t")
-    libc = ctypes.CDLL(None, use_errno=True)
     small = ctypes.create_string_buffer(20144)  # OpenVINO 2026.4's size
     SMALL_STACKS.append(small)  # the thread may keep it if the call under test fails
-    assert libc.sigaltstack(ctypes.byref(common._SignalStack(ctypes.addressof(small), 0, 20144)), None) == 0
+    assert common.signal_stack(install=small) is not None
     with pytest.raises(gpu_suite.PartTimeout):
         with gpu_suite.time_limit(0.1):
-            now = common._SignalStack()
-            assert libc.sigaltstack(None, ctypes.byref(now)) == 0
+            now = common.signal_stack()
             time.sleep(5)
     assert now.ss_size == common.SIGNAL_STACK_BYTES and now.ss_sp != ctypes.addressof(small)
     assert common.roomy_signal_stack() == common.SIGNAL_STACK_BYTES  # kept: nothing new installed
